@@ -5,4 +5,5 @@
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
 //! - [`quant`]: GGML tensor types, their block layouts and dequantization.
 
+pub mod gguf;
 pub mod quant;

@@ -101,10 +101,7 @@ impl GgmlType {
 
     fn row(self) -> &'static (GgmlType, u32, usize, usize, &'static str) {
         // The table lists every variant; `all_variants_have_a_row` checks it.
-        TABLE
-            .iter()
-            .find(|row| row.0 == self)
-            .unwrap_or(&TABLE[0])
+        TABLE.iter().find(|row| row.0 == self).unwrap_or(&TABLE[0])
     }
 
     /// The ggml id stored in GGUF files.
