@@ -4,6 +4,8 @@
 //!
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
 //! - [`quant`]: GGML tensor types, their block layouts and dequantization.
+//! - [`model_info`]: hyper-parameters and resident-memory estimates from metadata alone.
 
 pub mod gguf;
+pub mod model_info;
 pub mod quant;

@@ -244,6 +244,34 @@ impl GgufFile {
             .ok_or_else(|| GgufError::NoSuchTensor(name.to_owned()))?;
         Ok((info, self.tensor_data(info)))
     }
+
+    /// The tensor named `name`, dequantized to `f32` in a fresh vector. For tests and tools:
+    /// inference reads the quantized blocks in place.
+    pub fn dequantize_f32(&self, name: &str) -> Result<Vec<f32>, GgufError> {
+        let (info, data) = self.tensor_data_by_name(name)?;
+        let mut out = vec![0f32; info.n_elements as usize];
+        crate::quant::dequantize_to_f32(info.ggml_type, data, &mut out)
+            .map_err(|_| unsupported(info))?;
+        Ok(out)
+    }
+
+    /// The tensor named `name`, dequantized to `f16`: the exact `f32` value rounded to nearest.
+    pub fn dequantize_f16(&self, name: &str) -> Result<Vec<half::f16>, GgufError> {
+        let (info, data) = self.tensor_data_by_name(name)?;
+        let mut out = vec![half::f16::ZERO; info.n_elements as usize];
+        crate::quant::dequantize_to_f16(info.ggml_type, data, &mut out)
+            .map_err(|_| unsupported(info))?;
+        Ok(out)
+    }
+}
+
+/// The only way dequantizing a checked tensor can fail: its type has no dequantizer. (Lengths
+/// were checked against the type's geometry when the file was opened.)
+fn unsupported(info: &TensorInfo) -> GgufError {
+    GgufError::UnsupportedTensorType {
+        tensor: info.name.clone(),
+        ty: info.ggml_type,
+    }
 }
 
 fn open_shard(path: &Path) -> Result<(Shard, parse::Header), GgufError> {
