@@ -34,6 +34,22 @@ def field_value(field: gguf.ReaderField):
     return plain(field.contents())
 
 
+def dequant_samples(reader: gguf.GGUFReader) -> list:
+    samples, seen = [], set()
+    for t in reader.tensors:
+        if t.tensor_type in seen:
+            continue
+        seen.add(t.tensor_type)
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+        samples.append({
+            "name": t.name,
+            "type": t.tensor_type.name,
+            "first_bits": [int(b) for b in values[:512].view(np.uint32)],
+            "sum": float(values.astype(np.float64).sum()),
+        })
+    return samples
+
+
 def main() -> None:
     models, out = Path(sys.argv[1]), Path(sys.argv[2])
     for name in MODELS:
@@ -55,6 +71,7 @@ def main() -> None:
                 }
                 for t in reader.tensors
             ],
+            "dequantized": dequant_samples(reader),
         }
         (out / (Path(name).stem + ".json")).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
 

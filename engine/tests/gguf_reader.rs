@@ -238,3 +238,64 @@ fn split_files_open_as_one_model() {
     assert!(err.to_string().contains("m-00003-of-00003.gguf"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One tensor of each type in each real file, dequantized by `GgufFile` and by gguf-py.
+#[test]
+fn real_tensors_dequantize_like_gguf_py() {
+    for model in [common::SMOLLM2, common::GEMMA3] {
+        let file = GgufFile::open(common::model_path(model)).unwrap();
+        let stem = model.trim_end_matches(".gguf");
+        let reference: Value = serde_json::from_str(
+            &std::fs::read_to_string(common::fixture(&format!("gguf/{stem}.json"))).unwrap(),
+        )
+        .unwrap();
+        let samples = reference["dequantized"].as_array().unwrap();
+        assert!(samples.len() >= 3, "{model}: expected several types");
+        for sample in samples {
+            let name = sample["name"].as_str().unwrap();
+            let ours = file.dequantize_f32(name).unwrap();
+            let bits: Vec<u64> = ours
+                .iter()
+                .take(512)
+                .map(|v| u64::from(v.to_bits()))
+                .collect();
+            let theirs: Vec<u64> = sample["first_bits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap())
+                .collect();
+            assert_eq!(bits, theirs, "{model} {name}: first values differ");
+            let sum: f64 = ours.iter().map(|&v| f64::from(v)).sum();
+            let want = sample["sum"].as_f64().unwrap();
+            assert!(
+                (sum - want).abs() <= 1e-9 * want.abs().max(1.0) * ours.len() as f64,
+                "{model} {name}: sum {sum} vs {want}"
+            );
+            let halves = file.dequantize_f16(name).unwrap();
+            assert!(halves
+                .iter()
+                .zip(&ours)
+                .all(|(h, f)| h.to_bits() == half::f16::from_f32(*f).to_bits()));
+        }
+    }
+}
+
+#[test]
+fn unsupported_types_are_named_with_the_tensor() {
+    let bytes = GgufWriter::new()
+        .tensor(
+            "blk.0.ffn_up.weight",
+            &[256],
+            GgmlType::IQ2_XXS,
+            vec![0; 66],
+        )
+        .to_bytes();
+    let file = GgufFile::from_bytes(bytes).unwrap();
+    let err = file.dequantize_f32("blk.0.ffn_up.weight").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unsupported tensor type IQ2_XXS in tensor \"blk.0.ffn_up.weight\""
+    );
+    assert!(file.dequantize_f32("nope").is_err());
+}
