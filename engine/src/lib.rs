@@ -7,5 +7,6 @@
 //! - [`model_info`]: hyper-parameters and resident-memory estimates from metadata alone.
 
 pub mod gguf;
+pub mod kernels;
 pub mod model_info;
 pub mod quant;
