@@ -5,8 +5,10 @@
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
 //! - [`quant`]: GGML tensor types, their block layouts and dequantization.
 //! - [`model_info`]: hyper-parameters and resident-memory estimates from metadata alone.
+//! - [`tokenizer`]: text to token ids and back, exactly as llama.cpp does it.
 
 pub mod gguf;
 pub mod kernels;
 pub mod model_info;
 pub mod quant;
+pub mod tokenizer;
