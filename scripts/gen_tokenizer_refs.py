@@ -31,14 +31,16 @@ REPO = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.36"
 CHUNK = 8192
 
-# name -> file, relative to the models folder
+# name -> (file relative to the models folder, metadata overrides). No file ships with the
+# `default` pre-tokenizer, so GPT-2's vocab is also loaded with its pre-tokenizer overridden.
 VOCABS = {
-    "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "gemma3": "gemma-3-270m-q4_k_m.gguf",
-    "llama-bpe": "vocab/ggml-vocab-llama-bpe.gguf",
-    "qwen2": "vocab/ggml-vocab-qwen2.gguf",
-    "gpt-2": "vocab/ggml-vocab-gpt-2.gguf",
-    "llama-spm": "vocab/ggml-vocab-llama-spm.gguf",
+    "smollm2": ("SmolLM2-135M-Instruct.Q4_1.gguf", {}),
+    "gemma3": ("gemma-3-270m-q4_k_m.gguf", {}),
+    "llama-bpe": ("vocab/ggml-vocab-llama-bpe.gguf", {}),
+    "qwen2": ("vocab/ggml-vocab-qwen2.gguf", {}),
+    "gpt-2": ("vocab/ggml-vocab-gpt-2.gguf", {}),
+    "gpt-2-default-pre": ("vocab/ggml-vocab-gpt-2.gguf", {"tokenizer.ggml.pre": "default"}),
+    "llama-spm": ("vocab/ggml-vocab-llama-spm.gguf", {}),
 }
 
 
@@ -71,7 +73,7 @@ def nullable(token: int):
     return None if token < 0 else token
 
 
-def header(name: str, path: Path, vocab) -> dict:
+def header(name: str, path: Path, overrides: dict, vocab) -> dict:
     n = llama_cpp.llama_vocab_n_tokens(vocab)
     attr_hashes, piece_hashes, special_piece_hashes = [], [], []
     for start in range(0, n, CHUNK):
@@ -89,6 +91,7 @@ def header(name: str, path: Path, vocab) -> dict:
         "vocab": name,
         "file": path.name,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "overrides": overrides,
         "llama_cpp_python": LLAMA_CPP_PYTHON,
         "n_vocab": n,
         "bos": nullable(llama_cpp.llama_vocab_bos(vocab)),
@@ -131,12 +134,15 @@ def main() -> None:
         for line in (args.out / "corpus.jsonl").read_text(encoding="utf-8").split("\n")
         if line.strip()
     ]
-    names = args.vocabs or [n for n, f in VOCABS.items() if (args.models / f).is_file()]
+    names = args.vocabs or [n for n, (f, _) in VOCABS.items() if (args.models / f).is_file()]
     for name in names:
-        path = args.models / VOCABS[name]
-        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        file, overrides = VOCABS[name]
+        path = args.models / file
+        llm = llama_cpp.Llama(
+            model_path=str(path), vocab_only=True, verbose=False, kv_overrides=overrides or None
+        )
         vocab = llm._model.vocab
-        lines = [json.dumps(header(name, path, vocab), ensure_ascii=False)]
+        lines = [json.dumps(header(name, path, overrides, vocab), ensure_ascii=False)]
         for entry in corpus:
             text = entry["text"]
             raw = text.encode("utf-8")

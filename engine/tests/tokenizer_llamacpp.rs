@@ -5,7 +5,8 @@
 //! References come from `scripts/gen_tokenizer_refs.py` (llama.cpp as vendored in
 //! llama-cpp-python 0.3.36). The two real models are required (`scripts/fetch-models.sh`); the
 //! vocab-only files llama.cpp ships (`scripts/fetch-vocabs.sh`) are checked when present and
-//! reported as skipped otherwise.
+//! reported as skipped otherwise (visible with `--show-output`), except under CI (`$CI` set),
+//! where they are required.
 
 mod common;
 
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::tokenizer::{Tokenizer, TokenizerKind};
+use egpu_engine::tokenizer::{Tokenizer, TokenizerKind, VocabSpec};
 use serde_json::Value;
 
 struct Reference {
@@ -118,6 +119,18 @@ fn load(path: &Path) -> (GgufFile, Tokenizer) {
     (file, tokenizer)
 }
 
+/// Loads a vocab with `tokenizer.ggml.pre` replaced (as the references do with llama.cpp's
+/// `kv_overrides`).
+fn load_with_pre(path: &Path, pre: &str) -> (GgufFile, Tokenizer) {
+    let file = GgufFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut spec =
+        VocabSpec::from_gguf(file.metadata()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    spec.pre = Some(pre.to_owned());
+    let tokenizer =
+        Tokenizer::from_spec(&spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (file, tokenizer)
+}
+
 fn fnv1a64(hash: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(hash, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
@@ -137,7 +150,15 @@ fn show(bytes: &[u8]) -> String {
 fn check_against_llamacpp(vocab: &str, path: &Path) {
     let reference = reference(vocab);
     let header = &reference.header;
-    let (file, tokenizer) = load(path);
+    let overrides = header["overrides"].as_object().expect("overrides");
+    assert!(
+        overrides.keys().all(|k| k == "tokenizer.ggml.pre"),
+        "only the pre-tokenizer can be overridden: {overrides:?}"
+    );
+    let (file, tokenizer) = match overrides.get("tokenizer.ggml.pre").and_then(Value::as_str) {
+        Some(pre) => load_with_pre(path, pre),
+        None => load(path),
+    };
     assert_eq!(
         header["file"].as_str(),
         path.file_name().and_then(|n| n.to_str())
@@ -318,14 +339,21 @@ fn vocab_file(name: &str) -> PathBuf {
         .join(format!("ggml-vocab-{name}.gguf"))
 }
 
-/// Checks one of llama.cpp's vocab-only files if it has been fetched.
-fn check_vocab_file_if_present(name: &str) {
+/// Checks one of llama.cpp's vocab-only files against the references named `reference`, if
+/// the file has been fetched.
+fn check_vocab_file_if_present(name: &str, reference: &str) {
     let path = vocab_file(name);
     if path.is_file() {
-        check_against_llamacpp(name, &path);
+        check_against_llamacpp(reference, &path);
     } else {
+        // CI fetches the vocabs (scripts/test.sh), so a missing one there is a failure.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is missing in CI: run scripts/fetch-vocabs.sh",
+            path.display()
+        );
         eprintln!(
-            "SKIPPED {name}: {} is missing (run scripts/fetch-vocabs.sh to include it)",
+            "SKIPPED {reference}: {} is missing (run scripts/fetch-vocabs.sh to include it)",
             path.display()
         );
     }
@@ -343,22 +371,28 @@ fn gemma3_tokenizes_like_llamacpp() {
 
 #[test]
 fn llama_bpe_vocab_tokenizes_like_llamacpp() {
-    check_vocab_file_if_present("llama-bpe");
+    check_vocab_file_if_present("llama-bpe", "llama-bpe");
 }
 
 #[test]
 fn qwen2_vocab_tokenizes_like_llamacpp() {
-    check_vocab_file_if_present("qwen2");
+    check_vocab_file_if_present("qwen2", "qwen2");
 }
 
 #[test]
 fn gpt2_vocab_tokenizes_like_llamacpp() {
-    check_vocab_file_if_present("gpt-2");
+    check_vocab_file_if_present("gpt-2", "gpt-2");
+}
+
+/// No vocab ships with llama.cpp's `default` pre-tokenizer: GPT-2's, with the name overridden.
+#[test]
+fn gpt2_vocab_with_default_pre_tokenizer_tokenizes_like_llamacpp() {
+    check_vocab_file_if_present("gpt-2", "gpt-2-default-pre");
 }
 
 #[test]
 fn llama_spm_vocab_tokenizes_like_llamacpp() {
-    check_vocab_file_if_present("llama-spm");
+    check_vocab_file_if_present("llama-spm", "llama-spm");
 }
 
 #[test]
