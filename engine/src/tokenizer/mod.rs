@@ -29,6 +29,7 @@
 
 mod bpe;
 mod decode;
+mod fast_hash;
 mod pretokenize;
 mod special;
 mod spm;

@@ -26,9 +26,31 @@ pub(crate) enum CharClass {
 /// The class of `c`, from tables generated for Unicode 15.1 (the version llama.cpp uses).
 pub(crate) fn class_of(c: char) -> CharClass {
     let cp = c as u32;
+    if let Some(&class) = ASCII_CLASSES.get(cp as usize) {
+        return class;
+    }
     // The first run starts at 0, so the index is never below zero.
     let run = CLASS_RUNS.partition_point(|&(start, _)| start <= cp) - 1;
     CLASS_RUNS[run].1
+}
+
+/// ASCII's classes, looked up directly: most text is mostly ASCII.
+static ASCII_CLASSES: [CharClass; 128] = ascii_classes();
+
+const fn ascii_classes() -> [CharClass; 128] {
+    let mut table = [CharClass::Other; 128];
+    let mut b = 0u8;
+    while b < 128 {
+        table[b as usize] = match b {
+            b'A'..=b'Z' | b'a'..=b'z' => CharClass::Letter,
+            b'0'..=b'9' => CharClass::Number,
+            b'$' | b'+' | b'<' | b'=' | b'>' | b'^' | b'`' | b'|' | b'~' => CharClass::Symbol,
+            b'!'..=b'/' | b':'..=b'@' | b'['..=b'_' | b'{'..=b'}' => CharClass::Punctuation,
+            _ => CharClass::Other,
+        };
+        b += 1;
+    }
+    table
 }
 
 /// Unicode `White_Space`, what llama.cpp (and `\s` in the tokenizers' regexes) means by whitespace.
@@ -120,6 +142,14 @@ mod tests {
         assert_eq!(class_of('\u{10FFFF}'), CharClass::Other);
         // Assigned in Unicode 15.1 (CJK Extension I): a letter for llama.cpp too.
         assert_eq!(class_of('\u{2EBF0}'), CharClass::Letter);
+    }
+
+    #[test]
+    fn ascii_shortcut_agrees_with_the_generated_table() {
+        for b in 0..128u32 {
+            let run = CLASS_RUNS.partition_point(|&(start, _)| start <= b) - 1;
+            assert_eq!(ASCII_CLASSES[b as usize], CLASS_RUNS[run].1, "{b:#x}");
+        }
     }
 
     #[test]

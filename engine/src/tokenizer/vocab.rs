@@ -2,9 +2,10 @@
 //! ([`Vocab`]): token texts and attributes, special token ids, and the end-of-generation set,
 //! resolved by the same rules llama.cpp applies when it loads a model.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 
+use super::fast_hash::FastMap;
 use super::pretokenize::PreTokenizerConfig;
 use super::TokenizerError;
 
@@ -211,7 +212,7 @@ pub(crate) struct Vocab {
     pub scores: Vec<f32>,
     pub attrs: Vec<TokenAttrs>,
     /// Text to id; where texts repeat, the highest id wins (as in llama.cpp).
-    pub ids_by_text: HashMap<String, u32>,
+    pub ids_by_text: FastMap<String, u32>,
     pub special: SpecialIds,
     pub add_bos: bool,
     pub add_eos: bool,
@@ -368,7 +369,7 @@ impl Vocab {
         }
 
         let mut texts = Vec::with_capacity(n);
-        let mut ids_by_text = HashMap::with_capacity(n);
+        let mut ids_by_text = FastMap::with_capacity_and_hasher(n, Default::default());
         for (i, text) in spec.tokens.iter().enumerate() {
             let text = if text.is_empty() {
                 warnings.push(format!("empty token at index {i}"));
