@@ -475,3 +475,232 @@ fn typed<'m, T>(
             .ok_or(TokenizerError::WrongType { key, expected }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte-level BPE spec with every byte character, `hi` and `Ġhi` (with their merges),
+    /// plus `extra` tokens of the given types.
+    fn bpe_spec(pre: Option<&str>, extra: &[(&str, i32)]) -> VocabSpec {
+        let mut tokens: Vec<String> = unicode::BYTE_TO_CHAR
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        tokens.extend(["hi".to_owned(), "Ġhi".to_owned()]);
+        let mut types = vec![token_type::NORMAL; tokens.len()];
+        for &(text, ty) in extra {
+            tokens.push(text.to_owned());
+            types.push(ty);
+        }
+        VocabSpec {
+            model: "gpt2".into(),
+            pre: pre.map(str::to_owned),
+            tokens,
+            token_types: Some(types),
+            merges: Some(vec!["h i".into(), "Ġ hi".into()]),
+            ..VocabSpec::default()
+        }
+    }
+
+    fn id(t: &Tokenizer, text: &str) -> u32 {
+        t.token_id(text).expect(text)
+    }
+
+    #[test]
+    fn unsupported_models_and_pre_tokenizers_are_errors() {
+        let mut spec = bpe_spec(Some("no-such-pre"), &[]);
+        assert!(matches!(
+            Tokenizer::from_spec(&spec),
+            Err(TokenizerError::UnsupportedPreTokenizer(name)) if name == "no-such-pre"
+        ));
+        spec.model = "t5".into();
+        assert!(matches!(
+            Tokenizer::from_spec(&spec),
+            Err(TokenizerError::UnsupportedModel(_))
+        ));
+        let mut no_merges = bpe_spec(Some("gpt-2"), &[]);
+        no_merges.merges = None;
+        assert!(matches!(
+            Tokenizer::from_spec(&no_merges),
+            Err(TokenizerError::MissingKey("tokenizer.ggml.merges"))
+        ));
+        let mut short_types = bpe_spec(Some("gpt-2"), &[]);
+        short_types.token_types.as_mut().map(Vec::pop);
+        assert!(matches!(
+            Tokenizer::from_spec(&short_types),
+            Err(TokenizerError::ArrayTooShort { .. })
+        ));
+        let empty = VocabSpec {
+            model: "llama".into(),
+            ..VocabSpec::default()
+        };
+        assert!(matches!(
+            Tokenizer::from_spec(&empty),
+            Err(TokenizerError::EmptyVocab)
+        ));
+    }
+
+    #[test]
+    fn missing_pre_tokenizer_means_default_with_a_warning() {
+        let t = Tokenizer::from_spec(&bpe_spec(None, &[])).unwrap();
+        assert_eq!(
+            t.kind(),
+            &TokenizerKind::BytePairGpt2 {
+                pre: "default".into(),
+                family: PreTokenizer::Default
+            }
+        );
+        assert!(t
+            .warnings()
+            .iter()
+            .any(|w| w.contains("tokenizer.ggml.pre")));
+        assert_eq!(t.decode(&t.encode("hi hi", false, false)), "hi hi");
+        assert_eq!(t.encode(" hi", false, false), [id(&t, "Ġhi")]);
+    }
+
+    #[test]
+    fn end_of_turn_is_found_by_text_preferring_chat_markers() {
+        let t = Tokenizer::from_spec(&bpe_spec(
+            Some("gpt-2"),
+            &[
+                ("<|endoftext|>", token_type::CONTROL),
+                ("<|im_end|>", token_type::NORMAL),
+                ("<|im_start|>", token_type::CONTROL),
+            ],
+        ))
+        .unwrap();
+        let im_end = id(&t, "<|im_end|>");
+        assert_eq!(t.eot(), Some(im_end));
+        // Made a control token, so it is hidden when decoding and parsed as special.
+        assert!(t
+            .token_attrs(im_end)
+            .unwrap()
+            .intersects(TokenAttrs::CONTROL));
+        assert_eq!(t.decode(&[im_end]), "");
+        assert_eq!(t.encode("<|im_end|>", false, true), [im_end]);
+        assert!(t.is_end_of_generation(im_end));
+        assert!(t.is_end_of_generation(id(&t, "<|endoftext|>")));
+        assert!(!t.is_end_of_generation(id(&t, "<|im_start|>")));
+        // The GPT-2 default BOS/EOS id 11 is in range here.
+        assert_eq!((t.bos(), t.eos()), (Some(11), Some(11)));
+        assert!(t.is_end_of_generation(11));
+    }
+
+    #[test]
+    fn harmony_end_is_not_end_of_generation() {
+        let t = Tokenizer::from_spec(&bpe_spec(
+            Some("gpt-2"),
+            &[
+                ("<|return|>", token_type::CONTROL),
+                ("<|call|>", token_type::CONTROL),
+                ("<|end|>", token_type::CONTROL),
+                ("<|channel|>", token_type::CONTROL),
+            ],
+        ))
+        .unwrap();
+        let end = id(&t, "<|end|>");
+        assert!(!t.is_end_of_generation(end));
+        assert_eq!(t.token_attrs(end), Some(TokenAttrs::USER_DEFINED));
+        assert!(t.is_end_of_generation(id(&t, "<|return|>")));
+        // Always rendered, and recognised in text even without special parsing.
+        let channel = id(&t, "<|channel|>");
+        assert_eq!(t.decode(&[channel]), "<|channel|>");
+        assert_eq!(t.encode("<|channel|>", false, false), [channel]);
+    }
+
+    #[test]
+    fn special_ids_out_of_range_are_ignored_with_warnings() {
+        let mut spec = bpe_spec(Some("gpt-2"), &[("<s>", token_type::CONTROL)]);
+        let n = spec.tokens.len() as u64;
+        spec.special_ids.bos = Some(n - 1);
+        spec.special_ids.eos = Some(n + 5);
+        spec.add_bos = Some(true);
+        let t = Tokenizer::from_spec(&spec).unwrap();
+        assert_eq!(t.bos(), Some(n as u32 - 1));
+        assert_eq!(
+            t.eos(),
+            Some(11),
+            "the default stays when the file's id is out of range"
+        );
+        assert!(t.warnings().iter().any(|w| w.contains("out of the vocab")));
+        assert_eq!(t.encode("hi", true, false), [n as u32 - 1, id(&t, "hi")]);
+    }
+
+    #[test]
+    fn empty_token_texts_get_placeholders() {
+        let mut spec = bpe_spec(Some("gpt-2"), &[("", token_type::NORMAL)]);
+        spec.tokens.push("x".into());
+        spec.token_types.as_mut().unwrap().push(token_type::NORMAL);
+        let t = Tokenizer::from_spec(&spec).unwrap();
+        let empty = spec.tokens.len() as u32 - 2;
+        assert_eq!(
+            t.token_text(empty),
+            Some(format!("[EMPTY_{empty}]").as_str())
+        );
+    }
+
+    /// SentencePiece: `▁`-spaced pieces, scores, byte fallback, and the unknown token for bytes
+    /// the vocab cannot spell.
+    fn spm_spec(with_byte_tokens: bool) -> VocabSpec {
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>", "▁", "h", "i", "hi", "▁hi"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut types = vec![
+            token_type::UNKNOWN,
+            token_type::CONTROL,
+            token_type::CONTROL,
+            token_type::NORMAL,
+            token_type::NORMAL,
+            token_type::NORMAL,
+            token_type::NORMAL,
+            token_type::NORMAL,
+        ];
+        if with_byte_tokens {
+            for b in 0..=255u8 {
+                tokens.push(format!("<0x{b:02X}>"));
+                types.push(token_type::BYTE);
+            }
+        }
+        let scores = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        VocabSpec {
+            model: "llama".into(),
+            tokens,
+            scores: Some(scores),
+            token_types: Some(types),
+            ..VocabSpec::default()
+        }
+    }
+
+    #[test]
+    fn sentencepiece_prefixes_a_space_and_falls_back_to_bytes() {
+        let t = Tokenizer::from_spec(&spm_spec(true)).unwrap();
+        assert_eq!(t.kind(), &TokenizerKind::SentencePiece);
+        assert_eq!(
+            (t.bos(), t.eos(), t.special_ids().unk),
+            (Some(1), Some(2), Some(0))
+        );
+        assert!(t.adds_bos());
+        let hi = id(&t, "▁hi");
+        assert_eq!(t.encode("hi", true, false), [1, hi]);
+        // "é" has no token: two byte tokens.
+        let ids = t.encode("hié", false, false);
+        assert_eq!(ids, [hi, id(&t, "<0xC3>"), id(&t, "<0xA9>")]);
+        assert_eq!(t.decode(&ids), " hié");
+        // After a special token the space is prefixed again.
+        assert_eq!(t.encode("hi</s>hi", false, true), [hi, 2, hi]);
+        assert_eq!(t.decode_rendering_special(&[hi, 2]), " hi</s>");
+
+        let mut no_prefix = spm_spec(true);
+        no_prefix.add_space_prefix = Some(false);
+        let t = Tokenizer::from_spec(&no_prefix).unwrap();
+        assert_eq!(t.encode("hi", false, false), [id(&t, "hi")]);
+    }
+
+    #[test]
+    fn sentencepiece_without_byte_tokens_uses_unknown() {
+        let t = Tokenizer::from_spec(&spm_spec(false)).unwrap();
+        assert_eq!(t.encode("é", false, false), [id(&t, "▁"), 0, 0]);
+    }
+}
