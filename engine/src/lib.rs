@@ -5,6 +5,10 @@
 //! - [`chat`]: chat templates, rendered as transformers renders them.
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
 //! - [`quant`]: GGML tensor types, their block layouts and dequantization.
+//! - [`model_info`]: hyper-parameters and resident-memory estimates from metadata alone.
 
 pub mod chat;
+pub mod gguf;
+pub mod kernels;
+pub mod model_info;
 pub mod quant;

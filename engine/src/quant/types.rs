@@ -42,6 +42,8 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    NVFP4,
+    Q1_0,
 }
 
 /// `(type, ggml id, elements per block, bytes per block, name)`.
@@ -53,6 +55,8 @@ const TABLE: &[(GgmlType, u32, usize, usize, &str)] = &[
     (GgmlType::Q5_0, 6, 32, 22, "Q5_0"),
     (GgmlType::Q5_1, 7, 32, 24, "Q5_1"),
     (GgmlType::Q8_0, 8, 32, 34, "Q8_0"),
+    // gguf-py 0.19's GGML_QUANT_SIZES says 40 bytes, a leftover from when `block_q8_1` held two
+    // f32s; ggml-common.h now asserts `sizeof(block_q8_1) == 2*sizeof(ggml_half) + QK8_1` = 36.
     (GgmlType::Q8_1, 9, 32, 36, "Q8_1"),
     (GgmlType::Q2_K, 10, 256, 84, "Q2_K"),
     (GgmlType::Q3_K, 11, 256, 110, "Q3_K"),
@@ -78,6 +82,8 @@ const TABLE: &[(GgmlType, u32, usize, usize, &str)] = &[
     (GgmlType::TQ1_0, 34, 256, 54, "TQ1_0"),
     (GgmlType::TQ2_0, 35, 256, 66, "TQ2_0"),
     (GgmlType::MXFP4, 39, 32, 17, "MXFP4"),
+    (GgmlType::NVFP4, 40, 64, 36, "NVFP4"),
+    (GgmlType::Q1_0, 41, 128, 18, "Q1_0"),
 ];
 
 impl GgmlType {
@@ -101,10 +107,7 @@ impl GgmlType {
 
     fn row(self) -> &'static (GgmlType, u32, usize, usize, &'static str) {
         // The table lists every variant; `all_variants_have_a_row` checks it.
-        TABLE
-            .iter()
-            .find(|row| row.0 == self)
-            .unwrap_or(&TABLE[0])
+        TABLE.iter().find(|row| row.0 == self).unwrap_or(&TABLE[0])
     }
 
     /// The ggml id stored in GGUF files.
@@ -160,7 +163,7 @@ mod tests {
             assert_eq!(GgmlType::from_name(row.4), Some(row.0));
             assert_eq!(row.0.id(), row.1);
         }
-        assert_eq!(TABLE.len(), 32);
+        assert_eq!(TABLE.len(), 34);
     }
 
     #[test]

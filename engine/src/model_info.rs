@@ -1,0 +1,216 @@
+//! What a GGUF model is, read from its metadata alone, and how much memory keeping it resident
+//! takes. Nothing here touches tensor data, so it answers in milliseconds for any file size.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::gguf::{GgufFile, MetaValue, Metadata};
+use crate::quant::GgmlType;
+
+/// The hyper-parameters that matter for sizing and running a model.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelSummary {
+    pub architecture: String,
+    pub name: Option<String>,
+    /// Longest context the model was trained for (`{arch}.context_length`).
+    pub context_length: Option<u64>,
+    pub block_count: u64,
+    pub embedding_length: u64,
+    pub feed_forward_length: u64,
+    pub head_count: u64,
+    /// KV heads per layer (grouped-query attention); GGUF may store one value or one per layer.
+    pub head_count_kv: Vec<u64>,
+    pub key_length: u64,
+    pub value_length: u64,
+    pub sliding_window: Option<u64>,
+    pub vocab_size: u64,
+    /// `tokenizer.ggml.model` (`gpt2`, `llama`, …) and `tokenizer.ggml.pre`.
+    pub tokenizer_model: Option<String>,
+    pub tokenizer_pre: Option<String>,
+    pub has_chat_template: bool,
+}
+
+impl ModelSummary {
+    pub fn from_metadata(meta: &Metadata) -> ModelSummary {
+        let arch = meta.architecture().unwrap_or("unknown").to_owned();
+        let u = |suffix: &str| meta.arch_u64(suffix);
+        let block_count = u("block_count").unwrap_or(0);
+        let embedding_length = u("embedding_length").unwrap_or(0);
+        let head_count = per_layer(meta.arch_get("attention.head_count"), block_count)
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let head_count_kv = match meta.arch_get("attention.head_count_kv") {
+            Some(v) => per_layer(Some(v), block_count),
+            None => vec![head_count; block_count as usize],
+        };
+        let default_head_dim = embedding_length.checked_div(head_count).unwrap_or(0);
+        let vocab_size = meta
+            .get_array("tokenizer.ggml.tokens")
+            .map(|a| a.len() as u64)
+            .or_else(|| u("vocab_size"))
+            .unwrap_or(0);
+        ModelSummary {
+            name: meta.get_str("general.name").map(str::to_owned),
+            context_length: u("context_length"),
+            block_count,
+            embedding_length,
+            feed_forward_length: per_layer(meta.arch_get("feed_forward_length"), block_count)
+                .into_iter()
+                .max()
+                .unwrap_or(0),
+            head_count,
+            head_count_kv,
+            key_length: u("attention.key_length").unwrap_or(default_head_dim),
+            value_length: u("attention.value_length").unwrap_or(default_head_dim),
+            sliding_window: u("attention.sliding_window"),
+            vocab_size,
+            tokenizer_model: meta.get_str("tokenizer.ggml.model").map(str::to_owned),
+            tokenizer_pre: meta.get_str("tokenizer.ggml.pre").map(str::to_owned),
+            has_chat_template: meta.get_str("tokenizer.chat_template").is_some(),
+            architecture: arch,
+        }
+    }
+
+    /// A human name for the tokenizer kind, from metadata alone.
+    pub fn tokenizer_kind(&self) -> String {
+        match (
+            self.tokenizer_model.as_deref(),
+            self.tokenizer_pre.as_deref(),
+        ) {
+            (Some("gpt2"), Some(pre)) => format!("byte-level BPE (gpt2, pre-tokenizer {pre})"),
+            (Some("gpt2"), None) => "byte-level BPE (gpt2)".into(),
+            (Some("llama"), _) => "SentencePiece (llama, byte fallback)".into(),
+            (Some(other), _) => format!("{other} (not supported by egpu)"),
+            (None, _) => "none".into(),
+        }
+    }
+
+    /// f16 K and V elements stored per token of context, summed over layers.
+    pub fn kv_elements_per_token(&self) -> u64 {
+        self.head_count_kv
+            .iter()
+            .map(|&kv| kv * (self.key_length + self.value_length))
+            .sum()
+    }
+}
+
+/// A value that GGUF stores either once for all layers or as a per-layer array.
+fn per_layer(value: Option<&MetaValue>, layers: u64) -> Vec<u64> {
+    match value {
+        Some(MetaValue::Array(a)) => (0..a.len())
+            .map(|i| {
+                a.get_i64(i)
+                    .and_then(|v| u64::try_from(v).ok())
+                    .unwrap_or(0)
+            })
+            .collect(),
+        Some(v) => vec![v.as_u64().unwrap_or(0); layers as usize],
+        None => Vec::new(),
+    }
+}
+
+/// Rows of activations the scratch estimate provisions for: the prefill chunk that the
+/// scheduler feeds in one forward pass (decode steps of several sequences are smaller).
+pub const SCRATCH_BATCH_TOKENS: u64 = 32;
+
+/// Memory needed to keep a model resident at a given context, in bytes.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    pub context: u64,
+    /// Tensor data, used in place (quantized) from the file.
+    pub weights: u64,
+    /// K and V in f16 for `context` tokens, all layers.
+    pub kv_cache: u64,
+    /// Activations for one forward pass of [`SCRATCH_BATCH_TOKENS`] tokens.
+    pub scratch: u64,
+    pub total: u64,
+}
+
+/// Estimates resident memory as weights + f16 KV cache + scratch:
+///
+/// - KV cache = `context × Σ_layers n_kv_heads × (key_len + value_len) × 2 bytes`;
+/// - scratch = `4 bytes × B × (3·embd + q + 2·kv + 2·ffn + heads·context + vocab)` with
+///   `B` = [`SCRATCH_BATCH_TOKENS`]: the residual stream and its normalised copy, the
+///   attention projections, the two FFN up-projections, one row of attention scores per head,
+///   and the logits, all f32.
+pub fn estimate_memory(file: &GgufFile, context: u64) -> MemoryEstimate {
+    let s = ModelSummary::from_metadata(file.metadata());
+    estimate_from_summary(&s, file.tensor_bytes(), context)
+}
+
+pub fn estimate_from_summary(s: &ModelSummary, weights: u64, context: u64) -> MemoryEstimate {
+    let kv_cache = context
+        .saturating_mul(s.kv_elements_per_token())
+        .saturating_mul(2);
+    let max_kv_heads = s.head_count_kv.iter().copied().max().unwrap_or(0);
+    let q = s.head_count * s.key_length;
+    let kv = max_kv_heads * s.key_length.max(s.value_length);
+    let per_row = 3 * s.embedding_length
+        + q
+        + 2 * kv
+        + 2 * s.feed_forward_length
+        + s.head_count.saturating_mul(context)
+        + s.vocab_size;
+    let scratch = per_row
+        .saturating_mul(SCRATCH_BATCH_TOKENS)
+        .saturating_mul(4);
+    MemoryEstimate {
+        context,
+        weights,
+        kv_cache,
+        scratch,
+        total: weights.saturating_add(kv_cache).saturating_add(scratch),
+    }
+}
+
+/// Tensor count and bytes for each GGML type in a file: the model's "quant mix".
+pub fn bytes_by_type(file: &GgufFile) -> BTreeMap<GgmlType, (usize, u64)> {
+    let mut by_type = BTreeMap::new();
+    for t in file.tensors() {
+        let entry = by_type.entry(t.ggml_type).or_insert((0usize, 0u64));
+        entry.0 += 1;
+        entry.1 += t.n_bytes;
+    }
+    by_type
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::write::GgufWriter;
+    use crate::gguf::MetaArray;
+
+    fn tiny(kv: MetaValue) -> GgufFile {
+        let bytes = GgufWriter::new()
+            .kv("general.architecture", MetaValue::String("llama".into()))
+            .kv("llama.block_count", MetaValue::U32(2))
+            .kv("llama.embedding_length", MetaValue::U32(64))
+            .kv("llama.feed_forward_length", MetaValue::U32(128))
+            .kv("llama.attention.head_count", MetaValue::U32(4))
+            .kv("llama.attention.head_count_kv", kv)
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::String(vec!["a".into(); 10])),
+            )
+            .tensor_f32("w", &[8], &[0.0; 8])
+            .to_bytes();
+        GgufFile::from_bytes(bytes).unwrap()
+    }
+
+    #[test]
+    fn kv_cache_counts_each_layer() {
+        // head_dim = 64 / 4 = 16; per layer per token: kv_heads × (16 + 16) f16 values.
+        let uniform = estimate_memory(&tiny(MetaValue::U32(2)), 100);
+        assert_eq!(uniform.kv_cache, 100 * 2 * (2 * 32) * 2);
+        let per_layer = estimate_memory(&tiny(MetaValue::Array(MetaArray::I32(vec![1, 3]))), 100);
+        assert_eq!(per_layer.kv_cache, 100 * (32 + 3 * 32) * 2);
+        assert_eq!(uniform.weights, 32);
+        assert_eq!(
+            uniform.total,
+            uniform.weights + uniform.kv_cache + uniform.scratch
+        );
+        assert!(uniform.scratch > 0);
+    }
+}

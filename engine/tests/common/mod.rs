@@ -1,0 +1,33 @@
+//! Shared helpers for the engine's integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The models folder: `$EGPU_MODELS`, or `<repo>/models` where `scripts/fetch-models.sh` puts them.
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("EGPU_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
+    }
+}
+
+/// The path of a real model file; fails the test with instructions when it has not been fetched.
+pub fn model_path(file: &str) -> PathBuf {
+    let path = models_dir().join(file);
+    assert!(
+        path.is_file(),
+        "model file {} is missing: run scripts/fetch-models.sh (CI does) or set EGPU_MODELS",
+        path.display()
+    );
+    path
+}
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// A committed fixture under `engine/tests/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}

