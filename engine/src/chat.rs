@@ -60,6 +60,8 @@ use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
+use crate::gguf::Metadata;
+
 /// The name the template is registered under inside its minijinja environment; it shows up in
 /// error locations (`chat_template:3`).
 const TEMPLATE_NAME: &str = "chat_template";
@@ -120,6 +122,10 @@ pub enum ChatTemplateError {
     /// There were no messages to render; transformers refuses these too.
     #[error("cannot render an empty conversation: give at least one message")]
     EmptyConversation,
+    /// The model file's chat metadata is malformed: a template that is not a string, or a bos
+    /// or eos token id outside the vocabulary.
+    #[error("model metadata: {0}")]
+    Metadata(String),
 }
 
 /// A compiled chat template and the special-token strings it is rendered with.
@@ -187,6 +193,47 @@ impl ChatTemplate {
                 Ok(template)
             }
         }
+    }
+
+    /// The chat template a GGUF file carries (`tokenizer.chat_template`), rendered with the text
+    /// of its bos and eos tokens (`tokenizer.ggml.bos_token_id`/`eos_token_id` looked up in
+    /// `tokenizer.ggml.tokens`; empty when the file names none). A file without a template, or
+    /// with an empty one, gets [`ChatTemplate::fallback`]. Named variants such as
+    /// `tokenizer.chat_template.tool_use` are not consulted.
+    pub fn from_gguf(meta: &Metadata) -> Result<ChatTemplate, ChatTemplateError> {
+        const TEMPLATE_KEY: &str = "tokenizer.chat_template";
+        let source = match meta.get(TEMPLATE_KEY) {
+            None => None,
+            Some(value) => match value.as_str() {
+                Some(source) => Some(source).filter(|s| !s.is_empty()),
+                None => {
+                    return Err(ChatTemplateError::Metadata(format!(
+                        "{TEMPLATE_KEY} is not a string"
+                    )))
+                }
+            },
+        };
+        let vocabulary = meta
+            .get_str_array("tokenizer.ggml.tokens")
+            .unwrap_or_default();
+        let token_text = |key: &str| -> Result<&str, ChatTemplateError> {
+            match meta.get_u64(key) {
+                None => Ok(""),
+                Some(id) => usize::try_from(id)
+                    .ok()
+                    .and_then(|id| vocabulary.get(id))
+                    .map(String::as_str)
+                    .ok_or_else(|| {
+                        ChatTemplateError::Metadata(format!(
+                            "{key} is {id}, outside the {}-token vocabulary",
+                            vocabulary.len()
+                        ))
+                    }),
+            }
+        };
+        let bos_token = token_text("tokenizer.ggml.bos_token_id")?;
+        let eos_token = token_text("tokenizer.ggml.eos_token_id")?;
+        ChatTemplate::new_or_fallback(source, bos_token, eos_token)
     }
 
     /// The ChatML template used for models without one; the module docs say why ChatML. Its
@@ -382,6 +429,8 @@ fn classify_render_error(err: &minijinja::Error) -> ChatTemplateError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::write::GgufWriter;
+    use crate::gguf::{GgufFile, MetaArray, MetaValue};
 
     fn render(source: &str, messages: &[ChatMessage]) -> Result<String, ChatTemplateError> {
         ChatTemplate::new(source, "<s>", "</s>")?.render(messages, true)
@@ -419,6 +468,89 @@ mod tests {
             own.render(&[ChatMessage::user("x")], false).unwrap(),
             "<bos>"
         );
+    }
+
+    fn gguf_metadata(entries: Vec<(&str, MetaValue)>) -> Metadata {
+        let writer = entries
+            .into_iter()
+            .fold(GgufWriter::new(), |writer, (key, value)| {
+                writer.kv(key, value)
+            });
+        GgufFile::from_bytes(writer.to_bytes())
+            .unwrap()
+            .metadata()
+            .clone()
+    }
+
+    fn vocabulary() -> MetaValue {
+        MetaValue::Array(MetaArray::String(
+            ["<unk>", "<s>", "</s>", "hi"].map(String::from).to_vec(),
+        ))
+    }
+
+    #[test]
+    fn from_gguf_reads_template_and_token_text() {
+        let meta = gguf_metadata(vec![
+            (
+                "tokenizer.chat_template",
+                MetaValue::String("{{ bos_token }}|{{ eos_token }}".into()),
+            ),
+            ("tokenizer.ggml.tokens", vocabulary()),
+            ("tokenizer.ggml.bos_token_id", MetaValue::U32(1)),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U32(2)),
+        ]);
+        let template = ChatTemplate::from_gguf(&meta).unwrap();
+        assert!(!template.is_fallback());
+        assert_eq!(template.source(), "{{ bos_token }}|{{ eos_token }}");
+        assert_eq!(
+            template.render(&[ChatMessage::user("x")], true).unwrap(),
+            "<s>|</s>"
+        );
+    }
+
+    #[test]
+    fn from_gguf_falls_back_without_a_template() {
+        for template in [None, Some("")] {
+            let mut entries = vec![
+                ("tokenizer.ggml.tokens", vocabulary()),
+                ("tokenizer.ggml.bos_token_id", MetaValue::U32(1)),
+            ];
+            if let Some(source) = template {
+                entries.push(("tokenizer.chat_template", MetaValue::String(source.into())));
+            }
+            let template = ChatTemplate::from_gguf(&gguf_metadata(entries)).unwrap();
+            assert!(template.is_fallback());
+            assert_eq!(template.source(), ChatTemplate::fallback().source());
+            assert_eq!((template.bos_token(), template.eos_token()), ("<s>", ""));
+        }
+        assert!(ChatTemplate::from_gguf(&Metadata::default())
+            .unwrap()
+            .is_fallback());
+    }
+
+    #[test]
+    fn from_gguf_rejects_malformed_metadata() {
+        let not_a_string = gguf_metadata(vec![("tokenizer.chat_template", MetaValue::U32(7))]);
+        assert!(matches!(
+            ChatTemplate::from_gguf(&not_a_string),
+            Err(ChatTemplateError::Metadata(text)) if text.contains("not a string")
+        ));
+        let out_of_range = gguf_metadata(vec![
+            ("tokenizer.ggml.tokens", vocabulary()),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U64(4)),
+        ]);
+        assert!(matches!(
+            ChatTemplate::from_gguf(&out_of_range),
+            Err(ChatTemplateError::Metadata(text)) if text.contains("eos_token_id is 4, outside the 4-token")
+        ));
+        let broken_template = gguf_metadata(vec![(
+            "tokenizer.chat_template",
+            MetaValue::String("{% if %}".into()),
+        )]);
+        assert!(matches!(
+            ChatTemplate::from_gguf(&broken_template),
+            Err(ChatTemplateError::Syntax(_))
+        ));
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! must come out byte for byte the same, and every case where the template raised must give
 //! [`ChatTemplateError::Raised`] with the same message.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use egpu_engine::chat::{ChatMessage, ChatTemplate, ChatTemplateError};
+use egpu_engine::gguf::GgufFile;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -34,12 +35,8 @@ struct Case {
     raises: Option<String>,
 }
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat")
-}
-
 fn load_fixture(name: &str) -> Fixture {
-    let path = fixture_dir().join(name);
+    let path = common::fixture(&format!("chat/{name}"));
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|err| panic!("parsing {}: {err}", path.display()))
@@ -151,10 +148,56 @@ fn template_files_match_fixtures() {
         ("features.json", "features.chat_template.jinja"),
     ] {
         let fixture = load_fixture(json);
-        let source = std::fs::read_to_string(fixture_dir().join(jinja)).unwrap();
+        let source = std::fs::read_to_string(common::fixture(&format!("chat/{jinja}"))).unwrap();
         assert_eq!(
             fixture.chat_template, source,
             "{json} was not rendered from {jinja}"
+        );
+    }
+}
+
+/// `from_gguf` on the real model files finds what gguf-py found when the fixtures were made:
+/// SmolLM2's template and token text, and no template in the Gemma 3 270M file (so the fallback).
+#[test]
+fn from_gguf_reads_the_real_model_files() {
+    for (fixture_name, model_file) in [
+        ("smollm2-135m-instruct.json", common::SMOLLM2),
+        ("gemma-3-270m.json", common::GEMMA3),
+    ] {
+        let fixture = load_fixture(fixture_name);
+        assert_eq!(fixture.model_file.as_deref(), Some(model_file));
+        let file = GgufFile::open(common::model_path(model_file)).unwrap();
+        let template = ChatTemplate::from_gguf(file.metadata()).unwrap();
+        match &fixture.gguf_chat_template {
+            Some(source) => {
+                assert!(!template.is_fallback(), "{model_file}");
+                assert_eq!(template.source(), source, "{model_file}");
+            }
+            None => {
+                assert!(template.is_fallback(), "{model_file} carries no template");
+                assert_eq!(template.source(), ChatTemplate::fallback().source());
+            }
+        }
+        assert_eq!(template.bos_token(), fixture.bos_token, "{model_file}");
+        assert_eq!(template.eos_token(), fixture.eos_token, "{model_file}");
+    }
+}
+
+/// Rendering straight from the SmolLM2 file gives transformers' output for every fixture case.
+#[test]
+fn smollm2_from_gguf_matches_transformers() {
+    let fixture = load_fixture("smollm2-135m-instruct.json");
+    let file = GgufFile::open(common::model_path(common::SMOLLM2)).unwrap();
+    let template = ChatTemplate::from_gguf(file.metadata()).unwrap();
+    for case in &fixture.cases {
+        let expected = case.expected.as_ref().expect("SmolLM2 cases all render");
+        assert_eq!(
+            &template
+                .render(&case.messages, case.add_generation_prompt)
+                .unwrap(),
+            expected,
+            "case {}",
+            case.name
         );
     }
 }
