@@ -66,6 +66,12 @@ use crate::gguf::Metadata;
 /// error locations (`chat_template:3`).
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// How many minijinja instructions one render may execute. A GGUF's template is untrusted input,
+/// and a nested `range` loop could otherwise keep a daemon thread busy for hours. SmolLM2's and
+/// Gemma 3's templates spend under a hundred instructions per message, so this still allows
+/// conversations of some 200,000 messages, while a runaway template stops within a few seconds.
+const RENDER_FUEL: u64 = 20_000_000;
+
 /// The ChatML template [`ChatTemplate::fallback`] renders; see the module docs for why ChatML.
 const FALLBACK_SOURCE: &str = "{% for message in messages %}\
 <|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n\
@@ -307,6 +313,7 @@ fn transformers_environment() -> Environment<'static> {
     env.set_keep_trailing_newline(false);
     // Chat templates produce plain text: nothing may be HTML-escaped, whatever the name.
     env.set_auto_escape_callback(|_| AutoEscape::None);
+    env.set_fuel(Some(RENDER_FUEL));
     env.set_formatter(python::format_output);
     env.set_unknown_method_callback(python_method);
     env.add_filter("tojson", python::tojson);
@@ -594,6 +601,23 @@ mod tests {
         assert!(matches!(err, ChatTemplateError::Render(_)), "{err:?}");
         let err = render("{{ missing.attribute }}", &[ChatMessage::user("a")]).unwrap_err();
         assert!(matches!(err, ChatTemplateError::Render(_)), "{err:?}");
+    }
+
+    #[test]
+    fn runaway_templates_stop() {
+        let runaway =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let err = render(runaway, &[ChatMessage::user("a")]).unwrap_err();
+        assert!(
+            matches!(err, ChatTemplateError::Render(ref text) if text.contains("fuel")),
+            "{err:?}"
+        );
+        // The limit leaves room for long conversations.
+        let long: Vec<ChatMessage> = (0..20_000)
+            .map(|i| ChatMessage::user(format!("message {i}")))
+            .collect();
+        let text = ChatTemplate::fallback().render(&long, true).unwrap();
+        assert!(text.ends_with("message 19999<|im_end|>\n<|im_start|>assistant\n"));
     }
 
     #[test]
