@@ -28,9 +28,12 @@
 //!
 //! Known differences, none of which the templates egpu targets rely on: printing a whole list or
 //! map (`{{ [1, 'a'] }}`) quotes its strings as JSON does (`[1, "a"]`) where Python's `repr`
-//! uses single quotes; Python's `%` string formatting is not available; an unknown filter is
-//! reported when rendering rather than when compiling; and `strftime_now` uses chrono's
-//! strftime, which agrees with C's for the common codes.
+//! uses single quotes; floats joined with `~` or `| string` outside the range Python writes
+//! positionally come out positional (`0.00001` for Python's `1e-05`); Python's `%` string
+//! formatting is not available; an unknown filter is reported when rendering rather than when
+//! compiling; `strftime_now` uses chrono's strftime, which agrees with C's for the common codes;
+//! and one render may run at most 20 million template instructions, where transformers has no
+//! limit.
 //!
 //! # Fallback
 //!
