@@ -14,7 +14,7 @@ tokenizer's special tokens (here `bos_token` and `eos_token`).
 Templates and token strings come from the GGUF files with gguf-py:
   - smollm2-135m-instruct.json: SmolLM2-135M-Instruct.Q4_1.gguf carries its template.
   - gemma-3-270m.json: gemma-3-270m-q4_k_m.gguf carries no `tokenizer.chat_template`, so the
-    Gemma 3 instruct template is read from gemma-3-it.chat_template.jinja beside the fixtures
+    Gemma 3 instruct template is read from engine/src/chat/gemma3.jinja (the built-in egpu uses)
     (the template published with google/gemma-3-270m-it); bos/eos still come from the GGUF.
   - features.json: features.chat_template.jinja, a synthetic template that exercises tojson,
     Python string methods, namespace, loop controls and the other helpers transformers provides.
@@ -204,7 +204,7 @@ def main() -> None:
                   "gguf", smollm_bos, smollm_eos, COMMON_CASES + SMOLLM_ONLY_CASES)
 
     gemma_gguf_template, gemma_bos, gemma_eos = read_gguf_chat_fields(models / GEMMA_FILE)
-    gemma_template = (FIXTURES / "gemma-3-it.chat_template.jinja").read_text(encoding="utf-8")
+    gemma_template = (REPO / "engine" / "src" / "chat" / "gemma3.jinja").read_text(encoding="utf-8")
     write_fixture("gemma-3-270m.json", GEMMA_FILE, gemma_gguf_template, gemma_gguf_template or gemma_template,
                   "gguf" if gemma_gguf_template else "gemma-3-it.chat_template.jinja", gemma_bos, gemma_eos,
                   COMMON_CASES + GEMMA_ONLY_CASES)

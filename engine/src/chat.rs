@@ -37,7 +37,9 @@
 //!
 //! # Fallback
 //!
-//! A model file without a chat template (the Gemma 3 270M GGUF that egpu tests with is one) is
+//! A model file without a chat template whose vocabulary has Gemma's `<start_of_turn>` and
+//! `<end_of_turn>` (the Gemma 3 270M GGUF that egpu tests with is one) gets Gemma's published
+//! instruct template, [`ChatTemplate::builtin_gemma`]. Any other file without a template is
 //! given [`ChatTemplate::fallback`], a ChatML template:
 //!
 //! ```text
@@ -74,6 +76,10 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// Gemma 3's templates spend under a hundred instructions per message, so this still allows
 /// conversations of some 200,000 messages, while a runaway template stops within a few seconds.
 const RENDER_FUEL: u64 = 20_000_000;
+
+/// Gemma 3's instruct template as published with the Hugging Face checkpoints (the fixture
+/// test checks it renders as transformers renders it).
+const GEMMA_SOURCE: &str = include_str!("chat/gemma3.jinja");
 
 /// The ChatML template [`ChatTemplate::fallback`] renders; see the module docs for why ChatML.
 const FALLBACK_SOURCE: &str = "{% for message in messages %}\
@@ -184,6 +190,19 @@ impl ChatTemplate {
         })
     }
 
+    /// Gemma's published instruct template, used for Gemma-vocabulary files that carry no
+    /// template (see [`ChatTemplate::from_gguf`]).
+    pub fn builtin_gemma(bos_token: &str, eos_token: &str) -> ChatTemplate {
+        match ChatTemplate::new(GEMMA_SOURCE, bos_token, eos_token) {
+            Ok(mut template) => {
+                template.is_fallback = true;
+                template
+            }
+            // The built-in source is compiled by the unit tests; this arm cannot be reached.
+            Err(_) => ChatTemplate::fallback(),
+        }
+    }
+
     /// The template a model file carries, or [`ChatTemplate::fallback`] (keeping the given
     /// bos/eos text) when it carries none. A template that is present but does not compile is an
     /// error rather than a reason to fall back: silently prompting a model in the wrong format
@@ -242,6 +261,13 @@ impl ChatTemplate {
         };
         let bos_token = token_text("tokenizer.ggml.bos_token_id")?;
         let eos_token = token_text("tokenizer.ggml.eos_token_id")?;
+        // Gemma files converted without their template (Gemma 3 270M is one) still have Gemma's
+        // turn markers in the vocabulary: prompt them in the format they were trained on rather
+        // than in ChatML, which they have never seen.
+        let has = |token: &str| vocabulary.iter().any(|t| t == token);
+        if source.is_none() && has("<start_of_turn>") && has("<end_of_turn>") {
+            return Ok(ChatTemplate::builtin_gemma(bos_token, eos_token));
+        }
         ChatTemplate::new_or_fallback(source, bos_token, eos_token)
     }
 

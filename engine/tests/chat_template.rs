@@ -144,7 +144,7 @@ fn template_files_match_fixtures() {
     );
     assert_eq!(gemma.gguf_chat_template, None);
     for (json, jinja) in [
-        ("gemma-3-270m.json", "gemma-3-it.chat_template.jinja"),
+        ("gemma-3-270m.json", "../../../src/chat/gemma3.jinja"),
         ("features.json", "features.chat_template.jinja"),
     ] {
         let fixture = load_fixture(json);
@@ -174,12 +174,30 @@ fn from_gguf_reads_the_real_model_files() {
                 assert_eq!(template.source(), source, "{model_file}");
             }
             None => {
+                // The Gemma file has no template; its vocabulary selects the built-in Gemma one.
                 assert!(template.is_fallback(), "{model_file} carries no template");
-                assert_eq!(template.source(), ChatTemplate::fallback().source());
+                assert_eq!(template.source(), fixture.chat_template, "{model_file}");
             }
         }
         assert_eq!(template.bos_token(), fixture.bos_token, "{model_file}");
         assert_eq!(template.eos_token(), fixture.eos_token, "{model_file}");
+    }
+}
+
+/// The Gemma 3 file has no template of its own; the built-in one `from_gguf` picks for it
+/// renders every fixture case as transformers renders Gemma's published template.
+#[test]
+fn gemma3_from_gguf_uses_the_builtin_gemma_template() {
+    let fixture = load_fixture("gemma-3-270m.json");
+    let file = GgufFile::open(common::model_path(common::GEMMA3)).unwrap();
+    let template = ChatTemplate::from_gguf(file.metadata()).unwrap();
+    for case in &fixture.cases {
+        let rendered = template.render(&case.messages, case.add_generation_prompt);
+        match (&case.expected, rendered) {
+            (Some(expected), Ok(text)) => assert_eq!(&text, expected, "case {}", case.name),
+            (None, Err(_)) => {}
+            (expected, got) => panic!("case {}: expected {expected:?}, got {got:?}", case.name),
+        }
     }
 }
 
