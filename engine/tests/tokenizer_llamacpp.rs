@@ -618,3 +618,37 @@ fn arbitrary_text_never_panics_and_round_trips() {
         );
     }
 }
+
+/// The tiny synthetic models committed under fixtures/models carry llama.cpp's tokenization of a
+/// few strings with their (gpt-2, llama-bpe and qwen2) vocabs.
+#[test]
+fn tiny_model_vocabs_tokenize_like_llamacpp() {
+    let mut checked = 0;
+    for name in [
+        "tiny-gpt2",
+        "tiny-llama31",
+        "tiny-llama31-q8_0",
+        "tiny-qwen2",
+        "tiny-qwen3",
+    ] {
+        let (_, tokenizer) = load(&common::fixture(&format!("models/{name}.gguf")));
+        let reference: Value = serde_json::from_str(
+            &std::fs::read_to_string(common::fixture(&format!("models/{name}.ref.json"))).unwrap(),
+        )
+        .unwrap();
+        for check in reference["tokenizer_check"].as_array().unwrap() {
+            let text = check["text"].as_str().unwrap();
+            let parse_special = check["parse_special"].as_bool().unwrap();
+            let expected = ids(&check["llama_cpp_ids"]);
+            let ours = tokenizer.encode(text, false, parse_special);
+            assert_eq!(ours, expected, "{name}: {text:?}");
+            assert_eq!(
+                tokenizer.decode_rendering_special(&ours),
+                check["llama_cpp_detok"].as_str().unwrap(),
+                "{name}: {text:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 15);
+}

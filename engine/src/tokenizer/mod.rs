@@ -26,6 +26,13 @@
 //!   when asked ([`Tokenizer::decode_rendering_special`]); user-defined tokens always render.
 //!   Bytes that do not form UTF-8 become U+FFFD.
 //! - **Ids outside the vocab** render as nothing (llama.cpp would abort).
+//! - **SentencePiece spells spaces `▁`**, so a literal `▁` in the text decodes as a space (as in
+//!   llama.cpp); a byte with no `<0xXX>` token becomes the unknown token (llama.cpp aborts).
+//! - **End of turn**: without `tokenizer.ggml.eot_token_id`, [`Tokenizer::eot`] is the first of
+//!   llama.cpp's well-known end-of-turn texts, in its list's order. llama.cpp instead takes the
+//!   first its hash map yields, which depends on the C++ library (for SmolLM2 it picks
+//!   `<|endoftext|>` where egpu picks `<|im_end|>`). Both are end-of-generation tokens either
+//!   way, and the end-of-generation set itself matches llama.cpp exactly.
 
 mod bpe;
 mod decode;
