@@ -7,9 +7,10 @@ use super::ModelError;
 
 /// The keys and values of one sequence for every layer, stored as f16 for `capacity` positions.
 ///
-/// Layout per layer: `[kv_head][position][head_dim]`, so the keys one attention head reads
-/// are contiguous across positions. The buffers are allocated zeroed, which the OS provides
-/// lazily: pages are only resident once positions are written.
+/// One buffer per layer and KV head, `[position][head_dim]`, so the keys one attention head
+/// reads are contiguous across positions. Each buffer reserves room for `capacity` positions
+/// up front (so it never moves) but is only filled as positions are written: reserved pages
+/// the OS has not been asked to touch do not count as resident memory.
 #[derive(Debug)]
 pub struct KvCache {
     capacity: usize,
@@ -17,8 +18,9 @@ pub struct KvCache {
     n_head_kv: usize,
     head_dim_k: usize,
     head_dim_v: usize,
-    keys: Vec<Vec<f16>>,
-    values: Vec<Vec<f16>>,
+    /// `[layer][kv_head]`.
+    keys: Vec<Vec<Vec<f16>>>,
+    values: Vec<Vec<Vec<f16>>>,
 }
 
 impl KvCache {
@@ -29,20 +31,23 @@ impl KvCache {
                 "a KV cache needs room for at least one token".into(),
             ));
         }
-        let k_len = config.n_head_kv * capacity * config.head_dim_k;
-        let v_len = config.n_head_kv * capacity * config.head_dim_v;
+        let reserve = |dim: usize| -> Vec<Vec<Vec<f16>>> {
+            (0..config.n_layer)
+                .map(|_| {
+                    (0..config.n_head_kv)
+                        .map(|_| Vec::with_capacity(capacity * dim))
+                        .collect()
+                })
+                .collect()
+        };
         Ok(KvCache {
             capacity,
             len: 0,
             n_head_kv: config.n_head_kv,
             head_dim_k: config.head_dim_k,
             head_dim_v: config.head_dim_v,
-            keys: (0..config.n_layer)
-                .map(|_| vec![f16::ZERO; k_len])
-                .collect(),
-            values: (0..config.n_layer)
-                .map(|_| vec![f16::ZERO; v_len])
-                .collect(),
+            keys: reserve(config.head_dim_k),
+            values: reserve(config.head_dim_v),
         })
     }
 
@@ -60,7 +65,7 @@ impl KvCache {
         self.capacity
     }
 
-    /// Forgets everything (the buffers stay allocated for reuse).
+    /// Forgets everything (the buffers stay reserved for reuse).
     pub fn clear(&mut self) {
         self.len = 0;
     }
@@ -89,33 +94,38 @@ impl KvCache {
         self.len = len;
     }
 
-    /// Stores one token's keys (`n_head_kv × head_dim_k`, head-major) and values at `pos`.
+    /// Stores one token's keys (`n_head_kv × head_dim_k`, head-major) and values at `pos`,
+    /// which is at most one past the furthest position written so far.
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let (cap, dk, dv) = (self.capacity, self.head_dim_k, self.head_dim_v);
-        for h in 0..self.n_head_kv {
-            let dst = &mut self.keys[layer][(h * cap + pos) * dk..][..dk];
-            crate::ops::f32_to_f16(&k[h * dk..][..dk], dst);
-            let dst = &mut self.values[layer][(h * cap + pos) * dv..][..dv];
-            crate::ops::f32_to_f16(&v[h * dv..][..dv], dst);
+        debug_assert!(pos < self.capacity);
+        let store = |buf: &mut Vec<f16>, src: &[f32]| {
+            let dim = src.len();
+            if buf.len() < (pos + 1) * dim {
+                buf.resize((pos + 1) * dim, f16::ZERO);
+            }
+            crate::ops::f32_to_f16(src, &mut buf[pos * dim..(pos + 1) * dim]);
+        };
+        let (dk, dv) = (self.head_dim_k, self.head_dim_v);
+        for (h, buf) in self.keys[layer].iter_mut().enumerate() {
+            store(buf, &k[h * dk..(h + 1) * dk]);
+        }
+        for (h, buf) in self.values[layer].iter_mut().enumerate() {
+            store(buf, &v[h * dv..(h + 1) * dv]);
         }
     }
 
-    /// Keys of one KV head for positions `range`, `head_dim_k` values per position.
+    /// Keys of one KV head for positions `range` (all written), `head_dim_k` values each.
     pub(crate) fn keys(&self, layer: usize, head: usize, range: std::ops::Range<usize>) -> &[f16] {
-        let base = head * self.capacity;
-        &self.keys[layer]
-            [(base + range.start) * self.head_dim_k..(base + range.end) * self.head_dim_k]
+        &self.keys[layer][head][range.start * self.head_dim_k..range.end * self.head_dim_k]
     }
 
-    /// Values of one KV head for positions `range`, `head_dim_v` values per position.
+    /// Values of one KV head for positions `range` (all written), `head_dim_v` values each.
     pub(crate) fn values(
         &self,
         layer: usize,
         head: usize,
         range: std::ops::Range<usize>,
     ) -> &[f16] {
-        let base = head * self.capacity;
-        &self.values[layer]
-            [(base + range.start) * self.head_dim_v..(base + range.end) * self.head_dim_v]
+        &self.values[layer][head][range.start * self.head_dim_v..range.end * self.head_dim_v]
     }
 }
