@@ -1,0 +1,514 @@
+//! x86-64 AVX2 (+FMA, F16C) kernels.
+//!
+//! - Decoders turn each type's blocks into the decoded form of [`super::decoded`] with a few
+//!   shuffles and masks per 32 elements; each matches `decode_row_scalar` exactly (tested).
+//! - One integer tile kernel then multiplies `RM` decoded rows by `RN` tokens of 8-bit
+//!   activations: per chunk `maddubs` (u8 × i8 → pairs of i16), `madd` by ones (→ eight i32 sums
+//!   of four products), conversion to f32 and one FMA by `scale · dx`. Weights held in
+//!   registers are reused across the `RN` tokens, activations across the `RM` rows.
+//!
+//! Integer ranges: unsigned quants are at most 63 and activations at most 127 in magnitude, so a
+//! `maddubs` pair is at most 2·63·127 = 16002; signed quants go through |q| ≤ 128 with the sign
+//! moved to the activation, at most 2·128·127 = 32512 < 32767: `maddubs` never saturates. The
+//! i32 lane sums are below 2^24 and convert to f32 exactly.
+//!
+//! Every function here is `unsafe` because it must only run where [`available`] is true.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86")]
+use std::arch::x86::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::decoded::{DecodedChunk, QuantizedActivations, CHUNK};
+use crate::quant::{k4_scales_mins, q3_k_scales, GgmlType, IQ4_NL_VALUES};
+
+/// Whether this CPU runs the AVX2 path (detected once by the standard library, then cached).
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// Widens the little-endian f16 at `p[0..2]`.
+#[inline(always)]
+unsafe fn f16_at(p: &[u8]) -> f32 {
+    let bits = u16::from_le_bytes([p[0], p[1]]);
+    // SAFETY: F16C is enabled in every caller (they are `avx2,fma,f16c` target-feature fns).
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+/// Loads 16 bytes at `p[at..at + 16]`.
+#[inline(always)]
+unsafe fn load16(p: &[u8], at: usize) -> __m128i {
+    let bytes = &p[at..at + 16];
+    // SAFETY: `bytes` is 16 readable bytes; `loadu` has no alignment requirement.
+    _mm_loadu_si128(bytes.as_ptr().cast())
+}
+
+/// Loads 32 bytes at `p[at..at + 32]`.
+#[inline(always)]
+unsafe fn load32(p: &[u8], at: usize) -> __m256i {
+    let bytes = &p[at..at + 32];
+    // SAFETY: `bytes` is 32 readable bytes; `loadu` has no alignment requirement.
+    _mm256_loadu_si256(bytes.as_ptr().cast())
+}
+
+#[inline(always)]
+unsafe fn store_q(chunk: &mut DecodedChunk, q: __m256i) {
+    // SAFETY: `chunk.q` is 32 writable bytes, 32-byte aligned by `DecodedChunk`'s `repr`.
+    _mm256_store_si256(chunk.q.as_mut_ptr().cast(), q);
+}
+
+/// The legacy nibble layout: low nibbles are elements 0..16, high nibbles 16..32.
+#[inline(always)]
+unsafe fn nibbles(qs: __m128i) -> __m256i {
+    let m4 = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(qs, m4);
+    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Byte `i` is `0xFF` where bit `i` of `bits` is set.
+#[inline(always)]
+unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
+            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        ),
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+}
+
+/// Byte `i` is `value` where bit `bit` of byte `i` of `v` is set, else 0.
+#[inline(always)]
+unsafe fn bit_plane(v: __m256i, bit: u32, value: i8) -> __m256i {
+    let mask = _mm256_set1_epi8((1u8 << bit) as i8);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, mask), mask);
+    _mm256_and_si256(set, _mm256_set1_epi8(value))
+}
+
+/// `(v >> shift) & mask` on every byte (`shift` ≤ 7: bits shifted in from the neighbouring
+/// byte of the 16-bit lane are above `mask`).
+#[inline(always)]
+unsafe fn shifted_field(v: __m256i, shift: u32, mask: i8) -> __m256i {
+    let shifted = _mm256_srl_epi16(v, _mm_cvtsi32_si128(shift as i32));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(mask))
+}
+
+/// The IQ4 codebook in both 128-bit lanes, for `shuffle_epi8` lookups.
+#[inline(always)]
+unsafe fn iq4_table() -> __m256i {
+    // SAFETY: the table is 16 readable bytes.
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast()))
+}
+
+/// Decodes one weight row, like `decode_row_scalar`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]). `row` must be whole blocks of `ty`
+/// and `chunks`/`offsets` hold one entry per 32 elements.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn decode_row(
+    ty: GgmlType,
+    row: &[u8],
+    chunks: &mut [DecodedChunk],
+    offsets: &mut [[f32; 2]],
+) {
+    let size = ty.type_size();
+    let per_block = ty.block_size() / CHUNK;
+    let blocks = row
+        .chunks_exact(size)
+        .zip(chunks.chunks_exact_mut(per_block))
+        .zip(offsets.chunks_exact_mut(per_block));
+    match ty {
+        GgmlType::Q4_0 => {
+            for ((b, ch), off) in blocks {
+                let d = f16_at(b);
+                store_q(&mut ch[0], nibbles(load16(b, 2)));
+                ch[0].set_scales(d, d);
+                off[0] = [-8.0 * d; 2];
+            }
+        }
+        GgmlType::Q4_1 => {
+            for ((b, ch), off) in blocks {
+                let (d, m) = (f16_at(b), f16_at(&b[2..]));
+                store_q(&mut ch[0], nibbles(load16(b, 4)));
+                ch[0].set_scales(d, d);
+                off[0] = [m; 2];
+            }
+        }
+        GgmlType::Q5_0 => {
+            for ((b, ch), off) in blocks {
+                let d = f16_at(b);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
+                store_q(&mut ch[0], _mm256_or_si256(nibbles(load16(b, 6)), high));
+                ch[0].set_scales(d, d);
+                off[0] = [-16.0 * d; 2];
+            }
+        }
+        GgmlType::Q5_1 => {
+            for ((b, ch), off) in blocks {
+                let (d, m) = (f16_at(b), f16_at(&b[2..]));
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
+                store_q(&mut ch[0], _mm256_or_si256(nibbles(load16(b, 8)), high));
+                ch[0].set_scales(d, d);
+                off[0] = [m; 2];
+            }
+        }
+        GgmlType::Q8_0 => {
+            for ((b, ch), off) in blocks {
+                let d = f16_at(b);
+                store_q(&mut ch[0], load32(b, 2));
+                ch[0].set_scales(d, d);
+                off[0] = [0.0; 2];
+            }
+        }
+        GgmlType::IQ4_NL => {
+            let table = iq4_table();
+            for ((b, ch), off) in blocks {
+                let d = f16_at(b);
+                store_q(
+                    &mut ch[0],
+                    _mm256_shuffle_epi8(table, nibbles(load16(b, 2))),
+                );
+                ch[0].set_scales(d, d);
+                off[0] = [0.0; 2];
+            }
+        }
+        GgmlType::Q2_K => {
+            for ((b, ch), off) in blocks {
+                let (d, dmin) = (f16_at(&b[80..]), f16_at(&b[82..]));
+                for half in 0..2 {
+                    let qs = load32(b, 16 + 32 * half);
+                    for k in 0..4 {
+                        let c = 4 * half + k;
+                        store_q(&mut ch[c], shifted_field(qs, 2 * k as u32, 3));
+                        let (s0, s1) = (b[2 * c], b[2 * c + 1]);
+                        ch[c].set_scales(d * f32::from(s0 & 15), d * f32::from(s1 & 15));
+                        off[c] = [-(dmin * f32::from(s0 >> 4)), -(dmin * f32::from(s1 >> 4))];
+                    }
+                }
+            }
+        }
+        GgmlType::Q3_K => {
+            for ((b, ch), off) in blocks {
+                let d = f16_at(&b[108..]);
+                let scales = q3_k_scales(&std::array::from_fn(|i| b[96 + i]));
+                let hmask = load32(b, 0);
+                for half in 0..2 {
+                    let qs = load32(b, 32 + 32 * half);
+                    for k in 0..4 {
+                        let c = 4 * half + k;
+                        let low = shifted_field(qs, 2 * k as u32, 3);
+                        let high = bit_plane(hmask, c as u32, 4);
+                        store_q(&mut ch[c], _mm256_or_si256(low, high));
+                        let s0 = d * f32::from(scales[2 * c]);
+                        let s1 = d * f32::from(scales[2 * c + 1]);
+                        ch[c].set_scales(s0, s1);
+                        off[c] = [-4.0 * s0, -4.0 * s1];
+                    }
+                }
+            }
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let five = ty == GgmlType::Q5_K;
+            let qs_at = if five { 48 } else { 16 };
+            let m4 = _mm256_set1_epi8(0x0F);
+            for ((b, ch), off) in blocks {
+                let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
+                let (sc, mins) = k4_scales_mins(&std::array::from_fn(|i| b[4 + i]));
+                let qh = if five {
+                    load32(b, 16)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for k in 0..4 {
+                    let v = load32(b, qs_at + 32 * k);
+                    let lo = _mm256_and_si256(v, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    for (c, q) in [(2 * k, lo), (2 * k + 1, hi)] {
+                        let q = if five {
+                            _mm256_or_si256(q, bit_plane(qh, c as u32, 16))
+                        } else {
+                            q
+                        };
+                        store_q(&mut ch[c], q);
+                        let s = d * f32::from(sc[c]);
+                        ch[c].set_scales(s, s);
+                        off[c] = [-(dmin * f32::from(mins[c])); 2];
+                    }
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            for ((b, ch), off) in blocks {
+                let d = f16_at(&b[208..]);
+                for half in 0..2 {
+                    let qh = load32(b, 128 + 32 * half);
+                    for m in 0..2 {
+                        let ql = load32(b, 64 * half + 32 * m);
+                        for nibble in 0..2 {
+                            let k = 2 * nibble + m;
+                            let c = 4 * half + k;
+                            let low = shifted_field(ql, 4 * nibble as u32, 15);
+                            let high = shifted_field(qh, 2 * k as u32, 3);
+                            let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                            store_q(&mut ch[c], q);
+                            let s0 = d * f32::from(b[192 + 2 * c] as i8);
+                            let s1 = d * f32::from(b[192 + 2 * c + 1] as i8);
+                            ch[c].set_scales(s0, s1);
+                            off[c] = [-32.0 * s0, -32.0 * s1];
+                        }
+                    }
+                }
+            }
+        }
+        GgmlType::IQ4_XS => {
+            let table = iq4_table();
+            for ((b, ch), off) in blocks {
+                let d = f16_at(b);
+                let scales_h = u16::from_le_bytes([b[2], b[3]]);
+                for c in 0..8 {
+                    let low = (b[4 + c / 2] >> (4 * (c % 2))) & 15;
+                    let high = ((scales_h >> (2 * c)) & 3) as u8;
+                    let s = d * f32::from((low | (high << 4)) as i8 - 32);
+                    let q = _mm256_shuffle_epi8(table, nibbles(load16(b, 8 + 16 * c)));
+                    store_q(&mut ch[c], q);
+                    ch[c].set_scales(s, s);
+                    off[c] = [0.0; 2];
+                }
+            }
+        }
+        _ => super::decoded::decode_row_scalar(ty, row, chunks, offsets),
+    }
+}
+
+/// Horizontal sum of eight lanes, pairing lanes as `portable::sum_lanes` does.
+#[inline(always)]
+unsafe fn sum_lanes(v: __m256) -> f32 {
+    let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)))
+}
+
+/// The integer part of `RM` decoded rows × `RN` tokens (see the module docs): `w` holds the rows
+/// back to back, `acts.n_chunks` chunks each; token `j` is token `t0 + j` of `acts`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. `w.len() >= RM * acts.n_chunks` and `acts` must hold at
+/// least `t0 + RN` tokens (checked; the check failing is a bug in the caller and panics).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile<const RM: usize, const RN: usize, const SIGNED: bool>(
+    w: &[DecodedChunk],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    let nc = acts.n_chunks;
+    assert!(w.len() >= RM * nc && acts.q.len() >= (t0 + RN) * nc && acts.d.len() == acts.q.len());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); RN]; RM];
+    let wp = w.as_ptr();
+    let xq = acts.q.as_ptr().add(t0 * nc);
+    let xd = acts.d.as_ptr().add(t0 * nc);
+    for c in 0..nc {
+        let mut x = [_mm256_setzero_si256(); RN];
+        let mut dx = [_mm256_setzero_ps(); RN];
+        for j in 0..RN {
+            // SAFETY: j * nc + c < RN * nc, within the tokens checked above.
+            x[j] = _mm256_loadu_si256(xq.add(j * nc + c).cast());
+            dx[j] = _mm256_set1_ps(*xd.add(j * nc + c));
+        }
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: i * nc + c < RM * nc <= w.len(); chunks are 32-byte aligned.
+            let chunk = &*wp.add(i * nc + c);
+            let q = _mm256_load_si256(chunk.q.as_ptr().cast());
+            let scale = _mm256_load_ps(chunk.scale.as_ptr());
+            let magnitude = if SIGNED { _mm256_abs_epi8(q) } else { q };
+            for (acc_rt, (&xj, &dxj)) in acc_row.iter_mut().zip(x.iter().zip(&dx)) {
+                let xs = if SIGNED { _mm256_sign_epi8(xj, q) } else { xj };
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xs), ones);
+                let factor = _mm256_mul_ps(scale, dxj);
+                *acc_rt = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_rt);
+            }
+        }
+    }
+    for (out_row, acc_row) in out.iter_mut().zip(&acc) {
+        for (o, &v) in out_row.iter_mut().zip(acc_row) {
+            *o = sum_lanes(v);
+        }
+    }
+}
+
+/// `Σ a·b` over equal-length slices: eight lanes with FMA, then the tail.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let n8 = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 <= n8 <= both lengths.
+        let x = _mm256_loadu_ps(a.as_ptr().add(i));
+        let y = _mm256_loadu_ps(b.as_ptr().add(i));
+        acc = _mm256_fmadd_ps(x, y, acc);
+        i += 8;
+    }
+    let mut sum = sum_lanes(acc);
+    for k in n8..n {
+        sum += a[k] * b[k];
+    }
+    sum
+}
+
+/// Float-weight tile: `RM` f32 rows (`cols` each, back to back) × `RN` tokens of `x` from `t0`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. `w.len() >= RM * cols`, `x.len() >= (t0 + RN) * cols`
+/// (checked; the check failing is a bug in the caller and panics).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_f32<const RM: usize, const RN: usize>(
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    assert!(w.len() >= RM * cols && x.len() >= (t0 + RN) * cols);
+    let n8 = cols / 8 * 8;
+    let mut acc = [[_mm256_setzero_ps(); RN]; RM];
+    let xp = x.as_ptr().add(t0 * cols);
+    let mut c = 0;
+    while c < n8 {
+        let mut xv = [_mm256_setzero_ps(); RN];
+        for (j, v) in xv.iter_mut().enumerate() {
+            // SAFETY: j * cols + c + 8 <= RN * cols, checked above.
+            *v = _mm256_loadu_ps(xp.add(j * cols + c));
+        }
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: i * cols + c + 8 <= RM * cols <= w.len().
+            let wv = _mm256_loadu_ps(w.as_ptr().add(i * cols + c));
+            for (acc_rt, &xj) in acc_row.iter_mut().zip(&xv) {
+                *acc_rt = _mm256_fmadd_ps(wv, xj, *acc_rt);
+            }
+        }
+        c += 8;
+    }
+    for (i, out_row) in out.iter_mut().enumerate() {
+        for (j, o) in out_row.iter_mut().enumerate() {
+            let mut sum = sum_lanes(acc[i][j]);
+            for k in n8..cols {
+                sum += w[i * cols + k] * x[(t0 + j) * cols + k];
+            }
+            *o = sum;
+        }
+    }
+}
+
+/// Widens a row of F16 or BF16 weights (`src` little-endian 2-byte values) into `dst`.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C. `src.len() == 2 * dst.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn widen_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    let n = dst.len().min(src.len() / 2);
+    let n8 = n / 8 * 8;
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: bytes 2i..2i+16 and floats i..i+8 are in bounds (i + 8 <= n8).
+        let raw = _mm_loadu_si128(src.as_ptr().add(2 * i).cast());
+        let wide = if ty == GgmlType::BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+        } else {
+            _mm256_cvtph_ps(raw)
+        };
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), wide);
+        i += 8;
+    }
+    for k in n8..n {
+        let bits = u16::from_le_bytes([src[2 * k], src[2 * k + 1]]);
+        dst[k] = if ty == GgmlType::BF16 {
+            f32::from_bits(u32::from(bits) << 16)
+        } else {
+            f16_at(&src[2 * k..])
+        };
+    }
+}
+
+/// Quantizes activations like `decoded::quantize_tokens_scalar`, with identical results: the
+/// same `amax`, the same reciprocal, the same rounding (half away from zero).
+///
+/// # Safety
+/// The CPU must support AVX2. The slices hold the same number of chunks (`x` 32 values each).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_tokens(
+    x: &[f32],
+    q: &mut [[i8; CHUNK]],
+    d: &mut [f32],
+    half_sums: &mut [[f32; 2]],
+) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let half = _mm256_set1_ps(0.5);
+    for (((x, q), d), s) in x
+        .chunks_exact(CHUNK)
+        .zip(q.iter_mut())
+        .zip(d.iter_mut())
+        .zip(half_sums.iter_mut())
+    {
+        // SAFETY: `x` is a 32-float chunk.
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
+        let abs: [__m256; 4] = std::array::from_fn(|k| _mm256_and_ps(v[k], abs_mask));
+        let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        let ints: [__m256i; 4] = std::array::from_fn(|k| {
+            let p = _mm256_mul_ps(v[k], inv);
+            let sign = _mm256_and_ps(p, sign_mask);
+            let r = round_half_away(_mm256_and_ps(p, abs_mask), half);
+            let r = _mm256_min_ps(r, _mm256_set1_ps(127.0));
+            _mm256_cvttps_epi32(_mm256_or_ps(r, sign))
+        });
+        // Pack 32 i32 → 32 i8 in element order (packs interleave 128-bit lanes; undo it).
+        let w01 = _mm256_packs_epi32(ints[0], ints[1]);
+        let w23 = _mm256_packs_epi32(ints[2], ints[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `q` is 32 writable bytes.
+        _mm256_storeu_si256(q.as_mut_ptr().cast(), b);
+        let sum = |k0: usize| {
+            let t = _mm256_add_epi32(ints[k0], ints[k0 + 1]);
+            let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            let t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+            _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)))
+        };
+        *d = scale;
+        *s = [scale * sum(0) as f32, scale * sum(2) as f32];
+    }
+}
+
+/// `round(a)` for non-negative `a` below 2^23, ties away from zero, as `f32::round` does.
+#[inline(always)]
+unsafe fn round_half_away(a: __m256, half: __m256) -> __m256 {
+    // trunc(a + 0.5) is right except when a + 0.5 itself rounds up to the next integer (a's
+    // fraction just below 0.5, e.g. 0.49999997). Then t − 0.5 > a; t − 0.5 is exact for the
+    // integers involved (t − a is not, and would hide the case), so the comparison is exact.
+    let t = _mm256_round_ps(
+        _mm256_add_ps(a, half),
+        _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC,
+    );
+    let too_big = _mm256_cmp_ps(_mm256_sub_ps(t, half), a, _CMP_GT_OQ);
+    _mm256_sub_ps(t, _mm256_and_ps(too_big, _mm256_set1_ps(1.0)))
+}
