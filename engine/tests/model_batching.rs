@@ -221,6 +221,72 @@ fn batching_and_chunking_on_gemma3() {
     println!("Gemma 3: batched vs alone {batch:.1e}, chunked vs one-shot {chunked:.1e}");
 }
 
+/// Sequences longer than attention's query tiles (16) and key blocks (64), with a sliding
+/// window that does not align with either: chunked or batched, each position's logits are
+/// those of one-shot prefill.
+#[test]
+fn long_sequences_across_tiles_and_key_blocks() {
+    let llama = tiny("tiny-llama31");
+    let gemma = Model::load(Arc::new(
+        TinyGemma3 {
+            n_layer: 6,
+            sliding_window: 70,
+            ..TinyGemma3::default()
+        }
+        .file(21),
+    ))
+    .unwrap();
+    let pool = ThreadPool::new(2);
+    for model in [&llama, &gemma] {
+        let mut scratch = model.new_scratch();
+        let mut rng = Rng::new(17);
+        let n_vocab = model.config().n_vocab as u32;
+        let long = rng.tokens(150, n_vocab);
+        let short = rng.tokens(40, n_vocab);
+
+        let mut cache = model.new_kv_cache(150).unwrap();
+        let one_shot = model
+            .forward(
+                &pool,
+                &mut scratch,
+                &mut [BatchItem::append(&mut cache, &long, LogitsWanted::All)],
+            )
+            .unwrap();
+
+        let mut cache = model.new_kv_cache(150).unwrap();
+        let mut other = model.new_kv_cache(40).unwrap();
+        let mut rows = Vec::new();
+        for (k, (a, b)) in [
+            (0..37, 0..20),
+            (37..38, 20..40),
+            (38..118, 0..0),
+            (118..150, 0..0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut items = vec![BatchItem::append(
+                &mut cache,
+                &long[a.clone()],
+                LogitsWanted::All,
+            )];
+            if k < 2 {
+                items.insert(
+                    0,
+                    BatchItem::append(&mut other, &short[b], LogitsWanted::All),
+                );
+            }
+            let l = model.forward(&pool, &mut scratch, &mut items).unwrap();
+            let item = items.len() - 1;
+            rows.extend((0..a.len()).map(|i| l.row(item, i).unwrap().to_vec()));
+        }
+        for (pos, row) in rows.iter().enumerate() {
+            let d = max_abs_diff(row, one_shot.row(0, pos).unwrap());
+            assert!(d <= ROUND_OFF, "position {pos} differs by {d}");
+        }
+    }
+}
+
 #[test]
 fn rewinding_a_cache_equals_starting_afresh() {
     let model = tiny("tiny-qwen2");

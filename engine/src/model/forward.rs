@@ -2,17 +2,13 @@
 //! only in what [`ModelConfig`] and the weights say: norm kind, RoPE style, QK-norm, post-norms,
 //! FFN kind, biases, fused QKV, sliding windows, embedding scale, learned positions.
 
-use std::sync::Mutex;
-
 use crate::kernels::{matmul, ThreadPool, WeightMatrix};
 use crate::ops;
 
+use super::attention::{attention, AttentionScratch, Slot};
 use super::config::{FfnKind, ModelConfig, NormKind};
 use super::weights::{Linear, Norm, QkvWeights};
 use super::{BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError};
-
-/// Positions of K/V converted from f16 at a time in attention.
-const KV_BLOCK: usize = 32;
 
 /// Working buffers of a forward pass, sized for the largest batch seen so far and reused.
 #[derive(Debug, Default)]
@@ -38,20 +34,7 @@ pub struct Scratch {
     slots: Vec<Slot>,
     /// Tokens that get logits.
     out_tokens: Vec<usize>,
-    /// Per worker thread: attention scores and f16→f32 staging.
-    threads: Vec<Mutex<AttentionBuffers>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    item: usize,
-    pos: usize,
-}
-
-#[derive(Debug, Default)]
-struct AttentionBuffers {
-    scores: Vec<f32>,
-    staged: Vec<f32>,
+    attention: AttentionScratch,
 }
 
 /// `buf[..len]`, growing `buf` first if it is shorter.
@@ -60,10 +43,6 @@ fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
         buf.resize(len, 0.0);
     }
     &mut buf[..len]
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Model {
@@ -297,7 +276,7 @@ impl Model {
             &scratch.slots,
             q,
             attn,
-            &mut scratch.threads,
+            &mut scratch.attention,
         );
 
         let proj = sized(&mut scratch.proj, n_tokens * embd);
@@ -405,116 +384,5 @@ fn normalize_rows_in_place(cfg: &ModelConfig, norm: &Norm, x: &mut [f32]) {
                 ops::layer_norm(&copy, &norm.weight, norm.bias.as_deref(), cfg.norm_eps, row)
             }
         }
-    }
-}
-
-/// Causal (and, on sliding-window layers, windowed) attention of every token against its own
-/// sequence's cache, which already holds this layer's keys and values for the token itself.
-///
-/// The work is split into units of (token, KV head): one unit computes the attention of the
-/// query heads that share that KV head, so each cached key and value is widened from f16
-/// once per unit. Units are laid out so that each thread's outputs are one contiguous slice.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    pool: &ThreadPool,
-    cfg: &ModelConfig,
-    il: usize,
-    caches: &[&KvCache],
-    slots: &[Slot],
-    q: &[f32],
-    out: &mut [f32],
-    threads: &mut Vec<Mutex<AttentionBuffers>>,
-) {
-    let n_threads = pool.n_threads();
-    if threads.len() < n_threads {
-        threads.resize_with(n_threads, Default::default);
-    }
-    let group = cfg.group_size();
-    let (dk, dv) = (cfg.head_dim_k, cfg.head_dim_v);
-    let unit_q = group * dk;
-    let unit_out = group * dv;
-    let n_units = slots.len() * cfg.n_head_kv;
-    let per_thread = n_units.div_ceil(n_threads);
-    let window = cfg.window_for_layer(il);
-    let parts: Vec<Mutex<&mut [f32]>> = out
-        .chunks_mut(per_thread * unit_out)
-        .map(Mutex::new)
-        .collect();
-    let threads = &threads[..];
-    pool.run(&|thread, _| {
-        let Some(part) = parts.get(thread) else {
-            return;
-        };
-        let mut part = lock(part);
-        let mut bufs = lock(&threads[thread]);
-        for (i, unit_out_slice) in part.chunks_exact_mut(unit_out).enumerate() {
-            let unit = thread * per_thread + i;
-            let (t, kv_head) = (unit / cfg.n_head_kv, unit % cfg.n_head_kv);
-            let slot = slots[t];
-            let end = slot.pos + 1;
-            let start = window.map_or(0, |w| end.saturating_sub(w));
-            attend_one(
-                &q[t * cfg.q_dim() + kv_head * unit_q..][..unit_q],
-                caches[slot.item],
-                il,
-                kv_head,
-                start..end,
-                cfg,
-                unit_out_slice,
-                &mut bufs,
-            );
-        }
-    });
-}
-
-/// Attention of `group` query heads (`q`, head after head) over one KV head's cached
-/// positions `range`, written to `out` (head after head).
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
-    q: &[f32],
-    cache: &KvCache,
-    il: usize,
-    kv_head: usize,
-    range: std::ops::Range<usize>,
-    cfg: &ModelConfig,
-    out: &mut [f32],
-    bufs: &mut AttentionBuffers,
-) {
-    let group = cfg.group_size();
-    let (dk, dv) = (cfg.head_dim_k, cfg.head_dim_v);
-    let n = range.len();
-    let scores = sized(&mut bufs.scores, group * n);
-    let staged = sized(&mut bufs.staged, KV_BLOCK * dk.max(dv));
-
-    let mut p0 = range.start;
-    while p0 < range.end {
-        let p1 = (p0 + KV_BLOCK).min(range.end);
-        let keys = &mut staged[..(p1 - p0) * dk];
-        ops::f16_to_f32(cache.keys(il, kv_head, p0..p1), keys);
-        for (j, qh) in q.chunks_exact(dk).enumerate() {
-            let row = &mut scores[j * n + (p0 - range.start)..][..p1 - p0];
-            for (s, key) in row.iter_mut().zip(keys.chunks_exact(dk)) {
-                *s = ops::dot(qh, key) * cfg.attention_scale;
-            }
-        }
-        p0 = p1;
-    }
-    for row in scores.chunks_exact_mut(n) {
-        ops::softmax(row);
-    }
-
-    out.fill(0.0);
-    let mut p0 = range.start;
-    while p0 < range.end {
-        let p1 = (p0 + KV_BLOCK).min(range.end);
-        let values = &mut staged[..(p1 - p0) * dv];
-        ops::f16_to_f32(cache.values(il, kv_head, p0..p1), values);
-        for (j, oh) in out.chunks_exact_mut(dv).enumerate() {
-            let weights = &scores[j * n + (p0 - range.start)..][..p1 - p0];
-            for (&a, value) in weights.iter().zip(values.chunks_exact(dv)) {
-                ops::axpy(oh, a, value);
-            }
-        }
-        p0 = p1;
     }
 }
