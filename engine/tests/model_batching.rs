@@ -473,6 +473,21 @@ fn bad_batches_are_errors_and_leave_caches_alone() {
     assert!(err.to_string().contains("another shape"), "{err}");
     assert_eq!(cache.len(), 3);
     assert!(model.new_kv_cache(0).is_err());
+    assert!(matches!(
+        model.new_kv_cache(usize::MAX / 2),
+        Err(ModelError::CacheAllocation { .. })
+    ));
+}
+
+/// The daemon shares one model between threads and moves caches and scratch between them.
+#[test]
+fn model_is_shareable_and_per_sequence_state_movable() {
+    fn shareable<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
+    shareable::<Model>();
+    movable::<egpu_engine::model::KvCache>();
+    movable::<egpu_engine::model::Scratch>();
+    movable::<egpu_engine::model::Logits>();
 }
 
 #[test]

@@ -25,6 +25,8 @@ use super::KvCache;
 const QUERY_TILE: usize = 16;
 /// Cached positions widened from f16 at a time.
 const KEY_BLOCK: usize = 64;
+/// Below this many multiply-adds (tens of microseconds) attention stays on one thread.
+const PARALLEL_MIN_MACS: usize = 1 << 17;
 
 /// Where one token of the batch comes from.
 #[derive(Debug, Clone, Copy)]
@@ -96,12 +98,12 @@ pub(super) fn attention(
     scratch: &mut AttentionScratch,
 ) {
     let n_tokens = slots.len();
-    let n_threads = pool.n_threads();
+    let pool_threads = pool.n_threads();
     let group = cfg.group_size();
     let width = group * cfg.head_dim_v;
     let window = cfg.window_for_layer(il);
-    if scratch.threads.len() < n_threads {
-        scratch.threads.resize_with(n_threads, Default::default);
+    if scratch.threads.len() < pool_threads {
+        scratch.threads.resize_with(pool_threads, Default::default);
     }
 
     // Units in (KV head, token) order, so that their outputs tile `by_head` in order.
@@ -130,6 +132,15 @@ pub(super) fn attention(
             t0 = t1;
         }
     }
+
+    // Small jobs (decode at short contexts) run on the calling thread: handing them to the
+    // pool would cost more than the arithmetic.
+    let macs = total_cost * group * (cfg.head_dim_k + cfg.head_dim_v);
+    let n_threads = if macs < PARALLEL_MIN_MACS {
+        1
+    } else {
+        pool_threads
+    };
 
     // Contiguous runs of units of about equal cost, one per thread.
     let mut bounds = vec![0usize; n_threads + 1];
@@ -166,7 +177,7 @@ pub(super) fn attention(
 
     let threads = &scratch.threads[..];
     let bounds = &bounds[..];
-    pool.run(&|thread, _| {
+    let work = |thread: usize, _: usize| {
         let (Some(part), Some(bufs)) = (parts.get(thread), threads.get(thread)) else {
             return;
         };
@@ -189,7 +200,12 @@ pub(super) fn attention(
                 &mut bufs,
             );
         }
-    });
+    };
+    if n_threads == 1 {
+        work(0, 1);
+    } else {
+        pool.run(&work);
+    }
 
     // Back to `[token][head]` order.
     let by_head = &scratch.by_head[..cfg.n_head_kv * n_tokens * width];

@@ -49,8 +49,9 @@ impl Model {
     /// Runs one step for every item of `batch`: appends each item's tokens to its cache and
     /// returns the logits each item asked for.
     ///
-    /// Everything is checked before anything is computed, so an error leaves every cache as
-    /// it was.
+    /// The batch is checked before anything is computed: an invalid one (context overflow, a
+    /// token out of range, a gap before `start_pos`, a cache of another model) is an error
+    /// that leaves every cache as it was.
     pub fn forward(
         &self,
         pool: &ThreadPool,

@@ -31,11 +31,24 @@ impl KvCache {
                 "a KV cache needs room for at least one token".into(),
             ));
         }
-        let reserve = |dim: usize| -> Vec<Vec<Vec<f16>>> {
+        let reserve = |dim: usize| -> Result<Vec<Vec<Vec<f16>>>, ModelError> {
+            let per_head = capacity
+                .checked_mul(dim)
+                .ok_or(ModelError::CacheAllocation {
+                    positions: capacity,
+                })?;
             (0..config.n_layer)
                 .map(|_| {
                     (0..config.n_head_kv)
-                        .map(|_| Vec::with_capacity(capacity * dim))
+                        .map(|_| {
+                            let mut buf = Vec::new();
+                            buf.try_reserve_exact(per_head).map_err(|_| {
+                                ModelError::CacheAllocation {
+                                    positions: capacity,
+                                }
+                            })?;
+                            Ok(buf)
+                        })
                         .collect()
                 })
                 .collect()
@@ -46,8 +59,8 @@ impl KvCache {
             n_head_kv: config.n_head_kv,
             head_dim_k: config.head_dim_k,
             head_dim_v: config.head_dim_v,
-            keys: reserve(config.head_dim_k),
-            values: reserve(config.head_dim_v),
+            keys: reserve(config.head_dim_k)?,
+            values: reserve(config.head_dim_v)?,
         })
     }
 

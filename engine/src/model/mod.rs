@@ -79,6 +79,8 @@ pub enum ModelError {
     InvalidToken { token: u32, n_vocab: usize },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    #[error("cannot reserve a KV cache of {positions} positions")]
+    CacheAllocation { positions: usize },
 }
 
 /// Which positions of a batch item need logits.
