@@ -59,6 +59,8 @@ pub(super) struct AttentionScratch {
 #[derive(Debug, Default)]
 struct ThreadBuffers {
     keys: Vec<f32>,
+    /// The key block transposed, `[head_dim][KEY_BLOCK]`.
+    keys_t: Vec<f32>,
     values: Vec<f32>,
     scores: Vec<f32>,
     /// Running maximum and sum of the online softmax, per (tile token, head).
@@ -244,6 +246,7 @@ fn attend_unit(
     out.fill(0.0);
     let ThreadBuffers {
         keys,
+        keys_t,
         values,
         scores,
         max,
@@ -255,7 +258,8 @@ fn attend_unit(
     sum.fill(0.0);
     let keys = grow(keys, KEY_BLOCK * dk);
     let values = grow(values, KEY_BLOCK * dv);
-    let scores = grow(scores, KEY_BLOCK);
+    let keys_t = grow(keys_t, dk * KEY_BLOCK);
+    let scores = grow(scores, group * KEY_BLOCK);
 
     let mut block_start = lo / KEY_BLOCK * KEY_BLOCK;
     while block_start < hi {
@@ -266,6 +270,7 @@ fn attend_unit(
             cache.keys(il, unit.kv_head, b0..b1),
             &mut keys[..(b1 - b0) * dk],
         );
+        ops::transpose_into(&keys[..(b1 - b0) * dk], dk, keys_t, KEY_BLOCK);
         ops::f16_to_f32(
             cache.values(il, unit.kv_head, b0..b1),
             &mut values[..(b1 - b0) * dv],
@@ -276,32 +281,38 @@ fn attend_unit(
             if r0 >= r1 {
                 continue;
             }
-            let block_keys = &keys[(r0 - b0) * dk..(r1 - b0) * dk];
             let block_values = &values[(r0 - b0) * dv..(r1 - b0) * dv];
             let t = unit.t0 + ti;
-            for j in 0..group {
+            // The group's query heads are adjacent in `q` and share this token's key range.
+            let q_group = &q[t * q_dim + unit.kv_head * group * dk..][..group * dk];
+            let n = r1 - r0;
+            let scores = &mut scores[..group * n];
+            ops::scores_transposed(
+                q_group,
+                dk,
+                keys_t,
+                KEY_BLOCK,
+                r0 - b0..r1 - b0,
+                cfg.attention_scale,
+                scores,
+            );
+            for (j, s) in scores.chunks_exact_mut(n).enumerate() {
                 let row = ti * group + j;
-                let head = unit.kv_head * group + j;
-                let qh = &q[t * q_dim + head * dk..][..dk];
-                let s = &mut scores[..r1 - r0];
-                for (s, key) in s.iter_mut().zip(block_keys.chunks_exact(dk)) {
-                    *s = ops::dot(qh, key) * cfg.attention_scale;
-                }
                 let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let new_max = max[row].max(block_max);
                 let oh = &mut out[row * dv..(row + 1) * dv];
                 if new_max > max[row] {
                     // Rescale what was accumulated against the old maximum.
-                    let factor = (max[row] - new_max).exp();
+                    let factor = ops::exp(max[row] - new_max);
                     sum[row] *= factor;
                     ops::scale(oh, factor);
                     max[row] = new_max;
                 }
-                for (&s, value) in s.iter().zip(block_values.chunks_exact(dv)) {
-                    let e = (s - new_max).exp();
-                    sum[row] += e;
-                    ops::axpy(oh, e, value);
+                for s in s.iter_mut() {
+                    *s = ops::exp(*s - new_max);
                 }
+                sum[row] += s.iter().sum::<f32>();
+                ops::weighted_sum(oh, s, block_values);
             }
         }
     }

@@ -2,7 +2,7 @@
 //! only in what [`ModelConfig`] and the weights say: norm kind, RoPE style, QK-norm, post-norms,
 //! FFN kind, biases, fused QKV, sliding windows, embedding scale, learned positions.
 
-use crate::kernels::{matmul, ThreadPool, WeightMatrix};
+use crate::kernels::{matmul, matmul_reference, ThreadPool, WeightMatrix};
 use crate::ops;
 
 use super::attention::{attention, AttentionScratch, Slot};
@@ -194,7 +194,6 @@ impl Model {
     ) -> Result<(), ModelError> {
         let cfg = &self.config;
         let w = &self.weights.layers[il];
-        let file = &*self.file;
         let embd = cfg.n_embd;
         let (q_dim, k_dim, v_dim) = (cfg.q_dim(), cfg.k_dim(), cfg.v_dim());
 
@@ -212,14 +211,14 @@ impl Model {
                 k: wk,
                 v: wv,
             } => {
-                linear(pool, file, wq, xn, n_tokens, q)?;
-                linear(pool, file, wk, xn, n_tokens, k)?;
-                linear(pool, file, wv, xn, n_tokens, v)?;
+                self.linear(pool, wq, xn, n_tokens, q)?;
+                self.linear(pool, wk, xn, n_tokens, k)?;
+                self.linear(pool, wv, xn, n_tokens, v)?;
             }
             QkvWeights::Fused(wqkv) => {
                 let width = q_dim + k_dim + v_dim;
                 let qkv = sized(&mut scratch.qkv, n_tokens * width);
-                linear(pool, file, wqkv, xn, n_tokens, qkv)?;
+                self.linear(pool, wqkv, xn, n_tokens, qkv)?;
                 for (t, row) in qkv.chunks_exact(width).enumerate() {
                     let (rq, rest) = row.split_at(q_dim);
                     let (rk, rv) = rest.split_at(k_dim);
@@ -281,7 +280,7 @@ impl Model {
         );
 
         let proj = sized(&mut scratch.proj, n_tokens * embd);
-        linear(pool, file, &w.attn_out, attn, n_tokens, proj)?;
+        self.linear(pool, &w.attn_out, attn, n_tokens, proj)?;
         if let Some(post) = &w.post_attn_norm {
             normalize_rows_in_place(cfg, post, proj);
         }
@@ -291,7 +290,7 @@ impl Model {
         normalize_rows(cfg, &w.ffn_norm, x, xn);
         let ff = cfg.n_ff;
         let up = sized(&mut scratch.up, n_tokens * ff);
-        linear(pool, file, &w.ffn_up, xn, n_tokens, up)?;
+        self.linear(pool, &w.ffn_up, xn, n_tokens, up)?;
         let hidden: &[f32] = match (cfg.ffn, &w.ffn_gate) {
             (FfnKind::Gelu, _) | (_, None) => {
                 ops::gelu_in_place(up);
@@ -299,7 +298,7 @@ impl Model {
             }
             (kind, Some(wg)) => {
                 let gate = sized(&mut scratch.gate, n_tokens * ff);
-                linear(pool, file, wg, xn, n_tokens, gate)?;
+                self.linear(pool, wg, xn, n_tokens, gate)?;
                 if kind == FfnKind::GeGlu {
                     ops::geglu(gate, up);
                 } else {
@@ -308,7 +307,7 @@ impl Model {
                 gate
             }
         };
-        linear(pool, file, &w.ffn_down, hidden, n_tokens, proj)?;
+        self.linear(pool, &w.ffn_down, hidden, n_tokens, proj)?;
         if let Some(post) = &w.post_ffn_norm {
             normalize_rows_in_place(cfg, post, proj);
         }
@@ -331,35 +330,34 @@ impl Model {
         let normed = sized(&mut scratch.xn, n_out * embd);
         normalize_rows(cfg, &self.weights.output_norm, gathered, normed);
         let mut logits = vec![0f32; n_out * cfg.n_vocab];
-        linear(
-            pool,
-            &self.file,
-            &self.weights.output,
-            normed,
-            n_out,
-            &mut logits,
-        )?;
+        self.linear(pool, &self.weights.output, normed, n_out, &mut logits)?;
         Ok(logits)
     }
 }
 
-/// `y = W·x (+ bias)` for `n_tokens` rows.
-fn linear(
-    pool: &ThreadPool,
-    file: &crate::gguf::GgufFile,
-    w: &Linear,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-) -> Result<(), ModelError> {
-    let m = w.matrix(file);
-    matmul(pool, &m, x, n_tokens, y)?;
-    if let Some(bias) = &w.bias {
-        for row in y.chunks_exact_mut(m.rows) {
-            ops::add_assign(row, bias);
+impl Model {
+    /// `y = W·x (+ bias)` for `n_tokens` rows.
+    fn linear(
+        &self,
+        pool: &ThreadPool,
+        w: &Linear,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let m = w.matrix(&self.file);
+        if self.exact_matmuls {
+            matmul_reference(pool, &m, x, n_tokens, y)?;
+        } else {
+            matmul(pool, &m, x, n_tokens, y)?;
         }
+        if let Some(bias) = &w.bias {
+            for row in y.chunks_exact_mut(m.rows) {
+                ops::add_assign(row, bias);
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn normalize_rows(cfg: &ModelConfig, norm: &Norm, x: &[f32], out: &mut [f32]) {

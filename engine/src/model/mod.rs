@@ -172,6 +172,8 @@ pub struct Model {
     weights: Weights,
     rope: Option<RopeFrequencies>,
     rope_swa: Option<RopeFrequencies>,
+    /// Multiply with the exact-f32 reference kernel instead of the fast one.
+    exact_matmuls: bool,
 }
 
 impl Model {
@@ -199,6 +201,7 @@ impl Model {
             weights,
             rope,
             rope_swa,
+            exact_matmuls: false,
         })
     }
 
@@ -213,6 +216,18 @@ impl Model {
 
     pub fn file(&self) -> &Arc<GgufFile> {
         &self.file
+    }
+
+    /// Whether matrix products use [`crate::kernels::matmul_reference`] (weights dequantized
+    /// exactly, f32 arithmetic, no activation rounding) instead of the fast kernels. Much
+    /// slower; for validating numerics, e.g. telling a real disagreement with another
+    /// implementation from activation-rounding noise.
+    pub fn set_exact_matmuls(&mut self, exact: bool) {
+        self.exact_matmuls = exact;
+    }
+
+    pub fn exact_matmuls(&self) -> bool {
+        self.exact_matmuls
     }
 
     /// An empty cache for one sequence of up to `capacity` tokens.
