@@ -1,6 +1,6 @@
 //! The forward pass on the real models against llama.cpp's outputs, and (in exact-f32 mode)
 //! against transformers float32 on the same dequantized weights, both recorded in
-//! `engine/tests/fixtures/llamacpp/<model>.json` (, made by `scripts/gen_llamacpp_refs.py` with
+//! `engine/tests/fixtures/llamacpp/<model>.json` (made by `scripts/gen_llamacpp_refs.py` with
 //! llama.cpp 0c1e57098 on the CPU, f16 KV cache; schema in that script).
 //!
 //! For every reference prompt:
