@@ -135,6 +135,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         all.len(),
         all_bytes as f64 / 1e6
     );
+    if matvec {
+        // The ceiling: just reading the same bytes (summed as u64s, which the compiler
+        // vectorizes), on the same threads.
+        let read = || {
+            timed(|| {
+                let parts: Vec<u64> = (0..threads)
+                    .map(|_| std::sync::atomic::AtomicU64::new(0))
+                    .map(|a| a.into_inner())
+                    .collect();
+                let sums: Vec<std::sync::atomic::AtomicU64> = parts
+                    .into_iter()
+                    .map(std::sync::atomic::AtomicU64::new)
+                    .collect();
+                for (_, w) in &ffn {
+                    pool.run(&|i, n| {
+                        let bytes = w.data.len() / 8 * 8;
+                        let (a, b) = (bytes / 8 * i / n * 8, bytes / 8 * (i + 1) / n * 8);
+                        let s = w.data[a..b].chunks_exact(8).fold(0u64, |s, c| {
+                            s.wrapping_add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        });
+                        sums[i].fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+                    });
+                }
+                std::hint::black_box(&sums);
+            })
+        };
+        read();
+        let (wall, cpu) = best((0..20).map(|_| read()));
+        println!(
+            "  raw read: {:6.2} GB/s ({:7.3} ms/pass, {:4.2} CPUs busy)",
+            ffn_bytes as f64 / wall / 1e9,
+            wall * 1e3,
+            cpu / wall
+        );
+    }
     for (name, run) in runners.iter().filter(|_| matvec) {
         let slow = name == "reference" || name == "scalar";
         let reps = if slow { 1 } else { 20 };

@@ -54,12 +54,6 @@ unsafe fn load32(p: &[u8], at: usize) -> __m256i {
     _mm256_loadu_si256(bytes.as_ptr().cast())
 }
 
-#[inline(always)]
-unsafe fn store_q(chunk: &mut DecodedChunk, q: __m256i) {
-    // SAFETY: `chunk.q` is 32 writable bytes, 32-byte aligned by `DecodedChunk`'s `repr`.
-    _mm256_store_si256(chunk.q.as_mut_ptr().cast(), q);
-}
-
 /// The legacy nibble layout: low nibbles are elements 0..16, high nibbles 16..32.
 #[inline(always)]
 unsafe fn nibbles(qs: __m128i) -> __m256i {
@@ -106,112 +100,100 @@ unsafe fn iq4_table() -> __m256i {
     _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast()))
 }
 
-/// Decodes one weight row, like `decode_row_scalar`.
+/// Eight lanes: `first` in lanes 0..4 (elements 0..16 of a chunk), `second` in lanes 4..8.
+#[inline(always)]
+unsafe fn half_scales(first: f32, second: f32) -> __m256 {
+    _mm256_set_m128(_mm_set1_ps(second), _mm_set1_ps(first))
+}
+
+/// Decodes one weight row chunk by chunk, in registers: calls `emit(c, q, scale, offsets)` for
+/// each 32-element chunk `c` of the row in order, with the decoded form of `super::decoded`
+/// (`q` as 32 bytes, `scale` as eight lanes). Inlined into each consumer, so the chunks never
+/// touch memory unless the consumer stores them.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C ([`available`]). `row` must be whole blocks of `ty`
-/// and `chunks`/`offsets` hold one entry per 32 elements.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn decode_row(
+/// The CPU must support AVX2, FMA and F16C ([`available`]); `row` must be whole blocks of `ty`,
+/// a type `decoded::is_block_quantized` accepts (others emit nothing).
+#[inline(always)]
+unsafe fn for_each_chunk(
     ty: GgmlType,
     row: &[u8],
-    chunks: &mut [DecodedChunk],
-    offsets: &mut [[f32; 2]],
+    mut emit: impl FnMut(usize, __m256i, __m256, [f32; 2]),
 ) {
-    let size = ty.type_size();
-    let per_block = ty.block_size() / CHUNK;
-    let blocks = row
-        .chunks_exact(size)
-        .zip(chunks.chunks_exact_mut(per_block))
-        .zip(offsets.chunks_exact_mut(per_block));
+    let blocks = row.chunks_exact(ty.type_size()).enumerate();
     match ty {
         GgmlType::Q4_0 => {
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let d = f16_at(b);
-                store_q(&mut ch[0], nibbles(load16(b, 2)));
-                ch[0].set_scales(d, d);
-                off[0] = [-8.0 * d; 2];
+                emit(i, nibbles(load16(b, 2)), _mm256_set1_ps(d), [-8.0 * d; 2]);
             }
         }
         GgmlType::Q4_1 => {
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let (d, m) = (f16_at(b), f16_at(&b[2..]));
-                store_q(&mut ch[0], nibbles(load16(b, 4)));
-                ch[0].set_scales(d, d);
-                off[0] = [m; 2];
+                emit(i, nibbles(load16(b, 4)), _mm256_set1_ps(d), [m; 2]);
             }
         }
         GgmlType::Q5_0 => {
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let d = f16_at(b);
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
-                store_q(&mut ch[0], _mm256_or_si256(nibbles(load16(b, 6)), high));
-                ch[0].set_scales(d, d);
-                off[0] = [-16.0 * d; 2];
+                let q = _mm256_or_si256(nibbles(load16(b, 6)), high);
+                emit(i, q, _mm256_set1_ps(d), [-16.0 * d; 2]);
             }
         }
         GgmlType::Q5_1 => {
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let (d, m) = (f16_at(b), f16_at(&b[2..]));
                 let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
                 let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
-                store_q(&mut ch[0], _mm256_or_si256(nibbles(load16(b, 8)), high));
-                ch[0].set_scales(d, d);
-                off[0] = [m; 2];
+                let q = _mm256_or_si256(nibbles(load16(b, 8)), high);
+                emit(i, q, _mm256_set1_ps(d), [m; 2]);
             }
         }
         GgmlType::Q8_0 => {
-            for ((b, ch), off) in blocks {
-                let d = f16_at(b);
-                store_q(&mut ch[0], load32(b, 2));
-                ch[0].set_scales(d, d);
-                off[0] = [0.0; 2];
+            for (i, b) in blocks {
+                emit(i, load32(b, 2), _mm256_set1_ps(f16_at(b)), [0.0; 2]);
             }
         }
         GgmlType::IQ4_NL => {
             let table = iq4_table();
-            for ((b, ch), off) in blocks {
-                let d = f16_at(b);
-                store_q(
-                    &mut ch[0],
-                    _mm256_shuffle_epi8(table, nibbles(load16(b, 2))),
-                );
-                ch[0].set_scales(d, d);
-                off[0] = [0.0; 2];
+            for (i, b) in blocks {
+                let q = _mm256_shuffle_epi8(table, nibbles(load16(b, 2)));
+                emit(i, q, _mm256_set1_ps(f16_at(b)), [0.0; 2]);
             }
         }
         GgmlType::Q2_K => {
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let (d, dmin) = (f16_at(&b[80..]), f16_at(&b[82..]));
                 for half in 0..2 {
                     let qs = load32(b, 16 + 32 * half);
                     for k in 0..4 {
                         let c = 4 * half + k;
-                        store_q(&mut ch[c], shifted_field(qs, 2 * k as u32, 3));
+                        let q = shifted_field(qs, 2 * k as u32, 3);
                         let (s0, s1) = (b[2 * c], b[2 * c + 1]);
-                        ch[c].set_scales(d * f32::from(s0 & 15), d * f32::from(s1 & 15));
-                        off[c] = [-(dmin * f32::from(s0 >> 4)), -(dmin * f32::from(s1 >> 4))];
+                        let scale = half_scales(d * f32::from(s0 & 15), d * f32::from(s1 & 15));
+                        let off = [-(dmin * f32::from(s0 >> 4)), -(dmin * f32::from(s1 >> 4))];
+                        emit(8 * i + c, q, scale, off);
                     }
                 }
             }
         }
         GgmlType::Q3_K => {
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let d = f16_at(&b[108..]);
-                let scales = q3_k_scales(&std::array::from_fn(|i| b[96 + i]));
+                let scales = q3_k_scales(&std::array::from_fn(|k| b[96 + k]));
                 let hmask = load32(b, 0);
                 for half in 0..2 {
                     let qs = load32(b, 32 + 32 * half);
                     for k in 0..4 {
                         let c = 4 * half + k;
                         let low = shifted_field(qs, 2 * k as u32, 3);
-                        let high = bit_plane(hmask, c as u32, 4);
-                        store_q(&mut ch[c], _mm256_or_si256(low, high));
+                        let q = _mm256_or_si256(low, bit_plane(hmask, c as u32, 4));
                         let s0 = d * f32::from(scales[2 * c]);
                         let s1 = d * f32::from(scales[2 * c + 1]);
-                        ch[c].set_scales(s0, s1);
-                        off[c] = [-4.0 * s0, -4.0 * s1];
+                        emit(8 * i + c, q, half_scales(s0, s1), [-4.0 * s0, -4.0 * s1]);
                     }
                 }
             }
@@ -220,9 +202,9 @@ pub(crate) unsafe fn decode_row(
             let five = ty == GgmlType::Q5_K;
             let qs_at = if five { 48 } else { 16 };
             let m4 = _mm256_set1_epi8(0x0F);
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
-                let (sc, mins) = k4_scales_mins(&std::array::from_fn(|i| b[4 + i]));
+                let (sc, mins) = k4_scales_mins(&std::array::from_fn(|k| b[4 + k]));
                 let qh = if five {
                     load32(b, 16)
                 } else {
@@ -238,40 +220,34 @@ pub(crate) unsafe fn decode_row(
                         } else {
                             q
                         };
-                        store_q(&mut ch[c], q);
-                        let s = d * f32::from(sc[c]);
-                        ch[c].set_scales(s, s);
-                        off[c] = [-(dmin * f32::from(mins[c])); 2];
+                        let scale = _mm256_set1_ps(d * f32::from(sc[c]));
+                        emit(8 * i + c, q, scale, [-(dmin * f32::from(mins[c])); 2]);
                     }
                 }
             }
         }
         GgmlType::Q6_K => {
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let d = f16_at(&b[208..]);
                 for half in 0..2 {
                     let qh = load32(b, 128 + 32 * half);
-                    for m in 0..2 {
-                        let ql = load32(b, 64 * half + 32 * m);
-                        for nibble in 0..2 {
-                            let k = 2 * nibble + m;
-                            let c = 4 * half + k;
-                            let low = shifted_field(ql, 4 * nibble as u32, 15);
-                            let high = shifted_field(qh, 2 * k as u32, 3);
-                            let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-                            store_q(&mut ch[c], q);
-                            let s0 = d * f32::from(b[192 + 2 * c] as i8);
-                            let s1 = d * f32::from(b[192 + 2 * c + 1] as i8);
-                            ch[c].set_scales(s0, s1);
-                            off[c] = [-32.0 * s0, -32.0 * s1];
-                        }
+                    let ql = [load32(b, 64 * half), load32(b, 64 * half + 32)];
+                    // Chunk order: k = 0..4 within the half; k takes nibble k / 2 of ql[k % 2].
+                    for k in 0..4 {
+                        let c = 4 * half + k;
+                        let low = shifted_field(ql[k % 2], 4 * (k / 2) as u32, 15);
+                        let high = shifted_field(qh, 2 * k as u32, 3);
+                        let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                        let s0 = d * f32::from(b[192 + 2 * c] as i8);
+                        let s1 = d * f32::from(b[192 + 2 * c + 1] as i8);
+                        emit(8 * i + c, q, half_scales(s0, s1), [-32.0 * s0, -32.0 * s1]);
                     }
                 }
             }
         }
         GgmlType::IQ4_XS => {
             let table = iq4_table();
-            for ((b, ch), off) in blocks {
+            for (i, b) in blocks {
                 let d = f16_at(b);
                 let scales_h = u16::from_le_bytes([b[2], b[3]]);
                 for c in 0..8 {
@@ -279,13 +255,103 @@ pub(crate) unsafe fn decode_row(
                     let high = ((scales_h >> (2 * c)) & 3) as u8;
                     let s = d * f32::from((low | (high << 4)) as i8 - 32);
                     let q = _mm256_shuffle_epi8(table, nibbles(load16(b, 8 + 16 * c)));
-                    store_q(&mut ch[c], q);
-                    ch[c].set_scales(s, s);
-                    off[c] = [0.0; 2];
+                    emit(8 * i + c, q, _mm256_set1_ps(s), [0.0; 2]);
                 }
             }
         }
-        _ => super::decoded::decode_row_scalar(ty, row, chunks, offsets),
+        _ => {}
+    }
+}
+
+/// Decodes one weight row into `chunks`/`offsets`, like `decode_row_scalar`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]). `row` must be whole blocks of `ty`
+/// and `chunks`/`offsets` hold one entry per 32 elements.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn decode_row(
+    ty: GgmlType,
+    row: &[u8],
+    chunks: &mut [DecodedChunk],
+    offsets: &mut [[f32; 2]],
+) {
+    if !super::decoded::is_block_quantized(ty) {
+        return super::decoded::decode_row_scalar(ty, row, chunks, offsets);
+    }
+    for_each_chunk(ty, row, |c, q, scale, off| {
+        let chunk = &mut chunks[c];
+        // SAFETY: `chunk.q` and `chunk.scale` are 32 writable bytes each, 32-byte aligned by
+        // `DecodedChunk`'s `repr`.
+        _mm256_store_si256(chunk.q.as_mut_ptr().cast(), q);
+        _mm256_store_ps(chunk.scale.as_mut_ptr(), scale);
+        offsets[c] = off;
+    });
+}
+
+/// How far ahead of the chunk being decoded [`matvec`] prefetches weights, in bytes.
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Mat-vec without the decoded buffer: rows `rows` of `w` (`row_bytes` each) times the single
+/// token in `acts`, each chunk decoded in registers and consumed at once (mat-vec reads every
+/// weight once, so there is nothing to reuse and the buffer round trip would be pure cost).
+/// Calls `store(r, y_r)` per row.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. `ty` must be block-quantized, `w` whole rows of
+/// `row_bytes`, and `acts` hold one token of `row_bytes / type_size * block_size` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn matvec<const SIGNED: bool, const OFFSETS: bool>(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    mut store: impl FnMut(usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let chunks_per_row = row_bytes / ty.type_size() * (ty.block_size() / CHUNK);
+    assert!(
+        chunks_per_row == nc
+            && acts.q.len() >= nc
+            && acts.d.len() >= nc
+            && acts.half_sums.len() >= nc
+    );
+    let ones = _mm256_set1_epi16(1);
+    let chunk_bytes = ty.type_size() / (ty.block_size() / CHUNK);
+    let (xq, xd, xs) = (acts.q.as_ptr(), acts.d.as_ptr(), acts.half_sums.as_ptr());
+    for r in rows {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        // Two accumulators, swapped after every chunk, halve the FMA dependency chain (indexing
+        // an array by chunk parity would put them in memory).
+        let (mut acc, mut acc_other) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut offset_sum = 0f32;
+        let row_start = row.as_ptr();
+        for_each_chunk(ty, row, |c, q, scale, off| {
+            // Ask for weights a little ahead: the loop spends many instructions per cache line,
+            // so out-of-order execution alone keeps too few misses in flight. (A prefetch never
+            // faults, so running past the matrix end is harmless; `wrapping_add` keeps the
+            // address computation itself defined.)
+            let ahead = row_start.wrapping_add(c * chunk_bytes + PREFETCH_AHEAD);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            // SAFETY: the row has `nc` chunks (checked above), so c < nc.
+            let x = _mm256_loadu_si256(xq.add(c).cast());
+            let (magnitude, x) = if SIGNED {
+                (_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
+            } else {
+                (q, x)
+            };
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+            let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(c)));
+            let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc);
+            acc = acc_other;
+            acc_other = next;
+            if OFFSETS {
+                let halves = &*xs.add(c);
+                offset_sum += off[0] * halves[0] + off[1] * halves[1];
+            }
+        });
+        let dot = sum_lanes(_mm256_add_ps(acc, acc_other));
+        store(r, dot + offset_sum);
     }
 }
 
@@ -297,77 +363,94 @@ unsafe fn sum_lanes(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)))
 }
 
-/// The integer part of `RM` decoded rows × `RN` tokens (see the module docs): `w` holds the rows
-/// back to back, `acts.n_chunks` chunks each; token `j` is token `t0 + j` of `acts`.
+/// `RM` decoded rows × `RN` tokens (see the module docs): `w` and `offsets` hold the rows back
+/// to back, `acts.n_chunks` chunks each; token `j` is token `t0 + j` of `acts`.
+///
+/// Activations are read from memory inside the innermost loop rather than held in registers:
+/// L1 loads are nearly free (and fold into `maddubs`/`mul`), while the `RM × RN` accumulators
+/// need every register they can get. The offset terms are a small f32 product of the rows'
+/// offsets and the tokens' half sums, eight halves (four chunks) per step.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA. `w.len() >= RM * acts.n_chunks` and `acts` must hold at
-/// least `t0 + RN` tokens (checked; the check failing is a bug in the caller and panics).
+/// The CPU must support AVX2 and FMA. `w.len() >= RM * acts.n_chunks`, likewise `offsets` when
+/// `OFFSETS`, and `acts` must hold at least `t0 + RN` tokens (checked; the check failing is a bug
+/// in the caller and panics).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile<const RM: usize, const RN: usize, const SIGNED: bool>(
+pub(crate) unsafe fn tile<
+    const RM: usize,
+    const RN: usize,
+    const SIGNED: bool,
+    const OFFSETS: bool,
+>(
     w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
     acts: &QuantizedActivations,
     t0: usize,
     out: &mut [[f32; RN]; RM],
 ) {
     let nc = acts.n_chunks;
-    assert!(w.len() >= RM * nc && acts.q.len() >= (t0 + RN) * nc && acts.d.len() == acts.q.len());
+    assert!(
+        w.len() >= RM * nc
+            && (!OFFSETS || offsets.len() >= RM * nc)
+            && acts.q.len() >= (t0 + RN) * nc
+            && acts.d.len() == acts.q.len()
+            && acts.half_sums.len() == acts.q.len()
+    );
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); RN]; RM];
     let wp = w.as_ptr();
     let xq = acts.q.as_ptr().add(t0 * nc);
     let xd = acts.d.as_ptr().add(t0 * nc);
     for c in 0..nc {
-        let mut x = [_mm256_setzero_si256(); RN];
-        let mut dx = [_mm256_setzero_ps(); RN];
-        for j in 0..RN {
-            // SAFETY: j * nc + c < RN * nc, within the tokens checked above.
-            x[j] = _mm256_loadu_si256(xq.add(j * nc + c).cast());
-            dx[j] = _mm256_set1_ps(*xd.add(j * nc + c));
-        }
         for (i, acc_row) in acc.iter_mut().enumerate() {
             // SAFETY: i * nc + c < RM * nc <= w.len(); chunks are 32-byte aligned.
             let chunk = &*wp.add(i * nc + c);
             let q = _mm256_load_si256(chunk.q.as_ptr().cast());
             let scale = _mm256_load_ps(chunk.scale.as_ptr());
             let magnitude = if SIGNED { _mm256_abs_epi8(q) } else { q };
-            for (acc_rt, (&xj, &dxj)) in acc_row.iter_mut().zip(x.iter().zip(&dx)) {
-                let xs = if SIGNED { _mm256_sign_epi8(xj, q) } else { xj };
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xs), ones);
-                let factor = _mm256_mul_ps(scale, dxj);
+            for (j, acc_rt) in acc_row.iter_mut().enumerate() {
+                // SAFETY: j * nc + c < RN * nc, within the tokens checked above.
+                let x = _mm256_loadu_si256(xq.add(j * nc + c).cast());
+                let x = if SIGNED { _mm256_sign_epi8(x, q) } else { x };
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+                let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(j * nc + c)));
                 *acc_rt = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_rt);
             }
         }
     }
-    for (out_row, acc_row) in out.iter_mut().zip(&acc) {
-        for (o, &v) in out_row.iter_mut().zip(acc_row) {
-            *o = sum_lanes(v);
+    let mut tail = [[0f32; RN]; RM];
+    if OFFSETS {
+        // Σ_h offset[r][h] · half_sum[t][h] over the 2·nc halves: eight at a time, then the rest.
+        let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+        let op = offsets.as_flattened().as_ptr();
+        let sp = acts.half_sums.as_flattened().as_ptr().add(2 * t0 * nc);
+        let mut k = 0;
+        while k < full {
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                // SAFETY: i * halves + k + 8 <= RM * 2 * nc, the offsets checked above.
+                let o = _mm256_loadu_ps(op.add(i * halves + k));
+                for (j, acc_rt) in acc_row.iter_mut().enumerate() {
+                    // SAFETY: j * halves + k + 8 <= RN * 2 * nc, the tokens checked above.
+                    let s = _mm256_loadu_ps(sp.add(j * halves + k));
+                    *acc_rt = _mm256_fmadd_ps(o, s, *acc_rt);
+                }
+            }
+            k += 8;
+        }
+        for (i, tail_row) in tail.iter_mut().enumerate() {
+            for (j, t) in tail_row.iter_mut().enumerate() {
+                for k in full..halves {
+                    // SAFETY: as above, k < halves.
+                    *t += *op.add(i * halves + k) * *sp.add(j * halves + k);
+                }
+            }
         }
     }
-}
-
-/// `Σ a·b` over equal-length slices: eight lanes with FMA, then the tail.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let n8 = n / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i < n8 {
-        // SAFETY: i + 8 <= n8 <= both lengths.
-        let x = _mm256_loadu_ps(a.as_ptr().add(i));
-        let y = _mm256_loadu_ps(b.as_ptr().add(i));
-        acc = _mm256_fmadd_ps(x, y, acc);
-        i += 8;
+    for ((out_row, acc_row), tail_row) in out.iter_mut().zip(&acc).zip(&tail) {
+        for ((o, &v), &t) in out_row.iter_mut().zip(acc_row).zip(tail_row) {
+            *o = sum_lanes(v) + t;
+        }
     }
-    let mut sum = sum_lanes(acc);
-    for k in n8..n {
-        sum += a[k] * b[k];
-    }
-    sum
 }
 
 /// Float-weight tile: `RM` f32 rows (`cols` each, back to back) × `RN` tokens of `x` from `t0`.

@@ -36,10 +36,12 @@
 //!
 //! # Threads
 //!
-//! Output rows are split across the [`ThreadPool`] in whole tiles, and every output value is
-//! computed by one thread with the same sequence of operations whatever the split, so results
-//! are bit-identical for any thread count. Small matmuls use fewer threads: below some work the
-//! hand-off costs more than it saves.
+//! Output rows are split into parts of whole tiles that the [`ThreadPool`]'s threads claim as
+//! they come free (a few parts per thread, so that a thread slowed by other processes on a
+//! shared machine delays little). Every output value is computed by one thread with the same
+//! sequence of operations whatever the split, so results are bit-identical for any thread
+//! count. Small matmuls run on the calling thread alone: below some work the hand-off costs
+//! more than it saves.
 //!
 //! `unsafe` here: calls into the `avx2` module (guarded by run-time detection) and writes of
 //! output values from several threads at disjoint indices (`SharedOutput`).
@@ -272,19 +274,16 @@ pub fn matmul_reference(
     }
     let out = SharedOutput::new(y);
     let units = w.rows;
-    let active = pool.n_threads().min(units);
-    pool.run(&|i, _| {
-        if i >= active {
-            return;
-        }
+    let n_parts = parts_for(pool, usize::MAX, units);
+    pool.run_parts(n_parts, &|part, n_parts| {
         let mut row = vec![0f32; w.cols];
-        for r in split(units, active, i) {
+        for r in split(units, n_parts, part) {
             if dequantize_to_f32(w.ty, w.row(r), &mut row).is_err() {
                 return;
             }
             for t in 0..n_tokens {
                 let xt = &x[t * w.cols..(t + 1) * w.cols];
-                // SAFETY: row r belongs to this thread alone (`split` is a partition).
+                // SAFETY: row r belongs to this part alone (`split` is a partition).
                 unsafe { out.write(t * w.rows + r, portable::dot_f32_scalar(&row, xt)) };
             }
         }
@@ -333,9 +332,15 @@ fn check_shapes(
 /// Rows per tile: decoded together, so each activation chunk loaded serves this many rows.
 const TILE_ROWS: usize = 4;
 /// Tokens per tile: each decoded weight chunk held in a register serves this many tokens.
-const TILE_TOKENS: usize = 3;
+/// 4 × 2 keeps the eight accumulators and the operands within AVX2's sixteen registers (4 × 3
+/// spilled accumulators to the stack and ran ~25% slower; 5 × 2 measured the same as 4 × 2).
+const TILE_TOKENS: usize = 2;
+// `for_tile_shape!` lists the shapes up to 4 × 2.
+const _: () = assert!(TILE_ROWS == 4 && TILE_TOKENS == 2);
 /// Below this many multiply-adds per thread, splitting a matmul costs more than it saves.
 const MIN_WORK_PER_THREAD: usize = 64 * 1024;
+/// Parts per thread a shared matmul is split into.
+const PARTS_PER_THREAD: usize = 4;
 
 /// Per-thread buffers, kept between calls so that a decode step allocates nothing.
 #[derive(Default)]
@@ -374,11 +379,16 @@ fn split(n: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     (n * i / parts)..(n * (i + 1) / parts)
 }
 
-/// How many threads a matmul of `work` multiply-adds over `units` row tiles should use.
-fn threads_for(pool: &ThreadPool, work: usize, units: usize) -> usize {
-    (work / MIN_WORK_PER_THREAD)
-        .clamp(1, pool.n_threads())
-        .min(units.max(1))
+/// Into how many parts to split `work` multiply-adds over `units` row tiles: 1 (run on the
+/// caller, no hand-off) when the work is too small to share, else a few per useful thread, so
+/// that a thread slowed by other processes holds up little (see `pool`).
+fn parts_for(pool: &ThreadPool, work: usize, units: usize) -> usize {
+    let threads = (work / MIN_WORK_PER_THREAD).clamp(1, pool.n_threads());
+    if threads == 1 {
+        1
+    } else {
+        (threads * PARTS_PER_THREAD).min(units.max(1))
+    }
 }
 
 /// `y`, written by several threads at disjoint indices.
@@ -430,7 +440,7 @@ fn quantize_activations(
             _ => decoded::quantize_tokens_scalar(x, q, d, s),
         }
     };
-    let active = threads_for(pool, n_tokens * cols * 8, n_tokens);
+    let active = parts_for(pool, n_tokens * cols * 8, n_tokens);
     if active <= 1 {
         quantize(x, &mut acts.q, &mut acts.d, &mut acts.half_sums);
         return;
@@ -448,7 +458,7 @@ fn quantize_activations(
         let x_part = &x[tokens.start * cols..tokens.end * cols];
         parts.push(Mutex::new((x_part, q_part, d_part, s_part)));
     }
-    pool.run(&|i, _| {
+    pool.run_parts(active, &|i, _| {
         if let Some(part) = parts.get(i) {
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
             let (x, q, d, s) = &mut *part;
@@ -473,21 +483,11 @@ fn decode_row(
     }
 }
 
-/// `Σ a·b` on `path` (offset terms and float weights).
-fn dot_f32(path: KernelPath, a: &[f32], b: &[f32]) -> f32 {
-    match path {
-        KernelPath::Scalar => portable::dot_f32_scalar(a, b),
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        // SAFETY: `path` is available.
-        KernelPath::Avx2 => unsafe { avx2::dot_f32(a, b) },
-        _ => portable::dot_f32_portable(a, b),
-    }
-}
-
 /// Output of one tile, sized for the largest tile.
 type TileOut = [[f32; TILE_TOKENS]; TILE_ROWS];
 
-/// Expands `$body` for the tile shape `(rm, rn)` with `RM`/`RN` bound as constants.
+/// Expands `$body` for the tile shape `(rm, rn)`, `1 ≤ rm ≤ TILE_ROWS`, `1 ≤ rn ≤ TILE_TOKENS`,
+/// with `$m`/`$n` bound as constants.
 macro_rules! for_tile_shape {
     ($rm:expr, $rn:expr, |$m:ident, $n:ident| $body:block) => {
         match ($rm, $rn) {
@@ -501,11 +501,6 @@ macro_rules! for_tile_shape {
                 const $n: usize = 2;
                 $body
             }
-            (1, _) => {
-                const $m: usize = 1;
-                const $n: usize = 3;
-                $body
-            }
             (2, 1) => {
                 const $m: usize = 2;
                 const $n: usize = 1;
@@ -514,11 +509,6 @@ macro_rules! for_tile_shape {
             (2, 2) => {
                 const $m: usize = 2;
                 const $n: usize = 2;
-                $body
-            }
-            (2, _) => {
-                const $m: usize = 2;
-                const $n: usize = 3;
                 $body
             }
             (3, 1) => {
@@ -531,38 +521,30 @@ macro_rules! for_tile_shape {
                 const $n: usize = 2;
                 $body
             }
-            (3, _) => {
-                const $m: usize = 3;
-                const $n: usize = 3;
-                $body
-            }
-            (_, 1) => {
+            (4, 1) => {
                 const $m: usize = 4;
                 const $n: usize = 1;
                 $body
             }
-            (_, 2) => {
+            _ => {
                 const $m: usize = 4;
                 const $n: usize = 2;
-                $body
-            }
-            (_, _) => {
-                const $m: usize = 4;
-                const $n: usize = 3;
                 $body
             }
         }
     };
 }
 
-/// The integer part of a tile of `rm` decoded rows × `rn` tokens from `t0`, into `out`.
+/// A tile of `rm` decoded rows × `rn` tokens from `t0`, into `out`.
 #[allow(clippy::too_many_arguments)]
 fn quantized_tile(
     path: KernelPath,
     signed: bool,
+    with_offsets: bool,
     rm: usize,
     rn: usize,
     w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
     acts: &QuantizedActivations,
     t0: usize,
     out: &mut TileOut,
@@ -574,13 +556,28 @@ fn quantized_tile(
             // SAFETY: `path` is available; `w` holds RM rows and `acts` tokens t0..t0 + RN
             // (the driver's tiling guarantees both; `tile` re-checks).
             KernelPath::Avx2 => unsafe {
-                if signed {
-                    avx2::tile::<RM, RN, true>(w, acts, t0, &mut o)
-                } else {
-                    avx2::tile::<RM, RN, false>(w, acts, t0, &mut o)
+                match (signed, with_offsets) {
+                    (true, false) => {
+                        avx2::tile::<RM, RN, true, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (true, true) => avx2::tile::<RM, RN, true, true>(w, offsets, acts, t0, &mut o),
+                    (false, false) => {
+                        avx2::tile::<RM, RN, false, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (false, true) => {
+                        avx2::tile::<RM, RN, false, true>(w, offsets, acts, t0, &mut o)
+                    }
                 }
             },
-            _ => portable::tile_portable::<RM, RN>(signed, w, acts, t0, &mut o),
+            _ => portable::tile_portable::<RM, RN>(
+                signed,
+                with_offsets,
+                w,
+                offsets,
+                acts,
+                t0,
+                &mut o,
+            ),
         }
         for (dst, src) in out.iter_mut().zip(&o) {
             dst[..RN].copy_from_slice(src);
@@ -600,16 +597,43 @@ fn run_quantized(
     let signed = decoded::is_signed(w.ty);
     let with_offsets = decoded::has_offset(w.ty);
     let units = rows.div_ceil(TILE_ROWS);
-    let active = threads_for(pool, rows * w.cols * n_tokens, units);
+    let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
-    pool.run(&|i, _| {
-        if i >= active {
-            return;
-        }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if n_tokens == 1 && path == KernelPath::Avx2 {
+        let row_bytes = w.row_bytes();
+        pool.run_parts(n_parts, &|part, n_parts| {
+            let units = split(units, n_parts, part);
+            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
+            // SAFETY: only row r's output is written, and rows of different parts are
+            // disjoint (`split` is a partition).
+            let store = |r: usize, v: f32| unsafe { out.write(r, v) };
+            // SAFETY: `path` is available; `w` is whole rows of `row_bytes` (`check_shapes`)
+            // and `acts` holds the one token of `w.cols` values.
+            unsafe {
+                match (signed, with_offsets) {
+                    (true, false) => {
+                        avx2::matvec::<true, false>(w.ty, w.data, row_bytes, rows, acts, store)
+                    }
+                    (true, true) => {
+                        avx2::matvec::<true, true>(w.ty, w.data, row_bytes, rows, acts, store)
+                    }
+                    (false, false) => {
+                        avx2::matvec::<false, false>(w.ty, w.data, row_bytes, rows, acts, store)
+                    }
+                    (false, true) => {
+                        avx2::matvec::<false, true>(w.ty, w.data, row_bytes, rows, acts, store)
+                    }
+                }
+            }
+        });
+        return;
+    }
+    pool.run_parts(n_parts, &|part, n_parts| {
         with_scratch(&SCRATCH, |scratch| {
             scratch.chunks.resize(TILE_ROWS * nc, DecodedChunk::ZERO);
             scratch.offsets.resize(TILE_ROWS * nc, [0.0; 2]);
-            for unit in split(units, active, i) {
+            for unit in split(units, n_parts, part) {
                 let r0 = unit * TILE_ROWS;
                 let rm = TILE_ROWS.min(rows - r0);
                 for k in 0..rm {
@@ -635,20 +659,22 @@ fn run_quantized(
                             }
                         }
                     } else {
-                        quantized_tile(path, signed, rm, rn, &scratch.chunks, acts, t0, &mut tile);
-                        if with_offsets {
-                            for (k, tile_row) in tile.iter_mut().enumerate().take(rm) {
-                                let offsets = scratch.offsets[k * nc..(k + 1) * nc].as_flattened();
-                                for (j, value) in tile_row.iter_mut().enumerate().take(rn) {
-                                    let sums = &acts.half_sums[(t0 + j) * nc..(t0 + j + 1) * nc];
-                                    *value += dot_f32(path, offsets, sums.as_flattened());
-                                }
-                            }
-                        }
+                        quantized_tile(
+                            path,
+                            signed,
+                            with_offsets,
+                            rm,
+                            rn,
+                            &scratch.chunks,
+                            &scratch.offsets,
+                            acts,
+                            t0,
+                            &mut tile,
+                        );
                     }
                     for (k, tile_row) in tile.iter().enumerate().take(rm) {
                         for (j, &value) in tile_row.iter().enumerate().take(rn) {
-                            // SAFETY: rows r0..r0 + rm belong to this thread's units alone.
+                            // SAFETY: rows r0..r0 + rm belong to this part's units alone.
                             unsafe { out.write((t0 + j) * rows + r0 + k, value) };
                         }
                     }
@@ -686,15 +712,12 @@ fn run_float(
 ) {
     let (rows, cols) = (w.rows, w.cols);
     let units = rows.div_ceil(TILE_ROWS);
-    let active = threads_for(pool, rows * cols * n_tokens, units);
+    let n_parts = parts_for(pool, rows * cols * n_tokens, units);
     let out = SharedOutput::new(y);
-    pool.run(&|i, _| {
-        if i >= active {
-            return;
-        }
+    pool.run_parts(n_parts, &|part, n_parts| {
         with_scratch(&SCRATCH, |scratch| {
             scratch.floats.resize(TILE_ROWS * cols, 0.0);
-            for unit in split(units, active, i) {
+            for unit in split(units, n_parts, part) {
                 let r0 = unit * TILE_ROWS;
                 let rm = TILE_ROWS.min(rows - r0);
                 for k in 0..rm {
@@ -731,7 +754,7 @@ fn run_float(
                     });
                     for (k, tile_row) in tile.iter().enumerate().take(rm) {
                         for (j, &value) in tile_row.iter().enumerate().take(rn) {
-                            // SAFETY: rows r0..r0 + rm belong to this thread's units alone.
+                            // SAFETY: rows r0..r0 + rm belong to this part's units alone.
                             unsafe { out.write((t0 + j) * rows + r0 + k, value) };
                         }
                     }

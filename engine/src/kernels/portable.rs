@@ -36,13 +36,30 @@ pub(crate) fn dot_scalar(
     acc
 }
 
-/// Portable tile: the integer part of `RM` decoded rows × `RN` tokens, written like the AVX2
-/// kernel (eight 32-bit lanes of 4-element partial sums per chunk) so that it vectorizes.
-/// `w` holds the rows back to back (`nc` chunks each); token `j`'s chunks start at
-/// `acts` index `(t0 + j) * nc`.
+/// Portable tile: `RM` decoded rows × `RN` tokens, written like the AVX2 kernel (eight 32-bit
+/// lanes of 4-element partial sums per chunk, offsets as a separate f32 product) so that it
+/// vectorizes. `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
+/// chunks start at `acts` index `(t0 + j) * nc`.
 pub(crate) fn tile_portable<const RM: usize, const RN: usize>(
     signed: bool,
+    with_offsets: bool,
     w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    if signed {
+        tile_portable_typed::<RM, RN, true>(with_offsets, w, offsets, acts, t0, out)
+    } else {
+        tile_portable_typed::<RM, RN, false>(with_offsets, w, offsets, acts, t0, out)
+    }
+}
+
+fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
+    with_offsets: bool,
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
     acts: &QuantizedActivations,
     t0: usize,
     out: &mut [[f32; RN]; RM],
@@ -52,32 +69,39 @@ pub(crate) fn tile_portable<const RM: usize, const RN: usize>(
     for c in 0..nc {
         for (i, acc_row) in acc.iter_mut().enumerate() {
             let chunk = &w[i * nc + c];
-            let mut wq = [0i32; CHUNK];
-            for (v, &raw) in wq.iter_mut().zip(&chunk.q) {
-                *v = if signed {
-                    i32::from(raw as i8)
+            let wq: [i16; CHUNK] = std::array::from_fn(|e| {
+                if SIGNED {
+                    i16::from(chunk.q[e] as i8)
                 } else {
-                    i32::from(raw)
-                };
-            }
+                    i16::from(chunk.q[e])
+                }
+            });
             for (j, acc_rt) in acc_row.iter_mut().enumerate() {
                 let at = (t0 + j) * nc + c;
                 let (xq, dx) = (&acts.q[at], acts.d[at]);
-                let mut lanes = [0i32; 8];
-                for (k, lane) in lanes.iter_mut().enumerate() {
-                    for e in 4 * k..4 * k + 4 {
-                        *lane += wq[e] * i32::from(xq[e]);
-                    }
-                }
+                // Products fit i16 (|w| ≤ 128, |x| ≤ 127 → ≤ 16256); pairs and quads in i32.
+                let products: [i32; CHUNK] =
+                    std::array::from_fn(|e| i32::from(wq[e] * i16::from(xq[e])));
+                let lanes: [i32; 8] = std::array::from_fn(|k| {
+                    products[4 * k]
+                        + products[4 * k + 1]
+                        + products[4 * k + 2]
+                        + products[4 * k + 3]
+                });
                 for k in 0..8 {
                     acc_rt[k] += lanes[k] as f32 * (chunk.scale[k] * dx);
                 }
             }
         }
     }
-    for (out_row, acc_row) in out.iter_mut().zip(&acc) {
-        for (o, lanes) in out_row.iter_mut().zip(acc_row) {
+    for (i, (out_row, acc_row)) in out.iter_mut().zip(&acc).enumerate() {
+        for (j, (o, lanes)) in out_row.iter_mut().zip(acc_row).enumerate() {
             *o = sum_lanes(lanes);
+            if with_offsets {
+                let offsets = offsets[i * nc..(i + 1) * nc].as_flattened();
+                let sums = acts.half_sums[(t0 + j) * nc..(t0 + j + 1) * nc].as_flattened();
+                *o += dot_f32_portable(offsets, sums);
+            }
         }
     }
 }

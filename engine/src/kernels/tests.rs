@@ -232,8 +232,9 @@ fn thread_counts_give_bit_identical_results() {
     }
 }
 
-/// Mat-mat gives, for each token, exactly the mat-vec result of that token alone: tiling over
-/// tokens does not change any output's operations.
+/// Mat-mat gives, for each token, the mat-vec result of that token alone: exactly on the paths
+/// that share one tile kernel, and up to summation order (the twin bound) on AVX2, whose
+/// mat-vec consumes decoded chunks in registers with its own accumulation order.
 #[test]
 fn matmat_equals_matvec_per_token() {
     let pool = ThreadPool::new(2);
@@ -248,6 +249,7 @@ fn matmat_equals_matvec_per_token() {
         let data = random_weights(&mut rng, ty, rows, cols);
         let w = matrix(ty, rows, cols, &data);
         let x = random_activations(&mut rng, n_tokens * cols);
+        let bound = bounds(&w, &x, n_tokens);
         for path in KernelPath::available() {
             let mut all = vec![0f32; rows * n_tokens];
             matmul_with_path(&pool, &w, &x, n_tokens, &mut all, path).unwrap();
@@ -255,11 +257,22 @@ fn matmat_equals_matvec_per_token() {
                 let mut one = vec![0f32; rows];
                 let xt = &x[t * cols..(t + 1) * cols];
                 matmul_with_path(&pool, &w, xt, 1, &mut one, path).unwrap();
-                assert_eq!(
-                    one,
-                    all[t * rows..(t + 1) * rows],
-                    "{ty} {path:?} token {t}"
-                );
+                for r in 0..rows {
+                    let (a, b) = (one[r], all[t * rows + r]);
+                    if path == KernelPath::Avx2 && decoded::is_block_quantized(ty) {
+                        let sum = bound[t * rows + r].1;
+                        assert!(
+                            (a - b).abs() <= 2.0 * sum,
+                            "{ty} {path:?} t {t} r {r}: {a} vs {b}"
+                        );
+                    } else {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{ty} {path:?} t {t} r {r}: {a} vs {b}"
+                        );
+                    }
+                }
             }
         }
     }
