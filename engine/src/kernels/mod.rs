@@ -339,6 +339,9 @@ const TILE_TOKENS: usize = 2;
 const _: () = assert!(TILE_ROWS == 4 && TILE_TOKENS == 2);
 /// Below this many multiply-adds per thread, splitting a matmul costs more than it saves.
 const MIN_WORK_PER_THREAD: usize = 64 * 1024;
+/// Bytes of decoded weights, and separately of quantized activations, that a mat-mat keeps
+/// hot at a time (see `run_quantized`): two of these fit a 1 MB L2 with room to spare.
+const L2_BLOCK_BYTES: usize = 192 * 1024;
 /// Parts per thread a shared matmul is split into.
 const PARTS_PER_THREAD: usize = 4;
 
@@ -629,53 +632,78 @@ fn run_quantized(
         });
         return;
     }
+    // Cache blocking: a block of rows is decoded once into the buffer, then token blocks sweep
+    // across it, row tile by row tile. Both blocks are sized to share L2 (about 1 MB on the
+    // CPUs this targets), so neither the decoded weights nor the activations of long prompts
+    // are re-read from further away once per row tile.
+    let decoded_bytes_per_row = nc * (std::mem::size_of::<DecodedChunk>() + 8);
+    let rows_per_block = (L2_BLOCK_BYTES / decoded_bytes_per_row.max(1) / TILE_ROWS).max(1);
+    let act_bytes_per_token = nc * (CHUNK + 4 + 8);
+    let tokens_per_block = (L2_BLOCK_BYTES / act_bytes_per_token.max(1) / TILE_TOKENS).max(1);
+    let tokens_per_block = tokens_per_block * TILE_TOKENS;
     pool.run_parts(n_parts, &|part, n_parts| {
         with_scratch(&SCRATCH, |scratch| {
-            scratch.chunks.resize(TILE_ROWS * nc, DecodedChunk::ZERO);
-            scratch.offsets.resize(TILE_ROWS * nc, [0.0; 2]);
-            for unit in split(units, n_parts, part) {
-                let r0 = unit * TILE_ROWS;
-                let rm = TILE_ROWS.min(rows - r0);
-                for k in 0..rm {
-                    let chunks = &mut scratch.chunks[k * nc..(k + 1) * nc];
-                    let offsets = &mut scratch.offsets[k * nc..(k + 1) * nc];
-                    decode_row(path, w.ty, w.row(r0 + k), chunks, offsets);
+            let part_units = split(units, n_parts, part);
+            let block_units = rows_per_block.min(part_units.len());
+            scratch
+                .chunks
+                .resize(block_units * TILE_ROWS * nc, DecodedChunk::ZERO);
+            scratch
+                .offsets
+                .resize(block_units * TILE_ROWS * nc, [0.0; 2]);
+            for first_unit in part_units.clone().step_by(block_units.max(1)) {
+                let block = first_unit..(first_unit + block_units).min(part_units.end);
+                let block_r0 = block.start * TILE_ROWS;
+                let block_r1 = (block.end * TILE_ROWS).min(rows);
+                for r in block_r0..block_r1 {
+                    let at = (r - block_r0) * nc..(r - block_r0 + 1) * nc;
+                    let (chunks, offsets) =
+                        (&mut scratch.chunks[at.clone()], &mut scratch.offsets[at]);
+                    decode_row(path, w.ty, w.row(r), chunks, offsets);
                 }
-                for t0 in (0..n_tokens).step_by(TILE_TOKENS) {
-                    let rn = TILE_TOKENS.min(n_tokens - t0);
-                    let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
-                    if path == KernelPath::Scalar {
-                        for (k, tile_row) in tile.iter_mut().enumerate().take(rm) {
-                            for (j, value) in tile_row.iter_mut().enumerate().take(rn) {
-                                let xs = (t0 + j) * nc..(t0 + j + 1) * nc;
-                                *value = portable::dot_scalar(
+                for tb in (0..n_tokens).step_by(tokens_per_block) {
+                    let tokens = tb..(tb + tokens_per_block).min(n_tokens);
+                    for r0 in (block_r0..block_r1).step_by(TILE_ROWS) {
+                        let rm = TILE_ROWS.min(block_r1 - r0);
+                        let at = (r0 - block_r0) * nc..(r0 - block_r0 + rm) * nc;
+                        let (chunks, offsets) = (&scratch.chunks[at.clone()], &scratch.offsets[at]);
+                        for t0 in tokens.clone().step_by(TILE_TOKENS) {
+                            let rn = TILE_TOKENS.min(tokens.end - t0);
+                            let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
+                            if path == KernelPath::Scalar {
+                                for (k, tile_row) in tile.iter_mut().enumerate().take(rm) {
+                                    for (j, value) in tile_row.iter_mut().enumerate().take(rn) {
+                                        let xs = (t0 + j) * nc..(t0 + j + 1) * nc;
+                                        *value = portable::dot_scalar(
+                                            signed,
+                                            &chunks[k * nc..(k + 1) * nc],
+                                            &offsets[k * nc..(k + 1) * nc],
+                                            &acts.q[xs.clone()],
+                                            &acts.d[xs.clone()],
+                                            &acts.half_sums[xs],
+                                        );
+                                    }
+                                }
+                            } else {
+                                quantized_tile(
+                                    path,
                                     signed,
-                                    &scratch.chunks[k * nc..(k + 1) * nc],
-                                    &scratch.offsets[k * nc..(k + 1) * nc],
-                                    &acts.q[xs.clone()],
-                                    &acts.d[xs.clone()],
-                                    &acts.half_sums[xs],
+                                    with_offsets,
+                                    rm,
+                                    rn,
+                                    chunks,
+                                    offsets,
+                                    acts,
+                                    t0,
+                                    &mut tile,
                                 );
                             }
-                        }
-                    } else {
-                        quantized_tile(
-                            path,
-                            signed,
-                            with_offsets,
-                            rm,
-                            rn,
-                            &scratch.chunks,
-                            &scratch.offsets,
-                            acts,
-                            t0,
-                            &mut tile,
-                        );
-                    }
-                    for (k, tile_row) in tile.iter().enumerate().take(rm) {
-                        for (j, &value) in tile_row.iter().enumerate().take(rn) {
-                            // SAFETY: rows r0..r0 + rm belong to this part's units alone.
-                            unsafe { out.write((t0 + j) * rows + r0 + k, value) };
+                            for (k, tile_row) in tile.iter().enumerate().take(rm) {
+                                for (j, &value) in tile_row.iter().enumerate().take(rn) {
+                                    // SAFETY: rows r0..r0 + rm belong to this part alone.
+                                    unsafe { out.write((t0 + j) * rows + r0 + k, value) };
+                                }
+                            }
                         }
                     }
                 }

@@ -278,6 +278,40 @@ fn matmat_equals_matvec_per_token() {
     }
 }
 
+/// With long rows the mat-mat loops split rows and tokens into several cache blocks (8192
+/// columns: blocks of 8 rows and 16 tokens); ragged counts of both still produce every output,
+/// within bounds and identically for any thread count.
+#[test]
+fn cache_blocks_cover_every_output() {
+    let mut rng = Rng(77);
+    let (rows, cols, n_tokens) = (21, 8192, 37);
+    let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+    for ty in [GgmlType::Q4_1, GgmlType::Q6_K] {
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        let x = random_activations(&mut rng, n_tokens * cols);
+        let bound = bounds(&w, &x, n_tokens);
+        let mut exact = vec![0f32; rows * n_tokens];
+        matmul_reference(&pools[0], &w, &x, n_tokens, &mut exact).unwrap();
+        for path in KernelPath::available() {
+            let results: Vec<Vec<f32>> = pools
+                .iter()
+                .map(|pool| {
+                    let mut y = vec![f32::NAN; rows * n_tokens];
+                    matmul_with_path(pool, &w, &x, n_tokens, &mut y, path).unwrap();
+                    y
+                })
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&results[0]), bits(&results[1]), "{ty} {path:?}");
+            for (i, &(quant, sum)) in bound.iter().enumerate() {
+                let err = (results[0][i] - exact[i]).abs();
+                assert!(err <= quant + 2.0 * sum, "{ty} {path:?} out {i}: err {err}");
+            }
+        }
+    }
+}
+
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2_twins {
     use super::*;
