@@ -96,6 +96,20 @@ pub(crate) fn decode_row_scalar(
     chunks: &mut [DecodedChunk],
     offsets: &mut [[f32; 2]],
 ) {
+    // One loop per type, so that the type dispatch in `decode_block_scalar` folds away.
+    macro_rules! per_type {
+        ($($t:ident),*) => {
+            match ty {
+                $(GgmlType::$t => decode_blocks(GgmlType::$t, row, chunks, offsets),)*
+                _ => decode_blocks(ty, row, chunks, offsets),
+            }
+        };
+    }
+    per_type!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS);
+}
+
+#[inline(always)]
+fn decode_blocks(ty: GgmlType, row: &[u8], chunks: &mut [DecodedChunk], offsets: &mut [[f32; 2]]) {
     let per_block = ty.block_size() / CHUNK;
     let blocks = row.chunks_exact(ty.type_size());
     for ((block, chunks), offsets) in blocks
@@ -113,6 +127,7 @@ fn fixed<const N: usize>(block: &[u8]) -> [u8; N] {
 }
 
 /// Decodes one block: 1 chunk for 32-element types, 8 for K-quants and IQ4_XS.
+#[inline(always)]
 pub(crate) fn decode_block_scalar(
     ty: GgmlType,
     block: &[u8],

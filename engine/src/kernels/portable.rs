@@ -36,9 +36,8 @@ pub(crate) fn dot_scalar(
     acc
 }
 
-/// Portable tile: `RM` decoded rows × `RN` tokens, written like the AVX2 kernel (eight 32-bit
-/// lanes of 4-element partial sums per chunk, offsets as a separate f32 product) so that it
-/// vectorizes. `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
+/// Portable tile: `RM` decoded rows × `RN` tokens, in 8-wide lane arrays (offsets as a separate
+/// f32 product) so that it vectorizes. `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
 /// chunks start at `acts` index `(t0 + j) * nc`.
 pub(crate) fn tile_portable<const RM: usize, const RN: usize>(
     signed: bool,
@@ -65,6 +64,10 @@ fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
     out: &mut [[f32; RN]; RM],
 ) {
     let nc = acts.n_chunks;
+    // Per output, eight f32 lanes. Per chunk, lane k of half h sums the products of elements
+    // 16h + k and 16h + 8 + k: every step is element-wise on 8 or 16 contiguous values, the
+    // easiest shape for auto-vectorizers. Products are formed in i16 (|w·x| ≤ 128·127, exact)
+    // and widened to i32 to be summed.
     let mut acc = [[[0f32; 8]; RN]; RM];
     for c in 0..nc {
         for (i, acc_row) in acc.iter_mut().enumerate() {
@@ -76,20 +79,21 @@ fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
                     i16::from(chunk.q[e])
                 }
             });
+            let (s0, s1) = (chunk.scale[0], chunk.scale[4]);
             for (j, acc_rt) in acc_row.iter_mut().enumerate() {
                 let at = (t0 + j) * nc + c;
                 let (xq, dx) = (&acts.q[at], acts.d[at]);
-                // Products fit i16 (|w| ≤ 128, |x| ≤ 127 → ≤ 16256); pairs and quads in i32.
-                let products: [i32; CHUNK] =
-                    std::array::from_fn(|e| i32::from(wq[e] * i16::from(xq[e])));
-                let lanes: [i32; 8] = std::array::from_fn(|k| {
-                    products[4 * k]
-                        + products[4 * k + 1]
-                        + products[4 * k + 2]
-                        + products[4 * k + 3]
-                });
+                let products: [i16; CHUNK] = std::array::from_fn(|e| wq[e] * i16::from(xq[e]));
+                let mut halves = [[0i32; 8]; 2];
+                for (h, lanes) in halves.iter_mut().enumerate() {
+                    for k in 0..8 {
+                        lanes[k] =
+                            i32::from(products[16 * h + k]) + i32::from(products[16 * h + 8 + k]);
+                    }
+                }
+                let (f0, f1) = (s0 * dx, s1 * dx);
                 for k in 0..8 {
-                    acc_rt[k] += lanes[k] as f32 * (chunk.scale[k] * dx);
+                    acc_rt[k] += halves[0][k] as f32 * f0 + halves[1][k] as f32 * f1;
                 }
             }
         }
