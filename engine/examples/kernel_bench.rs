@@ -136,6 +136,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         all_bytes as f64 / 1e6
     );
     if matvec {
+        // Pool hand-off cost: empty jobs, one part per thread and four.
+        for parts in [threads, 4 * threads] {
+            let n = 20_000;
+            let (wall, _) = timed(|| {
+                for _ in 0..n {
+                    pool.run_parts(parts, &|_, _| {});
+                }
+            });
+            println!(
+                "  dispatch: {:5.2} µs per empty job of {parts} parts",
+                wall / n as f64 * 1e6
+            );
+        }
         // The ceiling: just reading the same bytes (summed as u64s, which the compiler
         // vectorizes), on the same threads.
         let read = || {

@@ -11,13 +11,17 @@
 //! Like ggml, the activations are quantized once per call to 8 bits per 32 values (an f32
 //! scale per chunk, see `decoded::QuantizedActivations`) and every weight block is used in place
 //! as small integers: integer dot products (`maddubs`/`madd` on AVX2) do the bulk of the work,
-//! which is what makes prefill compute-bound rather than float-bound, and mat-vec streams the
-//! weights once at close to memory bandwidth. Each weight type only has to *decode* its blocks
-//! into one common form (`decoded`), 32 elements at a time, into a small per-thread buffer that
-//! stays in L1; a single tiled integer kernel then multiplies `RM` decoded rows by `RN` tokens,
-//! reusing each decoded chunk for all the tokens of the call. The decode is thus paid once per
-//! weight per call, whatever the number of tokens.
+//! which is what makes prefill compute-bound rather than float-bound. Each weight type only has
+//! to *decode* its blocks into one common form (`decoded`: 32 small integers with per-16 scales
+//! and offsets), so one integer kernel serves all twelve block types:
 //!
+//! - **Mat-mat** (`n_tokens > 1`): a block of rows (~192 KB decoded) is decoded once into a
+//!   per-thread buffer, then L2-sized blocks of tokens sweep across it, and a 4-row × 2-token
+//!   tile kernel reuses each decoded chunk held in a register for both tokens and each
+//!   activation chunk for four rows. The decode is paid once per weight per call.
+//! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
+//!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
+//!   once. (The portable and scalar paths use the mat-mat loops with one token.)
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
 //! `|fast − exact| ≤ Σ_chunks (dx/2)·Σ|w|` plus f32 summation error. The weights' own values are
@@ -33,6 +37,12 @@
 //! target, e.g. NEON on arm64), and `Scalar` (straightforward loops: the twin the others are
 //! tested against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|avx2`
 //! overrides it (for benchmarks and bisecting numerical differences).
+//!
+//! There is no AVX-512 path yet: the development and CI machines expose no AVX-512 (their
+//! hypervisor masks it, and the emulators at hand cannot run it), and a SIMD path that no test
+//! ever executes would be a liability. AVX-512 CPUs run the AVX2 path. The place for one is a
+//! `avx512` twin of `avx2::tile`/`avx2::matvec` using `_mm512_dpbusd_epi32` (VNNI), which would
+//! replace `maddubs` + `madd` and halve the integer work per 32 MACs.
 //!
 //! # Threads
 //!
