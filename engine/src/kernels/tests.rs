@@ -416,6 +416,15 @@ fn bad_shapes_are_errors_not_panics() {
         Err(KernelError::UnsupportedType { .. })
     ));
     assert!(matmul(&pool, &w, &[], 0, &mut []).is_ok());
+    // Zero columns: every output is an empty sum, on every path and type family.
+    for ty in [GgmlType::Q4_1, GgmlType::Q6_K, GgmlType::F16] {
+        let empty = matrix(ty, 3, 0, &[]);
+        for path in KernelPath::available() {
+            let mut y = vec![f32::NAN; 6];
+            matmul_with_path(&pool, &empty, &[], 2, &mut y, path).unwrap();
+            assert_eq!(y, [0.0; 6], "{ty} {path:?}");
+        }
+    }
     assert!(matmul(&pool, &w, &[0.0; 32], 1, &mut y).is_ok());
 }
 
