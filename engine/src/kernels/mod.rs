@@ -22,6 +22,7 @@
 //! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
 //!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
 //!   once. (The portable and scalar paths use the mat-mat loops with one token.)
+//!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
 //! `|fast − exact| ≤ Σ_chunks (dx/2)·Σ|w|` plus f32 summation error. The weights' own values are
