@@ -100,6 +100,22 @@ unsafe fn iq4_table() -> __m256i {
     _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast()))
 }
 
+/// With `PREFETCH`, asks for the cache lines `PREFETCH_AHEAD` bytes past the `SIZE`-byte block
+/// at `b`. Decoding spends many instructions per cache line, so out-of-order execution alone
+/// keeps too few misses in flight. A prefetch never faults, so running past the matrix end is
+/// harmless (`wrapping_add` keeps the address computation itself defined).
+#[inline(always)]
+unsafe fn prefetch_block<const PREFETCH: bool, const SIZE: usize>(b: &[u8]) {
+    if PREFETCH {
+        let ahead = b.as_ptr().wrapping_add(PREFETCH_AHEAD);
+        let mut line = 0;
+        while line < SIZE {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+            line += 64;
+        }
+    }
+}
+
 /// Eight lanes: `first` in lanes 0..4 (elements 0..16 of a chunk), `second` in lanes 4..8.
 #[inline(always)]
 unsafe fn half_scales(first: f32, second: f32) -> __m256 {
@@ -115,7 +131,7 @@ unsafe fn half_scales(first: f32, second: f32) -> __m256 {
 /// The CPU must support AVX2, FMA and F16C ([`available`]); `row` must be whole blocks of `ty`,
 /// a type `decoded::is_block_quantized` accepts (others emit nothing).
 #[inline(always)]
-unsafe fn for_each_chunk(
+unsafe fn for_each_chunk<const PREFETCH: bool>(
     ty: GgmlType,
     row: &[u8],
     mut emit: impl FnMut(usize, __m256i, __m256, [f32; 2]),
@@ -124,18 +140,21 @@ unsafe fn for_each_chunk(
     match ty {
         GgmlType::Q4_0 => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 18>(b);
                 let d = f16_at(b);
                 emit(i, nibbles(load16(b, 2)), _mm256_set1_ps(d), [-8.0 * d; 2]);
             }
         }
         GgmlType::Q4_1 => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 20>(b);
                 let (d, m) = (f16_at(b), f16_at(&b[2..]));
                 emit(i, nibbles(load16(b, 4)), _mm256_set1_ps(d), [m; 2]);
             }
         }
         GgmlType::Q5_0 => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 22>(b);
                 let d = f16_at(b);
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
@@ -145,6 +164,7 @@ unsafe fn for_each_chunk(
         }
         GgmlType::Q5_1 => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 24>(b);
                 let (d, m) = (f16_at(b), f16_at(&b[2..]));
                 let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
                 let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
@@ -154,18 +174,21 @@ unsafe fn for_each_chunk(
         }
         GgmlType::Q8_0 => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 34>(b);
                 emit(i, load32(b, 2), _mm256_set1_ps(f16_at(b)), [0.0; 2]);
             }
         }
         GgmlType::IQ4_NL => {
             let table = iq4_table();
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 18>(b);
                 let q = _mm256_shuffle_epi8(table, nibbles(load16(b, 2)));
                 emit(i, q, _mm256_set1_ps(f16_at(b)), [0.0; 2]);
             }
         }
         GgmlType::Q2_K => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 84>(b);
                 let (d, dmin) = (f16_at(&b[80..]), f16_at(&b[82..]));
                 for half in 0..2 {
                     let qs = load32(b, 16 + 32 * half);
@@ -182,6 +205,7 @@ unsafe fn for_each_chunk(
         }
         GgmlType::Q3_K => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 110>(b);
                 let d = f16_at(&b[108..]);
                 let scales = q3_k_scales(&std::array::from_fn(|k| b[96 + k]));
                 let hmask = load32(b, 0);
@@ -203,6 +227,11 @@ unsafe fn for_each_chunk(
             let qs_at = if five { 48 } else { 16 };
             let m4 = _mm256_set1_epi8(0x0F);
             for (i, b) in blocks {
+                if five {
+                    prefetch_block::<PREFETCH, 176>(b);
+                } else {
+                    prefetch_block::<PREFETCH, 144>(b);
+                }
                 let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
                 let (sc, mins) = k4_scales_mins(&std::array::from_fn(|k| b[4 + k]));
                 let qh = if five {
@@ -228,6 +257,7 @@ unsafe fn for_each_chunk(
         }
         GgmlType::Q6_K => {
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 210>(b);
                 let d = f16_at(&b[208..]);
                 for half in 0..2 {
                     let qh = load32(b, 128 + 32 * half);
@@ -248,6 +278,7 @@ unsafe fn for_each_chunk(
         GgmlType::IQ4_XS => {
             let table = iq4_table();
             for (i, b) in blocks {
+                prefetch_block::<PREFETCH, 136>(b);
                 let d = f16_at(b);
                 let scales_h = u16::from_le_bytes([b[2], b[3]]);
                 for c in 0..8 {
@@ -278,7 +309,7 @@ pub(crate) unsafe fn decode_row(
     if !super::decoded::is_block_quantized(ty) {
         return super::decoded::decode_row_scalar(ty, row, chunks, offsets);
     }
-    for_each_chunk(ty, row, |c, q, scale, off| {
+    for_each_chunk::<false>(ty, row, |c, q, scale, off| {
         let chunk = &mut chunks[c];
         // SAFETY: `chunk.q` and `chunk.scale` are 32 writable bytes each, 32-byte aligned by
         // `DecodedChunk`'s `repr`.
@@ -288,51 +319,53 @@ pub(crate) unsafe fn decode_row(
     });
 }
 
-/// How far ahead of the chunk being decoded [`matvec`] prefetches weights, in bytes.
+/// How far ahead of the block being decoded [`matvec`] prefetches weights, in bytes.
 const PREFETCH_AHEAD: usize = 1024;
 
-/// Mat-vec without the decoded buffer: rows `rows` of `w` (`row_bytes` each) times the single
-/// token in `acts`, each chunk decoded in registers and consumed at once (mat-vec reads every
-/// weight once, so there is nothing to reuse and the buffer round trip would be pure cost).
-/// Calls `store(r, y_r)` per row.
+/// [`matvec`] modes for the offset terms: none (signed types), one offset per chunk (legacy
+/// types, Q4_K, Q5_K: multiplied by the chunk's activation sum), or one per 16-element half
+/// (Q2_K, Q3_K, Q6_K).
+pub(crate) const NO_OFFSETS: u8 = 0;
+pub(crate) const CHUNK_OFFSETS: u8 = 1;
+pub(crate) const HALF_OFFSETS: u8 = 2;
+
+/// Mat-vec without the decoded buffer: rows `rows` of `w` times the single token in `acts`,
+/// each chunk decoded in registers and consumed at once (mat-vec reads every weight once, so
+/// there is nothing to reuse and the buffer round trip would be pure cost). Calls
+/// `store(r, y_r)` per row. `SIGNED` and `OFFSETS` must match `w.ty`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C. `ty` must be block-quantized, `w` whole rows of
-/// `row_bytes`, and `acts` hold one token of `row_bytes / type_size * block_size` values.
+/// The CPU must support AVX2, FMA and F16C. `w` must be block-quantized with consistent shape
+/// (as `check_shapes` ensures), `rows` within it, and `acts` hold one token of `w.cols` values
+/// (checked; the check failing is a bug in the caller and panics).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn matvec<const SIGNED: bool, const OFFSETS: bool>(
-    ty: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
+pub(crate) unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
+    w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
     mut store: impl FnMut(usize, f32),
 ) {
     let nc = acts.n_chunks;
-    let chunks_per_row = row_bytes / ty.type_size() * (ty.block_size() / CHUNK);
+    let ty = w.ty;
     assert!(
-        chunks_per_row == nc
+        w.cols / CHUNK == nc
+            && w.cols % ty.block_size() == 0
+            && rows.end <= w.rows
             && acts.q.len() >= nc
             && acts.d.len() >= nc
             && acts.half_sums.len() >= nc
+            && acts.chunk_sums.len() >= nc
     );
     let ones = _mm256_set1_epi16(1);
-    let chunk_bytes = ty.type_size() / (ty.block_size() / CHUNK);
-    let (xq, xd, xs) = (acts.q.as_ptr(), acts.d.as_ptr(), acts.half_sums.as_ptr());
+    let (xq, xd) = (acts.q.as_ptr(), acts.d.as_ptr());
+    let (xs, xc) = (acts.half_sums.as_ptr(), acts.chunk_sums.as_ptr());
     for r in rows {
-        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        let row = w.row(r);
         // Two accumulators, swapped after every chunk, halve the FMA dependency chain (indexing
         // an array by chunk parity would put them in memory).
         let (mut acc, mut acc_other) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut offset_sum = 0f32;
-        let row_start = row.as_ptr();
-        for_each_chunk(ty, row, |c, q, scale, off| {
-            // Ask for weights a little ahead: the loop spends many instructions per cache line,
-            // so out-of-order execution alone keeps too few misses in flight. (A prefetch never
-            // faults, so running past the matrix end is harmless; `wrapping_add` keeps the
-            // address computation itself defined.)
-            let ahead = row_start.wrapping_add(c * chunk_bytes + PREFETCH_AHEAD);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+        for_each_chunk::<true>(ty, row, |c, q, scale, off| {
             // SAFETY: the row has `nc` chunks (checked above), so c < nc.
             let x = _mm256_loadu_si256(xq.add(c).cast());
             let (magnitude, x) = if SIGNED {
@@ -345,7 +378,9 @@ pub(crate) unsafe fn matvec<const SIGNED: bool, const OFFSETS: bool>(
             let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc);
             acc = acc_other;
             acc_other = next;
-            if OFFSETS {
+            if OFFSETS == CHUNK_OFFSETS {
+                offset_sum += off[0] * *xc.add(c);
+            } else if OFFSETS == HALF_OFFSETS {
                 let halves = &*xs.add(c);
                 offset_sum += off[0] * halves[0] + off[1] * halves[1];
             }

@@ -69,6 +69,12 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
     !is_signed(ty)
 }
 
+/// Whether `ty`'s two half-chunk offsets can differ (16-element sub-blocks with their own
+/// scale or min); for the other offset types one offset covers the whole chunk.
+pub(crate) fn has_half_offsets(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
+}
+
 /// Whether the integer kernels handle `ty`.
 pub(crate) fn is_block_quantized(ty: GgmlType) -> bool {
     matches!(
@@ -313,6 +319,8 @@ pub(crate) struct QuantizedActivations {
     pub d: Vec<f32>,
     /// `d · Σ q` over each 16-element half, for the weight offsets.
     pub half_sums: Vec<[f32; 2]>,
+    /// The two half sums added, for types whose offset is the same over a whole chunk.
+    pub chunk_sums: Vec<f32>,
 }
 
 impl QuantizedActivations {
@@ -323,6 +331,14 @@ impl QuantizedActivations {
         self.q.resize(n, [0; CHUNK]);
         self.d.resize(n, 0.0);
         self.half_sums.resize(n, [0.0; 2]);
+        self.chunk_sums.resize(n, 0.0);
+    }
+
+    /// Fills `chunk_sums` from `half_sums`.
+    pub fn sum_halves(&mut self) {
+        for (sum, halves) in self.chunk_sums.iter_mut().zip(&self.half_sums) {
+            *sum = halves[0] + halves[1];
+        }
     }
 }
 

@@ -457,6 +457,7 @@ fn quantize_activations(
     let active = parts_for(pool, n_tokens * cols * 8, n_tokens);
     if active <= 1 {
         quantize(x, &mut acts.q, &mut acts.d, &mut acts.half_sums);
+        acts.sum_halves();
         return;
     }
     // Hand each thread its own token range of the three buffers.
@@ -479,6 +480,8 @@ fn quantize_activations(
             quantize(x, q, d, s);
         }
     });
+    drop(parts);
+    acts.sum_halves();
 }
 
 /// Decodes one weight row on `path`.
@@ -615,7 +618,8 @@ fn run_quantized(
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if n_tokens == 1 && path == KernelPath::Avx2 {
-        let row_bytes = w.row_bytes();
+        use avx2::{CHUNK_OFFSETS, HALF_OFFSETS, NO_OFFSETS};
+        let half_offsets = decoded::has_half_offsets(w.ty);
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
@@ -625,18 +629,14 @@ fn run_quantized(
             // SAFETY: `path` is available; `w` is whole rows of `row_bytes` (`check_shapes`)
             // and `acts` holds the one token of `w.cols` values.
             unsafe {
-                match (signed, with_offsets) {
-                    (true, false) => {
-                        avx2::matvec::<true, false>(w.ty, w.data, row_bytes, rows, acts, store)
+                match (signed, with_offsets, half_offsets) {
+                    (true, _, _) => avx2::matvec::<true, NO_OFFSETS>(w, rows, acts, store),
+                    (false, false, _) => avx2::matvec::<false, NO_OFFSETS>(w, rows, acts, store),
+                    (false, true, false) => {
+                        avx2::matvec::<false, CHUNK_OFFSETS>(w, rows, acts, store)
                     }
-                    (true, true) => {
-                        avx2::matvec::<true, true>(w.ty, w.data, row_bytes, rows, acts, store)
-                    }
-                    (false, false) => {
-                        avx2::matvec::<false, false>(w.ty, w.data, row_bytes, rows, acts, store)
-                    }
-                    (false, true) => {
-                        avx2::matvec::<false, true>(w.ty, w.data, row_bytes, rows, acts, store)
+                    (false, true, true) => {
+                        avx2::matvec::<false, HALF_OFFSETS>(w, rows, acts, store)
                     }
                 }
             }
