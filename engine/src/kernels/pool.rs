@@ -25,13 +25,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle, Thread};
 
-/// How many polls an idle worker makes before parking: a few microseconds, longer than the gap
-/// between two matmuls of a decode step (norms, activations on the calling thread), short enough
-/// not to steal much from other processes on a shared machine.
-const IDLE_SPIN_POLLS: u32 = 4_000;
+/// How many polls an idle worker makes before parking: about a microsecond, enough to catch a
+/// job that follows at once. Not more: under a hypervisor a vCPU that keeps executing `pause`
+/// is trapped and descheduled (KVM's pause-loop exiting), and on this project's VMs a
+/// 4000-poll spin (~50 µs) left the worker taking 1–7% of the parts of short jobs, which then
+/// ran 2× slower than on one thread; parking early, it took 45–50%. A parked worker costs a
+/// futex wake, which the caller does not wait for: it starts on the parts itself.
+const IDLE_SPIN_POLLS: u32 = 50;
 /// How many polls the caller makes waiting for joined workers to finish their last parts before
-/// it yields the CPU (possibly to the very worker it waits for).
-const WAIT_SPIN_POLLS: u32 = 2_000;
+/// it yields the CPU (possibly to the very worker it waits for); short for the same reason.
+const WAIT_SPIN_POLLS: u32 = 200;
 /// How many times the caller yields before parking until the last worker wakes it.
 const WAIT_YIELDS: u32 = 50;
 
@@ -41,22 +44,38 @@ type Job = *const (dyn Fn(usize, usize) + Sync + 'static);
 /// In `inside`: set when the caller has closed the job to new workers.
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
-/// State shared between the dispatching thread and the workers.
+/// Keeps a value on its own cache line (two, against adjacent-line prefetch), so that threads
+/// polling one atomic do not slow down writes to another.
+#[derive(Default)]
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// State shared between the dispatching thread and the workers. The atomics that idle workers
+/// poll (`generation`), that parts are claimed from (`next_part`) and that joined workers
+/// update (`inside`) each have their own cache line: sharing one made every part claim a
+/// cross-core transfer against the polling workers, ~4 µs per job.
 struct Shared {
     n_threads: usize,
     /// Bumped once per job; workers look at the job when they see a value they have not seen.
-    generation: AtomicU64,
+    generation: CacheLine<AtomicU64>,
     /// The current job and its number of parts. Written only by the dispatcher while `inside`
     /// is `CLOSED` with no worker inside; read only by workers that joined (see `inside`).
     job: UnsafeCell<Option<(Job, usize)>>,
     /// The dispatching thread, woken by the last worker out when it parked.
     caller: UnsafeCell<Option<Thread>>,
     /// The next part to claim.
-    next_part: AtomicUsize,
+    next_part: CacheLine<AtomicUsize>,
     /// Workers inside the current job, plus `CLOSED` once the caller stops admitting them. The
     /// dispatcher resets it to 0 (Release) after writing `job`, and a worker joins by a CAS that
     /// reads that 0 or a later count (Acquire), so a joined worker sees the current job.
-    inside: AtomicUsize,
+    inside: CacheLine<AtomicUsize>,
     /// Set by the dispatcher before it parks waiting for `inside` to drain.
     caller_parked: AtomicBool,
     /// Whether some worker's part of the current job panicked.
@@ -96,11 +115,11 @@ impl ThreadPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
             n_threads,
-            generation: AtomicU64::new(0),
+            generation: CacheLine(AtomicU64::new(0)),
             job: UnsafeCell::new(None),
             caller: UnsafeCell::new(None),
-            next_part: AtomicUsize::new(0),
-            inside: AtomicUsize::new(CLOSED),
+            next_part: CacheLine(AtomicUsize::new(0)),
+            inside: CacheLine(AtomicUsize::new(CLOSED)),
             caller_parked: AtomicBool::new(false),
             worker_panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
