@@ -325,9 +325,9 @@ const PREFETCH_AHEAD: usize = 1024;
 /// [`matvec`] modes for the offset terms: none (signed types), one offset per chunk (legacy
 /// types, Q4_K, Q5_K: multiplied by the chunk's activation sum), or one per 16-element half
 /// (Q2_K, Q3_K, Q6_K).
-pub(crate) const NO_OFFSETS: u8 = 0;
-pub(crate) const CHUNK_OFFSETS: u8 = 1;
-pub(crate) const HALF_OFFSETS: u8 = 2;
+const NO_OFFSETS: u8 = 0;
+const CHUNK_OFFSETS: u8 = 1;
+const HALF_OFFSETS: u8 = 2;
 
 /// Mat-vec without the decoded buffer: rows `rows` of `w` times the single token in `acts`,
 /// each chunk decoded in registers and consumed at once (mat-vec reads every weight once, so
@@ -339,7 +339,7 @@ pub(crate) const HALF_OFFSETS: u8 = 2;
 /// (as `check_shapes` ensures), `rows` within it, and `acts` hold one token of `w.cols` values
 /// (checked; the check failing is a bug in the caller and panics).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
+unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
@@ -390,8 +390,34 @@ pub(crate) unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
     }
 }
 
+/// Mat-vec of rows `rows` of `w` against the one token in `acts`, on the kernel for `w.ty`.
+///
+/// # Safety
+/// As [`matvec`].
+pub(crate) unsafe fn matvec_rows(
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    store: impl FnMut(usize, f32),
+) {
+    use super::decoded::{has_half_offsets, has_offset, is_signed};
+    match w.ty {
+        // One instantiation per legacy type, so that its quant decode is inlined.
+        GgmlType::Q4_0 => matvec_legacy::<Q4_0_ID>(w, rows, acts, store),
+        GgmlType::Q4_1 => matvec_legacy::<Q4_1_ID>(w, rows, acts, store),
+        GgmlType::Q5_0 => matvec_legacy::<Q5_0_ID>(w, rows, acts, store),
+        GgmlType::Q5_1 => matvec_legacy::<Q5_1_ID>(w, rows, acts, store),
+        GgmlType::Q8_0 => matvec_legacy::<Q8_0_ID>(w, rows, acts, store),
+        GgmlType::IQ4_NL => matvec_legacy::<IQ4_NL_ID>(w, rows, acts, store),
+        ty if is_signed(ty) => matvec::<true, NO_OFFSETS>(w, rows, acts, store),
+        ty if !has_offset(ty) => matvec::<false, NO_OFFSETS>(w, rows, acts, store),
+        ty if has_half_offsets(ty) => matvec::<false, HALF_OFFSETS>(w, rows, acts, store),
+        _ => matvec::<false, CHUNK_OFFSETS>(w, rows, acts, store),
+    }
+}
+
 /// The 32-element block types whose scale (and offset) [`matvec_legacy`] batches.
-pub(crate) fn is_legacy(ty: GgmlType) -> bool {
+fn is_legacy(ty: GgmlType) -> bool {
     matches!(
         ty,
         GgmlType::Q4_0
@@ -404,12 +430,12 @@ pub(crate) fn is_legacy(ty: GgmlType) -> bool {
 }
 
 /// ggml ids of the legacy types, the const parameter of [`matvec_legacy`].
-pub(crate) const Q4_0_ID: u32 = 2;
-pub(crate) const Q4_1_ID: u32 = 3;
-pub(crate) const Q5_0_ID: u32 = 6;
-pub(crate) const Q5_1_ID: u32 = 7;
-pub(crate) const Q8_0_ID: u32 = 8;
-pub(crate) const IQ4_NL_ID: u32 = 20;
+const Q4_0_ID: u32 = 2;
+const Q4_1_ID: u32 = 3;
+const Q5_0_ID: u32 = 6;
+const Q5_1_ID: u32 = 7;
+const Q8_0_ID: u32 = 8;
+const IQ4_NL_ID: u32 = 20;
 
 /// Decodes the quants of one block of legacy type `TY` (the scale is handled by the caller),
 /// as `for_each_chunk` does.
@@ -444,7 +470,7 @@ unsafe fn legacy_quants<const TY: u32>(b: &[u8], table: __m256i) -> __m256i {
 /// # Safety
 /// As [`matvec`]; `TY` must be one of [`is_legacy`]'s types and the id of `w.ty`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn matvec_legacy<const TY: u32>(
+unsafe fn matvec_legacy<const TY: u32>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,

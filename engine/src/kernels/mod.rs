@@ -618,51 +618,15 @@ fn run_quantized(
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if n_tokens == 1 && path == KernelPath::Avx2 {
-        use avx2::{CHUNK_OFFSETS, HALF_OFFSETS, NO_OFFSETS};
-        let half_offsets = decoded::has_half_offsets(w.ty);
-        let legacy = avx2::is_legacy(w.ty);
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
             // SAFETY: only row r's output is written, and rows of different parts are
             // disjoint (`split` is a partition).
             let store = |r: usize, v: f32| unsafe { out.write(r, v) };
-            // SAFETY: `path` is available; `w` is whole rows of `row_bytes` (`check_shapes`)
-            // and `acts` holds the one token of `w.cols` values.
-            unsafe {
-                if legacy {
-                    // One instantiation per type, so that its quant decode is inlined.
-                    match w.ty {
-                        GgmlType::Q4_0 => {
-                            avx2::matvec_legacy::<{ avx2::Q4_0_ID }>(w, rows, acts, store)
-                        }
-                        GgmlType::Q4_1 => {
-                            avx2::matvec_legacy::<{ avx2::Q4_1_ID }>(w, rows, acts, store)
-                        }
-                        GgmlType::Q5_0 => {
-                            avx2::matvec_legacy::<{ avx2::Q5_0_ID }>(w, rows, acts, store)
-                        }
-                        GgmlType::Q5_1 => {
-                            avx2::matvec_legacy::<{ avx2::Q5_1_ID }>(w, rows, acts, store)
-                        }
-                        GgmlType::Q8_0 => {
-                            avx2::matvec_legacy::<{ avx2::Q8_0_ID }>(w, rows, acts, store)
-                        }
-                        _ => avx2::matvec_legacy::<{ avx2::IQ4_NL_ID }>(w, rows, acts, store),
-                    }
-                    return;
-                }
-                match (signed, with_offsets, half_offsets) {
-                    (true, _, _) => avx2::matvec::<true, NO_OFFSETS>(w, rows, acts, store),
-                    (false, false, _) => avx2::matvec::<false, NO_OFFSETS>(w, rows, acts, store),
-                    (false, true, false) => {
-                        avx2::matvec::<false, CHUNK_OFFSETS>(w, rows, acts, store)
-                    }
-                    (false, true, true) => {
-                        avx2::matvec::<false, HALF_OFFSETS>(w, rows, acts, store)
-                    }
-                }
-            }
+            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
+            // holds the one token of `w.cols` values.
+            unsafe { avx2::matvec_rows(w, rows, acts, store) };
         });
         return;
     }
