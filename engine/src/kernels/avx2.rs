@@ -790,6 +790,19 @@ pub(crate) unsafe fn quantize_tokens(
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        // `max_ps` drops NaNs depending on operand order; like the scalar quantizer, let any NaN
+        // make the scale NaN.
+        let unordered =
+            std::array::from_fn::<__m256, 4, _>(|k| _mm256_cmp_ps(v[k], v[k], _CMP_UNORD_Q));
+        let any_nan = _mm256_or_ps(
+            _mm256_or_ps(unordered[0], unordered[1]),
+            _mm256_or_ps(unordered[2], unordered[3]),
+        );
+        let amax = if _mm256_movemask_ps(any_nan) != 0 {
+            f32::NAN
+        } else {
+            amax
+        };
         let scale = amax / 127.0;
         let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
         let ints: [__m256i; 4] = std::array::from_fn(|k| {

@@ -306,7 +306,8 @@ fn fifth_bits(qh: u32, q: &mut [u8; CHUNK]) {
 
 /// Activations quantized to 8 bits per 32-element chunk: `x[i] ≈ d · q[i]` with
 /// `d = max|x| / 127` and `q = round(x / d)` in −127..=127 (never −128, so that negating a
-/// quant for a signed weight stays in range).
+/// quant for a signed weight stays in range). A chunk holding a NaN or an infinity gets a NaN
+/// or infinite `d`, so the outputs it touches are NaN, as in an exact product.
 ///
 /// The scale is f32 rather than ggml's f16: it costs nothing here and removes one error term.
 /// The rounding error per element is at most `d / 2`, which is what the tests' bounds rest on.
@@ -345,7 +346,16 @@ impl QuantizedActivations {
 /// Quantizes one 32-value chunk (the scalar definition; SIMD versions must match it exactly).
 #[inline(always)]
 pub(crate) fn quantize_chunk_scalar(x: &[f32], q: &mut [i8; CHUNK]) -> (f32, [f32; 2]) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // A NaN anywhere makes the scale NaN (`f32::max` would skip it), so that NaN activations
+    // give NaN outputs as an exact product would, instead of being quietly zeroed.
+    let amax = x.iter().fold(0f32, |m, v| {
+        let a = v.abs();
+        if a > m || a.is_nan() {
+            a
+        } else {
+            m
+        }
+    });
     let d = amax / 127.0;
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut sums = [0i32; 2];

@@ -384,6 +384,45 @@ mod avx2_twins {
     }
 }
 
+/// NaN or infinite activations make the outputs they reach NaN on every path, as in the
+/// exact product (a quantizer that skipped them would hide a broken model).
+#[test]
+fn nan_and_infinite_activations_propagate() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(3);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_XS,
+    ] {
+        let (rows, cols) = (5, 256);
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 37, 255] {
+                let mut x = random_activations(&mut rng, 2 * cols);
+                x[cols + at] = bad;
+                for path in KernelPath::available() {
+                    for n_tokens in [1, 2] {
+                        let xs = &x[(2 - n_tokens) * cols..];
+                        let mut y = vec![0f32; rows * n_tokens];
+                        matmul_with_path(&pool, &w, xs, n_tokens, &mut y, path).unwrap();
+                        let last = &y[(n_tokens - 1) * rows..];
+                        assert!(
+                            last.iter().all(|v| v.is_nan()),
+                            "{ty} {path:?} {bad} at {at}: {last:?}"
+                        );
+                        if n_tokens == 2 {
+                            assert!(y[..rows].iter().all(|v| v.is_finite()), "{ty} {path:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let pool = ThreadPool::new(2);
