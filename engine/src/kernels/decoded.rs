@@ -69,6 +69,12 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
     !is_signed(ty)
 }
 
+/// Whether `ty`'s two half-chunk offsets can differ (16-element sub-blocks with their own
+/// scale or min); for the other offset types one offset covers the whole chunk.
+pub(crate) fn has_half_offsets(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
+}
+
 /// Whether the integer kernels handle `ty`.
 pub(crate) fn is_block_quantized(ty: GgmlType) -> bool {
     matches!(
@@ -96,6 +102,20 @@ pub(crate) fn decode_row_scalar(
     chunks: &mut [DecodedChunk],
     offsets: &mut [[f32; 2]],
 ) {
+    // One loop per type, so that the type dispatch in `decode_block_scalar` folds away.
+    macro_rules! per_type {
+        ($($t:ident),*) => {
+            match ty {
+                $(GgmlType::$t => decode_blocks(GgmlType::$t, row, chunks, offsets),)*
+                _ => decode_blocks(ty, row, chunks, offsets),
+            }
+        };
+    }
+    per_type!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS);
+}
+
+#[inline(always)]
+fn decode_blocks(ty: GgmlType, row: &[u8], chunks: &mut [DecodedChunk], offsets: &mut [[f32; 2]]) {
     let per_block = ty.block_size() / CHUNK;
     let blocks = row.chunks_exact(ty.type_size());
     for ((block, chunks), offsets) in blocks
@@ -113,6 +133,7 @@ fn fixed<const N: usize>(block: &[u8]) -> [u8; N] {
 }
 
 /// Decodes one block: 1 chunk for 32-element types, 8 for K-quants and IQ4_XS.
+#[inline(always)]
 pub(crate) fn decode_block_scalar(
     ty: GgmlType,
     block: &[u8],
@@ -285,7 +306,8 @@ fn fifth_bits(qh: u32, q: &mut [u8; CHUNK]) {
 
 /// Activations quantized to 8 bits per 32-element chunk: `x[i] ≈ d · q[i]` with
 /// `d = max|x| / 127` and `q = round(x / d)` in −127..=127 (never −128, so that negating a
-/// quant for a signed weight stays in range).
+/// quant for a signed weight stays in range). A chunk holding a NaN or an infinity gets a NaN
+/// or infinite `d`, so the outputs it touches are NaN, as in an exact product.
 ///
 /// The scale is f32 rather than ggml's f16: it costs nothing here and removes one error term.
 /// The rounding error per element is at most `d / 2`, which is what the tests' bounds rest on.
@@ -298,6 +320,8 @@ pub(crate) struct QuantizedActivations {
     pub d: Vec<f32>,
     /// `d · Σ q` over each 16-element half, for the weight offsets.
     pub half_sums: Vec<[f32; 2]>,
+    /// The two half sums added, for types whose offset is the same over a whole chunk.
+    pub chunk_sums: Vec<f32>,
 }
 
 impl QuantizedActivations {
@@ -308,13 +332,30 @@ impl QuantizedActivations {
         self.q.resize(n, [0; CHUNK]);
         self.d.resize(n, 0.0);
         self.half_sums.resize(n, [0.0; 2]);
+        self.chunk_sums.resize(n, 0.0);
+    }
+
+    /// Fills `chunk_sums` from `half_sums`.
+    pub fn sum_halves(&mut self) {
+        for (sum, halves) in self.chunk_sums.iter_mut().zip(&self.half_sums) {
+            *sum = halves[0] + halves[1];
+        }
     }
 }
 
 /// Quantizes one 32-value chunk (the scalar definition; SIMD versions must match it exactly).
 #[inline(always)]
 pub(crate) fn quantize_chunk_scalar(x: &[f32], q: &mut [i8; CHUNK]) -> (f32, [f32; 2]) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // A NaN anywhere makes the scale NaN (`f32::max` would skip it), so that NaN activations
+    // give NaN outputs as an exact product would, instead of being quietly zeroed.
+    let amax = x.iter().fold(0f32, |m, v| {
+        let a = v.abs();
+        if a > m || a.is_nan() {
+            a
+        } else {
+            m
+        }
+    });
     let d = amax / 127.0;
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut sums = [0i32; 2];

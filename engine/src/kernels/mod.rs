@@ -11,12 +11,17 @@
 //! Like ggml, the activations are quantized once per call to 8 bits per 32 values (an f32
 //! scale per chunk, see `decoded::QuantizedActivations`) and every weight block is used in place
 //! as small integers: integer dot products (`maddubs`/`madd` on AVX2) do the bulk of the work,
-//! which is what makes prefill compute-bound rather than float-bound, and mat-vec streams the
-//! weights once at close to memory bandwidth. Each weight type only has to *decode* its blocks
-//! into one common form (`decoded`), 32 elements at a time, into a small per-thread buffer that
-//! stays in L1; a single tiled integer kernel then multiplies `RM` decoded rows by `RN` tokens,
-//! reusing each decoded chunk for all the tokens of the call. The decode is thus paid once per
-//! weight per call, whatever the number of tokens.
+//! which is what makes prefill compute-bound rather than float-bound. Each weight type only has
+//! to *decode* its blocks into one common form (`decoded`: 32 small integers with per-16 scales
+//! and offsets), so one integer kernel serves all twelve block types:
+//!
+//! - **Mat-mat** (`n_tokens > 1`): a block of rows (~192 KB decoded) is decoded once into a
+//!   per-thread buffer, then L2-sized blocks of tokens sweep across it, and a 4-row × 2-token
+//!   tile kernel reuses each decoded chunk held in a register for both tokens and each
+//!   activation chunk for four rows. The decode is paid once per weight per call.
+//! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
+//!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
+//!   once. (The portable and scalar paths use the mat-mat loops with one token.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
@@ -34,12 +39,20 @@
 //! tested against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|avx2`
 //! overrides it (for benchmarks and bisecting numerical differences).
 //!
+//! There is no AVX-512 path yet: the development and CI machines expose no AVX-512 (their
+//! hypervisor masks it, and the emulators at hand cannot run it), and a SIMD path that no test
+//! ever executes would be a liability. AVX-512 CPUs run the AVX2 path. The place for one is a
+//! `avx512` twin of `avx2::tile`/`avx2::matvec` using `_mm512_dpbusd_epi32` (VNNI), which would
+//! replace `maddubs` + `madd` and halve the integer work per 32 MACs.
+//!
 //! # Threads
 //!
-//! Output rows are split across the [`ThreadPool`] in whole tiles, and every output value is
-//! computed by one thread with the same sequence of operations whatever the split, so results
-//! are bit-identical for any thread count. Small matmuls use fewer threads: below some work the
-//! hand-off costs more than it saves.
+//! Output rows are split into parts of whole tiles that the [`ThreadPool`]'s threads claim as
+//! they come free (a few parts per thread, so that a thread slowed by other processes on a
+//! shared machine delays little). Every output value is computed by one thread with the same
+//! sequence of operations whatever the split, so results are bit-identical for any thread
+//! count. Small matmuls run on the calling thread alone: below some work the hand-off costs
+//! more than it saves.
 //!
 //! `unsafe` here: calls into the `avx2` module (guarded by run-time detection) and writes of
 //! output values from several threads at disjoint indices (`SharedOutput`).
@@ -272,19 +285,16 @@ pub fn matmul_reference(
     }
     let out = SharedOutput::new(y);
     let units = w.rows;
-    let active = pool.n_threads().min(units);
-    pool.run(&|i, _| {
-        if i >= active {
-            return;
-        }
+    let n_parts = parts_for(pool, usize::MAX, units);
+    pool.run_parts(n_parts, &|part, n_parts| {
         let mut row = vec![0f32; w.cols];
-        for r in split(units, active, i) {
+        for r in split(units, n_parts, part) {
             if dequantize_to_f32(w.ty, w.row(r), &mut row).is_err() {
                 return;
             }
             for t in 0..n_tokens {
                 let xt = &x[t * w.cols..(t + 1) * w.cols];
-                // SAFETY: row r belongs to this thread alone (`split` is a partition).
+                // SAFETY: row r belongs to this part alone (`split` is a partition).
                 unsafe { out.write(t * w.rows + r, portable::dot_f32_scalar(&row, xt)) };
             }
         }
@@ -333,9 +343,18 @@ fn check_shapes(
 /// Rows per tile: decoded together, so each activation chunk loaded serves this many rows.
 const TILE_ROWS: usize = 4;
 /// Tokens per tile: each decoded weight chunk held in a register serves this many tokens.
-const TILE_TOKENS: usize = 3;
+/// 4 × 2 keeps the eight accumulators and the operands within AVX2's sixteen registers (4 × 3
+/// spilled accumulators to the stack and ran ~25% slower; 5 × 2 measured the same as 4 × 2).
+const TILE_TOKENS: usize = 2;
+// `for_tile_shape!` lists the shapes up to 4 × 2.
+const _: () = assert!(TILE_ROWS == 4 && TILE_TOKENS == 2);
 /// Below this many multiply-adds per thread, splitting a matmul costs more than it saves.
 const MIN_WORK_PER_THREAD: usize = 64 * 1024;
+/// Bytes of decoded weights, and separately of quantized activations, that a mat-mat keeps
+/// hot at a time (see `run_quantized`): two of these fit a 1 MB L2 with room to spare.
+const L2_BLOCK_BYTES: usize = 192 * 1024;
+/// Parts per thread a shared matmul is split into.
+const PARTS_PER_THREAD: usize = 4;
 
 /// Per-thread buffers, kept between calls so that a decode step allocates nothing.
 #[derive(Default)]
@@ -374,11 +393,16 @@ fn split(n: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     (n * i / parts)..(n * (i + 1) / parts)
 }
 
-/// How many threads a matmul of `work` multiply-adds over `units` row tiles should use.
-fn threads_for(pool: &ThreadPool, work: usize, units: usize) -> usize {
-    (work / MIN_WORK_PER_THREAD)
-        .clamp(1, pool.n_threads())
-        .min(units.max(1))
+/// Into how many parts to split `work` multiply-adds over `units` row tiles: 1 (run on the
+/// caller, no hand-off) when the work is too small to share, else a few per useful thread, so
+/// that a thread slowed by other processes holds up little (see `pool`).
+fn parts_for(pool: &ThreadPool, work: usize, units: usize) -> usize {
+    let threads = (work / MIN_WORK_PER_THREAD).clamp(1, pool.n_threads());
+    if threads == 1 {
+        1
+    } else {
+        (threads * PARTS_PER_THREAD).min(units.max(1))
+    }
 }
 
 /// `y`, written by several threads at disjoint indices.
@@ -430,9 +454,10 @@ fn quantize_activations(
             _ => decoded::quantize_tokens_scalar(x, q, d, s),
         }
     };
-    let active = threads_for(pool, n_tokens * cols * 8, n_tokens);
+    let active = parts_for(pool, n_tokens * cols * 8, n_tokens);
     if active <= 1 {
         quantize(x, &mut acts.q, &mut acts.d, &mut acts.half_sums);
+        acts.sum_halves();
         return;
     }
     // Hand each thread its own token range of the three buffers.
@@ -448,13 +473,15 @@ fn quantize_activations(
         let x_part = &x[tokens.start * cols..tokens.end * cols];
         parts.push(Mutex::new((x_part, q_part, d_part, s_part)));
     }
-    pool.run(&|i, _| {
+    pool.run_parts(active, &|i, _| {
         if let Some(part) = parts.get(i) {
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
             let (x, q, d, s) = &mut *part;
             quantize(x, q, d, s);
         }
     });
+    drop(parts);
+    acts.sum_halves();
 }
 
 /// Decodes one weight row on `path`.
@@ -473,21 +500,11 @@ fn decode_row(
     }
 }
 
-/// `Σ a·b` on `path` (offset terms and float weights).
-fn dot_f32(path: KernelPath, a: &[f32], b: &[f32]) -> f32 {
-    match path {
-        KernelPath::Scalar => portable::dot_f32_scalar(a, b),
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        // SAFETY: `path` is available.
-        KernelPath::Avx2 => unsafe { avx2::dot_f32(a, b) },
-        _ => portable::dot_f32_portable(a, b),
-    }
-}
-
 /// Output of one tile, sized for the largest tile.
 type TileOut = [[f32; TILE_TOKENS]; TILE_ROWS];
 
-/// Expands `$body` for the tile shape `(rm, rn)` with `RM`/`RN` bound as constants.
+/// Expands `$body` for the tile shape `(rm, rn)`, `1 ≤ rm ≤ TILE_ROWS`, `1 ≤ rn ≤ TILE_TOKENS`,
+/// with `$m`/`$n` bound as constants.
 macro_rules! for_tile_shape {
     ($rm:expr, $rn:expr, |$m:ident, $n:ident| $body:block) => {
         match ($rm, $rn) {
@@ -501,11 +518,6 @@ macro_rules! for_tile_shape {
                 const $n: usize = 2;
                 $body
             }
-            (1, _) => {
-                const $m: usize = 1;
-                const $n: usize = 3;
-                $body
-            }
             (2, 1) => {
                 const $m: usize = 2;
                 const $n: usize = 1;
@@ -514,11 +526,6 @@ macro_rules! for_tile_shape {
             (2, 2) => {
                 const $m: usize = 2;
                 const $n: usize = 2;
-                $body
-            }
-            (2, _) => {
-                const $m: usize = 2;
-                const $n: usize = 3;
                 $body
             }
             (3, 1) => {
@@ -531,38 +538,30 @@ macro_rules! for_tile_shape {
                 const $n: usize = 2;
                 $body
             }
-            (3, _) => {
-                const $m: usize = 3;
-                const $n: usize = 3;
-                $body
-            }
-            (_, 1) => {
+            (4, 1) => {
                 const $m: usize = 4;
                 const $n: usize = 1;
                 $body
             }
-            (_, 2) => {
+            _ => {
                 const $m: usize = 4;
                 const $n: usize = 2;
-                $body
-            }
-            (_, _) => {
-                const $m: usize = 4;
-                const $n: usize = 3;
                 $body
             }
         }
     };
 }
 
-/// The integer part of a tile of `rm` decoded rows × `rn` tokens from `t0`, into `out`.
+/// A tile of `rm` decoded rows × `rn` tokens from `t0`, into `out`.
 #[allow(clippy::too_many_arguments)]
 fn quantized_tile(
     path: KernelPath,
     signed: bool,
+    with_offsets: bool,
     rm: usize,
     rn: usize,
     w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
     acts: &QuantizedActivations,
     t0: usize,
     out: &mut TileOut,
@@ -574,13 +573,28 @@ fn quantized_tile(
             // SAFETY: `path` is available; `w` holds RM rows and `acts` tokens t0..t0 + RN
             // (the driver's tiling guarantees both; `tile` re-checks).
             KernelPath::Avx2 => unsafe {
-                if signed {
-                    avx2::tile::<RM, RN, true>(w, acts, t0, &mut o)
-                } else {
-                    avx2::tile::<RM, RN, false>(w, acts, t0, &mut o)
+                match (signed, with_offsets) {
+                    (true, false) => {
+                        avx2::tile::<RM, RN, true, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (true, true) => avx2::tile::<RM, RN, true, true>(w, offsets, acts, t0, &mut o),
+                    (false, false) => {
+                        avx2::tile::<RM, RN, false, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (false, true) => {
+                        avx2::tile::<RM, RN, false, true>(w, offsets, acts, t0, &mut o)
+                    }
                 }
             },
-            _ => portable::tile_portable::<RM, RN>(signed, w, acts, t0, &mut o),
+            _ => portable::tile_portable::<RM, RN>(
+                signed,
+                with_offsets,
+                w,
+                offsets,
+                acts,
+                t0,
+                &mut o,
+            ),
         }
         for (dst, src) in out.iter_mut().zip(&o) {
             dst[..RN].copy_from_slice(src);
@@ -600,56 +614,94 @@ fn run_quantized(
     let signed = decoded::is_signed(w.ty);
     let with_offsets = decoded::has_offset(w.ty);
     let units = rows.div_ceil(TILE_ROWS);
-    let active = threads_for(pool, rows * w.cols * n_tokens, units);
+    let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
-    pool.run(&|i, _| {
-        if i >= active {
-            return;
-        }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if n_tokens == 1 && path == KernelPath::Avx2 {
+        pool.run_parts(n_parts, &|part, n_parts| {
+            let units = split(units, n_parts, part);
+            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
+            // SAFETY: only row r's output is written, and rows of different parts are
+            // disjoint (`split` is a partition).
+            let store = |r: usize, v: f32| unsafe { out.write(r, v) };
+            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
+            // holds the one token of `w.cols` values.
+            unsafe { avx2::matvec_rows(w, rows, acts, store) };
+        });
+        return;
+    }
+    // Cache blocking: a block of rows is decoded once into the buffer, then token blocks sweep
+    // across it, row tile by row tile. Both blocks are sized to share L2 (about 1 MB on the
+    // CPUs this targets), so neither the decoded weights nor the activations of long prompts
+    // are re-read from further away once per row tile.
+    let decoded_bytes_per_row = nc * (std::mem::size_of::<DecodedChunk>() + 8);
+    let rows_per_block = (L2_BLOCK_BYTES / decoded_bytes_per_row.max(1) / TILE_ROWS).max(1);
+    let act_bytes_per_token = nc * (CHUNK + 4 + 8);
+    let tokens_per_block = (L2_BLOCK_BYTES / act_bytes_per_token.max(1) / TILE_TOKENS).max(1);
+    let tokens_per_block = tokens_per_block * TILE_TOKENS;
+    pool.run_parts(n_parts, &|part, n_parts| {
         with_scratch(&SCRATCH, |scratch| {
-            scratch.chunks.resize(TILE_ROWS * nc, DecodedChunk::ZERO);
-            scratch.offsets.resize(TILE_ROWS * nc, [0.0; 2]);
-            for unit in split(units, active, i) {
-                let r0 = unit * TILE_ROWS;
-                let rm = TILE_ROWS.min(rows - r0);
-                for k in 0..rm {
-                    let chunks = &mut scratch.chunks[k * nc..(k + 1) * nc];
-                    let offsets = &mut scratch.offsets[k * nc..(k + 1) * nc];
-                    decode_row(path, w.ty, w.row(r0 + k), chunks, offsets);
+            let part_units = split(units, n_parts, part);
+            let block_units = rows_per_block.min(part_units.len());
+            scratch
+                .chunks
+                .resize(block_units * TILE_ROWS * nc, DecodedChunk::ZERO);
+            scratch
+                .offsets
+                .resize(block_units * TILE_ROWS * nc, [0.0; 2]);
+            for first_unit in part_units.clone().step_by(block_units.max(1)) {
+                let block = first_unit..(first_unit + block_units).min(part_units.end);
+                let block_r0 = block.start * TILE_ROWS;
+                let block_r1 = (block.end * TILE_ROWS).min(rows);
+                for r in block_r0..block_r1 {
+                    let at = (r - block_r0) * nc..(r - block_r0 + 1) * nc;
+                    let (chunks, offsets) =
+                        (&mut scratch.chunks[at.clone()], &mut scratch.offsets[at]);
+                    decode_row(path, w.ty, w.row(r), chunks, offsets);
                 }
-                for t0 in (0..n_tokens).step_by(TILE_TOKENS) {
-                    let rn = TILE_TOKENS.min(n_tokens - t0);
-                    let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
-                    if path == KernelPath::Scalar {
-                        for (k, tile_row) in tile.iter_mut().enumerate().take(rm) {
-                            for (j, value) in tile_row.iter_mut().enumerate().take(rn) {
-                                let xs = (t0 + j) * nc..(t0 + j + 1) * nc;
-                                *value = portable::dot_scalar(
+                for tb in (0..n_tokens).step_by(tokens_per_block) {
+                    let tokens = tb..(tb + tokens_per_block).min(n_tokens);
+                    for r0 in (block_r0..block_r1).step_by(TILE_ROWS) {
+                        let rm = TILE_ROWS.min(block_r1 - r0);
+                        let at = (r0 - block_r0) * nc..(r0 - block_r0 + rm) * nc;
+                        let (chunks, offsets) = (&scratch.chunks[at.clone()], &scratch.offsets[at]);
+                        for t0 in tokens.clone().step_by(TILE_TOKENS) {
+                            let rn = TILE_TOKENS.min(tokens.end - t0);
+                            let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
+                            if path == KernelPath::Scalar {
+                                for (k, tile_row) in tile.iter_mut().enumerate().take(rm) {
+                                    for (j, value) in tile_row.iter_mut().enumerate().take(rn) {
+                                        let xs = (t0 + j) * nc..(t0 + j + 1) * nc;
+                                        *value = portable::dot_scalar(
+                                            signed,
+                                            &chunks[k * nc..(k + 1) * nc],
+                                            &offsets[k * nc..(k + 1) * nc],
+                                            &acts.q[xs.clone()],
+                                            &acts.d[xs.clone()],
+                                            &acts.half_sums[xs],
+                                        );
+                                    }
+                                }
+                            } else {
+                                quantized_tile(
+                                    path,
                                     signed,
-                                    &scratch.chunks[k * nc..(k + 1) * nc],
-                                    &scratch.offsets[k * nc..(k + 1) * nc],
-                                    &acts.q[xs.clone()],
-                                    &acts.d[xs.clone()],
-                                    &acts.half_sums[xs],
+                                    with_offsets,
+                                    rm,
+                                    rn,
+                                    chunks,
+                                    offsets,
+                                    acts,
+                                    t0,
+                                    &mut tile,
                                 );
                             }
-                        }
-                    } else {
-                        quantized_tile(path, signed, rm, rn, &scratch.chunks, acts, t0, &mut tile);
-                        if with_offsets {
-                            for (k, tile_row) in tile.iter_mut().enumerate().take(rm) {
-                                let offsets = scratch.offsets[k * nc..(k + 1) * nc].as_flattened();
-                                for (j, value) in tile_row.iter_mut().enumerate().take(rn) {
-                                    let sums = &acts.half_sums[(t0 + j) * nc..(t0 + j + 1) * nc];
-                                    *value += dot_f32(path, offsets, sums.as_flattened());
+                            for (k, tile_row) in tile.iter().enumerate().take(rm) {
+                                for (j, &value) in tile_row.iter().enumerate().take(rn) {
+                                    // SAFETY: rows r0..r0 + rm belong to this part alone.
+                                    unsafe { out.write((t0 + j) * rows + r0 + k, value) };
                                 }
                             }
-                        }
-                    }
-                    for (k, tile_row) in tile.iter().enumerate().take(rm) {
-                        for (j, &value) in tile_row.iter().enumerate().take(rn) {
-                            // SAFETY: rows r0..r0 + rm belong to this thread's units alone.
-                            unsafe { out.write((t0 + j) * rows + r0 + k, value) };
                         }
                     }
                 }
@@ -686,15 +738,12 @@ fn run_float(
 ) {
     let (rows, cols) = (w.rows, w.cols);
     let units = rows.div_ceil(TILE_ROWS);
-    let active = threads_for(pool, rows * cols * n_tokens, units);
+    let n_parts = parts_for(pool, rows * cols * n_tokens, units);
     let out = SharedOutput::new(y);
-    pool.run(&|i, _| {
-        if i >= active {
-            return;
-        }
+    pool.run_parts(n_parts, &|part, n_parts| {
         with_scratch(&SCRATCH, |scratch| {
             scratch.floats.resize(TILE_ROWS * cols, 0.0);
-            for unit in split(units, active, i) {
+            for unit in split(units, n_parts, part) {
                 let r0 = unit * TILE_ROWS;
                 let rm = TILE_ROWS.min(rows - r0);
                 for k in 0..rm {
@@ -731,7 +780,7 @@ fn run_float(
                     });
                     for (k, tile_row) in tile.iter().enumerate().take(rm) {
                         for (j, &value) in tile_row.iter().enumerate().take(rn) {
-                            // SAFETY: rows r0..r0 + rm belong to this thread's units alone.
+                            // SAFETY: rows r0..r0 + rm belong to this part's units alone.
                             unsafe { out.write((t0 + j) * rows + r0 + k, value) };
                         }
                     }

@@ -36,48 +36,76 @@ pub(crate) fn dot_scalar(
     acc
 }
 
-/// Portable tile: the integer part of `RM` decoded rows × `RN` tokens, written like the AVX2
-/// kernel (eight 32-bit lanes of 4-element partial sums per chunk) so that it vectorizes.
-/// `w` holds the rows back to back (`nc` chunks each); token `j`'s chunks start at
-/// `acts` index `(t0 + j) * nc`.
+/// Portable tile: `RM` decoded rows × `RN` tokens, in 8-wide lane arrays (offsets as a separate
+/// f32 product) so that it vectorizes. `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
+/// chunks start at `acts` index `(t0 + j) * nc`.
 pub(crate) fn tile_portable<const RM: usize, const RN: usize>(
     signed: bool,
+    with_offsets: bool,
     w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    if signed {
+        tile_portable_typed::<RM, RN, true>(with_offsets, w, offsets, acts, t0, out)
+    } else {
+        tile_portable_typed::<RM, RN, false>(with_offsets, w, offsets, acts, t0, out)
+    }
+}
+
+fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
+    with_offsets: bool,
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
     acts: &QuantizedActivations,
     t0: usize,
     out: &mut [[f32; RN]; RM],
 ) {
     let nc = acts.n_chunks;
+    // Per output, eight f32 lanes. Per chunk, lane k of half h sums the products of elements
+    // 16h + k and 16h + 8 + k: every step is element-wise on 8 or 16 contiguous values, the
+    // easiest shape for auto-vectorizers. Products are formed in i16 (|w·x| ≤ 128·127, exact)
+    // and widened to i32 to be summed.
     let mut acc = [[[0f32; 8]; RN]; RM];
     for c in 0..nc {
         for (i, acc_row) in acc.iter_mut().enumerate() {
             let chunk = &w[i * nc + c];
-            let mut wq = [0i32; CHUNK];
-            for (v, &raw) in wq.iter_mut().zip(&chunk.q) {
-                *v = if signed {
-                    i32::from(raw as i8)
+            let wq: [i16; CHUNK] = std::array::from_fn(|e| {
+                if SIGNED {
+                    i16::from(chunk.q[e] as i8)
                 } else {
-                    i32::from(raw)
-                };
-            }
+                    i16::from(chunk.q[e])
+                }
+            });
+            let (s0, s1) = (chunk.scale[0], chunk.scale[4]);
             for (j, acc_rt) in acc_row.iter_mut().enumerate() {
                 let at = (t0 + j) * nc + c;
                 let (xq, dx) = (&acts.q[at], acts.d[at]);
-                let mut lanes = [0i32; 8];
-                for (k, lane) in lanes.iter_mut().enumerate() {
-                    for e in 4 * k..4 * k + 4 {
-                        *lane += wq[e] * i32::from(xq[e]);
+                let products: [i16; CHUNK] = std::array::from_fn(|e| wq[e] * i16::from(xq[e]));
+                let mut halves = [[0i32; 8]; 2];
+                for (h, lanes) in halves.iter_mut().enumerate() {
+                    for k in 0..8 {
+                        lanes[k] =
+                            i32::from(products[16 * h + k]) + i32::from(products[16 * h + 8 + k]);
                     }
                 }
+                let (f0, f1) = (s0 * dx, s1 * dx);
                 for k in 0..8 {
-                    acc_rt[k] += lanes[k] as f32 * (chunk.scale[k] * dx);
+                    acc_rt[k] += halves[0][k] as f32 * f0 + halves[1][k] as f32 * f1;
                 }
             }
         }
     }
-    for (out_row, acc_row) in out.iter_mut().zip(&acc) {
-        for (o, lanes) in out_row.iter_mut().zip(acc_row) {
+    for (i, (out_row, acc_row)) in out.iter_mut().zip(&acc).enumerate() {
+        for (j, (o, lanes)) in out_row.iter_mut().zip(acc_row).enumerate() {
             *o = sum_lanes(lanes);
+            if with_offsets {
+                let offsets = offsets[i * nc..(i + 1) * nc].as_flattened();
+                let sums = acts.half_sums[(t0 + j) * nc..(t0 + j + 1) * nc].as_flattened();
+                *o += dot_f32_portable(offsets, sums);
+            }
         }
     }
 }
