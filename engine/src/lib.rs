@@ -9,11 +9,15 @@
 //! - [`sampler`]: next-token choice (greedy, temperature, top-k/p, min-p, penalties), stop strings.
 //! - [`model_info`]: hyper-parameters and resident-memory estimates from metadata alone.
 //! - [`tokenizer`]: text to token ids and back, exactly as llama.cpp does it.
+//! - [`ops`]: norms, RoPE, activations, softmax and the other per-row operations.
+//! - [`model`]: architectures, the KV cache and the batched forward pass.
 
 pub mod chat;
 pub mod gguf;
 pub mod kernels;
+pub mod model;
 pub mod model_info;
+pub mod ops;
 pub mod quant;
 pub mod sampler;
 pub mod tokenizer;

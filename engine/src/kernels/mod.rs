@@ -6,12 +6,73 @@
 //! - [`matmul`]: `y[t][r] = Σ_c W[r][c] · x[t][c]` for `n_tokens` activation rows at once
 //!   (mat-vec when `n_tokens == 1`), split across a [`ThreadPool`].
 //!
-//! This first implementation dequantizes one weight row at a time into a small buffer and
-//! takes exact f32 dot products: correct for every dequantizable type, and the reference the
-//! fast paths are checked against.
+//! # How the quantized kernels compute
+//!
+//! Like ggml, the activations are quantized once per call to 8 bits per 32 values (an f32
+//! scale per chunk, see `decoded::QuantizedActivations`) and every weight block is used in place
+//! as small integers: integer dot products (`maddubs`/`madd` on AVX2) do the bulk of the work,
+//! which is what makes prefill compute-bound rather than float-bound. Each weight type only has
+//! to *decode* its blocks into one common form (`decoded`: 32 small integers with per-16 scales
+//! and offsets), so one integer kernel serves all twelve block types:
+//!
+//! - **Mat-mat** (`n_tokens > 1`): a block of rows (~192 KB decoded) is decoded once into a
+//!   per-thread buffer, then L2-sized blocks of tokens sweep across it, and a 4-row × 2-token
+//!   tile kernel reuses each decoded chunk held in a register for both tokens and each
+//!   activation chunk for four rows. The decode is paid once per weight per call.
+//! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
+//!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
+//!   once. (The portable and scalar paths use the mat-mat loops with one token.)
+//!
+//! The numerics differ from an exact f32 dot product only by the activation rounding: each
+//! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
+//! `|fast − exact| ≤ Σ_chunks (dx/2)·Σ|w|` plus f32 summation error. The weights' own values are
+//! used exactly. [`matmul_reference`] keeps the exact-f32 computation for tests.
+//!
+//! F32, F16 and BF16 weights are not quantized further: rows are widened to f32 in the buffer
+//! and multiplied in f32 with FMA.
+//!
+//! # Paths
+//!
+//! [`KernelPath`]: `Avx2` (x86-64 with AVX2, FMA, F16C; chosen at run time, detection cached),
+//! `Portable` (plain Rust with fixed-width lane arrays that the compiler vectorizes for any
+//! target, e.g. NEON on arm64), and `Scalar` (straightforward loops: the twin the others are
+//! tested against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|avx2`
+//! overrides it (for benchmarks and bisecting numerical differences).
+//!
+//! There is no AVX-512 path yet: the development and CI machines expose no AVX-512 (their
+//! hypervisor masks it, and the emulators at hand cannot run it), and a SIMD path that no test
+//! ever executes would be a liability. AVX-512 CPUs run the AVX2 path. The place for one is a
+//! `avx512` twin of `avx2::tile`/`avx2::matvec` using `_mm512_dpbusd_epi32` (VNNI), which would
+//! replace `maddubs` + `madd` and halve the integer work per 32 MACs.
+//!
+//! # Threads
+//!
+//! Output rows are split into parts of whole tiles that the [`ThreadPool`]'s threads claim as
+//! they come free (a few parts per thread, so that a thread slowed by other processes on a
+//! shared machine delays little). Every output value is computed by one thread with the same
+//! sequence of operations whatever the split, so results are bit-identical for any thread
+//! count. Small matmuls run on the calling thread alone: below some work the hand-off costs
+//! more than it saves.
+//!
+//! `unsafe` here: calls into the `avx2` module (guarded by run-time detection) and writes of
+//! output values from several threads at disjoint indices (`SharedOutput`).
+#![allow(unsafe_code)]
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod avx2;
+mod decoded;
+mod pool;
+mod portable;
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::sync::{Mutex, OnceLock};
 
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::{dequantize_to_f32, GgmlType};
+use decoded::{DecodedChunk, QuantizedActivations, CHUNK};
+pub use pool::ThreadPool;
 
 /// Errors from setting up a kernel call. Shape errors here are programming errors in a model
 /// or a malformed model file, reported instead of panicking.
@@ -23,6 +84,8 @@ pub enum KernelError {
     NotAMatrix { tensor: String, dims: Vec<u64> },
     #[error("shape mismatch: {0}")]
     Shape(String),
+    #[error("kernel path {0:?} is not available on this CPU")]
+    PathUnavailable(KernelPath),
 }
 
 /// A weight matrix in GGUF layout, borrowed from the mapping.
@@ -88,36 +151,80 @@ impl<'a> WeightMatrix<'a> {
     }
 }
 
-/// Worker threads for the kernels, sized once (`--threads`).
-#[derive(Debug)]
-pub struct ThreadPool {
-    n_threads: usize,
+/// Which implementation of the kernels runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// Straightforward loops; the twin every faster path is tested against.
+    Scalar,
+    /// Plain Rust written for the compiler's auto-vectorizer; runs on any target.
+    Portable,
+    /// x86-64 AVX2 + FMA + F16C intrinsics.
+    Avx2,
 }
 
-impl ThreadPool {
-    pub fn new(n_threads: usize) -> ThreadPool {
-        ThreadPool {
-            n_threads: n_threads.max(1),
+impl KernelPath {
+    /// Every path, fastest last.
+    pub const ALL: [KernelPath; 3] = [KernelPath::Scalar, KernelPath::Portable, KernelPath::Avx2];
+
+    /// Whether this CPU can run the path.
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelPath::Scalar | KernelPath::Portable => true,
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            KernelPath::Avx2 => avx2::available(),
+            #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+            KernelPath::Avx2 => false,
         }
     }
 
-    pub fn n_threads(&self) -> usize {
-        self.n_threads
+    /// The paths this CPU can run.
+    pub fn available() -> Vec<KernelPath> {
+        Self::ALL.into_iter().filter(|p| p.is_available()).collect()
     }
 
-    /// Runs `f(thread_index, n_threads)` on every thread and returns when all are done.
-    pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        let n = self.n_threads;
-        std::thread::scope(|s| {
-            for i in 1..n {
-                s.spawn(move || f(i, n));
+    /// The path [`matmul`] uses: `$EGPU_KERNELS` (`scalar`, `portable` or `avx2`) when set to an
+    /// available path, else the fastest available one. Decided once per process.
+    pub fn best() -> KernelPath {
+        static BEST: OnceLock<KernelPath> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let wanted = std::env::var("EGPU_KERNELS").ok().and_then(|name| {
+                Self::ALL
+                    .into_iter()
+                    .find(|p| p.name().eq_ignore_ascii_case(name.trim()))
+            });
+            match wanted {
+                Some(path) if path.is_available() => path,
+                _ => Self::available()
+                    .last()
+                    .copied()
+                    .unwrap_or(KernelPath::Scalar),
             }
-            f(0, n);
-        });
+        })
+    }
+
+    /// Lower-case name, as `$EGPU_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Portable => "portable",
+            KernelPath::Avx2 => "avx2",
+        }
     }
 }
 
-/// `y[t*rows + r] = Σ_c W[r][c] · x[t*cols + c]` for `t < n_tokens`.
+/// Whether [`matmul`] supports weights of type `ty`.
+pub fn is_supported(ty: GgmlType) -> bool {
+    decoded::is_block_quantized(ty) || is_float(ty)
+}
+
+fn is_float(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// `y[t*rows + r] = Σ_c W[r][c] · x[t*cols + c]` for `t < n_tokens`, on the fastest path.
+///
+/// Quantized weights are multiplied by 8-bit-quantized activations (see the module docs for the
+/// error this adds); float weights in f32.
 pub fn matmul(
     pool: &ThreadPool,
     w: &WeightMatrix,
@@ -125,7 +232,102 @@ pub fn matmul(
     n_tokens: usize,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    if x.len() != n_tokens * w.cols || y.len() != n_tokens * w.rows {
+    matmul_with_path(pool, w, x, n_tokens, y, KernelPath::best())
+}
+
+/// [`matmul`] on a chosen path (tests and benchmarks compare them).
+pub fn matmul_with_path(
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    path: KernelPath,
+) -> Result<(), KernelError> {
+    check_shapes(w, x, n_tokens, y)?;
+    if !path.is_available() {
+        return Err(KernelError::PathUnavailable(path));
+    }
+    if n_tokens == 0 || w.rows == 0 {
+        return Ok(());
+    }
+    if decoded::is_block_quantized(w.ty) {
+        with_scratch(&ACTIVATIONS, |acts| {
+            quantize_activations(pool, path, x, n_tokens, w.cols, acts);
+            run_quantized(pool, path, w, acts, n_tokens, y);
+        });
+    } else if is_float(w.ty) {
+        run_float(pool, path, w, x, n_tokens, y);
+    } else {
+        return Err(KernelError::UnsupportedType {
+            tensor: String::new(),
+            ty: w.ty,
+        });
+    }
+    Ok(())
+}
+
+/// The exact-f32 reference: each weight row dequantized bit-exactly (`crate::quant`) and
+/// multiplied in f32 with sequential sums. Slow; for tests and benchmarks.
+pub fn matmul_reference(
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    check_shapes(w, x, n_tokens, y)?;
+    if !crate::quant::can_dequantize(w.ty) {
+        return Err(KernelError::UnsupportedType {
+            tensor: String::new(),
+            ty: w.ty,
+        });
+    }
+    let out = SharedOutput::new(y);
+    let units = w.rows;
+    let n_parts = parts_for(pool, usize::MAX, units);
+    pool.run_parts(n_parts, &|part, n_parts| {
+        let mut row = vec![0f32; w.cols];
+        for r in split(units, n_parts, part) {
+            if dequantize_to_f32(w.ty, w.row(r), &mut row).is_err() {
+                return;
+            }
+            for t in 0..n_tokens {
+                let xt = &x[t * w.cols..(t + 1) * w.cols];
+                // SAFETY: row r belongs to this part alone (`split` is a partition).
+                unsafe { out.write(t * w.rows + r, portable::dot_f32_scalar(&row, xt)) };
+            }
+        }
+    });
+    Ok(())
+}
+
+fn check_shapes(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    let block = w.ty.block_size();
+    let whole_blocks = block > 0 && w.cols % block == 0;
+    let data_ok = whole_blocks
+        && w.rows
+            .checked_mul(w.row_bytes())
+            .is_some_and(|n| n == w.data.len());
+    if !data_ok {
+        return Err(KernelError::Shape(format!(
+            "{}×{} {} weight: {} bytes of data (need whole {}-element blocks, {} bytes a row)",
+            w.rows,
+            w.cols,
+            w.ty,
+            w.data.len(),
+            block,
+            w.row_bytes()
+        )));
+    }
+    let x_ok = n_tokens.checked_mul(w.cols) == Some(x.len());
+    let y_ok = n_tokens.checked_mul(w.rows) == Some(y.len());
+    if !(x_ok && y_ok) {
         return Err(KernelError::Shape(format!(
             "{}×{} weight, {} tokens: x has {} values, y has {}",
             w.rows,
@@ -135,32 +337,455 @@ pub fn matmul(
             y.len()
         )));
     }
-    let n_threads = pool.n_threads();
-    let chunk = w.rows.div_ceil(n_threads);
-    let results: Vec<std::sync::Mutex<Vec<f32>>> =
-        (0..n_threads).map(|_| Default::default()).collect();
-    pool.run(&|i, _| {
-        let (r0, r1) = ((i * chunk).min(w.rows), ((i + 1) * chunk).min(w.rows));
-        let mut row = vec![0f32; w.cols];
-        let mut local = vec![0f32; (r1 - r0) * n_tokens];
-        for r in r0..r1 {
-            if dequantize_to_f32(w.ty, w.row(r), &mut row).is_err() {
-                return;
-            }
-            for t in 0..n_tokens {
-                let xt = &x[t * w.cols..(t + 1) * w.cols];
-                local[(r - r0) * n_tokens + t] = row.iter().zip(xt).map(|(a, b)| a * b).sum();
-            }
-        }
-        *results[i].lock().unwrap_or_else(|e| e.into_inner()) = local;
+    Ok(())
+}
+
+/// Rows per tile: decoded together, so each activation chunk loaded serves this many rows.
+const TILE_ROWS: usize = 4;
+/// Tokens per tile: each decoded weight chunk held in a register serves this many tokens.
+/// 4 × 2 keeps the eight accumulators and the operands within AVX2's sixteen registers (4 × 3
+/// spilled accumulators to the stack and ran ~25% slower; 5 × 2 measured the same as 4 × 2).
+const TILE_TOKENS: usize = 2;
+// `for_tile_shape!` lists the shapes up to 4 × 2.
+const _: () = assert!(TILE_ROWS == 4 && TILE_TOKENS == 2);
+/// Below this many multiply-adds per thread, splitting a matmul costs more than it saves.
+const MIN_WORK_PER_THREAD: usize = 64 * 1024;
+/// Bytes of decoded weights, and separately of quantized activations, that a mat-mat keeps
+/// hot at a time (see `run_quantized`): two of these fit a 1 MB L2 with room to spare.
+const L2_BLOCK_BYTES: usize = 192 * 1024;
+/// Parts per thread a shared matmul is split into.
+const PARTS_PER_THREAD: usize = 4;
+
+/// Per-thread buffers, kept between calls so that a decode step allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    chunks: Vec<DecodedChunk>,
+    offsets: Vec<[f32; 2]>,
+    floats: Vec<f32>,
+}
+
+thread_local! {
+    static ACTIVATIONS: RefCell<QuantizedActivations> = RefCell::default();
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+/// Runs `f` on this thread's buffer `key`, or on a fresh one if it is already in use (a nested
+/// call), so that reentrancy costs an allocation rather than a panic.
+fn with_scratch<T: Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut f = Some(f);
+    let result = key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => f.take().map(|f| f(&mut buffer)),
+        Err(_) => None,
     });
-    for (i, local) in results.into_iter().enumerate() {
-        let local = local.into_inner().unwrap_or_else(|e| e.into_inner());
-        let r0 = (i * chunk).min(w.rows);
-        for (k, v) in local.into_iter().enumerate() {
-            let (r, t) = (r0 + k / n_tokens, k % n_tokens);
-            y[t * w.rows + r] = v;
+    match (result, f) {
+        (Some(r), _) => r,
+        (None, Some(f)) => f(&mut T::default()),
+        // `f` was taken only when it ran and produced a result.
+        (None, None) => unreachable!("scratch closure consumed without a result"),
+    }
+}
+
+/// The `i`-th of `parts` nearly equal contiguous ranges of `0..n`.
+fn split(n: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
+    (n * i / parts)..(n * (i + 1) / parts)
+}
+
+/// Into how many parts to split `work` multiply-adds over `units` row tiles: 1 (run on the
+/// caller, no hand-off) when the work is too small to share, else a few per useful thread, so
+/// that a thread slowed by other processes holds up little (see `pool`).
+fn parts_for(pool: &ThreadPool, work: usize, units: usize) -> usize {
+    let threads = (work / MIN_WORK_PER_THREAD).clamp(1, pool.n_threads());
+    if threads == 1 {
+        1
+    } else {
+        (threads * PARTS_PER_THREAD).min(units.max(1))
+    }
+}
+
+/// `y`, written by several threads at disjoint indices.
+struct SharedOutput {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `SharedOutput` is only a pointer to an exclusively borrowed `[f32]`; the writers
+// guarantee (see `write`) that no two threads touch the same element.
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    fn new(y: &mut [f32]) -> SharedOutput {
+        SharedOutput {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
         }
     }
-    Ok(())
+
+    /// Stores `value` at `index` (bounds-checked).
+    ///
+    /// # Safety
+    /// No other thread may access `index` during the `pool.run` this is called in, and the
+    /// slice given to `new` must still be exclusively borrowed for that run.
+    unsafe fn write(&self, index: usize, value: f32) {
+        assert!(index < self.len, "output index {index} out of {}", self.len);
+        // SAFETY: in bounds (checked), and exclusive to this thread per the contract above.
+        unsafe { self.ptr.add(index).write(value) };
+    }
+}
+
+/// Quantizes `x` into `acts`, splitting tokens across the pool when there are many.
+fn quantize_activations(
+    pool: &ThreadPool,
+    path: KernelPath,
+    x: &[f32],
+    n_tokens: usize,
+    cols: usize,
+    acts: &mut QuantizedActivations,
+) {
+    acts.reset(n_tokens, cols);
+    let nc = acts.n_chunks;
+    let quantize = |x: &[f32], q: &mut [[i8; CHUNK]], d: &mut [f32], s: &mut [[f32; 2]]| {
+        match path {
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            // SAFETY: `path` is available (checked by the caller); lengths agree by construction.
+            KernelPath::Avx2 => unsafe { avx2::quantize_tokens(x, q, d, s) },
+            _ => decoded::quantize_tokens_scalar(x, q, d, s),
+        }
+    };
+    let active = parts_for(pool, n_tokens * cols * 8, n_tokens);
+    if active <= 1 {
+        quantize(x, &mut acts.q, &mut acts.d, &mut acts.half_sums);
+        acts.sum_halves();
+        return;
+    }
+    // Hand each thread its own token range of the three buffers.
+    let mut parts = Vec::with_capacity(active);
+    let (mut q, mut d, mut s) = (&mut acts.q[..], &mut acts.d[..], &mut acts.half_sums[..]);
+    for i in 0..active {
+        let tokens = split(n_tokens, active, i);
+        let n = tokens.len() * nc;
+        let (q_part, q_rest) = std::mem::take(&mut q).split_at_mut(n);
+        let (d_part, d_rest) = std::mem::take(&mut d).split_at_mut(n);
+        let (s_part, s_rest) = std::mem::take(&mut s).split_at_mut(n);
+        (q, d, s) = (q_rest, d_rest, s_rest);
+        let x_part = &x[tokens.start * cols..tokens.end * cols];
+        parts.push(Mutex::new((x_part, q_part, d_part, s_part)));
+    }
+    pool.run_parts(active, &|i, _| {
+        if let Some(part) = parts.get(i) {
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            let (x, q, d, s) = &mut *part;
+            quantize(x, q, d, s);
+        }
+    });
+    drop(parts);
+    acts.sum_halves();
+}
+
+/// Decodes one weight row on `path`.
+fn decode_row(
+    path: KernelPath,
+    ty: GgmlType,
+    row: &[u8],
+    chunks: &mut [DecodedChunk],
+    offsets: &mut [[f32; 2]],
+) {
+    match path {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        // SAFETY: `path` is available; `chunks`/`offsets` have one entry per 32 elements.
+        KernelPath::Avx2 => unsafe { avx2::decode_row(ty, row, chunks, offsets) },
+        _ => decoded::decode_row_scalar(ty, row, chunks, offsets),
+    }
+}
+
+/// Output of one tile, sized for the largest tile.
+type TileOut = [[f32; TILE_TOKENS]; TILE_ROWS];
+
+/// Expands `$body` for the tile shape `(rm, rn)`, `1 ≤ rm ≤ TILE_ROWS`, `1 ≤ rn ≤ TILE_TOKENS`,
+/// with `$m`/`$n` bound as constants.
+macro_rules! for_tile_shape {
+    ($rm:expr, $rn:expr, |$m:ident, $n:ident| $body:block) => {
+        match ($rm, $rn) {
+            (1, 1) => {
+                const $m: usize = 1;
+                const $n: usize = 1;
+                $body
+            }
+            (1, 2) => {
+                const $m: usize = 1;
+                const $n: usize = 2;
+                $body
+            }
+            (2, 1) => {
+                const $m: usize = 2;
+                const $n: usize = 1;
+                $body
+            }
+            (2, 2) => {
+                const $m: usize = 2;
+                const $n: usize = 2;
+                $body
+            }
+            (3, 1) => {
+                const $m: usize = 3;
+                const $n: usize = 1;
+                $body
+            }
+            (3, 2) => {
+                const $m: usize = 3;
+                const $n: usize = 2;
+                $body
+            }
+            (4, 1) => {
+                const $m: usize = 4;
+                const $n: usize = 1;
+                $body
+            }
+            _ => {
+                const $m: usize = 4;
+                const $n: usize = 2;
+                $body
+            }
+        }
+    };
+}
+
+/// A tile of `rm` decoded rows × `rn` tokens from `t0`, into `out`.
+#[allow(clippy::too_many_arguments)]
+fn quantized_tile(
+    path: KernelPath,
+    signed: bool,
+    with_offsets: bool,
+    rm: usize,
+    rn: usize,
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut TileOut,
+) {
+    for_tile_shape!(rm, rn, |RM, RN| {
+        let mut o = [[0f32; RN]; RM];
+        match path {
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            // SAFETY: `path` is available; `w` holds RM rows and `acts` tokens t0..t0 + RN
+            // (the driver's tiling guarantees both; `tile` re-checks).
+            KernelPath::Avx2 => unsafe {
+                match (signed, with_offsets) {
+                    (true, false) => {
+                        avx2::tile::<RM, RN, true, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (true, true) => avx2::tile::<RM, RN, true, true>(w, offsets, acts, t0, &mut o),
+                    (false, false) => {
+                        avx2::tile::<RM, RN, false, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (false, true) => {
+                        avx2::tile::<RM, RN, false, true>(w, offsets, acts, t0, &mut o)
+                    }
+                }
+            },
+            _ => portable::tile_portable::<RM, RN>(
+                signed,
+                with_offsets,
+                w,
+                offsets,
+                acts,
+                t0,
+                &mut o,
+            ),
+        }
+        for (dst, src) in out.iter_mut().zip(&o) {
+            dst[..RN].copy_from_slice(src);
+        }
+    });
+}
+
+fn run_quantized(
+    pool: &ThreadPool,
+    path: KernelPath,
+    w: &WeightMatrix,
+    acts: &QuantizedActivations,
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    let (rows, nc) = (w.rows, acts.n_chunks);
+    let signed = decoded::is_signed(w.ty);
+    let with_offsets = decoded::has_offset(w.ty);
+    let units = rows.div_ceil(TILE_ROWS);
+    let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
+    let out = SharedOutput::new(y);
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if n_tokens == 1 && path == KernelPath::Avx2 {
+        pool.run_parts(n_parts, &|part, n_parts| {
+            let units = split(units, n_parts, part);
+            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
+            // SAFETY: only row r's output is written, and rows of different parts are
+            // disjoint (`split` is a partition).
+            let store = |r: usize, v: f32| unsafe { out.write(r, v) };
+            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
+            // holds the one token of `w.cols` values.
+            unsafe { avx2::matvec_rows(w, rows, acts, store) };
+        });
+        return;
+    }
+    // Cache blocking: a block of rows is decoded once into the buffer, then token blocks sweep
+    // across it, row tile by row tile. Both blocks are sized to share L2 (about 1 MB on the
+    // CPUs this targets), so neither the decoded weights nor the activations of long prompts
+    // are re-read from further away once per row tile.
+    let decoded_bytes_per_row = nc * (std::mem::size_of::<DecodedChunk>() + 8);
+    let rows_per_block = (L2_BLOCK_BYTES / decoded_bytes_per_row.max(1) / TILE_ROWS).max(1);
+    let act_bytes_per_token = nc * (CHUNK + 4 + 8);
+    let tokens_per_block = (L2_BLOCK_BYTES / act_bytes_per_token.max(1) / TILE_TOKENS).max(1);
+    let tokens_per_block = tokens_per_block * TILE_TOKENS;
+    pool.run_parts(n_parts, &|part, n_parts| {
+        with_scratch(&SCRATCH, |scratch| {
+            let part_units = split(units, n_parts, part);
+            let block_units = rows_per_block.min(part_units.len());
+            scratch
+                .chunks
+                .resize(block_units * TILE_ROWS * nc, DecodedChunk::ZERO);
+            scratch
+                .offsets
+                .resize(block_units * TILE_ROWS * nc, [0.0; 2]);
+            for first_unit in part_units.clone().step_by(block_units.max(1)) {
+                let block = first_unit..(first_unit + block_units).min(part_units.end);
+                let block_r0 = block.start * TILE_ROWS;
+                let block_r1 = (block.end * TILE_ROWS).min(rows);
+                for r in block_r0..block_r1 {
+                    let at = (r - block_r0) * nc..(r - block_r0 + 1) * nc;
+                    let (chunks, offsets) =
+                        (&mut scratch.chunks[at.clone()], &mut scratch.offsets[at]);
+                    decode_row(path, w.ty, w.row(r), chunks, offsets);
+                }
+                for tb in (0..n_tokens).step_by(tokens_per_block) {
+                    let tokens = tb..(tb + tokens_per_block).min(n_tokens);
+                    for r0 in (block_r0..block_r1).step_by(TILE_ROWS) {
+                        let rm = TILE_ROWS.min(block_r1 - r0);
+                        let at = (r0 - block_r0) * nc..(r0 - block_r0 + rm) * nc;
+                        let (chunks, offsets) = (&scratch.chunks[at.clone()], &scratch.offsets[at]);
+                        for t0 in tokens.clone().step_by(TILE_TOKENS) {
+                            let rn = TILE_TOKENS.min(tokens.end - t0);
+                            let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
+                            if path == KernelPath::Scalar {
+                                for (k, tile_row) in tile.iter_mut().enumerate().take(rm) {
+                                    for (j, value) in tile_row.iter_mut().enumerate().take(rn) {
+                                        let xs = (t0 + j) * nc..(t0 + j + 1) * nc;
+                                        *value = portable::dot_scalar(
+                                            signed,
+                                            &chunks[k * nc..(k + 1) * nc],
+                                            &offsets[k * nc..(k + 1) * nc],
+                                            &acts.q[xs.clone()],
+                                            &acts.d[xs.clone()],
+                                            &acts.half_sums[xs],
+                                        );
+                                    }
+                                }
+                            } else {
+                                quantized_tile(
+                                    path,
+                                    signed,
+                                    with_offsets,
+                                    rm,
+                                    rn,
+                                    chunks,
+                                    offsets,
+                                    acts,
+                                    t0,
+                                    &mut tile,
+                                );
+                            }
+                            for (k, tile_row) in tile.iter().enumerate().take(rm) {
+                                for (j, &value) in tile_row.iter().enumerate().take(rn) {
+                                    // SAFETY: rows r0..r0 + rm belong to this part alone.
+                                    unsafe { out.write((t0 + j) * rows + r0 + k, value) };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// Widens one float weight row to f32.
+fn widen_row(path: KernelPath, ty: GgmlType, row: &[u8], dst: &mut [f32]) {
+    match (path, ty) {
+        (_, GgmlType::F32) => {
+            for (v, b) in dst.iter_mut().zip(row.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        // SAFETY: `path` is available; `row` is `dst.len()` 2-byte values.
+        (KernelPath::Avx2, _) => unsafe { avx2::widen_row(ty, row, dst) },
+        _ => {
+            // Lengths match by construction, so this cannot fail.
+            let _ = dequantize_to_f32(ty, row, dst);
+        }
+    }
+}
+
+fn run_float(
+    pool: &ThreadPool,
+    path: KernelPath,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    let units = rows.div_ceil(TILE_ROWS);
+    let n_parts = parts_for(pool, rows * cols * n_tokens, units);
+    let out = SharedOutput::new(y);
+    pool.run_parts(n_parts, &|part, n_parts| {
+        with_scratch(&SCRATCH, |scratch| {
+            scratch.floats.resize(TILE_ROWS * cols, 0.0);
+            for unit in split(units, n_parts, part) {
+                let r0 = unit * TILE_ROWS;
+                let rm = TILE_ROWS.min(rows - r0);
+                for k in 0..rm {
+                    let dst = &mut scratch.floats[k * cols..(k + 1) * cols];
+                    widen_row(path, w.ty, w.row(r0 + k), dst);
+                }
+                for t0 in (0..n_tokens).step_by(TILE_TOKENS) {
+                    let rn = TILE_TOKENS.min(n_tokens - t0);
+                    let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
+                    let wf = &scratch.floats[..];
+                    for_tile_shape!(rm, rn, |RM, RN| {
+                        let mut o = [[0f32; RN]; RM];
+                        match path {
+                            KernelPath::Scalar => {
+                                for (k, o_row) in o.iter_mut().enumerate() {
+                                    for (j, v) in o_row.iter_mut().enumerate() {
+                                        let xt = &x[(t0 + j) * cols..(t0 + j + 1) * cols];
+                                        let wr = &wf[k * cols..(k + 1) * cols];
+                                        *v = portable::dot_f32_scalar(wr, xt);
+                                    }
+                                }
+                            }
+                            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+                            // SAFETY: `path` is available; `wf` holds RM rows and `x` tokens
+                            // t0..t0 + RN (`tile_f32` re-checks).
+                            KernelPath::Avx2 => unsafe {
+                                avx2::tile_f32::<RM, RN>(wf, x, cols, t0, &mut o)
+                            },
+                            _ => portable::tile_f32_portable::<RM, RN>(wf, x, cols, t0, &mut o),
+                        }
+                        for (dst, src) in tile.iter_mut().zip(&o) {
+                            dst[..RN].copy_from_slice(src);
+                        }
+                    });
+                    for (k, tile_row) in tile.iter().enumerate().take(rm) {
+                        for (j, &value) in tile_row.iter().enumerate().take(rn) {
+                            // SAFETY: rows r0..r0 + rm belong to this part's units alone.
+                            unsafe { out.write((t0 + j) * rows + r0 + k, value) };
+                        }
+                    }
+                }
+            }
+        });
+    });
 }

@@ -251,7 +251,8 @@ fn q2_k(block: &BlockQ2K, y: &mut [f32; QK_K]) {
 /// Unpacks Q3_K's sixteen 6-bit scales. Bytes 0..8 hold the low nibbles (scales 0..8 in the low
 /// halves, 8..16 in the high halves); bytes 8..12 hold the top two bits, scale `4 * s + j` in
 /// bits `2s..2s+2` of byte `8 + j`. The stored value is offset by 32.
-fn q3_k_scales(packed: &[u8; 12]) -> [i8; 16] {
+#[inline(always)]
+pub(crate) fn q3_k_scales(packed: &[u8; 12]) -> [i8; 16] {
     std::array::from_fn(|i| {
         let low = (packed[i % 8] >> (4 * (i / 8))) & 0x0F;
         let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 0x03;
@@ -281,7 +282,8 @@ fn q3_k(block: &BlockQ3K, y: &mut [f32; QK_K]) {
 /// (`get_scale_min_k4` in ggml). Bytes 0..4 and 4..8 hold scales and mins 0..4 in their low six
 /// bits; scales and mins 4..8 take their low nibbles from bytes 8..12 and their top two bits
 /// from the spare top bits of bytes 0..4 and 4..8.
-fn k4_scales_mins(packed: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+#[inline(always)]
+pub(crate) fn k4_scales_mins(packed: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     let scales = std::array::from_fn(|j| {
         if j < 4 {
             packed[j] & 0x3F
@@ -352,7 +354,7 @@ fn q6_k(block: &BlockQ6K, y: &mut [f32; QK_K]) {
 }
 
 /// The non-linear 4-bit codebook of IQ4_NL and IQ4_XS (`kvalues_iq4nl` in ggml).
-const IQ4_NL_VALUES: [i8; 16] = [
+pub(crate) const IQ4_NL_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 

@@ -1,8 +1,9 @@
 //! GGML tensor types and the dequantization of their blocks.
 
-mod blocks;
+pub(crate) mod blocks;
 mod dequant;
 mod types;
 
 pub use dequant::{can_dequantize, dequantize_to_f16, dequantize_to_f32, DequantError};
+pub(crate) use dequant::{k4_scales_mins, q3_k_scales, IQ4_NL_VALUES};
 pub use types::GgmlType;

@@ -31,3 +31,4 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(rel)
 }
+pub mod synthetic;

@@ -1,0 +1,158 @@
+//! Kernels in plain Rust: the scalar twins every SIMD path is checked against, and the tiled
+//! "portable" kernels, written with fixed-width lane arrays so that the compiler vectorizes them
+//! for whatever target it builds (NEON on arm64 Macs, SSE2 on baseline x86-64).
+//!
+//! Both work on the decoded form of [`super::decoded`]: the per-type decoding is scalar code
+//! shared by the two paths, and its loops over 16 or 32 bytes vectorize as well.
+
+use super::decoded::{DecodedChunk, QuantizedActivations, CHUNK};
+
+/// Scalar twin: `Σ w·x` for one decoded weight row against one token's quantized activations,
+/// the integer sums taken per 16-element half exactly as the decoded form defines them.
+pub(crate) fn dot_scalar(
+    signed: bool,
+    chunks: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    xq: &[[i8; CHUNK]],
+    xd: &[f32],
+    x_half_sums: &[[f32; 2]],
+) -> f32 {
+    let mut acc = 0f32;
+    for c in 0..chunks.len() {
+        let mut halves = [0i32; 2];
+        for i in 0..CHUNK {
+            let raw = chunks[c].q[i];
+            let w = if signed {
+                i32::from(raw as i8)
+            } else {
+                i32::from(raw)
+            };
+            halves[i / 16] += w * i32::from(xq[c][i]);
+        }
+        let scaled = chunks[c].scale[0] * halves[0] as f32 + chunks[c].scale[4] * halves[1] as f32;
+        acc +=
+            xd[c] * scaled + offsets[c][0] * x_half_sums[c][0] + offsets[c][1] * x_half_sums[c][1];
+    }
+    acc
+}
+
+/// Portable tile: `RM` decoded rows × `RN` tokens, in 8-wide lane arrays (offsets as a separate
+/// f32 product) so that it vectorizes. `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
+/// chunks start at `acts` index `(t0 + j) * nc`.
+pub(crate) fn tile_portable<const RM: usize, const RN: usize>(
+    signed: bool,
+    with_offsets: bool,
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    if signed {
+        tile_portable_typed::<RM, RN, true>(with_offsets, w, offsets, acts, t0, out)
+    } else {
+        tile_portable_typed::<RM, RN, false>(with_offsets, w, offsets, acts, t0, out)
+    }
+}
+
+fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
+    with_offsets: bool,
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    let nc = acts.n_chunks;
+    // Per output, eight f32 lanes. Per chunk, lane k of half h sums the products of elements
+    // 16h + k and 16h + 8 + k: every step is element-wise on 8 or 16 contiguous values, the
+    // easiest shape for auto-vectorizers. Products are formed in i16 (|w·x| ≤ 128·127, exact)
+    // and widened to i32 to be summed.
+    let mut acc = [[[0f32; 8]; RN]; RM];
+    for c in 0..nc {
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            let chunk = &w[i * nc + c];
+            let wq: [i16; CHUNK] = std::array::from_fn(|e| {
+                if SIGNED {
+                    i16::from(chunk.q[e] as i8)
+                } else {
+                    i16::from(chunk.q[e])
+                }
+            });
+            let (s0, s1) = (chunk.scale[0], chunk.scale[4]);
+            for (j, acc_rt) in acc_row.iter_mut().enumerate() {
+                let at = (t0 + j) * nc + c;
+                let (xq, dx) = (&acts.q[at], acts.d[at]);
+                let products: [i16; CHUNK] = std::array::from_fn(|e| wq[e] * i16::from(xq[e]));
+                let mut halves = [[0i32; 8]; 2];
+                for (h, lanes) in halves.iter_mut().enumerate() {
+                    for k in 0..8 {
+                        lanes[k] =
+                            i32::from(products[16 * h + k]) + i32::from(products[16 * h + 8 + k]);
+                    }
+                }
+                let (f0, f1) = (s0 * dx, s1 * dx);
+                for k in 0..8 {
+                    acc_rt[k] += halves[0][k] as f32 * f0 + halves[1][k] as f32 * f1;
+                }
+            }
+        }
+    }
+    for (i, (out_row, acc_row)) in out.iter_mut().zip(&acc).enumerate() {
+        for (j, (o, lanes)) in out_row.iter_mut().zip(acc_row).enumerate() {
+            *o = sum_lanes(lanes);
+            if with_offsets {
+                let offsets = offsets[i * nc..(i + 1) * nc].as_flattened();
+                let sums = acts.half_sums[(t0 + j) * nc..(t0 + j + 1) * nc].as_flattened();
+                *o += dot_f32_portable(offsets, sums);
+            }
+        }
+    }
+}
+
+/// Pairwise sum of eight lanes, in the same order as the AVX2 horizontal sum.
+#[inline(always)]
+pub(crate) fn sum_lanes(l: &[f32; 8]) -> f32 {
+    let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    let p = [q[0] + q[2], q[1] + q[3]];
+    p[0] + p[1]
+}
+
+/// `Σ a·b` over equal-length slices, in eight lanes (vectorizable).
+pub(crate) fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_tail) = b.split_at(a8.len().min(b.len()));
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    let mut sum = sum_lanes(&lanes);
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// Scalar twin of the float-weight kernels: a plain sequential dot product.
+pub(crate) fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0.0, |s, (x, y)| s + x * y)
+}
+
+/// Portable tile for float weights: `RM` f32 rows (each `cols` long, back to back) × `RN`
+/// tokens of `x` starting at token `t0`.
+pub(crate) fn tile_f32_portable<const RM: usize, const RN: usize>(
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    for (i, out_row) in out.iter_mut().enumerate() {
+        for (j, o) in out_row.iter_mut().enumerate() {
+            let xt = &x[(t0 + j) * cols..(t0 + j + 1) * cols];
+            *o = dot_f32_portable(&w[i * cols..(i + 1) * cols], xt);
+        }
+    }
+}

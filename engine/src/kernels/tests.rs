@@ -1,0 +1,483 @@
+//! Numerical tests of the kernels on synthetic weights. Real model tensors are exercised in
+//! `engine/tests/kernels.rs`.
+//!
+//! Error bounds (per output value `y = Σ_i w_i·x_i`):
+//!
+//! - **Quantized weights, fast or scalar path vs exact f32.** The only approximation is the 8-bit
+//!   activation rounding, at most half a step `dx_c/2` per element of chunk `c`, so
+//!   `|y_fast − y_exact| ≤ Σ_c (dx_c/2)·Σ_{i∈c}|w_i|` — ggml's known bound for `vec_dot` against
+//!   Q8 activations, made exact by using f32 (not f16) activation scales — plus f32 summation
+//!   error on both sides, bounded by `(n + 64)·ε·S` with `S = Σ_i (|s_i q_i| + |o_i|)·|x_i|`
+//!   the magnitude of all terms summed (integer part and offset part can cancel, so the bound
+//!   must use the terms, not the result).
+//! - **Fast path vs its scalar twin.** Both compute the same quantized-activation dot product
+//!   from the same integers; they differ only in the order of f32 roundings, so the bound is the
+//!   summation term alone: `2·(n_chunks + 64)·ε·S`.
+//! - **Float weights.** No quantization: `2·(n + 64)·ε·Σ|w_i x_i|` between any two paths.
+
+use super::decoded::tests::{sanitize_f16_scales, Rng};
+use super::decoded::*;
+use super::*;
+
+fn random_f32(rng: &mut Rng) -> f32 {
+    // Uniform in [-1, 1) with 24 bits of resolution.
+    (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+/// Random activations with the occasional outlier, as real hidden states have.
+fn random_activations(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let v = random_f32(rng);
+            if i % 97 == 13 {
+                v * 40.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// Random bytes for `rows × cols` weights of `ty`, with sane scales (finite f16 scales for the
+/// block types, random values in ±1 for float types).
+fn random_weights(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let n = rows * cols;
+    match ty {
+        GgmlType::F32 => (0..n).flat_map(|_| random_f32(rng).to_le_bytes()).collect(),
+        GgmlType::F16 => (0..n)
+            .flat_map(|_| half::f16::from_f32(random_f32(rng)).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => (0..n)
+            .flat_map(|_| ((random_f32(rng).to_bits() >> 16) as u16).to_le_bytes())
+            .collect(),
+        _ => {
+            let bytes = n / ty.block_size() * ty.type_size();
+            let mut data: Vec<u8> = (0..bytes).map(|_| rng.next_u64() as u8).collect();
+            sanitize_f16_scales(ty, &mut data);
+            data
+        }
+    }
+}
+
+const QUANTIZED: [GgmlType; 12] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
+];
+const FLOATS: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
+
+/// Per-output bounds `(quantization, summation)` for `w` against `x` (see the module docs).
+fn bounds(w: &WeightMatrix, x: &[f32], n_tokens: usize) -> Vec<(f32, f32)> {
+    let (rows, cols) = (w.rows, w.cols);
+    let eps = f32::EPSILON;
+    let mut out = vec![(0f32, 0f32); rows * n_tokens];
+    let mut wf = vec![0f32; cols];
+    let nc = cols / CHUNK;
+    let mut chunks = vec![DecodedChunk::ZERO; nc];
+    let mut offsets = vec![[0f32; 2]; nc];
+    for r in 0..rows {
+        dequantize_to_f32(w.ty, w.row(r), &mut wf).unwrap();
+        let quantized = decoded::is_block_quantized(w.ty);
+        if quantized {
+            decode_row_scalar(w.ty, w.row(r), &mut chunks, &mut offsets);
+        }
+        for t in 0..n_tokens {
+            let xt = &x[t * cols..(t + 1) * cols];
+            if !quantized {
+                let s: f32 = wf.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                out[t * rows + r] = (0.0, 2.0 * (cols as f32 + 64.0) * eps * s);
+                continue;
+            }
+            let (mut quant, mut s) = (0f32, 0f32);
+            for c in 0..nc {
+                let xc = &xt[c * CHUNK..(c + 1) * CHUNK];
+                let mut q = [0i8; CHUNK];
+                let (dx, _) = quantize_chunk_scalar(xc, &mut q);
+                let wc = &wf[c * CHUNK..(c + 1) * CHUNK];
+                quant += dx / 2.0 * wc.iter().map(|v| v.abs()).sum::<f32>();
+                for e in 0..CHUNK {
+                    let raw = chunks[c].q[e];
+                    let qv = if decoded::is_signed(w.ty) {
+                        f32::from(raw as i8)
+                    } else {
+                        f32::from(raw)
+                    };
+                    let term = (chunks[c].scale[e / 4] * qv).abs() + offsets[c][e / 16].abs();
+                    s += term * (xc[e].abs() + dx);
+                }
+            }
+            out[t * rows + r] = (quant * 1.0001, (cols as f32 + 64.0) * eps * s);
+        }
+    }
+    out
+}
+
+fn matrix(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> WeightMatrix<'_> {
+    WeightMatrix {
+        ty,
+        rows,
+        cols,
+        data,
+    }
+}
+
+/// Every type on every available path, against the exact reference and the scalar twin, for
+/// mat-vec and small and ragged mat-mat shapes (7 rows: a partial row tile; 5 tokens: a
+/// partial token tile; 17 blocks per row for 32-element types).
+#[test]
+fn every_type_and_path_agrees_with_the_reference_within_bounds() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+    let rows = 7;
+    for ty in QUANTIZED.into_iter().chain(FLOATS) {
+        // 17 blocks for the 32-element types: two groups of eight and a tail in the batched
+        // AVX2 mat-vec; 2 super-blocks for the rest.
+        let cols = if ty.block_size() == 32 { 544 } else { 512 };
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        for n_tokens in [1, 2, 5] {
+            let x = random_activations(&mut rng, n_tokens * cols);
+            let bound = bounds(&w, &x, n_tokens);
+            let mut exact = vec![0f32; rows * n_tokens];
+            matmul_reference(&pool, &w, &x, n_tokens, &mut exact).unwrap();
+            let mut twin = vec![f32::NAN; rows * n_tokens];
+            matmul_with_path(&pool, &w, &x, n_tokens, &mut twin, KernelPath::Scalar).unwrap();
+            for path in KernelPath::available() {
+                let mut y = vec![f32::NAN; rows * n_tokens];
+                matmul_with_path(&pool, &w, &x, n_tokens, &mut y, path).unwrap();
+                for (i, &(quant, sum)) in bound.iter().enumerate() {
+                    let err = (y[i] - exact[i]).abs();
+                    assert!(
+                        err <= quant + 2.0 * sum,
+                        "{ty} {path:?} tokens {n_tokens} out {i}: {} vs exact {} \
+                         (err {err}, bound {quant} + {})",
+                        y[i],
+                        exact[i],
+                        2.0 * sum
+                    );
+                    let twin_err = (y[i] - twin[i]).abs();
+                    assert!(
+                        twin_err <= 2.0 * sum,
+                        "{ty} {path:?} tokens {n_tokens} out {i}: {} vs scalar twin {} \
+                         (err {twin_err}, bound {})",
+                        y[i],
+                        twin[i],
+                        2.0 * sum
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The quantization bound is not vacuous: on typical data the fast result is much closer to the
+/// exact one than to zero.
+#[test]
+fn quantized_results_are_close_in_relative_terms() {
+    let pool = ThreadPool::new(1);
+    let mut rng = Rng(99);
+    let (rows, cols) = (16, 1024);
+    for ty in QUANTIZED {
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        let x: Vec<f32> = (0..cols).map(|_| random_f32(&mut rng)).collect();
+        let mut exact = vec![0f32; rows];
+        let mut fast = vec![0f32; rows];
+        matmul_reference(&pool, &w, &x, 1, &mut exact).unwrap();
+        matmul(&pool, &w, &x, 1, &mut fast).unwrap();
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let diff: Vec<f32> = exact.iter().zip(&fast).map(|(a, b)| a - b).collect();
+        assert!(
+            norm(&diff) <= 0.02 * norm(&exact),
+            "{ty}: relative error {}",
+            norm(&diff) / norm(&exact)
+        );
+    }
+}
+
+/// Each output is computed by one thread with the same operations whatever the split, so
+/// different thread counts give bit-identical results on every path.
+#[test]
+fn thread_counts_give_bit_identical_results() {
+    let mut rng = Rng(5);
+    let (rows, cols, n_tokens) = (66, 1024, 4);
+    let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+    ] {
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        let x = random_activations(&mut rng, n_tokens * cols);
+        for path in KernelPath::available() {
+            let results: Vec<Vec<u32>> = pools
+                .iter()
+                .map(|pool| {
+                    let mut y = vec![0f32; rows * n_tokens];
+                    matmul_with_path(pool, &w, &x, n_tokens, &mut y, path).unwrap();
+                    y.iter().map(|v| v.to_bits()).collect()
+                })
+                .collect();
+            assert_eq!(results[0], results[1], "{ty} {path:?}: 1 vs 2 threads");
+            assert_eq!(results[0], results[2], "{ty} {path:?}: 1 vs 3 threads");
+        }
+    }
+}
+
+/// Mat-mat gives, for each token, the mat-vec result of that token alone: exactly on the paths
+/// that share one tile kernel, and up to summation order (the twin bound) on AVX2, whose
+/// mat-vec consumes decoded chunks in registers with its own accumulation order.
+#[test]
+fn matmat_equals_matvec_per_token() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(11);
+    let (rows, cols, n_tokens) = (9, 256, 7);
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q5_0,
+        GgmlType::IQ4_NL,
+        GgmlType::F32,
+    ] {
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        let x = random_activations(&mut rng, n_tokens * cols);
+        let bound = bounds(&w, &x, n_tokens);
+        for path in KernelPath::available() {
+            let mut all = vec![0f32; rows * n_tokens];
+            matmul_with_path(&pool, &w, &x, n_tokens, &mut all, path).unwrap();
+            for t in 0..n_tokens {
+                let mut one = vec![0f32; rows];
+                let xt = &x[t * cols..(t + 1) * cols];
+                matmul_with_path(&pool, &w, xt, 1, &mut one, path).unwrap();
+                for r in 0..rows {
+                    let (a, b) = (one[r], all[t * rows + r]);
+                    if path == KernelPath::Avx2 && decoded::is_block_quantized(ty) {
+                        let sum = bound[t * rows + r].1;
+                        assert!(
+                            (a - b).abs() <= 2.0 * sum,
+                            "{ty} {path:?} t {t} r {r}: {a} vs {b}"
+                        );
+                    } else {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{ty} {path:?} t {t} r {r}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// With long rows the mat-mat loops split rows and tokens into several cache blocks (8192
+/// columns: blocks of 8 rows and 16 tokens); ragged counts of both still produce every output,
+/// within bounds and identically for any thread count.
+#[test]
+fn cache_blocks_cover_every_output() {
+    let mut rng = Rng(77);
+    let (rows, cols, n_tokens) = (21, 8192, 37);
+    let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+    for ty in [GgmlType::Q4_1, GgmlType::Q6_K] {
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        let x = random_activations(&mut rng, n_tokens * cols);
+        let bound = bounds(&w, &x, n_tokens);
+        let mut exact = vec![0f32; rows * n_tokens];
+        matmul_reference(&pools[0], &w, &x, n_tokens, &mut exact).unwrap();
+        for path in KernelPath::available() {
+            let results: Vec<Vec<f32>> = pools
+                .iter()
+                .map(|pool| {
+                    let mut y = vec![f32::NAN; rows * n_tokens];
+                    matmul_with_path(pool, &w, &x, n_tokens, &mut y, path).unwrap();
+                    y
+                })
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&results[0]), bits(&results[1]), "{ty} {path:?}");
+            for (i, &(quant, sum)) in bound.iter().enumerate() {
+                let err = (results[0][i] - exact[i]).abs();
+                assert!(err <= quant + 2.0 * sum, "{ty} {path:?} out {i}: err {err}");
+            }
+        }
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod avx2_twins {
+    use super::*;
+
+    /// Each AVX2 decoder writes exactly what the scalar decoder writes.
+    #[test]
+    fn avx2_decoders_match_scalar_exactly() {
+        if !KernelPath::Avx2.is_available() {
+            return;
+        }
+        let mut rng = Rng(0xDEC0DE);
+        for ty in QUANTIZED {
+            for _ in 0..20 {
+                let data = random_weights(&mut rng, ty, 1, 512);
+                let nc = 512 / CHUNK;
+                let mut want = (vec![DecodedChunk::ZERO; nc], vec![[0f32; 2]; nc]);
+                let mut got = (vec![DecodedChunk::ZERO; nc], vec![[9f32; 2]; nc]);
+                decode_row_scalar(ty, &data, &mut want.0, &mut want.1);
+                // SAFETY: AVX2 is available (checked above); lengths match.
+                unsafe { avx2::decode_row(ty, &data, &mut got.0, &mut got.1) };
+                for c in 0..nc {
+                    assert_eq!(want.0[c].q, got.0[c].q, "{ty} chunk {c} quants");
+                    assert_eq!(want.0[c].scale, got.0[c].scale, "{ty} chunk {c} scales");
+                    assert_eq!(want.1[c], got.1[c], "{ty} chunk {c} offsets");
+                }
+            }
+        }
+    }
+
+    /// The AVX2 activation quantizer is bit-identical to the scalar one, including rounding ties,
+    /// values that round to ±127, all-zero chunks and sign handling.
+    #[test]
+    fn avx2_activation_quantizer_matches_scalar_exactly() {
+        if !KernelPath::Avx2.is_available() {
+            return;
+        }
+        let mut rng = Rng(0xACE);
+        let mut x = random_activations(&mut rng, 64 * CHUNK);
+        // Chunk 1: exact ties (amax 127 makes the step 1, so k + 0.5 is a tie).
+        for (i, v) in x[CHUNK..2 * CHUNK].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) + 0.5;
+        }
+        x[CHUNK] = 127.0;
+        // Chunk 2: zeros; chunk 3: one value; chunk 4: tiny values.
+        x[2 * CHUNK..3 * CHUNK].fill(0.0);
+        x[3 * CHUNK..4 * CHUNK].fill(0.0);
+        x[3 * CHUNK + 5] = -3.0;
+        for v in &mut x[4 * CHUNK..5 * CHUNK] {
+            *v *= 1e-30;
+        }
+        // Chunk 5: values just below ties.
+        for (i, v) in x[5 * CHUNK..6 * CHUNK].iter_mut().enumerate() {
+            *v = f32::from_bits(((i as f32 - 16.0) + 0.5).to_bits() - 1);
+        }
+        x[5 * CHUNK + 31] = 127.0;
+        let n = x.len() / CHUNK;
+        let mut want = (vec![[0i8; CHUNK]; n], vec![0f32; n], vec![[0f32; 2]; n]);
+        let mut got = (vec![[0i8; CHUNK]; n], vec![0f32; n], vec![[0f32; 2]; n]);
+        quantize_tokens_scalar(&x, &mut want.0, &mut want.1, &mut want.2);
+        // SAFETY: AVX2 is available; lengths match.
+        unsafe { avx2::quantize_tokens(&x, &mut got.0, &mut got.1, &mut got.2) };
+        for c in 0..n {
+            assert_eq!(want.0[c], got.0[c], "chunk {c} quants");
+            assert_eq!(want.1[c].to_bits(), got.1[c].to_bits(), "chunk {c} scale");
+            assert_eq!(want.2[c], got.2[c], "chunk {c} sums");
+        }
+    }
+}
+
+/// NaN or infinite activations make the outputs they reach NaN on every path, as in the
+/// exact product (a quantizer that skipped them would hide a broken model).
+#[test]
+fn nan_and_infinite_activations_propagate() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(3);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_XS,
+    ] {
+        let (rows, cols) = (5, 256);
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 37, 255] {
+                let mut x = random_activations(&mut rng, 2 * cols);
+                x[cols + at] = bad;
+                for path in KernelPath::available() {
+                    for n_tokens in [1, 2] {
+                        let xs = &x[(2 - n_tokens) * cols..];
+                        let mut y = vec![0f32; rows * n_tokens];
+                        matmul_with_path(&pool, &w, xs, n_tokens, &mut y, path).unwrap();
+                        let last = &y[(n_tokens - 1) * rows..];
+                        assert!(
+                            last.iter().all(|v| v.is_nan()),
+                            "{ty} {path:?} {bad} at {at}: {last:?}"
+                        );
+                        if n_tokens == 2 {
+                            assert!(y[..rows].iter().all(|v| v.is_finite()), "{ty} {path:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let pool = ThreadPool::new(2);
+    let data = vec![0u8; 2 * 20]; // two Q4_1 blocks: 1 row of 64, or 2 rows of 32
+    let w = matrix(GgmlType::Q4_1, 2, 32, &data);
+    let mut y = vec![0f32; 2];
+    assert!(matches!(
+        matmul(&pool, &w, &[0.0; 31], 1, &mut y),
+        Err(KernelError::Shape(_))
+    ));
+    assert!(matches!(
+        matmul(&pool, &w, &[0.0; 32], 1, &mut y[..1]),
+        Err(KernelError::Shape(_))
+    ));
+    assert!(matches!(
+        matmul(&pool, &w, &[0.0; 64], usize::MAX, &mut y),
+        Err(KernelError::Shape(_))
+    ));
+    // Data not matching rows × row bytes, and columns not a whole number of blocks.
+    let short = matrix(GgmlType::Q4_1, 3, 32, &data);
+    assert!(matches!(
+        matmul(&pool, &short, &[0.0; 32], 1, &mut [0.0; 3]),
+        Err(KernelError::Shape(_))
+    ));
+    let ragged = matrix(GgmlType::Q4_1, 1, 48, &data[..30]);
+    assert!(matches!(
+        matmul(&pool, &ragged, &[0.0; 48], 1, &mut [0.0; 1]),
+        Err(KernelError::Shape(_))
+    ));
+    let unsupported = matrix(GgmlType::Q8_K, 1, 256, &[0u8; 292]);
+    assert!(matches!(
+        matmul(&pool, &unsupported, &[0.0; 256], 1, &mut [0.0; 1]),
+        Err(KernelError::UnsupportedType { .. })
+    ));
+    assert!(matmul(&pool, &w, &[], 0, &mut []).is_ok());
+    // Zero columns: every output is an empty sum, on every path and type family.
+    for ty in [GgmlType::Q4_1, GgmlType::Q6_K, GgmlType::F16] {
+        let empty = matrix(ty, 3, 0, &[]);
+        for path in KernelPath::available() {
+            let mut y = vec![f32::NAN; 6];
+            matmul_with_path(&pool, &empty, &[], 2, &mut y, path).unwrap();
+            assert_eq!(y, [0.0; 6], "{ty} {path:?}");
+        }
+    }
+    assert!(matmul(&pool, &w, &[0.0; 32], 1, &mut y).is_ok());
+}
+
+#[test]
+fn unavailable_paths_are_refused() {
+    let pool = ThreadPool::new(1);
+    let data = vec![0u8; 20];
+    let w = matrix(GgmlType::Q4_1, 1, 32, &data);
+    for path in KernelPath::ALL {
+        let result = matmul_with_path(&pool, &w, &[0.0; 32], 1, &mut [0.0], path);
+        assert_eq!(result.is_ok(), path.is_available(), "{path:?}");
+    }
+    assert!(KernelPath::best().is_available());
+}

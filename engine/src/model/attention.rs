@@ -1,0 +1,322 @@
+//! Causal (and, on sliding-window layers, windowed) grouped-query attention of a batch's
+//! tokens against their own sequences' f16 caches, in f32.
+//!
+//! Work is split into units of (KV head, sequence, tile of up to [`QUERY_TILE`] consecutive
+//! tokens). A unit handles every query head that shares its KV head, for every token of its
+//! tile, so each cached key and value is widened from f16 once per unit rather than once per
+//! query. Keys are visited in blocks of [`KEY_BLOCK`] positions with a running (online)
+//! softmax, so memory does not grow with the context.
+//!
+//! Batch invariance: key blocks are aligned to absolute positions and each query only ever
+//! touches its own valid positions within a block, so the sequence of floating-point
+//! operations for a query depends on the query alone, not on which other tokens share its
+//! tile, its batch or its thread.
+
+use std::sync::Mutex;
+
+use crate::kernels::ThreadPool;
+use crate::ops;
+
+use super::config::ModelConfig;
+use super::KvCache;
+
+/// Query tokens per unit: enough to amortise widening a key block, few enough that a long
+/// prompt still yields units for every thread.
+const QUERY_TILE: usize = 16;
+/// Cached positions widened from f16 at a time.
+const KEY_BLOCK: usize = 64;
+/// Below this many multiply-adds (tens of microseconds) attention stays on one thread.
+const PARALLEL_MIN_MACS: usize = 1 << 17;
+
+/// Where one token of the batch comes from.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Slot {
+    pub item: usize,
+    pub pos: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    kv_head: usize,
+    item: usize,
+    /// Batch token range `t0..t1` (all of one item).
+    t0: usize,
+    t1: usize,
+    /// Key positions visited, summed over the tile: the unit's share of the work.
+    cost: usize,
+}
+
+/// Buffers of the attention step, reused across layers and passes.
+#[derive(Debug, Default)]
+pub(super) struct AttentionScratch {
+    /// Output grouped by KV head: `[kv_head][token][group × head_dim_v]`, so that each unit's
+    /// output is one contiguous run.
+    by_head: Vec<f32>,
+    units: Vec<Unit>,
+    threads: Vec<Mutex<ThreadBuffers>>,
+}
+
+#[derive(Debug, Default)]
+struct ThreadBuffers {
+    keys: Vec<f32>,
+    /// The key block transposed, `[head_dim][KEY_BLOCK]`.
+    keys_t: Vec<f32>,
+    values: Vec<f32>,
+    scores: Vec<f32>,
+    /// Running maximum and sum of the online softmax, per (tile token, head).
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+/// The key positions token `slot` attends to on a layer with this window.
+fn key_range(slot: Slot, window: Option<usize>) -> std::ops::Range<usize> {
+    let end = slot.pos + 1;
+    window.map_or(0, |w| end.saturating_sub(w))..end
+}
+
+/// Attention output `[token][n_head × head_dim_v]` for every token in `slots`, whose queries
+/// (`[token][n_head × head_dim_k]`, RoPE applied) are `q`. Each item's cache must already
+/// hold this layer's keys and values for all of its tokens.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention(
+    pool: &ThreadPool,
+    cfg: &ModelConfig,
+    il: usize,
+    caches: &[&KvCache],
+    slots: &[Slot],
+    q: &[f32],
+    out: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
+    let n_tokens = slots.len();
+    let pool_threads = pool.n_threads();
+    let group = cfg.group_size();
+    let width = group * cfg.head_dim_v;
+    let window = cfg.window_for_layer(il);
+    if scratch.threads.len() < pool_threads {
+        scratch.threads.resize_with(pool_threads, Default::default);
+    }
+
+    // Units in (KV head, token) order, so that their outputs tile `by_head` in order.
+    scratch.units.clear();
+    let mut total_cost = 0;
+    for kv_head in 0..cfg.n_head_kv {
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let item = slots[t0].item;
+            let mut t1 = t0 + 1;
+            while t1 < n_tokens && t1 - t0 < QUERY_TILE && slots[t1].item == item {
+                t1 += 1;
+            }
+            let cost = slots[t0..t1]
+                .iter()
+                .map(|&s| key_range(s, window).len())
+                .sum::<usize>();
+            total_cost += cost;
+            scratch.units.push(Unit {
+                kv_head,
+                item,
+                t0,
+                t1,
+                cost,
+            });
+            t0 = t1;
+        }
+    }
+
+    // Small jobs (decode at short contexts) run on the calling thread: handing them to the
+    // pool would cost more than the arithmetic.
+    let macs = total_cost * group * (cfg.head_dim_k + cfg.head_dim_v);
+    let n_threads = if macs < PARALLEL_MIN_MACS {
+        1
+    } else {
+        pool_threads
+    };
+
+    // Contiguous runs of units of about equal cost, one per thread.
+    let mut bounds = vec![0usize; n_threads + 1];
+    let mut acc = 0;
+    let mut thread = 1;
+    for (u, unit) in scratch.units.iter().enumerate() {
+        while thread < n_threads && acc >= total_cost * thread / n_threads {
+            bounds[thread] = u;
+            thread += 1;
+        }
+        acc += unit.cost;
+    }
+    for b in &mut bounds[thread..] {
+        *b = scratch.units.len();
+    }
+
+    let total_len = cfg.n_head_kv * n_tokens * width;
+    let units = &scratch.units[..];
+    let offset = |u: usize| -> usize {
+        units.get(u).map_or(total_len, |unit| {
+            (unit.kv_head * n_tokens + unit.t0) * width
+        })
+    };
+    let mut parts = Vec::with_capacity(n_threads);
+    let mut rest: &mut [f32] = grow(&mut scratch.by_head, total_len);
+    let mut consumed = 0;
+    for i in 0..n_threads {
+        let end = offset(bounds[i + 1]);
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(end - consumed);
+        parts.push(Mutex::new(part));
+        rest = tail;
+        consumed = end;
+    }
+
+    let threads = &scratch.threads[..];
+    let bounds = &bounds[..];
+    let work = |thread: usize, _: usize| {
+        let (Some(part), Some(bufs)) = (parts.get(thread), threads.get(thread)) else {
+            return;
+        };
+        let mut part = lock(part);
+        let mut bufs = lock(bufs);
+        let mut written = 0;
+        for unit in &units[bounds[thread]..bounds[thread + 1]] {
+            let len = (unit.t1 - unit.t0) * width;
+            let unit_out = &mut part[written..written + len];
+            written += len;
+            attend_unit(
+                cfg,
+                il,
+                caches[unit.item],
+                unit,
+                &slots[unit.t0..unit.t1],
+                q,
+                window,
+                unit_out,
+                &mut bufs,
+            );
+        }
+    };
+    if n_threads == 1 {
+        work(0, 1);
+    } else {
+        pool.run(&work);
+    }
+
+    // Back to `[token][head]` order.
+    let by_head = &scratch.by_head[..cfg.n_head_kv * n_tokens * width];
+    for (t, row) in out.chunks_exact_mut(cfg.n_head_kv * width).enumerate() {
+        for (g, dst) in row.chunks_exact_mut(width).enumerate() {
+            dst.copy_from_slice(&by_head[(g * n_tokens + t) * width..][..width]);
+        }
+    }
+}
+
+/// One unit: the `group` query heads of `unit.kv_head` for each token of the tile.
+/// `out` is `[tile token][head in group][head_dim_v]`.
+#[allow(clippy::too_many_arguments)]
+fn attend_unit(
+    cfg: &ModelConfig,
+    il: usize,
+    cache: &KvCache,
+    unit: &Unit,
+    tile: &[Slot],
+    q: &[f32],
+    window: Option<usize>,
+    out: &mut [f32],
+    bufs: &mut ThreadBuffers,
+) {
+    let group = cfg.group_size();
+    let (dk, dv) = (cfg.head_dim_k, cfg.head_dim_v);
+    let q_dim = cfg.q_dim();
+    let rows = tile.len() * group;
+    let lo = tile
+        .iter()
+        .map(|&s| key_range(s, window).start)
+        .min()
+        .unwrap_or(0);
+    let hi = tile.iter().map(|s| s.pos + 1).max().unwrap_or(0);
+
+    out.fill(0.0);
+    let ThreadBuffers {
+        keys,
+        keys_t,
+        values,
+        scores,
+        max,
+        sum,
+    } = bufs;
+    let max = grow(max, rows);
+    max.fill(f32::NEG_INFINITY);
+    let sum = grow(sum, rows);
+    sum.fill(0.0);
+    let keys = grow(keys, KEY_BLOCK * dk);
+    let values = grow(values, KEY_BLOCK * dv);
+    let keys_t = grow(keys_t, dk * KEY_BLOCK);
+    let scores = grow(scores, group * KEY_BLOCK);
+
+    let mut block_start = lo / KEY_BLOCK * KEY_BLOCK;
+    while block_start < hi {
+        let b0 = block_start.max(lo);
+        let b1 = (block_start + KEY_BLOCK).min(hi);
+        block_start += KEY_BLOCK;
+        ops::f16_to_f32(
+            cache.keys(il, unit.kv_head, b0..b1),
+            &mut keys[..(b1 - b0) * dk],
+        );
+        ops::transpose_into(&keys[..(b1 - b0) * dk], dk, keys_t, KEY_BLOCK);
+        ops::f16_to_f32(
+            cache.values(il, unit.kv_head, b0..b1),
+            &mut values[..(b1 - b0) * dv],
+        );
+        for (ti, &slot) in tile.iter().enumerate() {
+            let own = key_range(slot, window);
+            let (r0, r1) = (b0.max(own.start), b1.min(own.end));
+            if r0 >= r1 {
+                continue;
+            }
+            let block_values = &values[(r0 - b0) * dv..(r1 - b0) * dv];
+            let t = unit.t0 + ti;
+            // The group's query heads are adjacent in `q` and share this token's key range.
+            let q_group = &q[t * q_dim + unit.kv_head * group * dk..][..group * dk];
+            let n = r1 - r0;
+            let scores = &mut scores[..group * n];
+            ops::scores_transposed(
+                q_group,
+                dk,
+                keys_t,
+                KEY_BLOCK,
+                r0 - b0..r1 - b0,
+                cfg.attention_scale,
+                scores,
+            );
+            for (j, s) in scores.chunks_exact_mut(n).enumerate() {
+                let row = ti * group + j;
+                let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = max[row].max(block_max);
+                let oh = &mut out[row * dv..(row + 1) * dv];
+                if new_max > max[row] {
+                    // Rescale what was accumulated against the old maximum.
+                    let factor = ops::exp(max[row] - new_max);
+                    sum[row] *= factor;
+                    ops::scale(oh, factor);
+                    max[row] = new_max;
+                }
+                for s in s.iter_mut() {
+                    *s = ops::exp(*s - new_max);
+                }
+                sum[row] += s.iter().sum::<f32>();
+                ops::weighted_sum(oh, s, block_values);
+            }
+        }
+    }
+    for (oh, &l) in out.chunks_exact_mut(dv).zip(sum.iter()) {
+        ops::scale(oh, 1.0 / l);
+    }
+}

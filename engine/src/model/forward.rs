@@ -1,0 +1,387 @@
+//! The batched forward pass shared by every supported architecture. The architectures differ
+//! only in what [`ModelConfig`] and the weights say: norm kind, RoPE style, QK-norm, post-norms,
+//! FFN kind, biases, fused QKV, sliding windows, embedding scale, learned positions.
+
+use crate::kernels::{matmul, matmul_reference, ThreadPool, WeightMatrix};
+use crate::ops;
+
+use super::attention::{attention, AttentionScratch, Slot};
+use super::config::{FfnKind, ModelConfig, NormKind};
+use super::weights::{Linear, Norm, QkvWeights};
+use super::{BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError};
+
+/// Working buffers of a forward pass, sized for the largest batch seen so far and reused.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// Residual stream, `[token][n_embd]`.
+    x: Vec<f32>,
+    /// Normalised residual (input of the projections), `[token][n_embd]`.
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Output of a fused QKV projection before it is split.
+    qkv: Vec<f32>,
+    /// Attention output, `[token][n_head × head_dim_v]`.
+    attn: Vec<f32>,
+    /// Output of the attention and FFN down projections, `[token][n_embd]`.
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// `cos` then `sin` per token, for full-attention and sliding-window layers.
+    rope: [Vec<f32>; 2],
+    /// Which item and position each token of the batch is.
+    slots: Vec<Slot>,
+    /// Tokens that get logits.
+    out_tokens: Vec<usize>,
+    attention: AttentionScratch,
+}
+
+/// `buf[..len]`, growing `buf` first if it is shorter.
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+impl Model {
+    /// Runs one step for every item of `batch`: appends each item's tokens to its cache and
+    /// returns the logits each item asked for.
+    ///
+    /// The batch is checked before anything is computed: an invalid one (context overflow, a
+    /// token out of range, a gap before `start_pos`, a cache of another model) is an error
+    /// that leaves every cache as it was.
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        scratch: &mut Scratch,
+        batch: &mut [BatchItem],
+    ) -> Result<Logits, ModelError> {
+        let cfg = &self.config;
+        self.check_batch(batch)?;
+
+        scratch.slots.clear();
+        scratch.out_tokens.clear();
+        let mut items = Vec::with_capacity(batch.len());
+        for (i, item) in batch.iter().enumerate() {
+            let first = scratch.slots.len();
+            scratch.slots.extend((0..item.tokens.len()).map(|j| Slot {
+                item: i,
+                pos: item.start_pos + j,
+            }));
+            let last = scratch.slots.len();
+            let first_row = scratch.out_tokens.len();
+            match item.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => scratch.out_tokens.push(last - 1),
+                LogitsWanted::All => scratch.out_tokens.extend(first..last),
+            }
+            items.push((first_row, scratch.out_tokens.len() - first_row));
+        }
+        let n_tokens = scratch.slots.len();
+
+        self.embed(batch, scratch)?;
+        self.rope_tables(scratch);
+        for il in 0..cfg.n_layer {
+            self.layer(pool, scratch, batch, il, n_tokens)?;
+        }
+        let values = self.output(pool, scratch)?;
+
+        for item in batch.iter_mut() {
+            item.cache.set_len(item.start_pos + item.tokens.len());
+        }
+        Ok(Logits {
+            n_vocab: cfg.n_vocab,
+            values,
+            items,
+        })
+    }
+
+    fn check_batch(&self, batch: &[BatchItem]) -> Result<(), ModelError> {
+        let cfg = &self.config;
+        if batch.is_empty() {
+            return Err(ModelError::InvalidBatch("no items".into()));
+        }
+        for (i, item) in batch.iter().enumerate() {
+            if !item.cache.fits(cfg) {
+                return Err(ModelError::InvalidBatch(format!(
+                    "item {i}: its KV cache was made for a model of another shape"
+                )));
+            }
+            if item.tokens.is_empty() {
+                return Err(ModelError::InvalidBatch(format!("item {i} has no tokens")));
+            }
+            if item.start_pos > item.cache.len() {
+                return Err(ModelError::InvalidBatch(format!(
+                    "item {i} starts at position {} but its cache holds only {}",
+                    item.start_pos,
+                    item.cache.len()
+                )));
+            }
+            let needed = item.start_pos + item.tokens.len();
+            if needed > item.cache.capacity() {
+                return Err(ModelError::ContextOverflow {
+                    needed,
+                    capacity: item.cache.capacity(),
+                });
+            }
+            if self.weights.position_embd.is_some() && needed > cfg.context_length {
+                // Learned positions exist only up to the trained context.
+                return Err(ModelError::ContextOverflow {
+                    needed,
+                    capacity: cfg.context_length,
+                });
+            }
+            if let Some(&token) = item.tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+                return Err(ModelError::InvalidToken {
+                    token,
+                    n_vocab: cfg.n_vocab,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Token embeddings (one row looked up per token), scaled and with learned positions
+    /// added where the architecture says so.
+    fn embed(&self, batch: &[BatchItem], scratch: &mut Scratch) -> Result<(), ModelError> {
+        let cfg = &self.config;
+        let n_tokens = scratch.slots.len();
+        let x = sized(&mut scratch.x, n_tokens * cfg.n_embd);
+        let table = WeightMatrix::from_tensor(&self.file, &self.weights.token_embd)?;
+        let positions = match &self.weights.position_embd {
+            Some(info) => Some(WeightMatrix::from_tensor(&self.file, info)?),
+            None => None,
+        };
+        let staged = sized(&mut scratch.proj, cfg.n_embd);
+        for (row, slot) in x.chunks_exact_mut(cfg.n_embd).zip(&scratch.slots) {
+            let item = &batch[slot.item];
+            let token = item.tokens[slot.pos - item.start_pos];
+            table.dequantize_row(token as usize, row)?;
+            if let Some(s) = cfg.embedding_scale {
+                ops::scale(row, s);
+            }
+            if let Some(positions) = &positions {
+                positions.dequantize_row(slot.pos, staged)?;
+                ops::add_assign(row, staged);
+            }
+        }
+        Ok(())
+    }
+
+    /// `cos` and `sin` of every token's rotation angles, once per pass rather than per layer.
+    fn rope_tables(&self, scratch: &mut Scratch) {
+        let n_tokens = scratch.slots.len();
+        for (table, freqs) in scratch.rope.iter_mut().zip([&self.rope, &self.rope_swa]) {
+            let Some(freqs) = freqs else { continue };
+            let half = freqs.inv_freq.len();
+            let table = sized(table, n_tokens * 2 * half);
+            for (row, slot) in table.chunks_exact_mut(2 * half).zip(&scratch.slots) {
+                let (cos, sin) = row.split_at_mut(half);
+                freqs.cos_sin(slot.pos, cos, sin);
+            }
+        }
+    }
+
+    fn layer(
+        &self,
+        pool: &ThreadPool,
+        scratch: &mut Scratch,
+        batch: &mut [BatchItem],
+        il: usize,
+        n_tokens: usize,
+    ) -> Result<(), ModelError> {
+        let cfg = &self.config;
+        let w = &self.weights.layers[il];
+        let embd = cfg.n_embd;
+        let (q_dim, k_dim, v_dim) = (cfg.q_dim(), cfg.k_dim(), cfg.v_dim());
+
+        // Attention block.
+        let x = sized(&mut scratch.x, n_tokens * embd);
+        let xn = sized(&mut scratch.xn, n_tokens * embd);
+        normalize_rows(cfg, &w.attn_norm, x, xn);
+
+        let q = sized(&mut scratch.q, n_tokens * q_dim);
+        let k = sized(&mut scratch.k, n_tokens * k_dim);
+        let v = sized(&mut scratch.v, n_tokens * v_dim);
+        match &w.qkv {
+            QkvWeights::Separate {
+                q: wq,
+                k: wk,
+                v: wv,
+            } => {
+                self.linear(pool, wq, xn, n_tokens, q)?;
+                self.linear(pool, wk, xn, n_tokens, k)?;
+                self.linear(pool, wv, xn, n_tokens, v)?;
+            }
+            QkvWeights::Fused(wqkv) => {
+                let width = q_dim + k_dim + v_dim;
+                let qkv = sized(&mut scratch.qkv, n_tokens * width);
+                self.linear(pool, wqkv, xn, n_tokens, qkv)?;
+                for (t, row) in qkv.chunks_exact(width).enumerate() {
+                    let (rq, rest) = row.split_at(q_dim);
+                    let (rk, rv) = rest.split_at(k_dim);
+                    q[t * q_dim..][..q_dim].copy_from_slice(rq);
+                    k[t * k_dim..][..k_dim].copy_from_slice(rk);
+                    v[t * v_dim..][..v_dim].copy_from_slice(rv);
+                }
+            }
+        }
+
+        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+            for head in q.chunks_exact_mut(cfg.head_dim_k) {
+                ops::rms_norm_in_place(head, qn, cfg.norm_eps);
+            }
+            for head in k.chunks_exact_mut(cfg.head_dim_k) {
+                ops::rms_norm_in_place(head, kn, cfg.norm_eps);
+            }
+        }
+
+        if let Some(rope) = cfg.rope_for_layer(il) {
+            let is_swa = cfg.window_for_layer(il).is_some();
+            let half = rope.n_rot / 2;
+            let table = &scratch.rope[usize::from(is_swa)][..n_tokens * 2 * half];
+            for ((row, qt), kt) in table
+                .chunks_exact(2 * half)
+                .zip(q.chunks_exact_mut(q_dim))
+                .zip(k.chunks_exact_mut(k_dim))
+            {
+                let (cos, sin) = row.split_at(half);
+                for head in qt.chunks_exact_mut(cfg.head_dim_k) {
+                    ops::apply_rope(head, rope.style, cos, sin);
+                }
+                for head in kt.chunks_exact_mut(cfg.head_dim_k) {
+                    ops::apply_rope(head, rope.style, cos, sin);
+                }
+            }
+        }
+
+        for (t, slot) in scratch.slots.iter().enumerate() {
+            batch[slot.item].cache.write(
+                il,
+                slot.pos,
+                &k[t * k_dim..][..k_dim],
+                &v[t * v_dim..][..v_dim],
+            );
+        }
+
+        let attn = sized(&mut scratch.attn, n_tokens * cfg.attn_out_dim());
+        let caches: Vec<&KvCache> = batch.iter().map(|item| &*item.cache).collect();
+        attention(
+            pool,
+            cfg,
+            il,
+            &caches,
+            &scratch.slots,
+            q,
+            attn,
+            &mut scratch.attention,
+        );
+
+        let proj = sized(&mut scratch.proj, n_tokens * embd);
+        self.linear(pool, &w.attn_out, attn, n_tokens, proj)?;
+        if let Some(post) = &w.post_attn_norm {
+            normalize_rows_in_place(cfg, post, proj);
+        }
+        ops::add_assign(x, proj);
+
+        // Feed-forward block.
+        normalize_rows(cfg, &w.ffn_norm, x, xn);
+        let ff = cfg.n_ff;
+        let up = sized(&mut scratch.up, n_tokens * ff);
+        self.linear(pool, &w.ffn_up, xn, n_tokens, up)?;
+        let hidden: &[f32] = match (cfg.ffn, &w.ffn_gate) {
+            (FfnKind::Gelu, _) | (_, None) => {
+                ops::gelu_in_place(up);
+                up
+            }
+            (kind, Some(wg)) => {
+                let gate = sized(&mut scratch.gate, n_tokens * ff);
+                self.linear(pool, wg, xn, n_tokens, gate)?;
+                if kind == FfnKind::GeGlu {
+                    ops::geglu(gate, up);
+                } else {
+                    ops::swiglu(gate, up);
+                }
+                gate
+            }
+        };
+        self.linear(pool, &w.ffn_down, hidden, n_tokens, proj)?;
+        if let Some(post) = &w.post_ffn_norm {
+            normalize_rows_in_place(cfg, post, proj);
+        }
+        ops::add_assign(x, proj);
+        Ok(())
+    }
+
+    /// Final norm and LM head for the tokens that want logits.
+    fn output(&self, pool: &ThreadPool, scratch: &mut Scratch) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.config;
+        let n_out = scratch.out_tokens.len();
+        if n_out == 0 {
+            return Ok(Vec::new());
+        }
+        let embd = cfg.n_embd;
+        let gathered = sized(&mut scratch.proj, n_out * embd);
+        for (dst, &t) in gathered.chunks_exact_mut(embd).zip(&scratch.out_tokens) {
+            dst.copy_from_slice(&scratch.x[t * embd..][..embd]);
+        }
+        let normed = sized(&mut scratch.xn, n_out * embd);
+        normalize_rows(cfg, &self.weights.output_norm, gathered, normed);
+        let mut logits = vec![0f32; n_out * cfg.n_vocab];
+        self.linear(pool, &self.weights.output, normed, n_out, &mut logits)?;
+        Ok(logits)
+    }
+}
+
+impl Model {
+    /// `y = W·x (+ bias)` for `n_tokens` rows.
+    fn linear(
+        &self,
+        pool: &ThreadPool,
+        w: &Linear,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let m = w.matrix(&self.file);
+        if self.exact_matmuls {
+            matmul_reference(pool, &m, x, n_tokens, y)?;
+        } else {
+            matmul(pool, &m, x, n_tokens, y)?;
+        }
+        if let Some(bias) = &w.bias {
+            for row in y.chunks_exact_mut(m.rows) {
+                ops::add_assign(row, bias);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn normalize_rows(cfg: &ModelConfig, norm: &Norm, x: &[f32], out: &mut [f32]) {
+    let n = norm.weight.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        match cfg.norm {
+            NormKind::Rms => ops::rms_norm(xr, &norm.weight, cfg.norm_eps, or),
+            NormKind::Layer => {
+                ops::layer_norm(xr, &norm.weight, norm.bias.as_deref(), cfg.norm_eps, or)
+            }
+        }
+    }
+}
+
+fn normalize_rows_in_place(cfg: &ModelConfig, norm: &Norm, x: &mut [f32]) {
+    let n = norm.weight.len();
+    for row in x.chunks_exact_mut(n) {
+        match cfg.norm {
+            NormKind::Rms => ops::rms_norm_in_place(row, &norm.weight, cfg.norm_eps),
+            NormKind::Layer => {
+                // Not used by any supported architecture (post-norms are Gemma's, RMS).
+                let copy = row.to_vec();
+                ops::layer_norm(&copy, &norm.weight, norm.bias.as_deref(), cfg.norm_eps, row)
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Finding and checking a model's tensors. Weight matrices stay in the file mapping (only their
+//! table entries are kept); the small vectors (norm weights, biases, RoPE factors) are
+//! dequantized to f32 once at load.
+
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::kernels::WeightMatrix;
+
+use super::config::{Arch, FfnKind, ModelConfig, NormKind};
+use super::ModelError;
+
+/// A weight matrix used in place, with an optional bias added to each output row.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    pub weight: TensorInfo,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn matrix<'a>(&self, file: &'a GgufFile) -> WeightMatrix<'a> {
+        let (cols, rows) = self.weight.rows();
+        WeightMatrix {
+            ty: self.weight.ggml_type,
+            rows: rows as usize,
+            cols: cols as usize,
+            data: file.tensor_data(&self.weight),
+        }
+    }
+}
+
+/// Normalisation weights (and bias, for LayerNorm).
+#[derive(Debug, Clone)]
+pub(crate) struct Norm {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+// One value per layer: the size difference between the variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub(crate) enum QkvWeights {
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// One matrix whose output rows are all of Q, then K, then V (GPT-2's `attn_qkv`).
+    Fused(Linear),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct LayerWeights {
+    pub attn_norm: Norm,
+    pub qkv: QkvWeights,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub attn_out: Linear,
+    pub post_attn_norm: Option<Norm>,
+    pub ffn_norm: Norm,
+    pub ffn_gate: Option<Linear>,
+    pub ffn_up: Linear,
+    pub ffn_down: Linear,
+    pub post_ffn_norm: Option<Norm>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Weights {
+    pub token_embd: TensorInfo,
+    /// Learned absolute positions (GPT-2), one row per position.
+    pub position_embd: Option<TensorInfo>,
+    pub output_norm: Norm,
+    /// The LM head: `output.weight`, or the token embeddings when they are tied.
+    pub output: Linear,
+    /// LLaMA 3.1's per-frequency RoPE divisors (`rope_freqs.weight`).
+    pub rope_freqs: Option<Vec<f32>>,
+    pub layers: Vec<LayerWeights>,
+}
+
+/// The token embedding table and the vocabulary size it implies.
+pub(crate) fn token_embedding(file: &GgufFile) -> Result<(TensorInfo, usize), ModelError> {
+    let info = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+    match info.dims.as_slice() {
+        [_, n_vocab] => {
+            let n_vocab = *n_vocab as usize;
+            Ok((info.clone(), n_vocab))
+        }
+        dims => Err(ModelError::TensorShape {
+            name: info.name.clone(),
+            expected: "2 dimensions [n_embd, n_vocab]".into(),
+            found: dims.to_vec(),
+        }),
+    }
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.file.tensor(name)
+    }
+
+    /// A `rows × cols` matrix (ggml dims `[cols, rows]`) in a type the kernels handle.
+    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<TensorInfo, ModelError> {
+        let info = self
+            .info(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))?;
+        if info.dims != [cols as u64, rows as u64] {
+            return Err(ModelError::TensorShape {
+                name: name.to_owned(),
+                expected: format!("[{cols}, {rows}]"),
+                found: info.dims.clone(),
+            });
+        }
+        WeightMatrix::from_tensor(self.file, info)?;
+        Ok(info.clone())
+    }
+
+    fn optional_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        let Some(info) = self.info(name) else {
+            return Ok(None);
+        };
+        if info.n_elements != len as u64 {
+            return Err(ModelError::TensorShape {
+                name: name.to_owned(),
+                expected: format!("[{len}]"),
+                found: info.dims.clone(),
+            });
+        }
+        let values =
+            self.file
+                .dequantize_f32(name)
+                .map_err(|_| ModelError::UnsupportedTensorType {
+                    name: name.to_owned(),
+                    ty: info.ggml_type,
+                })?;
+        Ok(Some(values))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        self.optional_vector(name, len)?
+            .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))
+    }
+
+    fn linear(&self, prefix: &str, cols: usize, rows: usize) -> Result<Linear, ModelError> {
+        Ok(Linear {
+            weight: self.matrix(&format!("{prefix}.weight"), cols, rows)?,
+            bias: self.optional_vector(&format!("{prefix}.bias"), rows)?,
+        })
+    }
+
+    fn norm(&self, prefix: &str, len: usize, kind: NormKind) -> Result<Norm, ModelError> {
+        Ok(Norm {
+            weight: self.vector(&format!("{prefix}.weight"), len)?,
+            bias: match kind {
+                NormKind::Layer => self.optional_vector(&format!("{prefix}.bias"), len)?,
+                NormKind::Rms => None,
+            },
+        })
+    }
+}
+
+impl Weights {
+    pub fn load(file: &GgufFile, cfg: &ModelConfig) -> Result<Weights, ModelError> {
+        let l = Loader { file };
+        let (token_embd, _) = token_embedding(file)?;
+        let token_embd = l.matrix(&token_embd.name, cfg.n_embd, cfg.n_vocab)?;
+        let position_embd = match cfg.arch {
+            Arch::Gpt2 => Some(l.matrix("position_embd.weight", cfg.n_embd, cfg.context_length)?),
+            _ => None,
+        };
+        let output = if l.info("output.weight").is_some() {
+            l.linear("output", cfg.n_embd, cfg.n_vocab)?
+        } else {
+            // Tied embeddings: the LM head is the token embedding table.
+            Linear {
+                weight: token_embd.clone(),
+                bias: None,
+            }
+        };
+        let rope_freqs = match &cfg.rope {
+            Some(rope) => l.optional_vector("rope_freqs.weight", rope.n_rot / 2)?,
+            None => None,
+        };
+        let layers = (0..cfg.n_layer)
+            .map(|il| Self::layer(&l, cfg, il))
+            .collect::<Result<_, _>>()?;
+        Ok(Weights {
+            output_norm: l.norm("output_norm", cfg.n_embd, cfg.norm)?,
+            token_embd,
+            position_embd,
+            output,
+            rope_freqs,
+            layers,
+        })
+    }
+
+    fn layer(l: &Loader, cfg: &ModelConfig, il: usize) -> Result<LayerWeights, ModelError> {
+        let p = |name: &str| format!("blk.{il}.{name}");
+        let (embd, ff) = (cfg.n_embd, cfg.n_ff);
+        let qkv = if l.info(&p("attn_qkv.weight")).is_some() {
+            QkvWeights::Fused(l.linear(
+                &p("attn_qkv"),
+                embd,
+                cfg.q_dim() + cfg.k_dim() + cfg.v_dim(),
+            )?)
+        } else {
+            QkvWeights::Separate {
+                q: l.linear(&p("attn_q"), embd, cfg.q_dim())?,
+                k: l.linear(&p("attn_k"), embd, cfg.k_dim())?,
+                v: l.linear(&p("attn_v"), embd, cfg.v_dim())?,
+            }
+        };
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(l.vector(&p("attn_q_norm.weight"), cfg.head_dim_k)?),
+                Some(l.vector(&p("attn_k_norm.weight"), cfg.head_dim_k)?),
+            )
+        } else {
+            (None, None)
+        };
+        let (post_attn_norm, post_ffn_norm) = if cfg.post_norms {
+            (
+                Some(l.norm(&p("post_attention_norm"), embd, cfg.norm)?),
+                Some(l.norm(&p("post_ffw_norm"), embd, cfg.norm)?),
+            )
+        } else {
+            (None, None)
+        };
+        let ffn_gate = match cfg.ffn {
+            FfnKind::SwiGlu | FfnKind::GeGlu => Some(l.linear(&p("ffn_gate"), embd, ff)?),
+            FfnKind::Gelu => None,
+        };
+        Ok(LayerWeights {
+            attn_norm: l.norm(&p("attn_norm"), embd, cfg.norm)?,
+            qkv,
+            q_norm,
+            k_norm,
+            attn_out: l.linear(&p("attn_output"), cfg.attn_out_dim(), embd)?,
+            post_attn_norm,
+            ffn_norm: l.norm(&p("ffn_norm"), embd, cfg.norm)?,
+            ffn_gate,
+            ffn_up: l.linear(&p("ffn_up"), embd, ff)?,
+            ffn_down: l.linear(&p("ffn_down"), ff, embd)?,
+            post_ffn_norm,
+        })
+    }
+}
