@@ -617,18 +617,28 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if n_tokens == 1 && path == KernelPath::Avx2 {
-        pool.run_parts(n_parts, &|part, n_parts| {
-            let units = split(units, n_parts, part);
-            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
-            // SAFETY: only row r's output is written, and rows of different parts are
-            // disjoint (`split` is a partition).
-            let store = |r: usize, v: f32| unsafe { out.write(r, v) };
-            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
-            // holds the one token of `w.cols` values.
-            unsafe { avx2::matvec_rows(w, rows, acts, store) };
-        });
-        return;
+    if path == KernelPath::Avx2 {
+        let batched = avx2::has_batched_matvec(w.ty) && n_tokens <= avx2::MAX_BATCHED_TOKENS;
+        if n_tokens == 1 || batched {
+            pool.run_parts(n_parts, &|part, n_parts| {
+                let units = split(units, n_parts, part);
+                let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
+                // SAFETY: only row r's outputs are written, and rows of different parts are
+                // disjoint (`split` is a partition).
+                let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
+                // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and
+                // `acts` holds the `n_tokens` tokens of `w.cols` values.
+                unsafe {
+                    match n_tokens {
+                        1 => avx2::matvec_rows(w, rows, acts, |r, v| store(0, r, v)),
+                        2 => avx2::batched_rows::<2>(w, rows, acts, store),
+                        3 => avx2::batched_rows::<3>(w, rows, acts, store),
+                        _ => avx2::batched_rows::<4>(w, rows, acts, store),
+                    }
+                }
+            });
+            return;
+        }
     }
     // Cache blocking: a block of rows is decoded once into the buffer, then token blocks sweep
     // across it, row tile by row tile. Both blocks are sized to share L2 (about 1 MB on the
