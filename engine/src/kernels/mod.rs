@@ -21,7 +21,10 @@
 //!   activation chunk for four rows. The decode is paid once per weight per call.
 //! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
 //!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
-//!   once. (The portable and scalar paths use the mat-mat loops with one token.)
+//!   once; for the 32-element types the f16 scales of eight blocks are gathered and converted
+//!   together. Batches of 2–4 tokens (several sequences decoding together) of those types use
+//!   the same kernel, each block decoded once for all tokens. (The portable and scalar paths
+//!   use the mat-mat loops.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
