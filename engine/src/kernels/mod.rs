@@ -270,6 +270,57 @@ pub fn matmul_with_path(
     Ok(())
 }
 
+/// [`matmul`] of several weights by the same activations — a layer's Q, K and V projections,
+/// or its gate and up projections — quantizing the activations once instead of once per weight:
+/// `ys[i][t*rows_i + r] = Σ_c W_i[r][c] · x[t*cols + c]`. Every weight must have `cols`
+/// columns; types may differ. Results are identical to separate [`matmul`] calls.
+pub fn matmul_shared_input(
+    pool: &ThreadPool,
+    ws: &[&WeightMatrix],
+    x: &[f32],
+    n_tokens: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    let path = KernelPath::best();
+    if ws.len() != ys.len() {
+        return Err(KernelError::Shape(format!(
+            "{} weights but {} outputs",
+            ws.len(),
+            ys.len()
+        )));
+    }
+    for (w, y) in ws.iter().zip(ys.iter_mut()) {
+        check_shapes(w, x, n_tokens, y)?;
+        if !is_supported(w.ty) {
+            return Err(KernelError::UnsupportedType {
+                tensor: String::new(),
+                ty: w.ty,
+            });
+        }
+    }
+    if n_tokens == 0 {
+        return Ok(());
+    }
+    let cols = ws.first().map_or(0, |w| w.cols);
+    let any_quantized = ws.iter().any(|w| decoded::is_block_quantized(w.ty));
+    with_scratch(&ACTIVATIONS, |acts| {
+        if any_quantized {
+            quantize_activations(pool, path, x, n_tokens, cols, acts);
+        }
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            if w.rows == 0 {
+                continue;
+            }
+            if decoded::is_block_quantized(w.ty) {
+                run_quantized(pool, path, w, acts, n_tokens, y);
+            } else {
+                run_float(pool, path, w, x, n_tokens, y);
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The exact-f32 reference: each weight row dequantized bit-exactly (`crate::quant`) and
 /// multiplied in f32 with sequential sums. Slow; for tests and benchmarks.
 pub fn matmul_reference(
