@@ -339,11 +339,11 @@ const HALF_OFFSETS: u8 = 2;
 /// (as `check_shapes` ensures), `rows` within it, and `acts` hold one token of `w.cols` values
 /// (checked; the check failing is a bug in the caller and panics).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
+unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8, const NT: usize>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
-    mut store: impl FnMut(usize, f32),
+    mut store: impl FnMut(usize, usize, f32),
 ) {
     let nc = acts.n_chunks;
     let ty = w.ty;
@@ -351,99 +351,87 @@ unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
         w.cols / CHUNK == nc
             && w.cols % ty.block_size() == 0
             && rows.end <= w.rows
-            && acts.q.len() >= nc
-            && acts.d.len() >= nc
-            && acts.half_sums.len() >= nc
-            && acts.chunk_sums.len() >= nc
+            && acts.q.len() >= NT * nc
+            && acts.d.len() >= NT * nc
+            && acts.half_sums.len() >= NT * nc
+            && acts.chunk_sums.len() >= NT * nc
     );
     let ones = _mm256_set1_epi16(1);
     let (xq, xd) = (acts.q.as_ptr(), acts.d.as_ptr());
     let (xs, xc) = (acts.half_sums.as_ptr(), acts.chunk_sums.as_ptr());
     for r in rows {
         let row = w.row(r);
-        // Two accumulators, swapped after every chunk, halve the FMA dependency chain (indexing
-        // an array by chunk parity would put them in memory).
-        let (mut acc, mut acc_other) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offset_sum = 0f32;
+        // One accumulator per token; with a single token, two (swapped after every chunk) to
+        // halve the FMA dependency chain (indexing an array by chunk parity would put them in
+        // memory).
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut acc_other = _mm256_setzero_ps();
+        let mut offset_sum = [0f32; NT];
         for_each_chunk::<true>(ty, row, |c, q, scale, off| {
-            // SAFETY: the row has `nc` chunks (checked above), so c < nc.
-            let x = _mm256_loadu_si256(xq.add(c).cast());
-            let (magnitude, x) = if SIGNED {
-                (_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
-            } else {
-                (q, x)
-            };
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
-            let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(c)));
-            let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc);
-            acc = acc_other;
-            acc_other = next;
-            if OFFSETS == CHUNK_OFFSETS {
-                offset_sum += off[0] * *xc.add(c);
-            } else if OFFSETS == HALF_OFFSETS {
-                let halves = &*xs.add(c);
-                offset_sum += off[0] * halves[0] + off[1] * halves[1];
+            let magnitude = if SIGNED { _mm256_abs_epi8(q) } else { q };
+            for t in 0..NT {
+                let at = t * nc + c;
+                // SAFETY: the row has `nc` chunks (checked above), so c < nc and at < NT · nc.
+                let x = _mm256_loadu_si256(xq.add(at).cast());
+                let x = if SIGNED { _mm256_sign_epi8(x, q) } else { x };
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+                let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(at)));
+                if NT == 1 {
+                    let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[0]);
+                    acc[0] = acc_other;
+                    acc_other = next;
+                } else {
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t]);
+                }
+                if OFFSETS == CHUNK_OFFSETS {
+                    offset_sum[t] += off[0] * *xc.add(at);
+                } else if OFFSETS == HALF_OFFSETS {
+                    let halves = &*xs.add(at);
+                    offset_sum[t] += off[0] * halves[0] + off[1] * halves[1];
+                }
             }
         });
-        let dot = sum_lanes(_mm256_add_ps(acc, acc_other));
-        store(r, dot + offset_sum);
+        if NT == 1 {
+            acc[0] = _mm256_add_ps(acc[0], acc_other);
+        }
+        for t in 0..NT {
+            store(t, r, sum_lanes(acc[t]) + offset_sum[t]);
+        }
     }
 }
 
-/// Mat-vec of rows `rows` of `w` against the one token in `acts`, on the kernel for `w.ty`.
+/// `NT` tokens (at most [`MAX_BATCHED_TOKENS`]) through rows `rows` of `w`, on the mat-vec
+/// kernel for `w.ty`, each block decoded once in registers for all tokens; calls
+/// `store(t, r, y)`.
 ///
 /// # Safety
-/// As [`matvec`].
-pub(crate) unsafe fn matvec_rows(
-    w: &super::WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    mut store: impl FnMut(usize, f32),
-) {
-    use super::decoded::{has_half_offsets, has_offset, is_signed};
-    if is_legacy(w.ty) {
-        return batched_rows::<1>(w, rows, acts, |_, r, v| store(r, v));
-    }
-    match w.ty {
-        ty if is_signed(ty) => matvec::<true, NO_OFFSETS>(w, rows, acts, store),
-        ty if !has_offset(ty) => matvec::<false, NO_OFFSETS>(w, rows, acts, store),
-        ty if has_half_offsets(ty) => matvec::<false, HALF_OFFSETS>(w, rows, acts, store),
-        _ => matvec::<false, CHUNK_OFFSETS>(w, rows, acts, store),
-    }
-}
-
-/// Whether [`batched_rows`] handles `ty` (the 32-element block types).
-pub(crate) fn has_batched_matvec(ty: GgmlType) -> bool {
-    is_legacy(ty)
-}
-
-/// `NT` tokens (at most [`MAX_BATCHED_TOKENS`]) through rows `rows` of `w`, each block decoded
-/// once in registers for all tokens; calls `store(t, r, y)`. For [`has_batched_matvec`] types.
-///
-/// # Safety
-/// As [`matvec`], with `acts` holding `NT` tokens and `w.ty` one of [`has_batched_matvec`]'s.
-pub(crate) unsafe fn batched_rows<const NT: usize>(
+/// As [`matvec`], with `acts` holding `NT` tokens and `w.ty` block-quantized.
+pub(crate) unsafe fn matvec_rows<const NT: usize>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
     store: impl FnMut(usize, usize, f32),
 ) {
+    use super::decoded::{has_half_offsets, has_offset, is_signed};
     match w.ty {
-        // One instantiation per type, so that its quant decode is inlined.
+        // One instantiation per 32-element type, so that its quant decode is inlined.
         GgmlType::Q4_0 => matvec_legacy::<Q4_0_ID, NT>(w, rows, acts, store),
         GgmlType::Q4_1 => matvec_legacy::<Q4_1_ID, NT>(w, rows, acts, store),
         GgmlType::Q5_0 => matvec_legacy::<Q5_0_ID, NT>(w, rows, acts, store),
         GgmlType::Q5_1 => matvec_legacy::<Q5_1_ID, NT>(w, rows, acts, store),
         GgmlType::Q8_0 => matvec_legacy::<Q8_0_ID, NT>(w, rows, acts, store),
         GgmlType::IQ4_NL => matvec_legacy::<IQ4_NL_ID, NT>(w, rows, acts, store),
-        _ => {}
+        ty if is_signed(ty) => matvec::<true, NO_OFFSETS, NT>(w, rows, acts, store),
+        ty if !has_offset(ty) => matvec::<false, NO_OFFSETS, NT>(w, rows, acts, store),
+        ty if has_half_offsets(ty) => matvec::<false, HALF_OFFSETS, NT>(w, rows, acts, store),
+        _ => matvec::<false, CHUNK_OFFSETS, NT>(w, rows, acts, store),
     }
 }
 
-/// The most tokens [`batched_rows`] takes at once; beyond, the tiled mat-mat reuses decoded
+/// The most tokens [`matvec_rows`] takes at once; beyond, the tiled mat-mat reuses decoded
 /// blocks better than decoding them again per group of tokens.
 pub(crate) const MAX_BATCHED_TOKENS: usize = 4;
-// `run_quantized` instantiates `batched_rows` for 2, 3 and 4 tokens.
+// `run_quantized` instantiates `matvec_rows` for 1, 2, 3 and 4 tokens.
 const _: () = assert!(MAX_BATCHED_TOKENS == 4);
 
 /// The 32-element block types whose scale (and offset) [`matvec_legacy`] batches.

@@ -22,9 +22,9 @@
 //! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
 //!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
 //!   once; for the 32-element types the f16 scales of eight blocks are gathered and converted
-//!   together. Batches of 2–4 tokens (several sequences decoding together) of those types use
-//!   the same kernel, each block decoded once for all tokens. (The portable and scalar paths
-//!   use the mat-mat loops.)
+//!   together. Batches of 2–4 tokens (several sequences decoding together) use the same kernels,
+//!   each block decoded once for all tokens. (The portable and scalar paths use the mat-mat
+//!   loops.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
@@ -671,28 +671,25 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 {
-        let batched = avx2::has_batched_matvec(w.ty) && n_tokens <= avx2::MAX_BATCHED_TOKENS;
-        if n_tokens == 1 || batched {
-            pool.run_parts(n_parts, &|part, n_parts| {
-                let units = split(units, n_parts, part);
-                let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
-                // SAFETY: only row r's outputs are written, and rows of different parts are
-                // disjoint (`split` is a partition).
-                let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
-                // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and
-                // `acts` holds the `n_tokens` tokens of `w.cols` values.
-                unsafe {
-                    match n_tokens {
-                        1 => avx2::matvec_rows(w, rows, acts, |r, v| store(0, r, v)),
-                        2 => avx2::batched_rows::<2>(w, rows, acts, store),
-                        3 => avx2::batched_rows::<3>(w, rows, acts, store),
-                        _ => avx2::batched_rows::<4>(w, rows, acts, store),
-                    }
+    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
+        pool.run_parts(n_parts, &|part, n_parts| {
+            let units = split(units, n_parts, part);
+            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
+            // SAFETY: only row r's outputs are written, and rows of different parts are
+            // disjoint (`split` is a partition).
+            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
+            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
+            // holds the `n_tokens` tokens of `w.cols` values.
+            unsafe {
+                match n_tokens {
+                    1 => avx2::matvec_rows::<1>(w, rows, acts, store),
+                    2 => avx2::matvec_rows::<2>(w, rows, acts, store),
+                    3 => avx2::matvec_rows::<3>(w, rows, acts, store),
+                    _ => avx2::matvec_rows::<4>(w, rows, acts, store),
                 }
-            });
-            return;
-        }
+            }
+        });
+        return;
     }
     // Cache blocking: a block of rows is decoded once into the buffer, then token blocks sweep
     // across it, row tile by row tile. Both blocks are sized to share L2 (about 1 MB on the
