@@ -129,7 +129,11 @@ fn decode_blocks(ty: GgmlType, row: &[u8], chunks: &mut [DecodedChunk], offsets:
 /// Copies a block's bytes into the fixed-size array its `from_bytes` takes.
 #[inline(always)]
 fn fixed<const N: usize>(block: &[u8]) -> [u8; N] {
-    std::array::from_fn(|i| block[i])
+    // Callers pass whole blocks of N bytes; a short slice (impossible) would decode as zeros.
+    block
+        .get(..N)
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or([0; N])
 }
 
 /// Decodes one block: 1 chunk for 32-element types, 8 for K-quants and IQ4_XS.
