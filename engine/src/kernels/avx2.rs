@@ -1,11 +1,17 @@
 //! x86-64 AVX2 (+FMA, F16C) kernels.
 //!
-//! - Decoders turn each type's blocks into the decoded form of [`super::decoded`] with a few
-//!   shuffles and masks per 32 elements; each matches `decode_row_scalar` exactly (tested).
-//! - One integer tile kernel then multiplies `RM` decoded rows by `RN` tokens of 8-bit
+//! - `for_each_chunk` decodes each type's blocks, in registers, into the decoded form of
+//!   [`super::decoded`] with a few shuffles and masks per 32 elements; `decode_row` stores that
+//!   form (checked equal to `decode_row_scalar`, byte for byte).
+//! - Mat-mat: the `tile` kernel multiplies `RM` decoded rows by `RN` tokens of 8-bit
 //!   activations: per chunk `maddubs` (u8 × i8 → pairs of i16), `madd` by ones (→ eight i32 sums
 //!   of four products), conversion to f32 and one FMA by `scale · dx`. Weights held in
 //!   registers are reused across the `RN` tokens, activations across the `RM` rows.
+//! - Mat-vec and batches of up to four tokens: `matvec_rows` consumes the decoded chunks
+//!   directly (`matvec`), or for the 32-element types through `matvec_legacy`, which handles
+//!   the f16 scales of eight blocks at a time.
+//! - Float weights: `widen_row` and `tile_f32`; activations: `quantize_tokens`, bit-identical to
+//!   the scalar quantizer.
 //!
 //! Integer ranges: unsigned quants are at most 63 and activations at most 127 in magnitude, so a
 //! `maddubs` pair is at most 2·63·127 = 16002; signed quants go through |q| ≤ 128 with the sign

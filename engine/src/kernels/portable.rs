@@ -64,21 +64,22 @@ fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
     out: &mut [[f32; RN]; RM],
 ) {
     let nc = acts.n_chunks;
-    // Per output and chunk, one integer dot product per 16-element half: a plain reduction over
-    // contiguous bytes, the shape auto-vectorizers handle best (x86 `pmaddwd`, NEON `smlal` or
-    // `sdot`); then one f32 update per half.
-    let mut acc = [[0f32; RN]; RM];
-    for c in 0..nc {
-        for (i, acc_row) in acc.iter_mut().enumerate() {
-            let chunk = &w[i * nc + c];
-            let (s0, s1) = (chunk.scale[0], chunk.scale[4]);
-            for (j, acc_rt) in acc_row.iter_mut().enumerate() {
-                let at = (t0 + j) * nc + c;
-                let (xq, dx) = (&acts.q[at], acts.d[at]);
+    // Per output, a loop over the chunks with one integer dot product per 16-element half: a
+    // plain reduction over contiguous bytes, the shape auto-vectorizers handle best (x86
+    // `pmaddwd`, NEON `smlal` or `sdot`). The tile's decoded rows and activations stay in L1
+    // across its outputs. (Chunks outermost with all outputs' accumulators live measured 2.5×
+    // slower on x86.)
+    for (i, out_row) in out.iter_mut().enumerate() {
+        let row = &w[i * nc..(i + 1) * nc];
+        for (j, o) in out_row.iter_mut().enumerate() {
+            let tokens = (t0 + j) * nc..(t0 + j + 1) * nc;
+            let (xq, xd) = (&acts.q[tokens.clone()], &acts.d[tokens.clone()]);
+            let mut acc = 0f32;
+            for ((chunk, x), &dx) in row.iter().zip(xq).zip(xd) {
                 let mut halves = [0i32; 2];
                 for (h, sum) in halves.iter_mut().enumerate() {
                     let wh = &chunk.q[16 * h..16 * h + 16];
-                    let xh = &xq[16 * h..16 * h + 16];
+                    let xh = &x[16 * h..16 * h + 16];
                     for (&wv, &xv) in wh.iter().zip(xh) {
                         let wv = if SIGNED {
                             i32::from(wv as i8)
@@ -88,18 +89,14 @@ fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
                         *sum += wv * i32::from(xv);
                     }
                 }
-                *acc_rt += (halves[0] as f32 * s0 + halves[1] as f32 * s1) * dx;
+                acc += (halves[0] as f32 * chunk.scale[0] + halves[1] as f32 * chunk.scale[4]) * dx;
             }
-        }
-    }
-    for (i, (out_row, acc_row)) in out.iter_mut().zip(&acc).enumerate() {
-        for (j, (o, &sum)) in out_row.iter_mut().zip(acc_row).enumerate() {
-            *o = sum;
             if with_offsets {
                 let offsets = offsets[i * nc..(i + 1) * nc].as_flattened();
-                let sums = acts.half_sums[(t0 + j) * nc..(t0 + j + 1) * nc].as_flattened();
-                *o += dot_f32_portable(offsets, sums);
+                let sums = acts.half_sums[tokens].as_flattened();
+                acc += dot_f32_portable(offsets, sums);
             }
+            *o = acc;
         }
     }
 }
