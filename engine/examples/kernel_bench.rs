@@ -215,6 +215,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    // Small batches (several sequences decoding together): every ffn matrix, n tokens.
+    for (name, run) in runners
+        .iter()
+        .filter(|(n, _)| matvec && n != "reference" && n != "scalar")
+    {
+        let mut line = format!("  {name:>9}: batched decode over the ffn matrices:");
+        for n in [1usize, 2, 3, 4, 8, 16] {
+            let pass = |y: &mut [f32]| {
+                timed(|| {
+                    for (_, w) in &ffn {
+                        run(w, &x[..n * w.cols], n, &mut y[..n * w.rows]);
+                    }
+                })
+            };
+            pass(&mut y);
+            let (wall, _) = best((0..5).map(|_| pass(&mut y)));
+            line += &format!(" {n} tok {:5.2} GB/s", ffn_bytes as f64 / wall / 1e9);
+        }
+        println!("{line}");
+    }
+
     // Mat-mat: 512 tokens through one ffn matrix of each shape.
     let mut shapes = std::collections::BTreeMap::new();
     for (name, w) in &ffn {

@@ -1,11 +1,17 @@
 //! x86-64 AVX2 (+FMA, F16C) kernels.
 //!
-//! - Decoders turn each type's blocks into the decoded form of [`super::decoded`] with a few
-//!   shuffles and masks per 32 elements; each matches `decode_row_scalar` exactly (tested).
-//! - One integer tile kernel then multiplies `RM` decoded rows by `RN` tokens of 8-bit
+//! - `for_each_chunk` decodes each type's blocks, in registers, into the decoded form of
+//!   [`super::decoded`] with a few shuffles and masks per 32 elements; `decode_row` stores that
+//!   form (checked equal to `decode_row_scalar`, byte for byte).
+//! - Mat-mat: the `tile` kernel multiplies `RM` decoded rows by `RN` tokens of 8-bit
 //!   activations: per chunk `maddubs` (u8 × i8 → pairs of i16), `madd` by ones (→ eight i32 sums
 //!   of four products), conversion to f32 and one FMA by `scale · dx`. Weights held in
 //!   registers are reused across the `RN` tokens, activations across the `RM` rows.
+//! - Mat-vec and batches of up to four tokens: `matvec_rows` consumes the decoded chunks
+//!   directly (`matvec`), or for the 32-element types through `matvec_legacy`, which handles
+//!   the f16 scales of eight blocks at a time.
+//! - Float weights: `widen_row` and `tile_f32`; activations: `quantize_tokens`, bit-identical to
+//!   the scalar quantizer.
 //!
 //! Integer ranges: unsigned quants are at most 63 and activations at most 127 in magnitude, so a
 //! `maddubs` pair is at most 2·63·127 = 16002; signed quants go through |q| ≤ 128 with the sign
@@ -339,11 +345,11 @@ const HALF_OFFSETS: u8 = 2;
 /// (as `check_shapes` ensures), `rows` within it, and `acts` hold one token of `w.cols` values
 /// (checked; the check failing is a bug in the caller and panics).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
+unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8, const NT: usize>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
-    mut store: impl FnMut(usize, f32),
+    mut store: impl FnMut(usize, usize, f32),
 ) {
     let nc = acts.n_chunks;
     let ty = w.ty;
@@ -351,70 +357,88 @@ unsafe fn matvec<const SIGNED: bool, const OFFSETS: u8>(
         w.cols / CHUNK == nc
             && w.cols % ty.block_size() == 0
             && rows.end <= w.rows
-            && acts.q.len() >= nc
-            && acts.d.len() >= nc
-            && acts.half_sums.len() >= nc
-            && acts.chunk_sums.len() >= nc
+            && acts.q.len() >= NT * nc
+            && acts.d.len() >= NT * nc
+            && acts.half_sums.len() >= NT * nc
+            && acts.chunk_sums.len() >= NT * nc
     );
     let ones = _mm256_set1_epi16(1);
     let (xq, xd) = (acts.q.as_ptr(), acts.d.as_ptr());
     let (xs, xc) = (acts.half_sums.as_ptr(), acts.chunk_sums.as_ptr());
     for r in rows {
         let row = w.row(r);
-        // Two accumulators, swapped after every chunk, halve the FMA dependency chain (indexing
-        // an array by chunk parity would put them in memory).
-        let (mut acc, mut acc_other) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offset_sum = 0f32;
+        // One accumulator per token; with a single token, two (swapped after every chunk) to
+        // halve the FMA dependency chain (indexing an array by chunk parity would put them in
+        // memory).
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut acc_other = _mm256_setzero_ps();
+        let mut offset_sum = [0f32; NT];
         for_each_chunk::<true>(ty, row, |c, q, scale, off| {
-            // SAFETY: the row has `nc` chunks (checked above), so c < nc.
-            let x = _mm256_loadu_si256(xq.add(c).cast());
-            let (magnitude, x) = if SIGNED {
-                (_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
-            } else {
-                (q, x)
-            };
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
-            let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(c)));
-            let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc);
-            acc = acc_other;
-            acc_other = next;
-            if OFFSETS == CHUNK_OFFSETS {
-                offset_sum += off[0] * *xc.add(c);
-            } else if OFFSETS == HALF_OFFSETS {
-                let halves = &*xs.add(c);
-                offset_sum += off[0] * halves[0] + off[1] * halves[1];
+            let magnitude = if SIGNED { _mm256_abs_epi8(q) } else { q };
+            for t in 0..NT {
+                let at = t * nc + c;
+                // SAFETY: the row has `nc` chunks (checked above), so c < nc and at < NT · nc.
+                let x = _mm256_loadu_si256(xq.add(at).cast());
+                let x = if SIGNED { _mm256_sign_epi8(x, q) } else { x };
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+                let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(at)));
+                if NT == 1 {
+                    let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[0]);
+                    acc[0] = acc_other;
+                    acc_other = next;
+                } else {
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t]);
+                }
+                if OFFSETS == CHUNK_OFFSETS {
+                    offset_sum[t] += off[0] * *xc.add(at);
+                } else if OFFSETS == HALF_OFFSETS {
+                    let halves = &*xs.add(at);
+                    offset_sum[t] += off[0] * halves[0] + off[1] * halves[1];
+                }
             }
         });
-        let dot = sum_lanes(_mm256_add_ps(acc, acc_other));
-        store(r, dot + offset_sum);
+        if NT == 1 {
+            acc[0] = _mm256_add_ps(acc[0], acc_other);
+        }
+        for t in 0..NT {
+            store(t, r, sum_lanes(acc[t]) + offset_sum[t]);
+        }
     }
 }
 
-/// Mat-vec of rows `rows` of `w` against the one token in `acts`, on the kernel for `w.ty`.
+/// `NT` tokens (at most [`MAX_BATCHED_TOKENS`]) through rows `rows` of `w`, on the mat-vec
+/// kernel for `w.ty`, each block decoded once in registers for all tokens; calls
+/// `store(t, r, y)`.
 ///
 /// # Safety
-/// As [`matvec`].
-pub(crate) unsafe fn matvec_rows(
+/// As [`matvec`], with `acts` holding `NT` tokens and `w.ty` block-quantized.
+pub(crate) unsafe fn matvec_rows<const NT: usize>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
-    store: impl FnMut(usize, f32),
+    store: impl FnMut(usize, usize, f32),
 ) {
     use super::decoded::{has_half_offsets, has_offset, is_signed};
     match w.ty {
-        // One instantiation per legacy type, so that its quant decode is inlined.
-        GgmlType::Q4_0 => matvec_legacy::<Q4_0_ID>(w, rows, acts, store),
-        GgmlType::Q4_1 => matvec_legacy::<Q4_1_ID>(w, rows, acts, store),
-        GgmlType::Q5_0 => matvec_legacy::<Q5_0_ID>(w, rows, acts, store),
-        GgmlType::Q5_1 => matvec_legacy::<Q5_1_ID>(w, rows, acts, store),
-        GgmlType::Q8_0 => matvec_legacy::<Q8_0_ID>(w, rows, acts, store),
-        GgmlType::IQ4_NL => matvec_legacy::<IQ4_NL_ID>(w, rows, acts, store),
-        ty if is_signed(ty) => matvec::<true, NO_OFFSETS>(w, rows, acts, store),
-        ty if !has_offset(ty) => matvec::<false, NO_OFFSETS>(w, rows, acts, store),
-        ty if has_half_offsets(ty) => matvec::<false, HALF_OFFSETS>(w, rows, acts, store),
-        _ => matvec::<false, CHUNK_OFFSETS>(w, rows, acts, store),
+        // One instantiation per 32-element type, so that its quant decode is inlined.
+        GgmlType::Q4_0 => matvec_legacy::<Q4_0_ID, NT>(w, rows, acts, store),
+        GgmlType::Q4_1 => matvec_legacy::<Q4_1_ID, NT>(w, rows, acts, store),
+        GgmlType::Q5_0 => matvec_legacy::<Q5_0_ID, NT>(w, rows, acts, store),
+        GgmlType::Q5_1 => matvec_legacy::<Q5_1_ID, NT>(w, rows, acts, store),
+        GgmlType::Q8_0 => matvec_legacy::<Q8_0_ID, NT>(w, rows, acts, store),
+        GgmlType::IQ4_NL => matvec_legacy::<IQ4_NL_ID, NT>(w, rows, acts, store),
+        ty if is_signed(ty) => matvec::<true, NO_OFFSETS, NT>(w, rows, acts, store),
+        ty if !has_offset(ty) => matvec::<false, NO_OFFSETS, NT>(w, rows, acts, store),
+        ty if has_half_offsets(ty) => matvec::<false, HALF_OFFSETS, NT>(w, rows, acts, store),
+        _ => matvec::<false, CHUNK_OFFSETS, NT>(w, rows, acts, store),
     }
 }
+
+/// The most tokens [`matvec_rows`] takes at once; beyond, the tiled mat-mat reuses decoded
+/// blocks better than decoding them again per group of tokens.
+pub(crate) const MAX_BATCHED_TOKENS: usize = 4;
+// `run_quantized` instantiates `matvec_rows` for 1, 2, 3 and 4 tokens.
+const _: () = assert!(MAX_BATCHED_TOKENS == 4);
 
 /// The 32-element block types whose scale (and offset) [`matvec_legacy`] batches.
 fn is_legacy(ty: GgmlType) -> bool {
@@ -459,22 +483,25 @@ unsafe fn legacy_quants<const TY: u32>(b: &[u8], table: __m256i) -> __m256i {
     }
 }
 
-/// [`matvec`] for the 32-element block types, with the per-block scalar work batched over
-/// groups of eight blocks: one gather fetches their `(d, m)` f16 pairs, one conversion and one
-/// multiply by the eight activation scales give the eight factors, and the offsets (`m`, or
-/// `−8d`/`−16d`) meet the activation sums in one vector FMA. Per block there remain the quant
-/// decode, the integer dot and one FMA by a broadcast factor. (Per-block scalar handling of the
-/// scales was about 40% of the instructions, and Q4_1 mat-vec measured compute-bound.) A row's
-/// last `blocks % 8` blocks go through [`for_each_chunk`].
+/// [`matvec`] for the 32-element block types and `NT` tokens at once (a decode step of `NT`
+/// sequences), with the per-block scalar work batched over groups of eight blocks: one gather
+/// fetches their `(d, m)` f16 pairs, one conversion and one multiply per token by the eight
+/// activation scales give the factors, and the offsets (`m`, or `−8d`/`−16d`) meet the
+/// activation sums in one vector FMA per token. Per block there remain the quant decode, done
+/// once for all tokens, and per token the integer dot and one FMA by a broadcast factor.
+/// (Per-block scalar handling of the scales was about 40% of the instructions, and Q4_1 mat-vec
+/// measured compute-bound.) A row's last `blocks % 8` blocks go through [`for_each_chunk`].
+/// Calls `store(t, r, y)` for each token `t < NT` and row `r`.
 ///
 /// # Safety
-/// As [`matvec`]; `TY` must be one of [`is_legacy`]'s types and the id of `w.ty`.
+/// As [`matvec`], with `acts` holding `NT` tokens; `TY` must be one of [`is_legacy`]'s types
+/// and the id of `w.ty`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_legacy<const TY: u32>(
+unsafe fn matvec_legacy<const TY: u32, const NT: usize>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
-    mut store: impl FnMut(usize, f32),
+    mut store: impl FnMut(usize, usize, f32),
 ) {
     let ty = w.ty;
     let nc = acts.n_chunks;
@@ -484,9 +511,9 @@ unsafe fn matvec_legacy<const TY: u32>(
             && w.cols / CHUNK == nc
             && w.cols % CHUNK == 0
             && rows.end <= w.rows
-            && acts.q.len() >= nc
-            && acts.d.len() >= nc
-            && acts.chunk_sums.len() >= nc
+            && acts.q.len() >= NT * nc
+            && acts.d.len() >= NT * nc
+            && acts.chunk_sums.len() >= NT * nc
     );
     let signed = TY == Q8_0_ID || TY == IQ4_NL_ID;
     let has_min = TY == Q4_1_ID || TY == Q5_1_ID;
@@ -516,13 +543,27 @@ unsafe fn matvec_legacy<const TY: u32>(
         let v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, halves), 0b1000);
         _mm256_castsi256_si128(v)
     };
+    // The integer dot of one decoded block with token chunk `at`, as eight f32 lanes.
+    let dot = |q: __m256i, at: usize| {
+        // SAFETY: callers pass at = t·nc + c with t < NT, c < nc (checked above).
+        let x = _mm256_loadu_si256(acts.q.as_ptr().add(at).cast());
+        let (magnitude, x) = if signed {
+            (_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
+        } else {
+            (q, x)
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones))
+    };
     let groups = nc / 8;
-    let (xq, xd, xc) = (acts.q.as_ptr(), acts.d.as_ptr(), acts.chunk_sums.as_ptr());
-    let mut factors = [0f32; 8];
+    let (xd, xc) = (acts.d.as_ptr(), acts.chunk_sums.as_ptr());
+    let mut factors = [[0f32; 8]; NT];
     for r in rows {
         let row = w.row(r);
-        let (mut acc, mut acc_other) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offsets = _mm256_setzero_ps();
+        // One accumulator per token; with a single token, two (swapped after every block) to
+        // halve the FMA dependency chain.
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut acc_other = _mm256_setzero_ps();
+        let mut offsets = [_mm256_setzero_ps(); NT];
         for g in 0..groups {
             let group = &row[8 * g * size..8 * (g + 1) * size];
             prefetch_group(group);
@@ -530,52 +571,61 @@ unsafe fn matvec_legacy<const TY: u32>(
             // all within `group` (blocks are at least 18 bytes).
             let dm = _mm256_i32gather_epi32::<1>(group.as_ptr().cast(), block_starts);
             let d = _mm256_cvtph_ps(pack(dm, low_halves));
-            // SAFETY: chunks 8g..8g + 8 < nc (checked above).
+            let offset = if has_min {
+                _mm256_cvtph_ps(pack(dm, high_halves))
+            } else {
+                _mm256_mul_ps(d, _mm256_set1_ps(offset_in_d))
+            };
             let c0 = 8 * g;
-            let f = _mm256_mul_ps(d, _mm256_loadu_ps(xd.add(c0)));
-            _mm256_storeu_ps(factors.as_mut_ptr(), f);
-            if has_min {
-                let m = _mm256_cvtph_ps(pack(dm, high_halves));
-                offsets = _mm256_fmadd_ps(m, _mm256_loadu_ps(xc.add(c0)), offsets);
-            } else if offset_in_d != 0.0 {
-                let o = _mm256_mul_ps(d, _mm256_set1_ps(offset_in_d));
-                offsets = _mm256_fmadd_ps(o, _mm256_loadu_ps(xc.add(c0)), offsets);
+            for t in 0..NT {
+                // SAFETY: chunks t·nc + 8g .. + 8 lie within token t (8g + 8 <= nc).
+                let f = _mm256_mul_ps(d, _mm256_loadu_ps(xd.add(t * nc + c0)));
+                _mm256_storeu_ps(factors[t].as_mut_ptr(), f);
+                if has_min || offset_in_d != 0.0 {
+                    let sums = _mm256_loadu_ps(xc.add(t * nc + c0));
+                    offsets[t] = _mm256_fmadd_ps(offset, sums, offsets[t]);
+                }
             }
             for (j, b) in group.chunks_exact(size).enumerate() {
                 let q = legacy_quants::<TY>(b, table);
-                let x = _mm256_loadu_si256(xq.add(c0 + j).cast());
-                let (magnitude, x) = if signed {
-                    (_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
-                } else {
-                    (q, x)
-                };
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
-                let factor = _mm256_broadcast_ss(&factors[j]);
-                let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc);
-                acc = acc_other;
-                acc_other = next;
+                for t in 0..NT {
+                    let products = dot(q, t * nc + c0 + j);
+                    let factor = _mm256_broadcast_ss(&factors[t][j]);
+                    if NT == 1 {
+                        let next = _mm256_fmadd_ps(products, factor, acc[0]);
+                        acc[0] = acc_other;
+                        acc_other = next;
+                    } else {
+                        acc[t] = _mm256_fmadd_ps(products, factor, acc[t]);
+                    }
+                }
             }
         }
-        let mut tail_offsets = 0f32;
+        let mut tail_offsets = [0f32; NT];
         let tail = &row[8 * groups * size..];
         for_each_chunk::<true>(ty, tail, |k, q, scale, off| {
             let c = 8 * groups + k;
-            // SAFETY: c < nc: the tail holds the row's last nc − 8·groups chunks.
-            let x = _mm256_loadu_si256(xq.add(c).cast());
-            let (magnitude, x) = if signed {
-                (_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
-            } else {
-                (q, x)
-            };
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
-            let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(c)));
-            let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc);
-            acc = acc_other;
-            acc_other = next;
-            tail_offsets += off[0] * *xc.add(c);
+            for t in 0..NT {
+                // c < nc: the tail holds the row's last nc − 8·groups chunks.
+                let products = dot(q, t * nc + c);
+                let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(t * nc + c)));
+                if NT == 1 {
+                    let next = _mm256_fmadd_ps(products, factor, acc[0]);
+                    acc[0] = acc_other;
+                    acc_other = next;
+                } else {
+                    acc[t] = _mm256_fmadd_ps(products, factor, acc[t]);
+                }
+                tail_offsets[t] += off[0] * *xc.add(t * nc + c);
+            }
         });
-        let dot = sum_lanes(_mm256_add_ps(acc, acc_other));
-        store(r, dot + (sum_lanes(offsets) + tail_offsets));
+        if NT == 1 {
+            acc[0] = _mm256_add_ps(acc[0], acc_other);
+        }
+        for t in 0..NT {
+            let dot = sum_lanes(acc[t]);
+            store(t, r, dot + (sum_lanes(offsets[t]) + tail_offsets[t]));
+        }
     }
 }
 

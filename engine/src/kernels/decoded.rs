@@ -71,6 +71,11 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
 
 /// Whether `ty`'s two half-chunk offsets can differ (16-element sub-blocks with their own
 /// scale or min); for the other offset types one offset covers the whole chunk.
+// Only the AVX2 mat-vec distinguishes the two offset shapes.
+#[cfg_attr(
+    not(any(target_arch = "x86", target_arch = "x86_64")),
+    allow(dead_code)
+)]
 pub(crate) fn has_half_offsets(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
 }
@@ -129,7 +134,11 @@ fn decode_blocks(ty: GgmlType, row: &[u8], chunks: &mut [DecodedChunk], offsets:
 /// Copies a block's bytes into the fixed-size array its `from_bytes` takes.
 #[inline(always)]
 fn fixed<const N: usize>(block: &[u8]) -> [u8; N] {
-    std::array::from_fn(|i| block[i])
+    // Callers pass whole blocks of N bytes; a short slice (impossible) would decode as zeros.
+    block
+        .get(..N)
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or([0; N])
 }
 
 /// Decodes one block: 1 chunk for 32-element types, 8 for K-quants and IQ4_XS.

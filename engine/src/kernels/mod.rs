@@ -21,7 +21,10 @@
 //!   activation chunk for four rows. The decode is paid once per weight per call.
 //! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
 //!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
-//!   once. (The portable and scalar paths use the mat-mat loops with one token.)
+//!   once; for the 32-element types the f16 scales of eight blocks are gathered and converted
+//!   together. Batches of 2–4 tokens (several sequences decoding together) use the same kernels,
+//!   each block decoded once for all tokens. (The portable and scalar paths use the mat-mat
+//!   loops.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
@@ -264,6 +267,57 @@ pub fn matmul_with_path(
             ty: w.ty,
         });
     }
+    Ok(())
+}
+
+/// [`matmul`] of several weights by the same activations — a layer's Q, K and V projections,
+/// or its gate and up projections — quantizing the activations once instead of once per weight:
+/// `ys[i][t*rows_i + r] = Σ_c W_i[r][c] · x[t*cols + c]`. Every weight must have `cols`
+/// columns; types may differ. Results are identical to separate [`matmul`] calls.
+pub fn matmul_shared_input(
+    pool: &ThreadPool,
+    ws: &[&WeightMatrix],
+    x: &[f32],
+    n_tokens: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    let path = KernelPath::best();
+    if ws.len() != ys.len() {
+        return Err(KernelError::Shape(format!(
+            "{} weights but {} outputs",
+            ws.len(),
+            ys.len()
+        )));
+    }
+    for (w, y) in ws.iter().zip(ys.iter_mut()) {
+        check_shapes(w, x, n_tokens, y)?;
+        if !is_supported(w.ty) {
+            return Err(KernelError::UnsupportedType {
+                tensor: String::new(),
+                ty: w.ty,
+            });
+        }
+    }
+    if n_tokens == 0 {
+        return Ok(());
+    }
+    let cols = ws.first().map_or(0, |w| w.cols);
+    let any_quantized = ws.iter().any(|w| decoded::is_block_quantized(w.ty));
+    with_scratch(&ACTIVATIONS, |acts| {
+        if any_quantized {
+            quantize_activations(pool, path, x, n_tokens, cols, acts);
+        }
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            if w.rows == 0 {
+                continue;
+            }
+            if decoded::is_block_quantized(w.ty) {
+                run_quantized(pool, path, w, acts, n_tokens, y);
+            } else {
+                run_float(pool, path, w, x, n_tokens, y);
+            }
+        }
+    });
     Ok(())
 }
 
@@ -617,16 +671,23 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if n_tokens == 1 && path == KernelPath::Avx2 {
+    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
-            // SAFETY: only row r's output is written, and rows of different parts are
+            // SAFETY: only row r's outputs are written, and rows of different parts are
             // disjoint (`split` is a partition).
-            let store = |r: usize, v: f32| unsafe { out.write(r, v) };
+            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
             // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
-            // holds the one token of `w.cols` values.
-            unsafe { avx2::matvec_rows(w, rows, acts, store) };
+            // holds the `n_tokens` tokens of `w.cols` values.
+            unsafe {
+                match n_tokens {
+                    1 => avx2::matvec_rows::<1>(w, rows, acts, store),
+                    2 => avx2::matvec_rows::<2>(w, rows, acts, store),
+                    3 => avx2::matvec_rows::<3>(w, rows, acts, store),
+                    _ => avx2::matvec_rows::<4>(w, rows, acts, store),
+                }
+            }
         });
         return;
     }

@@ -36,8 +36,8 @@ pub(crate) fn dot_scalar(
     acc
 }
 
-/// Portable tile: `RM` decoded rows × `RN` tokens, in 8-wide lane arrays (offsets as a separate
-/// f32 product) so that it vectorizes. `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
+/// Portable tile: `RM` decoded rows × `RN` tokens, written as plain reductions that the
+/// compiler vectorizes (offsets as a separate f32 product). `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
 /// chunks start at `acts` index `(t0 + j) * nc`.
 pub(crate) fn tile_portable<const RM: usize, const RN: usize>(
     signed: bool,
@@ -64,48 +64,39 @@ fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
     out: &mut [[f32; RN]; RM],
 ) {
     let nc = acts.n_chunks;
-    // Per output, eight f32 lanes. Per chunk, lane k of half h sums the products of elements
-    // 16h + k and 16h + 8 + k: every step is element-wise on 8 or 16 contiguous values, the
-    // easiest shape for auto-vectorizers. Products are formed in i16 (|w·x| ≤ 128·127, exact)
-    // and widened to i32 to be summed.
-    let mut acc = [[[0f32; 8]; RN]; RM];
-    for c in 0..nc {
-        for (i, acc_row) in acc.iter_mut().enumerate() {
-            let chunk = &w[i * nc + c];
-            let wq: [i16; CHUNK] = std::array::from_fn(|e| {
-                if SIGNED {
-                    i16::from(chunk.q[e] as i8)
-                } else {
-                    i16::from(chunk.q[e])
-                }
-            });
-            let (s0, s1) = (chunk.scale[0], chunk.scale[4]);
-            for (j, acc_rt) in acc_row.iter_mut().enumerate() {
-                let at = (t0 + j) * nc + c;
-                let (xq, dx) = (&acts.q[at], acts.d[at]);
-                let products: [i16; CHUNK] = std::array::from_fn(|e| wq[e] * i16::from(xq[e]));
-                let mut halves = [[0i32; 8]; 2];
-                for (h, lanes) in halves.iter_mut().enumerate() {
-                    for k in 0..8 {
-                        lanes[k] =
-                            i32::from(products[16 * h + k]) + i32::from(products[16 * h + 8 + k]);
+    // Per output, a loop over the chunks with one integer dot product per 16-element half: a
+    // plain reduction over contiguous bytes, the shape auto-vectorizers handle best (x86
+    // `pmaddwd`, NEON `smlal` or `sdot`). The tile's decoded rows and activations stay in L1
+    // across its outputs. (Chunks outermost with all outputs' accumulators live measured 2.5×
+    // slower on x86.)
+    for (i, out_row) in out.iter_mut().enumerate() {
+        let row = &w[i * nc..(i + 1) * nc];
+        for (j, o) in out_row.iter_mut().enumerate() {
+            let tokens = (t0 + j) * nc..(t0 + j + 1) * nc;
+            let (xq, xd) = (&acts.q[tokens.clone()], &acts.d[tokens.clone()]);
+            let mut acc = 0f32;
+            for ((chunk, x), &dx) in row.iter().zip(xq).zip(xd) {
+                let mut halves = [0i32; 2];
+                for (h, sum) in halves.iter_mut().enumerate() {
+                    let wh = &chunk.q[16 * h..16 * h + 16];
+                    let xh = &x[16 * h..16 * h + 16];
+                    for (&wv, &xv) in wh.iter().zip(xh) {
+                        let wv = if SIGNED {
+                            i32::from(wv as i8)
+                        } else {
+                            i32::from(wv)
+                        };
+                        *sum += wv * i32::from(xv);
                     }
                 }
-                let (f0, f1) = (s0 * dx, s1 * dx);
-                for k in 0..8 {
-                    acc_rt[k] += halves[0][k] as f32 * f0 + halves[1][k] as f32 * f1;
-                }
+                acc += (halves[0] as f32 * chunk.scale[0] + halves[1] as f32 * chunk.scale[4]) * dx;
             }
-        }
-    }
-    for (i, (out_row, acc_row)) in out.iter_mut().zip(&acc).enumerate() {
-        for (j, (o, lanes)) in out_row.iter_mut().zip(acc_row).enumerate() {
-            *o = sum_lanes(lanes);
             if with_offsets {
                 let offsets = offsets[i * nc..(i + 1) * nc].as_flattened();
-                let sums = acts.half_sums[(t0 + j) * nc..(t0 + j + 1) * nc].as_flattened();
-                *o += dot_f32_portable(offsets, sums);
+                let sums = acts.half_sums[tokens].as_flattened();
+                acc += dot_f32_portable(offsets, sums);
             }
+            *o = acc;
         }
     }
 }

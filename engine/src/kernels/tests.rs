@@ -144,7 +144,8 @@ fn every_type_and_path_agrees_with_the_reference_within_bounds() {
         let cols = if ty.block_size() == 32 { 544 } else { 512 };
         let data = random_weights(&mut rng, ty, rows, cols);
         let w = matrix(ty, rows, cols, &data);
-        for n_tokens in [1, 2, 5] {
+        // 1-4 tokens: the fused (batched) mat-vec on AVX2; 5: the tiled mat-mat.
+        for n_tokens in [1, 2, 3, 4, 5] {
             let x = random_activations(&mut rng, n_tokens * cols);
             let bound = bounds(&w, &x, n_tokens);
             let mut exact = vec![0f32; rows * n_tokens];
@@ -421,6 +422,50 @@ fn nan_and_infinite_activations_propagate() {
             }
         }
     }
+}
+
+/// Sharing the activation quantization between weights changes nothing in the results.
+#[test]
+fn shared_input_matmul_equals_separate_calls() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(21);
+    let cols = 256;
+    let types = [
+        GgmlType::Q4_1,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+        GgmlType::Q8_0,
+    ];
+    let data: Vec<Vec<u8>> = types
+        .iter()
+        .enumerate()
+        .map(|(i, &ty)| random_weights(&mut rng, ty, 5 + i, cols))
+        .collect();
+    let ws: Vec<WeightMatrix> = types
+        .iter()
+        .enumerate()
+        .map(|(i, &ty)| matrix(ty, 5 + i, cols, &data[i]))
+        .collect();
+    for n_tokens in [1, 3, 6] {
+        let x = random_activations(&mut rng, n_tokens * cols);
+        let mut shared: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; w.rows * n_tokens]).collect();
+        let mut outs: Vec<&mut [f32]> = shared.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let refs: Vec<&WeightMatrix> = ws.iter().collect();
+        matmul_shared_input(&pool, &refs, &x, n_tokens, &mut outs).unwrap();
+        for (w, got) in ws.iter().zip(&shared) {
+            let mut want = vec![0.0; w.rows * n_tokens];
+            matmul(&pool, w, &x, n_tokens, &mut want).unwrap();
+            assert_eq!(&want, got, "{} {n_tokens} tokens", w.ty);
+        }
+    }
+    // Mismatched counts and columns are errors.
+    let refs: Vec<&WeightMatrix> = ws.iter().collect();
+    assert!(matmul_shared_input(&pool, &refs, &[0.0; 256], 1, &mut []).is_err());
+    let narrow = matrix(GgmlType::Q4_1, 1, 32, &data[0][..20]);
+    let mut y1 = [0.0; 5];
+    let mut y2 = [0.0; 1];
+    let two: [&WeightMatrix; 2] = [&ws[0], &narrow];
+    assert!(matmul_shared_input(&pool, &two, &[0.0; 256], 1, &mut [&mut y1, &mut y2]).is_err());
 }
 
 #[test]
