@@ -9,4 +9,4 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 cargo run --quiet -p egpu-engine --example gguf_seed_corpus -- fuzz/corpus/gguf_parse
 cd fuzz
 RUSTC_BOOTSTRAP=1 cargo fuzz run gguf_parse corpus/gguf_parse -- \
-  -max_total_time="$seconds" -max_len=4194304 -rss_limit_mb=2048 -timeout=10
+  -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 -timeout=10

@@ -165,7 +165,7 @@ fn render_text(r: &Report) -> String {
         if s.has_chat_template {
             "yes"
         } else {
-            "none (egpu falls back to ChatML)"
+            "none in the file (egpu uses built-in Gemma for Gemma vocabularies, else ChatML)"
         }
     )
     .ok();

@@ -2,16 +2,22 @@
 //!
 //! This crate is synchronous and knows nothing of gRPC or async runtimes; the daemon drives it.
 //!
+//! - [`chat`]: chat templates, rendered as transformers renders them.
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
 //! - [`quant`]: GGML tensor types, their block layouts and dequantization.
+//! - [`kernels`]: matrix products over quantized weights, and the thread pool.
+//! - [`sampler`]: next-token choice (greedy, temperature, top-k/p, min-p, penalties), stop strings.
 //! - [`model_info`]: hyper-parameters and resident-memory estimates from metadata alone.
-//! - [`kernels`]: matrix products over quantized weights used in place.
 //! - [`ops`]: norms, RoPE, activations, softmax and the other per-row operations.
 //! - [`model`]: architectures, the KV cache and the batched forward pass.
+//! - [`tokenizer`]: text to token ids and back, exactly as llama.cpp does it.
 
+pub mod chat;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod model_info;
 pub mod ops;
 pub mod quant;
+pub mod sampler;
+pub mod tokenizer;

@@ -43,7 +43,7 @@ impl ModelSummary {
             .unwrap_or(0);
         let head_count_kv = match meta.arch_get("attention.head_count_kv") {
             Some(v) => per_layer(Some(v), block_count),
-            None => vec![head_count; block_count as usize],
+            None => vec![head_count; block_count.min(MAX_LAYERS) as usize],
         };
         let default_head_dim = embedding_length.checked_div(head_count).unwrap_or(0);
         let vocab_size = meta
@@ -89,15 +89,22 @@ impl ModelSummary {
 
     /// f16 K and V elements stored per token of context, summed over layers.
     pub fn kv_elements_per_token(&self) -> u64 {
-        self.head_count_kv
-            .iter()
-            .map(|&kv| kv * (self.key_length + self.value_length))
-            .sum()
+        // Saturating: the inputs are untrusted metadata.
+        let per_head = self.key_length.saturating_add(self.value_length);
+        self.head_count_kv.iter().fold(0u64, |sum, &kv| {
+            sum.saturating_add(kv.saturating_mul(per_head))
+        })
     }
 }
 
+/// Most layers a per-layer list is expanded to. `block_count` is untrusted: a corrupt file must
+/// not make a one-value-per-layer vector of 2^32 entries (found by the fuzzer). Real models have
+/// at most a few hundred layers.
+pub const MAX_LAYERS: u64 = 1 << 12;
+
 /// A value that GGUF stores either once for all layers or as a per-layer array.
 fn per_layer(value: Option<&MetaValue>, layers: u64) -> Vec<u64> {
+    let layers = layers.min(MAX_LAYERS);
     match value {
         Some(MetaValue::Array(a)) => (0..a.len())
             .map(|i| {
@@ -145,14 +152,19 @@ pub fn estimate_from_summary(s: &ModelSummary, weights: u64, context: u64) -> Me
         .saturating_mul(s.kv_elements_per_token())
         .saturating_mul(2);
     let max_kv_heads = s.head_count_kv.iter().copied().max().unwrap_or(0);
-    let q = s.head_count * s.key_length;
-    let kv = max_kv_heads * s.key_length.max(s.value_length);
-    let per_row = 3 * s.embedding_length
-        + q
-        + 2 * kv
-        + 2 * s.feed_forward_length
-        + s.head_count.saturating_mul(context)
-        + s.vocab_size;
+    // Saturating throughout: every input comes from untrusted metadata.
+    let q = s.head_count.saturating_mul(s.key_length);
+    let kv = max_kv_heads.saturating_mul(s.key_length.max(s.value_length));
+    let per_row = [
+        s.embedding_length.saturating_mul(3),
+        q,
+        kv.saturating_mul(2),
+        s.feed_forward_length.saturating_mul(2),
+        s.head_count.saturating_mul(context),
+        s.vocab_size,
+    ]
+    .into_iter()
+    .fold(0u64, u64::saturating_add);
     let scratch = per_row
         .saturating_mul(SCRATCH_BATCH_TOKENS)
         .saturating_mul(4);
@@ -197,6 +209,26 @@ mod tests {
             .tensor_f32("w", &[8], &[0.0; 8])
             .to_bytes();
         GgufFile::from_bytes(bytes).unwrap()
+    }
+
+    #[test]
+    fn absurd_layer_counts_allocate_nothing_big() {
+        let bytes = GgufWriter::new()
+            .kv("general.architecture", MetaValue::String("llama".into()))
+            .kv("llama.block_count", MetaValue::U64(u64::MAX))
+            .kv("llama.attention.head_count", MetaValue::U32(u32::MAX))
+            .kv("llama.embedding_length", MetaValue::U64(u64::MAX))
+            .to_bytes();
+        let file = GgufFile::from_bytes(bytes).unwrap();
+        let summary = ModelSummary::from_metadata(file.metadata());
+        assert_eq!(summary.block_count, u64::MAX);
+        assert_eq!(summary.head_count_kv.len() as u64, MAX_LAYERS);
+        let estimate = estimate_memory(&file, u64::MAX);
+        assert_eq!(
+            estimate.total,
+            u64::MAX,
+            "sizes saturate instead of overflowing"
+        );
     }
 
     #[test]

@@ -392,3 +392,20 @@ fn real_file_truncated_and_corrupted() {
         Err(GgufError::TensorOutOfBounds { .. })
     ));
 }
+
+/// Inputs the fuzzer once broke, replayed through everything the fuzz target does.
+#[test]
+fn fuzz_regressions() {
+    let dir = common::fixture("gguf/fuzz-regressions");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        if let Ok(file) = GgufFile::from_bytes(bytes) {
+            let estimate = egpu_engine::model_info::estimate_memory(&file, 4096);
+            assert!(estimate.total >= estimate.weights, "{}", path.display());
+        }
+        n += 1;
+    }
+    assert!(n >= 1, "no regression inputs found in {}", dir.display());
+}

@@ -1,0 +1,99 @@
+"""Side-by-side speed of egpu's CPU engine and llama.cpp on the same GGUF, in one run.
+
+For each model and thread count it alternates the two engines `--reps` times and reports the
+median tokens/s for prefill (a `--prompt`-token prompt, default 512) and decode (`--gen` tokens,
+default 128, one token per step as in llama-bench's tg test), and egpu's ratio to llama.cpp.
+
+llama.cpp runs in this process through llama-cpp-python (PyPI, which builds llama.cpp from
+source for this CPU); egpu runs as `target/release/examples/egpu_bench` (a subprocess that
+prints JSON). Both read the same file and use the same thread count.
+
+    python -m venv .venv && .venv/bin/pip install llama-cpp-python==0.3.36
+    cargo build --release -p egpu-engine --example egpu_bench
+    .venv/bin/python bench/bench.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --threads 1 2
+
+Prints a Markdown table for BENCHMARKS.md. Speed is measured here, never asserted in tests.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def llamacpp_run(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=model,
+        n_ctx=n_prompt + n_gen + 16,
+        n_batch=n_prompt,
+        n_ubatch=n_prompt,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=False,
+        verbose=False,
+    )
+    # Token ids 100.. as a synthetic prompt, like llama-bench (the text does not change speed).
+    prompt = [100 + (i * 7919) % 1000 for i in range(n_prompt)]
+    llm.reset()
+    llm.eval(prompt[:8])  # warm-up: first-touch page faults and thread start-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    tok = 100
+    t2 = time.perf_counter()
+    for _ in range(n_gen):
+        llm.eval([tok])
+    t3 = time.perf_counter()
+    llm.close()
+    return {"prefill_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_gen / (t3 - t2)}
+
+
+def egpu_run(binary: Path, model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    out = subprocess.run(
+        [str(binary), "--model", model, "--threads", str(threads),
+         "--prompt", str(n_prompt), "--gen", str(n_gen), "--json"],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", action="append", required=True)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--binary", default=str(REPO / "target/release/examples/egpu_bench"))
+    args = ap.parse_args()
+
+    import llama_cpp
+
+    print(f"<!-- {time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
+          f"{os.cpu_count()} CPUs · llama-cpp-python {llama_cpp.__version__} -->")
+    print("| model | threads | test | egpu tok/s | llama.cpp tok/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for model in args.model:
+        for threads in args.threads:
+            runs = {"egpu": [], "llama.cpp": []}
+            for _ in range(args.reps):
+                runs["egpu"].append(egpu_run(Path(args.binary), model, threads, args.prompt, args.gen))
+                runs["llama.cpp"].append(llamacpp_run(model, threads, args.prompt, args.gen))
+            for key, label in [("prefill_tok_s", f"pp{args.prompt}"), ("decode_tok_s", f"tg{args.gen}")]:
+                ours = statistics.median(r[key] for r in runs["egpu"])
+                theirs = statistics.median(r[key] for r in runs["llama.cpp"])
+                print(f"| {Path(model).name} | {threads} | {label} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
+                sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
