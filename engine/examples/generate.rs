@@ -1,20 +1,29 @@
-//! Greedy generation from token ids, timing prefill and decode: a quick speed check.
+//! Greedy generation, timing prefill and decode: a quick speed check.
 //!
 //! ```text
 //! cargo run --release -p egpu-engine --example generate -- MODEL.gguf \
-//!     [--ids 504,3575,282,4649,314] [--prompt-len N] [-n 32] [-t 2] [--chunk 512]
+//!     [--prompt TEXT | --ids 504,3575,282,4649,314 | --prompt-len N] [-n 32] [-t 2] [--chunk 512]
 //! ```
-//! `--prompt-len N` makes a synthetic prompt of N ids (for prefill timing) instead of `--ids`.
+//! `--prompt` is tokenized with the model's own vocabulary (BOS added if the GGUF says so);
+//! `--prompt-len N` makes a synthetic prompt of N ids (for prefill timing). The default prompt
+//! is "The capital of France is".
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use egpu_engine::kernels::ThreadPool;
 use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::tokenizer::Tokenizer;
+
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Synthetic(usize),
+}
 
 struct Args {
     model: String,
-    ids: Vec<u32>,
+    prompt: Prompt,
     n_new: usize,
     threads: usize,
     chunk: usize,
@@ -23,8 +32,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut model = None;
-    let mut ids = vec![504, 3575, 282, 4649, 314];
-    let mut prompt_len = None;
+    let mut prompt = Prompt::Text("The capital of France is".into());
     let mut n_new = 32;
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut chunk = 512;
@@ -35,15 +43,17 @@ fn parse_args() -> Result<Args, String> {
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--prompt" => prompt = Prompt::Text(args.next().ok_or("--prompt needs a value")?),
             "--ids" => {
-                ids = args
-                    .next()
-                    .ok_or("--ids needs a value")?
-                    .split(',')
-                    .map(|s| s.trim().parse().map_err(|e| format!("--ids: {e}")))
-                    .collect::<Result<_, _>>()?
+                prompt = Prompt::Ids(
+                    args.next()
+                        .ok_or("--ids needs a value")?
+                        .split(',')
+                        .map(|s| s.trim().parse().map_err(|e| format!("--ids: {e}")))
+                        .collect::<Result<_, _>>()?,
+                )
             }
-            "--prompt-len" => prompt_len = Some(num(args.next(), "--prompt-len")?),
+            "--prompt-len" => prompt = Prompt::Synthetic(num(args.next(), "--prompt-len")?),
             "-n" => n_new = num(args.next(), "-n")?,
             "-t" | "--threads" => threads = num(args.next(), "-t")?,
             "--chunk" => chunk = num(args.next(), "--chunk")?.max(1),
@@ -51,13 +61,10 @@ fn parse_args() -> Result<Args, String> {
             s => model = Some(s.to_owned()),
         }
     }
-    if let Some(n) = prompt_len {
-        // Arbitrary in-vocabulary ids: prefill speed does not depend on which.
-        ids = (0..n as u32).map(|i| 200 + (i * 37) % 20000).collect();
-    }
     Ok(Args {
-        model: model.ok_or("usage: generate MODEL.gguf [--ids a,b,c] [-n N] [-t T]")?,
-        ids,
+        model: model
+            .ok_or("usage: generate MODEL.gguf [--prompt TEXT | --ids a,b,c] [-n N] [-t T]")?,
+        prompt,
         n_new,
         threads,
         chunk,
@@ -86,13 +93,23 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         cfg.n_embd,
         t0.elapsed()
     );
+    let tokenizer = Tokenizer::from_gguf(model.file().metadata());
+    let ids: Vec<u32> = match &args.prompt {
+        Prompt::Text(text) => tokenizer
+            .as_ref()
+            .map_err(|e| e.to_string())?
+            .encode(text, true, false),
+        Prompt::Ids(ids) => ids.clone(),
+        // Arbitrary in-vocabulary ids: prefill speed does not depend on which.
+        Prompt::Synthetic(n) => (0..*n as u32).map(|i| 200 + (i * 37) % 20000).collect(),
+    };
     let pool = ThreadPool::new(args.threads);
     let mut scratch = model.new_scratch();
-    let mut cache = model.new_kv_cache(args.ids.len() + args.n_new)?;
+    let mut cache = model.new_kv_cache(ids.len() + args.n_new)?;
 
     let t0 = Instant::now();
     let mut next = 0;
-    let chunks: Vec<&[u32]> = args.ids.chunks(args.chunk).collect();
+    let chunks: Vec<&[u32]> = ids.chunks(args.chunk).collect();
     for (i, chunk) in chunks.iter().enumerate() {
         let wanted = if i + 1 == chunks.len() {
             LogitsWanted::Last
@@ -124,12 +141,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let decode = t0.elapsed();
 
+    println!("prompt ids: {ids:?}");
     println!("generated ids: {generated:?}");
+    if let Ok(tokenizer) = &tokenizer {
+        println!("generated text: {:?}", tokenizer.decode(&generated));
+    }
     println!(
         "prefill: {} tokens in {:.3?} = {:.1} tok/s ({} threads)",
-        args.ids.len(),
+        ids.len(),
         prefill,
-        args.ids.len() as f64 / prefill.as_secs_f64(),
+        ids.len() as f64 / prefill.as_secs_f64(),
         args.threads
     );
     let n_decode = args.n_new.saturating_sub(1);
