@@ -893,3 +893,81 @@ unsafe fn round_half_away(a: __m256, half: __m256) -> __m256 {
     let too_big = _mm256_cmp_ps(_mm256_sub_ps(t, half), a, _CMP_GT_OQ);
     _mm256_sub_ps(t, _mm256_and_ps(too_big, _mm256_set1_ps(1.0)))
 }
+
+/// `NT` tokens (at most [`MAX_BATCHED_TOKENS`]) through rows `rows` of `w`, decoding each block
+/// in registers as [`decode_row`] would and consuming it at once, with **the same operation
+/// order per output as [`tile`]**: one accumulator per output, chunks in order, then the offset
+/// terms eight halves at a time and the remaining halves in a scalar tail. So a token's result
+/// is bit-identical whether it goes through here (decode steps of 1–4 tokens) or through the
+/// tiles (prefill chunks): a sequence's logits cannot depend on what else is in its batch.
+/// Calls `store(t, r, y)`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. `w` must be block-quantized with consistent shape,
+/// `rows` within it, and `acts` hold `NT` tokens of `w.cols` values (checked; the check failing
+/// is a bug in the caller and panics).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    use super::decoded::{has_offset, is_signed};
+    let nc = acts.n_chunks;
+    let ty = w.ty;
+    assert!(
+        w.cols / CHUNK == nc
+            && w.cols % ty.block_size() == 0
+            && rows.end <= w.rows
+            && acts.q.len() >= NT * nc
+            && acts.d.len() >= NT * nc
+            && acts.half_sums.len() >= NT * nc
+    );
+    let (signed, with_offsets) = (is_signed(ty), has_offset(ty));
+    let ones = _mm256_set1_epi16(1);
+    let (xq, xd) = (acts.q.as_ptr(), acts.d.as_ptr());
+    let sp = acts.half_sums.as_flattened().as_ptr();
+    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    let mut offsets = vec![[0f32; 2]; nc];
+    for r in rows {
+        let mut acc = [_mm256_setzero_ps(); NT];
+        for_each_chunk::<true>(ty, w.row(r), |c, q, scale, off| {
+            let magnitude = if signed { _mm256_abs_epi8(q) } else { q };
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let at = t * nc + c;
+                // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
+                let x = _mm256_loadu_si256(xq.add(at).cast());
+                let x = if signed { _mm256_sign_epi8(x, q) } else { x };
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+                let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(at)));
+                *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_t);
+            }
+            offsets[c] = off;
+        });
+        let mut tail = [0f32; NT];
+        if with_offsets {
+            let op = offsets.as_flattened().as_ptr();
+            let mut k = 0;
+            while k < full {
+                // SAFETY: k + 8 <= 2 · nc, the length of `offsets` flattened.
+                let o = _mm256_loadu_ps(op.add(k));
+                for (t, acc_t) in acc.iter_mut().enumerate() {
+                    // SAFETY: t · halves + k + 8 <= NT · 2 · nc, the tokens checked above.
+                    let s = _mm256_loadu_ps(sp.add(t * halves + k));
+                    *acc_t = _mm256_fmadd_ps(o, s, *acc_t);
+                }
+                k += 8;
+            }
+            for (t, tail_t) in tail.iter_mut().enumerate() {
+                for k in full..halves {
+                    // SAFETY: k < halves, within both buffers as above.
+                    *tail_t += *op.add(k) * *sp.add(t * halves + k);
+                }
+            }
+        }
+        for t in 0..NT {
+            store(t, r, sum_lanes(acc[t]) + tail[t]);
+        }
+    }
+}

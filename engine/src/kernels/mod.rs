@@ -656,6 +656,14 @@ fn quantized_tile(
     });
 }
 
+/// Whether 1–4 token matmuls use the older fused AVX2 mat-vec (`avx2::matvec_rows`). Off: its
+/// per-output operation order (two alternating accumulators for one token, offsets summed
+/// separately) differs from the tiles', so a sequence's logits changed with the number of tokens
+/// in the step, and 8-bit activation rounding amplified the last-bit difference into visible
+/// logit changes (0.4 on SmolLM2). `avx2::matvec_in_tile_order` replaces it for decode steps.
+/// The old kernel stays compiled and tested against its scalar twin.
+const FUSED_MATVEC: bool = false;
+
 fn run_quantized(
     pool: &ThreadPool,
     path: KernelPath,
@@ -671,7 +679,7 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
+    if FUSED_MATVEC && path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
@@ -686,6 +694,27 @@ fn run_quantized(
                     2 => avx2::matvec_rows::<2>(w, rows, acts, store),
                     3 => avx2::matvec_rows::<3>(w, rows, acts, store),
                     _ => avx2::matvec_rows::<4>(w, rows, acts, store),
+                }
+            }
+        });
+        return;
+    }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
+        pool.run_parts(n_parts, &|part, n_parts| {
+            let units = split(units, n_parts, part);
+            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
+            // SAFETY: only row r's outputs are written, and rows of different parts are
+            // disjoint (`split` is a partition).
+            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
+            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
+            // holds the `n_tokens` tokens of `w.cols` values.
+            unsafe {
+                match n_tokens {
+                    1 => avx2::matvec_in_tile_order::<1>(w, rows, acts, store),
+                    2 => avx2::matvec_in_tile_order::<2>(w, rows, acts, store),
+                    3 => avx2::matvec_in_tile_order::<3>(w, rows, acts, store),
+                    _ => avx2::matvec_in_tile_order::<4>(w, rows, acts, store),
                 }
             }
         });
