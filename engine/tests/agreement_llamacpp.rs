@@ -168,12 +168,11 @@ fn gap(v: &[f32]) -> f64 {
     f64::from(a - b)
 }
 
-/// Per position of `tokens`: our log-probability of the next token, our top-1 and our gap.
-fn teacher_forced(
-    model: &Model,
-    pool: &ThreadPool,
-    tokens: &[u32],
-) -> Vec<(Option<f64>, u32, f64)> {
+/// Per position: log-probability of the next token (none at the last), top-1, top-1/top-2 gap.
+type Scored = Vec<(Option<f64>, u32, f64)>;
+
+/// `tokens` teacher-forced through `model`.
+fn teacher_forced(model: &Model, pool: &ThreadPool, tokens: &[u32]) -> Scored {
     let mut scratch = model.new_scratch();
     let mut cache = model.new_kv_cache(tokens.len()).unwrap();
     let mut out = Vec::with_capacity(tokens.len());
@@ -195,41 +194,6 @@ fn teacher_forced(
         }
     }
     out
-}
-
-/// Top-1/top-2 gaps of the exact-f32 reference (this engine with exact matmuls, no activation
-/// rounding), teacher-forced over `tokens`, at positions `from..`.
-fn exact_gaps(model: &Model, pool: &ThreadPool, tokens: &[u32], from: usize) -> Vec<f64> {
-    assert!(model.exact_matmuls());
-    let mut scratch = model.new_scratch();
-    let mut cache = model.new_kv_cache(tokens.len()).unwrap();
-    if from > 0 {
-        model
-            .forward(
-                pool,
-                &mut scratch,
-                &mut [BatchItem::append(
-                    &mut cache,
-                    &tokens[..from],
-                    LogitsWanted::None,
-                )],
-            )
-            .unwrap();
-    }
-    let logits = model
-        .forward(
-            pool,
-            &mut scratch,
-            &mut [BatchItem::append(
-                &mut cache,
-                &tokens[from..],
-                LogitsWanted::All,
-            )],
-        )
-        .unwrap();
-    (0..tokens.len() - from)
-        .map(|i| gap(logits.row(0, i).unwrap()))
-        .collect()
 }
 
 /// Greedy continuation of `prompt`, one token per decode step, with our gap at each step.
@@ -262,16 +226,21 @@ fn greedy(model: &Model, pool: &ThreadPool, prompt: &[u32], n: usize) -> Vec<(u3
 
 /// Runs every check on one model, printing max and mean |Δ log-prob| over all positions.
 fn check_model(model_file: &str) {
+    let prompts = load_prompts(model_file);
+    assert!(!prompts.is_empty());
     let model = Model::open(common::model_path(model_file)).unwrap();
     let mut exact = Model::open(common::model_path(model_file)).unwrap();
     exact.set_exact_matmuls(true);
     let pool = ThreadPool::new(2);
-    let prompts = load_prompts(model_file);
-    assert!(!prompts.is_empty());
+    let exact_rows: Vec<Scored> = prompts
+        .iter()
+        .map(|p| teacher_forced(&exact, &pool, &p.token_ids))
+        .collect();
+    check_exact_against_transformers(model_file, &prompts, &exact_rows);
     let (mut sum, mut count, mut worst) = (0f64, 0usize, 0f64);
     let (mut decisive, mut decisive_agree) = (0usize, 0usize);
     let mut failures = Vec::new();
-    for p in &prompts {
+    for (p, exact) in prompts.iter().zip(&exact_rows) {
         let ours = teacher_forced(&model, &pool, &p.token_ids);
         let (mut p_sum, mut p_count, mut p_worst) = (0f64, 0usize, 0f64);
         for (pos, &(logprob, top1, _)) in ours.iter().enumerate() {
@@ -313,18 +282,18 @@ fn check_model(model_file: &str) {
 
         let generated = greedy(&model, &pool, &p.prompt_ids, p.continuation_ids.len());
         let n_prompt = p.prompt_ids.len();
-        let f32_gaps = exact_gaps(&exact, &pool, &p.token_ids, n_prompt - 1);
         let mut compared = 0;
         for (i, (&(token, _), &expected)) in generated.iter().zip(&p.continuation_ids).enumerate() {
             let forced_gap = p.top1_minus_top2[n_prompt - 1 + i];
-            if p.generated_gap[i] < NEAR_TIE || forced_gap < NEAR_TIE || f32_gaps[i] < NEAR_TIE {
+            let f32_gap = exact[n_prompt - 1 + i].2;
+            if p.generated_gap[i] < NEAR_TIE || forced_gap < NEAR_TIE || f32_gap < NEAR_TIE {
                 break;
             }
             if token != expected {
                 failures.push(format!(
                     "{}: greedy token {i} is {token}, llama.cpp {expected} (gaps: llama.cpp \
                      {}, teacher-forced {forced_gap}, exact f32 {:.4}, ours {:.4})",
-                    p.name, p.generated_gap[i], f32_gaps[i], generated[i].1
+                    p.name, p.generated_gap[i], f32_gap, generated[i].1
                 ));
                 break;
             }
@@ -361,15 +330,11 @@ fn check_model(model_file: &str) {
 /// and summation order separate them. Also an independent check of the Gemma 3 graph
 /// (transformers' `Gemma3ForCausalLM`), where llama.cpp's activation rounding is too noisy to
 /// catch small mistakes.
-fn check_exact_against_transformers(model_file: &str) {
-    let mut model = Model::open(common::model_path(model_file)).unwrap();
-    model.set_exact_matmuls(true);
-    let pool = ThreadPool::new(2);
+fn check_exact_against_transformers(model_file: &str, prompts: &[Prompt], exact: &[Scored]) {
     let (mut sum, mut count, mut worst) = (0f64, 0usize, 0f64);
     let (mut compared, mut agree) = (0usize, 0usize);
     let mut failures = Vec::new();
-    for p in load_prompts(model_file) {
-        let ours = teacher_forced(&model, &pool, &p.token_ids);
+    for (p, ours) in prompts.iter().zip(exact) {
         for (pos, &(logprob, top1, _)) in ours.iter().enumerate() {
             if let (Some(ours), Some(reference)) = (logprob, p.exact_logprob_next[pos]) {
                 let d = (ours - reference).abs();
@@ -411,21 +376,11 @@ fn check_exact_against_transformers(model_file: &str) {
 }
 
 #[test]
-fn smollm2_q4_1_exact_f32_agrees_with_transformers() {
-    check_exact_against_transformers(common::SMOLLM2);
-}
-
-#[test]
-fn gemma3_270m_q4_k_m_exact_f32_agrees_with_transformers() {
-    check_exact_against_transformers(common::GEMMA3);
-}
-
-#[test]
-fn smollm2_q4_1_agrees_with_llamacpp() {
+fn smollm2_q4_1_agrees_with_transformers_and_llamacpp() {
     check_model(common::SMOLLM2);
 }
 
 #[test]
-fn gemma3_270m_q4_k_m_agrees_with_llamacpp() {
+fn gemma3_270m_q4_k_m_agrees_with_transformers_and_llamacpp() {
     check_model(common::GEMMA3);
 }

@@ -63,15 +63,22 @@ fn smollm2_at_2048_context_fits_file_plus_cache_plus_20mb() {
         assert_eq!(logits.n_rows(0), 1);
     }
     assert_eq!(cache.len(), 136);
+    // Activations for 64-token chunks: 64 × (3·576 + 576 + 2·192 + 576 + 2·1536) f32 ≈ 1.6 MB.
+    let scratch_bytes = scratch.bytes();
+    assert!(
+        scratch_bytes < 3 * 1024 * 1024,
+        "scratch holds {scratch_bytes} bytes"
+    );
 
     let peak = peak_resident_bytes().unwrap();
     let budget = file_bytes + kv_bytes + 20 * 1024 * 1024;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
-        "peak resident {:.1} MiB (before loading {:.1} MiB); file {:.1} MiB + KV cache {:.1} \
-         MiB + 20 MiB = {:.1} MiB",
+        "peak resident {:.1} MiB (before loading {:.1} MiB, scratch {:.2} MiB); file {:.1} MiB \
+         + KV cache {:.1} MiB + 20 MiB = {:.1} MiB",
         mib(peak),
         mib(before),
+        mib(scratch_bytes as u64),
         mib(file_bytes),
         mib(kv_bytes),
         mib(budget)

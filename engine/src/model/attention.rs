@@ -56,6 +56,27 @@ pub(super) struct AttentionScratch {
     threads: Vec<Mutex<ThreadBuffers>>,
 }
 
+impl AttentionScratch {
+    /// Bytes held by the buffers.
+    pub(super) fn bytes(&self) -> usize {
+        let f32s = self.by_head.capacity()
+            + self
+                .threads
+                .iter()
+                .map(|t| {
+                    let t = lock(t);
+                    t.keys.capacity()
+                        + t.keys_t.capacity()
+                        + t.values.capacity()
+                        + t.scores.capacity()
+                        + t.max.capacity()
+                        + t.sum.capacity()
+                })
+                .sum::<usize>();
+        f32s * 4 + self.units.capacity() * std::mem::size_of::<Unit>()
+    }
+}
+
 #[derive(Debug, Default)]
 struct ThreadBuffers {
     keys: Vec<f32>,

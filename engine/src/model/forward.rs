@@ -37,6 +37,35 @@ pub struct Scratch {
     attention: AttentionScratch,
 }
 
+impl Scratch {
+    /// Bytes held by the buffers: they grow with the number of tokens in a pass (about
+    /// `4 × (3·n_embd + q + k + v + attn + 2·n_ff)` bytes per token), so the chunk size the
+    /// caller feeds bounds them.
+    pub fn bytes(&self) -> usize {
+        let f32s: usize = [
+            &self.x,
+            &self.xn,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.qkv,
+            &self.attn,
+            &self.proj,
+            &self.gate,
+            &self.up,
+            &self.rope[0],
+            &self.rope[1],
+        ]
+        .iter()
+        .map(|b| b.capacity())
+        .sum();
+        f32s * 4
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.out_tokens.capacity() * std::mem::size_of::<usize>()
+            + self.attention.bytes()
+    }
+}
+
 /// `buf[..len]`, growing `buf` first if it is shorter.
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
