@@ -69,17 +69,6 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
     !is_signed(ty)
 }
 
-/// Whether `ty`'s two half-chunk offsets can differ (16-element sub-blocks with their own
-/// scale or min); for the other offset types one offset covers the whole chunk.
-// Only the AVX2 mat-vec distinguishes the two offset shapes.
-#[cfg_attr(
-    not(any(target_arch = "x86", target_arch = "x86_64")),
-    allow(dead_code)
-)]
-pub(crate) fn has_half_offsets(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
-}
-
 /// Whether the integer kernels handle `ty`.
 pub(crate) fn is_block_quantized(ty: GgmlType) -> bool {
     matches!(

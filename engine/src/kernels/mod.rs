@@ -19,12 +19,12 @@
 //!   per-thread buffer, then L2-sized blocks of tokens sweep across it, and a 4-row × 2-token
 //!   tile kernel reuses each decoded chunk held in a register for both tokens and each
 //!   activation chunk for four rows. The decode is paid once per weight per call.
-//! - **Mat-vec** (`n_tokens == 1`, the decode step): nothing is reused, so on AVX2 each chunk
-//!   is decoded in registers and consumed at once, with software prefetch, streaming the weights
-//!   once; for the 32-element types the f16 scales of eight blocks are gathered and converted
-//!   together. Batches of 2–4 tokens (several sequences decoding together) use the same kernels,
-//!   each block decoded once for all tokens. (The portable and scalar paths use the mat-mat
-//!   loops.)
+//! - **Mat-vec** (`n_tokens` ≤ 4: decode steps of one or a few sequences): nothing is reused,
+//!   so on AVX2 each chunk is decoded in registers and consumed at once, with software
+//!   prefetch, streaming the weights once — accumulating every output in exactly the tiles'
+//!   order, so a token's result is bit-identical whichever kernel computed it and a sequence's
+//!   logits cannot depend on what else is in its batch. (The portable and scalar paths use the
+//!   mat-mat loops for every token count.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
@@ -45,7 +45,7 @@
 //! There is no AVX-512 path yet: the development and CI machines expose no AVX-512 (their
 //! hypervisor masks it, and the emulators at hand cannot run it), and a SIMD path that no test
 //! ever executes would be a liability. AVX-512 CPUs run the AVX2 path. The place for one is a
-//! `avx512` twin of `avx2::tile`/`avx2::matvec` using `_mm512_dpbusd_epi32` (VNNI), which would
+//! `avx512` twin of `avx2::tile`/`avx2::matvec_in_tile_order` using `_mm512_dpbusd_epi32` (VNNI), which would
 //! replace `maddubs` + `madd` and halve the integer work per 32 MACs.
 //!
 //! # Threads
@@ -656,14 +656,6 @@ fn quantized_tile(
     });
 }
 
-/// Whether 1–4 token matmuls use the older fused AVX2 mat-vec (`avx2::matvec_rows`). Off: its
-/// per-output operation order (two alternating accumulators for one token, offsets summed
-/// separately) differs from the tiles', so a sequence's logits changed with the number of tokens
-/// in the step, and 8-bit activation rounding amplified the last-bit difference into visible
-/// logit changes (0.4 on SmolLM2). `avx2::matvec_in_tile_order` replaces it for decode steps.
-/// The old kernel stays compiled and tested against its scalar twin.
-const FUSED_MATVEC: bool = false;
-
 fn run_quantized(
     pool: &ThreadPool,
     path: KernelPath,
@@ -678,27 +670,6 @@ fn run_quantized(
     let units = rows.div_ceil(TILE_ROWS);
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if FUSED_MATVEC && path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
-        pool.run_parts(n_parts, &|part, n_parts| {
-            let units = split(units, n_parts, part);
-            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
-            // SAFETY: only row r's outputs are written, and rows of different parts are
-            // disjoint (`split` is a partition).
-            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
-            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
-            // holds the `n_tokens` tokens of `w.cols` values.
-            unsafe {
-                match n_tokens {
-                    1 => avx2::matvec_rows::<1>(w, rows, acts, store),
-                    2 => avx2::matvec_rows::<2>(w, rows, acts, store),
-                    3 => avx2::matvec_rows::<3>(w, rows, acts, store),
-                    _ => avx2::matvec_rows::<4>(w, rows, acts, store),
-                }
-            }
-        });
-        return;
-    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
         pool.run_parts(n_parts, &|part, n_parts| {
