@@ -71,16 +71,6 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let t0 = Instant::now();
@@ -122,7 +112,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             &mut [BatchItem::append(&mut cache, chunk, wanted)],
         )?;
         if let Some(row) = logits.last(0) {
-            next = argmax(row);
+            next = egpu_engine::sampler::argmax(row).map_or(0, |i| i as u32);
         }
     }
     let prefill = t0.elapsed();
@@ -136,7 +126,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             &mut scratch,
             &mut [BatchItem::append(&mut cache, &token, LogitsWanted::Last)],
         )?;
-        next = argmax(logits.last(0).ok_or("no logits")?);
+        next = egpu_engine::sampler::argmax(logits.last(0).ok_or("no logits")?)
+            .map_or(0, |i| i as u32);
         generated.push(next);
     }
     let decode = t0.elapsed();

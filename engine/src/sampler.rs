@@ -267,14 +267,6 @@ pub fn argmax(values: &[f32]) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
-/// `log_softmax(logits)[i]` for every i, computed stably in f64.
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    let log_sum = sum.ln() as f32;
-    logits.iter().map(|&l| l - max - log_sum).collect()
-}
-
 /// Watches streamed text for stop strings. Text that might be the start of a stop string is
 /// held back until it is decided, so a client never sees part of a stop string.
 #[derive(Debug, Clone, Default)]
@@ -477,14 +469,6 @@ mod tests {
         });
         s.accept_all(&[1, 4]);
         assert_eq!(s.sample(&logits()), 1);
-    }
-
-    #[test]
-    fn log_softmax_normalises() {
-        let lp = log_softmax(&logits());
-        let total: f32 = lp.iter().map(|l| l.exp()).sum();
-        assert!((total - 1.0).abs() < 1e-6);
-        assert!((lp[1] - lp[0] - 2.0).abs() < 1e-6);
     }
 
     #[test]

@@ -69,23 +69,10 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
     !is_signed(ty)
 }
 
-/// Whether the integer kernels handle `ty`.
+/// Whether the integer kernels handle `ty`: every block-quantized type that has a dequantizer
+/// (the plain float types go through the f32 tiles instead).
 pub(crate) fn is_block_quantized(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q8_0
-            | GgmlType::Q2_K
-            | GgmlType::Q3_K
-            | GgmlType::Q4_K
-            | GgmlType::Q5_K
-            | GgmlType::Q6_K
-            | GgmlType::IQ4_NL
-            | GgmlType::IQ4_XS
-    )
+    crate::quant::can_dequantize(ty) && ty.is_quantized()
 }
 
 /// Decodes the blocks of one weight row (`row.len()` a whole number of `ty` blocks) into
