@@ -1,0 +1,80 @@
+//! The daemon's socket: its default path, and a client connection over it.
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::v1::egpu_client::EgpuClient;
+
+/// Environment variable that overrides the socket path for egpud and its clients.
+pub const SOCKET_ENV: &str = "EGPU_SOCKET";
+
+/// Where egpud listens unless told otherwise: `$EGPU_SOCKET`, else
+/// `$XDG_RUNTIME_DIR/egpu.sock`, else `/tmp/egpu-$UID.sock`.
+///
+/// The path stays short because macOS limits socket paths to 104 bytes (Linux: 108); a
+/// per-user name keeps two users of one machine apart.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(path) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        return Path::new(&dir).join("egpu.sock");
+    }
+    PathBuf::from(format!(
+        "/tmp/egpu-{}.sock",
+        rustix::process::getuid().as_raw()
+    ))
+}
+
+/// Why a client could not reach egpud.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "egpud is not running: no socket at {path} (start it with `egpud`, or set {SOCKET_ENV})"
+    )]
+    NoSocket { path: PathBuf },
+    #[error(
+        "egpud is not answering on {path}: {reason} (start it with `egpud`, or set {SOCKET_ENV})"
+    )]
+    NotAnswering { path: PathBuf, reason: String },
+}
+
+/// Connects a gRPC client to egpud's Unix socket.
+pub async fn connect(path: &Path) -> Result<EgpuClient<Channel>, ConnectError> {
+    if !path.exists() {
+        return Err(ConnectError::NoSocket {
+            path: path.to_owned(),
+        });
+    }
+    let socket = path.to_owned();
+    // The URI is required by the HTTP/2 layer but unused: every connection goes to the socket.
+    let channel = Endpoint::from_static("http://egpud.local")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| ConnectError::NotAnswering {
+            path: path.to_owned(),
+            reason: source_chain(&e),
+        })?;
+    Ok(EgpuClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
