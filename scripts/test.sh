@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh >/dev/null
 if [ -x scripts/fetch-vocabs.sh ]; then scripts/fetch-vocabs.sh >/dev/null; fi
+# The end-to-end tests (tests/) run the real egpud and egpuctl binaries: build them first.
+cargo build --workspace --locked --bins
 cargo test --workspace --locked "$@"

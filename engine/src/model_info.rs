@@ -151,6 +151,19 @@ pub fn estimate_from_summary(s: &ModelSummary, weights: u64, context: u64) -> Me
     let kv_cache = context
         .saturating_mul(s.kv_elements_per_token())
         .saturating_mul(2);
+    let scratch = scratch_bytes_per_token(s, context).saturating_mul(SCRATCH_BATCH_TOKENS);
+    MemoryEstimate {
+        context,
+        weights,
+        kv_cache,
+        scratch,
+        total: weights.saturating_add(kv_cache).saturating_add(scratch),
+    }
+}
+
+/// Scratch bytes per token of a forward pass (the formula of [`estimate_memory`] without the
+/// batch factor): a scheduler that feeds at most `B` tokens per pass needs `B ×` this.
+pub fn scratch_bytes_per_token(s: &ModelSummary, context: u64) -> u64 {
     let max_kv_heads = s.head_count_kv.iter().copied().max().unwrap_or(0);
     // Saturating throughout: every input comes from untrusted metadata.
     let q = s.head_count.saturating_mul(s.key_length);
@@ -165,16 +178,7 @@ pub fn estimate_from_summary(s: &ModelSummary, weights: u64, context: u64) -> Me
     ]
     .into_iter()
     .fold(0u64, u64::saturating_add);
-    let scratch = per_row
-        .saturating_mul(SCRATCH_BATCH_TOKENS)
-        .saturating_mul(4);
-    MemoryEstimate {
-        context,
-        weights,
-        kv_cache,
-        scratch,
-        total: weights.saturating_add(kv_cache).saturating_add(scratch),
-    }
+    per_row.saturating_mul(4)
 }
 
 /// Tensor count and bytes for each GGML type in a file: the model's "quant mix".

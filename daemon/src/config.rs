@@ -1,0 +1,207 @@
+//! egpud's settings: flags, their environment variables, and their defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Models may hold this share of physical memory on the CPU backend unless `--memory-budget`
+/// says otherwise; the rest is left to the OS and the user's other programs.
+pub const CPU_DEFAULT_BUDGET_PERCENT: u64 = 75;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "egpud",
+    version,
+    about = "egpu daemon: keeps models resident on one device and serves them over gRPC on a \
+             Unix socket",
+    after_help = "Environment: EGPU_SOCKET (socket path), EGPU_MODELS (models folder), EGPU_LOG \
+                  (log filter, e.g. info or egpud=debug)."
+)]
+pub struct Config {
+    /// Unix socket to listen on [default: $XDG_RUNTIME_DIR/egpu.sock, else /tmp/egpu-$UID.sock].
+    #[arg(long, env = "EGPU_SOCKET")]
+    pub socket: Option<PathBuf>,
+
+    /// Most memory resident models may hold, e.g. 2GiB, 1500MB, 800000000 [default for the cpu
+    /// backend: 75% of physical memory].
+    #[arg(long, value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
+
+    /// Where egpud keeps its state [default: $XDG_STATE_HOME/egpu, else ~/.local/state/egpu].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+
+    /// Folder that model names are resolved in [default: $EGPU_MODELS, else ~/.egpu/models].
+    #[arg(long, env = "EGPU_MODELS")]
+    pub models_dir: Option<PathBuf>,
+
+    /// Backend for models loaded without one.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+
+    /// Worker threads for the CPU backend [default: the machine's available parallelism].
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Requests that may wait for a slot, per model; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Most tokens one forward pass carries: prompt chunks are cut to fit beside the decoding
+    /// sequences, so a long prompt never stalls other streams for longer than one such pass.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(8..=4096))]
+    pub batch_tokens: u32,
+
+    /// Keep-alive of models loaded without one, e.g. 5m, 30s, 0, forever.
+    #[arg(long, default_value = "5m", value_parser = parse_keep_alive)]
+    pub keep_alive: KeepAlive,
+}
+
+/// How long an idle model stays resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    Forever,
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// The API's encoding: negative = forever, else milliseconds.
+    pub fn from_millis(ms: i64) -> KeepAlive {
+        if ms < 0 {
+            KeepAlive::Forever
+        } else {
+            KeepAlive::For(Duration::from_millis(ms as u64))
+        }
+    }
+}
+
+impl Config {
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(egpu_proto::default_socket_path)
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .unwrap_or_else(|| home().join(".egpu").join("models"))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("XDG_STATE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home().join(".local").join("state"))
+                .join("egpu")
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000;
+/// KiB, MiB, GiB, TiB in powers of 1024; case-insensitive; decimals allowed).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (try 2GiB or 1500MB)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, MB, GB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = number * scale;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{text:?} is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses a keep-alive: `forever`/`-1`, `0`, or a number with a unit `ms`, `s`, `m`, `h`
+/// (a bare number is seconds).
+pub fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
+    let text = text.trim().to_ascii_lowercase();
+    if text == "forever" || text == "inf" || text.starts_with('-') {
+        return Ok(KeepAlive::Forever);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 30s, 5m, 2h, forever)"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(seconds)
+        .map(KeepAlive::For)
+        .map_err(|_| format!("{text:?} is not a usable duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1500MB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("0.5 gib"), Ok(1 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn keep_alives() {
+        assert_eq!(
+            parse_keep_alive("5m"),
+            Ok(KeepAlive::For(Duration::from_secs(300)))
+        );
+        assert_eq!(parse_keep_alive("0"), Ok(KeepAlive::For(Duration::ZERO)));
+        assert_eq!(parse_keep_alive("forever"), Ok(KeepAlive::Forever));
+        assert_eq!(parse_keep_alive("-1"), Ok(KeepAlive::Forever));
+        assert_eq!(
+            parse_keep_alive("250ms"),
+            Ok(KeepAlive::For(Duration::from_millis(250)))
+        );
+        assert!(parse_keep_alive("5 fortnights").is_err());
+        assert_eq!(KeepAlive::from_millis(-1), KeepAlive::Forever);
+    }
+}

@@ -1,0 +1,80 @@
+//! The daemon's domain errors, and their one mapping to gRPC statuses.
+
+use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+/// Everything a request can fail with. Each variant's message is what the client reads.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no resident model named {name:?} (resident: {resident}); load it first")]
+    UnknownModel { name: String, resident: String },
+    #[error("model file not found: {0}")]
+    MissingFile(PathBuf),
+    #[error("no model named {name:?} in the models folder {dir}{hint}")]
+    UnknownSource {
+        name: String,
+        dir: PathBuf,
+        hint: String,
+    },
+    #[error("cannot load {path}: {reason}")]
+    BadModelFile { path: PathBuf, reason: String },
+    #[error("the name {name:?} is already used by {source_path}; unload it first or choose another name")]
+    NameTaken { name: String, source_path: PathBuf },
+    #[error(
+        "{name} needs {needed} bytes but only {available} of the {budget}-byte budget can be \
+         freed; held by: {holders}"
+    )]
+    OverBudget {
+        name: String,
+        needed: u64,
+        available: u64,
+        budget: u64,
+        holders: String,
+    },
+    #[error("{model}: queue full ({limit} requests waiting); retry later")]
+    QueueFull { model: String, limit: usize },
+    #[error("{model} is busy ({active} active, {queued} queued); use force to unload anyway")]
+    Busy {
+        model: String,
+        active: usize,
+        queued: usize,
+    },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("the model {0} was unloaded while this request was running")]
+    Unloaded(String),
+    #[error("egpud is shutting down")]
+    ShuttingDown,
+    #[error("deadline exceeded after {generated} generated tokens")]
+    DeadlineExceeded { generated: usize },
+    #[error("unsupported backend {0:?}; available: cpu")]
+    UnsupportedBackend(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<DaemonError> for Status {
+    fn from(err: DaemonError) -> Status {
+        let code = match &err {
+            DaemonError::UnknownModel { .. }
+            | DaemonError::MissingFile(_)
+            | DaemonError::UnknownSource { .. } => Code::NotFound,
+            DaemonError::BadModelFile { .. }
+            | DaemonError::InvalidArgument(_)
+            | DaemonError::UnsupportedBackend(_) => Code::InvalidArgument,
+            DaemonError::NameTaken { .. } => Code::AlreadyExists,
+            DaemonError::OverBudget { .. } | DaemonError::QueueFull { .. } => {
+                Code::ResourceExhausted
+            }
+            DaemonError::Busy { .. } => Code::FailedPrecondition,
+            DaemonError::Unloaded(_) => Code::Aborted,
+            DaemonError::ShuttingDown => Code::Unavailable,
+            DaemonError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            DaemonError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+pub type Result<T, E = DaemonError> = std::result::Result<T, E>;

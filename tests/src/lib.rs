@@ -1,0 +1,286 @@
+//! The end-to-end harness: starts a real `egpud` process on a socket in a temporary folder and
+//! hands out real gRPC clients. The tests are in `tests/`; they need the `egpud` and `egpuctl`
+//! binaries built (`scripts/test.sh` builds them first) and the real model files
+//! (`scripts/fetch-models.sh`).
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use egpu_proto::v1::egpu_client::EgpuClient;
+use egpu_proto::v1::{self as pb};
+use tonic::transport::Channel;
+
+pub use egpu_proto::v1;
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// How long egpud may take to start listening (it only parses flags and binds).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The real models folder: `$EGPU_MODELS`, or `<repo>/models` where `scripts/fetch-models.sh`
+/// puts the files.
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("EGPU_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
+    }
+}
+
+/// The absolute path of a real model file; fails with instructions when it is missing.
+pub fn model_path(file: &str) -> PathBuf {
+    let path = models_dir().join(file);
+    assert!(
+        path.is_file(),
+        "model file {} is missing: run scripts/fetch-models.sh (CI does) or set EGPU_MODELS",
+        path.display()
+    );
+    std::fs::canonicalize(path).expect("canonical model path")
+}
+
+/// A binary of this workspace, built next to the test executable (`target/<profile>/`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build -p egpud -p egpuctl` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A running egpud. Killed when dropped, so a failing test never leaves one behind.
+#[derive(Debug)]
+pub struct TestDaemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestDaemon {
+    /// Starts egpud with a fresh socket and state folder, the real models folder, and extra
+    /// flags; returns once its log says it is listening.
+    pub fn start(extra_args: &[&str]) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("egpu-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let socket = dir.path().join("egpud.sock");
+        Self::start_on(dir, socket, extra_args).expect("egpud did not start")
+    }
+
+    /// Starts egpud on a given socket; `Err` carries its log when it exits instead.
+    pub fn start_on(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        extra_args: &[&str],
+    ) -> Result<TestDaemon, String> {
+        let mut child = Command::new(binary("egpud"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--models-dir")
+            .arg(models_dir())
+            .args(["--threads", "2"])
+            .args(extra_args)
+            .env("EGPU_LOG", "info")
+            .env_remove("EGPU_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning egpud");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let _ = ready_tx.send(true);
+                }
+                sink.lock().unwrap().push(line);
+            }
+            let _ = ready_tx.send(false);
+        });
+        let daemon = TestDaemon {
+            child: Some(child),
+            socket,
+            dir,
+            log,
+        };
+        match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(true) => Ok(daemon),
+            _ => Err(daemon.log_text()),
+        }
+    }
+
+    pub async fn client(&self) -> EgpuClient<Channel> {
+        egpu_proto::connect(&self.socket)
+            .await
+            .unwrap_or_else(|e| panic!("connecting: {e}\n{}", self.log_text()))
+    }
+
+    /// Everything egpud has logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("running");
+        matches!(child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        child.wait().expect("waiting for egpud")
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Loads a model and returns its info (the stream's last event).
+pub async fn load(
+    client: &mut EgpuClient<Channel>,
+    request: pb::LoadRequest,
+) -> Result<pb::ModelInfo, tonic::Status> {
+    let mut stream = client.load(request).await?.into_inner();
+    let mut info = None;
+    while let Some(event) = stream.message().await? {
+        if let Some(pb::load_event::Event::Model(m)) = event.event {
+            info = Some(m);
+        }
+    }
+    info.ok_or_else(|| tonic::Status::internal("load stream ended without the model"))
+}
+
+/// Loads the real SmolLM2 under `name`.
+pub async fn load_smollm2(
+    client: &mut EgpuClient<Channel>,
+    name: &str,
+    context: u32,
+    slots: u32,
+) -> pb::ModelInfo {
+    load(
+        client,
+        pb::LoadRequest {
+            source: model_path(SMOLLM2).display().to_string(),
+            name: name.into(),
+            context_length: context,
+            slots,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("loading SmolLM2")
+}
+
+/// Everything one Generate stream returned.
+#[derive(Debug, Clone, Default)]
+pub struct Generated {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<pb::TokenLogprobs>,
+    pub done: Option<pb::GenerateDone>,
+}
+
+/// A raw greedy request for `max_tokens` tokens.
+pub fn greedy(model: &str, prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: model.into(),
+        input: Some(pb::generate_request::Input::Prompt(prompt.into())),
+        raw: true,
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    }
+}
+
+/// Runs a Generate request to its end.
+pub async fn generate(
+    client: &mut EgpuClient<Channel>,
+    request: pb::GenerateRequest,
+) -> Result<Generated, tonic::Status> {
+    let stream = client.generate(request).await?.into_inner();
+    collect(stream).await
+}
+
+/// Reads a Generate stream to its end.
+pub async fn collect(
+    mut stream: tonic::Streaming<pb::GenerateEvent>,
+) -> Result<Generated, tonic::Status> {
+    let mut out = Generated::default();
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(pb::generate_event::Event::Chunk(c)) => {
+                out.text.push_str(&c.text);
+                out.token_ids.extend(c.token_ids);
+                out.logprobs.extend(c.logprobs);
+            }
+            Some(pb::generate_event::Event::Done(d)) => out.done = Some(d),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+pub async fn status(client: &mut EgpuClient<Channel>) -> pb::StatusResponse {
+    client
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// Names of the resident models, sorted.
+pub async fn resident_names(client: &mut EgpuClient<Channel>) -> Vec<String> {
+    let mut names: Vec<String> = status(client)
+        .await
+        .models
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// A client that names itself (for fair scheduling) with the `x-egpu-client` header.
+pub fn named<T>(message: T, client_name: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        egpu_proto::CLIENT_NAME_HEADER,
+        client_name.parse().expect("ascii client name"),
+    );
+    request
+}
+
+/// Writes `bytes` to a file in `dir` and returns its path.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("writing a test file");
+    path
+}

@@ -1,0 +1,761 @@
+//! egpud end to end: a real daemon process on a real Unix socket, the real SmolLM2 model.
+
+use std::time::{Duration, Instant};
+
+use egpu_e2e::v1::{self as pb};
+use egpu_e2e::*;
+use egpu_engine::kernels::ThreadPool;
+use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::ops::log_softmax;
+use egpu_engine::sampler::argmax;
+use egpu_engine::tokenizer::Tokenizer;
+use tonic::Code;
+
+/// The engine's own greedy continuation of a raw prompt, in-process: what egpud must match.
+fn engine_greedy(prompt: &str, n: usize) -> Vec<u32> {
+    let model = Model::open(model_path(SMOLLM2)).unwrap();
+    let tokenizer = Tokenizer::from_gguf(model.file().metadata()).unwrap();
+    let ids = tokenizer.encode(prompt, true, true);
+    let pool = ThreadPool::new(2);
+    let mut scratch = model.new_scratch();
+    let mut cache = model.new_kv_cache(ids.len() + n).unwrap();
+    let mut out = Vec::new();
+    let mut input = ids;
+    while out.len() < n {
+        let logits = model
+            .forward(
+                &pool,
+                &mut scratch,
+                &mut [BatchItem::append(&mut cache, &input, LogitsWanted::Last)],
+            )
+            .unwrap();
+        let next = argmax(logits.last(0).unwrap()).unwrap() as u32;
+        if tokenizer.is_end_of_generation(next) {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
+
+/// Polls Status until `check` holds, for at most `limit`. Status is cheap; each poll is a
+/// real request, and the wait between polls is short.
+async fn wait_for_status(
+    client: &mut egpu_proto::v1::egpu_client::EgpuClient<tonic::transport::Channel>,
+    limit: Duration,
+    check: impl Fn(&pb::StatusResponse) -> bool,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check(&status(client).await) {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_load_generate_unload() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+
+    let before = status(&mut client).await;
+    assert!(before.models.is_empty());
+    assert!(before.budget_bytes > 0 && before.used_bytes == 0);
+    assert_eq!(before.device.as_ref().unwrap().kind, "cpu");
+
+    let info = load_smollm2(&mut client, "smollm2", 512, 2).await;
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.state, pb::ModelState::Ready as i32);
+    assert_eq!((info.context_length, info.slots), (512, 2));
+    // Loading by name from the models folder resolves to the same file: a no-op.
+    let again = load(
+        &mut client,
+        pb::LoadRequest {
+            source: "SmolLM2-135M-Instruct.Q4_1".into(),
+            name: "smollm2".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.source, info.source);
+
+    let st = status(&mut client).await;
+    assert_eq!(st.models.len(), 1);
+    let m = &st.models[0];
+    let file_len = std::fs::metadata(model_path(SMOLLM2)).unwrap().len();
+    assert!(
+        m.bytes > file_len / 2 && m.bytes <= m.bytes_estimated,
+        "measured {} bytes, estimated {}, file {file_len}",
+        m.bytes,
+        m.bytes_estimated
+    );
+    assert_eq!(st.used_bytes, m.bytes);
+    assert!(st.used_bytes <= st.budget_bytes);
+    assert!(m.quant_mix.iter().any(|q| q.r#type == "Q4_1"));
+
+    let prompt = "The capital of France is";
+    let got = generate(&mut client, greedy("smollm2", prompt, 24))
+        .await
+        .unwrap();
+    let expected = engine_greedy(prompt, 24);
+    assert_eq!(got.token_ids, expected, "daemon: {:?}", got.text);
+    let done = got.done.expect("a done event");
+    assert_eq!(done.completion_tokens as usize, expected.len());
+    let tokenizer =
+        Tokenizer::from_gguf(Model::open(model_path(SMOLLM2)).unwrap().file().metadata()).unwrap();
+    assert_eq!(
+        done.prompt_tokens as usize,
+        tokenizer.encode(prompt, true, true).len()
+    );
+    let timings = done.timings.unwrap();
+    assert!(timings.decode_tokens_per_s > 0.0 && timings.prefill_tokens_per_s > 0.0);
+
+    let st = status(&mut client).await;
+    assert_eq!(st.models[0].requests_served, 1);
+    let unloaded = client
+        .unload(pb::UnloadRequest {
+            name: "smollm2".into(),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unloaded.freed_bytes, m.bytes.max(unloaded.freed_bytes));
+    let st = status(&mut client).await;
+    assert!(st.models.is_empty() && st.used_bytes == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_logprobs_score_and_tokenize() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 512, 2).await;
+
+    // Chat messages go through the model's template; logprobs come with every token.
+    let request = pb::GenerateRequest {
+        model: "m".into(),
+        input: Some(pb::generate_request::Input::Messages(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "What is 2+2?".into(),
+            }],
+        })),
+        max_tokens: Some(8),
+        top_logprobs: 3,
+        ..Default::default()
+    };
+    let got = generate(&mut client, request).await.unwrap();
+    assert!(!got.token_ids.is_empty());
+    assert_eq!(got.logprobs.len(), got.token_ids.len());
+    for (lp, &id) in got.logprobs.iter().zip(&got.token_ids) {
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(lp.token.as_ref().unwrap().id, id);
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(lp.top[0].id, id);
+        assert!(lp.top[0].logprob >= lp.top[1].logprob && lp.top[1].logprob >= lp.top[2].logprob);
+    }
+
+    // Score equals the engine's teacher-forced log-probabilities.
+    let text = "The quick brown fox jumps over the lazy dog.";
+    let scored = client
+        .score(pb::ScoreRequest {
+            model: "m".into(),
+            text: text.into(),
+            raw: false,
+            top_k: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let model = Model::open(model_path(SMOLLM2)).unwrap();
+    let tokenizer = Tokenizer::from_gguf(model.file().metadata()).unwrap();
+    let ids = tokenizer.encode(text, true, true);
+    assert_eq!(scored.token_ids, ids);
+    assert_eq!(scored.positions.len(), ids.len());
+    assert!(scored.positions[0].logprob.is_none() && scored.positions[0].top.is_empty());
+    let pool = ThreadPool::new(2);
+    let mut scratch = model.new_scratch();
+    let mut cache = model.new_kv_cache(ids.len()).unwrap();
+    let logits = model
+        .forward(
+            &pool,
+            &mut scratch,
+            &mut [BatchItem::append(&mut cache, &ids, LogitsWanted::All)],
+        )
+        .unwrap();
+    for (i, &id) in ids.iter().enumerate().skip(1) {
+        let expected = log_softmax(logits.row(0, i - 1).unwrap())[id as usize];
+        let got = scored.positions[i].logprob.unwrap() as f64;
+        assert!(
+            (got - expected).abs() < 1e-3,
+            "position {i}: {got} vs {expected}"
+        );
+        assert_eq!(scored.positions[i].top.len(), 2);
+    }
+
+    let tokenized = client
+        .tokenize(pb::TokenizeRequest {
+            model: "m".into(),
+            text: text.into(),
+            add_special: true,
+            parse_special: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tokenized.token_ids, ids);
+    let text_back = client
+        .detokenize(pb::DetokenizeRequest {
+            model: "m".into(),
+            token_ids: ids[usize::from(tokenizer.adds_bos())..].to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    assert_eq!(text_back, text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_clients_get_what_they_get_alone() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 256, 4).await;
+    let prompts = [
+        "Once upon a time",
+        "The capital of France is",
+        "def fibonacci(n):",
+        "My favourite colour is",
+        "In 1492, Columbus",
+        "The square root of 16 is",
+        "Water boils at",
+        "A haiku about the sea:",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(
+            generate(&mut client, greedy("m", p, 16))
+                .await
+                .unwrap()
+                .token_ids,
+        );
+    }
+    let mut tasks = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        // Each task is its own connection: a separate client.
+        let mut c = daemon.client().await;
+        let request = named(greedy("m", p, 16), &format!("client-{i}"));
+        tasks.push(tokio::spawn(async move {
+            let stream = c.generate(request).await.unwrap().into_inner();
+            collect(stream).await.unwrap().token_ids
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap(), alone[i], "prompt {:?}", prompts[i]);
+    }
+    let st = status(&mut client).await;
+    assert_eq!(st.models[0].requests_served, 16);
+    assert_eq!((st.models[0].active, st.models[0].queued), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_lru_pinned_busy_and_impossible() {
+    // Learn the estimate from a first daemon, then give a second one room for two copies.
+    let estimate = {
+        let probe = TestDaemon::start(&[]);
+        let mut c = probe.client().await;
+        load_smollm2(&mut c, "probe", 256, 1).await.bytes_estimated
+    };
+    let budget = (estimate * 2 + estimate / 2).to_string();
+    let daemon = TestDaemon::start(&["--memory-budget", &budget]);
+    let mut client = daemon.client().await;
+
+    load_smollm2(&mut client, "a", 256, 1).await;
+    load_smollm2(&mut client, "b", 256, 1).await;
+    // Use a, so b is the least recently used.
+    generate(&mut client, greedy("a", "Hello", 2))
+        .await
+        .unwrap();
+    load_smollm2(&mut client, "c", 256, 1).await;
+    assert_eq!(resident_names(&mut client).await, ["a", "c"]);
+    let st = status(&mut client).await;
+    assert!(st.used_bytes <= st.budget_bytes);
+
+    // A pinned model is never evicted, even when it is the least recently used.
+    client
+        .unload(pb::UnloadRequest {
+            name: "a".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    load(
+        &mut client,
+        pb::LoadRequest {
+            source: model_path(SMOLLM2).display().to_string(),
+            name: "pinned".into(),
+            context_length: 256,
+            slots: 1,
+            pin: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    generate(&mut client, greedy("c", "Hello", 2))
+        .await
+        .unwrap();
+    load_smollm2(&mut client, "d", 256, 1).await;
+    assert_eq!(resident_names(&mut client).await, ["d", "pinned"]);
+
+    // A busy model is never evicted: with d generating and the other pinned, a load fails
+    // and evicts nothing.
+    let mut busy_client = daemon.client().await;
+    let mut busy = busy_client
+        .generate(greedy("d", "Count to one hundred: 1, 2, 3,", 200))
+        .await
+        .unwrap()
+        .into_inner();
+    busy.message().await.unwrap().expect("a first chunk");
+    let err = load(
+        &mut client,
+        pb::LoadRequest {
+            source: model_path(SMOLLM2).display().to_string(),
+            name: "e".into(),
+            context_length: 256,
+            slots: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("needs")
+            && err.message().contains("pinned")
+            && err.message().contains("busy"),
+        "{}",
+        err.message()
+    );
+    drop(busy);
+    assert_eq!(resident_names(&mut client).await, ["d", "pinned"]);
+
+    // An impossible load (more than the whole budget) fails and evicts nothing.
+    let err = load(
+        &mut client,
+        pb::LoadRequest {
+            source: model_path(SMOLLM2).display().to_string(),
+            name: "huge".into(),
+            context_length: 8192,
+            slots: 64,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message()
+            .contains(&format!("{}-byte budget", st.budget_bytes)),
+        "{}",
+        err.message()
+    );
+    assert_eq!(resident_names(&mut client).await, ["d", "pinned"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_does_not_starve_another() {
+    let daemon = TestDaemon::start(&["--max-queue", "24"]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 256, 1).await;
+
+    // The flood: 20 requests from one client, all accepted (queued) before the other client asks.
+    let mut flood = Vec::new();
+    for _ in 0..20 {
+        let mut c = client.clone();
+        let stream = c
+            .generate(named(greedy("m", "Tell me a story.", 12), "flood"))
+            .await
+            .unwrap()
+            .into_inner();
+        flood.push(tokio::spawn(async move {
+            collect(stream).await.unwrap();
+            Instant::now()
+        }));
+    }
+    let mut other = client.clone();
+    let stream = other
+        .generate(named(greedy("m", "Hi", 4), "other"))
+        .await
+        .unwrap()
+        .into_inner();
+    let other_done = {
+        collect(stream).await.unwrap();
+        Instant::now()
+    };
+    let mut flood_done = Vec::new();
+    for task in flood {
+        flood_done.push(task.await.unwrap());
+    }
+    let before_other = flood_done.iter().filter(|&&t| t < other_done).count();
+    // With one slot: the flood's running request finishes, then the other client's single
+    // request is next, ahead of the 19 still queued.
+    assert!(
+        before_other <= 2,
+        "{before_other} of the flood's 20 requests finished before the other client's one"
+    );
+
+    // The bounded queue: more than slots + max-queue requests get RESOURCE_EXHAUSTED.
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..30 {
+        match client
+            .generate(greedy("m", "Tell me a long story.", 200))
+            .await
+        {
+            Ok(stream) => held.push(stream.into_inner()),
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the queue must fill");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("queue full"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        held.len() >= 24 && held.len() <= 25,
+        "{} accepted",
+        held.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_frees_its_slot_within_a_second() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 512, 2).await;
+    {
+        let mut doomed = daemon.client().await;
+        let mut stream = doomed
+            .generate(greedy("m", "Write a very long essay about the sea.", 400))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().expect("first chunk");
+        assert_eq!(status(&mut client).await.models[0].active, 1);
+        // The client goes away mid-stream: stream and connection dropped.
+    }
+    let freed = wait_for_status(&mut client, Duration::from_secs(1), |st| {
+        st.models[0].active == 0
+    })
+    .await;
+    assert!(
+        freed.is_some(),
+        "slot still held after 1 s\n{}",
+        daemon.log_text()
+    );
+    // The daemon keeps serving.
+    let ok = generate(&mut client, greedy("m", "Hello", 3))
+        .await
+        .unwrap();
+    assert_eq!(ok.token_ids.len(), 3);
+
+    // A deadline is honoured between steps.
+    let mut request = tonic::Request::new(greedy("m", "Write a very long essay.", 400));
+    request.set_timeout(Duration::from_millis(300));
+    let stream = client.generate(request).await.unwrap().into_inner();
+    let err = collect(stream).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    let freed = wait_for_status(&mut client, Duration::from_secs(1), |st| {
+        st.models[0].active == 0
+    })
+    .await;
+    assert!(freed.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_status_and_the_daemon_keeps_serving() {
+    let mut daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 64, 1).await;
+
+    let expect = |result: Result<Generated, tonic::Status>, code: Code, words: &[&str]| {
+        let err = result.expect_err("should fail");
+        assert_eq!(err.code(), code, "{err:?}");
+        for w in words {
+            assert!(err.message().contains(w), "{:?} lacks {w:?}", err.message());
+        }
+    };
+    // Unknown model.
+    expect(
+        generate(&mut client, greedy("nope", "Hi", 4)).await,
+        Code::NotFound,
+        &["nope", "m"],
+    );
+    // Missing file, unknown name, corrupt files.
+    let missing = daemon.dir.path().join("missing.gguf");
+    let err = load(
+        &mut client,
+        pb::LoadRequest {
+            source: missing.display().to_string(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("missing.gguf"));
+    let err = load(
+        &mut client,
+        pb::LoadRequest {
+            source: "no-such-model".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("SmolLM2"),
+        "lists what exists: {}",
+        err.message()
+    );
+    let garbage = write_file(daemon.dir.path(), "garbage.gguf", b"not a model at all");
+    let real = std::fs::read(model_path(SMOLLM2)).unwrap();
+    let truncated = write_file(daemon.dir.path(), "truncated.gguf", &real[..real.len() / 3]);
+    for path in [garbage, truncated] {
+        let err = load(
+            &mut client,
+            pb::LoadRequest {
+                source: path.display().to_string(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains(&path.display().to_string()),
+            "{}",
+            err.message()
+        );
+    }
+    // A prompt longer than the context.
+    let long = "word ".repeat(100);
+    expect(
+        generate(&mut client, greedy("m", &long, 4)).await,
+        Code::InvalidArgument,
+        &["context"],
+    );
+    // max_tokens of 0 and of 10^9.
+    expect(
+        generate(&mut client, greedy("m", "Hi", 0)).await,
+        Code::InvalidArgument,
+        &["max_tokens"],
+    );
+    expect(
+        generate(&mut client, greedy("m", "Hi", 1_000_000_000)).await,
+        Code::InvalidArgument,
+        &["max_tokens", "context"],
+    );
+    // An empty prompt, invalid sampling values.
+    expect(
+        generate(&mut client, greedy("m", "", 4)).await,
+        Code::InvalidArgument,
+        &["empty"],
+    );
+    for (sampling, word) in [
+        (
+            pb::SamplingOptions {
+                temperature: -0.5,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            pb::SamplingOptions {
+                top_p: Some(1.5),
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            pb::SamplingOptions {
+                min_p: -1.0,
+                ..Default::default()
+            },
+            "min_p",
+        ),
+    ] {
+        let mut request = greedy("m", "Hi", 4);
+        request.sampling = Some(sampling);
+        expect(
+            generate(&mut client, request).await,
+            Code::InvalidArgument,
+            &[word],
+        );
+    }
+    // A wrong socket path.
+    let wrong = daemon.dir.path().join("elsewhere.sock");
+    let err = egpu_proto::connect(&wrong).await.unwrap_err();
+    assert!(err.to_string().contains("elsewhere.sock") && err.to_string().contains("egpud"));
+
+    // A generation that runs into the end of its context ends cleanly.
+    let full = generate(&mut client, greedy("m", "Count: 1, 2, 3, 4,", 64))
+        .await
+        .unwrap();
+    let done = full.done.unwrap();
+    assert!(done.prompt_tokens + done.completion_tokens <= 65);
+
+    // Still serving, still the same process.
+    assert!(daemon.is_running());
+    let ok = generate(&mut client, greedy("m", "Hello", 3))
+        .await
+        .unwrap();
+    assert_eq!(ok.token_ids.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_ownership_and_shutdown() {
+    let mut daemon = TestDaemon::start(&[]);
+    // Mode 0600.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A second egpud on the same socket refuses to start, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let err = TestDaemon::start_on(dir, daemon.socket.clone(), &[]).unwrap_err();
+    assert!(err.contains("already serving"), "{err}");
+
+    // gRPC health checking answers on the socket (reflection is checked by the Python client).
+    let socket = daemon.socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://egpud.local")
+        .connect_with_connector(tower_service(socket))
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "egpu.v1.Egpu".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // SIGTERM mid-stream: the stream ends with UNAVAILABLE and egpud exits 0.
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 512, 1).await;
+    let mut stream = client
+        .generate(greedy("m", "Write a very long essay about mountains.", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("first chunk");
+    let started = Instant::now();
+    let exit = daemon.terminate();
+    let err = collect(stream).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(exit.success(), "{exit:?}\n{}", daemon.log_text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!daemon.socket.exists(), "the socket is removed on exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_socket_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("stale.sock");
+    // A socket file nobody listens on, as a crash leaves it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let daemon = TestDaemon::start_on(dir, socket, &[]).expect("starts over a stale socket");
+    let mut client = daemon.client().await;
+    assert!(status(&mut client).await.models.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_loads_of_one_model_coalesce() {
+    let daemon = TestDaemon::start(&[]);
+    let mut loads = Vec::new();
+    for _ in 0..3 {
+        let mut c = daemon.client().await;
+        loads.push(tokio::spawn(async move {
+            load_smollm2(&mut c, "m", 256, 1).await
+        }));
+    }
+    for l in loads {
+        assert_eq!(l.await.unwrap().name, "m");
+    }
+    let mut client = daemon.client().await;
+    assert_eq!(resident_names(&mut client).await, ["m"]);
+    let loading_lines = daemon.log_text().matches(" loading").count();
+    assert_eq!(
+        loading_lines,
+        1,
+        "one load for three requests\n{}",
+        daemon.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_zero_unloads_when_idle() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load(
+        &mut client,
+        pb::LoadRequest {
+            source: model_path(SMOLLM2).display().to_string(),
+            name: "brief".into(),
+            context_length: 128,
+            slots: 1,
+            keep_alive_ms: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let gone = wait_for_status(&mut client, Duration::from_secs(5), |st| {
+        st.models.is_empty()
+    })
+    .await;
+    assert!(gone.is_some(), "{}", daemon.log_text());
+}
+
+/// A connector that dials a Unix socket, for clients other than egpu's own.
+fn tower_service(
+    socket: std::path::PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_| {
+        let socket = socket.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(socket).await?,
+            ))
+        }
+    })
+}
