@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh >/dev/null
 if [ -x scripts/fetch-vocabs.sh ]; then scripts/fetch-vocabs.sh >/dev/null; fi
+# grpcio for the Python example client, which the end-to-end tests run.
+EGPU_PYDEPS=$(scripts/python-deps.sh)
+export EGPU_PYDEPS
 # The end-to-end tests (tests/) run the real egpud and egpuctl binaries: build them first.
 cargo build --workspace --locked --bins
 cargo test --workspace --locked "$@"

@@ -1,5 +1,6 @@
 //! The `egpud` binary: flags, logging, signals; everything else is in the library.
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -8,9 +9,12 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let config = egpud::Config::parse();
     let filter = EnvFilter::try_from_env("EGPU_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal; logs captured by launchd/journald stay plain.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,10 +79,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<EgpuServer<Api>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl asks for v1, older clients (and grpcio's
+    // reflection database) for v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .context("building the reflection service")?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -97,7 +105,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let server = Server::builder()
         .layer(InterceptorLayer::new(check_peer))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             EgpuServer::new(api)
                 .max_decoding_message_size(64 << 20)
