@@ -11,11 +11,13 @@ use crate::format;
 use crate::generate::{self, SamplingArgs};
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "\
+#[command(after_help = concat!("\
 On a terminal: type a message after `>>> `; /clear forgets the conversation, /bye or \
 Ctrl-D ends it.
 Otherwise each line of stdin is one user message, and each reply is printed followed by \
-a newline.")]
+a newline.
+
+", exit_status_help!()))]
 pub struct ChatArgs {
     /// Name of a resident model.
     model: String,

@@ -8,6 +8,21 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser};
 
+/// The exit statuses, as a literal so that commands with their own after-help text can
+/// `concat!` it.
+macro_rules! exit_status_help {
+    () => {
+        "\
+Exit status:
+  0  success
+  1  an error: bad arguments, an error egpud answered (printed as `egpuctl: CODE: message`),
+     an unreadable file
+  2  egpud is not running or not answering on the socket (start it with `egpud`)"
+    };
+}
+
+const AFTER_HELP: &str = exit_status_help!();
+
 pub mod chat;
 pub mod client;
 pub mod duration;
@@ -20,13 +35,6 @@ pub mod models;
 pub mod score;
 pub mod status;
 pub mod tokens;
-
-const AFTER_HELP: &str = "\
-Exit status:
-  0  success
-  1  an error: bad arguments, an error egpud answered (printed as `egpuctl: CODE: message`),
-     an unreadable file
-  2  egpud is not running or not answering on the socket (start it with `egpud`)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,22 +55,30 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Show the device, the memory budget and the resident models.
+    #[command(after_help = AFTER_HELP)]
     Status(status::StatusArgs),
     /// Make a model resident (a path or a name in egpud's models folder).
+    #[command(after_help = AFTER_HELP)]
     Load(load::LoadArgs),
     /// Release a resident model.
+    #[command(after_help = AFTER_HELP)]
     Unload(load::UnloadArgs),
     /// Generate text from a prompt, streamed as it is decided.
+    #[command(after_help = AFTER_HELP)]
     Generate(generate::GenerateArgs),
     /// Chat with a model; the conversation is kept until the command ends.
     Chat(chat::ChatArgs),
     /// Log-probability of every token of a text.
+    #[command(after_help = AFTER_HELP)]
     Score(score::ScoreArgs),
     /// Text to token ids with a model's tokenizer.
+    #[command(after_help = AFTER_HELP)]
     Tokenize(tokens::TokenizeArgs),
     /// Token ids back to text.
+    #[command(after_help = AFTER_HELP)]
     Detokenize(tokens::DetokenizeArgs),
     /// List the model files in egpud's models folder.
+    #[command(after_help = AFTER_HELP)]
     Models(models::ModelsArgs),
     /// Describe a GGUF model file without loading it (no daemon needed).
     Inspect(inspect::InspectArgs),

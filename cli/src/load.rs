@@ -123,7 +123,10 @@ struct Progress {
 impl Progress {
     fn new(enabled: bool) -> Self {
         let bar = enabled.then(|| {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            // Spinner until the first event says more; indicatif's default is an empty bar.
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+                .with_style(style_for(&LoadProgress::default()))
+                .with_message("connecting");
             bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
@@ -135,21 +138,20 @@ impl Progress {
 
     fn update(&mut self, progress: &LoadProgress) {
         let Some(bar) = &self.bar else { return };
-        if progress.stage != self.stage {
-            self.stage.clone_from(&progress.stage);
-            bar.set_style(style_for(progress));
-            bar.set_position(0);
-        }
-        if progress.total > 0 {
-            bar.set_length(progress.total);
-            bar.set_position(progress.done);
-        }
+        // The steady tick may draw between any two calls: message and counts go first, so
+        // no frame shows the new stage's bar with the old stage's numbers.
         let message = if progress.message.is_empty() {
             progress.stage.clone()
         } else {
             format!("{}: {}", progress.stage, progress.message)
         };
         bar.set_message(message);
+        bar.set_length(progress.total);
+        bar.set_position(progress.done);
+        if progress.stage != self.stage {
+            self.stage.clone_from(&progress.stage);
+            bar.set_style(style_for(progress));
+        }
     }
 
     fn finish(&self) {
