@@ -12,8 +12,8 @@ use crate::generate::{self, SamplingArgs};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = concat!("\
-On a terminal: type a message after `>>> `; /clear forgets the conversation, /bye or \
-Ctrl-D ends it.
+On a terminal: type a message after `>>> `; /clear forgets the conversation, /bye, \
+Ctrl-D or Ctrl-C ends it; Ctrl-C during a reply stops the reply.
 Otherwise each line of stdin is one user message, and each reply is printed followed by \
 a newline.
 
@@ -107,20 +107,22 @@ pub async fn run(socket: &Path, args: &ChatArgs) -> anyhow::Result<ExitCode> {
     let interactive = std::io::stdin().is_terminal();
     let sampling = SamplingArgs::new(args.temperature, args.seed).to_proto();
     let mut history = History::new(args.system.clone());
-    let mut stdin = std::io::stdin().lock();
-    let mut line = String::new();
+    let mut lines = stdin_lines();
     loop {
         if interactive && !format::write_stdout(">>> ")? {
             break;
         }
-        line.clear();
-        // Blocking here is fine: the runtime's worker threads keep the connection alive.
-        if stdin.read_line(&mut line)? == 0 {
+        let line = tokio::select! {
+            line = lines.recv() => line,
+            () = interrupted(interactive) => None,
+        };
+        let Some(line) = line.transpose()? else {
+            // EOF (Ctrl-D) or Ctrl-C at the prompt: end on a fresh line.
             if interactive {
                 format::emit("\n")?;
             }
             break;
-        }
+        };
         let text = if interactive {
             match classify(&line) {
                 Input::Bye => break,
@@ -150,26 +152,72 @@ pub async fn run(socket: &Path, args: &ChatArgs) -> anyhow::Result<ExitCode> {
             max_tokens: args.max_tokens,
             ..GenerateRequest::default()
         };
-        match generate::stream(&mut client, generate, format::write_stdout).await {
-            Ok(Some((reply, _))) => {
+        // Ctrl-C during a reply stops that reply (dropping the stream cancels the request)
+        // and keeps the conversation, as a chat prompt is expected to.
+        let turn = tokio::select! {
+            result = generate::stream(&mut client, generate, format::write_stdout) => Some(result),
+            () = interrupted(interactive) => None,
+        };
+        match turn {
+            Some(Ok(Some((reply, _)))) => {
                 history.push_assistant(&reply.text);
                 // A blank line after each reply keeps a terminal conversation readable.
                 if !format::write_stdout(if interactive { "\n\n" } else { "\n" })? {
                     break;
                 }
             }
-            Ok(None) => break, // stdout closed
+            Some(Ok(None)) => break, // stdout closed
+            None => {
+                format::emit("\n")?;
+                eprintln!("(reply stopped)");
+                // A half reply would mislead the model on the next turn: forget the turn.
+                history.pop_unanswered();
+            }
             // On a terminal one failed turn (a full queue, say) should not end the
             // conversation; piped input has nobody to retry, so it fails the command.
-            Err(error) if interactive => {
+            Some(Err(error)) if interactive => {
                 format::emit("\n")?;
                 client::report(&error);
                 history.pop_unanswered();
             }
-            Err(error) => return Err(error),
+            Some(Err(error)) => return Err(error),
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Lines of stdin, read on their own thread so that waiting for input can be raced against
+/// Ctrl-C. The thread reads at most one line ahead; it ends at EOF, on an error (sent on),
+/// or when the receiver is gone.
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<String>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        loop {
+            let mut line = String::new();
+            let read = stdin.lock().read_line(&mut line);
+            let last = !matches!(read, Ok(n) if n > 0);
+            let item = match read {
+                Ok(0) => break,
+                Ok(_) => Ok(line),
+                Err(error) => Err(error),
+            };
+            if sender.blocking_send(item).is_err() || last {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+/// Resolves on Ctrl-C when chatting on a terminal; never otherwise, so that piped use keeps
+/// the default (SIGINT ends the process). The handler is only installed once this is
+/// first polled, i.e. on a terminal.
+async fn interrupted(enabled: bool) {
+    if enabled && tokio::signal::ctrl_c().await.is_ok() {
+        return;
+    }
+    std::future::pending::<()>().await;
 }
 
 #[cfg(test)]
