@@ -58,7 +58,7 @@ pub async fn run_load(socket: &Path, args: &LoadArgs) -> anyhow::Result<ExitCode
     let mut client = connect(socket).await?;
     let started = Instant::now();
     let load = LoadRequest {
-        source: args.source.clone(),
+        source: daemon_source(&args.source),
         name: args.name.clone().unwrap_or_default(),
         context_length: args.ctx.unwrap_or(0),
         slots: args.slots.unwrap_or(0),
@@ -210,6 +210,18 @@ pub async fn run_unload(socket: &Path, args: &UnloadArgs) -> anyhow::Result<Exit
         format::emit(&(line + "\n"))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// egpud runs in another working directory: a source that names a file here is sent as an
+/// absolute path; anything else is a name for egpud's models folder.
+fn daemon_source(source: &str) -> String {
+    let path = Path::new(source);
+    if path.is_file() {
+        if let Ok(absolute) = std::fs::canonicalize(path) {
+            return absolute.display().to_string();
+        }
+    }
+    source.to_owned()
 }
 
 #[cfg(test)]

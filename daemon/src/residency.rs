@@ -724,6 +724,8 @@ impl Residency {
         let dir = &self.settings.models_dir;
         let mut files = Vec::new();
         for path in gguf_files(dir) {
+            // Sources are stored canonical; so must the listing be to match them.
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
             let size = std::fs::metadata(&path).map_or(0, |m| m.len());
             let (architecture, error) = match GgufFile::open(&path) {
                 Ok(f) => (
