@@ -759,3 +759,118 @@ fn tower_service(
         }
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_refuses_a_busy_model_unless_forced() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 512, 1).await;
+    let mut streaming = daemon.client().await;
+    let mut stream = streaming
+        .generate(greedy("m", "Write a very long essay about rivers.", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("first chunk");
+
+    let busy = client
+        .unload(pb::UnloadRequest {
+            name: "m".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition, "{busy:?}");
+    assert!(busy.message().contains("busy") && busy.message().contains("force"));
+    assert_eq!(resident_names(&mut client).await, ["m"]);
+
+    let forced = client
+        .unload(pb::UnloadRequest {
+            name: "m".into(),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forced.aborted_requests, 1);
+    let err = collect(stream).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().contains("unloaded"));
+    assert!(resident_names(&mut client).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_reproduce_and_stop_strings_cut() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 512, 2).await;
+    let sampled = |seed: u64| {
+        let mut request = greedy("m", "Once upon a time", 24);
+        request.sampling = Some(pb::SamplingOptions {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: Some(0.95),
+            seed: Some(seed),
+            ..Default::default()
+        });
+        request
+    };
+    let a = generate(&mut client, sampled(7)).await.unwrap();
+    let b = generate(&mut client, sampled(7)).await.unwrap();
+    let c = generate(&mut client, sampled(8)).await.unwrap();
+    assert_eq!(a.token_ids, b.token_ids, "same seed, same tokens");
+    assert_ne!(a.token_ids, c.token_ids, "another seed, other tokens");
+
+    // A stop string taken from the greedy text: the output ends just before it.
+    let full = generate(&mut client, greedy("m", "The capital of France is", 24))
+        .await
+        .unwrap();
+    let words: Vec<&str> = full.text.split_whitespace().collect();
+    assert!(words.len() > 4, "{:?}", full.text);
+    let stop = words[3];
+    let at = full.text.find(stop).unwrap();
+    let mut request = greedy("m", "The capital of France is", 24);
+    request.stop = vec![stop.to_owned()];
+    let cut = generate(&mut client, request).await.unwrap();
+    assert_eq!(cut.text, full.text[..at], "stop {stop:?}");
+    assert_eq!(
+        cut.done.unwrap().finish_reason,
+        pb::FinishReason::StopString as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_uid_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    if !rustix::process::getuid().is_root() {
+        // Running a client as another user needs root (CI runs as root).
+        eprintln!("note: not root, so no client can run as another uid here");
+        return;
+    }
+    let daemon = TestDaemon::start(&[]);
+    // Open the way to the socket for everyone, as a misconfigured system might: the uid
+    // check must still refuse.
+    let perms = |mode| std::fs::Permissions::from_mode(mode);
+    std::fs::set_permissions(daemon.dir.path(), perms(0o755)).unwrap();
+    std::fs::set_permissions(&daemon.socket, perms(0o666)).unwrap();
+    let bin_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin_dir.path(), perms(0o755)).unwrap();
+    let egpuctl = bin_dir.path().join("egpuctl");
+    std::fs::copy(binary("egpuctl"), &egpuctl).unwrap();
+    std::fs::set_permissions(&egpuctl, perms(0o755)).unwrap();
+    let out = std::process::Command::new(&egpuctl)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("PERMISSION_DENIED") && err.contains("65534"),
+        "{err}"
+    );
+}
