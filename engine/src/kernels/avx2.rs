@@ -328,8 +328,9 @@ pub(crate) unsafe fn decode_row(
 /// How far ahead of the block being decoded [`matvec_in_tile_order`] prefetches weights, in bytes.
 const PREFETCH_AHEAD: usize = 1024;
 
-/// The most tokens [`matvec_in_tile_order`] takes at once; beyond, the tiled mat-mat reuses
-/// decoded blocks better than decoding them again per group of tokens.
+/// The most tokens [`matvec_in_tile_order`] takes at once (its hand-unrolled token loop has
+/// four arms); beyond, the tiled mat-mat reuses decoded blocks better than decoding them
+/// again per group of tokens.
 pub(crate) const MAX_BATCHED_TOKENS: usize = 4;
 // `run_quantized` instantiates `matvec_in_tile_order` for 1, 2, 3 and 4 tokens.
 const _: () = assert!(MAX_BATCHED_TOKENS == 4);
@@ -626,17 +627,34 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
     let mut offsets = vec![[0f32; 2]; nc];
     for r in rows {
         let mut acc = [_mm256_setzero_ps(); NT];
+        // The token loops below are unrolled by hand with constant indices: written as
+        // iterator loops, LLVM kept the accumulators of NT = 2..4 on the stack, so every chunk
+        // waited for a store and a reload (a 2-token step cost as much as a 4-token one).
+        macro_rules! for_tokens {
+            (|$t:ident| $body:block) => {
+                for_tokens!(@one 0, $t, $body);
+                for_tokens!(@one 1, $t, $body);
+                for_tokens!(@one 2, $t, $body);
+                for_tokens!(@one 3, $t, $body);
+            };
+            (@one $n:literal, $t:ident, $body:block) => {
+                if $n < NT {
+                    let $t: usize = $n;
+                    $body
+                }
+            };
+        }
         for_each_chunk::<true>(ty, w.row(r), |c, q, scale, off| {
             let magnitude = if signed { _mm256_abs_epi8(q) } else { q };
-            for (t, acc_t) in acc.iter_mut().enumerate() {
+            for_tokens!(|t| {
                 let at = t * nc + c;
                 // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
                 let x = _mm256_loadu_si256(xq.add(at).cast());
                 let x = if signed { _mm256_sign_epi8(x, q) } else { x };
                 let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
                 let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(at)));
-                *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_t);
-            }
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t]);
+            });
             offsets[c] = off;
         });
         let mut tail = [0f32; NT];
@@ -646,11 +664,11 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
             while k < full {
                 // SAFETY: k + 8 <= 2 · nc, the length of `offsets` flattened.
                 let o = _mm256_loadu_ps(op.add(k));
-                for (t, acc_t) in acc.iter_mut().enumerate() {
+                for_tokens!(|t| {
                     // SAFETY: t · halves + k + 8 <= NT · 2 · nc, the tokens checked above.
                     let s = _mm256_loadu_ps(sp.add(t * halves + k));
-                    *acc_t = _mm256_fmadd_ps(o, s, *acc_t);
-                }
+                    acc[t] = _mm256_fmadd_ps(o, s, acc[t]);
+                });
                 k += 8;
             }
             for (t, tail_t) in tail.iter_mut().enumerate() {
