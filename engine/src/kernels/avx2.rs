@@ -328,12 +328,14 @@ pub(crate) unsafe fn decode_row(
 /// How far ahead of the block being decoded [`matvec_in_tile_order`] prefetches weights, in bytes.
 const PREFETCH_AHEAD: usize = 1024;
 
-/// The most tokens [`matvec_in_tile_order`] takes at once (its hand-unrolled token loop has
-/// four arms); beyond, the tiled mat-mat reuses decoded blocks better than decoding them
-/// again per group of tokens.
+/// The most tokens one mat-vec sweep takes: [`matvec_decoded_in_tile_order`] has four named
+/// accumulators (more would not fit the 16 vector registers beside its temporaries), and the
+/// fused [`matvec_in_tile_order`] is instantiated for 1 and 4.
 pub(crate) const MAX_BATCHED_TOKENS: usize = 4;
-// `run_quantized` instantiates `matvec_in_tile_order` for 1, 2, 3 and 4 tokens.
-const _: () = assert!(MAX_BATCHED_TOKENS == 4);
+/// The most tokens `run_quantized` sends through the mat-vecs, as two sweeps over the same
+/// rows (the second finds them in cache); beyond, the tiled mat-mat reuses decoded blocks
+/// better than decoding them again per group of tokens.
+pub(crate) const MAX_MATVEC_TOKENS: usize = 2 * MAX_BATCHED_TOKENS;
 
 /// Horizontal sum of eight lanes, pairing lanes as `portable::sum_lanes` does.
 #[inline(always)]
@@ -589,23 +591,26 @@ unsafe fn round_half_away(a: __m256, half: __m256) -> __m256 {
     _mm256_sub_ps(t, _mm256_and_ps(too_big, _mm256_set1_ps(1.0)))
 }
 
-/// `NT` tokens (at most [`MAX_BATCHED_TOKENS`]) through rows `rows` of `w`, decoding each block
-/// in registers as [`decode_row`] would and consuming it at once, with **the same operation
+/// `NT` tokens through rows `rows` of `w` (`run_quantized` uses it for one token, and
+/// [`matvec_decoded_in_tile_order`] for 2 to 4), decoding each block in registers as
+/// [`decode_row`] would and consuming it at once, with **the same operation
 /// order per output as [`tile`]**: one accumulator per output, chunks in order, then the offset
 /// terms eight halves at a time and the remaining halves in a scalar tail. So a token's result
 /// is bit-identical whether it goes through here (decode steps of 1–4 tokens) or through the
 /// tiles (prefill chunks): a sequence's logits cannot depend on what else is in its batch.
-/// Calls `store(t, r, y)`.
+/// Takes tokens `first_token..first_token + NT` of `acts`; calls `store(t, r, y)` with `t`
+/// counted in `acts`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. `w` must be block-quantized with consistent shape,
-/// `rows` within it, and `acts` hold `NT` tokens of `w.cols` values (checked; the check failing
+/// `rows` within it, and `acts` hold `first_token + NT` tokens of `w.cols` values (checked; the check failing
 /// is a bug in the caller and panics).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
     w: &super::WeightMatrix,
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
+    first_token: usize,
     mut store: impl FnMut(usize, usize, f32),
 ) {
     use super::decoded::{has_offset, is_signed};
@@ -615,46 +620,31 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
         w.cols / CHUNK == nc
             && w.cols % ty.block_size() == 0
             && rows.end <= w.rows
-            && acts.q.len() >= NT * nc
-            && acts.d.len() >= NT * nc
-            && acts.half_sums.len() >= NT * nc
+            && acts.q.len() >= (first_token + NT) * nc
+            && acts.d.len() >= (first_token + NT) * nc
+            && acts.half_sums.len() >= (first_token + NT) * nc
     );
     let (signed, with_offsets) = (is_signed(ty), has_offset(ty));
     let ones = _mm256_set1_epi16(1);
-    let (xq, xd) = (acts.q.as_ptr(), acts.d.as_ptr());
-    let sp = acts.half_sums.as_flattened().as_ptr();
+    let skip = first_token * nc;
+    // SAFETY: the buffers hold `first_token + NT` tokens of `nc` chunks (checked above).
+    let (xq, xd) = (acts.q.as_ptr().add(skip), acts.d.as_ptr().add(skip));
+    let sp = acts.half_sums[skip..].as_flattened().as_ptr();
     let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
     let mut offsets = vec![[0f32; 2]; nc];
     for r in rows {
         let mut acc = [_mm256_setzero_ps(); NT];
-        // The token loops below are unrolled by hand with constant indices: written as
-        // iterator loops, LLVM kept the accumulators of NT = 2..4 on the stack, so every chunk
-        // waited for a store and a reload (a 2-token step cost as much as a 4-token one).
-        macro_rules! for_tokens {
-            (|$t:ident| $body:block) => {
-                for_tokens!(@one 0, $t, $body);
-                for_tokens!(@one 1, $t, $body);
-                for_tokens!(@one 2, $t, $body);
-                for_tokens!(@one 3, $t, $body);
-            };
-            (@one $n:literal, $t:ident, $body:block) => {
-                if $n < NT {
-                    let $t: usize = $n;
-                    $body
-                }
-            };
-        }
         for_each_chunk::<true>(ty, w.row(r), |c, q, scale, off| {
             let magnitude = if signed { _mm256_abs_epi8(q) } else { q };
-            for_tokens!(|t| {
+            for (t, acc_t) in acc.iter_mut().enumerate() {
                 let at = t * nc + c;
                 // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
                 let x = _mm256_loadu_si256(xq.add(at).cast());
                 let x = if signed { _mm256_sign_epi8(x, q) } else { x };
                 let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
                 let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(at)));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t]);
-            });
+                *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_t);
+            }
             offsets[c] = off;
         });
         let mut tail = [0f32; NT];
@@ -664,11 +654,11 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
             while k < full {
                 // SAFETY: k + 8 <= 2 · nc, the length of `offsets` flattened.
                 let o = _mm256_loadu_ps(op.add(k));
-                for_tokens!(|t| {
+                for (t, acc_t) in acc.iter_mut().enumerate() {
                     // SAFETY: t · halves + k + 8 <= NT · 2 · nc, the tokens checked above.
                     let s = _mm256_loadu_ps(sp.add(t * halves + k));
-                    acc[t] = _mm256_fmadd_ps(o, s, acc[t]);
-                });
+                    *acc_t = _mm256_fmadd_ps(o, s, *acc_t);
+                }
                 k += 8;
             }
             for (t, tail_t) in tail.iter_mut().enumerate() {
@@ -679,7 +669,113 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
             }
         }
         for t in 0..NT {
-            store(t, r, sum_lanes(acc[t]) + tail[t]);
+            store(first_token + t, r, sum_lanes(acc[t]) + tail[t]);
+        }
+    }
+}
+
+/// [`matvec_in_tile_order`] for 2 to 4 tokens, with the same operation order per output (so
+/// the same bits): each weight row is first decoded into a small buffer, then consumed by a
+/// plain loop that keeps one accumulator register per token. (With the token work inside
+/// the decoding closure, LLVM did not inline that closure into its many call sites for
+/// NT > 1 and kept the accumulators on the stack: a 2-token step cost as much as a 4-token
+/// one, twice a 1-token step.)
+///
+/// # Safety
+/// As [`matvec_in_tile_order`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    use super::decoded::{has_offset, is_signed};
+    const { assert!(NT >= 2 && NT <= MAX_BATCHED_TOKENS) };
+    let nc = acts.n_chunks;
+    let ty = w.ty;
+    assert!(
+        w.cols / CHUNK == nc
+            && w.cols % ty.block_size() == 0
+            && rows.end <= w.rows
+            && acts.q.len() >= (first_token + NT) * nc
+            && acts.d.len() >= (first_token + NT) * nc
+            && acts.half_sums.len() >= (first_token + NT) * nc
+    );
+    let (signed, with_offsets) = (is_signed(ty), has_offset(ty));
+    let ones = _mm256_set1_epi16(1);
+    let skip = first_token * nc;
+    // SAFETY: the buffers hold `first_token + NT` tokens of `nc` chunks (checked above).
+    let (xq, xd) = (acts.q.as_ptr().add(skip), acts.d.as_ptr().add(skip));
+    let sp = acts.half_sums[skip..].as_flattened().as_ptr();
+    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    let mut offsets = vec![[0f32; 2]; nc];
+    let mut decoded = vec![DecodedChunk::ZERO; nc];
+    macro_rules! token_step {
+        ($acc:ident, $t:expr, $c:expr, $q:expr, $magnitude:expr, $scale:expr) => {{
+            let at = $t * nc + $c;
+            // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
+            let x = _mm256_loadu_si256(xq.add(at).cast());
+            let x = if signed { _mm256_sign_epi8(x, $q) } else { x };
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16($magnitude, x), ones);
+            let factor = _mm256_mul_ps($scale, _mm256_broadcast_ss(&*xd.add(at)));
+            $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, $acc);
+        }};
+    }
+    for r in rows {
+        for_each_chunk::<true>(ty, w.row(r), |c, q, scale, off| {
+            let chunk = &mut decoded[c];
+            // SAFETY: `q` and `scale` are 32 writable bytes each, 32-byte aligned by
+            // `DecodedChunk`'s `repr`.
+            _mm256_store_si256(chunk.q.as_mut_ptr().cast(), q);
+            _mm256_store_ps(chunk.scale.as_mut_ptr(), scale);
+            offsets[c] = off;
+        });
+        let zero = _mm256_setzero_ps();
+        let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
+        for (c, chunk) in decoded.iter().enumerate() {
+            // SAFETY: aligned as above, and written by the decoding just done.
+            let q = _mm256_load_si256(chunk.q.as_ptr().cast());
+            let scale = _mm256_load_ps(chunk.scale.as_ptr());
+            let magnitude = if signed { _mm256_abs_epi8(q) } else { q };
+            token_step!(a0, 0, c, q, magnitude, scale);
+            token_step!(a1, 1, c, q, magnitude, scale);
+            if NT > 2 {
+                token_step!(a2, 2, c, q, magnitude, scale);
+            }
+            if NT > 3 {
+                token_step!(a3, 3, c, q, magnitude, scale);
+            }
+        }
+        let mut tail = [0f32; NT];
+        if with_offsets {
+            let op = offsets.as_flattened().as_ptr();
+            let mut k = 0;
+            while k < full {
+                // SAFETY: k + 8 <= 2 · nc, the length of `offsets` flattened; and
+                // t · halves + k + 8 <= NT · 2 · nc, the tokens checked above.
+                let o = _mm256_loadu_ps(op.add(k));
+                a0 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(k)), a0);
+                a1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(halves + k)), a1);
+                if NT > 2 {
+                    a2 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(2 * halves + k)), a2);
+                }
+                if NT > 3 {
+                    a3 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(3 * halves + k)), a3);
+                }
+                k += 8;
+            }
+            for (t, tail_t) in tail.iter_mut().enumerate() {
+                for k in full..halves {
+                    // SAFETY: k < halves, within both buffers as above.
+                    *tail_t += *op.add(k) * *sp.add(t * halves + k);
+                }
+            }
+        }
+        let acc = [a0, a1, a2, a3];
+        for t in 0..NT {
+            store(first_token + t, r, sum_lanes(acc[t]) + tail[t]);
         }
     }
 }

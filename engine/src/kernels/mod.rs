@@ -671,7 +671,7 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_BATCHED_TOKENS {
+    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_MATVEC_TOKENS {
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
@@ -681,11 +681,20 @@ fn run_quantized(
             // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
             // holds the `n_tokens` tokens of `w.cols` values.
             unsafe {
-                match n_tokens {
-                    1 => avx2::matvec_in_tile_order::<1>(w, rows, acts, store),
-                    2 => avx2::matvec_in_tile_order::<2>(w, rows, acts, store),
-                    3 => avx2::matvec_in_tile_order::<3>(w, rows, acts, store),
-                    _ => avx2::matvec_in_tile_order::<4>(w, rows, acts, store),
+                let sweep = |first: usize, n: usize, rows: std::ops::Range<usize>| match n {
+                    1 => avx2::matvec_in_tile_order::<1>(w, rows, acts, first, store),
+                    2 => avx2::matvec_decoded_in_tile_order::<2>(w, rows, acts, first, store),
+                    3 => avx2::matvec_decoded_in_tile_order::<3>(w, rows, acts, first, store),
+                    // Four independent accumulator chains hide the latency that the fused form
+                    // pays for keeping them in memory, and it saves the decoded buffer.
+                    _ => avx2::matvec_in_tile_order::<4>(w, rows, acts, first, store),
+                };
+                // Five to eight tokens: two sweeps over the part's rows, the second while
+                // they are still in cache.
+                let first_sweep = n_tokens.min(avx2::MAX_BATCHED_TOKENS);
+                sweep(0, first_sweep, rows.clone());
+                if n_tokens > first_sweep {
+                    sweep(first_sweep, n_tokens - first_sweep, rows);
                 }
             }
         });
