@@ -260,6 +260,30 @@ async fn eight_concurrent_clients_get_what_they_get_alone() {
     let st = status(&mut client).await;
     assert_eq!(st.models[0].requests_served, 16);
     assert_eq!((st.models[0].active, st.models[0].queued), (0, 0));
+    // After batched steps the scratch buffers have grown; the measured bytes still stay
+    // within what was estimated (and reserved against the budget) before loading.
+    let m = &st.models[0];
+    assert!(
+        m.bytes <= m.bytes_estimated,
+        "{} > {}",
+        m.bytes,
+        m.bytes_estimated
+    );
+
+    // A long prompt goes in chunks; the measured bytes still stay within the estimate.
+    let long = "The river flows to the sea and the sea returns as rain. ".repeat(16);
+    let chunked = generate(&mut client, greedy("m", &long, 4)).await.unwrap();
+    assert!(
+        chunked.done.unwrap().prompt_tokens > 128,
+        "longer than one pass"
+    );
+    let m = &status(&mut client).await.models[0];
+    assert!(
+        m.bytes <= m.bytes_estimated,
+        "{} > {}",
+        m.bytes,
+        m.bytes_estimated
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
