@@ -898,3 +898,51 @@ async fn a_peer_with_another_uid_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_is_prefilled_in_chunks_beside_decoding_streams() {
+    let daemon = TestDaemon::start(&["--batch-tokens", "64"]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 1024, 2).await;
+
+    // Stream A decodes (past any end-of-text token); its chunks are timestamped as they arrive.
+    let mut a_client = daemon.client().await;
+    let mut a_request = greedy("m", "Write a very long story about the sea.", 300);
+    a_request.stop_at_eos = Some(false);
+    let mut a = a_client.generate(a_request).await.unwrap().into_inner();
+    a.message().await.unwrap().expect("A's first chunk");
+    let a_times = tokio::spawn(async move {
+        let mut times = Vec::new();
+        while let Some(event) = a.message().await.unwrap() {
+            if matches!(event.event, Some(pb::generate_event::Event::Chunk(_))) {
+                times.push(Instant::now());
+            }
+        }
+        times
+    });
+
+    // B's prompt needs about ten passes of 64 tokens.
+    let long = "The river flows to the sea and the sea returns as rain. ".repeat(48);
+    let b_sent = Instant::now();
+    let mut b = client
+        .generate(greedy("m", &long, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    b.message().await.unwrap().expect("B's token");
+    let b_first = Instant::now();
+    let b_prompt = collect(b).await.unwrap().done.unwrap().prompt_tokens;
+    assert!(b_prompt > 500, "{b_prompt} prompt tokens");
+
+    let a_times = a_times.await.unwrap();
+    let during = a_times
+        .iter()
+        .filter(|&&t| t > b_sent && t < b_first)
+        .count();
+    // One pass per step: while B's prompt went through in chunks, A kept getting a token per
+    // pass. A single 500-token pass would have let A through at most once.
+    assert!(
+        during >= 5,
+        "A got {during} tokens while B's {b_prompt}-token prompt was prefilled"
+    );
+}
