@@ -121,6 +121,8 @@ pub enum StopReason {
     Unload,
     /// egpud is exiting; running requests end with UNAVAILABLE.
     Shutdown,
+    /// The batching thread panicked (a bug); requests get INTERNAL until the model is reloaded.
+    Crashed,
 }
 
 /// Counters the API reads for Status.
@@ -191,6 +193,7 @@ impl ModelQueue {
         match st.stop {
             Some(StopReason::Unload) => return Err(DaemonError::Unloaded(self.model.clone())),
             Some(StopReason::Shutdown) => return Err(DaemonError::ShuttingDown),
+            Some(StopReason::Crashed) => return Err(self.crashed()),
             None => {}
         }
         if st.waiting.len() >= self.max_queue {
@@ -242,6 +245,26 @@ impl ModelQueue {
         Ok(busy)
     }
 
+    fn crashed(&self) -> DaemonError {
+        DaemonError::Internal(format!(
+            "the batching thread of {} failed; unload and load the model again",
+            self.model
+        ))
+    }
+
+    /// After the batching thread panicked: refuse new requests and fail the waiting ones,
+    /// so that no client waits for an answer that will not come.
+    fn abandon(&self) {
+        let mut st = self.state.lock();
+        st.stop = Some(StopReason::Crashed);
+        st.active = 0;
+        st.active_by_client.clear();
+        st.idle_since = Some(Instant::now());
+        for (_, req) in st.waiting.drain(..) {
+            req.job.fail(self.crashed());
+        }
+    }
+
     /// Whether the model has no active or queued request.
     pub fn is_idle(&self) -> bool {
         let st = self.state.lock();
@@ -255,8 +278,27 @@ pub struct BatchSettings {
     pub batch_tokens: usize,
 }
 
-/// Runs a model until its queue is stopped. Call on a dedicated thread.
+/// Runs a model until its queue is stopped. Call on a dedicated thread. A panic (a bug) ends
+/// only this model's requests: the streams it was serving close, waiting requests and new
+/// ones get INTERNAL, and the rest of egpud keeps serving.
 pub fn run_batcher(
+    model: CpuModel,
+    tokenizer: Arc<Tokenizer>,
+    queue: Arc<ModelQueue>,
+    device: Arc<Device>,
+    settings: BatchSettings,
+) {
+    let run = std::panic::AssertUnwindSafe(|| {
+        batch_until_stopped(model, tokenizer, queue.clone(), device, settings)
+    });
+    if std::panic::catch_unwind(run).is_err() {
+        tracing::error!(model = %queue.model, "batching thread panicked; the model stops serving");
+        queue.abandon();
+        queue.idle.notify_one();
+    }
+}
+
+fn batch_until_stopped(
     mut model: CpuModel,
     tokenizer: Arc<Tokenizer>,
     queue: Arc<ModelQueue>,
@@ -720,6 +762,7 @@ impl<'t> Batcher<'t> {
         let err = || match reason {
             StopReason::Unload => DaemonError::Unloaded(self.queue.model.clone()),
             StopReason::Shutdown => DaemonError::ShuttingDown,
+            StopReason::Crashed => self.queue.crashed(),
         };
         for (slot, seq) in slots.iter_mut().enumerate() {
             if let Some(seq) = seq.take() {
