@@ -113,17 +113,21 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
-/// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000;
-/// KiB, MiB, GiB, TiB in powers of 1024; case-insensitive; decimals allowed).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
+/// A leading decimal number and the unit text after it: `"1.5GiB"` → `(1.5, "GiB")`.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (try 2GiB or 1500MB)"))?;
+    Some((number.parse().ok()?, unit))
+}
+
+/// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000;
+/// KiB, MiB, GiB, TiB in powers of 1024; case-insensitive; decimals allowed).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a size (try 2GiB or 1500MB)"))?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -154,13 +158,8 @@ pub fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
     if text == "forever" || text == "inf" || text.starts_with('-') {
         return Ok(KeepAlive::Forever);
     }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (try 30s, 5m, 2h, forever)"))?;
+    let (number, unit) = number_and_unit(&text)
+        .ok_or_else(|| format!("{text:?} is not a duration (try 30s, 5m, 2h, forever)"))?;
     let seconds = match unit {
         "ms" => number / 1000.0,
         "" | "s" => number,

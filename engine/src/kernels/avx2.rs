@@ -591,6 +591,56 @@ unsafe fn round_half_away(a: __m256, half: __m256) -> __m256 {
     _mm256_sub_ps(t, _mm256_and_ps(too_big, _mm256_set1_ps(1.0)))
 }
 
+/// What both mat-vecs read: the activations of tokens `first_token..first_token + NT` as raw
+/// pointers (checked once here), and the weight type's traits.
+struct MatvecInputs {
+    nc: usize,
+    ty: GgmlType,
+    signed: bool,
+    with_offsets: bool,
+    xq: *const [i8; CHUNK],
+    xd: *const f32,
+    sp: *const f32,
+    /// Offset terms per token (two per chunk), and how many of them the 8-wide loop takes.
+    halves: usize,
+    full: usize,
+}
+
+impl MatvecInputs {
+    /// Panics when `w`, `rows` and `acts` do not fit together: a bug in the caller.
+    fn new<const NT: usize>(
+        w: &super::WeightMatrix,
+        rows: &std::ops::Range<usize>,
+        acts: &QuantizedActivations,
+        first_token: usize,
+    ) -> MatvecInputs {
+        use super::decoded::{has_offset, is_signed};
+        let nc = acts.n_chunks;
+        let ty = w.ty;
+        let tokens = first_token + NT;
+        assert!(
+            w.cols / CHUNK == nc
+                && w.cols % ty.block_size() == 0
+                && rows.end <= w.rows
+                && acts.q.len() >= tokens * nc
+                && acts.d.len() >= tokens * nc
+                && acts.half_sums.len() >= tokens * nc
+        );
+        let skip = first_token * nc;
+        MatvecInputs {
+            nc,
+            ty,
+            signed: is_signed(ty),
+            with_offsets: has_offset(ty),
+            xq: acts.q[skip..].as_ptr(),
+            xd: acts.d[skip..].as_ptr(),
+            sp: acts.half_sums[skip..].as_flattened().as_ptr(),
+            halves: 2 * nc,
+            full: 2 * nc / 8 * 8,
+        }
+    }
+}
+
 /// `NT` tokens through rows `rows` of `w` (`run_quantized` uses it for one token, and
 /// [`matvec_decoded_in_tile_order`] for 2 to 4), decoding each block in registers as
 /// [`decode_row`] would and consuming it at once, with **the same operation
@@ -613,24 +663,18 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
     first_token: usize,
     mut store: impl FnMut(usize, usize, f32),
 ) {
-    use super::decoded::{has_offset, is_signed};
-    let nc = acts.n_chunks;
-    let ty = w.ty;
-    assert!(
-        w.cols / CHUNK == nc
-            && w.cols % ty.block_size() == 0
-            && rows.end <= w.rows
-            && acts.q.len() >= (first_token + NT) * nc
-            && acts.d.len() >= (first_token + NT) * nc
-            && acts.half_sums.len() >= (first_token + NT) * nc
-    );
-    let (signed, with_offsets) = (is_signed(ty), has_offset(ty));
+    let MatvecInputs {
+        nc,
+        ty,
+        signed,
+        with_offsets,
+        xq,
+        xd,
+        sp,
+        halves,
+        full,
+    } = MatvecInputs::new::<NT>(w, &rows, acts, first_token);
     let ones = _mm256_set1_epi16(1);
-    let skip = first_token * nc;
-    // SAFETY: the buffers hold `first_token + NT` tokens of `nc` chunks (checked above).
-    let (xq, xd) = (acts.q.as_ptr().add(skip), acts.d.as_ptr().add(skip));
-    let sp = acts.half_sums[skip..].as_flattened().as_ptr();
-    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
     let mut offsets = vec![[0f32; 2]; nc];
     for r in rows {
         let mut acc = [_mm256_setzero_ps(); NT];
@@ -691,25 +735,19 @@ pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
     first_token: usize,
     mut store: impl FnMut(usize, usize, f32),
 ) {
-    use super::decoded::{has_offset, is_signed};
     const { assert!(NT >= 2 && NT <= MAX_BATCHED_TOKENS) };
-    let nc = acts.n_chunks;
-    let ty = w.ty;
-    assert!(
-        w.cols / CHUNK == nc
-            && w.cols % ty.block_size() == 0
-            && rows.end <= w.rows
-            && acts.q.len() >= (first_token + NT) * nc
-            && acts.d.len() >= (first_token + NT) * nc
-            && acts.half_sums.len() >= (first_token + NT) * nc
-    );
-    let (signed, with_offsets) = (is_signed(ty), has_offset(ty));
+    let MatvecInputs {
+        nc,
+        ty,
+        signed,
+        with_offsets,
+        xq,
+        xd,
+        sp,
+        halves,
+        full,
+    } = MatvecInputs::new::<NT>(w, &rows, acts, first_token);
     let ones = _mm256_set1_epi16(1);
-    let skip = first_token * nc;
-    // SAFETY: the buffers hold `first_token + NT` tokens of `nc` chunks (checked above).
-    let (xq, xd) = (acts.q.as_ptr().add(skip), acts.d.as_ptr().add(skip));
-    let sp = acts.half_sums[skip..].as_flattened().as_ptr();
-    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
     let mut offsets = vec![[0f32; 2]; nc];
     let mut decoded = vec![DecodedChunk::ZERO; nc];
     macro_rules! token_step {
