@@ -367,9 +367,17 @@ struct Scoring {
 /// How a sequence ended.
 enum Outcome {
     Continue,
-    Finished,
+    /// Done: the last event is sent only after the slot is released, so a client that
+    /// reads it and then asks for Status sees its request counted as served, not active.
+    Finished(Box<LastEvent>),
     /// The client is gone.
     Cancelled,
+}
+
+/// A stream's final `done` event and where it goes.
+struct LastEvent {
+    events: mpsc::UnboundedSender<Result<GenerateEvent, Status>>,
+    done: GenerateEvent,
 }
 
 impl<'t> Batcher<'t> {
@@ -639,7 +647,11 @@ impl<'t> Batcher<'t> {
                         self.finish_score(slots, slot);
                     }
                 }
-                Outcome::Finished => self.release(slots, slot, true),
+                Outcome::Finished(last) => {
+                    self.release(slots, slot, true);
+                    // The client may have left in the meantime; nothing to do then.
+                    let _ = last.events.send(Ok(last.done));
+                }
                 Outcome::Cancelled => self.release(slots, slot, false),
             }
         }
@@ -726,8 +738,9 @@ impl<'t> Batcher<'t> {
                 "scored"
             )
         });
-        let delivered = s.job.reply.send(Ok(response)).is_ok();
-        self.release_counts(slots, delivered);
+        // Counted before the reply goes out, as for generations.
+        self.release_counts(slots, true);
+        let _ = s.job.reply.send(Ok(response));
     }
 
     /// Frees a slot whose sequence has ended (its events were already sent, or it was
@@ -881,10 +894,10 @@ fn finish_generation(seq: &mut Sequence<'_>, reason: FinishReason, tail: String)
             timings: Some(timings),
         })),
     };
-    if g.job.events.send(Ok(done)).is_err() {
-        return Outcome::Cancelled;
-    }
-    Outcome::Finished
+    Outcome::Finished(Box::new(LastEvent {
+        events: g.job.events.clone(),
+        done,
+    }))
 }
 
 fn fail_sequence(seq: Sequence<'_>, err: DaemonError) {
