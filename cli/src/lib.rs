@@ -33,6 +33,7 @@ pub mod json;
 pub mod load;
 pub mod models;
 pub mod score;
+pub mod service;
 pub mod status;
 pub mod tokens;
 
@@ -82,6 +83,8 @@ enum Command {
     Models(models::ModelsArgs),
     /// Describe a GGUF model file without loading it (no daemon needed).
     Inspect(inspect::InspectArgs),
+    /// Run egpud at login and restart it when it crashes (launchd or systemd --user).
+    Service(service::ServiceArgs),
     /// Print a shell completion script (no daemon needed).
     Completions {
         #[arg(value_enum)]
@@ -135,6 +138,7 @@ async fn run_daemon_command(socket: &Path, command: &Command) -> anyhow::Result<
         Command::Tokenize(args) => tokens::run_tokenize(socket, args).await,
         Command::Detokenize(args) => tokens::run_detokenize(socket, args).await,
         Command::Models(args) => models::run(socket, args).await,
+        Command::Service(args) => service::run(socket, args).await,
         Command::Inspect(_) | Command::Completions { .. } => {
             unreachable!("handled without a runtime in run()")
         }

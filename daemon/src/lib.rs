@@ -6,6 +6,7 @@
 //! - [`residency`]: loading, the budget, eviction, keep-alive.
 //! - [`scheduler`]: per-model continuous batching, fairness, cancellation.
 //! - [`backend`]: the CPU backend over the native engine.
+//! - [`state`]: the pinned models, persisted across restarts.
 //! - [`error`]: domain errors and their gRPC status codes.
 
 pub mod api;
@@ -16,5 +17,6 @@ pub mod error;
 pub mod residency;
 pub mod scheduler;
 pub mod server;
+pub mod state;
 
 pub use config::Config;

@@ -27,6 +27,7 @@ use crate::backend::{self, CpuModel, Estimate, ModelSpec, Progress};
 use crate::config::KeepAlive;
 use crate::error::DaemonError;
 use crate::scheduler::{self, BatchSettings, Device, ModelQueue, StopReason};
+use crate::state::{PinnedModel, StateStore};
 
 /// Context used when a load does not ask for one and the model's trained context is larger.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -176,6 +177,8 @@ pub struct Residency {
     /// Woken when a model becomes idle or the table changes: keep-alive is re-checked.
     changed: Arc<Notify>,
     shutting_down: AtomicBool,
+    /// Where the pinned set is persisted (see [`crate::state`]); None = not persisted.
+    state: Option<Arc<StateStore>>,
 }
 
 impl Residency {
@@ -186,7 +189,14 @@ impl Residency {
             entries: Mutex::new(BTreeMap::new()),
             changed: Arc::new(Notify::new()),
             shutting_down: AtomicBool::new(false),
+            state: None,
         }
+    }
+
+    /// Persists the pinned set in `state` from now on.
+    pub fn with_state(mut self, state: Arc<StateStore>) -> Residency {
+        self.state = Some(state);
+        self
     }
 
     pub fn budget(&self) -> u64 {
@@ -389,6 +399,11 @@ impl Residency {
             if let Err(err) = &loaded {
                 tracing::error!(model = %task_name, cause = %err, "load failed");
                 this.entries.lock().remove(&task_name);
+            }
+            if let (Ok(resident), Some(state)) = (&loaded, &this.state) {
+                if resident.pinned {
+                    state.remember(PinnedModel::from_resident(resident));
+                }
             }
             this.changed.notify_one();
             phase_tx.send_replace(LoadPhase::Done(loaded));
@@ -635,6 +650,9 @@ impl Residency {
         let (resident, aborted) = resident;
         let freed = resident.queue.memory_bytes();
         tracing::info!(model = %name, force, aborted, freed, "unloading");
+        if let (true, Some(state)) = (resident.pinned, &self.state) {
+            state.forget(name);
+        }
         join_blocking(resident).await;
         self.changed.notify_one();
         Ok((freed, aborted))

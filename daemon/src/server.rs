@@ -20,6 +20,7 @@ use crate::config::{Config, CPU_DEFAULT_BUDGET_PERCENT};
 use crate::device::cpu_device;
 use crate::residency::{Residency, ResidencySettings};
 use crate::scheduler::Device;
+use crate::state::{reload_pinned, StateStore};
 
 /// How long open streams get to end after a shutdown signal before egpud exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -47,6 +48,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
 
     let listener = claim_socket(&socket)?;
     let _socket_guard = SocketGuard(socket.clone());
+    // Only now, with the socket ours: a second egpud refused above must not touch the state.
+    let state = Arc::new(StateStore::open(&state_dir));
     tracing::info!(
         socket = %socket.display(),
         budget,
@@ -58,18 +61,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         env!("CARGO_PKG_VERSION")
     );
 
-    let residency = Arc::new(Residency::new(
-        ResidencySettings {
-            budget,
-            models_dir,
-            default_backend: config.backend.clone(),
-            default_keep_alive: config.keep_alive,
-            max_queue: config.max_queue,
-            batch_tokens: config.batch_tokens as usize,
-        },
-        Arc::new(Device::new(threads)),
-    ));
+    let residency = Arc::new(
+        Residency::new(
+            ResidencySettings {
+                budget,
+                models_dir,
+                default_backend: config.backend.clone(),
+                default_keep_alive: config.keep_alive,
+                max_queue: config.max_queue,
+                batch_tokens: config.batch_tokens as usize,
+            },
+            Arc::new(Device::new(threads)),
+        )
+        .with_state(state.clone()),
+    );
     let keep_alive = tokio::spawn(residency.clone().run_keep_alive());
+    // In the background: the socket answers while the pinned models load again.
+    let reload = tokio::spawn(reload_pinned(residency.clone(), state));
 
     let api = Api {
         residency: residency.clone(),
@@ -125,6 +133,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         () = grace => tracing::warn!("clients still connected after {SHUTDOWN_GRACE:?}; exiting"),
     }
     keep_alive.abort();
+    reload.abort();
     residency.shutdown().await;
     tracing::info!("egpud stopped");
     Ok(())

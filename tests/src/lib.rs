@@ -84,11 +84,35 @@ impl TestDaemon {
         socket: PathBuf,
         extra_args: &[&str],
     ) -> Result<TestDaemon, String> {
+        let state_dir = dir.path().join("state");
+        Self::spawn(dir, socket, &state_dir, extra_args)
+    }
+
+    /// Starts egpud on a socket and state folder that outlive it (a restart reuses both);
+    /// `dir` is a fresh temporary folder for anything else. `Err` carries its log.
+    pub fn start_with_state(
+        socket: &Path,
+        state_dir: &Path,
+        extra_args: &[&str],
+    ) -> Result<TestDaemon, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("egpu-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        Self::spawn(dir, socket.to_owned(), state_dir, extra_args)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        state_dir: &Path,
+        extra_args: &[&str],
+    ) -> Result<TestDaemon, String> {
         let mut child = Command::new(binary("egpud"))
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(state_dir)
             .arg("--models-dir")
             .arg(models_dir())
             .args(["--threads", "2"])
@@ -144,6 +168,14 @@ impl TestDaemon {
     pub fn is_running(&mut self) -> bool {
         let child = self.child.as_mut().expect("running");
         matches!(child.try_wait(), Ok(None))
+    }
+
+    /// Kills the process with SIGKILL (a crash: no cleanup at all) and waits for it.
+    pub fn kill_9(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
+        child.wait().expect("waiting for egpud")
     }
 
     /// Sends SIGTERM and waits for the exit.

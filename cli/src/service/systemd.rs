@@ -1,0 +1,109 @@
+//! Linux: a systemd user unit in `~/.config/systemd/user`, logging to the journal.
+
+use std::path::{Path, PathBuf};
+
+use super::launchd::TINYGRAD_DEV;
+use super::ServiceSpec;
+
+pub const UNIT: &str = "egpud.service";
+/// Seconds systemd waits before starting egpud again after it died.
+pub const RESTART_SECONDS: u64 = 2;
+
+/// `$XDG_CONFIG_HOME/systemd/user/egpud.service`.
+pub fn unit_path(config_home: &Path) -> PathBuf {
+    config_home.join("systemd/user").join(UNIT)
+}
+
+/// The unit file's text.
+pub fn unit(spec: &ServiceSpec) -> String {
+    let mut exec = quote(&spec.egpud.display().to_string());
+    for arg in &spec.args {
+        exec.push(' ');
+        exec.push_str(&quote(arg));
+    }
+    let env =
+        |name: &str, value: &str| format!("Environment={}\n", quote(&format!("{name}={value}")));
+    format!(
+        "[Unit]\n\
+         Description=egpu daemon: keeps ML models resident and serves them on a Unix socket\n\
+         # Give up after 5 crashes in 60 s instead of restarting forever.\n\
+         StartLimitIntervalSec=60\n\
+         StartLimitBurst=5\n\
+         \n\
+         [Service]\n\
+         Type=simple\n\
+         ExecStart={exec}\n\
+         # Started again when it dies (crash, kill -9), not after a clean exit (SIGTERM).\n\
+         Restart=on-failure\n\
+         RestartSec={RESTART_SECONDS}\n\
+         {}{}{}\
+         \n\
+         [Install]\n\
+         WantedBy=default.target\n",
+        env("DEV", TINYGRAD_DEV),
+        env("PATH", &spec.path_env),
+        env("EGPU_LOG", "info"),
+    )
+}
+
+/// Quotes one word of a unit setting when it needs it (systemd's own quoting: double quotes
+/// with backslash escapes), and escapes `%` specifiers and `$` expansions.
+fn quote(word: &str) -> String {
+    let escaped = word.replace('%', "%%").replace('$', "$$");
+    if !escaped.is_empty()
+        && !escaped
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | ';'))
+    {
+        return escaped;
+    }
+    let mut out = String::from("\"");
+    for c in escaped.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_has_the_binary_restart_policy_and_environment() {
+        let spec = ServiceSpec {
+            egpud: "/home/ada/my bin/egpud".into(),
+            args: vec!["--keep-alive".into(), "30m".into(), "100%".into()],
+            path_env: "/usr/bin:/bin".into(),
+            home: "/home/ada".into(),
+        };
+        let text = unit(&spec);
+        assert!(
+            text.contains("\nExecStart=\"/home/ada/my bin/egpud\" --keep-alive 30m 100%%\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nRestart=on-failure\n"), "{text}");
+        assert!(text.contains("\nEnvironment=DEV=PCI+AMD\n"), "{text}");
+        assert!(
+            text.contains("\nEnvironment=PATH=/usr/bin:/bin\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nWantedBy=default.target\n"), "{text}");
+        assert_eq!(
+            unit_path(Path::new("/home/ada/.config")),
+            Path::new("/home/ada/.config/systemd/user/egpud.service")
+        );
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote("/usr/bin/egpud"), "/usr/bin/egpud");
+        assert_eq!(quote("a b"), "\"a b\"");
+        assert_eq!(quote("say \"hi\""), "\"say \\\"hi\\\"\"");
+        assert_eq!(quote("$HOME"), "$$HOME");
+        assert_eq!(quote(""), "\"\"");
+    }
+}
