@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use egpu_engine::chat::ChatMessage;
 use egpu_engine::sampler::SamplingParams;
+use egpu_engine::tokenizer::Tokenizer;
 use egpu_proto::v1::egpu_server::Egpu;
 use egpu_proto::v1::{self as pb, generate_request::Input, load_event};
 use egpu_proto::CLIENT_NAME_HEADER;
@@ -158,6 +159,11 @@ impl Egpu for Api {
             other => other.map(|n| n as usize),
         };
         let prompt = prompt_tokens(&model, req.input, req.raw).await?;
+        if prompt.is_empty() {
+            return Err(invalid(
+                "the prompt has no tokens (the chat template rendered nothing?)".into(),
+            ));
+        }
         if prompt.len() >= model.context {
             return Err(invalid(format!(
                 "the prompt is {} tokens; {} was loaded with a context of {} tokens (leave room \
@@ -191,7 +197,10 @@ impl Egpu for Api {
             enqueued: Instant::now(),
             span,
         })?;
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(EndsWithDone {
+            events: rx,
+            ended: false,
+        })))
     }
 
     async fn score(
@@ -214,9 +223,15 @@ impl Egpu for Api {
         let tokenizer = model.tokenizer.clone();
         let raw = req.raw;
         let text = req.text;
-        let tokens = tokio::task::spawn_blocking(move || tokenizer.encode(&text, !raw, true))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let tokens = tokio::task::spawn_blocking(move || {
+            if raw {
+                tokenizer.encode(&text, false, true)
+            } else {
+                encode_with_bos(&tokenizer, &text)
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         if tokens.is_empty() {
             return Err(invalid("the text has no tokens".into()));
         }
@@ -302,6 +317,45 @@ impl Egpu for Api {
     }
 }
 
+/// A Generate stream as the client sees it: the scheduler's events, and INTERNAL if they stop
+/// without a `done` event or an error (the model's batching thread died), so that a
+/// truncated generation never looks like a successful one.
+struct EndsWithDone {
+    events: mpsc::UnboundedReceiver<Result<pb::GenerateEvent, Status>>,
+    ended: bool,
+}
+
+impl Stream for EndsWithDone {
+    type Item = Result<pb::GenerateEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.events.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                let last = match &item {
+                    Ok(event) => matches!(event.event, Some(pb::generate_event::Event::Done(_))),
+                    Err(_) => true,
+                };
+                self.ended = last;
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(Status::internal(
+                    "the generation stopped without finishing (egpud's batching thread failed)",
+                ))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 fn invalid(message: String) -> Status {
     DaemonError::InvalidArgument(message).into()
 }
@@ -327,7 +381,7 @@ async fn prompt_tokens(
         }
         Some(Input::Prompt(p)) if raw => {
             let tokenizer = model.tokenizer.clone();
-            return tokio::task::spawn_blocking(move || tokenizer.encode(&p, true, true))
+            return tokio::task::spawn_blocking(move || encode_with_bos(&tokenizer, &p))
                 .await
                 .map_err(|e| Status::internal(e.to_string()));
         }
@@ -346,9 +400,25 @@ async fn prompt_tokens(
         .render(&messages, true)
         .map_err(|e| invalid(format!("the chat template failed: {e}")))?;
     let tokenizer = model.tokenizer.clone();
-    tokio::task::spawn_blocking(move || tokenizer.encode(&text, false, true))
+    // Templates usually write the BOS themselves; one that does not (the ChatML fallback)
+    // still gets it when the model wants one, and never twice.
+    tokio::task::spawn_blocking(move || encode_with_bos(&tokenizer, &text))
         .await
         .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// The text's tokens (special tokens written in it recognised), with the model's BOS first
+/// when it uses one and the text does not already start with it. Unlike the tokenizer's
+/// `add_special`, this never appends an EOS: a prompt or a scored text does not end the
+/// document.
+fn encode_with_bos(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
+    let mut ids = tokenizer.encode(text, false, true);
+    if let (true, Some(bos)) = (tokenizer.adds_bos(), tokenizer.bos()) {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    ids
 }
 
 fn sampling_params(options: Option<&pb::SamplingOptions>) -> Result<SamplingParams, Status> {

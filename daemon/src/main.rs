@@ -31,7 +31,11 @@ fn run(config: egpud::Config) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(egpud::server::run(config, shutdown_signal()))
+    let result = runtime.block_on(egpud::server::run(config, shutdown_signal()));
+    // A model load still reading its file must not hold the exit: blocking tasks get a few
+    // seconds, then egpud exits anyway (the OS frees what they held).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(3));
+    result
 }
 
 /// SIGINT or SIGTERM.

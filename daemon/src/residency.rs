@@ -93,7 +93,14 @@ impl Resident {
         let KeepAlive::For(keep) = self.keep_alive else {
             return None;
         };
-        let idle_since = self.queue.counts().idle_since.unwrap_or_else(Instant::now);
+        let counts = self.queue.counts();
+        // A keep-alive of 0 means "unload when idle after a request": a model nobody has
+        // used yet is not idle *after* anything, and unloading it the moment it is loaded
+        // would make the load useless.
+        if keep.is_zero() && counts.served == 0 {
+            return None;
+        }
+        let idle_since = counts.idle_since.unwrap_or_else(Instant::now);
         Some(idle_since + keep)
     }
 
@@ -297,6 +304,15 @@ impl Residency {
             }
             Some(c) => c,
         };
+        // Learned absolute positions (GPT-2) end at the trained context.
+        if let (true, Some(t)) = (summary.architecture == "gpt2", trained) {
+            if context > t {
+                return Err(DaemonError::InvalidArgument(format!(
+                    "{} has learned positions for {t} tokens; the context can be at most {t}",
+                    path.display()
+                )));
+            }
+        }
         let slots = match opts.slots {
             Some(0) | None => DEFAULT_SLOTS,
             Some(s) if s > MAX_SLOTS => {
@@ -350,10 +366,7 @@ impl Residency {
                 }
                 None => {}
             }
-            let victims = self.plan_eviction(&entries, &name, estimate.total)?;
-            for victim in &victims {
-                entries.remove(&victim.name);
-            }
+            let victims = self.plan_eviction(&mut entries, &name, estimate.total)?;
             entries.insert(
                 name.clone(),
                 Entry::Loading(Arc::new(Loading {
@@ -436,9 +449,13 @@ impl Residency {
 
     /// The idle, unpinned models to evict (least recently used first) so that `needed` more
     /// bytes fit; an error, evicting nothing, when even evicting all of them is not enough.
+    ///
+    /// The victims are stopped and removed from `entries` here. A victim stopped before a
+    /// later candidate turned out to be busy stays removed even when the plan then fails:
+    /// its thread has ended, and leaving it listed would advertise a model that cannot serve.
     fn plan_eviction(
         &self,
-        entries: &BTreeMap<String, Entry>,
+        entries: &mut BTreeMap<String, Entry>,
         name: &str,
         needed: u64,
     ) -> Result<Vec<Arc<Resident>>, DaemonError> {
@@ -498,6 +515,9 @@ impl Residency {
                 freed = freed.saturating_add(candidate.reserved());
                 victims.push(candidate);
             }
+        }
+        for victim in &victims {
+            entries.remove(&victim.name);
         }
         if freed < needed {
             // Requests raced in; the stopped victims are gone either way (they were idle).
@@ -567,6 +587,15 @@ impl Residency {
             let quant_mix = quant_mix(&file);
             let parameters = file.tensors().iter().map(|t| t.n_elements).sum();
             let model = CpuModel::load(file, &load_spec, &mut report)?;
+            // Every id the tokenizer can produce must have an embedding row and a logit;
+            // a file where it does not would fail requests (or worse) much later.
+            let n_vocab = model.model().config().n_vocab;
+            if tokenizer.vocab_size() > n_vocab {
+                return Err(bad(format!(
+                    "the tokenizer has {} tokens but the embedding table only {n_vocab}",
+                    tokenizer.vocab_size()
+                )));
+            }
             Ok::<_, DaemonError>((model, tokenizer, template, quant_mix, parameters))
         })
         .await

@@ -946,7 +946,8 @@ fn token_logprobs(tokenizer: &Tokenizer, row: &[f32], token: u32, k: usize) -> T
 fn score_position(tokenizer: &Tokenizer, row: &[f32], target: u32, k: usize) -> ScorePosition {
     let lp = log_softmax(row);
     ScorePosition {
-        logprob: Some(lp[target as usize] as f32),
+        // Load checks that every token id has a logit; `get` keeps a bad file from panicking.
+        logprob: lp.get(target as usize).map(|&v| v as f32),
         top: top_k(tokenizer, &lp, k),
     }
 }

@@ -758,6 +758,12 @@ async fn keep_alive_zero_unloads_when_idle() {
     )
     .await
     .unwrap();
+    // Not used yet: it stays, so the load was not for nothing.
+    assert_eq!(resident_names(&mut client).await, ["brief"]);
+    // Idle after a request: it goes.
+    generate(&mut client, greedy("brief", "Hello", 2))
+        .await
+        .unwrap();
     let gone = wait_for_status(&mut client, Duration::from_secs(5), |st| {
         st.models.is_empty()
     })
