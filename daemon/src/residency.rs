@@ -413,11 +413,6 @@ impl Residency {
                 tracing::error!(model = %task_name, cause = %err, "load failed");
                 this.entries.lock().remove(&task_name);
             }
-            if let (Ok(resident), Some(state)) = (&loaded, &this.state) {
-                if resident.pinned {
-                    state.remember(PinnedModel::from_resident(resident));
-                }
-            }
             this.changed.notify_one();
             phase_tx.send_replace(LoadPhase::Done(loaded));
         });
@@ -649,6 +644,11 @@ impl Residency {
             estimate = estimate.total,
             "resident"
         );
+        // Remembered under the table's lock, so an Unload that comes right after the model
+        // appears (and forgets it, under the same lock) cannot be overtaken by this write.
+        if let (true, Some(state)) = (resident.pinned, &self.state) {
+            state.remember(PinnedModel::from_resident(&resident));
+        }
         entries.insert(name, Entry::Ready(resident.clone()));
         Ok(resident)
     }
