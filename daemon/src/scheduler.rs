@@ -93,15 +93,23 @@ impl Job {
     }
 
     fn fail(self, err: DaemonError) {
-        // The client may be gone already; nothing to do then.
         match self {
-            Job::Generate(g) => {
-                let _ = g.events.send(Err(err.into()));
-            }
-            Job::Score(s) => {
-                let _ = s.reply.send(Err(err.into()));
-            }
+            Job::Generate(g) => g.fail(err),
+            Job::Score(s) => s.fail(err),
         }
+    }
+}
+
+impl GenerateJob {
+    fn fail(self, err: DaemonError) {
+        // The client may be gone already; nothing to do then.
+        let _ = self.events.send(Err(err.into()));
+    }
+}
+
+impl ScoreJob {
+    fn fail(self, err: DaemonError) {
+        let _ = self.reply.send(Err(err.into()));
     }
 }
 
@@ -902,12 +910,8 @@ fn finish_generation(seq: &mut Sequence<'_>, reason: FinishReason, tail: String)
 
 fn fail_sequence(seq: Sequence<'_>, err: DaemonError) {
     match seq.kind {
-        SeqKind::Generate(g) => {
-            let _ = g.job.events.send(Err(err.into()));
-        }
-        SeqKind::Score(s) => {
-            let _ = s.job.reply.send(Err(err.into()));
-        }
+        SeqKind::Generate(g) => g.job.fail(err),
+        SeqKind::Score(s) => s.job.fail(err),
     }
 }
 

@@ -14,6 +14,23 @@ fn egpuctl(daemon: &TestDaemon, args: &[&str]) -> Command {
     cmd
 }
 
+/// Runs egpuctl with `input` as its (non-terminal) stdin.
+fn with_stdin(daemon: &TestDaemon, args: &[&str], input: &[u8]) -> Output {
+    let mut child = egpuctl(daemon, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running egpuctl");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input)
+        .expect("writing stdin");
+    child.wait_with_output().expect("waiting for egpuctl")
+}
+
 fn run_ok(daemon: &TestDaemon, args: &[&str]) -> String {
     let out = egpuctl(daemon, args).output().expect("running egpuctl");
     assert_ok(&out, args, daemon);
@@ -118,22 +135,11 @@ async fn cli_tour_with_stable_json_shapes() {
     assert_eq!(lps[0][0]["id"], ids[0]);
 
     // Streaming text, prompt from stdin.
-    let mut child = egpuctl(
+    let out = with_stdin(
         &daemon,
         &["generate", "smollm2", "-", "--raw", "--max-tokens", "10"],
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(prompt.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        prompt.as_bytes(),
+    );
     assert_ok(&out, &["generate", "-"], &daemon);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim_end(),
@@ -155,19 +161,11 @@ async fn cli_tour_with_stable_json_shapes() {
     assert_eq!(top[1].as_array().unwrap().len(), 3);
 
     // chat with stdin that is not a terminal: a reply per line, history kept.
-    let mut child = egpuctl(&daemon, &["chat", "smollm2", "--max-tokens", "12"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"My name is Ada.\nWhat is my name?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdin(
+        &daemon,
+        &["chat", "smollm2", "--max-tokens", "12"],
+        b"My name is Ada.\nWhat is my name?\n",
+    );
     assert_ok(&out, &["chat"], &daemon);
     let replies = String::from_utf8_lossy(&out.stdout);
     assert!(

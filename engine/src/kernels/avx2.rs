@@ -591,6 +591,25 @@ unsafe fn round_half_away(a: __m256, half: __m256) -> __m256 {
     _mm256_sub_ps(t, _mm256_and_ps(too_big, _mm256_set1_ps(1.0)))
 }
 
+/// The offset terms the 8-wide loop leaves over, `Σ_k offsets[k] · half_sums[k]` for `k` in
+/// `range`, summed in order (both mat-vecs, and so the tiles' order, rely on it).
+///
+/// # Safety
+/// `offsets` and `half_sums` must be readable at every index of `range`.
+#[inline(always)]
+unsafe fn offset_tail(
+    offsets: *const f32,
+    half_sums: *const f32,
+    range: std::ops::Range<usize>,
+) -> f32 {
+    let mut sum = 0f32;
+    for k in range {
+        // SAFETY: the caller guarantees `k` is in bounds of both.
+        sum += *offsets.add(k) * *half_sums.add(k);
+    }
+    sum
+}
+
 /// What both mat-vecs read: the activations of tokens `first_token..first_token + NT` as raw
 /// pointers (checked once here), and the weight type's traits.
 struct MatvecInputs {
@@ -706,10 +725,8 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
                 k += 8;
             }
             for (t, tail_t) in tail.iter_mut().enumerate() {
-                for k in full..halves {
-                    // SAFETY: k < halves, within both buffers as above.
-                    *tail_t += *op.add(k) * *sp.add(t * halves + k);
-                }
+                // SAFETY: `op` holds `halves` offsets and `sp` the tokens' half sums (above).
+                *tail_t = offset_tail(op, sp.add(t * halves), full..halves);
             }
         }
         for t in 0..NT {
@@ -805,10 +822,8 @@ pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
                 k += 8;
             }
             for (t, tail_t) in tail.iter_mut().enumerate() {
-                for k in full..halves {
-                    // SAFETY: k < halves, within both buffers as above.
-                    *tail_t += *op.add(k) * *sp.add(t * halves + k);
-                }
+                // SAFETY: `op` holds `halves` offsets and `sp` the tokens' half sums (above).
+                *tail_t = offset_tail(op, sp.add(t * halves), full..halves);
             }
         }
         let acc = [a0, a1, a2, a3];
