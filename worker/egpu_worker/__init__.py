@@ -1,0 +1,1 @@
+"""egpu's tinygrad worker: runs GGUF models with their weights kept quantized on a tinygrad device."""
