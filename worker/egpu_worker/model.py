@@ -45,7 +45,10 @@ class Config:
   def from_gguf(f: GGUFFile) -> "Config":
     if f.arch not in SUPPORTED_ARCHS:
       raise NotImplementedError(f"architecture {f.arch!r} is not implemented in the tinygrad worker (only {SUPPORTED_ARCHS})")
-    need = lambda k: f.arch_key(k) if f.arch_key(k) is not None else (_ for _ in ()).throw(KeyError(f"{f.arch}.{k} missing"))
+    def need(k: str):
+      v = f.arch_key(k)
+      if v is None: raise KeyError(f"GGUF metadata {f.arch}.{k} is missing")
+      return v
     n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
     head_dim = n_embd // n_head
     n_rot = int(f.arch_key("rope.dimension_count", head_dim))
@@ -159,6 +162,18 @@ class Llama:
     return dequantize(rows[tok:tok + 1].reshape(-1), t.ggml_type, (1, t.shape[0]), dtypes.float32)
 
   # ------------------------------------------------------------------ public API
+  def close(self) -> None:
+    """Drop every device buffer of this model (weights, KV cache, RoPE tables, the captured jit) and return
+    tinygrad's cached allocations to the driver. The object is unusable afterwards."""
+    import gc
+    from tinygrad import Device
+    device = self.device
+    self._decode_jit.reset()
+    del self._decode_jit, self.bufs, self.k_cache, self.v_cache, self.rope_cos, self.rope_sin
+    gc.collect()
+    Device[device].synchronize()
+    Device[device].allocator.free_cache()
+
   def check_room(self, start_pos: int, n: int):
     if start_pos + n > self.max_ctx: raise ValueError(f"context overflow: {start_pos + n} > {self.max_ctx}")
 

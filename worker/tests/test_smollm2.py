@@ -82,3 +82,26 @@ def test_decode_matches_prefill_logits(model):
 def test_context_overflow_is_refused(model):
   with pytest.raises(ValueError, match="context overflow"):
     model.prefill([1] * (model.max_ctx + 1))
+
+
+def test_close_frees_device_memory():
+  """Load, generate (so the jit holds its buffers), close: tinygrad's count of bytes in use on the device
+  goes back to where it was before the load (small slack for synchronize's signal buffer)."""
+  path = model_path()
+  if path is None: pytest.skip(f"{NAME} not found")
+  import gc
+  from tinygrad import Device, GlobalCounters
+  from egpu_worker.model import Llama
+  dev = Device.DEFAULT
+  gc.collect()
+  Device[dev].synchronize()
+  before = GlobalCounters.mem_used_per_device[dev]
+  m = Llama(str(path), max_ctx=32)
+  assert list(m.generate(PROMPT, 4)) == EXACT_F32[:4]
+  loaded = GlobalCounters.mem_used_per_device[dev]
+  assert loaded - before >= 96_576_768  # at least the quantized tensor bytes (sum of the table: 96,576,768)
+  m.close()
+  del m
+  gc.collect()
+  assert GlobalCounters.mem_used_per_device[dev] - before < 4096
+  assert sum(size * len(v) for (size, _), v in Device[dev].allocator.cache.items()) == 0
