@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     stamps.append(time.perf_counter() - t0)
   print(",".join(map(str, out)))
   print(f"device {model.device}  load {t_load:.2f} s  prompt {len(ids)} tokens  first token {stamps[0]*1e3:.0f} ms "
-        f"(prefill, includes compiling on a cold cache)", file=sys.stderr)
+        f"(prefill, not jitted; includes kernel compiles on a cold cache)", file=sys.stderr)
   # decode steps 1 and 2 run and capture the jit; replay starts at step 3
   if len(stamps) > 4:
     steady = stamps[3:]
