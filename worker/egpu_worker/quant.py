@@ -9,6 +9,10 @@ Block layouts (ggml-common.h), 32 weights per block, little-endian f16 scales:
   Q4_0: d:f16, qs[16]          w[j] = d*((qs[j]&15)-8),  w[j+16] = d*((qs[j]>>4)-8)
   Q4_1: d:f16, m:f16, qs[16]   w[j] = d*(qs[j]&15)+m,    w[j+16] = d*(qs[j]>>4)+m
   Q8_0: d:f16, qs:int8[32]     w[j] = d*qs[j]
+  Q5_0: d:f16, qh:u8[4], qs[16]          x[i] = nibble(i) | (bit i of qh) << 4;  w[i] = d*(x[i]-16)
+  Q5_1: d:f16, m:f16, qh:u8[4], qs[16]   w[i] = d*x[i] + m
+  IQ4_NL: d:f16, qs[16]        w[i] = d*KVALUES_IQ4NL[nibble(i)]
+(nibble(i) is qs[i]&15 for i < 16 and qs[i-16]>>4 above; qh is a little-endian 32-bit word.)
 
 numpy reference implementations (`*_ref`) of the same layouts are kept here for the tests.
 """
@@ -19,7 +23,8 @@ from tinygrad import Tensor, dtypes
 
 from .gguf import GGML_TYPES
 
-F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL = 0, 1, 2, 3, 6, 7, 8, 20
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def _f16_at(blocks: Tensor, byte: int) -> Tensor:
@@ -44,7 +49,31 @@ def dq_q8_0(blocks: Tensor) -> Tensor:
   return _f16_at(blocks, 0) * blocks[..., 2:34].bitcast(dtypes.int8).cast(dtypes.float32)
 
 
-_BLOCK_DEQUANT = {Q4_0: dq_q4_0, Q4_1: dq_q4_1, Q8_0: dq_q8_0}
+def _high_bits(qh: Tensor) -> Tensor:
+  """4 bytes -> 32 values 0/1: bit i of the little-endian word, as f32."""
+  bits = Tensor.stack(*[(qh >> b) & 1 for b in range(8)], dim=-1)  # constant shifts: no table to upload
+  return bits.reshape(*qh.shape[:-1], 32).cast(dtypes.float32)
+
+
+def dq_q5_0(blocks: Tensor) -> Tensor:
+  return _f16_at(blocks, 0) * (_nibbles(blocks[..., 6:22]) + 16.0 * _high_bits(blocks[..., 2:6]) - 16.0)
+
+
+def dq_q5_1(blocks: Tensor) -> Tensor:
+  return _f16_at(blocks, 0) * (_nibbles(blocks[..., 8:24]) + 16.0 * _high_bits(blocks[..., 4:8])) + _f16_at(blocks, 2)
+
+
+def dq_iq4_nl(blocks: Tensor) -> Tensor:
+  qs = blocks[..., 2:18]
+  idx = Tensor.cat(qs & 0xF, qs >> 4, dim=-1)
+  # the 16-entry table as a chain of selects on constants: stays inside the fused kernel (a tensor table
+  # would be a separate upload and a gather)
+  vals = idx.eq(0).where(float(KVALUES_IQ4NL[0]), 0.0)
+  for k, v in enumerate(KVALUES_IQ4NL[1:], 1): vals = idx.eq(k).where(float(v), vals)
+  return _f16_at(blocks, 0) * vals
+
+
+_BLOCK_DEQUANT = {Q4_0: dq_q4_0, Q4_1: dq_q4_1, Q5_0: dq_q5_0, Q5_1: dq_q5_1, Q8_0: dq_q8_0, IQ4_NL: dq_iq4_nl}
 SUPPORTED_TYPES = {F32, F16, *_BLOCK_DEQUANT}
 
 
@@ -86,6 +115,25 @@ def dq_ref(raw: np.ndarray, ggml_type: int) -> np.ndarray:
   d = _f16_np(b, 0)
   if ggml_type == Q8_0:
     return (d * b[:, 2:34].view(np.int8).astype(np.float32)).reshape(-1)
+  if ggml_type in (Q5_0, Q5_1):  # ggml's dequantize_row_q5_{0,1} loop
+    qh = b[:, 2:6].copy().view("<u4")[:, 0] if ggml_type == Q5_0 else b[:, 4:8].copy().view("<u4")[:, 0]
+    qs = b[:, 6:22] if ggml_type == Q5_0 else b[:, 8:24]
+    out = np.empty((b.shape[0], 32), np.float32)
+    for j in range(16):
+      xh0 = ((qh >> j) << 4) & 0x10
+      xh1 = (qh >> (j + 12)) & 0x10
+      x0 = ((qs[:, j] & 0x0F) | xh0).astype(np.float32)
+      x1 = ((qs[:, j] >> 4) | xh1).astype(np.float32)
+      if ggml_type == Q5_0:
+        out[:, j], out[:, j + 16] = d[:, 0] * (x0 - 16), d[:, 0] * (x1 - 16)
+      else:
+        m = _f16_np(b, 2)[:, 0]
+        out[:, j], out[:, j + 16] = d[:, 0] * x0 + m, d[:, 0] * x1 + m
+    return out.reshape(-1)
+  if ggml_type == IQ4_NL:
+    kv = np.array(KVALUES_IQ4NL, np.float32)
+    qs = b[:, 2:18]
+    return (d * np.concatenate([kv[qs & 15], kv[qs >> 4]], axis=1)).reshape(-1)
   out = np.empty((b.shape[0], 32), np.float32)
   qs = b[:, 2:18] if ggml_type == Q4_0 else b[:, 4:20]
   for j in range(16):
