@@ -21,6 +21,7 @@ use crate::device::DeviceInfo;
 use crate::error::DaemonError;
 use crate::residency::{LoadOptions, LoadPhase, LoadTicket, Residency, Resident};
 use crate::scheduler::{ClientKey, GenerateJob, Job, Request as QueuedRequest, ScoreJob};
+use crate::worker::{Worker, WorkerPhase};
 
 /// Most alternatives a request may ask for per position.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
@@ -42,16 +43,31 @@ impl Egpu for Api {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let device = (self.device)();
-        let (models, used) = self.residency.snapshot();
-        Ok(Response::new(pb::StatusResponse {
-            device: Some(pb::DeviceInfo {
-                name: device.name,
-                kind: device.kind,
-                memory_total_bytes: device.memory_total,
-                memory_free_bytes: device.memory_free,
-            }),
+        let (models, _) = self.residency.snapshot();
+        let cpu = pb::DeviceInfo {
+            name: device.name,
+            kind: device.kind,
+            memory_total_bytes: device.memory_total,
+            memory_free_bytes: device.memory_free,
+        };
+        let cpu_used = self.residency.used_by("cpu");
+        let mut backends = vec![pb::BackendStatus {
+            backend: "cpu".into(),
+            state: "ready".into(),
+            device: Some(cpu.clone()),
+            arch: std::env::consts::ARCH.into(),
             budget_bytes: self.residency.budget(),
-            used_bytes: used,
+            used_bytes: cpu_used,
+            ..Default::default()
+        }];
+        if let Some(worker) = self.residency.worker() {
+            backends.push(tinygrad_status(worker, self.residency.used_by("tinygrad")));
+        }
+        Ok(Response::new(pb::StatusResponse {
+            device: Some(cpu),
+            budget_bytes: self.residency.budget(),
+            used_bytes: cpu_used,
+            backends,
             models,
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
@@ -526,6 +542,45 @@ pub fn check_peer(request: Request<()>) -> Result<Request<()>, Status> {
             "egpud could not read the peer's credentials",
         )),
     }
+}
+
+/// The tinygrad backend's line in Status: the worker's phase and the device it holds.
+fn tinygrad_status(worker: &Worker, used: u64) -> pb::BackendStatus {
+    let mut status = pb::BackendStatus {
+        backend: "tinygrad".into(),
+        used_bytes: used,
+        restarts: worker.restarts(),
+        ..Default::default()
+    };
+    match worker.phase() {
+        WorkerPhase::Ready(link) => {
+            let d = &link.device;
+            status.state = "ready".into();
+            status.device = Some(pb::DeviceInfo {
+                name: if d.name.is_empty() {
+                    d.device.clone()
+                } else {
+                    d.name.clone()
+                },
+                kind: "tinygrad".into(),
+                memory_total_bytes: d.memory_total_bytes,
+                memory_free_bytes: link.free_bytes(),
+            });
+            status.dev = d.dev.clone();
+            status.arch = d.arch.clone();
+            status.interface = d.interface.clone();
+            status.budget_bytes = worker.budget(&link).unwrap_or(0);
+            status.pid = link.pid;
+            status.allocated_bytes = link.allocated_bytes();
+        }
+        WorkerPhase::Starting => status.state = "starting".into(),
+        WorkerPhase::Lost { reason, .. } => {
+            status.state = "lost".into();
+            status.detail = reason;
+        }
+        WorkerPhase::Stopped => status.state = "stopped".into(),
+    }
+    status
 }
 
 #[cfg(test)]

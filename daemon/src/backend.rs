@@ -1,8 +1,12 @@
-//! The CPU backend: the native engine running a model from its memory-mapped GGUF file.
+//! The backends a model runs on, behind one [`LoadedModel`] the scheduler drives one batched
+//! step at a time:
+//!
+//! - cpu: the native engine running a model from its memory-mapped GGUF file.
+//! - tinygrad: the model lives in the tinygrad worker process (see [`crate::worker`]); a step
+//!   is one call to it, and logits come back for egpud to sample.
 //!
 //! A loaded model owns one KV cache per slot, allocated at load time so that the memory it
-//! holds is known (and counted against the budget) before it serves anything. The
-//! scheduler drives it one batched step at a time.
+//! holds is known (and counted against the budget) before it serves anything.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,8 +15,11 @@ use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::ThreadPool;
 use egpu_engine::model::{BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError, Scratch};
 use egpu_engine::model_info::{estimate_from_summary, scratch_bytes_per_token, ModelSummary};
+use egpu_proto::worker as wp;
 
 use crate::error::DaemonError;
+use crate::scheduler::Device;
+use crate::worker::WorkerLink;
 
 /// What to load and how big to make it.
 #[derive(Debug, Clone)]
@@ -157,6 +164,180 @@ impl CpuModel {
             ));
         }
         self.model.forward(pool, &mut self.scratch, &mut items)
+    }
+}
+
+/// A model on either backend.
+#[derive(Debug)]
+pub enum LoadedModel {
+    Cpu(Box<CpuModel>),
+    Tinygrad(TinygradModel),
+}
+
+impl LoadedModel {
+    pub fn memory_bytes(&self) -> u64 {
+        match self {
+            LoadedModel::Cpu(m) => m.memory_bytes(),
+            LoadedModel::Tinygrad(m) => m.bytes,
+        }
+    }
+
+    pub fn n_slots(&self) -> usize {
+        match self {
+            LoadedModel::Cpu(m) => m.n_slots(),
+            LoadedModel::Tinygrad(m) => m.lengths.len(),
+        }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        match self {
+            LoadedModel::Cpu(m) => m.model().config().n_vocab,
+            LoadedModel::Tinygrad(m) => m.n_vocab,
+        }
+    }
+
+    pub fn slot_capacity(&self, slot: usize) -> usize {
+        match self {
+            LoadedModel::Cpu(m) => m.slot_capacity(slot),
+            LoadedModel::Tinygrad(m) => m.context,
+        }
+    }
+
+    pub fn clear_slot(&mut self, slot: usize) {
+        match self {
+            LoadedModel::Cpu(m) => m.clear_slot(slot),
+            LoadedModel::Tinygrad(m) => m.lengths[slot] = 0,
+        }
+    }
+
+    /// One batched forward pass. CPU models take turns on the device's thread pool; tinygrad
+    /// models take turns on their worker.
+    pub fn forward(
+        &mut self,
+        device: &Device,
+        steps: &[SlotStep<'_>],
+    ) -> Result<Logits, DaemonError> {
+        match self {
+            LoadedModel::Cpu(m) => {
+                let pool = device.pool.lock();
+                m.forward(&pool, steps)
+                    .map_err(|e| DaemonError::Internal(e.to_string()))
+            }
+            LoadedModel::Tinygrad(m) => m.forward(steps),
+        }
+    }
+}
+
+/// A model resident in the tinygrad worker. egpud keeps each slot's length (the worker is
+/// told where every chunk starts) so that both backends share the scheduler's contract:
+/// a step appends to its slot's cache.
+#[derive(Debug)]
+pub struct TinygradModel {
+    link: Arc<WorkerLink>,
+    id: u64,
+    n_vocab: usize,
+    context: usize,
+    lengths: Vec<usize>,
+    bytes: u64,
+}
+
+impl TinygradModel {
+    /// Uploads the model to the worker's device (its weights stay quantized there) and
+    /// allocates every slot's KV cache on it.
+    pub async fn load(
+        link: Arc<WorkerLink>,
+        spec: &ModelSpec,
+    ) -> Result<TinygradModel, DaemonError> {
+        let reply = link.load(&spec.path, spec.context, spec.slots).await?;
+        Ok(TinygradModel {
+            link,
+            id: reply.model_id,
+            n_vocab: reply.n_vocab as usize,
+            context: spec.context,
+            lengths: vec![0; spec.slots],
+            bytes: reply.bytes,
+        })
+    }
+
+    /// The worker generation the model lives in.
+    pub fn generation(&self) -> u64 {
+        self.link.generation
+    }
+
+    fn forward(&mut self, steps: &[SlotStep<'_>]) -> Result<Logits, DaemonError> {
+        let mut items = Vec::with_capacity(steps.len());
+        for step in steps {
+            let start = self.lengths[step.slot];
+            if start + step.tokens.len() > self.context {
+                return Err(DaemonError::InvalidArgument(format!(
+                    "slot {} would hold {} tokens; its context is {}",
+                    step.slot,
+                    start + step.tokens.len(),
+                    self.context
+                )));
+            }
+            items.push(wp::StepItem {
+                slot: step.slot as u32,
+                start_pos: start as u32,
+                tokens: step.tokens.to_vec(),
+                logits: match step.logits {
+                    LogitsWanted::None => wp::LogitsWanted::None,
+                    LogitsWanted::Last => wp::LogitsWanted::Last,
+                    LogitsWanted::All => wp::LogitsWanted::All,
+                } as i32,
+            });
+        }
+        let reply = {
+            let _turn = self.link.turns.lock();
+            self.link.step_blocking(wp::StepRequest {
+                model_id: self.id,
+                items,
+            })?
+        };
+        for step in steps {
+            self.lengths[step.slot] += step.tokens.len();
+        }
+        let bad = |why: String| DaemonError::Internal(format!("tinygrad worker reply: {why}"));
+        if reply.items.len() != steps.len() || reply.n_vocab as usize != self.n_vocab {
+            return Err(bad(format!(
+                "{} items of {} logits for {} asked of {}",
+                reply.items.len(),
+                reply.n_vocab,
+                steps.len(),
+                self.n_vocab
+            )));
+        }
+        let mut rows = Vec::with_capacity(steps.len());
+        let mut values = Vec::new();
+        for (item, step) in reply.items.iter().zip(steps) {
+            let expected = match step.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => step.tokens.len(),
+            };
+            if item.rows as usize != expected || item.values.len() != expected * self.n_vocab * 4 {
+                return Err(bad(format!(
+                    "{} rows ({} bytes) where {expected} rows were asked",
+                    item.rows,
+                    item.values.len()
+                )));
+            }
+            values.extend(
+                item.values
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            rows.push(expected);
+        }
+        Logits::from_rows(self.n_vocab, values, &rows)
+            .ok_or_else(|| bad("row count mismatch".into()))
+    }
+}
+
+impl Drop for TinygradModel {
+    /// The device memory goes back when the model does (an unload, an eviction, a failed load).
+    fn drop(&mut self) {
+        self.link.unload(self.id);
     }
 }
 

@@ -36,9 +36,39 @@ pub struct Config {
     #[arg(long, env = "EGPU_MODELS")]
     pub models_dir: Option<PathBuf>,
 
-    /// Backend for models loaded without one.
-    #[arg(long, default_value = "cpu")]
+    /// Backend for models loaded without one: cpu, or tinygrad (starts the tinygrad worker,
+    /// which holds the device named by DEV; the cpu backend keeps serving beside it).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "tinygrad"])]
     pub backend: String,
+
+    /// Python of the tinygrad worker's environment [default: $EGPU_WORKER_PYTHON, else
+    /// worker/.venv/bin/python of the checkout egpud was built in, else
+    /// $XDG_DATA_HOME/egpu/worker/.venv/bin/python]. scripts/setup-worker.sh creates it.
+    #[arg(long)]
+    pub worker_python: Option<PathBuf>,
+
+    /// Most device memory models on the tinygrad backend may hold [default: 90% of the
+    /// device memory the worker reports].
+    #[arg(long, value_parser = parse_size)]
+    pub device_memory_budget: Option<u64>,
+
+    /// How often egpud checks that the tinygrad worker answers.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub worker_heartbeat: Duration,
+
+    /// A worker that has not answered a heartbeat for this long is killed and restarted.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub worker_heartbeat_timeout: Duration,
+
+    /// Longest a worker may take to start (import tinygrad, open the device, compile a
+    /// first kernel) before it counts as failed.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub worker_start_timeout: Duration,
+
+    /// Longest one forward pass on the worker may take (first passes compile kernels);
+    /// longer, and the device counts as lost.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub worker_step_timeout: Duration,
 
     /// Worker threads for the CPU backend [default: the machine's available parallelism].
     #[arg(long)]
@@ -97,6 +127,29 @@ impl Config {
                 .unwrap_or_else(|| home().join(".local").join("state"))
                 .join("egpu")
         })
+    }
+
+    /// The tinygrad worker's Python (see `--worker-python`).
+    pub fn worker_python(&self) -> PathBuf {
+        if let Some(p) = &self.worker_python {
+            return p.clone();
+        }
+        if let Some(p) = std::env::var_os("EGPU_WORKER_PYTHON").filter(|v| !v.is_empty()) {
+            return PathBuf::from(p);
+        }
+        // Built inside a checkout (target/<profile>/egpud): that checkout's worker venv.
+        let exe = std::env::current_exe().ok();
+        if let Some(checkout) = exe.as_deref().and_then(|e| {
+            e.ancestors()
+                .find(|d| d.join("worker/pyproject.toml").is_file())
+        }) {
+            return checkout.join("worker/.venv/bin/python");
+        }
+        std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home().join(".local").join("share"))
+            .join("egpu/worker/.venv/bin/python")
     }
 
     pub fn threads(&self) -> usize {
@@ -170,6 +223,16 @@ pub fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
     Duration::try_from_secs_f64(seconds)
         .map(KeepAlive::For)
         .map_err(|_| format!("{text:?} is not a usable duration"))
+}
+
+/// A plain duration (`30s`, `500ms`, `5m`); "forever" is not one.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    match parse_keep_alive(text)? {
+        KeepAlive::For(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!(
+            "{text:?} is not a positive duration (try 500ms, 30s, 5m)"
+        )),
+    }
 }
 
 #[cfg(test)]

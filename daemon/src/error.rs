@@ -48,8 +48,17 @@ pub enum DaemonError {
     ShuttingDown,
     #[error("deadline exceeded after {generated} generated tokens")]
     DeadlineExceeded { generated: usize },
-    #[error("unsupported backend {0:?}; available: cpu")]
-    UnsupportedBackend(String),
+    #[error("unsupported backend {name:?}; available: {available}")]
+    UnsupportedBackend { name: String, available: String },
+    /// The device went away under running requests (the worker died, was killed for not
+    /// answering, or the eGPU was unplugged).
+    #[error("device lost: {0}")]
+    DeviceLost(String),
+    #[error("out of device memory: {0}")]
+    DeviceOutOfMemory(String),
+    /// The tinygrad worker is not running now (starting, or restarting after a loss).
+    #[error("the tinygrad device is not available: {0}")]
+    DeviceUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -62,14 +71,16 @@ impl From<DaemonError> for Status {
             | DaemonError::UnknownSource { .. } => Code::NotFound,
             DaemonError::BadModelFile { .. }
             | DaemonError::InvalidArgument(_)
-            | DaemonError::UnsupportedBackend(_) => Code::InvalidArgument,
+            | DaemonError::UnsupportedBackend { .. } => Code::InvalidArgument,
             DaemonError::NameTaken { .. } => Code::AlreadyExists,
-            DaemonError::OverBudget { .. } | DaemonError::QueueFull { .. } => {
-                Code::ResourceExhausted
-            }
+            DaemonError::OverBudget { .. }
+            | DaemonError::QueueFull { .. }
+            | DaemonError::DeviceOutOfMemory(_) => Code::ResourceExhausted,
             DaemonError::Busy { .. } => Code::FailedPrecondition,
             DaemonError::Unloaded(_) => Code::Aborted,
-            DaemonError::ShuttingDown => Code::Unavailable,
+            DaemonError::ShuttingDown
+            | DaemonError::DeviceLost(_)
+            | DaemonError::DeviceUnavailable(_) => Code::Unavailable,
             DaemonError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             DaemonError::Internal(_) => Code::Internal,
         };

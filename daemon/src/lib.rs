@@ -18,5 +18,6 @@ pub mod residency;
 pub mod scheduler;
 pub mod server;
 pub mod state;
+pub mod worker;
 
 pub use config::Config;

@@ -23,11 +23,12 @@ use egpu_proto::v1::{self as pb, ModelState};
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 
-use crate::backend::{self, CpuModel, Estimate, ModelSpec, Progress};
+use crate::backend::{self, CpuModel, Estimate, LoadedModel, ModelSpec, Progress, TinygradModel};
 use crate::config::KeepAlive;
 use crate::error::DaemonError;
 use crate::scheduler::{self, BatchSettings, Device, ModelQueue, StopReason};
 use crate::state::{PinnedModel, StateStore};
+use crate::worker::{Worker, WorkerLink, WorkerPhase};
 
 /// Context used when a load does not ask for one and the model's trained context is larger.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -73,6 +74,8 @@ pub struct Resident {
     pub pinned: bool,
     pub keep_alive: KeepAlive,
     pub backend: String,
+    /// For a tinygrad model: the generation of the worker that holds it.
+    pub worker_generation: Option<u64>,
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
     pub queue: Arc<ModelQueue>,
@@ -186,6 +189,8 @@ pub struct Residency {
     shutting_down: AtomicBool,
     /// Where the pinned set is persisted (see [`crate::state`]); None = not persisted.
     state: Option<Arc<StateStore>>,
+    /// The tinygrad backend's worker, when egpud runs one.
+    worker: Option<Arc<Worker>>,
 }
 
 impl Residency {
@@ -197,7 +202,39 @@ impl Residency {
             changed: Arc::new(Notify::new()),
             shutting_down: AtomicBool::new(false),
             state: None,
+            worker: None,
         }
+    }
+
+    /// Serves the tinygrad backend through `worker` from now on.
+    pub fn with_worker(mut self, worker: Arc<Worker>) -> Residency {
+        self.worker = Some(worker);
+        self
+    }
+
+    pub fn worker(&self) -> Option<&Arc<Worker>> {
+        self.worker.as_ref()
+    }
+
+    fn backends(&self) -> String {
+        if self.worker.is_some() {
+            "cpu, tinygrad"
+        } else {
+            "cpu (start egpud with --backend tinygrad for the tinygrad backend)"
+        }
+        .into()
+    }
+
+    /// Bytes held by the models of one backend.
+    pub fn used_by(&self, backend: &str) -> u64 {
+        let entries = self.entries.lock();
+        entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::Ready(r) if r.backend == backend => Some(r.queue.memory_bytes()),
+                _ => None,
+            })
+            .sum()
     }
 
     /// Persists the pinned set in `state` from now on.
@@ -271,9 +308,20 @@ impl Residency {
             .clone()
             .filter(|b| !b.is_empty())
             .unwrap_or_else(|| self.settings.default_backend.clone());
-        if backend != "cpu" {
-            return Err(DaemonError::UnsupportedBackend(backend));
-        }
+        let link: Option<Arc<WorkerLink>> = match (backend.as_str(), &self.worker) {
+            ("cpu", _) => None,
+            ("tinygrad", Some(worker)) => Some(worker.link()?),
+            _ => {
+                return Err(DaemonError::UnsupportedBackend {
+                    name: backend,
+                    available: self.backends(),
+                })
+            }
+        };
+        let budget = match (&link, &self.worker) {
+            (Some(link), Some(worker)) => worker.budget(link)?,
+            _ => self.settings.budget,
+        };
         let path = resolve_source(&self.settings.models_dir, &opts.source)?;
         let name = match opts.name.as_deref().map(str::trim) {
             Some(n) if !n.is_empty() => validate_name(n)?,
@@ -366,7 +414,8 @@ impl Residency {
                 }
                 None => {}
             }
-            let victims = self.plan_eviction(&mut entries, &name, estimate.total)?;
+            let victims =
+                self.plan_eviction(&mut entries, &name, &backend, budget, estimate.total)?;
             entries.insert(
                 name.clone(),
                 Entry::Loading(Arc::new(Loading {
@@ -405,6 +454,7 @@ impl Residency {
                     opts.pin,
                     keep_alive,
                     backend,
+                    link,
                     victims,
                     &phase_tx,
                 )
@@ -448,18 +498,28 @@ impl Residency {
     /// The victims are stopped and removed from `entries` here. A victim stopped before a
     /// later candidate turned out to be busy stays removed even when the plan then fails:
     /// its thread has ended, and leaving it listed would advertise a model that cannot serve.
+    /// Only models of the same backend count: each backend has its own memory and budget.
     fn plan_eviction(
         &self,
         entries: &mut BTreeMap<String, Entry>,
         name: &str,
+        backend: &str,
+        budget: u64,
         needed: u64,
     ) -> Result<Vec<Arc<Resident>>, DaemonError> {
-        let budget = self.settings.budget;
         let reserved = |e: &Entry| match e {
             Entry::Ready(r) => r.reserved(),
             Entry::Loading(l) => l.estimate.total,
         };
-        let used: u64 = entries.values().map(reserved).sum();
+        let same_backend = |e: &Entry| match e {
+            Entry::Ready(r) => r.backend == backend,
+            Entry::Loading(l) => l.backend == backend,
+        };
+        let used: u64 = entries
+            .values()
+            .filter(|e| same_backend(e))
+            .map(reserved)
+            .sum();
         let free = budget.saturating_sub(used);
         if needed <= free {
             return Ok(Vec::new());
@@ -467,7 +527,9 @@ impl Residency {
         let mut candidates: Vec<Arc<Resident>> = entries
             .values()
             .filter_map(|e| match e {
-                Entry::Ready(r) if !r.pinned && r.queue.is_idle() => Some(r.clone()),
+                Entry::Ready(r) if r.backend == backend && !r.pinned && r.queue.is_idle() => {
+                    Some(r.clone())
+                }
                 _ => None,
             })
             .collect();
@@ -476,6 +538,7 @@ impl Residency {
         if needed > free.saturating_add(evictable) {
             let holders = entries
                 .iter()
+                .filter(|(_, e)| same_backend(e))
                 .map(|(n, e)| {
                     let why = match e {
                         Entry::Loading(_) => "loading",
@@ -538,6 +601,7 @@ impl Residency {
         pinned: bool,
         keep_alive: KeepAlive,
         backend: String,
+        link: Option<Arc<WorkerLink>>,
         victims: Vec<Arc<Resident>>,
         phase: &watch::Sender<LoadPhase>,
     ) -> Result<Arc<Resident>, DaemonError> {
@@ -563,6 +627,7 @@ impl Residency {
 
         let load_phase = phase.clone();
         let load_spec = spec.clone();
+        let on_cpu = link.is_none();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut report = |p: Progress| {
                 load_phase.send_replace(LoadPhase::Progress(pb::LoadProgress {
@@ -581,21 +646,45 @@ impl Residency {
             let template = ChatTemplate::from_gguf(meta).map_err(|e| bad(e.to_string()))?;
             let quant_mix = quant_mix(&file);
             let parameters = file.tensors().iter().map(|t| t.n_elements).sum();
-            let model = CpuModel::load(file, &load_spec, &mut report)?;
-            // Every id the tokenizer can produce must have an embedding row and a logit;
-            // a file where it does not would fail requests (or worse) much later.
-            let n_vocab = model.model().config().n_vocab;
-            if tokenizer.vocab_size() > n_vocab {
-                return Err(bad(format!(
-                    "the tokenizer has {} tokens but the embedding table only {n_vocab}",
-                    tokenizer.vocab_size()
-                )));
-            }
+            let model = if on_cpu {
+                Some(CpuModel::load(file, &load_spec, &mut report)?)
+            } else {
+                None
+            };
             Ok::<_, DaemonError>((model, tokenizer, template, quant_mix, parameters))
         })
         .await
         .map_err(|e| DaemonError::Internal(format!("load task failed: {e}")))??;
-        let (model, tokenizer, template, quant_mix, parameters) = loaded;
+        let (cpu_model, tokenizer, template, quant_mix, parameters) = loaded;
+        let model = match (cpu_model, link) {
+            (Some(model), _) => LoadedModel::Cpu(Box::new(model)),
+            (None, Some(link)) => {
+                progress(
+                    "uploading to the device",
+                    0,
+                    estimate.weights,
+                    format!("{} ({})", link.device.device, link.device.name),
+                );
+                LoadedModel::Tinygrad(TinygradModel::load(link, &spec).await?)
+            }
+            (None, None) => unreachable!("a model is loaded on the cpu or through a worker"),
+        };
+        let worker_generation = match &model {
+            LoadedModel::Tinygrad(m) => Some(m.generation()),
+            LoadedModel::Cpu(_) => None,
+        };
+        // Every id the tokenizer can produce must have an embedding row and a logit;
+        // a file where it does not would fail requests (or worse) much later.
+        let n_vocab = model.n_vocab();
+        if tokenizer.vocab_size() > n_vocab {
+            return Err(DaemonError::BadModelFile {
+                path: spec.path.clone(),
+                reason: format!(
+                    "the tokenizer has {} tokens but the embedding table only {n_vocab}",
+                    tokenizer.vocab_size()
+                ),
+            });
+        }
 
         let tokenizer = Arc::new(tokenizer);
         let queue = Arc::new(ModelQueue::new(
@@ -616,6 +705,7 @@ impl Residency {
             pinned,
             keep_alive,
             backend,
+            worker_generation,
             tokenizer: tokenizer.clone(),
             template,
             queue: queue.clone(),
@@ -764,6 +854,57 @@ impl Residency {
             join_blocking(r).await;
         }
         self.changed.notify_one();
+    }
+
+    /// The tinygrad worker of `generation` is gone: its models' requests end with
+    /// UNAVAILABLE "device lost" and the models leave the table. Pinned ones stay in the
+    /// state file; [`Residency::follow_worker`] loads them again once a worker is back.
+    pub async fn device_lost(&self, generation: u64) {
+        let lost: Vec<Arc<Resident>> = {
+            let mut entries = self.entries.lock();
+            let lost: Vec<Arc<Resident>> = entries
+                .values()
+                .filter_map(|e| match e {
+                    Entry::Ready(r) if r.worker_generation == Some(generation) => Some(r.clone()),
+                    _ => None,
+                })
+                .collect();
+            for r in &lost {
+                let _ = r.queue.stop(StopReason::DeviceLost, true);
+                entries.remove(&r.name);
+            }
+            lost
+        };
+        for r in lost {
+            tracing::warn!(model = %r.name, "device lost: the model is no longer resident");
+            join_blocking(r).await;
+        }
+        self.changed.notify_one();
+    }
+
+    /// Follows the tinygrad worker: a lost worker's models are dropped, and when a worker is
+    /// ready (at start, or after a restart) the pinned tinygrad models are loaded on it.
+    pub async fn follow_worker(self: Arc<Self>) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let mut phases = worker.subscribe();
+        loop {
+            let phase = phases.borrow_and_update().clone();
+            match phase {
+                WorkerPhase::Lost { generation, .. } => self.device_lost(generation).await,
+                WorkerPhase::Ready(_) => {
+                    if let Some(state) = self.state.clone() {
+                        crate::state::reload_pinned(self.clone(), state, Some("tinygrad")).await;
+                    }
+                }
+                WorkerPhase::Stopped => return,
+                WorkerPhase::Starting => {}
+            }
+            if phases.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The `.gguf` files in the models folder.

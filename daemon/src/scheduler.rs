@@ -32,14 +32,14 @@ use parking_lot::{Condvar, FairMutex, Mutex};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::Status;
 
-use crate::backend::{CpuModel, SlotStep};
+use crate::backend::{LoadedModel, SlotStep};
 use crate::error::DaemonError;
 
 /// The one device all models share. Its lock is fair, so models with work take turns step by
 /// step instead of one starving the others.
 #[derive(Debug)]
 pub struct Device {
-    pool: FairMutex<ThreadPool>,
+    pub(crate) pool: FairMutex<ThreadPool>,
 }
 
 impl Device {
@@ -131,6 +131,15 @@ pub enum StopReason {
     Shutdown,
     /// The batching thread panicked (a bug); requests get INTERNAL until the model is reloaded.
     Crashed,
+    /// The model's device went away (the tinygrad worker died or stopped answering);
+    /// running requests end with UNAVAILABLE "device lost".
+    DeviceLost,
+}
+
+fn device_lost(model: &str) -> DaemonError {
+    DaemonError::DeviceLost(format!(
+        "{model} was on the tinygrad device, whose worker stopped; egpud is restarting it"
+    ))
 }
 
 /// Counters the API reads for Status.
@@ -202,6 +211,7 @@ impl ModelQueue {
             Some(StopReason::Unload) => return Err(DaemonError::Unloaded(self.model.clone())),
             Some(StopReason::Shutdown) => return Err(DaemonError::ShuttingDown),
             Some(StopReason::Crashed) => return Err(self.crashed()),
+            Some(StopReason::DeviceLost) => return Err(device_lost(&self.model)),
             None => {}
         }
         if st.waiting.len() >= self.max_queue {
@@ -290,7 +300,7 @@ pub struct BatchSettings {
 /// only this model's requests: the streams it was serving close, waiting requests and new
 /// ones get INTERNAL, and the rest of egpud keeps serving.
 pub fn run_batcher(
-    model: CpuModel,
+    model: LoadedModel,
     tokenizer: Arc<Tokenizer>,
     queue: Arc<ModelQueue>,
     device: Arc<Device>,
@@ -307,7 +317,7 @@ pub fn run_batcher(
 }
 
 fn batch_until_stopped(
-    mut model: CpuModel,
+    mut model: LoadedModel,
     tokenizer: Arc<Tokenizer>,
     queue: Arc<ModelQueue>,
     device: Arc<Device>,
@@ -394,7 +404,7 @@ impl<'t> Batcher<'t> {
     fn admit(
         &mut self,
         slots: &mut [Option<Sequence<'t>>],
-        model: &mut CpuModel,
+        model: &mut LoadedModel,
     ) -> Option<StopReason> {
         let mut st = self.queue.state.lock();
         loop {
@@ -485,7 +495,12 @@ impl<'t> Batcher<'t> {
     }
 
     /// One batched forward pass and what follows from it.
-    fn step(&mut self, slots: &mut [Option<Sequence<'t>>], model: &mut CpuModel, device: &Device) {
+    fn step(
+        &mut self,
+        slots: &mut [Option<Sequence<'t>>],
+        model: &mut LoadedModel,
+        device: &Device,
+    ) {
         // Cancelled or expired sequences give their slot back before the pass.
         let now = Instant::now();
         for slot in 0..slots.len() {
@@ -592,10 +607,7 @@ impl<'t> Batcher<'t> {
             })
             .collect();
 
-        let result = {
-            let pool = device.pool.lock();
-            model.forward(&pool, &steps)
-        };
+        let result = model.forward(device, &steps);
         drop(steps);
         let logits = match result {
             Ok(logits) => logits,
@@ -604,7 +616,7 @@ impl<'t> Batcher<'t> {
                 tracing::error!(model = %self.queue.model, cause = %err, "forward pass failed");
                 for &(slot, ..) in &plan {
                     if let Some(seq) = slots[slot].take() {
-                        fail_sequence(seq, DaemonError::Internal(err.to_string()));
+                        fail_sequence(seq, err.clone());
                         self.release_counts(slots, true);
                     }
                 }
@@ -777,13 +789,14 @@ impl<'t> Batcher<'t> {
     fn end_all(
         &mut self,
         slots: &mut [Option<Sequence<'t>>],
-        model: &mut CpuModel,
+        model: &mut LoadedModel,
         reason: StopReason,
     ) {
         let err = || match reason {
             StopReason::Unload => DaemonError::Unloaded(self.queue.model.clone()),
             StopReason::Shutdown => DaemonError::ShuttingDown,
             StopReason::Crashed => self.queue.crashed(),
+            StopReason::DeviceLost => device_lost(&self.queue.model),
         };
         for (slot, seq) in slots.iter_mut().enumerate() {
             if let Some(seq) = seq.take() {

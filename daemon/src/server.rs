@@ -21,6 +21,7 @@ use crate::device::cpu_device;
 use crate::residency::{Residency, ResidencySettings};
 use crate::scheduler::Device;
 use crate::state::{reload_pinned, StateStore};
+use crate::worker::{Worker, WorkerSettings};
 
 /// How long open streams get to end after a shutdown signal before egpud exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -61,23 +62,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         env!("CARGO_PKG_VERSION")
     );
 
-    let residency = Arc::new(
-        Residency::new(
-            ResidencySettings {
-                budget,
-                models_dir,
-                default_backend: config.backend.clone(),
-                default_keep_alive: config.keep_alive,
-                max_queue: config.max_queue,
-                batch_tokens: config.batch_tokens as usize,
-            },
-            Arc::new(Device::new(threads)),
-        )
-        .with_state(state.clone()),
-    );
+    // The tinygrad backend: its worker starts in the background (importing tinygrad and
+    // compiling a first kernel takes seconds); the socket answers meanwhile.
+    let worker = (config.backend == "tinygrad").then(|| {
+        let python = config.worker_python();
+        tracing::info!(python = %python.display(), dev = %std::env::var("DEV").unwrap_or_default(), "starting the tinygrad worker");
+        Worker::start(WorkerSettings {
+            python,
+            heartbeat: config.worker_heartbeat,
+            heartbeat_timeout: config.worker_heartbeat_timeout,
+            start_timeout: config.worker_start_timeout,
+            step_timeout: config.worker_step_timeout,
+            memory_budget: config.device_memory_budget,
+        })
+    });
+    let mut residency = Residency::new(
+        ResidencySettings {
+            budget,
+            models_dir,
+            default_backend: config.backend.clone(),
+            default_keep_alive: config.keep_alive,
+            max_queue: config.max_queue,
+            batch_tokens: config.batch_tokens as usize,
+        },
+        Arc::new(Device::new(threads)),
+    )
+    .with_state(state.clone());
+    if let Some(worker) = &worker {
+        residency = residency.with_worker(worker.clone());
+    }
+    let residency = Arc::new(residency);
+    let follow_worker = tokio::spawn(residency.clone().follow_worker());
     let keep_alive = tokio::spawn(residency.clone().run_keep_alive());
     // In the background: the socket answers while the pinned models load again.
-    let reload = tokio::spawn(reload_pinned(residency.clone(), state));
+    let reload = tokio::spawn(reload_pinned(residency.clone(), state, None));
 
     let api = Api {
         residency: residency.clone(),
@@ -135,6 +153,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     keep_alive.abort();
     reload.abort();
     residency.shutdown().await;
+    follow_worker.abort();
+    if let Some(worker) = &worker {
+        worker.shutdown();
+    }
     tracing::info!("egpud stopped");
     Ok(())
 }

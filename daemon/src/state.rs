@@ -224,8 +224,22 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()>
 /// Starts loading every persisted pinned model, then watches the loads: the models show as
 /// "loading" in Status at once, and a model that cannot be loaded again (its file is gone,
 /// it no longer fits) is logged and dropped from the state. Run it in the background.
-pub async fn reload_pinned(residency: Arc<Residency>, store: Arc<StateStore>) {
-    let models = store.pinned();
+///
+/// `backend`: only the models of that backend (tinygrad models are loaded when its worker is
+/// ready); None = every model but the tinygrad ones.
+pub async fn reload_pinned(
+    residency: Arc<Residency>,
+    store: Arc<StateStore>,
+    backend: Option<&str>,
+) {
+    let models: Vec<PinnedModel> = store
+        .pinned()
+        .into_iter()
+        .filter(|m| match backend {
+            Some(b) => m.backend == b,
+            None => m.backend != "tinygrad",
+        })
+        .collect();
     if models.is_empty() {
         return;
     }
@@ -266,8 +280,11 @@ pub async fn reload_pinned(residency: Arc<Residency>, store: Arc<StateStore>) {
 }
 
 fn dropped(store: &StateStore, model: &PinnedModel, err: &DaemonError) {
-    if matches!(err, DaemonError::ShuttingDown) {
-        return; // still pinned: the next start tries again
+    if matches!(
+        err,
+        DaemonError::ShuttingDown | DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_)
+    ) {
+        return; // still pinned: the next start (of egpud, or of the worker) tries again
     }
     tracing::warn!(
         model = %model.name,

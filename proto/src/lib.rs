@@ -12,9 +12,16 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/egpu_descriptor.bin"));
 }
 
+/// egpud's private protocol with its tinygrad worker (`proto/worker.proto`), package
+/// `egpu.worker.v1`. Not a public API: it changes with the worker.
+pub mod worker {
+    #![allow(missing_debug_implementations, clippy::all)]
+    tonic::include_proto!("egpu.worker.v1");
+}
+
 mod socket;
 
-pub use socket::{connect, default_socket_path, ConnectError, SOCKET_ENV};
+pub use socket::{connect, connect_channel, default_socket_path, ConnectError, SOCKET_ENV};
 
 /// The metadata header a client may set to name itself for fair scheduling.
 pub const CLIENT_NAME_HEADER: &str = "x-egpu-client";

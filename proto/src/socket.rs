@@ -43,6 +43,15 @@ pub enum ConnectError {
 
 /// Connects a gRPC client to egpud's Unix socket.
 pub async fn connect(path: &Path) -> Result<EgpuClient<Channel>, ConnectError> {
+    let channel = connect_channel(path).await?;
+    Ok(EgpuClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+/// An HTTP/2 channel to whatever gRPC server listens on the Unix socket `path` (egpud uses it
+/// to reach its worker, too).
+pub async fn connect_channel(path: &Path) -> Result<Channel, ConnectError> {
     if !path.exists() {
         return Err(ConnectError::NoSocket {
             path: path.to_owned(),
@@ -50,7 +59,7 @@ pub async fn connect(path: &Path) -> Result<EgpuClient<Channel>, ConnectError> {
     }
     let socket = path.to_owned();
     // The URI is required by the HTTP/2 layer but unused: every connection goes to the socket.
-    let channel = Endpoint::from_static("http://egpud.local")
+    Endpoint::from_static("http://egpud.local")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
@@ -62,10 +71,7 @@ pub async fn connect(path: &Path) -> Result<EgpuClient<Channel>, ConnectError> {
         .map_err(|e| ConnectError::NotAnswering {
             path: path.to_owned(),
             reason: source_chain(&e),
-        })?;
-    Ok(EgpuClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20))
+        })
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

@@ -138,6 +138,22 @@ pub struct Logits {
 }
 
 impl Logits {
+    /// Logits computed elsewhere (another backend): `rows[i]` rows for item `i`, item after
+    /// item in `values`. None if `values` does not hold exactly that many rows of `n_vocab`.
+    pub fn from_rows(n_vocab: usize, values: Vec<f32>, rows: &[usize]) -> Option<Logits> {
+        let mut items = Vec::with_capacity(rows.len());
+        let mut first = 0;
+        for &n in rows {
+            items.push((first, n));
+            first += n;
+        }
+        (first.checked_mul(n_vocab)? == values.len()).then_some(Logits {
+            n_vocab,
+            values,
+            items,
+        })
+    }
+
     pub fn n_vocab(&self) -> usize {
         self.n_vocab
     }

@@ -1,0 +1,518 @@
+//! The tinygrad backend's worker process: starting it, watching it, restarting it.
+//!
+//! The worker (`worker/egpu_worker/serve.py`) is the one process that holds the device; egpud
+//! talks to it over `proto/worker.proto` on a Unix socket in a private temporary folder. The
+//! supervisor task here keeps one worker running:
+//!
+//! - start: spawn `python -m egpu_worker.serve`, wait for its `egpu-worker ready` line, call
+//!   Hello; the worker's stdin is a pipe egpud holds, so the worker exits with egpud.
+//! - watch: a Ping every `--worker-heartbeat`; no answer within `--worker-heartbeat-timeout`,
+//!   a failed call, a step past `--worker-step-timeout`, or the process exiting all mean
+//!   the device is lost: the worker is killed and every [`WorkerPhase`] watcher hears `Lost`
+//!   (the residency manager then fails that device's requests with UNAVAILABLE "device lost").
+//! - restart with exponential backoff (reset once a worker stayed up a while); watchers hear
+//!   `Ready` again (the residency manager then reloads pinned models).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egpu_proto::worker as wp;
+use egpu_proto::worker::worker_client::WorkerClient;
+use parking_lot::{FairMutex, Mutex};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::runtime::Handle;
+use tokio::sync::{watch, Notify};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::error::DaemonError;
+
+/// The worker protocol version this egpud speaks (`HelloResponse.protocol_version`).
+pub const PROTOCOL_VERSION: u32 = 1;
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long before failing was healthy: the next restart is immediate-ish.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// Messages carry full logits rows; a Score over a long text returns one per position.
+const MAX_MESSAGE: usize = 1 << 30;
+/// Worker stderr lines kept to explain a failure.
+const STDERR_TAIL: usize = 20;
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub python: PathBuf,
+    pub heartbeat: Duration,
+    pub heartbeat_timeout: Duration,
+    pub start_timeout: Duration,
+    pub step_timeout: Duration,
+    /// `--device-memory-budget`; None = 90% of the device memory the worker reports.
+    pub memory_budget: Option<u64>,
+}
+
+/// What the supervisor is doing; watchers get every change.
+#[derive(Debug, Clone)]
+pub enum WorkerPhase {
+    Starting,
+    Ready(Arc<WorkerLink>),
+    Lost {
+        /// The generation of the worker that was lost (0 if none had started).
+        generation: u64,
+        reason: String,
+    },
+    Stopped,
+}
+
+/// The supervisor's handle.
+#[derive(Debug)]
+pub struct Worker {
+    settings: WorkerSettings,
+    phase: watch::Sender<WorkerPhase>,
+    restarts: AtomicU32,
+    stop: watch::Sender<bool>,
+}
+
+/// A running worker: its client and what it reported. Cheap to share; once `lost`, every
+/// call fails fast with [`DaemonError::DeviceLost`].
+#[derive(Debug)]
+pub struct WorkerLink {
+    client: WorkerClient<Channel>,
+    pub device: wp::DeviceInfo,
+    pub pid: u32,
+    /// Counts worker starts, so a loss is only applied to the models of that worker.
+    pub generation: u64,
+    runtime: Handle,
+    step_timeout: Duration,
+    lost: AtomicBool,
+    /// Asks the supervisor to kill this worker (a call timed out or failed at the transport).
+    kill: Notify,
+    kill_reason: Mutex<String>,
+    /// Models take turns on the device, fairly, as CPU models do on the thread pool.
+    pub turns: FairMutex<()>,
+    allocated: AtomicU64,
+    free: AtomicU64,
+    /// Held so the worker lives: closing it (dropping the link) makes the worker exit.
+    _stdin: Mutex<Option<ChildStdin>>,
+    /// The private folder with the worker's socket, removed with the link.
+    _dir: tempfile::TempDir,
+}
+
+impl Worker {
+    /// Starts the supervisor on the current tokio runtime.
+    pub fn start(settings: WorkerSettings) -> Arc<Worker> {
+        let (phase, _) = watch::channel(WorkerPhase::Starting);
+        let (stop, _) = watch::channel(false);
+        let worker = Arc::new(Worker {
+            settings,
+            phase,
+            restarts: AtomicU32::new(0),
+            stop,
+        });
+        tokio::spawn(worker.clone().supervise());
+        worker
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<WorkerPhase> {
+        self.phase.subscribe()
+    }
+
+    pub fn phase(&self) -> WorkerPhase {
+        self.phase.borrow().clone()
+    }
+
+    /// The running worker, or why there is none.
+    pub fn link(&self) -> Result<Arc<WorkerLink>, DaemonError> {
+        match &*self.phase.borrow() {
+            WorkerPhase::Ready(link) if !link.is_lost() => Ok(link.clone()),
+            WorkerPhase::Ready(_) => Err(DaemonError::DeviceUnavailable(
+                "the worker was just lost; egpud is restarting it".into(),
+            )),
+            WorkerPhase::Starting => Err(DaemonError::DeviceUnavailable(
+                "the worker is starting; retry in a moment".into(),
+            )),
+            WorkerPhase::Lost { reason, .. } => Err(DaemonError::DeviceUnavailable(format!(
+                "{reason}; egpud is restarting the worker"
+            ))),
+            WorkerPhase::Stopped => Err(DaemonError::ShuttingDown),
+        }
+    }
+
+    /// Device memory models may hold: `--device-memory-budget`, else 90% of the device.
+    pub fn budget(&self, link: &WorkerLink) -> Result<u64, DaemonError> {
+        if let Some(b) = self.settings.memory_budget {
+            return Ok(b);
+        }
+        match link.device.memory_total_bytes {
+            0 => Err(DaemonError::DeviceUnavailable(format!(
+                "the worker cannot tell how much memory {} has; start egpud with \
+                 --device-memory-budget",
+                link.device.device
+            ))),
+            total => Ok(total / 10 * 9),
+        }
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Kills the worker and ends the supervisor.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut backoff = FIRST_BACKOFF;
+        let mut generation = 0u64;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            generation += 1;
+            self.phase.send_replace(WorkerPhase::Starting);
+            let started = Instant::now();
+            let reason = match self.spawn(generation).await {
+                Ok((link, mut child, stderr)) => {
+                    tracing::info!(
+                        pid = link.pid,
+                        device = %link.device.device,
+                        name = %link.device.name,
+                        arch = %link.device.arch,
+                        memory = link.device.memory_total_bytes,
+                        "tinygrad worker ready"
+                    );
+                    self.phase.send_replace(WorkerPhase::Ready(link.clone()));
+                    let reason = self.watch(&link, &mut child, &mut stop).await;
+                    link.lost.store(true, Ordering::SeqCst);
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    let tail = stderr.lock().iter().cloned().collect::<Vec<_>>();
+                    match tail.last() {
+                        Some(last) if !*stop.borrow() => {
+                            format!("{reason} (last worker output: {last})")
+                        }
+                        _ => reason,
+                    }
+                }
+                Err(reason) => reason,
+            };
+            if *stop.borrow() {
+                break;
+            }
+            if started.elapsed() >= HEALTHY_AFTER {
+                backoff = FIRST_BACKOFF;
+            }
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(cause = %reason, retry_in = ?backoff, "tinygrad device lost");
+            self.phase
+                .send_replace(WorkerPhase::Lost { generation, reason });
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        self.phase.send_replace(WorkerPhase::Stopped);
+    }
+
+    /// Watches a running worker until it must be replaced; returns why.
+    async fn watch(
+        &self,
+        link: &WorkerLink,
+        child: &mut Child,
+        stop: &mut watch::Receiver<bool>,
+    ) -> String {
+        let mut ticker = tokio::time::interval(self.settings.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    return match status {
+                        Ok(s) => format!("the tinygrad worker exited ({s})"),
+                        Err(e) => format!("the tinygrad worker is gone ({e})"),
+                    };
+                }
+                () = link.kill.notified() => return link.kill_reason.lock().clone(),
+                _ = stop.changed() => return "egpud is stopping".into(),
+                _ = ticker.tick() => {
+                    let mut client = link.client.clone();
+                    let ping = async move { client.ping(wp::PingRequest {}).await };
+                    match tokio::time::timeout(self.settings.heartbeat_timeout, ping).await {
+                        Ok(Ok(reply)) => {
+                            let reply = reply.into_inner();
+                            link.allocated.store(reply.allocated_bytes, Ordering::Relaxed);
+                            link.free.store(reply.memory_free_bytes, Ordering::Relaxed);
+                        }
+                        Ok(Err(status)) => {
+                            return format!("the tinygrad worker failed a heartbeat: {}", status.message())
+                        }
+                        Err(_) => {
+                            return format!(
+                                "the tinygrad worker did not answer a heartbeat within {:?}",
+                                self.settings.heartbeat_timeout
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts one worker and waits until it serves.
+    async fn spawn(
+        &self,
+        generation: u64,
+    ) -> Result<(Arc<WorkerLink>, Child, Arc<Mutex<VecDeque<String>>>), String> {
+        let python = &self.settings.python;
+        if !python.exists() {
+            return Err(format!(
+                "the worker's Python {} does not exist; create it with scripts/setup-worker.sh \
+                 (or pass --worker-python)",
+                python.display()
+            ));
+        }
+        // A private folder (mode 0700) for the socket: only egpud's user can connect.
+        let dir = tempfile::Builder::new()
+            .prefix("egpu-worker-")
+            .tempdir()
+            .map_err(|e| format!("cannot create the worker's socket folder: {e}"))?;
+        let socket = dir.path().join("worker.sock");
+        let mut child = Command::new(python)
+            .args(["-m", "egpu_worker.serve", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start {} -m egpu_worker.serve: {e}",
+                    python.display()
+                )
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take();
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+        if let Some(stderr) = child.stderr.take() {
+            let tail = stderr_tail.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!(target: "egpu_worker", pid, "{line}");
+                    let mut tail = tail.lock();
+                    if tail.len() == STDERR_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            });
+        }
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = async {
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) if line.trim() == "egpu-worker ready" => return Ok(()),
+                    Ok(Some(line)) => tracing::info!(target: "egpu_worker", pid, "{line}"),
+                    Ok(None) | Err(_) => return Err(()),
+                }
+            }
+        };
+        let explain = |what: &str| {
+            let tail = stderr_tail.lock();
+            let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
+            format!("{what}: {}", tail.join(" | "))
+        };
+        match tokio::time::timeout(self.settings.start_timeout, ready).await {
+            Ok(Ok(())) => {}
+            Ok(Err(())) => {
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                // stderr may still be draining: give its reader the rest of the pipe.
+                tokio::task::yield_now().await;
+                return Err(explain(&format!(
+                    "the tinygrad worker failed to start ({status})"
+                )));
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(explain(&format!(
+                    "the tinygrad worker did not start within {:?}",
+                    self.settings.start_timeout
+                )));
+            }
+        }
+        // Keep draining stdout so the worker never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(target: "egpu_worker", pid, "{line}");
+            }
+        });
+        let channel = egpu_proto::connect_channel(&socket)
+            .await
+            .map_err(|e| format!("cannot reach the tinygrad worker: {e}"))?;
+        let mut client = WorkerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let hello = tokio::time::timeout(
+            self.settings.heartbeat_timeout,
+            client.hello(wp::HelloRequest {}),
+        )
+        .await
+        .map_err(|_| "the tinygrad worker did not answer Hello".to_string())?
+        .map_err(|s| format!("the tinygrad worker failed Hello: {}", s.message()))?
+        .into_inner();
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(format!(
+                "the tinygrad worker speaks protocol {}, egpud {PROTOCOL_VERSION}; \
+                 re-run scripts/setup-worker.sh from the same checkout as egpud",
+                hello.protocol_version
+            ));
+        }
+        let device = hello.device.unwrap_or_default();
+        let link = Arc::new(WorkerLink {
+            client,
+            free: AtomicU64::new(device.memory_free_bytes),
+            device,
+            pid: hello.pid,
+            generation,
+            runtime: Handle::current(),
+            step_timeout: self.settings.step_timeout,
+            lost: AtomicBool::new(false),
+            kill: Notify::new(),
+            kill_reason: Mutex::new(String::new()),
+            turns: FairMutex::new(()),
+            allocated: AtomicU64::new(0),
+            _stdin: Mutex::new(stdin),
+            _dir: dir,
+        });
+        Ok((link, child, stderr_tail))
+    }
+}
+
+impl WorkerLink {
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Bytes tinygrad had allocated on the device at the last heartbeat.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// Free device memory at the last heartbeat (0 = unknown).
+    pub fn free_bytes(&self) -> u64 {
+        self.free.load(Ordering::Relaxed)
+    }
+
+    fn check(&self) -> Result<(), DaemonError> {
+        if self.is_lost() {
+            Err(DaemonError::DeviceLost(
+                "the tinygrad worker stopped; egpud is restarting it".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Marks the worker lost and has the supervisor kill it.
+    fn give_up(&self, reason: String) -> DaemonError {
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            *self.kill_reason.lock() = reason.clone();
+            self.kill.notify_one();
+        }
+        DaemonError::DeviceLost(reason)
+    }
+
+    /// Maps a failed call: request errors stay request errors; anything else means the
+    /// worker can no longer be trusted with the device.
+    fn failed(&self, call: &str, status: Status) -> DaemonError {
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::InvalidArgument | Code::Unimplemented | Code::NotFound => {
+                DaemonError::InvalidArgument(format!("tinygrad worker: {message}"))
+            }
+            Code::ResourceExhausted => DaemonError::DeviceOutOfMemory(message),
+            Code::Internal => DaemonError::Internal(format!("tinygrad worker {call}: {message}")),
+            _ => self.give_up(format!("the tinygrad worker failed {call}: {message}")),
+        }
+    }
+
+    pub async fn load(
+        &self,
+        path: &std::path::Path,
+        context: usize,
+        slots: usize,
+    ) -> Result<wp::LoadResponse, DaemonError> {
+        self.check()?;
+        let request = wp::LoadRequest {
+            path: path.display().to_string(),
+            context: context as u32,
+            slots: slots as u32,
+        };
+        let mut client = self.client.clone();
+        let call = async move { client.load(request).await };
+        match tokio::time::timeout(self.step_timeout, call).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(self.failed("Load", status)),
+            Err(_) => Err(self.give_up(format!(
+                "a load took longer than {:?} (--worker-step-timeout)",
+                self.step_timeout
+            ))),
+        }
+    }
+
+    /// One forward pass; blocks the calling (batching) thread, never a runtime thread.
+    pub fn step_blocking(&self, request: wp::StepRequest) -> Result<wp::StepResponse, DaemonError> {
+        self.check()?;
+        let mut client = self.client.clone();
+        let call = async move { client.step(request).await };
+        let timeout = self.step_timeout;
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, call).await })
+        {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(self.failed("Step", status)),
+            Err(_) => Err(self.give_up(format!(
+                "a forward pass took longer than {timeout:?} (--worker-step-timeout)"
+            ))),
+        }
+    }
+
+    /// Frees a model on the device and waits until the worker did. Blocks the calling
+    /// thread, or, on a runtime thread, runs in the background.
+    pub fn unload(&self, model_id: u64) {
+        if self.is_lost() {
+            return;
+        }
+        let mut client = self.client.clone();
+        let call = async move { client.unload(wp::UnloadRequest { model_id }).await };
+        let report = move |result: Result<tonic::Response<wp::UnloadResponse>, Status>| match result
+        {
+            Ok(reply) => tracing::info!(
+                model_id,
+                freed = reply.get_ref().bytes_freed,
+                allocated = reply.get_ref().allocated_bytes,
+                "worker freed a model"
+            ),
+            Err(status) => {
+                tracing::warn!(model_id, cause = %status.message(), "worker unload failed")
+            }
+        };
+        if Handle::try_current().is_ok() {
+            self.runtime.spawn(async move { report(call.await) });
+        } else {
+            report(self.runtime.block_on(call));
+        }
+    }
+}

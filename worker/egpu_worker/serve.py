@@ -1,0 +1,165 @@
+"""The worker process egpud supervises for `--backend tinygrad`.
+
+    python -m egpu_worker.serve --socket PATH
+
+Opens the tinygrad device named by DEV (default PCI+AMD on macOS, tinygrad's own choice
+elsewhere), proves that it can compile and run a kernel, serves proto/worker.proto on the Unix
+socket PATH, then prints `egpu-worker ready` on stdout. It exits when stdin reaches end of
+file: egpud holds the other end of that pipe, so the worker never outlives it.
+
+Model calls (Load, Unload, Step) take one lock: the device runs one thing at a time. Hello and
+Ping do not, so heartbeats are answered while a long step runs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import platform
+import sys
+import threading
+import time
+from concurrent import futures
+
+from .env import default_cache_env
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 1 << 30  # a Score over a long text returns every position's logits
+
+
+def default_dev() -> None:
+  if "DEV" not in os.environ and sys.platform == "darwin":
+    os.environ["DEV"] = "PCI+AMD"
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m egpu_worker.serve")
+  ap.add_argument("--socket", required=True, help="Unix socket path to serve on")
+  args = ap.parse_args(argv)
+  default_dev()
+  default_cache_env()
+  # tinygrad reads DEV and the cache location at import time: import it only now.
+  import grpc
+  import numpy as np
+  from tinygrad import Device, GlobalCounters, Tensor
+  from . import rpc
+  from .model import StepItem, load_model
+  from .probe import device_info, memory_free
+  pb, pb_grpc = rpc.load()
+
+  dev = Device.DEFAULT
+  info = device_info(os.environ.get("DEV", dev))
+  if info.get("error"):
+    print(f"egpu-worker: device {info.get('dev')!r} unusable: {info['error']}", file=sys.stderr, flush=True)
+    return 3
+  device_msg = pb.DeviceInfo(
+    dev=info.get("dev") or "", device=info.get("device") or dev, name=info.get("name") or "",
+    arch=info.get("arch") or "", interface=info.get("interface") or "", renderer=info.get("renderer") or "",
+    memory_total_bytes=int(info.get("memory_total_bytes") or 0), memory_free_bytes=int(info.get("memory_free_bytes") or 0),
+    tinygrad_version=info.get("tinygrad_version") or "", python_version=platform.python_version())
+
+  models: dict[int, object] = {}
+  ids = itertools.count(1)
+  lock = threading.Lock()
+  logits_kind = {pb.LOGITS_WANTED_NONE: "none", pb.LOGITS_WANTED_LAST: "last", pb.LOGITS_WANTED_ALL: "all"}
+
+  def allocated() -> int:
+    return int(GlobalCounters.mem_used_per_device.get(dev, GlobalCounters.mem_used))
+
+  def cached() -> int:
+    cache = getattr(Device[dev].allocator, "cache", {})
+    return int(sum(size * len(bufs) for (size, *_), bufs in cache.items()))
+
+  def fail(context, code, err: BaseException):
+    context.abort(code, f"{type(err).__name__}: {err}")
+
+  def guarded(fn):
+    """Maps the model code's exceptions to statuses (see worker.proto)."""
+    def call(request, context):
+      try:
+        return fn(request, context)
+      except grpc.RpcError:
+        raise
+      except FileNotFoundError as e: fail(context, grpc.StatusCode.NOT_FOUND, e)
+      except NotImplementedError as e: fail(context, grpc.StatusCode.UNIMPLEMENTED, e)
+      except (ValueError, KeyError) as e: fail(context, grpc.StatusCode.INVALID_ARGUMENT, e)
+      except MemoryError as e: fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, e)
+      except RuntimeError as e:
+        # tinygrad reports device allocation failures as RuntimeError/MemoryError with "out of memory"
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if "memory" in str(e).lower() else grpc.StatusCode.INTERNAL
+        fail(context, code, e)
+      except Exception as e:  # noqa: BLE001 - a bug in the worker: egpud sees INTERNAL
+        fail(context, grpc.StatusCode.INTERNAL, e)
+    return call
+
+  class Servicer(pb_grpc.WorkerServicer):
+    def Hello(self, request, context):
+      return pb.HelloResponse(device=device_msg, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
+
+    def Ping(self, request, context):
+      return pb.PingResponse(allocated_bytes=allocated(), cached_bytes=cached(),
+                             memory_free_bytes=int(memory_free(info) or 0), models=len(models))
+
+    @guarded
+    def Load(self, request, context):
+      if request.slots == 0 or request.context == 0: raise ValueError("context and slots must be at least 1")
+      start = time.perf_counter()
+      with lock:
+        model = load_model(request.path, ctx=request.context, slots=request.slots)
+        model_id = next(ids)
+        models[model_id] = model
+      print(f"egpu-worker: loaded {request.path} as model {model_id} ({model.memory_bytes()} bytes)",
+            file=sys.stderr, flush=True)
+      return pb.LoadResponse(model_id=model_id, bytes=model.memory_bytes(), n_vocab=model.cfg.n_vocab,
+                             seconds=time.perf_counter() - start)
+
+    @guarded
+    def Unload(self, request, context):
+      with lock:
+        model = models.pop(request.model_id, None)
+        if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
+        before = model.memory_bytes()
+        model.close()
+        del model
+        gc.collect()
+        Device[dev].synchronize()
+        Device[dev].allocator.free_cache()
+      return pb.UnloadResponse(bytes_freed=before, allocated_bytes=allocated())
+
+    @guarded
+    def Step(self, request, context):
+      start = time.perf_counter()
+      with lock:
+        model = models.get(request.model_id)
+        if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
+        items = [StepItem(slot=i.slot, start_pos=i.start_pos, tokens=list(i.tokens), logits=logits_kind[i.logits])
+                 for i in request.items]
+        out = model.step(items)
+      reply = pb.StepResponse(n_vocab=model.cfg.n_vocab)
+      for arr in out:
+        if arr is None:
+          reply.items.add(rows=0)
+        else:
+          arr = np.ascontiguousarray(arr, dtype="<f4")
+          reply.items.add(rows=1 if arr.ndim == 1 else arr.shape[0], values=arr.tobytes())
+      reply.seconds = time.perf_counter() - start
+      return reply
+
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
+    ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
+  pb_grpc.add_WorkerServicer_to_server(Servicer(), server)
+  if server.add_insecure_port(f"unix:{args.socket}") == 0:
+    print(f"egpu-worker: cannot listen on {args.socket}", file=sys.stderr, flush=True)
+    return 2
+  server.start()
+  print(f"egpu-worker: serving {dev} ({device_msg.name or device_msg.arch}) on {args.socket}", file=sys.stderr, flush=True)
+  print("egpu-worker ready", flush=True)
+  # egpud holds our stdin; end of file means it is gone (even if it was SIGKILLed).
+  sys.stdin.buffer.read()
+  server.stop(grace=None)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
