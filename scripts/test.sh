@@ -8,6 +8,12 @@ if [ -x scripts/fetch-vocabs.sh ]; then scripts/fetch-vocabs.sh >/dev/null; fi
 # grpcio for the Python example client, which the end-to-end tests run.
 EGPU_PYDEPS=$(scripts/python-deps.sh)
 export EGPU_PYDEPS
+# The tinygrad worker's venv (worker/.venv): egpud's tinygrad backend tests start it.
+# DEV=CPU compiles tinygrad's kernels with clang.
+scripts/ensure-clang.sh
+worker_python=$(scripts/setup-worker.sh)
 # The end-to-end tests (tests/) run the real egpud and egpuctl binaries: build them first.
 cargo build --workspace --locked --bins
 cargo test --workspace --locked "$@"
+# The worker's own tests (dequantizers against gguf-py, models against the fixtures and llama.cpp).
+(cd worker && DEV=CPU EGPU_MODELS="${EGPU_MODELS:-$PWD/../models}" "$worker_python" -m pytest -q)

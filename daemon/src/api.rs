@@ -61,7 +61,7 @@ impl Egpu for Api {
             ..Default::default()
         }];
         if let Some(worker) = self.residency.worker() {
-            backends.push(tinygrad_status(worker, self.residency.used_by("tinygrad")));
+            backends.push(tinygrad_status(worker, self.residency.used_by("tinygrad")).await);
         }
         Ok(Response::new(pb::StatusResponse {
             device: Some(cpu),
@@ -545,15 +545,17 @@ pub fn check_peer(request: Request<()>) -> Result<Request<()>, Status> {
 }
 
 /// The tinygrad backend's line in Status: the worker's phase and the device it holds.
-fn tinygrad_status(worker: &Worker, used: u64) -> pb::BackendStatus {
+async fn tinygrad_status(worker: &Worker, used: u64) -> pb::BackendStatus {
     let mut status = pb::BackendStatus {
         backend: "tinygrad".into(),
         used_bytes: used,
         restarts: worker.restarts(),
+        detail: worker.last_failure(),
         ..Default::default()
     };
     match worker.phase() {
         WorkerPhase::Ready(link) => {
+            link.refresh().await;
             let d = &link.device;
             status.state = "ready".into();
             status.device = Some(pb::DeviceInfo {
@@ -574,10 +576,7 @@ fn tinygrad_status(worker: &Worker, used: u64) -> pb::BackendStatus {
             status.allocated_bytes = link.allocated_bytes();
         }
         WorkerPhase::Starting => status.state = "starting".into(),
-        WorkerPhase::Lost { reason, .. } => {
-            status.state = "lost".into();
-            status.detail = reason;
-        }
+        WorkerPhase::Lost { .. } => status.state = "lost".into(),
         WorkerPhase::Stopped => status.state = "stopped".into(),
     }
     status

@@ -29,12 +29,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Serves until `shutdown` completes, then ends every stream with UNAVAILABLE and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let started = Instant::now();
-    if config.backend != "cpu" {
-        bail!(
-            "backend {:?} is not available in this build; use --backend cpu",
-            config.backend
-        );
-    }
     let socket = config.socket_path();
     let device = cpu_device();
     let budget = config

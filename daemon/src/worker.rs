@@ -73,6 +73,8 @@ pub struct Worker {
     settings: WorkerSettings,
     phase: watch::Sender<WorkerPhase>,
     restarts: AtomicU32,
+    /// Why the last worker failed, shown while the next one starts.
+    last_failure: Mutex<String>,
     stop: watch::Sender<bool>,
 }
 
@@ -110,6 +112,7 @@ impl Worker {
             settings,
             phase,
             restarts: AtomicU32::new(0),
+            last_failure: Mutex::new(String::new()),
             stop,
         });
         tokio::spawn(worker.clone().supervise());
@@ -154,6 +157,11 @@ impl Worker {
             ))),
             total => Ok(total / 10 * 9),
         }
+    }
+
+    /// Why the last worker failed; empty if none has.
+    pub fn last_failure(&self) -> String {
+        self.last_failure.lock().clone()
     }
 
     pub fn restarts(&self) -> u32 {
@@ -208,6 +216,7 @@ impl Worker {
                 backoff = FIRST_BACKOFF;
             }
             self.restarts.fetch_add(1, Ordering::Relaxed);
+            *self.last_failure.lock() = reason.clone();
             tracing::error!(cause = %reason, retry_in = ?backoff, "tinygrad device lost");
             self.phase
                 .send_replace(WorkerPhase::Lost { generation, reason });
@@ -407,6 +416,22 @@ impl WorkerLink {
     /// Bytes tinygrad had allocated on the device at the last heartbeat.
     pub fn allocated_bytes(&self) -> u64 {
         self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// Asks the worker for its memory figures now (Status shows them fresh); keeps the last
+    /// heartbeat's figures if it does not answer within a second.
+    pub async fn refresh(&self) {
+        if self.is_lost() {
+            return;
+        }
+        let mut client = self.client.clone();
+        let ping = async move { client.ping(wp::PingRequest {}).await };
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
+            let reply = reply.into_inner();
+            self.allocated
+                .store(reply.allocated_bytes, Ordering::Relaxed);
+            self.free.store(reply.memory_free_bytes, Ordering::Relaxed);
+        }
     }
 
     /// Free device memory at the last heartbeat (0 = unknown).

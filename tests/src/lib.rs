@@ -7,8 +7,8 @@ use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use egpu_proto::v1::egpu_client::EgpuClient;
 use egpu_proto::v1::{self as pb};
@@ -41,6 +41,21 @@ pub fn model_path(file: &str) -> PathBuf {
     std::fs::canonicalize(path).expect("canonical model path")
 }
 
+/// The tinygrad worker's Python: `$EGPU_WORKER_PYTHON`, or the checkout's worker/.venv that
+/// `scripts/setup-worker.sh` creates (scripts/test.sh runs it).
+pub fn worker_python() -> PathBuf {
+    let path = match std::env::var_os("EGPU_WORKER_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../worker/.venv/bin/python"),
+    };
+    assert!(
+        path.exists(),
+        "the tinygrad worker's Python {} is missing: run scripts/setup-worker.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// A binary of this workspace, built next to the test executable (`target/<profile>/`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -63,7 +78,14 @@ pub struct TestDaemon {
     child: Option<Child>,
     pub socket: PathBuf,
     pub dir: tempfile::TempDir,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Log>,
+}
+
+/// egpud's log lines, and a signal for each new one.
+#[derive(Debug, Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
 }
 
 impl TestDaemon {
@@ -108,6 +130,38 @@ impl TestDaemon {
         state_dir: &Path,
         extra_args: &[&str],
     ) -> Result<TestDaemon, String> {
+        Self::spawn_with_env(dir, socket, state_dir, extra_args, &[])
+    }
+
+    /// Starts egpud with the tinygrad backend on `DEV` (its worker from the checkout's
+    /// worker/.venv), plus extra flags; returns once egpud listens (the worker may still be
+    /// starting: see [`TestDaemon::wait_for_log`]).
+    pub fn start_tinygrad(dev: &str, extra_args: &[&str]) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("egpu-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let socket = dir.path().join("egpud.sock");
+        let state_dir = dir.path().join("state");
+        let python = worker_python();
+        let mut args = vec![
+            "--backend",
+            "tinygrad",
+            "--worker-python",
+            python.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra_args);
+        Self::spawn_with_env(dir, socket, &state_dir, &args, &[("DEV", dev)])
+            .expect("egpud did not start")
+    }
+
+    fn spawn_with_env(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        state_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<TestDaemon, String> {
         let mut child = Command::new(binary("egpud"))
             .arg("--socket")
             .arg(&socket)
@@ -118,13 +172,14 @@ impl TestDaemon {
             .args(["--threads", "2"])
             .args(extra_args)
             .env("EGPU_LOG", "info")
+            .envs(env.iter().copied())
             .env_remove("EGPU_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning egpud");
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Log::default());
         let (ready_tx, ready_rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
@@ -133,7 +188,8 @@ impl TestDaemon {
                 if line.contains("listening") {
                     let _ = ready_tx.send(true);
                 }
-                sink.lock().unwrap().push(line);
+                sink.lines.lock().unwrap().push(line);
+                sink.grew.notify_all();
             }
             let _ = ready_tx.send(false);
         });
@@ -157,7 +213,30 @@ impl TestDaemon {
 
     /// Everything egpud has logged so far.
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until at least `count` log lines contain `needle`; false on timeout. Woken by
+    /// each new line, so it returns as soon as egpud has said it.
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if lines.iter().filter(|l| l.contains(needle)).count() >= count {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// How many log lines contain `needle` so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        let lines = self.log.lines.lock().unwrap();
+        lines.iter().filter(|l| l.contains(needle)).count()
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,416 @@
+//! The tinygrad backend end to end: a real egpud starts its real tinygrad worker (from the
+//! checkout's worker/.venv, `scripts/setup-worker.sh`) on `DEV=CPU` — or on the device named
+//! by `EGPU_TEST_DEV` (e.g. CUDA when a GPU is lent) — and real clients compare it with the
+//! native CPU engine in the same daemon, then break the worker on purpose.
+//!
+//! Agreement tolerance: the worker dequantizes weights to f16 inside its kernels and
+//! accumulates in f32; the CPU engine uses the exact f32 value of each quantized weight. The
+//! f16 rounding (relative 2^-11 per weight) moves SmolLM2's log-probabilities by about 0.002
+//! (worker/README.md); [`LOGPROB_TOLERANCE`] leaves a margin of 25 over that.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use egpu_e2e::v1::egpu_client::EgpuClient;
+use egpu_e2e::v1::{self as pb};
+use egpu_e2e::{
+    collect, generate, greedy, load, model_path, status, worker_python, TestDaemon, SMOLLM2,
+};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const WORKER_READY: &str = "tinygrad worker ready";
+/// Starting a worker imports tinygrad and compiles a first kernel; first loads compile more.
+const WORKER_START: Duration = Duration::from_secs(300);
+const LOGPROB_TOLERANCE: f32 = 0.05;
+const TEXT: &str = "The capital of France is Paris. The capital of Germany is Berlin, and \
+                    the capital of Italy is Rome.";
+
+fn dev() -> String {
+    std::env::var("EGPU_TEST_DEV").unwrap_or_else(|_| "CPU".into())
+}
+
+fn start(extra_args: &[&str]) -> TestDaemon {
+    let daemon = TestDaemon::start_tinygrad(&dev(), extra_args);
+    assert!(
+        daemon.wait_for_log(WORKER_READY, 1, WORKER_START),
+        "the tinygrad worker did not start:\n{}",
+        daemon.log_text()
+    );
+    daemon
+}
+
+async fn load_on(
+    client: &mut EgpuClient<Channel>,
+    source: &Path,
+    name: &str,
+    backend: &str,
+    context: u32,
+    slots: u32,
+    pin: bool,
+) -> Result<pb::ModelInfo, tonic::Status> {
+    load(
+        client,
+        pb::LoadRequest {
+            source: source.display().to_string(),
+            name: name.into(),
+            context_length: context,
+            slots,
+            pin,
+            backend: backend.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn score(client: &mut EgpuClient<Channel>, model: &str, text: &str) -> pb::ScoreResponse {
+    client
+        .score(pb::ScoreRequest {
+            model: model.into(),
+            text: text.into(),
+            raw: true,
+            top_k: 2,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("scoring on {model}: {e}"))
+        .into_inner()
+}
+
+/// Compares two scorings of the same text: the same tokens, every log-probability within
+/// the tolerance, and the same best token wherever the reference's top two are not a
+/// near-tie. Returns (max, mean) absolute log-probability difference.
+fn agree(reference: &pb::ScoreResponse, other: &pb::ScoreResponse, what: &str) -> (f32, f32) {
+    assert_eq!(reference.token_ids, other.token_ids, "{what}: tokens");
+    let mut max = 0f32;
+    let mut sum = 0f32;
+    let mut n = 0;
+    for (i, (r, o)) in reference.positions.iter().zip(&other.positions).enumerate() {
+        let (Some(a), Some(b)) = (r.logprob, o.logprob) else {
+            continue;
+        };
+        let d = (a - b).abs();
+        assert!(
+            d <= LOGPROB_TOLERANCE,
+            "{what}: position {i}: log-prob {a} (cpu) vs {b} (tinygrad)"
+        );
+        max = max.max(d);
+        sum += d;
+        n += 1;
+        if r.top.len() == 2 && r.top[0].logprob - r.top[1].logprob > 0.1 {
+            assert_eq!(r.top[0].id, o.top[0].id, "{what}: best token at {i}");
+        }
+    }
+    assert!(n > 0, "{what}: nothing was compared");
+    (max, sum / n as f32)
+}
+
+fn tinygrad_backend(st: &pb::StatusResponse) -> pb::BackendStatus {
+    st.backends
+        .iter()
+        .find(|b| b.backend == "tinygrad")
+        .cloned()
+        .expect("Status lists the tinygrad backend")
+}
+
+fn signal(pid: u32, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(pid, signal).expect("signalling the worker");
+}
+
+/// A tiny llama-architecture GGUF with random blocks of `ggml_type` (worker/egpu_worker/synth.py).
+fn synthetic(dir: &Path, ggml_type: &str) -> PathBuf {
+    let path = dir.join(format!("tiny-{}.gguf", ggml_type.to_lowercase()));
+    let out = std::process::Command::new(worker_python())
+        .args(["-m", "egpu_worker.synth"])
+        .arg(&path)
+        .args(["--type", ggml_type])
+        .output()
+        .expect("running egpu_worker.synth");
+    assert!(
+        out.status.success(),
+        "egpu_worker.synth {ggml_type} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_on_tinygrad_agrees_with_the_cpu_engine() {
+    let daemon = start(&[]);
+    let mut client = daemon.client().await;
+    let smol = model_path(SMOLLM2);
+    load_on(&mut client, &smol, "smol-cpu", "cpu", 256, 2, false)
+        .await
+        .expect("cpu load");
+    let info = load_on(&mut client, &smol, "smol-tg", "tinygrad", 256, 3, false)
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
+    assert_eq!(info.backend, "tinygrad");
+    assert!(
+        info.bytes > 0,
+        "the worker reports the model's device bytes"
+    );
+
+    let st = status(&mut client).await;
+    let tg = tinygrad_backend(&st);
+    assert_eq!(tg.state, "ready");
+    assert!(tg.pid > 0 && tg.budget_bytes > 0, "{tg:?}");
+    assert!(tg.used_bytes >= info.bytes, "{tg:?}");
+    assert!(
+        tg.allocated_bytes >= info.bytes / 2,
+        "tinygrad's own count: {tg:?}"
+    );
+
+    let (max, mean) = agree(
+        &score(&mut client, "smol-cpu", TEXT).await,
+        &score(&mut client, "smol-tg", TEXT).await,
+        "SmolLM2",
+    );
+    eprintln!(
+        "SmolLM2 Q4_1 teacher-forced log-prob |cpu - tinygrad|: max {max:.5}, mean {mean:.5}"
+    );
+
+    // Greedy continuations: the same tokens, also with other sequences in the same steps.
+    let prompt = "The capital of France is";
+    let cpu = generate(&mut client, greedy("smol-cpu", prompt, 12))
+        .await
+        .expect("cpu");
+    let alone = generate(&mut client, greedy("smol-tg", prompt, 12))
+        .await
+        .expect("tg");
+    assert_eq!(
+        alone.token_ids, cpu.token_ids,
+        "greedy tokens, cpu vs tinygrad"
+    );
+    let others = ["Once upon a time", "fn main() {"];
+    let mut streams = Vec::new();
+    for p in std::iter::once(prompt).chain(others) {
+        let mut c = client.clone();
+        streams.push(tokio::spawn(async move {
+            generate(&mut c, greedy("smol-tg", p, 12)).await
+        }));
+    }
+    let batched = streams
+        .remove(0)
+        .await
+        .expect("task")
+        .expect("batched generate");
+    for s in streams {
+        s.await.expect("task").expect("other stream");
+    }
+    assert_eq!(
+        batched.token_ids, alone.token_ids,
+        "batched with two other streams"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_quant_type_agrees_with_the_cpu_engine_on_synthetic_models() {
+    let daemon = start(&[]);
+    let mut client = daemon.client().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = "abc def ghi, jkl mno pqr! stu vwx yz 0123456789";
+    for ggml_type in [
+        "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+    ] {
+        let path = synthetic(dir.path(), ggml_type);
+        let (cpu, tg) = (format!("{ggml_type}-cpu"), format!("{ggml_type}-tg"));
+        load_on(&mut client, &path, &cpu, "cpu", 64, 1, false)
+            .await
+            .unwrap_or_else(|e| panic!("{ggml_type} on cpu: {e}"));
+        load_on(&mut client, &path, &tg, "tinygrad", 64, 1, false)
+            .await
+            .unwrap_or_else(|e| panic!("{ggml_type} on tinygrad: {e}\n{}", daemon.log_text()));
+        let (max, mean) = agree(
+            &score(&mut client, &cpu, text).await,
+            &score(&mut client, &tg, text).await,
+            ggml_type,
+        );
+        eprintln!("{ggml_type}: log-prob |cpu - tinygrad| max {max:.5}, mean {mean:.5}");
+        for name in [cpu, tg] {
+            client
+                .unload(pb::UnloadRequest { name, force: false })
+                .await
+                .expect("unload");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_ends_its_streams_and_comes_back_with_the_pinned_models() {
+    let daemon = start(&["--worker-heartbeat", "200ms"]);
+    let mut client = daemon.client().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let smol = model_path(SMOLLM2);
+    load_on(&mut client, &smol, "smol-cpu", "cpu", 256, 1, false)
+        .await
+        .expect("cpu load");
+    load_on(&mut client, &smol, "smol-tg", "tinygrad", 512, 1, false)
+        .await
+        .expect("tinygrad load");
+    let pinned = synthetic(dir.path(), "Q8_0");
+    load_on(&mut client, &pinned, "pinned-tg", "tinygrad", 64, 1, true)
+        .await
+        .expect("pinned tinygrad load");
+    let worker_pid = tinygrad_backend(&status(&mut client).await).pid;
+
+    // A long stream on the worker; kill the worker once it is producing tokens.
+    let mut request = greedy("smol-tg", "Write a long story about a dragon.", 400);
+    request.stop_at_eos = Some(false);
+    let mut stream = client
+        .generate(request)
+        .await
+        .expect("generate")
+        .into_inner();
+    let first = stream.message().await.expect("first event");
+    assert!(
+        first.is_some(),
+        "the stream produced a token before the kill"
+    );
+    signal(worker_pid, rustix::process::Signal::KILL);
+    let err = collect(stream).await.expect_err("the stream must fail");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("device lost"), "{}", err.message());
+
+    // The CPU backend is untouched.
+    let cpu = generate(&mut client, greedy("smol-cpu", "Hello", 4))
+        .await
+        .expect("cpu generate");
+    assert_eq!(cpu.token_ids.len(), 4);
+
+    // The worker comes back; the pinned model with it, the other one not.
+    assert!(
+        daemon.wait_for_log(WORKER_READY, 2, WORKER_START),
+        "the worker was not restarted:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon.wait_for_log("pinned model resident again", 1, WORKER_START),
+        "the pinned model was not reloaded:\n{}",
+        daemon.log_text()
+    );
+    let st = status(&mut client).await;
+    let tg = tinygrad_backend(&st);
+    assert_eq!(tg.state, "ready");
+    assert_eq!(tg.restarts, 1);
+    assert_ne!(tg.pid, worker_pid);
+    let names: Vec<&str> = st.models.iter().map(|m| m.name.as_str()).collect();
+    assert!(
+        names.contains(&"pinned-tg") && !names.contains(&"smol-tg"),
+        "{names:?}"
+    );
+    let out = generate(&mut client, greedy("pinned-tg", "abc", 3))
+        .await
+        .expect("after restart");
+    assert_eq!(out.token_ids.len(), 3);
+    // The lost model is gone: a clear NOT_FOUND, not a hang.
+    let err = generate(&mut client, greedy("smol-tg", "Hi", 2))
+        .await
+        .expect_err("lost model");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_answering_heartbeats_is_replaced() {
+    let daemon = start(&[
+        "--worker-heartbeat",
+        "200ms",
+        "--worker-heartbeat-timeout",
+        "1s",
+    ]);
+    let mut client = daemon.client().await;
+    let pid = tinygrad_backend(&status(&mut client).await).pid;
+    // A stopped process holds its socket open but answers nothing: a hang, as a wedged
+    // driver call would look.
+    signal(pid, rustix::process::Signal::STOP);
+    assert!(
+        daemon.wait_for_log("did not answer a heartbeat", 1, Duration::from_secs(60)),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon.wait_for_log(WORKER_READY, 2, WORKER_START),
+        "{}",
+        daemon.log_text()
+    );
+    let tg = tinygrad_backend(&status(&mut client).await);
+    assert_eq!(tg.state, "ready");
+    assert_ne!(tg.pid, pid);
+    // The stopped worker was killed, not left behind.
+    let gone = rustix::process::test_kill_process(
+        rustix::process::Pid::from_raw(pid as i32).expect("pid"),
+    )
+    .is_err();
+    assert!(gone, "the unresponsive worker {pid} is still alive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_load_unload_cycles_return_the_device_memory() {
+    let daemon = start(&[]);
+    let mut client = daemon.client().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = synthetic(dir.path(), "Q4_K");
+    let mut after_unload = Vec::new();
+    for cycle in 0..20 {
+        let info = load_on(&mut client, &path, "cycled", "tinygrad", 64, 2, false)
+            .await
+            .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+        assert!(info.bytes > 0);
+        generate(&mut client, greedy("cycled", "abc", 3))
+            .await
+            .expect("generate");
+        client
+            .unload(pb::UnloadRequest {
+                name: "cycled".into(),
+                force: false,
+            })
+            .await
+            .expect("unload");
+        after_unload.push(tinygrad_backend(&status(&mut client).await).allocated_bytes);
+    }
+    eprintln!("tinygrad allocated bytes after each unload: {after_unload:?}");
+    let first = after_unload[0];
+    assert!(
+        after_unload.iter().all(|&b| b <= first),
+        "device memory grew over 20 load/unload cycles: {after_unload:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_worker_environment_the_cpu_backend_still_serves() {
+    let dir = tempfile::Builder::new()
+        .prefix("egpu-e2e-")
+        .tempdir()
+        .expect("temp dir");
+    let socket = dir.path().join("egpud.sock");
+    let daemon = TestDaemon::start_on(
+        dir,
+        socket,
+        &[
+            "--backend",
+            "tinygrad",
+            "--worker-python",
+            "/nonexistent/python",
+        ],
+    )
+    .expect("egpud starts without its worker");
+    assert!(daemon.wait_for_log("tinygrad device lost", 1, Duration::from_secs(30)));
+    let mut client = daemon.client().await;
+    let tg = tinygrad_backend(&status(&mut client).await);
+    // Between tries it is "lost", during one "starting"; the reason stays either way.
+    assert_ne!(tg.state, "ready");
+    assert!(tg.detail.contains("setup-worker.sh"), "{}", tg.detail);
+    let smol = model_path(SMOLLM2);
+    let err = load_on(&mut client, &smol, "smol-tg", "", 256, 1, false)
+        .await
+        .expect_err("the default backend is tinygrad, which is down");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    load_on(&mut client, &smol, "smol-cpu", "cpu", 256, 1, false)
+        .await
+        .expect("the cpu backend serves");
+    let out = generate(&mut client, greedy("smol-cpu", "Hello", 3))
+        .await
+        .expect("generate");
+    assert_eq!(out.token_ids.len(), 3);
+}
