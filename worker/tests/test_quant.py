@@ -1,10 +1,14 @@
-"""The tinygrad dequantizers against straight numpy transcriptions of ggml's block formats."""
+"""The tinygrad dequantizers against straight numpy transcriptions of ggml's block formats, and against
+gguf-py's dequantizer through the fixtures in engine/tests/fixtures/dequant."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tinygrad import GlobalCounters, Tensor, dtypes
 
 from egpu_worker.quant import (BF16, F16, F32, IQ4_NL, IQ4_XS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
-                               SUPPORTED_TYPES, dequantize, dq_ref)
+                               SUPPORTED_TYPES, dequantize, dequantize_rows, dq_ref)
 from egpu_worker.gguf import GGML_TYPES
 
 ROWS, COLS = 8, 256  # 8 blocks of 32 (or one of 256) per row
@@ -13,6 +17,7 @@ ALL_IDS = [GGML_TYPES[t][0] for t in ALL_TYPES]
 # byte offsets of each block's f16 scale fields (d, and m/dmin where there is one)
 F16_FIELDS = {Q4_0: (0,), Q4_1: (0, 2), Q5_0: (0,), Q5_1: (0, 2), Q8_0: (0,), Q4_K: (0, 2), Q5_K: (0, 2),
               Q6_K: (208,), IQ4_NL: (0,), IQ4_XS: (0,)}
+FIXTURES = Path(__file__).resolve().parents[2] / "engine" / "tests" / "fixtures" / "dequant"
 
 
 def random_blocks(ggml_type: int, rng: np.random.Generator) -> np.ndarray:
@@ -128,3 +133,55 @@ def test_unsupported_type_is_refused():
   with pytest.raises(NotImplementedError, match="ggml type 10 "):  # Q2_K
     dequantize(Tensor(np.zeros(84, np.uint8)), 10, (1, 256))
 
+
+# ---------------------------------------------------------------- against gguf-py (an outside reference)
+
+def _fixture(ggml_type: int) -> tuple[np.ndarray, np.ndarray]:
+  """(raw bytes, gguf-py's f32 dequantization) of the fixture for `ggml_type`."""
+  manifest = json.loads((FIXTURES / "manifest.json").read_text())
+  (entry,) = [f for f in manifest["fixtures"] if f["type"] == GGML_TYPES[ggml_type][0]]
+  assert entry["ggml_id"] == ggml_type
+  raw = np.fromfile(FIXTURES / entry["raw_file"], np.uint8)
+  ref = np.fromfile(FIXTURES / entry["f32_file"], "<f4").astype(np.float32)
+  assert ref.size == entry["n_elements"] and ref.size % 256 == 0
+  return raw, ref
+
+
+def _assert_f16_equal(got: np.ndarray, ref16: np.ndarray, max_ulp: int = 0):
+  """got == ref16 (both f16) value for value: infinities must match exactly (same sign), finite values may be
+  `max_ulp` f16 steps apart (+0 and -0 count as equal), and neither side may hold a NaN."""
+  assert not np.isnan(got).any() and not np.isnan(ref16).any()
+  inf = np.isinf(ref16)
+  np.testing.assert_array_equal(got[inf], ref16[inf])
+  assert not np.isinf(got[~inf]).any(), "overflow to inf where the reference is finite"
+  def ordered(a):  # f16 bit patterns mapped to integers in value order, so ulp distance is a difference
+    bits = a.view(np.uint16).astype(np.int32)
+    return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+  ulp = np.abs(ordered(got[~inf]) - ordered(ref16[~inf]))
+  assert ulp.max(initial=0) <= max_ulp, f"{(ulp > max_ulp).sum()} values more than {max_ulp} ulp off (max {ulp.max()})"
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=ALL_IDS)
+def test_dequant_matches_gguf_py_fixtures(ggml_type):
+  """The f16 weights equal gguf-py's `gguf.quants.dequantize` (f32) rounded to f16.
+
+  Tolerance: 0 ulp. The brief allows 1 f16 ulp where the f32 operation order may differ from gguf-py's, but
+  it cannot differ here: every product in these formats is exact in f32 (see quant.py's docstring), so the
+  only f32 rounding is the final add of a min, done in the same place as gguf-py. Measured: bit-exact on
+  DEV=CPU for every type, signed zeros included. Some fixture blocks carry the largest finite f16 scale
+  (65504) or f16 subnormal scales; where the f16 result overflows, the reference rounded to f16 overflows too
+  and the two must be the same infinity (a finite 65504 against inf fails). The fixtures' F32/BF16 values
+  span the whole f32/bf16 range, so there too f16 rounding gives infinities, zeros and subnormals."""
+  raw, ref = _fixture(ggml_type)
+  cols = 256
+  rows = ref.size // cols
+  got = dequantize(Tensor(raw), ggml_type, (rows, cols)).numpy()
+  assert got.dtype == np.float16
+  with np.errstate(over="ignore"):
+    ref16 = ref.astype(np.float16).reshape(rows, cols)
+  _assert_f16_equal(got, ref16)
+  # the embedding path: a gather of whole quantized rows (repeated and out of order), f32 output
+  pick = [rows - 1, 0, rows // 2, 0]
+  emb = dequantize_rows(Tensor(raw), ggml_type, rows, cols, Tensor(pick, dtype=dtypes.int32)).numpy()
+  assert emb.dtype == np.float32
+  np.testing.assert_array_equal(emb.view(np.uint32), ref.reshape(rows, cols)[pick].view(np.uint32))
