@@ -123,14 +123,18 @@ def byte_level_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str], int
   pairs = [(space, c) for c in "abcdefghijklmnopqrstuvwxyz"]
   letters = "etaoinshrdlcumwfgypbvkjxqz"
   pairs += [(a, b) for a in letters for b in letters]
-  n_merges = n_vocab - 257
-  if not 0 <= n_merges <= len(pairs): raise ValueError(f"vocab of {n_vocab}: need 257..{257 + len(pairs)}")
+  n_merges = min(n_vocab - 257, len(pairs))
+  if n_merges < 0: raise ValueError(f"a vocab of {n_vocab}: need at least 257")
   for a, b in pairs[:n_merges]:
     merges.append(f"{a} {b}")
     tokens.append(a + b)
+  # Larger vocabs (the shapes of real models, for speed runs) are padded with control tokens
+  # the tokenizer never produces: the LM head still has n_vocab rows.
+  n_normal = len(tokens)
+  tokens += [f"<|extra_{i}|>" for i in range(n_vocab - 1 - n_normal)]
   eot = len(tokens)
   tokens.append("<|endoftext|>")
-  types = [1] * eot + [3]  # normal, then control
+  types = [1] * n_normal + [3] * (eot - n_normal) + [3]  # normal, then control
   assert len(tokens) == n_vocab == len(set(tokens))
   return tokens, types, merges, eot
 
@@ -156,11 +160,14 @@ def quantized_matrix(rng: np.random.Generator, ggml_type: int, rows: int, cols: 
       off, ratio = second
       b[:, off:off + 2] = (d.astype(np.float32) * ratio).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
-  set_scales(1.0)  # measure the spread the random quant bytes give with unit scales, then rescale
-  base = std / float(dq_ref(b.reshape(-1), ggml_type).std())
+  # Measure the spread the random quant bytes give with unit scales, then rescale. A sample
+  # of blocks is enough, and keeps model-sized shapes (--shape llama8b) quick to write.
+  sample = slice(0, min(b.shape[0], 4096))
+  set_scales(1.0)
+  base = std / float(dq_ref(b[sample].reshape(-1), ggml_type).std())
   set_scales(base)
   raw = b.reshape(-1)
-  w = dq_ref(raw, ggml_type)
+  w = dq_ref(b[sample].reshape(-1), ggml_type)
   if not (np.isfinite(w).all() and 0.5 * std < w.std() < 2 * std):
     raise AssertionError(f"{GGML_TYPES[ggml_type][0]}: weights not finite or std {w.std()} far from {std}")
   return raw
@@ -225,13 +232,27 @@ def write(path: str, ggml_type: int, seed: int = 0, cfg: SynthConfig = SynthConf
   write_gguf(path, *build(ggml_type, seed, cfg))
 
 
+# Shapes of real models (random weights), for speed measurements: the cost of a decode step
+# depends on the shapes and types, not on the values.
+SHAPES = {
+  "tiny": SynthConfig(),
+  # SmolLM2-135M: 30 thin layers, 49152-token vocabulary
+  "smollm2": SynthConfig(n_embd=576, n_ff=1536, n_layer=30, n_head=9, n_head_kv=3, n_vocab=49152, context_length=2048),
+  # LLaMA 3.1 8B: what the blog ran on the 7900 XTX
+  "llama8b": SynthConfig(n_embd=4096, n_ff=14336, n_layer=32, n_head=32, n_head_kv=8, n_vocab=128256,
+                         context_length=8192, rope_base=500000.0),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m egpu_worker.synth", description=__doc__.split("\n\n")[0])
   ap.add_argument("out", help="the GGUF file to write")
   ap.add_argument("--type", required=True, choices=list(TYPE_BY_NAME), help="tensor type of every weight matrix")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--shape", default="tiny", choices=list(SHAPES),
+                  help="tiny (tests) or a real model's shape with random weights (speed runs)")
   args = ap.parse_args(argv)
-  write(args.out, TYPE_BY_NAME[args.type], args.seed)
+  write(args.out, TYPE_BY_NAME[args.type], args.seed, SHAPES[args.shape])
   print(f"wrote {args.out}: llama, {args.type}, seed {args.seed}", file=sys.stderr)
   return 0
 
