@@ -12,6 +12,7 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/egpu_descriptor.bin"));
 }
 
+pub mod paths;
 mod socket;
 
 pub use socket::{connect, default_socket_path, ConnectError, SOCKET_ENV};
