@@ -61,7 +61,7 @@ impl PythonRule {
             PythonRule::Explicit => "--worker-python",
             PythonRule::Env => "$EGPU_WORKER_PYTHON",
             PythonRule::Checkout => "the checkout's worker/.venv",
-            PythonRule::DataHome => "$XDG_DATA_HOME/egpu/worker/.venv",
+            PythonRule::DataHome => "the data-home venv ($XDG_DATA_HOME, default ~/.local/share)",
         }
     }
 }
