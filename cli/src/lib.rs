@@ -25,6 +25,7 @@ const AFTER_HELP: &str = exit_status_help!();
 
 pub mod chat;
 pub mod client;
+pub mod doctor;
 pub mod duration;
 pub mod format;
 pub mod generate;
@@ -85,6 +86,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Run egpud at login and restart it when it crashes (launchd or systemd --user).
     Service(service::ServiceArgs),
+    /// Check the tinygrad backend's setup: worker Python, compiler, the macOS eGPU driver, the
+    /// device, egpud (exit status 1 when a check fails).
+    Doctor(doctor::DoctorArgs),
     /// Print a shell completion script (no daemon needed).
     Completions {
         #[arg(value_enum)]
@@ -109,6 +113,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     };
     match &cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Doctor(args) => doctor::run(&cli.socket, args),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "egpuctl", &mut out);
@@ -139,7 +144,7 @@ async fn run_daemon_command(socket: &Path, command: &Command) -> anyhow::Result<
         Command::Detokenize(args) => tokens::run_detokenize(socket, args).await,
         Command::Models(args) => models::run(socket, args).await,
         Command::Service(args) => service::run(socket, args).await,
-        Command::Inspect(_) | Command::Completions { .. } => {
+        Command::Inspect(_) | Command::Doctor(_) | Command::Completions { .. } => {
             unreachable!("handled without a runtime in run()")
         }
     }

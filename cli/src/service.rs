@@ -81,6 +81,16 @@ struct Options {
 struct InstallArgs {
     #[command(flatten)]
     options: Options,
+    /// An environment variable for egpud, KEY=VALUE; repeat for more. It replaces the
+    /// service's default of the same name (DEV=PCI+AMD, PATH, EGPU_LOG=info), e.g.
+    /// `--env DEV=PCI+AMD:LLVM` or `--env DEV=AMD` on Linux.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_var)]
+    env: Vec<(String, String)>,
+    /// egpud's backend for models loaded without one (`cpu` or `tinygrad`); the same as
+    /// `-- --backend NAME`. With `tinygrad`, EGPU_WORKER_PYTHON is set to the worker Python
+    /// egpuctl finds (as egpud would; see `egpuctl doctor`) unless --env sets it.
+    #[arg(long, value_name = "NAME")]
+    backend: Option<String>,
     /// Flags for egpud, after `--` (e.g. `-- --memory-budget 8GiB --keep-alive 30m`).
     #[arg(last = true, value_name = "EGPUD_FLAGS")]
     egpud_args: Vec<String>,
@@ -107,6 +117,80 @@ pub struct ServiceSpec {
     /// PATH for egpud: finds the tinygrad worker's Python.
     pub path_env: String,
     pub home: PathBuf,
+    /// `--env KEY=VALUE`: replace the defaults of the same name, the others come after them.
+    pub env: EnvVars,
+}
+
+impl ServiceSpec {
+    /// egpud's environment in the service file: DEV (tinygrad's device, the eGPU by default),
+    /// PATH and EGPU_LOG, each replaced by an `--env` of the same name, then the other `--env`s
+    /// in their order (a repeated name: the last one wins).
+    pub fn environment(&self) -> EnvVars {
+        let mut vars: EnvVars = vec![
+            ("DEV".into(), launchd::TINYGRAD_DEV.into()),
+            ("PATH".into(), self.path_env.clone()),
+            ("EGPU_LOG".into(), "info".into()),
+        ];
+        for (key, value) in &self.env {
+            match vars.iter_mut().find(|(k, _)| k == key) {
+                Some(slot) => slot.1 = value.clone(),
+                None => vars.push((key.clone(), value.clone())),
+            }
+        }
+        vars
+    }
+}
+
+/// Environment variables, in order.
+pub type EnvVars = Vec<(String, String)>;
+
+/// `--env KEY=VALUE`: KEY is a shell-style variable name.
+fn parse_env_var(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let mut chars = key.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("{key:?} is not a variable name"));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// egpud's flags and extra environment for `service install`: `--backend` goes first among
+/// the flags; with the tinygrad backend, EGPU_WORKER_PYTHON is pinned to `worker_python`
+/// (when it exists) unless `--env` sets it.
+pub fn install_settings(
+    backend: Option<&str>,
+    egpud_args: &[String],
+    env: &[(String, String)],
+    worker_python: &egpu_proto::paths::WorkerPython,
+) -> anyhow::Result<(Vec<String>, EnvVars)> {
+    let mut args = Vec::new();
+    let mut env = env.to_vec();
+    if let Some(backend) = backend {
+        if egpud_args
+            .iter()
+            .any(|a| a == "--backend" || a.starts_with("--backend="))
+        {
+            bail!("--backend is given twice: as an egpuctl flag and after `--`");
+        }
+        args.extend(["--backend".to_owned(), backend.to_owned()]);
+        let pinned = env
+            .iter()
+            .any(|(k, _)| k == egpu_proto::paths::WORKER_PYTHON_ENV);
+        if backend == "tinygrad" && !pinned && worker_python.exists {
+            env.push((
+                egpu_proto::paths::WORKER_PYTHON_ENV.to_owned(),
+                worker_python.path.display().to_string(),
+            ));
+        }
+    }
+    args.extend(egpud_args.iter().cloned());
+    Ok((args, env))
 }
 
 /// The parts of the environment the service commands depend on.
@@ -153,11 +237,18 @@ pub async fn run(socket: &Path, args: &ServiceArgs) -> anyhow::Result<ExitCode> 
     match &args.command {
         ServiceCommand::Install(a) => {
             let platform = platform(&a.options)?;
+            let (args, extra_env) = install_settings(
+                a.backend.as_deref(),
+                &a.egpud_args,
+                &a.env,
+                &egpu_proto::paths::worker_python(None),
+            )?;
             let spec = ServiceSpec {
                 egpud: find_egpud(env.path.as_deref())?,
-                args: a.egpud_args.clone(),
+                args,
                 path_env: service_path(platform, env.path.as_deref()),
                 home: env.home.clone(),
+                env: extra_env,
             };
             let mut ops = Ops::new(a.options.dry_run, &mut out, &mut runner);
             install(platform, &env, &spec, &mut ops)?;
@@ -777,6 +868,7 @@ mod tests {
             args: Vec::new(),
             path_env: "/usr/bin:/bin".into(),
             home: home.to_owned(),
+            env: Vec::new(),
         }
     }
 
@@ -931,6 +1023,7 @@ mod tests {
             args: Vec::new(),
             path_env: service_path(Platform::Macos, None),
             home: "/Users/YOU".into(),
+            env: Vec::new(),
         };
         let unit_spec = ServiceSpec {
             path_env: service_path(Platform::Linux, None),
@@ -959,6 +1052,72 @@ mod tests {
                 String::from_utf8_lossy(&bytes)
             );
         }
+    }
+
+    #[test]
+    fn env_overrides_replace_defaults_in_place_and_extras_follow() {
+        let mut spec = spec(Path::new("/home/ada"));
+        spec.env = vec![
+            (
+                "EGPU_WORKER_PYTHON".into(),
+                "/src/egpu/worker/.venv/bin/python".into(),
+            ),
+            ("DEV".into(), "PCI+AMD:LLVM".into()),
+            ("EGPU_WORKER_PYTHON".into(), "/other/python".into()),
+        ];
+        let vars = spec.environment();
+        let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("DEV", "PCI+AMD:LLVM"),
+                ("PATH", "/usr/bin:/bin"),
+                ("EGPU_LOG", "info"),
+                ("EGPU_WORKER_PYTHON", "/other/python"),
+            ]
+        );
+        assert_eq!(
+            parse_env_var("DEV=PCI+AMD=x"),
+            Ok(("DEV".into(), "PCI+AMD=x".into()))
+        );
+        assert_eq!(parse_env_var("A_1="), Ok(("A_1".into(), String::new())));
+        assert!(parse_env_var("DEV").is_err());
+        assert!(parse_env_var("1A=b").is_err());
+        assert!(parse_env_var("=b").is_err());
+    }
+
+    #[test]
+    fn backend_flag_goes_first_and_pins_the_worker_python() {
+        use egpu_proto::paths::{PythonRule, WorkerPython};
+        let python = |exists| WorkerPython {
+            path: "/src/egpu/worker/.venv/bin/python".into(),
+            rule: PythonRule::Checkout,
+            exists,
+            checkout: Some("/src/egpu".into()),
+        };
+        let rest = vec!["--keep-alive".to_owned(), "30m".to_owned()];
+        let (args, env) = install_settings(Some("tinygrad"), &rest, &[], &python(true)).unwrap();
+        assert_eq!(args, ["--backend", "tinygrad", "--keep-alive", "30m"]);
+        assert_eq!(
+            env,
+            [(
+                "EGPU_WORKER_PYTHON".to_owned(),
+                "/src/egpu/worker/.venv/bin/python".to_owned()
+            )]
+        );
+        // Not when it is missing, not over an explicit --env, not for the cpu backend.
+        let (_, env) = install_settings(Some("tinygrad"), &[], &[], &python(false)).unwrap();
+        assert!(env.is_empty());
+        let given = [("EGPU_WORKER_PYTHON".to_owned(), "/mine".to_owned())];
+        let (_, env) = install_settings(Some("tinygrad"), &[], &given, &python(true)).unwrap();
+        assert_eq!(env, given);
+        let (args, env) = install_settings(Some("cpu"), &[], &[], &python(true)).unwrap();
+        assert_eq!((args.len(), env.len()), (2, 0));
+        // Without --backend, the flags after `--` are passed as they are.
+        let (args, _) = install_settings(None, &rest, &[], &python(true)).unwrap();
+        assert_eq!(args, rest);
+        let twice = vec!["--backend=cpu".to_owned()];
+        assert!(install_settings(Some("tinygrad"), &twice, &[], &python(true)).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod worker {
     tonic::include_proto!("egpu.worker.v1");
 }
 
+pub mod paths;
 mod socket;
 
 pub use socket::{connect, connect_channel, default_socket_path, ConnectError, SOCKET_ENV};

@@ -45,9 +45,9 @@ pub fn plist_value(spec: &ServiceSpec) -> Value {
     let mut keep_alive = Dictionary::new();
     keep_alive.insert("SuccessfulExit".into(), Value::Boolean(false));
     let mut env = Dictionary::new();
-    env.insert("DEV".into(), Value::String(TINYGRAD_DEV.into()));
-    env.insert("PATH".into(), Value::String(spec.path_env.clone()));
-    env.insert("EGPU_LOG".into(), Value::String("info".into()));
+    for (key, value) in spec.environment() {
+        env.insert(key, Value::String(value));
+    }
     let log = log_file(&spec.home).display().to_string();
 
     let mut dict = Dictionary::new();
@@ -86,6 +86,7 @@ mod tests {
             args: vec!["--memory-budget".into(), "8GiB".into()],
             path_env: "/opt/py/bin:/usr/bin:/bin".into(),
             home: "/Users/ada".into(),
+            env: Vec::new(),
         }
     }
 
@@ -118,6 +119,27 @@ mod tests {
         let env = dict["EnvironmentVariables"].as_dictionary().unwrap();
         assert_eq!(env["DEV"].as_string(), Some("PCI+AMD"));
         assert_eq!(env["PATH"].as_string(), Some("/opt/py/bin:/usr/bin:/bin"));
+
+        let mut custom = spec();
+        custom.env = vec![
+            ("DEV".into(), "PCI+AMD:LLVM".into()),
+            (
+                "EGPU_WORKER_PYTHON".into(),
+                "/Users/ada/egpu/worker/.venv/bin/python".into(),
+            ),
+        ];
+        let value = Value::from_reader_xml(&plist(&custom)[..]).unwrap();
+        let env = value.as_dictionary().unwrap()["EnvironmentVariables"]
+            .as_dictionary()
+            .unwrap()
+            .clone();
+        let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["DEV", "PATH", "EGPU_LOG", "EGPU_WORKER_PYTHON"]);
+        assert_eq!(env["DEV"].as_string(), Some("PCI+AMD:LLVM"));
+        assert_eq!(
+            env["EGPU_WORKER_PYTHON"].as_string(),
+            Some("/Users/ada/egpu/worker/.venv/bin/python")
+        );
     }
 
     #[test]

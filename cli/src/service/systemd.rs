@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-use super::launchd::TINYGRAD_DEV;
 use super::ServiceSpec;
 
 pub const UNIT: &str = "egpud.service";
@@ -21,8 +20,11 @@ pub fn unit(spec: &ServiceSpec) -> String {
         exec.push(' ');
         exec.push_str(&quote(arg));
     }
-    let env =
-        |name: &str, value: &str| format!("Environment={}\n", quote(&format!("{name}={value}")));
+    let env: String = spec
+        .environment()
+        .iter()
+        .map(|(name, value)| format!("Environment={}\n", quote(&format!("{name}={value}"))))
+        .collect();
     format!(
         "[Unit]\n\
          Description=egpu daemon: keeps ML models resident and serves them on a Unix socket\n\
@@ -36,13 +38,10 @@ pub fn unit(spec: &ServiceSpec) -> String {
          # Started again when it dies (crash, kill -9), not after a clean exit (SIGTERM).\n\
          Restart=on-failure\n\
          RestartSec={RESTART_SECONDS}\n\
-         {}{}{}\
+         {env}\
          \n\
          [Install]\n\
          WantedBy=default.target\n",
-        env("DEV", TINYGRAD_DEV),
-        env("PATH", &spec.path_env),
-        env("EGPU_LOG", "info"),
     )
 }
 
@@ -79,6 +78,7 @@ mod tests {
             args: vec!["--keep-alive".into(), "30m".into(), "100%".into()],
             path_env: "/usr/bin:/bin".into(),
             home: "/home/ada".into(),
+            env: vec![("DEV".into(), "AMD".into()), ("EXTRA".into(), "a b".into())],
         };
         let text = unit(&spec);
         assert!(
@@ -86,7 +86,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\nRestart=on-failure\n"), "{text}");
-        assert!(text.contains("\nEnvironment=DEV=PCI+AMD\n"), "{text}");
+        assert!(text.contains("\nEnvironment=DEV=AMD\n"), "{text}");
+        assert!(!text.contains("PCI+AMD"), "{text}");
+        assert!(
+            text.contains("\nEnvironment=EGPU_LOG=info\nEnvironment=\"EXTRA=a b\"\n"),
+            "{text}"
+        );
         assert!(
             text.contains("\nEnvironment=PATH=/usr/bin:/bin\n"),
             "{text}"
