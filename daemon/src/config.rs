@@ -129,27 +129,10 @@ impl Config {
         })
     }
 
-    /// The tinygrad worker's Python (see `--worker-python`).
+    /// The tinygrad worker's Python (see `--worker-python`; `egpuctl doctor` finds it the
+    /// same way).
     pub fn worker_python(&self) -> PathBuf {
-        if let Some(p) = &self.worker_python {
-            return p.clone();
-        }
-        if let Some(p) = std::env::var_os("EGPU_WORKER_PYTHON").filter(|v| !v.is_empty()) {
-            return PathBuf::from(p);
-        }
-        // Built inside a checkout (target/<profile>/egpud): that checkout's worker venv.
-        let exe = std::env::current_exe().ok();
-        if let Some(checkout) = exe.as_deref().and_then(|e| {
-            e.ancestors()
-                .find(|d| d.join("worker/pyproject.toml").is_file())
-        }) {
-            return checkout.join("worker/.venv/bin/python");
-        }
-        std::env::var_os("XDG_DATA_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home().join(".local").join("share"))
-            .join("egpu/worker/.venv/bin/python")
+        egpu_proto::paths::worker_python(self.worker_python.as_deref()).path
     }
 
     pub fn threads(&self) -> usize {

@@ -151,8 +151,19 @@ impl TestDaemon {
             python.to_str().expect("utf-8 path"),
         ];
         args.extend_from_slice(extra_args);
-        Self::spawn_with_env(dir, socket, &state_dir, &args, &[("DEV", dev)])
-            .expect("egpud did not start")
+        // On DEV=CPU most of a first pass is tinygrad optimizing and compiling kernels (tens
+        // of seconds per model on 2 cores); NOOPT=1 skips the optimizations (upcasts,
+        // unrolls): slower kernels, the same math up to f32 summation order. GPUs keep the
+        // defaults.
+        let noopt = if dev == "CPU" { "1" } else { "0" };
+        Self::spawn_with_env(
+            dir,
+            socket,
+            &state_dir,
+            &args,
+            &[("DEV", dev), ("NOOPT", noopt)],
+        )
+        .expect("egpud did not start")
     }
 
     fn spawn_with_env(

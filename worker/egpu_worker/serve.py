@@ -7,8 +7,11 @@ elsewhere), proves that it can compile and run a kernel, serves proto/worker.pro
 socket PATH, then prints `egpu-worker ready` on stdout. It exits when stdin reaches end of
 file: egpud holds the other end of that pipe, so the worker never outlives it.
 
-Model calls (Load, Unload, Step) take one lock: the device runs one thing at a time. Hello and
-Ping do not, so heartbeats are answered while a long step runs.
+Everything that touches tinygrad (opening the device, Load, Unload, Step) runs on one
+dedicated thread: the device runs one thing at a time, and tinygrad's state is not
+thread-safe (its compile cache is an SQLite connection bound to the thread that opened it; a
+CUDA context is current on one thread). Hello and Ping only read figures that thread
+published, so heartbeats are answered while a long step runs.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import itertools
 import os
 import platform
 import sys
-import threading
 import time
 from concurrent import futures
 
@@ -39,17 +41,25 @@ def main(argv: list[str] | None = None) -> int:
   args = ap.parse_args(argv)
   default_dev()
   default_cache_env()
-  # tinygrad reads DEV and the cache location at import time: import it only now.
   import grpc
   import numpy as np
-  from tinygrad import Device, GlobalCounters, Tensor
   from . import rpc
-  from .model import StepItem, load_model
-  from .probe import device_info, memory_free
   pb, pb_grpc = rpc.load()
+  device_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="egpu-device")
 
-  dev = Device.DEFAULT
-  info = device_info(os.environ.get("DEV", dev))
+  def on_device(fn, *args):
+    return device_thread.submit(fn, *args).result()
+
+  def open_device():
+    # tinygrad reads DEV and the cache location at import time: import it only now, there.
+    from tinygrad import Device
+    from .probe import device_info
+    return Device.DEFAULT, device_info(os.environ.get("DEV", Device.DEFAULT))
+
+  dev, info = on_device(open_device)
+  from tinygrad import Device, GlobalCounters
+  from .model import StepItem, load_model
+  from .probe import memory_free
   if info.get("error"):
     print(f"egpu-worker: device {info.get('dev')!r} unusable: {info['error']}", file=sys.stderr, flush=True)
     return 3
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
   models: dict[int, object] = {}
   ids = itertools.count(1)
-  lock = threading.Lock()
+  free_now = [int(info.get("memory_free_bytes") or 0)]  # refreshed on the device thread
   logits_kind = {pb.LOGITS_WANTED_NONE: "none", pb.LOGITS_WANTED_LAST: "last", pb.LOGITS_WANTED_ALL: "all"}
 
   def allocated() -> int:
@@ -76,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
   def guarded(fn):
     """Maps the model code's exceptions to statuses (see worker.proto)."""
-    def call(request, context):
+    def call(self, request, context):
       try:
-        return fn(request, context)
+        return fn(self, request, context)
       except grpc.RpcError:
         raise
       except FileNotFoundError as e: fail(context, grpc.StatusCode.NOT_FOUND, e)
@@ -99,16 +109,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def Ping(self, request, context):
       return pb.PingResponse(allocated_bytes=allocated(), cached_bytes=cached(),
-                             memory_free_bytes=int(memory_free(info) or 0), models=len(models))
+                             memory_free_bytes=free_now[0], models=len(models))
 
     @guarded
     def Load(self, request, context):
       if request.slots == 0 or request.context == 0: raise ValueError("context and slots must be at least 1")
       start = time.perf_counter()
-      with lock:
+
+      def load():
         model = load_model(request.path, ctx=request.context, slots=request.slots)
-        model_id = next(ids)
-        models[model_id] = model
+        free_now[0] = int(memory_free(info) or 0)
+        return model
+      model = on_device(load)
+      model_id = next(ids)
+      models[model_id] = model
       print(f"egpu-worker: loaded {request.path} as model {model_id} ({model.memory_bytes()} bytes)",
             file=sys.stderr, flush=True)
       return pb.LoadResponse(model_id=model_id, bytes=model.memory_bytes(), n_vocab=model.cfg.n_vocab,
@@ -116,26 +130,29 @@ def main(argv: list[str] | None = None) -> int:
 
     @guarded
     def Unload(self, request, context):
-      with lock:
-        model = models.pop(request.model_id, None)
-        if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
-        before = model.memory_bytes()
+      model = models.pop(request.model_id, None)
+      if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
+      before = model.memory_bytes()
+
+      def unload(model):
         model.close()
         del model
         gc.collect()
         Device[dev].synchronize()
         Device[dev].allocator.free_cache()
+        free_now[0] = int(memory_free(info) or 0)
+      on_device(unload, model)
+      del model
       return pb.UnloadResponse(bytes_freed=before, allocated_bytes=allocated())
 
     @guarded
     def Step(self, request, context):
       start = time.perf_counter()
-      with lock:
-        model = models.get(request.model_id)
-        if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
-        items = [StepItem(slot=i.slot, start_pos=i.start_pos, tokens=list(i.tokens), logits=logits_kind[i.logits])
-                 for i in request.items]
-        out = model.step(items)
+      model = models.get(request.model_id)
+      if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
+      items = [StepItem(slot=i.slot, start_pos=i.start_pos, tokens=list(i.tokens), logits=logits_kind[i.logits])
+               for i in request.items]
+      out = on_device(model.step, items)
       reply = pb.StepResponse(n_vocab=model.cfg.n_vocab)
       for arr in out:
         if arr is None:
