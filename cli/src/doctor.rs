@@ -568,8 +568,9 @@ fn compiler(f: &Facts) -> Check {
          /opt/rocm) or set COMGR_PATH to the library"
     };
     let llvm_hint = if macos {
-        "LLVM: brew install llvm@21 (tinygrad loads /opt/homebrew/opt/llvm@{14..21}/lib/libLLVM.dylib) \
-         or set LLVM_PATH, and use DEV=PCI+AMD:LLVM"
+        "LLVM: install LLVM 14 to 21 with Homebrew (tinygrad loads \
+         /opt/homebrew/opt/llvm@{14..21}/lib/libLLVM.dylib, e.g. brew install llvm@21) or set \
+         LLVM_PATH to a libLLVM.dylib, and use DEV=PCI+AMD:LLVM"
     } else {
         "LLVM: install libLLVM 14 to 21 (e.g. apt-get install libllvm15) or set LLVM_PATH, and use \
          DEV=AMD:LLVM"

@@ -255,12 +255,13 @@ def device_info(dev: str | None = None, run_kernel: bool = True) -> dict:
       d = Device[name]
       base = name.split(":")[0]
       info.update(device=name, arch=(d.arch or "").split(",")[0] or None, interface=_interface(d), name=_name(d, base))
+      # Memory before the renderer: a missing compiler still leaves the device's size known.
+      total, free, where = device_memory(d, base)
+      info.update(memory_total_bytes=total, memory_free_bytes=free, memory_source=where)
       step = f"choosing a renderer for {name}"
       renderer = d.renderer
       info.update(renderer=type(renderer).__name__,
                   compiler=type(renderer.compiler).__name__ if getattr(renderer, "compiler", None) is not None else None)
-      total, free, where = device_memory(d, base)
-      info.update(memory_total_bytes=total, memory_free_bytes=free, memory_source=where)
       if run_kernel:
         info["kernel"] = _run_kernel(name)
         if not info["kernel"]["ok"]:
