@@ -3,10 +3,14 @@
 //! by `EGPU_TEST_DEV` (e.g. CUDA when a GPU is lent) — and real clients compare it with the
 //! native CPU engine in the same daemon, then break the worker on purpose.
 //!
-//! Agreement tolerance: the worker dequantizes weights to f16 inside its kernels and
-//! accumulates in f32; the CPU engine uses the exact f32 value of each quantized weight. The
-//! f16 rounding (relative 2^-11 per weight) moves SmolLM2's log-probabilities by about 0.002
-//! (worker/README.md); [`LOGPROB_TOLERANCE`] leaves a margin of 25 over that.
+//! Agreement tolerance: the two backends round differently on purpose. The CPU engine, like
+//! llama.cpp, rounds activations to 8 bits inside its quantized dot products (Q8_1 × Q4_1
+//! etc.); the worker keeps activations in f32 and dequantizes weights to f16 in its kernels
+//! (a 2^-11 relative rounding, worth about 0.002 in SmolLM2's log-probabilities). So they
+//! differ the way llama.cpp and an exact-f32 run differ: `../shared/reference` shows
+//! top-1/top-2 gaps moving by up to ~0.5 at near-ties. Checked: every log-probability within
+//! [`LOGPROB_TOLERANCE`], their mean difference within [`MEAN_TOLERANCE`], and the same best
+//! token wherever the CPU's top two are more than [`CLEAR_GAP`] apart.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +26,9 @@ use tonic::Code;
 const WORKER_READY: &str = "tinygrad worker ready";
 /// Starting a worker imports tinygrad and compiles a first kernel; first loads compile more.
 const WORKER_START: Duration = Duration::from_secs(300);
-const LOGPROB_TOLERANCE: f32 = 0.05;
+const LOGPROB_TOLERANCE: f32 = 0.25;
+const MEAN_TOLERANCE: f32 = 0.05;
+const CLEAR_GAP: f32 = 0.5;
 const TEXT: &str = "The capital of France is Paris. The capital of Germany is Berlin, and \
                     the capital of Italy is Rome.";
 
@@ -97,12 +103,17 @@ fn agree(reference: &pb::ScoreResponse, other: &pb::ScoreResponse, what: &str) -
         max = max.max(d);
         sum += d;
         n += 1;
-        if r.top.len() == 2 && r.top[0].logprob - r.top[1].logprob > 0.1 {
+        if r.top.len() == 2 && r.top[0].logprob - r.top[1].logprob > CLEAR_GAP {
             assert_eq!(r.top[0].id, o.top[0].id, "{what}: best token at {i}");
         }
     }
     assert!(n > 0, "{what}: nothing was compared");
-    (max, sum / n as f32)
+    let mean = sum / n as f32;
+    assert!(
+        mean <= MEAN_TOLERANCE,
+        "{what}: mean log-prob difference {mean}"
+    );
+    (max, mean)
 }
 
 fn tinygrad_backend(st: &pb::StatusResponse) -> pb::BackendStatus {
@@ -171,17 +182,31 @@ async fn smollm2_on_tinygrad_agrees_with_the_cpu_engine() {
         "SmolLM2 Q4_1 teacher-forced log-prob |cpu - tinygrad|: max {max:.5}, mean {mean:.5}"
     );
 
-    // Greedy continuations: the same tokens, also with other sequences in the same steps.
+    // Greedy continuations: the same tokens up to the first near-tie (at index 5 here: the
+    // CPU engine picks llama.cpp's token, the worker the exact-f32 one, see
+    // ../shared/reference), and on tinygrad the same with other sequences in the same steps.
     let prompt = "The capital of France is";
-    let cpu = generate(&mut client, greedy("smol-cpu", prompt, 12))
-        .await
-        .expect("cpu");
+    let mut request = greedy("smol-cpu", prompt, 12);
+    request.top_logprobs = 2;
+    let cpu = generate(&mut client, request).await.expect("cpu");
     let alone = generate(&mut client, greedy("smol-tg", prompt, 12))
         .await
         .expect("tg");
+    let clear = cpu
+        .logprobs
+        .iter()
+        .take_while(|l| l.top.len() == 2 && l.top[0].logprob - l.top[1].logprob > CLEAR_GAP)
+        .count();
+    eprintln!("greedy: {clear} tokens before the CPU's first near-tie");
+    assert!(
+        clear >= 3,
+        "the prompt should give a few clear tokens: {:?}",
+        cpu.logprobs
+    );
     assert_eq!(
-        alone.token_ids, cpu.token_ids,
-        "greedy tokens, cpu vs tinygrad"
+        alone.token_ids[..clear],
+        cpu.token_ids[..clear],
+        "greedy tokens before the first near-tie, cpu vs tinygrad"
     );
     let others = ["Once upon a time", "fn main() {"];
     let mut streams = Vec::new();
