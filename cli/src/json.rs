@@ -18,6 +18,24 @@ pub struct StatusJson {
     pub version: String,
     pub uptime_seconds: f64,
     pub models_dir: String,
+    pub backends: Vec<BackendJson>,
+}
+
+/// One backend in `status --json`: "cpu", and "tinygrad" when egpud runs its worker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackendJson {
+    pub backend: String,
+    pub state: String,
+    pub detail: String,
+    pub device: DeviceJson,
+    pub dev: String,
+    pub arch: String,
+    pub interface: String,
+    pub budget_bytes: u64,
+    pub used_bytes: u64,
+    pub allocated_bytes: u64,
+    pub restarts: u32,
+    pub pid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -149,6 +167,32 @@ pub fn status(response: &StatusResponse) -> StatusJson {
         version: response.version.clone(),
         uptime_seconds: response.uptime_seconds,
         models_dir: response.models_dir.clone(),
+        backends: response
+            .backends
+            .iter()
+            .map(|b| {
+                let device = b.device.clone().unwrap_or_default();
+                BackendJson {
+                    backend: b.backend.clone(),
+                    state: b.state.clone(),
+                    detail: b.detail.clone(),
+                    device: DeviceJson {
+                        name: device.name,
+                        kind: device.kind,
+                        memory_total_bytes: device.memory_total_bytes,
+                        memory_free_bytes: device.memory_free_bytes,
+                    },
+                    dev: b.dev.clone(),
+                    arch: b.arch.clone(),
+                    interface: b.interface.clone(),
+                    budget_bytes: b.budget_bytes,
+                    used_bytes: b.used_bytes,
+                    allocated_bytes: b.allocated_bytes,
+                    restarts: b.restarts,
+                    pid: b.pid,
+                }
+            })
+            .collect(),
     }
 }
 
@@ -337,6 +381,7 @@ pub(crate) mod tests {
             uptime_seconds: 192.5,
             models_dir: "/models".into(),
             threads: 2,
+            backends: Vec::new(),
         }
     }
 
@@ -381,7 +426,8 @@ pub(crate) mod tests {
                 "models": [sample_model_json()],
                 "version": "0.1.0",
                 "uptime_seconds": 192.5,
-                "models_dir": "/models"
+                "models_dir": "/models",
+                "backends": []
             })
         );
     }

@@ -45,7 +45,12 @@ pub fn render(response: &StatusResponse, now_ms: i64, bold: bool) -> String {
         response.version,
         format::uptime(response.uptime_seconds),
     );
-    let headers = [
+    for b in response.backends.iter().filter(|b| b.backend != "cpu") {
+        out.push_str(&backend_line(b));
+    }
+    // The backend column only when there is a choice of backends.
+    let with_backend = response.backends.len() > 1;
+    let mut headers = vec![
         ("NAME", Align::Left),
         ("ARCH", Align::Left),
         ("SIZE", Align::Right),
@@ -58,11 +63,14 @@ pub fn render(response: &StatusResponse, now_ms: i64, bold: bool) -> String {
         ("UNTIL", Align::Left),
         ("STATE", Align::Left),
     ];
+    if with_backend {
+        headers.insert(2, ("BACKEND", Align::Left));
+    }
     let rows: Vec<Vec<String>> = response
         .models
         .iter()
         .map(|m| {
-            vec![
+            let mut row = vec![
                 m.name.clone(),
                 m.architecture.clone(),
                 bytes_decimal(m.bytes),
@@ -74,11 +82,45 @@ pub fn render(response: &StatusResponse, now_ms: i64, bold: bool) -> String {
                 if m.pinned { "yes" } else { "no" }.to_owned(),
                 until(m, now_ms),
                 json::model_state(m.state).to_owned(),
-            ]
+            ];
+            if with_backend {
+                row.insert(2, m.backend.clone());
+            }
+            row
         })
         .collect();
     out.push_str(&format::table(&headers, &rows, bold));
     out
+}
+
+/// A non-cpu backend: its device and memory when ready, else its state and why.
+fn backend_line(b: &egpu_proto::v1::BackendStatus) -> String {
+    if b.state == "ready" {
+        let device = b.device.clone().unwrap_or_default();
+        let mut what = vec![b.dev.clone(), b.arch.clone(), b.interface.clone()];
+        what.retain(|s| !s.is_empty());
+        format!(
+            "{}: {} ({}) · {} / {} used · worker pid {}{}\n",
+            b.backend,
+            device.name,
+            what.join(", "),
+            bytes_decimal(b.used_bytes),
+            bytes_decimal(b.budget_bytes),
+            b.pid,
+            if b.restarts > 0 {
+                format!(" · {} restarts", b.restarts)
+            } else {
+                String::new()
+            }
+        )
+    } else {
+        let detail = if b.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", b.detail)
+        };
+        format!("{}: {}{detail}\n", b.backend, b.state)
+    }
 }
 
 /// The GGML type that holds most of the weights, which is what "Q4_K model" means.

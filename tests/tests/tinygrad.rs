@@ -273,11 +273,11 @@ async fn a_killed_worker_ends_its_streams_and_comes_back_with_the_pinned_models(
         .expect("cpu load");
     load_on(&mut client, &smol, "smol-tg", "tinygrad", 512, 1, false)
         .await
-        .expect("tinygrad load");
+        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
     let pinned = synthetic(dir.path(), "Q8_0");
     load_on(&mut client, &pinned, "pinned-tg", "tinygrad", 64, 1, true)
         .await
-        .expect("pinned tinygrad load");
+        .unwrap_or_else(|e| panic!("pinned tinygrad load: {e}\n{}", daemon.log_text()));
     let worker_pid = tinygrad_backend(&status(&mut client).await).pid;
 
     // A long stream on the worker; kill the worker once it is producing tokens.
@@ -318,7 +318,7 @@ async fn a_killed_worker_ends_its_streams_and_comes_back_with_the_pinned_models(
     let st = status(&mut client).await;
     let tg = tinygrad_backend(&st);
     assert_eq!(tg.state, "ready");
-    assert_eq!(tg.restarts, 1);
+    assert_eq!(tg.restarts, 1, "{}", daemon.log_text());
     assert_ne!(tg.pid, worker_pid);
     let names: Vec<&str> = st.models.iter().map(|m| m.name.as_str()).collect();
     assert!(

@@ -71,15 +71,17 @@ def main(argv: list[str] | None = None) -> int:
 
   models: dict[int, object] = {}
   ids = itertools.count(1)
-  free_now = [int(info.get("memory_free_bytes") or 0)]  # refreshed on the device thread
   logits_kind = {pb.LOGITS_WANTED_NONE: "none", pb.LOGITS_WANTED_LAST: "last", pb.LOGITS_WANTED_ALL: "all"}
 
-  def allocated() -> int:
-    return int(GlobalCounters.mem_used_per_device.get(dev, GlobalCounters.mem_used))
+  # Memory figures, published by the device thread after each call: Ping must not touch
+  # tinygrad itself (tinygrad refuses device use from other threads).
+  figures = {"allocated": 0, "cached": 0, "free": int(info.get("memory_free_bytes") or 0)}
 
-  def cached() -> int:
+  def publish(with_free: bool) -> None:  # on the device thread
+    figures["allocated"] = int(GlobalCounters.mem_used_per_device.get(dev, GlobalCounters.mem_used))
     cache = getattr(Device[dev].allocator, "cache", {})
-    return int(sum(size * len(bufs) for (size, *_), bufs in cache.items()))
+    figures["cached"] = int(sum(size * len(bufs) for (size, *_), bufs in cache.items()))
+    if with_free: figures["free"] = int(memory_free(info) or 0)
 
   def fail(context, code, err: BaseException):
     context.abort(code, f"{type(err).__name__}: {err}")
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
       return pb.HelloResponse(device=device_msg, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
 
     def Ping(self, request, context):
-      return pb.PingResponse(allocated_bytes=allocated(), cached_bytes=cached(),
-                             memory_free_bytes=free_now[0], models=len(models))
+      return pb.PingResponse(allocated_bytes=figures["allocated"], cached_bytes=figures["cached"],
+                             memory_free_bytes=figures["free"], models=len(models))
 
     @guarded
     def Load(self, request, context):
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
       def load():
         model = load_model(request.path, ctx=request.context, slots=request.slots)
-        free_now[0] = int(memory_free(info) or 0)
+        publish(with_free=True)
         return model
       model = on_device(load)
       model_id = next(ids)
@@ -140,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         Device[dev].synchronize()
         Device[dev].allocator.free_cache()
-        free_now[0] = int(memory_free(info) or 0)
+        publish(with_free=True)
       on_device(unload, model)
       del model
-      return pb.UnloadResponse(bytes_freed=before, allocated_bytes=allocated())
+      return pb.UnloadResponse(bytes_freed=before, allocated_bytes=figures["allocated"])
 
     @guarded
     def Step(self, request, context):
@@ -152,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
       if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
       items = [StepItem(slot=i.slot, start_pos=i.start_pos, tokens=list(i.tokens), logits=logits_kind[i.logits])
                for i in request.items]
-      out = on_device(model.step, items)
+      def step():
+        out = model.step(items)
+        publish(with_free=False)  # the driver's free figure can cost a call; refreshed on load/unload
+        return out
+      out = on_device(step)
       reply = pb.StepResponse(n_vocab=model.cfg.n_vocab)
       for arr in out:
         if arr is None:
