@@ -364,7 +364,15 @@ class Model:
       a = self.attention(il, self.norm(h, p + "attn_norm"), rows)
       h = h + (self.norm(a, p + "post_attention_norm") if post else a)
       f = self.ffn(il, self.norm(h, p + "ffn_norm"))
-      h = (h + (self.norm(f, p + "post_ffw_norm") if post else f)).contiguous()
+      h = h + (self.norm(f, p + "post_ffw_norm") if post else f)
+      if rows.per_layer:
+        # prefill (not jitted): one schedule per layer. Every layer has the same graph up to its buffers, so
+        # tinygrad's schedule cache serves layers 1.. from layer 0's: SmolLM2's first 5-token prefill took 19 s
+        # this way against 32 s as one 30-layer graph. Each new chunk length is such a first call.
+        Tensor.realize(h, rows.written[-1])
+      else:
+        # the jitted decode: one graph (the captured replay then has one kernel per layer fewer: 484 vs 513)
+        h = h.contiguous()
     return h
 
   def head(self, h: Tensor) -> Tensor:
@@ -421,6 +429,7 @@ class Model:
     T = len(it.tokens)
     start = Variable(f"start_T{T}", 0, self.ctx - T).bind(int(it.start_pos))
     rows = self._rows([self.v_pslot.bind(int(it.slot))], [start], T, start + T)
+    rows.per_layer = True
     h = self.forward(self.embed(it.tokens, start), rows)
     if it.logits == "none":
       self._realize(rows)
@@ -509,6 +518,7 @@ class _Rows:
   n_kv: object         # cache positions every row reads (int or symbolic), >= each row's last position + 1
   rope: list           # per RoPE table (full attention, sliding window): None or (cos, sin), each (B, T, n_rot/2)
   qpos: Tensor         # (B, T) int32 absolute positions
+  per_layer: bool = False  # realize layer by layer (prefill) instead of one graph (jitted decode)
   written: list = field(default_factory=list)  # per layer, the cache after this pass's writes (to realize)
 
 
