@@ -1,13 +1,26 @@
 """Decoder-only transformers over quantized GGUF weights, several sequences ("slots") per step.
 
-Semantics follow egpu's native engine (engine/src/model/): RMSNorm (x * rsqrt(mean(x^2) + eps) * w),
-"normal" RoPE for LLaMA (adjacent pairs (x[2i], x[2i+1]), theta_i = pos * base^(-2i/n_rot)), grouped-query
-attention where query head h reads KV head h // (n_head / n_head_kv), SwiGLU FFN (down(silu(gate(x)) * up(x))),
-and the LM head tied to the token embeddings when the file has no `output.weight`.
+Architectures (general.architecture) and their semantics follow egpu's native engine (engine/src/model/):
+  llama   RMSNorm, normal RoPE (adjacent pairs (x[2i], x[2i+1])), SwiGLU; LLaMA 3.1 rope_freqs.weight divides
+          each RoPE frequency; linear RoPE scaling
+  qwen2   llama with NeoX RoPE (halves (x[i], x[i + n_rot/2])) and q/k/v biases
+  qwen3   NeoX RoPE, per-head RMS QK-norm, head_dim from attention.key_length (n_head * head_dim may differ
+          from n_embd), no biases
+  gemma3  embeddings scaled by sqrt(n_embd), QK-norm, post-attention and post-FFN RMSNorms, GeGLU (tanh GELU),
+          5 of every 6 layers with a sliding window and their own RoPE base (rope.freq_base_swa, default 1e4),
+          norm weights used as stored (the GGUF converter has already added Gemma's +1), no logit softcap
+  gpt2    LayerNorm with bias, learned absolute positions, fused attn_qkv with bias, GELU MLP, biased linears
+Common: theta_i = pos * freq_scale * base^(-2i/n_rot) / factor_i from f64; grouped-query attention (query head h
+reads KV head h // (n_head / n_head_kv)); any linear with a `.bias` tensor adds it; the LM head is tied to the
+token embeddings when the file has no `output.weight`.
 
 Weights: each GGUF tensor's bytes are one uint8 buffer on the device; each matrix is a lazy dequantizing view
 of its bytes (egpu_worker.quant) that tinygrad fuses into the matmul. Activations, norms, RoPE and softmax are
-f32; weights are rounded once to f16 inside the matmul; the KV cache is f16 on the device.
+f32; the KV cache is f16 on the device. quant.dequantize ends in a cast to f16, but with f32 activations the
+matmul casts back to f32 and tinygrad 0.14 folds the f32->f16->f32 pair away (checked: a cast round trip of
+3.14159265 stays 3.1415927), so the weights enter the matmul exactly as dequantized in f32. Measured against
+transformers float64 on the engine's tiny fixtures, the f16 KV cache is what remains: max abs logit diff
+0.0009-0.0085 with it, 0.000006-0.00005 with an f32 cache (experiment, not kept).
 
 The API is the one egpud's scheduler drives (through serve.py): `Model(path, ctx, slots)` owns a KV cache of
 `ctx` positions for each of `slots` sequences, and `step(items)` feeds each item's tokens to its slot at its
@@ -38,9 +51,9 @@ from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
 from tinygrad.uop.ops import UOp
 
 from .gguf import GGUFFile, TensorInfo
-from .quant import SUPPORTED_TYPES, dequantize, dequantize_rows
+from .quant import SUPPORTED_TYPES, dequantize
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
 LOGITS_KINDS = ("none", "last", "all")
 
 
@@ -53,44 +66,126 @@ class StepItem:
 
 
 @dataclass(frozen=True)
+class Rope:
+  style: str         # "normal": adjacent pairs (x[2i], x[2i+1]) (LLaMA); "neox": halves (x[i], x[i + n_rot/2])
+  n_rot: int         # the first n_rot dimensions of each head rotate, the rest pass through
+  freq_base: float
+  freq_scale: float  # linear position interpolation (1 / rope.scaling.factor)
+
+
+@dataclass(frozen=True)
 class Config:
+  """The hyper-parameters, read from GGUF metadata the way the native engine reads them
+  (engine/src/model/config.rs, which follows llama.cpp's load_hparams)."""
   arch: str
   n_layer: int
   n_embd: int
   n_ff: int
   n_head: int
   n_head_kv: int
-  head_dim: int
+  head_dim: int                  # of keys, queries and values (attention.key_length; n_embd / n_head by default)
   n_vocab: int
-  norm_eps: float
-  rope_base: float
-  n_rot: int
   context_length: int
+  norm: str                      # "rms" | "layer" (LayerNorm with bias: GPT-2)
+  norm_eps: float
+  ffn: str                       # "swiglu" | "geglu" | "gelu" (no gate: GPT-2)
+  rope: Rope | None              # None: learned absolute positions (GPT-2)
+  rope_swa: Rope | None          # the RoPE of sliding-window layers (Gemma 3: another base)
+  attn_scale: float              # multiplies q.k before the softmax
+  sliding_window: int | None     # keys a sliding-window layer sees, the current one included
+  swa_layers: tuple[bool, ...]   # which layers use the window
+  embd_scale: float | None       # multiplies token embeddings (Gemma: sqrt(n_embd))
+  qk_norm: bool                  # RMS-normalise each query and key head before RoPE (Qwen3, Gemma 3)
+  post_norms: bool               # normalise attention and FFN outputs before the residual add (Gemma 3)
+  learned_pos: bool              # position_embd.weight added to the token embeddings (GPT-2)
+
+  @property
+  def rope_style(self) -> str | None:
+    return self.rope.style if self.rope else None
+
+  @property
+  def rope_base(self) -> float | None:
+    return self.rope.freq_base if self.rope else None
+
+  @property
+  def n_rot(self) -> int | None:
+    return self.rope.n_rot if self.rope else None
 
   @staticmethod
   def from_gguf(f: GGUFFile) -> "Config":
-    if f.arch not in SUPPORTED_ARCHS:
-      raise NotImplementedError(f"architecture {f.arch!r} is not implemented in the tinygrad worker "
+    arch = f.metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+      raise NotImplementedError(f"architecture {arch!r} is not implemented in the tinygrad worker "
                                 f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    def key(k: str) -> str: return f"{arch}.{k}"
     def need(k: str):
       v = f.arch_key(k)
-      if v is None: raise KeyError(f"GGUF metadata {f.arch}.{k} is missing")
+      if v is None: raise ValueError(f"GGUF metadata {key(k)} is missing")
       return v
-    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    n_head_kv = int(f.arch_key("attention.head_count_kv", n_head))
+    n_layer, n_embd, context_length = int(need("block_count")), int(need("embedding_length")), int(need("context_length"))
+    n_head = _per_layer(f, key("attention.head_count"), n_layer)
+    if n_head is None: raise ValueError(f"GGUF metadata {key('attention.head_count')} is missing")
+    n_head_kv = _per_layer(f, key("attention.head_count_kv"), n_layer) or n_head
+    n_ff = _per_layer(f, key("feed_forward_length"), n_layer)
+    if n_ff is None: raise ValueError(f"GGUF metadata {key('feed_forward_length')} is missing")
+    if min(n_layer, n_embd, n_head, n_head_kv, n_ff) <= 0: raise ValueError(f"{arch}: a dimension is zero")
     if n_head % n_head_kv: raise ValueError(f"{n_head} query heads are not a multiple of {n_head_kv} KV heads")
-    head_dim = n_embd // n_head
+    head_dim = int(f.arch_key("attention.key_length", n_embd // n_head))
+    head_dim_v = int(f.arch_key("attention.value_length", n_embd // n_head))
+    if head_dim != head_dim_v:
+      raise NotImplementedError(f"key head dim {head_dim} != value head dim {head_dim_v} is not implemented")
+    if "token_embd.weight" not in f.tensors: raise ValueError("tensor token_embd.weight is missing")
+    n_vocab = f.tensors["token_embd.weight"].shape[1]
+
+    norm, eps_key = ("layer", "attention.layer_norm_epsilon") if arch == "gpt2" else ("rms", "attention.layer_norm_rms_epsilon")
+    norm_eps = float(need(eps_key))
+    # llama.cpp's rope type: normal for LLaMA, NeoX for Qwen and Gemma, none for GPT-2 (learned positions)
+    style = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox"}.get(arch)
     n_rot = int(f.arch_key("rope.dimension_count", head_dim))
-    if n_rot != head_dim: raise NotImplementedError(f"LLaMA rotates the whole head ({head_dim}), not {n_rot}")
-    scaling = f.arch_key("rope.scaling.type", "none")
-    if scaling not in ("none", None): raise NotImplementedError(f"rope.scaling.type={scaling!r}")
-    if "rope_freqs.weight" in f.tensors: raise NotImplementedError("LLaMA 3.1 rope_freqs are not implemented yet")
+    if style and (n_rot > head_dim or n_rot % 2):
+      raise ValueError(f"{key('rope.dimension_count')}: {n_rot} rotated dimensions in a head of {head_dim}")
+    if arch == "llama" and n_rot != head_dim:
+      raise ValueError(f"{key('rope.dimension_count')}: LLaMA rotates the whole head ({head_dim}), not {n_rot}")
+    rope = Rope(style, n_rot, float(f.arch_key("rope.freq_base", 10000.0)), _rope_freq_scale(f, arch)) if style else None
+
+    rope_swa, sliding_window, swa_layers = rope, None, (False,) * n_layer
+    attn_scale, embd_scale = 1.0 / math.sqrt(head_dim), None
+    if arch == "llama":
+      s = f.arch_key("attention.scale")
+      if s: attn_scale = float(s)  # some LLaMA-family conversions (Granite-style) carry an explicit scale
+    elif arch == "gemma3":
+      sliding_window = int(need("attention.sliding_window"))
+      swa_layers = tuple(il % 6 < 5 for il in range(n_layer))  # 5 local layers, then 1 global (llama.cpp's pattern 6)
+      rope_swa = Rope(style, n_rot, float(f.arch_key("rope.freq_base_swa", 10000.0)), 1.0)
+      # the query pre-attention scalar: 1/sqrt(head_dim), except the 27B model (62 layers)
+      attn_scale = 1.0 / math.sqrt(n_embd // n_head if n_layer == 62 else head_dim)
+      embd_scale = math.sqrt(n_embd)
     return Config(
-      arch=f.arch, n_layer=int(need("block_count")), n_embd=n_embd, n_ff=int(need("feed_forward_length")),
-      n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-      n_vocab=f.tensors["token_embd.weight"].shape[1], norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-      rope_base=float(f.arch_key("rope.freq_base", 10000.0)), n_rot=n_rot,
-      context_length=int(f.arch_key("context_length", 2048)))
+      arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+      n_vocab=n_vocab, context_length=context_length, norm=norm, norm_eps=norm_eps,
+      ffn={"gemma3": "geglu", "gpt2": "gelu"}.get(arch, "swiglu"), rope=rope, rope_swa=rope_swa, attn_scale=attn_scale,
+      sliding_window=sliding_window, swa_layers=swa_layers, embd_scale=embd_scale,
+      qk_norm=arch in ("qwen3", "gemma3"), post_norms=arch == "gemma3", learned_pos=arch == "gpt2")
+
+
+def _per_layer(f: GGUFFile, key: str, n_layer: int) -> int | None:
+  """A value stored once or per layer; per-layer arrays must be uniform (one shape for all layers)."""
+  v = f.metadata.get(key)
+  if isinstance(v, list):
+    if len(v) != n_layer or len(set(v)) != 1:
+      raise NotImplementedError(f"{key}: per-layer values that differ between layers are not supported")
+    v = v[0]
+  return None if v is None else int(v)
+
+
+def _rope_freq_scale(f: GGUFFile, arch: str) -> float:
+  """Linear position scaling as llama.cpp derives it: rope.scaling.type none -> 1, linear (the default) ->
+  1 / rope.scaling.factor (or the older rope.scale_linear); YaRN and LongRoPE are refused."""
+  factor = f.arch_key("rope.scaling.factor") or f.arch_key("rope.scale_linear")
+  scaling = f.arch_key("rope.scaling.type") or "linear"
+  if scaling == "none": return 1.0
+  if scaling == "linear": return 1.0 / float(factor) if factor else 1.0
+  raise NotImplementedError(f"{arch}.rope.scaling.type = {scaling!r} (only none and linear are implemented)")
 
 
 class Model:
@@ -99,23 +194,44 @@ class Model:
     self.file = f = GGUFFile(path)
     self.cfg = cfg = Config.from_gguf(f)
     self.ctx, self.slots = ctx, slots
+    self.output_name = "output" if "output.weight" in f.tensors else "token_embd"  # tied LM head without output.weight
+    missing = [n for n in self._needed_tensors() if n not in f.tensors]
+    if missing: raise ValueError(f"{cfg.arch} model without tensor(s) {', '.join(missing[:4])}")
     for t in f.tensors.values():
       if t.ggml_type not in SUPPORTED_TYPES:
         raise NotImplementedError(f"tensor {t.name} is {t.type_name}: not implemented in the tinygrad worker yet")
     # every tensor's bytes, still quantized, as its own uint8 buffer. One buffer per tensor (rather than one for
     # the whole file) keeps byte offsets out of the generated code, so all layers share the same kernels.
-    self.bufs = {name: Tensor(np.ascontiguousarray(f.tensor_bytes(name)), dtype=dtypes.uint8, device=device).realize()
-                 for name in f.tensors}
+    def upload(name: str) -> Tensor:
+      b = np.ascontiguousarray(f.tensor_bytes(name))
+      if name == "position_embd.weight" and ctx > cfg.context_length:
+        # learned positions exist only up to the trained context; steps past it are refused (validate), and the
+        # zero rows keep the decode graph's symbolic row slice inside the buffer for any position < ctx
+        b = np.concatenate([b, np.zeros(b.size // cfg.context_length * (ctx - cfg.context_length), np.uint8)])
+      return Tensor(b, dtype=dtypes.uint8, device=device).realize()
+    self.bufs = {name: upload(name) for name in f.tensors if name != "rope_freqs.weight"}
     self.device = self.bufs["token_embd.weight"].device
     self.tok_embd = f.tensors["token_embd.weight"]
-    self.output = f.tensors.get("output.weight", self.tok_embd)  # tied LM head
+    self.output = f.tensors[self.output_name + ".weight"]
     self.kv = [Tensor.zeros(2, slots, ctx, cfg.n_head_kv, cfg.head_dim, dtype=dtypes.float16, device=self.device)
                .contiguous().realize() for _ in range(cfg.n_layer)]
-    # RoPE angles per absolute position, computed in f64 like the native engine, stored f32
-    inv_freq = cfg.rope_base ** (-np.arange(0, cfg.n_rot, 2, dtype=np.float64) / cfg.n_rot)
-    ang = np.arange(ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
-    self.rope_cos = Tensor(np.cos(ang).astype(np.float32), device=self.device).realize()
-    self.rope_sin = Tensor(np.sin(ang).astype(np.float32), device=self.device).realize()
+    # RoPE angles per absolute position, computed in f64 like the native engine, stored f32: for full-attention
+    # layers and (Gemma 3) sliding-window layers. LLaMA 3.1's rope_freqs.weight divides each frequency.
+    factors = None
+    if "rope_freqs.weight" in f.tensors and cfg.rope:
+      factors = f.tensor_bytes("rope_freqs.weight").view(np.float32).astype(np.float64)
+      if f.tensors["rope_freqs.weight"].ggml_type != 0 or factors.size != cfg.rope.n_rot // 2:
+        raise ValueError(f"rope_freqs.weight: want {cfg.rope.n_rot // 2} F32 values")
+    self.rope_tables: list[tuple[Tensor, Tensor] | None] = []
+    for r in (cfg.rope, cfg.rope_swa if any(cfg.swa_layers) else None):
+      if r is None:
+        self.rope_tables.append(None)
+        continue
+      inv_freq = r.freq_scale * r.freq_base ** (-np.arange(0, r.n_rot, 2, dtype=np.float64) / r.n_rot)
+      if factors is not None: inv_freq = inv_freq / factors
+      ang = np.arange(ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
+      self.rope_tables.append((Tensor(np.cos(ang).astype(np.float32), device=self.device).realize(),
+                               Tensor(np.sin(ang).astype(np.float32), device=self.device).realize()))
     # how many positions of each slot hold valid cache entries (a step may not leave a gap)
     self.lengths = [0] * slots
     # symbolic inputs of the decode jit: row i's token, slot and position, and the key count of the batch
@@ -126,6 +242,19 @@ class Model:
     self.v_pslot = Variable("pslot", 0, slots - 1)  # prefill's slot; its start is a Variable per chunk length
     self._decode_jits: dict[int, TinyJit] = {}
 
+  def _needed_tensors(self) -> list[str]:
+    cfg = self.cfg
+    names = ["token_embd.weight", "output_norm.weight"] + (["position_embd.weight"] if cfg.learned_pos else [])
+    for il in range(cfg.n_layer):
+      p = f"blk.{il}."
+      names += [p + "attn_norm.weight", p + "attn_output.weight", p + "ffn_norm.weight", p + "ffn_up.weight",
+                p + "ffn_down.weight"]
+      if p + "attn_qkv.weight" not in self.file.tensors: names += [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
+      if cfg.ffn != "gelu": names.append(p + "ffn_gate.weight")
+      if cfg.qk_norm: names += [p + "attn_q_norm.weight", p + "attn_k_norm.weight"]
+      if cfg.post_norms: names += [p + "post_attention_norm.weight", p + "post_ffw_norm.weight"]
+    return names
+
   # ------------------------------------------------------------------ weights (lazy views)
   def raw(self, t: TensorInfo) -> Tensor:
     return self.bufs[t.name]
@@ -135,76 +264,145 @@ class Model:
     t = self.file.tensors[name]
     return dequantize(self.raw(t), t.ggml_type, tuple(reversed(t.shape)), dtype)
 
-  def linear(self, x: Tensor, name: str) -> Tensor:
-    return x.matmul(self.weight(name).T)  # x f32 @ f16 weights: f32 result, dequant fused in
+  def linear(self, x: Tensor, prefix: str) -> Tensor:
+    """x @ W.T (+ bias): x f32, W dequantized to f16 inside the matmul, f32 result; the bias (if the file has
+    `{prefix}.bias`) in f32."""
+    y = x.matmul(self.weight(prefix + ".weight").T)
+    return y + self.weight(prefix + ".bias", dtypes.float32) if prefix + ".bias" in self.file.tensors else y
 
-  def rms_norm(self, x: Tensor, name: str) -> Tensor:
-    return x * (x.square().mean(-1, keepdim=True) + self.cfg.norm_eps).rsqrt() * self.weight(name, dtypes.float32)
+  def norm(self, x: Tensor, prefix: str) -> Tensor:
+    w = self.weight(prefix + ".weight", dtypes.float32)
+    if self.cfg.norm == "rms": return x * (x.square().mean(-1, keepdim=True) + self.cfg.norm_eps).rsqrt() * w
+    xc = x - x.mean(-1, keepdim=True)
+    y = xc * (xc.square().mean(-1, keepdim=True) + self.cfg.norm_eps).rsqrt() * w
+    return y + self.weight(prefix + ".bias", dtypes.float32) if prefix + ".bias" in self.file.tensors else y
 
   # ------------------------------------------------------------------ the pass
-  def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, T, heads, head_dim), cos/sin: (B, T, head_dim/2); rotates adjacent pairs (ggml's normal RoPE)."""
+  @staticmethod
+  def rope(x: Tensor, r: Rope, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, T, heads, head_dim), cos/sin: (B, T, n_rot/2). Rotates the first n_rot dimensions of every head:
+    adjacent pairs (ggml's normal RoPE) or the two halves (NeoX); the rest pass through."""
     B, T, H, D = x.shape
-    x = x.reshape(B, T, H, D // 2, 2)
-    x0, x1 = x[..., 0], x[..., 1]
-    c, s = cos.reshape(B, T, 1, D // 2), sin.reshape(B, T, 1, D // 2)
-    return Tensor.stack(x0 * c - x1 * s, x0 * s + x1 * c, dim=-1).reshape(B, T, H, D)
+    half = r.n_rot // 2
+    c, s = cos.reshape(B, T, 1, half), sin.reshape(B, T, 1, half)
+    xr = x[..., :r.n_rot]
+    if r.style == "normal":
+      xr = xr.reshape(B, T, H, half, 2)
+      x0, x1 = xr[..., 0], xr[..., 1]
+      out = Tensor.stack(x0 * c - x1 * s, x0 * s + x1 * c, dim=-1).reshape(B, T, H, r.n_rot)
+    else:
+      x0, x1 = xr[..., :half], xr[..., half:]
+      out = Tensor.cat(x0 * c - x1 * s, x0 * s + x1 * c, dim=-1)
+    return out if r.n_rot == D else Tensor.cat(out, x[..., r.n_rot:], dim=-1)
+
+  def qk_norm(self, x: Tensor, name: str) -> Tensor:
+    """RMSNorm of each head (last axis) with the layer's per-head-dimension weights."""
+    return x * (x.square().mean(-1, keepdim=True) + self.cfg.norm_eps).rsqrt() * self.weight(name, dtypes.float32)
 
   def attention(self, il: int, x: Tensor, rows: "_Rows") -> Tensor:
     cfg = self.cfg
     B, T = rows.B, rows.T
     H, KVH, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
     G = H // KVH
-    q = self.rope(self.linear(x, f"blk.{il}.attn_q.weight").reshape(B, T, H, D), rows.cos, rows.sin)
-    k = self.rope(self.linear(x, f"blk.{il}.attn_k.weight").reshape(B, T, KVH, D), rows.cos, rows.sin)
-    v = self.linear(x, f"blk.{il}.attn_v.weight").reshape(B, T, KVH, D)
+    p = f"blk.{il}."
+    if p + "attn_qkv.weight" in self.file.tensors:  # fused (GPT-2): columns q | k | v
+      qkv = self.linear(x, p + "attn_qkv")
+      q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + KVH) * D], qkv[:, (H + KVH) * D:]
+    else:
+      q, k, v = self.linear(x, p + "attn_q"), self.linear(x, p + "attn_k"), self.linear(x, p + "attn_v")
+    q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KVH, D), v.reshape(B, T, KVH, D)
+    if cfg.qk_norm: q, k = self.qk_norm(q, p + "attn_q_norm.weight"), self.qk_norm(k, p + "attn_k_norm.weight")
+    swa = cfg.swa_layers[il]
+    r = cfg.rope_swa if swa else cfg.rope
+    if r is not None:
+      cos, sin = rows.rope[1 if swa else 0]
+      q, k = self.rope(q, r, cos, sin), self.rope(k, r, cos, sin)
     # write each row's keys and values (one kernel per row: K and V share the buffer), then read the cache
     # through an AFTER of those stores, so the reads are ordered after the writes. (Tensor.assign would do the
     # same but re-points every live tensor at the new graph, which costs ~0.3 s of Python per layer.)
     new = Tensor.stack(k, v).cast(dtypes.float16).uop  # (2, B, T, KVH, D)
     buf = self.kv[il].uop
-    stores = [buf[:, s:s + 1, p:p + T].store(new[:, b:b + 1]) for b, (s, p) in enumerate(zip(rows.slots, rows.starts))]
+    stores = [buf[:, s:s + 1, st:st + T].store(new[:, b:b + 1]) for b, (s, st) in enumerate(zip(rows.slots, rows.starts))]
     kv = Tensor(buf.after(*stores))
     rows.written.append(kv)
     L = rows.n_kv
     cached = Tensor.cat(*[kv[:, s:s + 1, 0:L] for s in rows.slots], dim=1) if B > 1 else kv[:, rows.slots[0]:rows.slots[0] + 1, 0:L]
     keys, values = cached[0].float(), cached[1].float()                        # (B, L, KVH, D)
     q = q.reshape(B, T, KVH, G, D).permute(0, 2, 3, 1, 4)                      # (B, KVH, G, T, D)
-    scores = q.matmul(keys.permute(0, 2, 3, 1).unsqueeze(2)) * (1.0 / math.sqrt(D))  # (B, KVH, G, T, L)
-    # causal mask per row: query t of row b is at position starts[b]+t and sees keys 0..starts[b]+t. Keys after
-    # the row's last position (other sequences' history in this slot, or zeros) get -inf and an exact 0 weight.
+    scores = q.matmul(keys.permute(0, 2, 3, 1).unsqueeze(2)) * cfg.attn_scale # (B, KVH, G, T, L)
+    # causal mask per row: query t of row b is at position starts[b]+t and sees keys 0..starts[b]+t (and, on a
+    # sliding-window layer, only the last `window` of those). Keys after the row's last position (other
+    # sequences' history in this slot, or zeros) get -inf and an exact 0 weight.
     kpos = Tensor.arange(L).to(self.device).reshape(1, 1, L)
-    seen = kpos <= rows.qpos.reshape(B, T, 1)                                  # (B, T, L)
+    qpos = rows.qpos.reshape(B, T, 1)
+    seen = kpos <= qpos                                                        # (B, T, L)
+    if swa: seen = seen & (kpos > qpos - cfg.sliding_window)
     scores = seen.reshape(B, 1, 1, T, L).where(scores, float("-inf"))
     # values past the row's last position are zeroed too, so stale non-finite values could not leak in as 0*inf
     values = (kpos.reshape(1, L, 1, 1) <= rows.qpos[:, -1:].reshape(B, 1, 1, 1)).where(values, 0.0)
     out = scores.softmax(-1).matmul(values.permute(0, 2, 1, 3).unsqueeze(2))  # (B, KVH, G, T, D)
-    return self.linear(out.permute(0, 3, 1, 2, 4).reshape(B * T, H * D), f"blk.{il}.attn_output.weight")
+    return self.linear(out.permute(0, 3, 1, 2, 4).reshape(B * T, H * D), p + "attn_output")
+
+  @staticmethod
+  def gelu(x: Tensor) -> Tensor:
+    """The tanh approximation (ggml_gelu, the engine's ops::gelu)."""
+    return 0.5 * x * (1.0 + (0.7978845608028654 * x * (1.0 + 0.044715 * x * x)).tanh())
 
   def ffn(self, il: int, x: Tensor) -> Tensor:
-    gate, up = self.linear(x, f"blk.{il}.ffn_gate.weight"), self.linear(x, f"blk.{il}.ffn_up.weight")
-    return self.linear(gate.silu() * up, f"blk.{il}.ffn_down.weight")
+    p = f"blk.{il}."
+    up = self.linear(x, p + "ffn_up")
+    if self.cfg.ffn == "gelu": return self.linear(self.gelu(up), p + "ffn_down")
+    gate = self.linear(x, p + "ffn_gate")
+    return self.linear((gate.silu() if self.cfg.ffn == "swiglu" else self.gelu(gate)) * up, p + "ffn_down")
 
   def forward(self, h: Tensor, rows: "_Rows") -> Tensor:
-    """h: (B*T, n_embd) f32 token embeddings, row-major by item; returns the final hidden states (B*T, n_embd)
+    """h: (B*T, n_embd) f32 input embeddings, row-major by item; returns the final hidden states (B*T, n_embd)
     (lazy; the KV cache writes are pending stores until `_realize`)."""
+    post = self.cfg.post_norms
     for il in range(self.cfg.n_layer):
-      h = h + self.attention(il, self.rms_norm(h, f"blk.{il}.attn_norm.weight"), rows)
-      h = (h + self.ffn(il, self.rms_norm(h, f"blk.{il}.ffn_norm.weight"))).contiguous()
+      p = f"blk.{il}."
+      a = self.attention(il, self.norm(h, p + "attn_norm"), rows)
+      h = h + (self.norm(a, p + "post_attention_norm") if post else a)
+      f = self.ffn(il, self.norm(h, p + "ffn_norm"))
+      h = h + (self.norm(f, p + "post_ffw_norm") if post else f)
+      if rows.per_layer:
+        # prefill (not jitted): one schedule per layer. Every layer has the same graph up to its buffers, so
+        # tinygrad's schedule cache serves layers 1.. from layer 0's: SmolLM2's first 5-token prefill took 19 s
+        # this way against 32 s as one 30-layer graph. Each new chunk length is such a first call.
+        Tensor.realize(h, rows.written[-1])
+      else:
+        # the jitted decode: one graph (the captured replay then has one kernel per layer fewer: 484 vs 513)
+        h = h.contiguous()
     return h
 
   def head(self, h: Tensor) -> Tensor:
-    return self.linear(self.rms_norm(h, "output_norm.weight"), self.output.name)
+    return self.linear(self.norm(h, "output_norm"), self.output_name)
 
-  def embed(self, ids: list[int]) -> Tensor:
+  def _table_rows(self, name: str, rows: Tensor | np.ndarray, n: int) -> Tensor:
+    t = self.file.tensors[name]
+    return dequantize(rows.reshape(-1), t.ggml_type, (n, t.shape[0]), dtypes.float32)
+
+  def embed(self, ids: list[int], start) -> Tensor:
+    """Input embeddings of a chunk at positions start.. : the token rows are picked on the host from the mapped
+    file (still quantized, T x row bytes) and dequantized on the device (a device gather would compare every
+    row of the table); learned positions are a (symbolic) slice of their table."""
     t = self.tok_embd
-    return dequantize_rows(self.raw(t), t.ggml_type, t.shape[1], t.shape[0], Tensor([int(i) for i in ids], dtype=dtypes.int32, device=self.device))
+    raw = np.asarray(self.file.tensor_bytes(t.name)).reshape(t.shape[1], -1)[np.asarray(ids, dtype=np.int64)]
+    x = self._table_rows(t.name, Tensor(np.ascontiguousarray(raw), dtype=dtypes.uint8, device=self.device), len(ids))
+    return self._embed_finish(x, start, len(ids))
 
-  def embed_one(self, tok: UOp) -> Tensor:
+  def embed_one(self, tok: UOp, pos: UOp) -> Tensor:
     """One row of the embedding table selected by a (symbolic) token id: a slice, no gather."""
     t = self.tok_embd
-    rows = self.raw(t).reshape(t.shape[1], -1)
-    return dequantize(rows[tok:tok + 1].reshape(-1), t.ggml_type, (1, t.shape[0]), dtypes.float32)
+    return self._embed_finish(self._table_rows(t.name, self.raw(t).reshape(t.shape[1], -1)[tok:tok + 1], 1), pos, 1)
+
+  def _embed_finish(self, x: Tensor, start, T: int) -> Tensor:
+    if self.cfg.embd_scale is not None: x = x * self.cfg.embd_scale
+    if self.cfg.learned_pos:
+      pe = self.bufs["position_embd.weight"]
+      x = x + self._table_rows("position_embd.weight", pe.reshape(self.ctx if self.ctx > self.cfg.context_length else
+                                                                   self.cfg.context_length, -1)[start:start + T], T)
+    return x
 
   def _realize(self, rows: "_Rows", *outs: Tensor) -> None:
     # the cache writes go with the outputs, in one schedule (with logits "none" they are all there is to run)
@@ -212,17 +410,16 @@ class Model:
 
   def _rows(self, slots: list, starts: list, T: int, n_kv) -> "_Rows":
     B = len(slots)
-    cos = [self.rope_cos[p:p + T] for p in starts]
-    sin = [self.rope_sin[p:p + T] for p in starts]
+    rope = [None if tab is None else tuple(Tensor.stack(*[c[p:p + T] for p in starts]) for c in tab) for tab in self.rope_tables]
     start_t = Tensor.stack(*[Tensor(p, device=self.device).cast(dtypes.int32) for p in starts]).reshape(B, 1)
     qpos = start_t + Tensor.arange(T, dtype=dtypes.int32).to(self.device).reshape(1, T)  # (B, T)
-    return _Rows(B, T, slots, starts, n_kv, Tensor.stack(*cos), Tensor.stack(*sin), qpos)
+    return _Rows(B, T, slots, starts, n_kv, rope, qpos)
 
   def _decode(self, *args: UOp) -> Tensor:
     """The jitted batched decode: args = B tokens, B slots, B positions, n_kv (all bound Variables)."""
     B = (len(args) - 1) // 3
     toks, slots, starts, n_kv = args[:B], args[B:2 * B], args[2 * B:3 * B], args[3 * B]
-    x = Tensor.cat(*[self.embed_one(t) for t in toks]) if B > 1 else self.embed_one(toks[0])
+    x = Tensor.cat(*[self.embed_one(t, p) for t, p in zip(toks, starts)]) if B > 1 else self.embed_one(toks[0], starts[0])
     rows = self._rows(list(slots), list(starts), 1, n_kv)
     logits = self.head(self.forward(x, rows))
     self._realize(rows, logits)
@@ -232,7 +429,8 @@ class Model:
     T = len(it.tokens)
     start = Variable(f"start_T{T}", 0, self.ctx - T).bind(int(it.start_pos))
     rows = self._rows([self.v_pslot.bind(int(it.slot))], [start], T, start + T)
-    h = self.forward(self.embed(it.tokens), rows)
+    rows.per_layer = True
+    h = self.forward(self.embed(it.tokens, start), rows)
     if it.logits == "none":
       self._realize(rows)
       return None
@@ -256,6 +454,9 @@ class Model:
       if not _is_int(it.start_pos) or it.start_pos < 0: raise ValueError(f"item {i}: start_pos {it.start_pos!r} is not a non-negative int")
       if it.start_pos + len(it.tokens) > self.ctx:
         raise ValueError(f"item {i}: context overflow: start_pos {it.start_pos} + {len(it.tokens)} tokens > ctx {self.ctx}")
+      if self.cfg.learned_pos and it.start_pos + len(it.tokens) > self.cfg.context_length:
+        raise ValueError(f"item {i}: context overflow: start_pos {it.start_pos} + {len(it.tokens)} tokens > "
+                         f"{self.cfg.context_length} learned positions")
       if it.start_pos > self.lengths[it.slot]:
         raise ValueError(f"item {i}: start_pos {it.start_pos} leaves a gap: slot {it.slot} holds {self.lengths[it.slot]} positions")
       bad = [t for t in it.tokens if not _is_int(t) or not 0 <= t < self.cfg.n_vocab]
@@ -288,7 +489,7 @@ class Model:
   def memory_bytes(self) -> int:
     """Device bytes this model holds: weights (quantized), KV cache, RoPE tables. The captured decode graphs'
     activations (a few (B, n_ff) and (B, n_vocab) f32 buffers per batch size) come on top."""
-    ts = [*self.bufs.values(), *self.kv, self.rope_cos, self.rope_sin]
+    ts = [*self.bufs.values(), *self.kv, *[t for tab in self.rope_tables if tab for t in tab]]
     return sum(t.nbytes() for t in ts)
 
   def close(self) -> None:
@@ -297,7 +498,7 @@ class Model:
     device = self.device
     for j in self._decode_jits.values(): j.reset()
     self._decode_jits.clear()
-    del self.bufs, self.kv, self.rope_cos, self.rope_sin
+    del self.bufs, self.kv, self.rope_tables
     gc.collect()
     Device[device].synchronize()
     Device[device].allocator.free_cache()
@@ -315,9 +516,9 @@ class _Rows:
   slots: list          # int or bound Variable per row
   starts: list         # int or bound Variable per row
   n_kv: object         # cache positions every row reads (int or symbolic), >= each row's last position + 1
-  cos: Tensor          # (B, T, n_rot/2)
-  sin: Tensor
+  rope: list           # per RoPE table (full attention, sliding window): None or (cos, sin), each (B, T, n_rot/2)
   qpos: Tensor         # (B, T) int32 absolute positions
+  per_layer: bool = False  # realize layer by layer (prefill) instead of one graph (jitted decode)
   written: list = field(default_factory=list)  # per layer, the cache after this pass's writes (to realize)
 
 

@@ -13,7 +13,7 @@ V, E, H, KVH, D, FF, NL = 128, 64, 4, 2, 16, 96, 2
 ROUNDOFF = 1e-4
 
 
-def tiny_llama(path, seed=0, arch="llama"):
+def tiny_llama(path, seed=0, arch="llama", extra=None):
   rng = np.random.default_rng(seed)
   def mat(o, i): return (rng.standard_normal((o, i)) / np.sqrt(i)).astype(np.float16)
   def norm(n): return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -27,7 +27,7 @@ def tiny_llama(path, seed=0, arch="llama"):
   meta = {"general.architecture": arch, f"{arch}.block_count": NL, f"{arch}.embedding_length": E,
           f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": H, f"{arch}.attention.head_count_kv": KVH,
           f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0,
-          f"{arch}.context_length": 64}
+          f"{arch}.context_length": 64} | (extra or {})
   write_gguf(path, meta, t)
   return path
 
