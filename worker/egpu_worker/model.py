@@ -238,7 +238,10 @@ class Model:
     self.v_tok = [Variable(f"tok{i}", 0, cfg.n_vocab - 1) for i in range(slots)]
     self.v_slot = [Variable(f"slot{i}", 0, slots - 1) for i in range(slots)]
     self.v_pos = [Variable(f"pos{i}", 0, ctx - 1) for i in range(slots)]
-    self.v_nkv = Variable("n_kv", 1, ctx)
+    # The batch's last position; rows read n_kv = max_pos + 1 cache entries. (Not a Variable
+    # "n_kv" with minimum 1: CUDA's graph is built with every Variable at 0, and a launch
+    # size of 0 is "invalid argument".)
+    self.v_maxpos = Variable("max_pos", 0, ctx - 1)
     self.v_pslot = Variable("pslot", 0, slots - 1)  # prefill's slot; its start is a Variable per chunk length
     self._decode_jits: dict[int, TinyJit] = {}
 
@@ -416,9 +419,9 @@ class Model:
     return _Rows(B, T, slots, starts, n_kv, rope, qpos)
 
   def _decode(self, *args: UOp) -> Tensor:
-    """The jitted batched decode: args = B tokens, B slots, B positions, n_kv (all bound Variables)."""
+    """The jitted batched decode: args = B tokens, B slots, B positions, the last position (all bound Variables)."""
     B = (len(args) - 1) // 3
-    toks, slots, starts, n_kv = args[:B], args[B:2 * B], args[2 * B:3 * B], args[3 * B]
+    toks, slots, starts, n_kv = args[:B], args[B:2 * B], args[2 * B:3 * B], args[3 * B] + 1
     x = Tensor.cat(*[self.embed_one(t, p) for t, p in zip(toks, starts)]) if B > 1 else self.embed_one(toks[0], starts[0])
     rows = self._rows(list(slots), list(starts), 1, n_kv)
     logits = self.head(self.forward(x, rows))
@@ -476,7 +479,7 @@ class Model:
       args = [self.v_tok[j].bind(int(it.tokens[0])) for j, it in enumerate(rows)]
       args += [self.v_slot[j].bind(int(it.slot)) for j, it in enumerate(rows)]
       args += [self.v_pos[j].bind(int(it.start_pos)) for j, it in enumerate(rows)]
-      args.append(self.v_nkv.bind(max(int(it.start_pos) for it in rows) + 1))
+      args.append(self.v_maxpos.bind(max(int(it.start_pos) for it in rows)))
       logits = jit(*args).numpy()  # a copy: the jit reuses its output buffer
       for j, i in enumerate(dec):
         kind = items[i].logits
