@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-check}
 mkdir -p "$out"
-py=${EGPU_WORKER_PYTHON:-python3}
+py=$(command -v "${EGPU_WORKER_PYTHON:-python3}")
 export DEV=${DEV:-CUDA}
 export PYTHONPATH="$PWD/worker${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$(mktemp -d)}
@@ -26,8 +26,6 @@ step() { echo; echo "== $* ($(date +%T))"; }
   "$py" -c 'import tinygrad, sys; print("python", sys.version.split()[0], "tinygrad", tinygrad.__version__)'
   step "probe (DEV=$DEV)"
   timeout 120 "$py" -m egpu_worker.probe
-  step "worker tests on DEV=$DEV"
-  (cd worker && timeout 300 "$py" -m pytest -q -x -p no:cacheprovider tests/test_quant.py tests/test_model_batch.py 2>&1 | tail -4)
   step "synthetic models"
   "$py" -m egpu_worker.synth "$models/smollm2-q4_1.gguf" --type Q4_1 --shape smollm2
   "$py" -m egpu_worker.synth "$models/llama8b-q4_k.gguf" --type Q4_K --shape llama8b
@@ -35,12 +33,14 @@ step() { echo; echo "== $* ($(date +%T))"; }
   for m in smollm2-q4_1 llama8b-q4_k; do
     for b in 1 4; do
       step "decode $m, batch $b"
-      timeout 240 "$py" -m egpu_worker.generate "$models/$m.gguf" --ids "$ids" -n 48 --batch "$b" --ctx 256 2>&1 | tail -3
+      timeout 150 "$py" -m egpu_worker.generate "$models/$m.gguf" --ids "$ids" -n 48 --batch "$b" --ctx 256 2>&1 | tail -3
     done
   done
   if [ -n "${EGPUD:-}" ]; then
     step "egpud: tinygrad vs the native CPU engine ($(nproc) threads)"
-    timeout 400 python3 bench/tinygrad_bench.py --model "$models/smollm2-q4_1.gguf" --egpud "$EGPUD" \
+    timeout 300 python3 bench/tinygrad_bench.py --model "$models/smollm2-q4_1.gguf" --egpud "$EGPUD" \
       --worker-python "$py" --threads "$(nproc)" --reps 2 --gen 64 --streams 4
   fi
+  step "worker tests on DEV=$DEV"
+  (cd worker && timeout 180 "$py" -m pytest -q -x -p no:cacheprovider tests/test_quant.py tests/test_model_batch.py 2>&1 | tail -4)
 } 2>&1 | tee "$out/gpu-check.log"
