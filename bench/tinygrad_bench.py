@@ -25,23 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "clients" / "python"))
-import egpu_client  # noqa: E402  (generates and imports the stubs)
-
-import grpc  # noqa: E402
-
-pb, pb_grpc = egpu_client.load_stubs()
-
-PROMPTS = [
-    "Once upon a time, in a small village by the sea, there lived",
-    "The history of the printing press begins in the fifteenth century when",
-    "Here is a short guide to growing tomatoes on a balcony. First,",
-    "The main differences between lakes and rivers are that",
-    "In the morning the market opens early and the first traders",
-    "A recipe for bread needs only four things: flour, water,",
-    "The spacecraft left orbit at dawn, and the crew watched as",
-    "When learning a new language, the most useful habit is",
-]
+sys.path.insert(0, str(REPO / "bench"))
+# The same prompts and Generate helper as the daemon benchmark (it also loads the stubs).
+from daemon_bench import PROMPTS, generate, grpc, pb, pb_grpc  # noqa: E402
 
 
 def default_egpud():
@@ -86,19 +72,6 @@ def load(stub, model, name, backend, slots, ctx):
         if event.HasField("model"):
             info = event.model
     return time.perf_counter() - t0, info
-
-
-def generate(stub, name, prompt, n):
-    """(client time to first token in s, Done message)"""
-    request = pb.GenerateRequest(model=name, prompt=prompt, raw=True, max_tokens=n, stop_at_eos=False)
-    t0 = time.perf_counter()
-    ttft, done = None, None
-    for event in stub.Generate(request):
-        if event.HasField("chunk") and ttft is None and event.chunk.token_ids:
-            ttft = time.perf_counter() - t0
-        if event.HasField("done"):
-            done = event.done
-    return ttft, done
 
 
 def aggregate(stub, name, n, gen):

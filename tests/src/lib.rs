@@ -400,6 +400,26 @@ pub fn named<T>(message: T, client_name: &str) -> tonic::Request<T> {
     request
 }
 
+/// Runs a command to its end with piped output; a command still running after `limit` is
+/// killed and fails the test (a hang is a failure, not a stuck test run).
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let start = Instant::now();
+    // Polling try_wait: std has no wait with a timeout; the poll only bounds the wait.
+    while child.try_wait().expect("waiting").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("hung for {limit:?}: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("the command's output")
+}
+
 /// Writes `bytes` to a file in `dir` and returns its path.
 pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use egpu_e2e::*;
 use serde_json::Value;
@@ -32,22 +32,9 @@ fn egpuctl(args: &[&str]) -> Command {
     cmd
 }
 
-/// Runs a command to its end, for at most 5 minutes (the device check compiles a kernel).
-fn output(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning egpuctl");
-    let start = Instant::now();
-    while child.try_wait().expect("waiting").is_none() {
-        if start.elapsed() > Duration::from_secs(300) {
-            let _ = child.kill();
-            panic!("egpuctl hung: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("egpuctl's output")
+/// Runs a command to its end, for at most 5 minutes.
+fn output(cmd: Command) -> Output {
+    output_within(cmd, Duration::from_secs(300))
 }
 
 fn report(out: &Output) -> Value {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use egpu_e2e::*;
 
@@ -22,22 +22,9 @@ fn egpuctl(home: &Path, args: &[&str]) -> Command {
     cmd
 }
 
-/// Runs a command to its end, for at most 60 s (a hang is a failure, not a stuck test).
-fn output(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning egpuctl");
-    let start = Instant::now();
-    while child.try_wait().expect("waiting").is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("egpuctl hung: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("egpuctl's output")
+/// Runs a command to its end, for at most 60 s.
+fn output(cmd: Command) -> Output {
+    output_within(cmd, Duration::from_secs(60))
 }
 
 fn run_ok(home: &Path, args: &[&str]) -> String {
