@@ -67,7 +67,7 @@ pub struct Config {
 
     /// Longest one forward pass on the worker may take (first passes compile kernels);
     /// longer, and the device counts as lost.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "3m", value_parser = parse_duration)]
     pub worker_step_timeout: Duration,
 
     /// Worker threads for the CPU backend [default: the machine's available parallelism].

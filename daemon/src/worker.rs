@@ -467,7 +467,12 @@ impl WorkerLink {
                 DaemonError::InvalidArgument(format!("tinygrad worker: {message}"))
             }
             Code::ResourceExhausted => DaemonError::DeviceOutOfMemory(message),
-            Code::Internal => DaemonError::Internal(format!("tinygrad worker {call}: {message}")),
+            // A load that fails inside the worker leaves the device as it was. A forward pass
+            // that fails half-way (a driver error, a device that went away under it) leaves
+            // caches and device state unknown: the worker is replaced, as if it had died.
+            Code::Internal if call != "Step" => {
+                DaemonError::Internal(format!("tinygrad worker {call}: {message}"))
+            }
             _ => self.give_up(format!("the tinygrad worker failed {call}: {message}")),
         }
     }
