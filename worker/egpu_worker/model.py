@@ -34,7 +34,14 @@ The API is the one egpud's scheduler drives (through serve.py): `Model(path, ctx
   masked to -inf. A row's logits therefore do not depend on the other rows (the masked terms are exact zeros);
   the only batch effect is f32 round-off from a different kernel shape.
 * Prompt chunks (items with several tokens) run one item at a time, not jitted, with the slot and start
-  position as bound Variables too (kernels are compiled once per chunk length, not per slot or position).
+  position as bound Variables too, so kernels are compiled once per chunk length, not per slot or position.
+* Chunk lengths are bucketed (PREFILL_BUCKETS: powers of two up to 512) so that prompts of every length share
+  a few kernel sets: a chunk of T tokens runs as the smallest bucket R >= T, its R - T extra rows fed token 0
+  (see `_prefill_pieces`). Compiling a new length costs ~20 s of time to first token (SmolLM2 on CPU, 10-30 s
+  on an H200). The pad rows are harmless: they sit at positions start+T .. start+R-1, after every real row,
+  and every query reads only keys at or before its own position (the causal mask of the prefill, the decode's
+  mask, the sliding window's lower bound on top of it), so no real row ever reads them; the next tokens of
+  the sequence overwrite them, and the slot's length counts only the real tokens. Their logits are dropped.
 
 KV cache: one f16 tensor per layer of shape (2, slots, ctx, n_head_kv, head_dim) -- index 0 the keys, 1 the
 values, so `kv[0]` is the (slots, ctx, n_head_kv, head_dim) key cache. Keeping K and V in one buffer lets a
@@ -55,6 +62,12 @@ from .quant import SUPPORTED_TYPES, dequantize
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
 LOGITS_KINDS = ("none", "last", "all")
+# The lengths prefill kernels are compiled for. Powers of two: at most 10 kernel sets ever, and padding at most
+# doubles a chunk's work (egpud cuts prompts into chunks of --batch-tokens, default 128, itself a bucket). Longer
+# chunks (a direct caller) run as 512-token pieces, so one pass's activations stay bounded too. 1 must be in the
+# set: near the end of the context a chunk is cut into exact bucket-sized pieces (see `_prefill_pieces`).
+PREFILL_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+PAD_TOKEN = 0
 
 
 @dataclass
@@ -244,6 +257,8 @@ class Model:
     self.v_maxpos = Variable("max_pos", 0, ctx - 1)
     self.v_pslot = Variable("pslot", 0, slots - 1)  # prefill's slot; its start is a Variable per chunk length
     self._decode_jits: dict[int, TinyJit] = {}
+    # the prefill pass lengths (see _prefill_pieces); None runs every chunk at its own length (tests compare)
+    self.prefill_buckets: tuple[int, ...] | None = PREFILL_BUCKETS
 
   def _needed_tensors(self) -> list[str]:
     cfg = self.cfg
@@ -371,7 +386,7 @@ class Model:
       if rows.per_layer:
         # prefill (not jitted): one schedule per layer. Every layer has the same graph up to its buffers, so
         # tinygrad's schedule cache serves layers 1.. from layer 0's: SmolLM2's first 5-token prefill took 19 s
-        # this way against 32 s as one 30-layer graph. Each new chunk length is such a first call.
+        # this way against 32 s as one 30-layer graph. Each new pass length (bucket) is such a first call.
         Tensor.realize(h, rows.written[-1])
       else:
         # the jitted decode: one graph (the captured replay then has one kernel per layer fewer: 484 vs 513)
@@ -428,19 +443,57 @@ class Model:
     self._realize(rows, logits)
     return logits
 
+  def _pos_limit(self) -> int:
+    """Positions a pass may touch, pad rows included: the KV cache's (and the RoPE tables'), and for learned
+    positions the trained ones."""
+    return min(self.ctx, self.cfg.context_length) if self.cfg.learned_pos else self.ctx
+
+  def _prefill_pieces(self, start: int, T: int) -> list[tuple[int, int, int]]:
+    """How a chunk of T tokens at position `start` runs: passes (offset in the chunk, real tokens, pass length).
+    Pieces of at most the largest bucket; each is padded up to the smallest bucket that holds it. Where that
+    would pass the end of the usable positions (start + T <= limit holds, start + bucket may not), the piece
+    instead runs unpadded as the largest bucket it can fill, and the rest follows as further pieces (so a
+    5-token chunk 6 positions before the end runs as 4 + 1): the compiled set stays the buckets, no new
+    length is compiled even at the end of the context."""
+    bk = self.prefill_buckets
+    if not bk: return [(0, T, T)]
+    limit, pieces, off = self._pos_limit(), [], 0
+    while off < T:
+      n = min(T - off, bk[-1])
+      R = next((b for b in bk if b >= n), n)
+      if start + off + R > limit: R = n = max((b for b in bk if b <= n), default=n)
+      pieces.append((off, n, R))
+      off += n
+    return pieces
+
   def _prefill(self, it: StepItem) -> np.ndarray | None:
-    T = len(it.tokens)
-    start = Variable(f"start_T{T}", 0, self.ctx - T).bind(int(it.start_pos))
-    rows = self._rows([self.v_pslot.bind(int(it.slot))], [start], T, start + T)
+    pieces = self._prefill_pieces(int(it.start_pos), len(it.tokens))
+    outs = []
+    for k, (off, n, R) in enumerate(pieces):
+      kind = it.logits if k == len(pieces) - 1 or it.logits == "all" else "none"
+      outs.append(self._prefill_pass(int(it.slot), int(it.start_pos) + off, it.tokens[off:off + n], R, kind))
+    if it.logits == "none": return None
+    return np.concatenate(outs) if it.logits == "all" and len(outs) > 1 else outs[-1]
+
+  def _prefill_pass(self, slot: int, start_pos: int, tokens: list[int], R: int, logits: str) -> np.ndarray | None:
+    """One unjitted pass of R >= len(tokens) rows: the tokens, then pad tokens written to the cache after them
+    (never read, see the module docstring). Slot and start are bound Variables, so the kernels depend on R only."""
+    T = len(tokens)
+    start = Variable(f"start_T{R}", 0, self.ctx - R).bind(start_pos)
+    rows = self._rows([self.v_pslot.bind(slot)], [start], R, start + R)
     rows.per_layer = True
-    h = self.forward(self.embed(it.tokens, start), rows)
-    if it.logits == "none":
+    h = self.forward(self.embed(list(tokens) + [PAD_TOKEN] * (R - T), start), rows)
+    if logits == "none":
       self._realize(rows)
       return None
-    logits = self.head(h if it.logits == "all" else h[-1:])
-    self._realize(rows, logits)
-    out = logits.numpy()
-    return out if it.logits == "all" else out[0]
+    if logits == "last" and R > 1:
+      # the last real row, picked by a bound Variable: one head kernel per R, whatever T is
+      last = Variable(f"last_T{R}", 0, R - 1).bind(T - 1)
+      h = h[last:last + 1]
+    out = self.head(h)
+    self._realize(rows, out)
+    out = out.numpy()
+    return out[0] if logits == "last" else out[:T]
 
   # ------------------------------------------------------------------ public API
   def validate(self, items: list[StepItem]) -> None:
