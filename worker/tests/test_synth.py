@@ -11,7 +11,7 @@ from tinygrad import Context
 
 from egpu_worker import synth
 from egpu_worker.gguf import GGML_TYPES, GGUFFile
-from egpu_worker.model import Llama
+from egpu_worker.model import StepItem, load_model
 from egpu_worker.quant import F32, IQ4_XS, Q4_0, Q4_K, Q6_K, Q8_0, dq_ref
 
 CFG = synth.SynthConfig()
@@ -67,10 +67,10 @@ def test_synth_file_reads_back_and_runs(tmp_path, ggml_type):
   # the worker runs it. NOOPT: on DEV=CPU, tinygrad's kernel optimizer plus lowering of the fused
   # dequant-matmul kernels takes 10-50 s per type on 2 cores; without it, a few seconds. The math is the same.
   with Context(NOOPT=1):
-    model = Llama(path, max_ctx=64)
-    logits = model.prefill([1, 2, 3]).numpy()
+    model = load_model(path, ctx=64, slots=1)
+    logits = model.step([StepItem(slot=0, start_pos=0, tokens=[1, 2, 3], logits="last")])[0]
     model.close()
-  assert logits.shape == (1, CFG.n_vocab) and np.isfinite(logits).all()
+  assert logits.shape == (CFG.n_vocab,) and np.isfinite(logits).all()
   assert 0.1 < logits.std() < 10  # around unit scale, as the scales were chosen for
 
 
