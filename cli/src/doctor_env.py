@@ -17,7 +17,7 @@ def attempt(key, fn):
 
 def worker():
   import egpu_worker
-  # The worker (serve.py) keeps tinygrad's caches and downloads in worker/.cache unless told
+  # The worker (serve.py) moves tinygrad's compile cache to worker/.cache unless told
   # otherwise: apply the same defaults, so the paths below are the worker's.
   from egpu_worker.env import default_cache_env
   default_cache_env()
