@@ -259,6 +259,11 @@ impl TinygradModel {
         })
     }
 
+    /// The worker that holds the model.
+    pub fn link(&self) -> &Arc<WorkerLink> {
+        &self.link
+    }
+
     /// The worker generation the model lives in.
     pub fn generation(&self) -> u64 {
         self.link.generation

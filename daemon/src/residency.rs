@@ -669,9 +669,9 @@ impl Residency {
             }
             (None, None) => unreachable!("a model is loaded on the cpu or through a worker"),
         };
-        let worker_generation = match &model {
-            LoadedModel::Tinygrad(m) => Some(m.generation()),
-            LoadedModel::Cpu(_) => None,
+        let (worker_generation, worker_link) = match &model {
+            LoadedModel::Tinygrad(m) => (Some(m.generation()), Some(m.link().clone())),
+            LoadedModel::Cpu(_) => (None, None),
         };
         // Every id the tokenizer can produce must have an embedding row and a logit;
         // a file where it does not would fail requests (or worse) much later.
@@ -727,6 +727,17 @@ impl Residency {
             let _ = resident.queue.stop(StopReason::Shutdown, true);
             join_blocking(resident).await;
             return Err(DaemonError::ShuttingDown);
+        }
+        // The worker may have died since it loaded the model. Its loss is marked on the link
+        // before it is announced, and the announcement's handler takes this lock: so either
+        // the loss is seen here, or the handler will find this entry and drop it.
+        if worker_link.as_ref().is_some_and(|l| l.is_lost()) {
+            drop(entries);
+            let _ = resident.queue.stop(StopReason::DeviceLost, true);
+            join_blocking(resident).await;
+            return Err(DaemonError::DeviceLost(
+                "the tinygrad worker stopped while the model was loading".into(),
+            ));
         }
         tracing::info!(
             model = %name,
