@@ -16,4 +16,8 @@ worker_python=$(scripts/setup-worker.sh)
 cargo build --workspace --locked --bins
 cargo test --workspace --locked "$@"
 # The worker's own tests (dequantizers against gguf-py, models against the fixtures and llama.cpp).
+# `cargo test` built the engine's generate example: test_synth also runs every synthetic file
+# through it.
+generate="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/examples/generate"
+[ -x "$generate" ] && export EGPU_ENGINE_GENERATE="$generate"
 (cd worker && DEV=CPU EGPU_MODELS="${EGPU_MODELS:-$PWD/../models}" "$worker_python" -m pytest -q)
