@@ -97,6 +97,23 @@ def generate(stub, name, prompt, n):
     return ttft, done
 
 
+def aggregate(stub, name, n, gen):
+    """n concurrent streams of `gen` tokens: completion tokens per wall-clock second."""
+    results = [None] * n
+
+    def run(i):
+        results[i] = generate(stub, name, PROMPTS[i % len(PROMPTS)], gen)[1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return sum(r.completion_tokens for r in results) / wall
+
+
 def engine_bench(model, threads, n_prompt, n_gen):
     out = subprocess.run(
         [
@@ -148,19 +165,7 @@ def main():
             for n in [1, 2, 4, 8]:
                 rates = []
                 for _ in range(max(1, args.reps // 2)):
-                    results = [None] * n
-
-                    def run(i):
-                        results[i] = generate(stub, "m", PROMPTS[i], args.gen)[1]
-
-                    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-                    t0 = time.perf_counter()
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                    wall = time.perf_counter() - t0
-                    rates.append(sum(r.completion_tokens for r in results) / wall)
+                    rates.append(aggregate(stub, "m", n, args.gen))
                 aggregate[n] = statistics.median(rates)
         finally:
             proc.terminate()

@@ -20,14 +20,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 # The same prompts and Generate helper as the daemon benchmark (it also loads the stubs).
-from daemon_bench import PROMPTS, generate, grpc, pb, pb_grpc  # noqa: E402
+from daemon_bench import PROMPTS, aggregate, generate, grpc, pb, pb_grpc  # noqa: E402
 
 
 def default_egpud():
@@ -72,22 +71,6 @@ def load(stub, model, name, backend, slots, ctx):
         if event.HasField("model"):
             info = event.model
     return time.perf_counter() - t0, info
-
-
-def aggregate(stub, name, n, gen):
-    results = [None] * n
-
-    def run(i):
-        results[i] = generate(stub, name, PROMPTS[i % len(PROMPTS)], gen)[1]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return sum(r.completion_tokens for r in results) / wall
 
 
 def main():
