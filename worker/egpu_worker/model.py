@@ -58,6 +58,7 @@ from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
 from tinygrad.uop.ops import UOp
 
 from .gguf import GGUFFile, TensorInfo
+from . import matvec
 from .quant import SUPPORTED_TYPES, dequantize
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
@@ -204,6 +205,7 @@ def _rope_freq_scale(f: GGUFFile, arch: str) -> float:
 class Model:
   def __init__(self, path: str, ctx: int, slots: int, device: str | None = None):
     if ctx < 1 or slots < 1: raise ValueError(f"ctx ({ctx}) and slots ({slots}) must be at least 1")
+    matvec.install()  # GPU launch layout for the dequantizing mat-vecs (no effect on CPU)
     self.file = f = GGUFFile(path)
     self.cfg = cfg = Config.from_gguf(f)
     self.ctx, self.slots = ctx, slots
@@ -224,6 +226,9 @@ class Model:
       return Tensor(b, dtype=dtypes.uint8, device=device).realize()
     self.bufs = {name: upload(name) for name in f.tensors if name != "rope_freqs.weight"}
     self.device = self.bufs["token_embd.weight"].device
+    # SwiGLU/GeGLU's gate is realized on its own where the GPU mat-vec layout applies, so that gate and up are
+    # two one-reduction kernels it can lay out (see egpu_worker.matvec); on the CPU they stay fused.
+    self.split_gate = matvec.applies_to(self.device)
     self.tok_embd = f.tensors["token_embd.weight"]
     self.output = f.tensors[self.output_name + ".weight"]
     self.kv = [Tensor.zeros(2, slots, ctx, cfg.n_head_kv, cfg.head_dim, dtype=dtypes.float16, device=self.device)
@@ -371,6 +376,7 @@ class Model:
     up = self.linear(x, p + "ffn_up")
     if self.cfg.ffn == "gelu": return self.linear(self.gelu(up), p + "ffn_down")
     gate = self.linear(x, p + "ffn_gate")
+    if self.split_gate: gate = gate.contiguous()
     return self.linear((gate.silu() if self.cfg.ffn == "swiglu" else self.gelu(gate)) * up, p + "ffn_down")
 
   def forward(self, h: Tensor, rows: "_Rows") -> Tensor:
