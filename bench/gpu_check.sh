@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The tinygrad worker on a GPU: its tests on that device, then decode speed on random-weight
+# The tinygrad worker on a GPU: the mat-vec layout sweep, its tests on that device, then decode speed on random-weight
 # models of real shapes (SmolLM2-135M Q4_1, LLaMA-3.1-8B Q4_K), batch 1 and 4, and kernels
 # per decode step. Optionally (EGPUD=path to a release egpud) the daemon-level comparison
 # with the native CPU engine on the same machine (bench/tinygrad_bench.py).
@@ -26,6 +26,8 @@ step() { echo; echo "== $* ($(date +%T))"; }
   "$py" -c 'import tinygrad, sys; print("python", sys.version.split()[0], "tinygrad", tinygrad.__version__)'
   step "probe (DEV=$DEV)"
   timeout 120 "$py" -m egpu_worker.probe
+  step "mat-vec layouts (egpu_worker/matvec.py): tinygrad's own schedule vs candidates"
+  timeout 400 "$py" bench/matvec_sweep.py --timeout 40 --json "$out/matvec-sweep.json" 2>&1 | sed -n '/per shape/,$p'
   step "synthetic models"
   "$py" -m egpu_worker.synth "$models/smollm2-q4_1.gguf" --type Q4_1 --shape smollm2
   "$py" -m egpu_worker.synth "$models/llama8b-q4_k.gguf" --type Q4_K --shape llama8b
@@ -42,5 +44,6 @@ step() { echo; echo "== $* ($(date +%T))"; }
       --worker-python "$py" --threads "$(nproc)" --reps 2 --gen 64 --streams 4
   fi
   step "worker tests on DEV=$DEV"
-  (cd worker && timeout 180 "$py" -m pytest -q -x -p no:cacheprovider tests/test_quant.py tests/test_model_batch.py 2>&1 | tail -4)
+  (cd worker && timeout 300 "$py" -m pytest -q -x -p no:cacheprovider tests/test_quant.py tests/test_model_batch.py \
+     tests/test_model_archs.py 2>&1 | tail -4)
 } 2>&1 | tee "$out/gpu-check.log"
