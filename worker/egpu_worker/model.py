@@ -33,8 +33,11 @@ The API is the one egpud's scheduler drives (through serve.py): `Model(path, ctx
   0..n_kv-1, where n_kv = max(pos)+1 over the batch (another Variable), and positions after the row's own are
   masked to -inf. A row's logits therefore do not depend on the other rows (the masked terms are exact zeros);
   the only batch effect is f32 round-off from a different kernel shape.
-* Prompt chunks (items with several tokens) run one item at a time, not jitted, with the slot and start
-  position as bound Variables too, so kernels are compiled once per chunk length, not per slot or position.
+* Prompt chunks (items with several tokens) run one item at a time, jitted per (chunk length, logits kind):
+  the chunk's rows of the embedding table are the jit's input, slot, start position and last real row bound
+  Variables, so kernels are compiled once per chunk length, not per slot or position, and from a length's
+  third pass on there is no scheduling either (tinygrad runs a jit's first call plainly and captures the
+  second). On a 2-core CPU that took a SmolLM2 prompt's prefill from ~9 s to 0.9 s.
 * Chunk lengths are bucketed (PREFILL_BUCKETS: powers of two up to 512) so that prompts of every length share
   a few kernel sets: a chunk of T tokens runs as the smallest bucket R >= T, its R - T extra rows fed token 0
   (see `_prefill_pieces`). Compiling a new length costs ~20 s of time to first token (SmolLM2 on CPU, 10-30 s
@@ -49,6 +52,7 @@ row's new key and value be written by one kernel (a strided view [:, slot, pos:p
 """
 from __future__ import annotations
 
+import functools
 import gc
 import math
 from dataclasses import dataclass, field
@@ -262,6 +266,7 @@ class Model:
     self.v_maxpos = Variable("max_pos", 0, ctx - 1)
     self.v_pslot = Variable("pslot", 0, slots - 1)  # prefill's slot; its start is a Variable per chunk length
     self._decode_jits: dict[int, TinyJit] = {}
+    self._prefill_jits: dict[tuple[int, str], TinyJit] = {}
     # the prefill pass lengths (see _prefill_pieces); None runs every chunk at its own length (tests compare)
     self.prefill_buckets: tuple[int, ...] | None = PREFILL_BUCKETS
 
@@ -390,7 +395,7 @@ class Model:
       f = self.ffn(il, self.norm(h, p + "ffn_norm"))
       h = h + (self.norm(f, p + "post_ffw_norm") if post else f)
       if rows.per_layer:
-        # prefill (not jitted): one schedule per layer. Every layer has the same graph up to its buffers, so
+        # prefill: one schedule per layer (for the jit's first two calls; it replays after that). Every layer has the same graph up to its buffers, so
         # tinygrad's schedule cache serves layers 1.. from layer 0's: SmolLM2's first 5-token prefill took 19 s
         # this way against 32 s as one 30-layer graph. Each new pass length (bucket) is such a first call.
         Tensor.realize(h, rows.written[-1])
@@ -405,15 +410,6 @@ class Model:
   def _table_rows(self, name: str, rows: Tensor | np.ndarray, n: int) -> Tensor:
     t = self.file.tensors[name]
     return dequantize(rows.reshape(-1), t.ggml_type, (n, t.shape[0]), dtypes.float32)
-
-  def embed(self, ids: list[int], start) -> Tensor:
-    """Input embeddings of a chunk at positions start.. : the token rows are picked on the host from the mapped
-    file (still quantized, T x row bytes) and dequantized on the device (a device gather would compare every
-    row of the table); learned positions are a (symbolic) slice of their table."""
-    t = self.tok_embd
-    raw = np.asarray(self.file.tensor_bytes(t.name)).reshape(t.shape[1], -1)[np.asarray(ids, dtype=np.int64)]
-    x = self._table_rows(t.name, Tensor(np.ascontiguousarray(raw), dtype=dtypes.uint8, device=self.device), len(ids))
-    return self._embed_finish(x, start, len(ids))
 
   def embed_one(self, tok: UOp, pos: UOp) -> Tensor:
     """One row of the embedding table selected by a (symbolic) token id: a slice, no gather."""
@@ -482,24 +478,36 @@ class Model:
     return np.concatenate(outs) if it.logits == "all" and len(outs) > 1 else outs[-1]
 
   def _prefill_pass(self, slot: int, start_pos: int, tokens: list[int], R: int, logits: str) -> np.ndarray | None:
-    """One unjitted pass of R >= len(tokens) rows: the tokens, then pad tokens written to the cache after them
-    (never read, see the module docstring). Slot and start are bound Variables, so the kernels depend on R only."""
-    T = len(tokens)
-    start = Variable(f"start_T{R}", 0, self.ctx - R).bind(start_pos)
-    rows = self._rows([self.v_pslot.bind(slot)], [start], R, start + R)
+    """One pass of R >= len(tokens) rows: the tokens, then pad tokens written to the cache after them (never read,
+    see the module docstring). Jitted per (R, logits kind): the token rows of the embedding table are the input
+    tensor, slot, start and the last real row are bound Variables, so a replay serves every prompt of the bucket
+    at every slot and position. (tinygrad runs a jit's first call plainly and captures the second; from the
+    third call on, a pass costs no scheduling: that was ~8 s per SmolLM2 prompt on a 2-core CPU.)"""
+    T, t = len(tokens), self.tok_embd
+    ids = np.asarray(list(tokens) + [PAD_TOKEN] * (R - T), dtype=np.int64)
+    raw = np.asarray(self.file.tensor_bytes(t.name)).reshape(t.shape[1], -1)[ids]  # still quantized, picked on the host
+    args = [Tensor(np.ascontiguousarray(raw), dtype=dtypes.uint8, device=self.device).realize(),
+            self.v_pslot.bind(slot), Variable(f"start_T{R}", 0, self.ctx - R).bind(start_pos)]
+    # the last real row, picked by a bound Variable: one head kernel per R, whatever T is
+    if logits == "last" and R > 1: args.append(Variable(f"last_T{R}", 0, R - 1).bind(T - 1))
+    jit = self._prefill_jits.get((R, logits))
+    if jit is None: jit = self._prefill_jits[(R, logits)] = TinyJit(functools.partial(self._prefill_graph, R=R, logits=logits))
+    out = jit(*args)
+    if out is None: return None
+    out = out.numpy()  # a copy: the jit reuses its output buffer
+    return out[0] if logits == "last" else out[:T]
+
+  def _prefill_graph(self, raw: Tensor, slot: UOp, start: UOp, *last: UOp, R: int, logits: str) -> Tensor | None:
+    rows = self._rows([slot], [start], R, start + R)
     rows.per_layer = True
-    h = self.forward(self.embed(list(tokens) + [PAD_TOKEN] * (R - T), start), rows)
+    h = self.forward(self._embed_finish(self._table_rows(self.tok_embd.name, raw, R), start, R), rows)
     if logits == "none":
       self._realize(rows)
       return None
-    if logits == "last" and R > 1:
-      # the last real row, picked by a bound Variable: one head kernel per R, whatever T is
-      last = Variable(f"last_T{R}", 0, R - 1).bind(T - 1)
-      h = h[last:last + 1]
+    if last: h = h[last[0]:last[0] + 1]
     out = self.head(h)
     self._realize(rows, out)
-    out = out.numpy()
-    return out[0] if logits == "last" else out[:T]
+    return out
 
   # ------------------------------------------------------------------ public API
   def validate(self, items: list[StepItem]) -> None:
@@ -550,7 +558,8 @@ class Model:
 
   def memory_bytes(self) -> int:
     """Device bytes this model holds: weights (quantized), KV cache, RoPE tables. The captured decode graphs'
-    activations (a few (B, n_ff) and (B, n_vocab) f32 buffers per batch size) come on top."""
+    activations (a few (B, n_ff) and (B, n_vocab) f32 buffers per batch size) and the captured prefill passes'
+    (per bucket: 40 MiB at 512 rows for SmolLM2) come on top."""
     ts = [*self.bufs.values(), *self.kv, *[t for tab in self.rope_tables if tab for t in tab]]
     return sum(t.nbytes() for t in ts)
 
@@ -558,8 +567,9 @@ class Model:
     """Drop every device buffer of this model (weights, KV cache, RoPE tables, the captured jits) and return
     tinygrad's cached allocations to the driver. The object is unusable afterwards."""
     device = self.device
-    for j in self._decode_jits.values(): j.reset()
+    for j in [*self._decode_jits.values(), *self._prefill_jits.values()]: j.reset()
     self._decode_jits.clear()
+    self._prefill_jits.clear()
     del self.bufs, self.kv, self.rope_tables
     gc.collect()
     Device[device].synchronize()

@@ -212,3 +212,30 @@ def test_gpt2_learned_positions():
   assert pieces(56, 3) == [(0, 3, 4)] and pieces(59, 5) == [(0, 4, 4), (4, 1, 1)] and pieces(60, 4) == [(0, 4, 4)]
   print(f"gpt2: padded vs exact max abs diff {worst:.3g}")
   assert worst < ROUNDOFF
+
+
+def test_prefill_replay_equals_plain_pass(tmp_path):
+  """Prefill passes are jitted per bucket: tinygrad runs a jit's first call plainly, captures the second and
+  replays from the third. A replayed pass (other tokens, slot and start than the captured one) gives the logits a
+  plain pass gives, writes the same cache (the decode after it agrees), and schedules nothing new."""
+  from egpu_worker.model import StepItem, load_model
+  path = str(tiny_llama(tmp_path / "t.gguf"))
+  jitted, plain = load_model(path, ctx=24, slots=3), load_model(path, ctx=24, slots=3)
+  try:
+    jitted.step([StepItem(0, 0, seq(5, 1), "last")])             # bucket 8: plain run
+    jitted.step([StepItem(1, 0, seq(7, 2), "last")])             # captured
+    jitted.step([StepItem(2, 0, seq(3, 9), "none")])             # bucket 4, slot 2 positions 0..2
+    plain.step([StepItem(2, 0, seq(3, 9), "none")])
+    n = n_programs()
+    got = jitted.step([StepItem(2, 3, seq(6, 3), "last")])[0]    # replayed: new slot, start and tokens
+    assert n_programs() == n
+    jit = jitted._prefill_jits[(8, "last")]
+    assert jit.captured is not None
+    want = plain.step([StepItem(2, 3, seq(6, 3), "last")])[0]     # the plain model's first bucket-8 pass
+    np.testing.assert_allclose(got, want, rtol=0, atol=ROUNDOFF)
+    nxt = seq(1, 4)
+    np.testing.assert_allclose(jitted.step([StepItem(2, 9, nxt, "last")])[0], plain.step([StepItem(2, 9, nxt, "last")])[0],
+                               rtol=0, atol=ROUNDOFF)
+  finally:
+    jitted.close()
+    plain.close()
