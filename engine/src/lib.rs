@@ -4,6 +4,8 @@
 //!
 //! - [`chat`]: chat templates, rendered as transformers renders them.
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
+//! - [`safetensors`]: Hugging Face's safetensors container, read in place over a memory map.
+//! - [`hf_cache`]: Hugging Face model folders, found offline (a path, or a repo id in the HF cache).
 //! - [`quant`]: GGML tensor types, their block layouts and dequantization.
 //! - [`kernels`]: matrix products over quantized weights, and the thread pool.
 //! - [`sampler`]: next-token choice (greedy, temperature, top-k/p, min-p, penalties), stop strings.
@@ -14,10 +16,12 @@
 
 pub mod chat;
 pub mod gguf;
+pub mod hf_cache;
 pub mod kernels;
 pub mod model;
 pub mod model_info;
 pub mod ops;
 pub mod quant;
+pub mod safetensors;
 pub mod sampler;
 pub mod tokenizer;

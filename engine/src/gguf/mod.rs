@@ -9,7 +9,7 @@
 
 mod error;
 mod metadata;
-mod mmap;
+pub(crate) mod mmap;
 mod parse;
 pub mod write;
 
