@@ -16,7 +16,8 @@ use crate::json;
 
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
-    /// A .gguf path, or a name in egpud's models folder (see `egpuctl models`).
+    /// A .gguf path, a name in egpud's models folder (see `egpuctl models`), a Hugging Face
+    /// model folder, or a Hugging Face repo id found in the local HF cache (GPT-2 family).
     pub source: String,
     /// Serve the model under this name [default: the file's stem].
     #[arg(long)]
@@ -212,11 +213,12 @@ pub async fn run_unload(socket: &Path, args: &UnloadArgs) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-/// egpud runs in another working directory: a source that names a file here is sent as an
-/// absolute path; anything else is a name for egpud's models folder.
+/// egpud runs in another working directory: a source that names a file or a folder (a Hugging
+/// Face model folder) here is sent as an absolute path; anything else is a name for egpud's
+/// models folder or a Hugging Face repo id.
 fn daemon_source(source: &str) -> String {
     let path = Path::new(source);
-    if path.is_file() {
+    if path.is_file() || path.is_dir() {
         if let Ok(absolute) = std::fs::canonicalize(path) {
             return absolute.display().to_string();
         }
@@ -228,6 +230,29 @@ fn daemon_source(source: &str) -> String {
 mod tests {
     use super::*;
     use crate::json::tests::sample_model;
+
+    #[test]
+    fn local_files_and_folders_are_sent_canonical_names_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("gpt2-folder")).unwrap();
+        std::fs::write(dir.path().join("m.gguf"), b"").unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        // a roundabout spelling of each comes back canonical, as egpud needs it
+        let roundabout = |name: &str| dir.path().join(".").join(name).display().to_string();
+        assert_eq!(
+            daemon_source(&roundabout("gpt2-folder")),
+            root.join("gpt2-folder").display().to_string()
+        );
+        assert_eq!(
+            daemon_source(&roundabout("m.gguf")),
+            root.join("m.gguf").display().to_string()
+        );
+        assert_eq!(
+            daemon_source("openai-community/gpt2"),
+            "openai-community/gpt2"
+        );
+        assert_eq!(daemon_source("smollm2"), "smollm2");
+    }
 
     #[test]
     fn loaded_sentence() {

@@ -19,6 +19,8 @@ pub enum DaemonError {
     },
     #[error("cannot load {path}: {reason}")]
     BadModelFile { path: PathBuf, reason: String },
+    #[error("{0}")]
+    NotInHfCache(String),
     #[error("the name {name:?} is already used by {source_path}; unload it first or choose another name")]
     NameTaken { name: String, source_path: PathBuf },
     #[error(
@@ -68,7 +70,8 @@ impl From<DaemonError> for Status {
         let code = match &err {
             DaemonError::UnknownModel { .. }
             | DaemonError::MissingFile(_)
-            | DaemonError::UnknownSource { .. } => Code::NotFound,
+            | DaemonError::UnknownSource { .. }
+            | DaemonError::NotInHfCache(_) => Code::NotFound,
             DaemonError::BadModelFile { .. }
             | DaemonError::InvalidArgument(_)
             | DaemonError::UnsupportedBackend { .. } => Code::InvalidArgument,

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod hf_source;
 pub mod residency;
 pub mod scheduler;
 pub mod server;

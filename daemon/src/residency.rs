@@ -17,6 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use egpu_engine::chat::ChatTemplate;
 use egpu_engine::gguf::GgufFile;
+use egpu_engine::hf_cache::HfEnv;
 use egpu_engine::model_info::{bytes_by_type, ModelSummary};
 use egpu_engine::tokenizer::Tokenizer;
 use egpu_proto::v1::{self as pb, ModelState};
@@ -26,6 +27,7 @@ use tokio::sync::{watch, Notify};
 use crate::backend::{self, CpuModel, Estimate, LoadedModel, ModelSpec, Progress, TinygradModel};
 use crate::config::KeepAlive;
 use crate::error::DaemonError;
+use crate::hf_source;
 use crate::scheduler::{self, BatchSettings, Device, ModelQueue, StopReason};
 use crate::state::{PinnedModel, StateStore};
 use crate::worker::{Worker, WorkerLink, WorkerPhase};
@@ -322,10 +324,26 @@ impl Residency {
             (Some(link), Some(worker)) => worker.budget(link)?,
             _ => self.settings.budget,
         };
-        let path = resolve_source(&self.settings.models_dir, &opts.source)?;
+        let (path, hf_name) = match hf_source::classify(
+            &self.settings.models_dir,
+            &opts.source,
+            &HfEnv::from_process(),
+        )? {
+            hf_source::Source::Gguf(path) => (path, None),
+            hf_source::Source::HfFolder { folder, name } => {
+                let models_dir = self.settings.models_dir.clone();
+                let hf_name = name.clone();
+                let path = tokio::task::spawn_blocking(move || {
+                    hf_source::converted_gguf(&models_dir, &folder, &name)
+                })
+                .await
+                .map_err(|e| DaemonError::Internal(e.to_string()))??;
+                (path, Some(hf_name))
+            }
+        };
         let name = match opts.name.as_deref().map(str::trim) {
             Some(n) if !n.is_empty() => validate_name(n)?,
-            _ => default_name(&path),
+            _ => hf_name.map_or_else(|| Ok(default_name(&path)), |n| validate_name(&n))?,
         };
         // Coalesce before touching the file: a second request for a loading model waits.
         if let Some(ticket) = self.existing(&name, &path)? {

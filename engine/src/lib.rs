@@ -6,6 +6,7 @@
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
 //! - [`safetensors`]: Hugging Face's safetensors container, read in place over a memory map.
 //! - [`hf_cache`]: Hugging Face model folders, found offline (a path, or a repo id in the HF cache).
+//! - [`hf_gpt2`]: GPT-2 family models from a Hugging Face folder, converted to GGUF.
 //! - [`quant`]: GGML tensor types, their block layouts and dequantization.
 //! - [`kernels`]: matrix products over quantized weights, and the thread pool.
 //! - [`sampler`]: next-token choice (greedy, temperature, top-k/p, min-p, penalties), stop strings.
@@ -17,6 +18,7 @@
 pub mod chat;
 pub mod gguf;
 pub mod hf_cache;
+pub mod hf_gpt2;
 pub mod kernels;
 pub mod model;
 pub mod model_info;

@@ -130,7 +130,7 @@ impl TestDaemon {
         state_dir: &Path,
         extra_args: &[&str],
     ) -> Result<TestDaemon, String> {
-        Self::spawn_with_env(dir, socket, state_dir, extra_args, &[])
+        Self::spawn_with_env(dir, socket, state_dir, &models_dir(), extra_args, &[])
     }
 
     /// Starts egpud with the tinygrad backend on `DEV` (its worker from the checkout's
@@ -160,16 +160,34 @@ impl TestDaemon {
             dir,
             socket,
             &state_dir,
+            &models_dir(),
             &args,
             &[("DEV", dev), ("NOOPT", noopt)],
         )
         .expect("egpud did not start")
     }
 
+    /// Starts egpud on a models folder of the test's own (not the shared real one), with extra
+    /// environment variables.
+    pub fn start_with_models(
+        models: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("egpu-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let (socket, state_dir) = (dir.path().join("egpud.sock"), dir.path().join("state"));
+        Self::spawn_with_env(dir, socket, &state_dir, models, extra_args, env)
+            .expect("egpud did not start")
+    }
+
     fn spawn_with_env(
         dir: tempfile::TempDir,
         socket: PathBuf,
         state_dir: &Path,
+        models: &Path,
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<TestDaemon, String> {
@@ -179,7 +197,7 @@ impl TestDaemon {
             .arg("--state-dir")
             .arg(state_dir)
             .arg("--models-dir")
-            .arg(models_dir())
+            .arg(models)
             .args(["--threads", "2"])
             .args(extra_args)
             .env("EGPU_LOG", "info")
