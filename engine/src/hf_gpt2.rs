@@ -36,7 +36,7 @@ pub enum HfModelError {
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
     #[error(
-        "model_type {found:?} is not supported from a Hugging Face folder yet (supported: gpt2)"
+        "model_type {found:?} is not supported from a Hugging Face folder yet (supported: gpt2, marian)"
     )]
     UnsupportedModelType { found: String },
     #[error("{key} = {found} is not supported for GPT-2 ({why})")]
@@ -55,7 +55,7 @@ pub enum HfModelError {
     },
 }
 
-fn read_json(path: &Path) -> Result<Value, HfModelError> {
+pub(crate) fn read_json(path: &Path) -> Result<Value, HfModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| HfModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -265,8 +265,85 @@ impl Gpt2Vocab {
     }
 }
 
-/// Converts the GPT-2 model folder `dir` to GGUF bytes.
+/// How a conversion stores weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As read, widened to f32 exactly (F16 and BF16 checkpoints included).
+    #[default]
+    F32,
+    /// ggml's Q8_0 (8-bit, one f16 scale per 32 values): about 3.8x smaller than f32. Matrices
+    /// whose rows are not a multiple of 32 stay f32; vectors (norms, biases) always do.
+    Q8_0,
+}
+
+impl WeightFormat {
+    /// From a name as `--quantize` takes it.
+    pub fn parse(name: &str) -> Option<WeightFormat> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "" | "f32" | "none" => Some(WeightFormat::F32),
+            "q8_0" | "q8" => Some(WeightFormat::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Q8_0 => "q8_0",
+        }
+    }
+
+    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_*`).
+    pub(crate) fn file_type(self) -> u32 {
+        match self {
+            WeightFormat::F32 => 0,
+            WeightFormat::Q8_0 => 7,
+        }
+    }
+
+    /// Adds a `rows × cols` matrix (row-major values) to `w` in this format.
+    pub(crate) fn matrix(
+        self,
+        w: GgufWriter,
+        name: &str,
+        cols: u64,
+        rows: u64,
+        values: &[f32],
+    ) -> Result<GgufWriter, HfModelError> {
+        if values.len() as u64 != rows * cols {
+            return Err(HfModelError::Shape {
+                name: name.to_owned(),
+                found: vec![values.len() as u64],
+                expected: vec![rows, cols],
+            });
+        }
+        match self {
+            WeightFormat::Q8_0 if cols % 32 == 0 => {
+                let blocks = crate::quant::quantize_q8_0(values).unwrap_or_default();
+                Ok(w.tensor(name, &[cols, rows], crate::quant::GgmlType::Q8_0, blocks))
+            }
+            _ => Ok(w.tensor_f32(name, &[cols, rows], values)),
+        }
+    }
+}
+
+/// Converts a Hugging Face folder of a supported `model_type` (gpt2, marian) to GGUF bytes.
+pub fn gguf_from_hf_folder(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, HfModelError> {
+    let config_path = dir.join(CONFIG_FILE);
+    let config = read_json(&config_path)?;
+    match config["model_type"].as_str().unwrap_or("") {
+        "marian" => crate::hf_marian::gguf_from_hf_marian(dir, format),
+        _ => gguf_from_hf_gpt2_as(dir, format),
+    }
+}
+
+/// Converts the GPT-2 model folder `dir` to GGUF bytes, weights in f32.
 pub fn gguf_from_hf_gpt2(dir: &Path) -> Result<Vec<u8>, HfModelError> {
+    gguf_from_hf_gpt2_as(dir, WeightFormat::F32)
+}
+
+/// Converts the GPT-2 model folder `dir` to GGUF bytes, weights in `format`.
+pub fn gguf_from_hf_gpt2_as(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, HfModelError> {
     let config_path = dir.join(CONFIG_FILE);
     let cfg = Gpt2Config::from_json(&read_json(&config_path)?, &config_path)?;
     let vocab = Gpt2Vocab::from_folder(dir)?;
@@ -309,7 +386,7 @@ pub fn gguf_from_hf_gpt2(dir: &Path) -> Result<Vec<u8>, HfModelError> {
                     .map_or("gpt2".into(), |n| n.to_string_lossy().into_owned()),
             ),
         )
-        .kv("general.file_type", MetaValue::U32(0))
+        .kv("general.file_type", MetaValue::U32(format.file_type()))
         .kv("gpt2.context_length", MetaValue::U32(c as u32))
         .kv("gpt2.embedding_length", MetaValue::U32(e as u32))
         .kv("gpt2.feed_forward_length", MetaValue::U32(f as u32))
@@ -362,13 +439,12 @@ pub fn gguf_from_hf_gpt2(dir: &Path) -> Result<Vec<u8>, HfModelError> {
         }
         out
     };
-    w = w
-        .tensor_f32("token_embd.weight", &[e, v], &get("wte.weight", &[v, e])?)
-        .tensor_f32(
-            "position_embd.weight",
-            &[e, c],
-            &get("wpe.weight", &[c, e])?,
-        );
+    w = format.matrix(w, "token_embd.weight", e, v, &get("wte.weight", &[v, e])?)?;
+    w = w.tensor_f32(
+        "position_embd.weight",
+        &[e, c],
+        &get("wpe.weight", &[c, e])?,
+    );
     for i in 0..cfg.n_layer {
         let (h, p) = (format!("h.{i}."), format!("blk.{i}."));
         let vector = |name: &str, n: u64| get(&format!("{h}{name}"), &[n]);
@@ -379,59 +455,38 @@ pub fn gguf_from_hf_gpt2(dir: &Path) -> Result<Vec<u8>, HfModelError> {
                 n_out,
             ))
         };
-        w = w
-            .tensor_f32(
-                format!("{p}attn_norm.weight"),
+        let norm = |w: GgufWriter, ours: &str, hf: &str| -> Result<GgufWriter, HfModelError> {
+            Ok(w.tensor_f32(
+                format!("{p}{ours}.weight"),
                 &[e],
-                &vector("ln_1.weight", e)?,
-            )
-            .tensor_f32(format!("{p}attn_norm.bias"), &[e], &vector("ln_1.bias", e)?)
-            .tensor_f32(
-                format!("{p}attn_qkv.weight"),
-                &[e, 3 * e],
-                &conv1d("attn.c_attn.weight", e, 3 * e)?,
+                &vector(&format!("{hf}.weight"), e)?,
             )
             .tensor_f32(
-                format!("{p}attn_qkv.bias"),
-                &[3 * e],
-                &vector("attn.c_attn.bias", 3 * e)?,
-            )
-            .tensor_f32(
-                format!("{p}attn_output.weight"),
-                &[e, e],
-                &conv1d("attn.c_proj.weight", e, e)?,
-            )
-            .tensor_f32(
-                format!("{p}attn_output.bias"),
+                format!("{p}{ours}.bias"),
                 &[e],
-                &vector("attn.c_proj.bias", e)?,
-            )
-            .tensor_f32(
-                format!("{p}ffn_norm.weight"),
-                &[e],
-                &vector("ln_2.weight", e)?,
-            )
-            .tensor_f32(format!("{p}ffn_norm.bias"), &[e], &vector("ln_2.bias", e)?)
-            .tensor_f32(
-                format!("{p}ffn_up.weight"),
-                &[e, f],
-                &conv1d("mlp.c_fc.weight", e, f)?,
-            )
-            .tensor_f32(
-                format!("{p}ffn_up.bias"),
-                &[f],
-                &vector("mlp.c_fc.bias", f)?,
-            )
-            .tensor_f32(
-                format!("{p}ffn_down.weight"),
-                &[f, e],
-                &conv1d("mlp.c_proj.weight", f, e)?,
-            )
-            .tensor_f32(
-                format!("{p}ffn_down.bias"),
-                &[e],
-                &vector("mlp.c_proj.bias", e)?,
+                &vector(&format!("{hf}.bias"), e)?,
+            ))
+        };
+        // (our name, HF name, inputs, outputs)
+        let projections = [
+            ("attn_qkv", "attn.c_attn", e, 3 * e),
+            ("attn_output", "attn.c_proj", e, e),
+            ("ffn_up", "mlp.c_fc", e, f),
+            ("ffn_down", "mlp.c_proj", f, e),
+        ];
+        w = norm(w, "attn_norm", "ln_1")?;
+        for (i, (ours, hf, n_in, n_out)) in projections.into_iter().enumerate() {
+            if i == 2 {
+                w = norm(w, "ffn_norm", "ln_2")?;
+            }
+            let weight = conv1d(&format!("{hf}.weight"), n_in, n_out)?;
+            w = format.matrix(w, &format!("{p}{ours}.weight"), n_in, n_out, &weight)?;
+            w = w.tensor_f32(
+                format!("{p}{ours}.bias"),
+                &[n_out],
+                &vector(&format!("{hf}.bias"), n_out)?,
             );
+        }
     }
     w = w
         .tensor_f32("output_norm.weight", &[e], &get("ln_f.weight", &[e])?)
@@ -445,7 +500,7 @@ pub fn gguf_from_hf_gpt2(dir: &Path) -> Result<Vec<u8>, HfModelError> {
                 expected: vec![v, e],
             });
         }
-        w = w.tensor_f32("output.weight", &[e, v], &weights.to_f32(head)?);
+        w = format.matrix(w, "output.weight", e, v, &weights.to_f32(head)?)?;
     }
     Ok(w.to_bytes())
 }

@@ -43,7 +43,9 @@ fn append_piece(vocab: &Vocab, id: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(text.as_bytes());
     } else if attrs.intersects(TokenAttrs::NORMAL) {
         match vocab.algorithm {
-            Algorithm::SentencePiece => out.extend_from_slice(text.replace('▁', " ").as_bytes()),
+            Algorithm::SentencePiece | Algorithm::Unigram => {
+                out.extend_from_slice(text.replace('▁', " ").as_bytes())
+            }
             Algorithm::BytePairGpt2 => append_byte_level(text, out),
         }
     } else if attrs.intersects(TokenAttrs::BYTE) {

@@ -74,8 +74,13 @@ pub enum TokenizerError {
         expected: &'static str,
     },
     /// `tokenizer.ggml.model` names a vocab type egpu does not implement.
-    #[error("unsupported tokenizer model {0:?} (egpu supports \"gpt2\" and \"llama\")")]
+    #[error(
+        "unsupported tokenizer model {0:?} (egpu supports \"gpt2\", \"llama\" and \"marian\")"
+    )]
     UnsupportedModel(String),
+    /// The SentencePiece model of a `marian` vocab cannot be used.
+    #[error("tokenizer.marian.source_spm: {0}")]
+    BadSentencePiece(#[from] crate::sentencepiece::SentencePieceError),
     /// `tokenizer.ggml.pre` names a pre-tokenizer egpu does not implement.
     #[error(
         "unsupported BPE pre-tokenizer {0:?}; egpu supports default, gpt-2, llama-bpe, qwen2, \
@@ -112,6 +117,9 @@ pub enum TokenizerKind {
     },
     /// SentencePiece with byte fallback (`tokenizer.ggml.model = llama`).
     SentencePiece,
+    /// A SentencePiece Unigram model whose pieces map to the vocab by text
+    /// (`tokenizer.ggml.model = marian`).
+    Unigram,
 }
 
 impl fmt::Display for TokenizerKind {
@@ -124,14 +132,25 @@ impl fmt::Display for TokenizerKind {
                 write!(f, "gpt2 BPE ({pre}, {family} rules)")
             }
             TokenizerKind::SentencePiece => f.write_str("llama SentencePiece"),
+            TokenizerKind::Unigram => f.write_str("SentencePiece Unigram (marian)"),
         }
     }
 }
 
 #[derive(Debug)]
 enum Encoder {
-    Bpe { model: BpeModel, pre: PreTokenizer },
+    Bpe {
+        model: BpeModel,
+        pre: PreTokenizer,
+    },
     Spm(SpmModel),
+    Unigram {
+        model: Box<crate::sentencepiece::SentencePiece>,
+        /// Vocab id of each of the model's pieces (the unknown id where the vocab lacks it).
+        to_vocab: Vec<u32>,
+        /// The vocab's unknown id.
+        unknown: u32,
+    },
 }
 
 /// A tokenizer for one model's vocab: text to ids and back, as llama.cpp does it.
@@ -203,6 +222,27 @@ impl Tokenizer {
                     },
                 )
             }
+            (Algorithm::Unigram, _) => {
+                let bytes = spec
+                    .unigram_model
+                    .as_deref()
+                    .ok_or(TokenizerError::MissingKey("tokenizer.marian.source_spm"))?;
+                let model = crate::sentencepiece::SentencePiece::from_bytes(bytes)?;
+                let unknown = vocab.special.unk.unwrap_or(0);
+                let to_vocab = model
+                    .pieces()
+                    .iter()
+                    .map(|p| vocab.ids_by_text.get(&p.text).copied().unwrap_or(unknown))
+                    .collect();
+                (
+                    TokenizerKind::Unigram,
+                    Encoder::Unigram {
+                        model: Box::new(model),
+                        to_vocab,
+                        unknown,
+                    },
+                )
+            }
             _ => (
                 TokenizerKind::SentencePiece,
                 Encoder::Spm(SpmModel::new(&vocab)),
@@ -266,6 +306,29 @@ impl Tokenizer {
                             }
                             model.encode(&escaped, vocab, &mut out);
                             after_special = false;
+                        }
+                    }
+                }
+            }
+            Encoder::Unigram {
+                model,
+                to_vocab,
+                unknown,
+            } => {
+                let unknown_piece = model.unknown_id();
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Token(id) => out.push(id),
+                        // As MarianTokenizer: pieces map to the vocab by their text, and an
+                        // unknown piece by the text it covers.
+                        Fragment::Text(text) => {
+                            out.extend(model.encode_pieces(text).into_iter().map(|(p, surface)| {
+                                if p == unknown_piece {
+                                    vocab.ids_by_text.get(&surface).copied().unwrap_or(*unknown)
+                                } else {
+                                    to_vocab.get(p as usize).copied().unwrap_or(*unknown)
+                                }
+                            }))
                         }
                     }
                 }
@@ -464,6 +527,10 @@ impl VocabSpec {
             add_bos: meta.get_bool("tokenizer.ggml.add_bos_token"),
             add_eos: meta.get_bool("tokenizer.ggml.add_eos_token"),
             add_space_prefix: meta.get_bool("tokenizer.ggml.add_space_prefix"),
+            unigram_model: match meta.get_array("tokenizer.marian.source_spm") {
+                Some(crate::gguf::MetaArray::U8(bytes)) => Some(bytes.clone()),
+                _ => None,
+            },
         })
     }
 }

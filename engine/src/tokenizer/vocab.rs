@@ -127,6 +127,9 @@ pub struct VocabSpec {
     pub add_eos: Option<bool>,
     /// `tokenizer.ggml.add_space_prefix` (SentencePiece: prepend a space to the text).
     pub add_space_prefix: Option<bool>,
+    /// `tokenizer.marian.source_spm`: the serialized SentencePiece Unigram model that segments
+    /// text for a `marian` vocab (its pieces map to `tokens` by text).
+    pub unigram_model: Option<Vec<u8>>,
 }
 
 /// Special token ids as a GGUF file may store them; `None` when the key is absent.
@@ -202,6 +205,9 @@ pub(crate) enum Algorithm {
     BytePairGpt2,
     /// SentencePiece with byte fallback (`tokenizer.ggml.model = llama`).
     SentencePiece,
+    /// A SentencePiece Unigram model segments the text and each piece maps to the vocab by
+    /// text (`tokenizer.ggml.model = marian`, Marian's `source.spm` + `vocab.json`).
+    Unigram,
 }
 
 /// The vocabulary, resolved: what the encoder and decoder consult.
@@ -321,6 +327,7 @@ impl Vocab {
         let algorithm = match spec.model.as_str() {
             "gpt2" => Algorithm::BytePairGpt2,
             "llama" => Algorithm::SentencePiece,
+            "marian" => Algorithm::Unigram,
             other => return Err(TokenizerError::UnsupportedModel(other.to_owned())),
         };
         let n = spec.tokens.len();
@@ -352,6 +359,12 @@ impl Vocab {
                 add_bos = true;
                 add_eos = false;
                 add_space_prefix = true;
+            }
+            Algorithm::Unigram => {
+                // MarianTokenizer: no BOS, `</s>` appended; spaces are the model's business.
+                add_bos = false;
+                add_eos = true;
+                add_space_prefix = false;
             }
             Algorithm::BytePairGpt2 => {
                 special.bos = Some(11);
