@@ -4,7 +4,7 @@
 
 use egpu_proto::v1::{
     FinishReason, GenerateChunk, GenerateDone, ListModelFilesResponse, ModelInfo, ModelState,
-    ScoreResponse, StatusResponse, TokenLogprob, UnloadResponse,
+    ScoreResponse, StatusResponse, TokenLogprob, Translation, UnloadResponse,
 };
 use serde::Serialize;
 
@@ -305,6 +305,25 @@ pub fn score(response: &ScoreResponse) -> ScoreJson {
             .map(|p| p.top.iter().map(token_logprob).collect())
             .collect(),
     }
+}
+
+/// `translate --json`: one line per sentence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TranslationJson {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub score: f32,
+    pub source_tokens: u32,
+}
+
+pub fn translation(t: &Translation) -> serde_json::Value {
+    serde_json::to_value(TranslationJson {
+        text: t.text.clone(),
+        token_ids: t.token_ids.clone(),
+        score: t.score,
+        source_tokens: t.source_tokens,
+    })
+    .unwrap_or_default()
 }
 
 pub fn model_files(response: &ListModelFilesResponse) -> ModelFilesJson {

@@ -37,6 +37,7 @@ pub mod score;
 pub mod service;
 pub mod status;
 pub mod tokens;
+pub mod translate;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,6 +74,9 @@ enum Command {
     /// Log-probability of every token of a text.
     #[command(after_help = AFTER_HELP)]
     Score(score::ScoreArgs),
+    /// Translate sentences with a translation model (text arguments, or stdin lines).
+    #[command(after_help = AFTER_HELP)]
+    Translate(translate::TranslateArgs),
     /// Text to token ids with a model's tokenizer.
     #[command(after_help = AFTER_HELP)]
     Tokenize(tokens::TokenizeArgs),
@@ -140,6 +144,7 @@ async fn run_daemon_command(socket: &Path, command: &Command) -> anyhow::Result<
         Command::Generate(args) => generate::run(socket, args).await,
         Command::Chat(args) => chat::run(socket, args).await,
         Command::Score(args) => score::run(socket, args).await,
+        Command::Translate(args) => translate::run(socket, args).await,
         Command::Tokenize(args) => tokens::run_tokenize(socket, args).await,
         Command::Detokenize(args) => tokens::run_detokenize(socket, args).await,
         Command::Models(args) => models::run(socket, args).await,

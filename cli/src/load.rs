@@ -17,7 +17,8 @@ use crate::json;
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
     /// A .gguf path, a name in egpud's models folder (see `egpuctl models`), a Hugging Face
-    /// model folder, or a Hugging Face repo id found in the local HF cache (GPT-2 family).
+    /// model folder, or a Hugging Face repo id found in the local HF cache (GPT-2 family,
+    /// Marian opus-mt).
     pub source: String,
     /// Serve the model under this name [default: the file's stem].
     #[arg(long)]
@@ -38,6 +39,10 @@ pub struct LoadArgs {
     /// "cpu" or "tinygrad" [default: egpud's --backend].
     #[arg(long)]
     pub backend: Option<String>,
+    /// For a Hugging Face folder: store the converted weights as "f32" or "q8_0" (8-bit,
+    /// about 3.8x smaller) [default: f32].
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<String>,
     /// Print the model as JSON instead of a sentence.
     #[arg(long)]
     pub json: bool,
@@ -66,6 +71,7 @@ pub async fn run_load(socket: &Path, args: &LoadArgs) -> anyhow::Result<ExitCode
         pin: args.pin,
         keep_alive_ms: args.keep_alive,
         backend: args.backend.clone().unwrap_or_default(),
+        quantize: args.quantize.clone().unwrap_or_default(),
     };
     let mut events = client.load(request(load)).await?.into_inner();
     let mut progress = Progress::new(std::io::stderr().is_terminal());

@@ -20,11 +20,17 @@ use crate::config::KeepAlive;
 use crate::device::DeviceInfo;
 use crate::error::DaemonError;
 use crate::residency::{LoadOptions, LoadPhase, LoadTicket, Residency, Resident};
-use crate::scheduler::{ClientKey, GenerateJob, Job, Request as QueuedRequest, ScoreJob};
+use crate::scheduler::{
+    ClientKey, GenerateJob, Job, Request as QueuedRequest, ScoreJob, TranslateJob,
+};
 use crate::worker::{Worker, WorkerPhase};
 
 /// Most alternatives a request may ask for per position.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most sentences one Translate call takes (a batch that large already fills the device).
+pub const MAX_TRANSLATE_TEXTS: usize = 256;
+/// Most beams a Translate call may ask for.
+pub const MAX_BEAMS: u32 = 16;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -91,6 +97,7 @@ impl Egpu for Api {
             pin: req.pin,
             keep_alive: req.keep_alive_ms.map(KeepAlive::from_millis),
             backend: Some(req.backend).filter(|b| !b.is_empty()),
+            quantize: Some(req.quantize).filter(|q| !q.is_empty()),
         };
         let ticket = self.residency.start_load(opts).await?;
         let stream: Self::LoadStream = match ticket {
@@ -157,6 +164,7 @@ impl Egpu for Api {
         let deadline = grpc_deadline(&request);
         let req = request.into_inner();
         let model = self.residency.get(&req.model)?;
+        not_a_translation_model(&model)?;
         let params = sampling_params(req.sampling.as_ref())?;
         if req.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(invalid(format!(
@@ -227,6 +235,7 @@ impl Egpu for Api {
         let deadline = grpc_deadline(&request);
         let req = request.into_inner();
         let model = self.residency.get(&req.model)?;
+        not_a_translation_model(&model)?;
         if req.top_k > MAX_TOP_LOGPROBS {
             return Err(invalid(format!(
                 "top_k is {}; at most {MAX_TOP_LOGPROBS}",
@@ -266,6 +275,75 @@ impl Egpu for Api {
             job: Job::Score(ScoreJob {
                 tokens,
                 top_k: req.top_k as usize,
+                reply,
+            }),
+            deadline,
+            enqueued: Instant::now(),
+            span,
+        })?;
+        match response.await {
+            Ok(result) => result.map(Response::new),
+            Err(_) => Err(DaemonError::Unloaded(model.name.clone()).into()),
+        }
+    }
+
+    async fn translate(
+        &self,
+        request: Request<pb::TranslateRequest>,
+    ) -> Result<Response<pb::TranslateResponse>, Status> {
+        let client = client_key(&request);
+        let deadline = grpc_deadline(&request);
+        let req = request.into_inner();
+        let model = self.residency.get(&req.model)?;
+        if !model.is_translation_model() {
+            return Err(invalid(format!(
+                "{} is a {} model, not a translation model; Translate serves Marian (opus-mt) models",
+                model.name, model.summary.architecture
+            )));
+        }
+        if req.texts.is_empty() {
+            return Err(invalid("no texts to translate".into()));
+        }
+        if req.texts.len() > MAX_TRANSLATE_TEXTS {
+            return Err(invalid(format!(
+                "{} texts in one request; at most {MAX_TRANSLATE_TEXTS}",
+                req.texts.len()
+            )));
+        }
+        if req.num_beams > MAX_BEAMS {
+            return Err(invalid(format!(
+                "num_beams is {}; at most {MAX_BEAMS}",
+                req.num_beams
+            )));
+        }
+        let tokenizer = model.tokenizer.clone();
+        let texts = req.texts;
+        let sources = tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .map(|t| tokenizer.encode(t, true, false))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        for (i, source) in sources.iter().enumerate() {
+            if source.len() > model.context {
+                return Err(invalid(format!(
+                    "text {i} is {} tokens; {} reads at most {}",
+                    source.len(),
+                    model.name,
+                    model.context
+                )));
+            }
+        }
+        let span = tracing::info_span!("translate", model = %model.name, client = %client.name, texts = sources.len());
+        let (reply, response) = oneshot::channel();
+        model.queue.submit(QueuedRequest {
+            client,
+            job: Job::Translate(TranslateJob {
+                sources,
+                num_beams: req.num_beams as usize,
+                max_tokens: req.max_tokens as usize,
                 reply,
             }),
             deadline,
@@ -370,6 +448,17 @@ impl Stream for EndsWithDone {
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// Generate and Score need a decoder-only model.
+fn not_a_translation_model(model: &Resident) -> Result<(), Status> {
+    if model.is_translation_model() {
+        return Err(invalid(format!(
+            "{} is a translation model (Marian); use Translate (egpuctl translate)",
+            model.name
+        )));
+    }
+    Ok(())
 }
 
 fn invalid(message: String) -> Status {

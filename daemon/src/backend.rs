@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::ThreadPool;
+use egpu_engine::marian::{Hypothesis, MarianError, MarianModel, PoolAccess, SearchSettings};
 use egpu_engine::model::{BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError, Scratch};
 use egpu_engine::model_info::{estimate_from_summary, scratch_bytes_per_token, ModelSummary};
 use egpu_proto::worker as wp;
@@ -167,11 +168,87 @@ impl CpuModel {
     }
 }
 
+/// A Marian (opus-mt) translation model on the CPU backend. It holds no per-slot caches: a
+/// translation's decoder caches live only while it runs.
+#[derive(Debug)]
+pub struct MarianCpu {
+    model: MarianModel,
+}
+
+impl MarianCpu {
+    pub fn load(
+        file: Arc<GgufFile>,
+        spec: &ModelSpec,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<MarianCpu, DaemonError> {
+        let model = MarianModel::load(file).map_err(|e| DaemonError::BadModelFile {
+            path: spec.path.clone(),
+            reason: e.to_string(),
+        })?;
+        touch_weights(model.file(), progress);
+        Ok(MarianCpu { model })
+    }
+
+    pub fn model(&self) -> &MarianModel {
+        &self.model
+    }
+
+    /// Translates on the device's thread pool, taking it for each pass.
+    pub fn translate(
+        &self,
+        device: &Device,
+        sources: &[Vec<u32>],
+        settings: &SearchSettings,
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<Option<Vec<Hypothesis>>, MarianError> {
+        self.model.translate(device, sources, settings, keep_going)
+    }
+}
+
+impl PoolAccess for Device {
+    fn with_pool(&self, f: &mut dyn FnMut(&ThreadPool)) {
+        let pool = self.pool.lock();
+        f(&pool)
+    }
+}
+
+/// What a translation model is estimated to hold: its weights, plus the decoder caches and
+/// cross-attention keys/values of a batch of `batch` sentences at `beams` beams, every one at
+/// the longest length (f32).
+pub fn marian_estimate(
+    model_bytes: u64,
+    meta: &egpu_engine::gguf::Metadata,
+    batch: u64,
+) -> Estimate {
+    let get = |k: &str| meta.get_u64(k).unwrap_or(0);
+    let d = get("marian.embedding_length");
+    let layers = get("marian.block_count");
+    let positions = get("marian.context_length");
+    let beams = get("marian.generation.num_beams").max(1);
+    let max_length = get("marian.generation.max_length").clamp(1, positions.max(1));
+    let per_sentence = 2 * 4 * d * layers * (beams * max_length + positions);
+    let kv_cache = per_sentence.saturating_mul(batch);
+    let vocab = meta
+        .get_str_array("tokenizer.ggml.tokens")
+        .map_or(0, |t| t.len() as u64);
+    // Logits and log-probabilities of every beam, plus activations.
+    let scratch = batch * beams * (vocab * 8 + 16 * d * 4);
+    Estimate {
+        weights: model_bytes,
+        kv_cache,
+        scratch,
+        total: model_bytes.saturating_add(kv_cache).saturating_add(scratch),
+    }
+}
+
 /// A model on either backend.
 #[derive(Debug)]
 pub enum LoadedModel {
     Cpu(Box<CpuModel>),
     Tinygrad(TinygradModel),
+    /// A translation model; the scheduler runs it with its own loop (see
+    /// `scheduler::translate_until_stopped`), so the slot methods below are never used on it.
+    Marian(Box<MarianCpu>),
 }
 
 impl LoadedModel {
@@ -179,6 +256,7 @@ impl LoadedModel {
         match self {
             LoadedModel::Cpu(m) => m.memory_bytes(),
             LoadedModel::Tinygrad(m) => m.bytes,
+            LoadedModel::Marian(m) => m.model.weight_bytes(),
         }
     }
 
@@ -186,6 +264,7 @@ impl LoadedModel {
         match self {
             LoadedModel::Cpu(m) => m.n_slots(),
             LoadedModel::Tinygrad(m) => m.lengths.len(),
+            LoadedModel::Marian(_) => 0,
         }
     }
 
@@ -193,6 +272,7 @@ impl LoadedModel {
         match self {
             LoadedModel::Cpu(m) => m.model().config().n_vocab,
             LoadedModel::Tinygrad(m) => m.n_vocab,
+            LoadedModel::Marian(m) => m.model.config().n_vocab,
         }
     }
 
@@ -200,6 +280,7 @@ impl LoadedModel {
         match self {
             LoadedModel::Cpu(m) => m.slot_capacity(slot),
             LoadedModel::Tinygrad(m) => m.context,
+            LoadedModel::Marian(_) => 0,
         }
     }
 
@@ -207,6 +288,7 @@ impl LoadedModel {
         match self {
             LoadedModel::Cpu(m) => m.clear_slot(slot),
             LoadedModel::Tinygrad(m) => m.lengths[slot] = 0,
+            LoadedModel::Marian(_) => {}
         }
     }
 
@@ -224,6 +306,9 @@ impl LoadedModel {
                     .map_err(|e| DaemonError::Internal(e.to_string()))
             }
             LoadedModel::Tinygrad(m) => m.forward(steps),
+            LoadedModel::Marian(_) => Err(DaemonError::Internal(
+                "a translation model has no decoder-only forward pass".into(),
+            )),
         }
     }
 }

@@ -3,16 +3,17 @@
 //! A load's source may name a Hugging Face model folder — its absolute path, or a repo id
 //! (`openai-community/gpt2`, or a bare `gpt2` when no GGUF in the models folder has that name)
 //! found offline in the HF cache (`egpu_engine::hf_cache`). Such a folder is converted once to a
-//! GGUF (`egpu_engine::hf_gpt2`) kept under `<models folder>/hf/<key>/<name>.gguf`, and from then
-//! on it is an ordinary GGUF model for both backends. The key hashes the folder's path, its
-//! `config.json` and its weights' size and modification time, so an updated snapshot converts
-//! again and an unchanged one is reused.
+//! GGUF (`egpu_engine::hf_gpt2`, `egpu_engine::hf_marian`) kept under
+//! `<models folder>/hf/<key>/<name>[-q8_0].gguf`, and from then on it is an ordinary GGUF model.
+//! The key hashes the folder's path, its `config.json` and its weights' and tokenizer files' size
+//! and modification time, so an updated snapshot converts again and an unchanged one is reused;
+//! f32 and q8_0 conversions are kept side by side.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use egpu_engine::hf_cache::{self, HfCacheError, HfEnv, CONFIG_FILE};
-use egpu_engine::hf_gpt2::{gguf_from_hf_gpt2, HfModelError};
+use egpu_engine::hf_gpt2::{gguf_from_hf_folder, HfModelError, WeightFormat};
 
 use crate::error::DaemonError;
 use crate::residency::resolve_source;
@@ -86,17 +87,22 @@ pub fn converted_gguf(
     models_dir: &Path,
     folder: &Path,
     name: &str,
+    format: WeightFormat,
 ) -> Result<PathBuf, DaemonError> {
     let key = conversion_key(folder).map_err(|e| DaemonError::BadModelFile {
         path: folder.to_path_buf(),
         reason: e.to_string(),
     })?;
     let dir = models_dir.join("hf").join(format!("{key:016x}"));
-    let out = dir.join(format!("{name}.gguf"));
+    let file_name = match format {
+        WeightFormat::F32 => format!("{name}.gguf"),
+        other => format!("{name}-{}.gguf", other.name()),
+    };
+    let out = dir.join(&file_name);
     if out.is_file() {
         return Ok(out);
     }
-    let bytes = gguf_from_hf_gpt2(folder).map_err(|e| match e {
+    let bytes = gguf_from_hf_folder(folder, format).map_err(|e| match e {
         HfModelError::UnsupportedModelType { .. } | HfModelError::UnsupportedConfig { .. } => {
             DaemonError::InvalidArgument(format!("{}: {e}", folder.display()))
         }
@@ -108,7 +114,7 @@ pub fn converted_gguf(
     let io = |e: std::io::Error| DaemonError::Internal(format!("writing {}: {e}", out.display()));
     std::fs::create_dir_all(&dir).map_err(io)?;
     // Written aside and renamed, so a crash never leaves a half GGUF under the final name.
-    let tmp = dir.join(format!(".{name}.gguf.{}", std::process::id()));
+    let tmp = dir.join(format!(".{file_name}.{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, &out).map_err(io)?;
     Ok(out)
@@ -123,6 +129,8 @@ fn conversion_key(folder: &Path) -> std::io::Result<u64> {
         "vocab.json",
         "merges.txt",
         "tokenizer.json",
+        "generation_config.json",
+        "source.spm",
     ] {
         if let Ok(meta) = std::fs::metadata(folder.join(file)) {
             file.hash(&mut h);

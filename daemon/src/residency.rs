@@ -18,13 +18,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use egpu_engine::chat::ChatTemplate;
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::hf_cache::HfEnv;
+use egpu_engine::hf_gpt2::WeightFormat;
 use egpu_engine::model_info::{bytes_by_type, ModelSummary};
 use egpu_engine::tokenizer::Tokenizer;
 use egpu_proto::v1::{self as pb, ModelState};
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 
-use crate::backend::{self, CpuModel, Estimate, LoadedModel, ModelSpec, Progress, TinygradModel};
+use crate::backend::{
+    self, CpuModel, Estimate, LoadedModel, MarianCpu, ModelSpec, Progress, TinygradModel,
+};
 use crate::config::KeepAlive;
 use crate::error::DaemonError;
 use crate::hf_source;
@@ -49,6 +52,8 @@ pub struct LoadOptions {
     pub pin: bool,
     pub keep_alive: Option<KeepAlive>,
     pub backend: Option<String>,
+    /// How a Hugging Face folder's weights are converted (`f32`, `q8_0`).
+    pub quantize: Option<String>,
 }
 
 /// Fixed settings of the residency manager.
@@ -132,6 +137,12 @@ impl Resident {
             vocab_size: self.tokenizer.vocab_size() as u32,
             trained_context_length: self.summary.context_length.unwrap_or(0) as u32,
         }
+    }
+
+    /// An encoder-decoder translation model (Translate), rather than a decoder-only one
+    /// (Generate, Score).
+    pub fn is_translation_model(&self) -> bool {
+        self.summary.architecture == "marian"
     }
 
     /// Waits for the batching thread to end (after its queue was stopped).
@@ -333,8 +344,14 @@ impl Residency {
             hf_source::Source::HfFolder { folder, name } => {
                 let models_dir = self.settings.models_dir.clone();
                 let hf_name = name.clone();
+                let quantize = opts.quantize.clone().unwrap_or_default();
+                let format = WeightFormat::parse(&quantize).ok_or_else(|| {
+                    DaemonError::InvalidArgument(format!(
+                        "unknown quantize {quantize:?}: use f32 or q8_0"
+                    ))
+                })?;
                 let path = tokio::task::spawn_blocking(move || {
-                    hf_source::converted_gguf(&models_dir, &folder, &name)
+                    hf_source::converted_gguf(&models_dir, &folder, &name, format)
                 })
                 .await
                 .map_err(|e| DaemonError::Internal(e.to_string()))??;
@@ -394,7 +411,19 @@ impl Residency {
             slots,
             batch_tokens: self.settings.batch_tokens.max(slots),
         };
-        let estimate = backend::estimate(&file, &summary, &spec);
+        let translation = summary.architecture == "marian";
+        if translation && link.is_some() {
+            return Err(DaemonError::UnsupportedBackend {
+                name: format!("{backend} (Marian translation models run on the cpu backend only)"),
+                available: "cpu".into(),
+            });
+        }
+        let estimate = if translation {
+            // `slots` sentences translated at once, as a typical batch.
+            backend::marian_estimate(file.tensor_bytes(), file.metadata(), slots as u64)
+        } else {
+            backend::estimate(&file, &summary, &spec)
+        };
         let keep_alive = opts.keep_alive.unwrap_or(self.settings.default_keep_alive);
 
         let (phase_tx, phase_rx) = watch::channel(LoadPhase::Progress(pb::LoadProgress {
@@ -664,10 +693,20 @@ impl Residency {
             let template = ChatTemplate::from_gguf(meta).map_err(|e| bad(e.to_string()))?;
             let quant_mix = quant_mix(&file);
             let parameters = file.tensors().iter().map(|t| t.n_elements).sum();
-            let model = if on_cpu {
-                Some(CpuModel::load(file, &load_spec, &mut report)?)
-            } else {
+            let model = if !on_cpu {
                 None
+            } else if file.metadata().architecture() == Some("marian") {
+                Some(LoadedModel::Marian(Box::new(MarianCpu::load(
+                    file,
+                    &load_spec,
+                    &mut report,
+                )?)))
+            } else {
+                Some(LoadedModel::Cpu(Box::new(CpuModel::load(
+                    file,
+                    &load_spec,
+                    &mut report,
+                )?)))
             };
             Ok::<_, DaemonError>((model, tokenizer, template, quant_mix, parameters))
         })
@@ -675,7 +714,7 @@ impl Residency {
         .map_err(|e| DaemonError::Internal(format!("load task failed: {e}")))??;
         let (cpu_model, tokenizer, template, quant_mix, parameters) = loaded;
         let model = match (cpu_model, link) {
-            (Some(model), _) => LoadedModel::Cpu(Box::new(model)),
+            (Some(model), _) => model,
             (None, Some(link)) => {
                 progress(
                     "uploading to the device",
@@ -689,7 +728,7 @@ impl Residency {
         };
         let (worker_generation, worker_link) = match &model {
             LoadedModel::Tinygrad(m) => (Some(m.generation()), Some(m.link().clone())),
-            LoadedModel::Cpu(_) => (None, None),
+            LoadedModel::Cpu(_) | LoadedModel::Marian(_) => (None, None),
         };
         // Every id the tokenizer can produce must have an embedding row and a logit;
         // a file where it does not would fail requests (or worse) much later.

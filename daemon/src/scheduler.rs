@@ -26,13 +26,13 @@ use egpu_engine::sampler::{Sampler, SamplingParams, StopMatcher, StopStatus};
 use egpu_engine::tokenizer::{StreamDecoder, Tokenizer};
 use egpu_proto::v1::{
     generate_event, FinishReason, GenerateChunk, GenerateDone, GenerateEvent, ScorePosition,
-    ScoreResponse, Timings, TokenLogprob, TokenLogprobs,
+    ScoreResponse, Timings, TokenLogprob, TokenLogprobs, TranslateResponse, Translation,
 };
 use parking_lot::{Condvar, FairMutex, Mutex};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::Status;
 
-use crate::backend::{LoadedModel, SlotStep};
+use crate::backend::{LoadedModel, MarianCpu, SlotStep};
 use crate::error::DaemonError;
 
 /// The one device all models share. Its lock is fair, so models with work take turns step by
@@ -78,10 +78,22 @@ pub struct ScoreJob {
     pub reply: oneshot::Sender<Result<ScoreResponse, Status>>,
 }
 
+/// A translation request: source ids (each ending with `</s>`), translated as one batch.
+#[derive(Debug)]
+pub struct TranslateJob {
+    pub sources: Vec<Vec<u32>>,
+    /// 0 = the model's.
+    pub num_beams: usize,
+    /// Most output tokens; 0 = the model's.
+    pub max_tokens: usize,
+    pub reply: oneshot::Sender<Result<TranslateResponse, Status>>,
+}
+
 #[derive(Debug)]
 pub enum Job {
     Generate(GenerateJob),
     Score(ScoreJob),
+    Translate(TranslateJob),
 }
 
 impl Job {
@@ -89,6 +101,7 @@ impl Job {
         match self {
             Job::Generate(g) => g.events.is_closed(),
             Job::Score(s) => s.reply.is_closed(),
+            Job::Translate(t) => t.reply.is_closed(),
         }
     }
 
@@ -96,6 +109,9 @@ impl Job {
         match self {
             Job::Generate(g) => g.fail(err),
             Job::Score(s) => s.fail(err),
+            Job::Translate(t) => {
+                let _ = t.reply.send(Err(err.into()));
+            }
         }
     }
 }
@@ -317,12 +333,19 @@ pub fn run_batcher(
 }
 
 fn batch_until_stopped(
-    mut model: LoadedModel,
+    model: LoadedModel,
     tokenizer: Arc<Tokenizer>,
     queue: Arc<ModelQueue>,
     device: Arc<Device>,
     settings: BatchSettings,
 ) {
+    let model = match model {
+        LoadedModel::Marian(translator) => {
+            return translate_until_stopped(&translator, &tokenizer, &queue, &device);
+        }
+        other => other,
+    };
+    let mut model = model;
     let n_slots = model.n_slots();
     let mut slots: Vec<Option<Sequence<'_>>> = (0..n_slots).map(|_| None).collect();
     let mut batcher = Batcher {
@@ -428,10 +451,22 @@ impl<'t> Batcher<'t> {
 
             while let Some(free) = slots.iter().position(Option::is_none) {
                 let Some(req) = pick_fair(&mut st) else { break };
-                *st.active_by_client.entry(req.client.clone()).or_default() += 1;
+                let client = req.client.clone();
+                let seq = match self.start(req, model.slot_capacity(free)) {
+                    Ok(seq) => seq,
+                    Err(job) => {
+                        // The API sends translations only to translation models.
+                        (*job).fail(DaemonError::InvalidArgument(format!(
+                            "{} is not a translation model",
+                            self.queue.model
+                        )));
+                        continue;
+                    }
+                };
+                *st.active_by_client.entry(client).or_default() += 1;
                 st.active += 1;
                 model.clear_slot(free);
-                slots[free] = Some(self.start(req, model.slot_capacity(free)));
+                slots[free] = Some(seq);
             }
             if st.active > 0 {
                 return None;
@@ -444,9 +479,11 @@ impl<'t> Batcher<'t> {
         }
     }
 
-    fn start(&self, req: Request, capacity: usize) -> Sequence<'t> {
+    /// A sequence for a Generate or Score request; other jobs come back.
+    fn start(&self, req: Request, capacity: usize) -> Result<Sequence<'t>, Box<Job>> {
         let admitted = Instant::now();
         let (input, kind) = match req.job {
+            job @ Job::Translate(_) => return Err(Box::new(job)),
             Job::Generate(job) => {
                 let mut sampler = Sampler::new(job.params.clone());
                 sampler.accept_all(&job.prompt);
@@ -482,7 +519,7 @@ impl<'t> Batcher<'t> {
                 "admitted"
             )
         });
-        Sequence {
+        Ok(Sequence {
             client: req.client,
             deadline: req.deadline,
             enqueued: req.enqueued,
@@ -491,7 +528,7 @@ impl<'t> Batcher<'t> {
             input,
             fed: 0,
             kind,
-        }
+        })
     }
 
     /// One batched forward pass and what follows from it.
@@ -967,4 +1004,149 @@ fn score_position(tokenizer: &Tokenizer, row: &[f32], target: u32, k: usize) -> 
         logprob: lp.get(target as usize).map(|&v| v as f32),
         top: top_k(tokenizer, &lp, k),
     }
+}
+
+/// The loop of a translation model: one request (a batch of sentences) at a time, fairly between
+/// clients, taking the device for the encoder and for each decoder step so that other models
+/// keep their turns. A request whose client goes away or whose deadline passes is dropped
+/// between steps.
+fn translate_until_stopped(
+    translator: &MarianCpu,
+    tokenizer: &Tokenizer,
+    queue: &ModelQueue,
+    device: &Device,
+) {
+    loop {
+        let req = {
+            let mut st = queue.state.lock();
+            loop {
+                if let Some(reason) = st.stop {
+                    let err = || match reason {
+                        StopReason::Unload => DaemonError::Unloaded(queue.model.clone()),
+                        StopReason::Shutdown => DaemonError::ShuttingDown,
+                        StopReason::Crashed => queue.crashed(),
+                        StopReason::DeviceLost => device_lost(&queue.model),
+                    };
+                    for (_, req) in st.waiting.drain(..) {
+                        req.job.fail(err());
+                    }
+                    st.active = 0;
+                    st.active_by_client.clear();
+                    return;
+                }
+                let now = Instant::now();
+                st.waiting.retain(|(_, req)| !req.job.is_closed());
+                if let Some(i) = st
+                    .waiting
+                    .iter()
+                    .position(|(_, r)| r.deadline.is_some_and(|d| d <= now))
+                {
+                    if let Some((_, req)) = st.waiting.remove(i) {
+                        req.job.fail(DaemonError::DeadlineExceeded { generated: 0 });
+                    }
+                    continue;
+                }
+                if let Some(req) = pick_fair(&mut st) {
+                    *st.active_by_client.entry(req.client.clone()).or_default() += 1;
+                    st.active += 1;
+                    break req;
+                }
+                if st.idle_since.is_none() {
+                    st.idle_since = Some(Instant::now());
+                    queue.idle.notify_one();
+                }
+                queue.wake.wait(&mut st);
+            }
+        };
+        let client = req.client.clone();
+        let finished = run_translation(translator, tokenizer, device, req);
+        let served = finished
+            .as_ref()
+            .is_some_and(|(_, outcome)| outcome.is_ok());
+        let mut st = queue.state.lock();
+        st.active = st.active.saturating_sub(1);
+        if let Some(n) = st.active_by_client.get_mut(&client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.active_by_client.remove(&client);
+            }
+        }
+        if served {
+            st.served += 1;
+        }
+        st.last_used = SystemTime::now();
+        drop(st);
+        // Replied only after the counts: a client that reads its answer and then asks for
+        // Status sees its request served.
+        if let Some((reply, outcome)) = finished {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+type TranslateReply = (
+    oneshot::Sender<Result<TranslateResponse, Status>>,
+    Result<TranslateResponse, Status>,
+);
+
+/// Runs one translation request; returns the reply to send, or None when there is nobody to
+/// send it to (or it was already sent).
+fn run_translation(
+    translator: &MarianCpu,
+    tokenizer: &Tokenizer,
+    device: &Device,
+    req: Request,
+) -> Option<TranslateReply> {
+    let Job::Translate(job) = req.job else {
+        req.job.fail(DaemonError::InvalidArgument(
+            "a translation model serves only Translate".into(),
+        ));
+        return None;
+    };
+    let _entered = req.span.enter();
+    let started = Instant::now();
+    let queued_ms = started.duration_since(req.enqueued).as_secs_f64() * 1e3;
+    let mut settings = translator.model().search_settings().clone();
+    if job.num_beams > 0 {
+        settings.num_beams = job.num_beams;
+    }
+    if job.max_tokens > 0 {
+        // max_length counts the decoder start token.
+        settings.max_length = job.max_tokens + 1;
+    }
+    let deadline = req.deadline;
+    let reply = job.reply;
+    let mut deadline_passed = false;
+    let mut keep_going = || {
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            deadline_passed = true;
+            return false;
+        }
+        !reply.is_closed()
+    };
+    let result = translator.translate(device, &job.sources, &settings, &mut keep_going);
+    let outcome = match result {
+        Ok(Some(hypotheses)) => Ok(TranslateResponse {
+            translations: hypotheses
+                .into_iter()
+                .zip(&job.sources)
+                .map(|(h, source)| Translation {
+                    text: tokenizer.decode(&h.tokens).trim_start().to_owned(),
+                    token_ids: h.tokens,
+                    score: h.score,
+                    source_tokens: source.len() as u32,
+                })
+                .collect(),
+            num_beams: settings.num_beams as u32,
+            queued_ms,
+            translate_ms: started.elapsed().as_secs_f64() * 1e3,
+        }),
+        Ok(None) if deadline_passed => Err(DaemonError::DeadlineExceeded { generated: 0 }.into()),
+        Ok(None) => {
+            tracing::info!("client went away; translation abandoned");
+            return None;
+        }
+        Err(e) => Err(DaemonError::InvalidArgument(e.to_string()).into()),
+    };
+    Some((reply, outcome))
 }

@@ -66,6 +66,8 @@ impl PinnedModel {
             pin: true,
             keep_alive: self.keep_alive_ms.map(KeepAlive::from_millis),
             backend: Some(self.backend.clone()).filter(|b| !b.is_empty()),
+            // The source is the converted GGUF itself, whatever its weights' format.
+            quantize: None,
         }
     }
 }

@@ -1,0 +1,284 @@
+//! Marian (opus-mt) translation through egpud: the tiny random MarianMT folder of
+//! `engine/tests/fixtures/hf/tiny-marian` (source.spm, target.spm, vocab.json, safetensors) loaded
+//! by path, translated with the Translate RPC and with `egpuctl translate`, against transformers'
+//! greedy and beam-search outputs for the same folder (`scripts/gen_tiny_marian.py`).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use egpu_e2e::v1 as pb;
+use egpu_e2e::{binary, load, status, TestDaemon};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/fixtures/hf")
+        .join(name)
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("tiny-marian.ref.json")).unwrap())
+        .unwrap()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// transformers' output row: without the start token, cut after `</s>` (id 0).
+fn generated(row: &Value) -> Vec<u32> {
+    let mut out = Vec::new();
+    for id in row.as_array().unwrap().iter().skip(1) {
+        let id = id.as_u64().unwrap() as u32;
+        out.push(id);
+        if id == 0 {
+            break;
+        }
+    }
+    out
+}
+
+fn load_request(source: PathBuf, name: &str, quantize: &str) -> pb::LoadRequest {
+    pb::LoadRequest {
+        source: source.display().to_string(),
+        name: name.into(),
+        quantize: quantize.into(),
+        ..Default::default()
+    }
+}
+
+fn translate_request(model: &str, texts: &[String], beams: u32) -> pb::TranslateRequest {
+    pb::TranslateRequest {
+        model: model.into(),
+        texts: texts.to_vec(),
+        num_beams: beams,
+        max_tokens: 0,
+    }
+}
+
+#[tokio::test]
+async fn marian_folder_translates_like_transformers_greedy_and_beam() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let mut client = daemon.client().await;
+    let info = load(&mut client, load_request(fixture("tiny-marian"), "", ""))
+        .await
+        .unwrap();
+    assert_eq!(info.name, "tiny-marian");
+    assert_eq!(info.architecture, "marian");
+    assert!(info.bytes_estimated > 0);
+
+    let reference = reference();
+    for (kind, beams) in [("beam", 0), ("greedy", 1)] {
+        let r = &reference[kind];
+        let sources = strings(&r["sources"]);
+        let response = client
+            .translate(translate_request("tiny-marian", &sources, beams))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.translations.len(), sources.len());
+        assert_eq!(
+            response.num_beams as u64,
+            r["num_beams"].as_u64().unwrap(),
+            "{kind}: generation_config.json's beams are the default"
+        );
+        let texts = strings(&r["text"]);
+        for ((t, want), text) in response
+            .translations
+            .iter()
+            .zip(r["ids"].as_array().unwrap())
+            .zip(&texts)
+        {
+            assert_eq!(t.token_ids, generated(want), "{kind}");
+            assert_eq!(&t.text, text, "{kind}");
+        }
+    }
+    let st = status(&mut client).await;
+    let model = st.models.iter().find(|m| m.name == "tiny-marian").unwrap();
+    assert_eq!(model.requests_served, 2);
+}
+
+#[tokio::test]
+async fn wrong_requests_are_refused_and_egpud_keeps_serving() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let mut client = daemon.client().await;
+    load(&mut client, load_request(fixture("tiny-marian"), "mt", ""))
+        .await
+        .unwrap();
+    load(&mut client, load_request(fixture("tiny-gpt2"), "", ""))
+        .await
+        .unwrap();
+    let one = vec!["Où est la bibliothèque ?".to_owned()];
+
+    // Generation from a translation model, translation with a text model.
+    let err = client
+        .generate(pb::GenerateRequest {
+            model: "mt".into(),
+            input: Some(pb::generate_request::Input::Prompt("hello".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("translation model"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .translate(translate_request("tiny-gpt2", &one, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("not a translation model"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .translate(translate_request("no-such-model", &one, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = client
+        .translate(translate_request("mt", &[], 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = client
+        .translate(translate_request("mt", &one, 99))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Longer than the model's positions (64 in the fixture).
+    let long = vec!["word ".repeat(200)];
+    let err = client
+        .translate(translate_request("mt", &long, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = load(
+        &mut client,
+        load_request(fixture("tiny-marian"), "q", "q4_k"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Still serving, and a capped length is honoured (end token forced within it).
+    let ok = client
+        .translate(pb::TranslateRequest {
+            model: "mt".into(),
+            texts: one,
+            num_beams: 2,
+            max_tokens: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.translations[0].token_ids.len() <= 3, "{ok:?}");
+}
+
+#[tokio::test]
+async fn q8_0_conversion_is_smaller_and_still_translates() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let mut client = daemon.client().await;
+    let f32_info = load(&mut client, load_request(fixture("tiny-marian"), "f32", ""))
+        .await
+        .unwrap();
+    let q8_info = load(
+        &mut client,
+        load_request(fixture("tiny-marian"), "q8", "q8_0"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        q8_info.quant_mix.iter().any(|q| q.r#type == "Q8_0"),
+        "{q8_info:?}"
+    );
+    let weights = |info: &pb::ModelInfo| info.quant_mix.iter().map(|q| q.bytes).sum::<u64>();
+    assert!(
+        weights(&q8_info) * 2 < weights(&f32_info),
+        "q8_0 {} vs f32 {}",
+        weights(&q8_info),
+        weights(&f32_info)
+    );
+    let texts = strings(&reference()["beam"]["sources"]);
+    let response = client
+        .translate(translate_request("q8", &texts, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.translations.len(), texts.len());
+    assert!(response
+        .translations
+        .iter()
+        .all(|t| !t.token_ids.is_empty()));
+}
+
+#[tokio::test]
+async fn egpuctl_translate_reads_arguments_or_stdin_lines() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let mut client = daemon.client().await;
+    load(&mut client, load_request(fixture("tiny-marian"), "mt", ""))
+        .await
+        .unwrap();
+    let reference = reference();
+    let sources = strings(&reference["beam"]["sources"]);
+    let expected = strings(&reference["beam"]["text"]);
+    let egpuctl = |args: &[&str]| {
+        let mut cmd = Command::new(binary("egpuctl"));
+        cmd.arg("--socket").arg(&daemon.socket).args(args);
+        cmd.env_remove("EGPU_SOCKET").env("NO_COLOR", "1");
+        cmd
+    };
+
+    let mut args = vec!["translate", "mt"];
+    args.extend(sources.iter().map(String::as_str));
+    let out = egpuctl(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines, expected);
+
+    // From stdin: one sentence per line, a blank line kept in place.
+    let mut child = egpuctl(&["translate", "mt"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("{}\n\n{}\n", sources[0], sources[1]);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}\n\n{}\n", expected[0], expected[1])
+    );
+}
