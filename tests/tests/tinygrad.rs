@@ -262,6 +262,57 @@ async fn every_quant_type_agrees_with_the_cpu_engine_on_synthetic_models() {
     }
 }
 
+/// A Hugging Face GPT-2 folder on the worker: the converted GGUF is an ordinary gpt2 GGUF there,
+/// checked against the CPU engine and against transformers' log-probabilities for the same folder
+/// (`engine/tests/fixtures/hf`, `scripts/gen_tiny_hf.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hugging_face_gpt2_folder_runs_on_tinygrad_like_transformers() {
+    let daemon = start(&[]);
+    let mut client = daemon.client().await;
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/hf");
+    let folder = fixtures.join("tiny-gpt2");
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("tiny-gpt2.ref.json")).expect("reference"),
+    )
+    .expect("json");
+    let text = &reference["greedy_text"];
+    let prompt = text["prompt"].as_str().expect("prompt");
+    load_on(&mut client, &folder, "hf-cpu", "cpu", 64, 1, false)
+        .await
+        .expect("HF folder on cpu");
+    load_on(&mut client, &folder, "hf-tg", "tinygrad", 64, 1, false)
+        .await
+        .unwrap_or_else(|e| panic!("HF folder on tinygrad: {e}\n{}", daemon.log_text()));
+    let (cpu, tg) = (
+        score(&mut client, "hf-cpu", prompt).await,
+        score(&mut client, "hf-tg", prompt).await,
+    );
+    let (max, mean) = agree(&cpu, &tg, "tiny-gpt2 (HF)");
+    let mut vs_transformers = 0f64;
+    for (pos, want) in tg.positions[1..]
+        .iter()
+        .zip(text["score_logprobs"].as_array().expect("logprobs"))
+    {
+        let got = f64::from(pos.logprob.expect("a log-prob"));
+        vs_transformers = vs_transformers.max((got - want.as_f64().expect("number")).abs());
+    }
+    eprintln!(
+        "HF gpt2: |cpu - tinygrad| max {max:e}, mean {mean:e}; |tinygrad - transformers| max \
+         {vs_transformers:e}"
+    );
+    // F32 weights stay F32 on DEV=CPU: the issue's 1e-4. GPUs may take F32 matrices through
+    // half-precision paths, so they get the backends' agreement tolerance.
+    let limit = if dev() == "CPU" {
+        1e-4
+    } else {
+        f64::from(LOGPROB_TOLERANCE)
+    };
+    assert!(
+        vs_transformers <= limit,
+        "tinygrad vs transformers: {vs_transformers}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_ends_its_streams_and_comes_back_with_the_pinned_models() {
     let daemon = start(&["--worker-heartbeat", "200ms"]);
