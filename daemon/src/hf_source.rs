@@ -126,6 +126,7 @@ fn conversion_key(folder: &Path) -> std::io::Result<u64> {
     std::fs::read(folder.join(CONFIG_FILE))?.hash(&mut h);
     for file in [
         "model.safetensors",
+        "model.safetensors.index.json",
         "vocab.json",
         "merges.txt",
         "tokenizer.json",

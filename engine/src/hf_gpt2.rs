@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::gguf::write::GgufWriter;
 use crate::gguf::{MetaArray, MetaValue};
 use crate::hf_cache::CONFIG_FILE;
-use crate::safetensors::{SafetensorsError, SafetensorsFile};
+use crate::safetensors::{SafetensorsError, SafetensorsSet};
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TOKEN_NORMAL: i32 = 1;
@@ -357,7 +357,7 @@ pub fn gguf_from_hf_gpt2_as(dir: &Path, format: WeightFormat) -> Result<Vec<u8>,
             ),
         });
     }
-    let weights = SafetensorsFile::open(dir.join("model.safetensors"))?;
+    let weights = SafetensorsSet::open_folder(dir)?;
     // checkpoints are saved from GPT2LMHeadModel ("transformer." prefix) or GPT2Model (none)
     let prefix = if weights.tensor("transformer.wte.weight").is_ok() {
         "transformer."

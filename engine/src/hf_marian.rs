@@ -27,7 +27,7 @@ use crate::gguf::write::GgufWriter;
 use crate::gguf::{MetaArray, MetaValue};
 use crate::hf_cache::CONFIG_FILE;
 use crate::hf_gpt2::{read_json, HfModelError, WeightFormat};
-use crate::safetensors::SafetensorsFile;
+use crate::safetensors::SafetensorsSet;
 
 /// Token types as `tokenizer.ggml.token_type` stores them.
 const TOKEN_NORMAL: i32 = 1;
@@ -157,7 +157,7 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
     crate::sentencepiece::SentencePiece::from_bytes(&source_spm)
         .map_err(|e| bad(&spm_path, e.to_string()))?;
 
-    let weights = SafetensorsFile::open(dir.join("model.safetensors"))?;
+    let weights = SafetensorsSet::open_folder(dir)?;
     let prefix = if weights.tensor("model.shared.weight").is_ok()
         || weights.tensor("model.encoder.embed_tokens.weight").is_ok()
     {

@@ -232,6 +232,104 @@ impl SafetensorsFile {
     }
 }
 
+/// A model's weights: one `model.safetensors`, or the shards a `model.safetensors.index.json`
+/// names (`{"weight_map": {tensor: shard file}}`), looked up by tensor name as one set.
+#[derive(Debug)]
+pub struct SafetensorsSet {
+    files: Vec<SafetensorsFile>,
+    /// Tensor name to its file's index in `files`.
+    owner: BTreeMap<String, usize>,
+}
+
+/// The single-file weights of a Hugging Face folder.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of sharded weights.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+impl SafetensorsSet {
+    /// The weights of the model folder `dir`: `model.safetensors`, else the shards of
+    /// `model.safetensors.index.json`. Each shard is checked as a file; the index must name only
+    /// files in `dir`, and each tensor must be in the shard the index says.
+    pub fn open_folder(dir: &Path) -> Result<SafetensorsSet, SafetensorsError> {
+        let single = dir.join(SINGLE_FILE);
+        let index = dir.join(INDEX_FILE);
+        if single.is_file() || !index.is_file() {
+            let file = SafetensorsFile::open(&single)?;
+            let owner = file.tensors.keys().map(|k| (k.clone(), 0)).collect();
+            return Ok(SafetensorsSet {
+                files: vec![file],
+                owner,
+            });
+        }
+        let bad = |reason: String| SafetensorsError::BadHeader {
+            reason: format!("{}: {reason}", index.display()),
+        };
+        let text = std::fs::read_to_string(&index).map_err(|source| SafetensorsError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let map = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| bad("no weight_map object".into()))?;
+        let mut files: Vec<SafetensorsFile> = Vec::new();
+        let mut by_shard: BTreeMap<String, usize> = BTreeMap::new();
+        let mut owner = BTreeMap::new();
+        for (tensor, shard) in map {
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| bad(format!("{tensor:?} maps to a non-string")))?;
+            // A shard is a file next to the index, never a path elsewhere.
+            if shard.is_empty() || shard.contains('/') || shard.contains('\\') || shard == ".." {
+                return Err(bad(format!(
+                    "shard name {shard:?} is not a file in the folder"
+                )));
+            }
+            let at = match by_shard.get(shard) {
+                Some(&at) => at,
+                None => {
+                    files.push(SafetensorsFile::open(dir.join(shard))?);
+                    by_shard.insert(shard.to_owned(), files.len() - 1);
+                    files.len() - 1
+                }
+            };
+            files[at].tensor(tensor)?;
+            owner.insert(tensor.clone(), at);
+        }
+        if files.is_empty() {
+            return Err(bad("the weight_map is empty".into()));
+        }
+        Ok(SafetensorsSet { files, owner })
+    }
+
+    /// Number of files the weights are in.
+    pub fn n_files(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<&SafeTensor, SafetensorsError> {
+        match self.owner.get(name) {
+            Some(&at) => self.files[at].tensor(name),
+            None => Err(SafetensorsError::Missing {
+                name: name.to_string(),
+                path: self.files[0].path.clone(),
+            }),
+        }
+    }
+
+    /// The tensor's values widened to f32 (see [`SafetensorsFile::to_f32`]).
+    pub fn to_f32(&self, tensor: &SafeTensor) -> Result<Vec<f32>, SafetensorsError> {
+        match self.owner.get(&tensor.name) {
+            Some(&at) => self.files[at].to_f32(tensor),
+            None => Err(SafetensorsError::Missing {
+                name: tensor.name.clone(),
+                path: self.files[0].path.clone(),
+            }),
+        }
+    }
+}
+
 type Parsed = (BTreeMap<String, SafeTensor>, BTreeMap<String, String>);
 
 fn parse_header(bytes: &[u8]) -> Result<Parsed, SafetensorsError> {

@@ -134,3 +134,88 @@ fn other_model_types_and_broken_folders_are_clear_errors() {
         "{err}"
     );
 }
+
+/// Writes a safetensors file holding `tensors` (name, dtype, shape, little-endian bytes).
+fn write_safetensors(path: &std::path::Path, tensors: &[(String, String, Vec<u64>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape,
+                               "data_offsets": [data.len(), data.len() + bytes.len()]}),
+        );
+        data.extend_from_slice(bytes);
+    }
+    let mut json = serde_json::to_vec(&header).unwrap();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn sharded_weights_convert_like_a_single_file() {
+    use egpu_engine::safetensors::SafetensorsFile;
+    let src = common::fixture("hf/tiny-gpt2");
+    let root = tempfile::tempdir().unwrap();
+    // Named as the fixture, since the folder's name becomes general.name.
+    let dir = root.path().join("tiny-gpt2");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["config.json", "vocab.json", "merges.txt"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let single = SafetensorsFile::open(src.join("model.safetensors")).unwrap();
+    let all: Vec<_> = single
+        .tensors()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.dtype.name().to_owned(),
+                t.shape.clone(),
+                single.data(t).to_vec(),
+            )
+        })
+        .collect();
+    let (first, second) = all.split_at(all.len() / 2);
+    let shards = [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (file, tensors) in shards {
+        write_safetensors(&dir.join(file), tensors);
+        for t in tensors {
+            weight_map.insert(t.0.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    let index_path = dir.join("model.safetensors.index.json");
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    assert!(
+        gguf_from_hf_gpt2(&dir).expect("sharded conversion") == gguf_from_hf_gpt2(&src).unwrap(),
+        "a sharded folder converts to the same GGUF"
+    );
+
+    // An index that points outside the folder, or at the wrong shard, is an error.
+    let mut escaping = weight_map.clone();
+    escaping.insert(all[0].0.clone(), "../model.safetensors".into());
+    std::fs::write(
+        &index_path,
+        serde_json::json!({"weight_map": escaping}).to_string(),
+    )
+    .unwrap();
+    let err = gguf_from_hf_gpt2(&dir).unwrap_err().to_string();
+    assert!(err.contains("not a file in the folder"), "{err}");
+    let mut misplaced = weight_map;
+    misplaced.insert(all[0].0.clone(), shards[1].0.into());
+    std::fs::write(
+        &index_path,
+        serde_json::json!({"weight_map": misplaced}).to_string(),
+    )
+    .unwrap();
+    assert!(gguf_from_hf_gpt2(&dir).is_err());
+}
