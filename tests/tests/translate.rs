@@ -282,3 +282,58 @@ async fn egpuctl_translate_reads_arguments_or_stdin_lines() {
         format!("{}\n\n{}\n", expected[0], expected[1])
     );
 }
+
+/// A translation whose deadline passes is abandoned between decoder steps, not finished in
+/// the background: the next request does not wait for it, and egpud keeps serving.
+#[tokio::test]
+async fn a_translation_past_its_deadline_is_abandoned() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let mut client = daemon.client().await;
+    load(&mut client, load_request(fixture("tiny-marian"), "mt", ""))
+        .await
+        .unwrap();
+    let sources = strings(&reference()["beam"]["sources"]);
+    let big: Vec<String> = sources.iter().cycle().take(64).cloned().collect();
+    let big_request = || pb::TranslateRequest {
+        model: "mt".into(),
+        texts: big.clone(),
+        num_beams: 8,
+        max_tokens: 60,
+    };
+    // How long the whole job takes here.
+    let full = client
+        .translate(big_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .translate_ms;
+    assert!(full > 50.0, "the job is too small to cut short: {full} ms");
+
+    let started = std::time::Instant::now();
+    let mut request = tonic::Request::new(big_request());
+    request.set_timeout(std::time::Duration::from_secs_f64(full / 1e3 / 10.0));
+    let err = client.translate(request).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    let small = client
+        .translate(translate_request("mt", &sources[..1], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(small.translations.len(), 1);
+    let elapsed = started.elapsed().as_secs_f64() * 1e3;
+    assert!(
+        elapsed < full * 0.6,
+        "the abandoned job held the model: {elapsed:.0} ms of a {full:.0} ms job"
+    );
+    let st = status(&mut client).await;
+    let model = st.models.iter().find(|m| m.name == "mt").unwrap();
+    assert_eq!(model.requests_served, 2, "{model:?}");
+    assert_eq!(model.active, 0);
+}
