@@ -281,10 +281,7 @@ impl Egpu for Api {
             enqueued: Instant::now(),
             span,
         })?;
-        match response.await {
-            Ok(result) => result.map(Response::new),
-            Err(_) => Err(DaemonError::Unloaded(model.name.clone()).into()),
-        }
+        reply_of(response, &model).await
     }
 
     async fn translate(
@@ -350,10 +347,7 @@ impl Egpu for Api {
             enqueued: Instant::now(),
             span,
         })?;
-        match response.await {
-            Ok(result) => result.map(Response::new),
-            Err(_) => Err(DaemonError::Unloaded(model.name.clone()).into()),
-        }
+        reply_of(response, &model).await
     }
 
     async fn tokenize(
@@ -447,6 +441,17 @@ impl Stream for EndsWithDone {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// The batching thread's answer to a queued request; a dropped sender means the model went away.
+async fn reply_of<T>(
+    response: oneshot::Receiver<Result<T, Status>>,
+    model: &Resident,
+) -> Result<Response<T>, Status> {
+    match response.await {
+        Ok(result) => result.map(Response::new),
+        Err(_) => Err(DaemonError::Unloaded(model.name.clone()).into()),
     }
 }
 

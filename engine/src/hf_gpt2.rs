@@ -55,6 +55,17 @@ pub enum HfModelError {
     },
 }
 
+/// `config[key]` as a positive integer, or an error naming the key and the file.
+pub(crate) fn positive_int(config: &Value, key: &str, path: &Path) -> Result<u64, HfModelError> {
+    config[key]
+        .as_u64()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| HfModelError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("{key} is missing or not a positive integer"),
+        })
+}
+
 pub(crate) fn read_json(path: &Path) -> Result<Value, HfModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| HfModelError::Io {
         path: path.to_path_buf(),
@@ -88,15 +99,7 @@ impl Gpt2Config {
                 found: model_type.to_string(),
             });
         }
-        let int = |key: &str| {
-            config[key]
-                .as_u64()
-                .filter(|v| *v > 0)
-                .ok_or_else(|| HfModelError::BadFile {
-                    path: path.to_path_buf(),
-                    reason: format!("{key} is missing or not a positive integer"),
-                })
-        };
+        let int = |key: &str| positive_int(config, key, path);
         let n_embd = int("n_embd")?;
         let n_head = int("n_head")?;
         if n_embd % n_head != 0 {

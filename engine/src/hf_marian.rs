@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::gguf::write::GgufWriter;
 use crate::gguf::{MetaArray, MetaValue};
 use crate::hf_cache::CONFIG_FILE;
-use crate::hf_gpt2::{read_json, HfModelError, WeightFormat};
+use crate::hf_gpt2::{positive_int, read_json, HfModelError, WeightFormat};
 use crate::safetensors::SafetensorsSet;
 
 /// Token types as `tokenizer.ggml.token_type` stores them.
@@ -46,14 +46,7 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
         path: path.to_path_buf(),
         reason,
     };
-    let int = |key: &str| {
-        config[key].as_u64().filter(|v| *v > 0).ok_or_else(|| {
-            bad(
-                &config_path,
-                format!("{key} is missing or not a positive integer"),
-            )
-        })
-    };
+    let int = |key: &str| positive_int(&config, key, &config_path);
     let d_model = int("d_model")?;
     let vocab_size = int("vocab_size")?;
     let enc_layers = int("encoder_layers")?;
