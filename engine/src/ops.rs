@@ -46,7 +46,24 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// computed together: the result for a (query, key) pair does not depend on the block or
 /// batch it came in. Vectorization runs across keys, eight at a time, with up to four query
 /// rows sharing each load of keys.
+///
+/// Runs as [`crate::kernels::scores_transposed`] compiles it for this CPU (the same arithmetic,
+/// so the same bits, in 256-bit registers where AVX2 is available).
 pub fn scores_transposed(
+    q: &[f32],
+    dim: usize,
+    kt: &[f32],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    crate::kernels::scores_transposed(q, dim, kt, stride, cols, scale, out);
+}
+
+/// The body of [`scores_transposed`], inlined into each instruction-set variant.
+#[inline(always)]
+pub(crate) fn scores_transposed_body(
     q: &[f32],
     dim: usize,
     kt: &[f32],
@@ -131,9 +148,16 @@ pub fn transpose_into(src: &[f32], dim: usize, dst: &mut [f32], stride: usize) {
 
 /// `y += Σ_j w[j] · x_j` where `x_j` is the `j`-th run of `y.len()` values in `xs`
 /// (attention's weighted sum of values). Four rows at a time, so `y` is loaded and stored once
-/// per four rows rather than once per row.
+/// per four rows rather than once per row. Runs as [`crate::kernels::weighted_sum`] compiles it
+/// for this CPU (the same arithmetic, so the same bits).
 #[inline]
 pub fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
+    crate::kernels::weighted_sum(y, w, xs);
+}
+
+/// The body of [`weighted_sum`], inlined into each instruction-set variant.
+#[inline(always)]
+pub(crate) fn weighted_sum_body(y: &mut [f32], w: &[f32], xs: &[f32]) {
     let dim = y.len();
     debug_assert_eq!(xs.len(), w.len() * dim);
     let w4 = w.chunks_exact(4);
@@ -184,7 +208,7 @@ pub fn scale(x: &mut [f32], s: f32) {
 /// has them.
 #[inline]
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-    src.convert_to_f32_slice(dst);
+    crate::kernels::widen_f16(src, dst);
 }
 
 /// Rounds f32 values to f16 (round to nearest even), for the KV cache.

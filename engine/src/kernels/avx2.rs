@@ -12,6 +12,8 @@
 //!   exactly `tile`'s order so results do not depend on how many tokens share a call.
 //! - Float weights: `widen_row` and `tile_f32`; activations: `quantize_tokens`, bit-identical to
 //!   the scalar quantizer.
+//! - Attention: `scores_transposed` and `weighted_sum` are the portable bodies of `crate::ops`
+//!   compiled with AVX2 enabled, bit-identical to them.
 //!
 //! Integer ranges: unsigned quants are at most 63 and activations at most 127 in magnitude, so a
 //! `maddubs` pair is at most 2·63·127 = 16002; signed quants go through |q| ≤ 128 with the sign
@@ -28,6 +30,33 @@ use std::arch::x86_64::*;
 
 use super::decoded::{DecodedChunk, QuantizedActivations, CHUNK};
 use crate::quant::{k4_scales_mins, q3_k_scales, GgmlType, IQ4_NL_VALUES};
+
+/// Attention scores with 256-bit registers: the portable body, compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn scores_transposed(
+    q: &[f32],
+    dim: usize,
+    kt: &[f32],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    crate::ops::scores_transposed_body(q, dim, kt, stride, cols, scale, out);
+}
+
+/// Attention's weighted sum with 256-bit registers: the portable body, compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
+    crate::ops::weighted_sum_body(y, w, xs);
+}
 
 /// Whether this CPU runs the AVX2 path (detected once by the standard library, then cached).
 pub(crate) fn available() -> bool {

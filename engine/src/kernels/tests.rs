@@ -518,3 +518,61 @@ fn unavailable_paths_are_refused() {
     }
     assert!(KernelPath::best().is_available());
 }
+
+/// Widening the KV cache: every path gives every f16 value exactly (NaNs as NaNs), for every
+/// one of the 65536 bit patterns, at lengths that exercise the 8-wide body and the tail.
+#[test]
+fn widen_f16_paths_are_exact_for_every_value() {
+    let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+    for path in KernelPath::available() {
+        for len in [all.len(), 13, 8, 7, 0] {
+            let src = &all[all.len() - len..];
+            let mut dst = vec![0f32; len];
+            widen_f16_with_path(path, src, &mut dst);
+            for (s, d) in src.iter().zip(&dst) {
+                let want = s.to_f32();
+                assert!(
+                    want.to_bits() == d.to_bits() || (want.is_nan() && d.is_nan()),
+                    "{path:?}: {s:?} widened to {d}, expected {want}"
+                );
+            }
+        }
+    }
+}
+
+/// The attention kernels: every path gives the portable code's bits, for odd sizes too.
+#[test]
+fn attention_kernels_are_bit_identical_on_every_path() {
+    let mut rng = Rng(7);
+    for (rows, dim, n) in [(3, 64, 64), (1, 64, 1), (5, 48, 19), (4, 128, 37)] {
+        let q = random_activations(&mut rng, rows * dim);
+        let stride = n + 5;
+        let kt = random_activations(&mut rng, dim * stride);
+        let values = random_activations(&mut rng, n * dim);
+        let weights = random_activations(&mut rng, n);
+        let mut want_scores = vec![0f32; rows * n];
+        crate::ops::scores_transposed_body(&q, dim, &kt, stride, 3..3 + n, 0.125, &mut want_scores);
+        let mut want_sum = random_activations(&mut rng, dim);
+        let start = want_sum.clone();
+        crate::ops::weighted_sum_body(&mut want_sum, &weights, &values);
+        for path in KernelPath::available() {
+            let mut scores = vec![0f32; rows * n];
+            scores_transposed_with_path(path, &q, dim, &kt, stride, 3..3 + n, 0.125, &mut scores);
+            assert!(
+                scores
+                    .iter()
+                    .zip(&want_scores)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{path:?} scores ({rows}, {dim}, {n})"
+            );
+            let mut sum = start.clone();
+            weighted_sum_with_path(path, &mut sum, &weights, &values);
+            assert!(
+                sum.iter()
+                    .zip(&want_sum)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{path:?} weighted sum ({dim}, {n})"
+            );
+        }
+    }
+}

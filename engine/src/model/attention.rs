@@ -18,13 +18,12 @@ use crate::kernels::ThreadPool;
 use crate::ops;
 
 use super::config::ModelConfig;
+use super::kv_cache::KEY_BLOCK;
 use super::KvCache;
 
 /// Query tokens per unit: enough to amortise widening a key block, few enough that a long
 /// prompt still yields units for every thread.
 const QUERY_TILE: usize = 16;
-/// Cached positions widened from f16 at a time.
-const KEY_BLOCK: usize = 64;
 /// Below this many multiply-adds (tens of microseconds) attention stays on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
@@ -65,8 +64,7 @@ impl AttentionScratch {
                 .iter()
                 .map(|t| {
                     let t = lock(t);
-                    t.keys.capacity()
-                        + t.keys_t.capacity()
+                    t.keys_t.capacity()
                         + t.values.capacity()
                         + t.scores.capacity()
                         + t.max.capacity()
@@ -79,8 +77,7 @@ impl AttentionScratch {
 
 #[derive(Debug, Default)]
 struct ThreadBuffers {
-    keys: Vec<f32>,
-    /// The key block transposed, `[head_dim][KEY_BLOCK]`.
+    /// The key block, widened: `[head_dim][KEY_BLOCK]`, as the cache stores it.
     keys_t: Vec<f32>,
     values: Vec<f32>,
     scores: Vec<f32>,
@@ -266,7 +263,6 @@ fn attend_unit(
 
     out.fill(0.0);
     let ThreadBuffers {
-        keys,
         keys_t,
         values,
         scores,
@@ -277,7 +273,6 @@ fn attend_unit(
     max.fill(f32::NEG_INFINITY);
     let sum = grow(sum, rows);
     sum.fill(0.0);
-    let keys = grow(keys, KEY_BLOCK * dk);
     let values = grow(values, KEY_BLOCK * dv);
     let keys_t = grow(keys_t, dk * KEY_BLOCK);
     let scores = grow(scores, group * KEY_BLOCK);
@@ -286,12 +281,22 @@ fn attend_unit(
     while block_start < hi {
         let b0 = block_start.max(lo);
         let b1 = (block_start + KEY_BLOCK).min(hi);
+        let block_origin = block_start;
         block_start += KEY_BLOCK;
-        ops::f16_to_f32(
-            cache.keys(il, unit.kv_head, b0..b1),
-            &mut keys[..(b1 - b0) * dk],
-        );
-        ops::transpose_into(&keys[..(b1 - b0) * dk], dk, keys_t, KEY_BLOCK);
+        // Only the columns up to the last position used, rounded up to eight so that the
+        // conversion runs in whole 8-wide steps: decode's last block is often nearly empty.
+        let used = (b1 - block_origin).div_ceil(8) * 8;
+        let block = cache.key_block(il, unit.kv_head, block_origin / KEY_BLOCK);
+        if used >= KEY_BLOCK {
+            ops::f16_to_f32(block, keys_t);
+        } else {
+            for (src, dst) in block
+                .chunks_exact(KEY_BLOCK)
+                .zip(keys_t.chunks_exact_mut(KEY_BLOCK))
+            {
+                ops::f16_to_f32(&src[..used], &mut dst[..used]);
+            }
+        }
         ops::f16_to_f32(
             cache.values(il, unit.kv_head, b0..b1),
             &mut values[..(b1 - b0) * dv],
@@ -313,7 +318,7 @@ fn attend_unit(
                 dk,
                 keys_t,
                 KEY_BLOCK,
-                r0 - b0..r1 - b0,
+                r0 - block_origin..r1 - block_origin,
                 cfg.attention_scale,
                 scores,
             );

@@ -5,12 +5,19 @@ use half::f16;
 use super::config::ModelConfig;
 use super::ModelError;
 
+/// Positions per key block: keys are stored transposed within blocks of this many positions.
+pub(crate) const KEY_BLOCK: usize = 64;
+
 /// The keys and values of one sequence for every layer, stored as f16 for `capacity` positions.
 ///
-/// One buffer per layer and KV head, `[position][head_dim]`, so the keys one attention head
-/// reads are contiguous across positions. Each buffer reserves room for `capacity` positions
-/// up front (so it never moves) but is only filled as positions are written: reserved pages
-/// the OS has not been asked to touch do not count as resident memory.
+/// One buffer per layer and KV head. Values are `[position][head_dim]`. Keys are stored in
+/// blocks of [`KEY_BLOCK`] positions, each block transposed, `[block][head_dim][KEY_BLOCK]`:
+/// attention computes a block's scores across positions, eight at a time, and reads the block
+/// in exactly that layout, so widening it to f32 is the only work before the dot products (a
+/// `[position][head_dim]` layout had to be transposed on every read, the largest cost of
+/// decode attention at long contexts). Each buffer reserves room for `capacity` positions (keys:
+/// rounded up to whole blocks) up front, so it never moves, but is only filled as positions are
+/// written: reserved pages the OS has not been asked to touch do not count as resident memory.
 #[derive(Debug)]
 pub struct KvCache {
     capacity: usize,
@@ -31,8 +38,9 @@ impl KvCache {
                 "a KV cache needs room for at least one token".into(),
             ));
         }
-        let reserve = |dim: usize| -> Result<Vec<Vec<Vec<f16>>>, ModelError> {
-            let per_head = capacity
+        let key_positions = capacity.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let reserve = |dim: usize, positions: usize| -> Result<Vec<Vec<Vec<f16>>>, ModelError> {
+            let per_head = positions
                 .checked_mul(dim)
                 .ok_or(ModelError::CacheAllocation {
                     positions: capacity,
@@ -59,8 +67,8 @@ impl KvCache {
             n_head_kv: config.n_head_kv,
             head_dim_k: config.head_dim_k,
             head_dim_v: config.head_dim_v,
-            keys: reserve(config.head_dim_k)?,
-            values: reserve(config.head_dim_v)?,
+            keys: reserve(config.head_dim_k, key_positions)?,
+            values: reserve(config.head_dim_v, capacity)?,
         })
     }
 
@@ -90,7 +98,9 @@ impl KvCache {
 
     /// Bytes of the f16 buffers (at full capacity).
     pub fn bytes(&self) -> usize {
-        let per_layer = self.n_head_kv * self.capacity * (self.head_dim_k + self.head_dim_v);
+        let key_positions = self.capacity.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let per_layer =
+            self.n_head_kv * (key_positions * self.head_dim_k + self.capacity * self.head_dim_v);
         self.keys.len() * per_layer * std::mem::size_of::<f16>()
     }
 
@@ -119,17 +129,27 @@ impl KvCache {
             crate::ops::f32_to_f16(src, &mut buf[pos * dim..(pos + 1) * dim]);
         };
         let (dk, dv) = (self.head_dim_k, self.head_dim_v);
+        let (block, column) = (pos / KEY_BLOCK, pos % KEY_BLOCK);
         for (h, buf) in self.keys[layer].iter_mut().enumerate() {
-            store(buf, &k[h * dk..(h + 1) * dk]);
+            let start = block * dk * KEY_BLOCK;
+            if buf.len() < start + dk * KEY_BLOCK {
+                buf.resize(start + dk * KEY_BLOCK, f16::ZERO);
+            }
+            let block = &mut buf[start..start + dk * KEY_BLOCK];
+            for (d, &x) in k[h * dk..(h + 1) * dk].iter().enumerate() {
+                block[d * KEY_BLOCK + column] = f16::from_f32(x);
+            }
         }
         for (h, buf) in self.values[layer].iter_mut().enumerate() {
             store(buf, &v[h * dv..(h + 1) * dv]);
         }
     }
 
-    /// Keys of one KV head for positions `range` (all written), `head_dim_k` values each.
-    pub(crate) fn keys(&self, layer: usize, head: usize, range: std::ops::Range<usize>) -> &[f16] {
-        &self.keys[layer][head][range.start * self.head_dim_k..range.end * self.head_dim_k]
+    /// Keys of one KV head for the block of positions `block·KEY_BLOCK..(block+1)·KEY_BLOCK`,
+    /// transposed: `[head_dim_k][KEY_BLOCK]`. Only columns of written positions are meaningful.
+    pub(crate) fn key_block(&self, layer: usize, head: usize, block: usize) -> &[f16] {
+        let n = self.head_dim_k * KEY_BLOCK;
+        &self.keys[layer][head][block * n..(block + 1) * n]
     }
 
     /// Values of one KV head for positions `range` (all written), `head_dim_v` values each.
