@@ -172,8 +172,6 @@ struct Attention {
 #[derive(Debug, Clone)]
 struct Layer {
     attn: Attention,
-    /// Decoder layers only.
-    cross: Option<Attention>,
     up: Linear,
     down: Linear,
     ffn_norm: Norm,
@@ -190,6 +188,8 @@ pub struct MarianModel {
     output_bias: Vec<f32>,
     encoder: Vec<Layer>,
     decoder: Vec<Layer>,
+    /// Each decoder layer's attention over the source.
+    cross: Vec<Attention>,
     /// `max_positions × d_model` sinusoidal table.
     positions: Vec<f32>,
 }
@@ -284,7 +284,7 @@ impl MarianModel {
                 norm: norm(&format!("{prefix}_norm"))?,
             })
         };
-        let layers = |side: &str, n: usize, ffn_key: &str, cross: bool| {
+        let layers = |side: &str, n: usize, ffn_key: &str| {
             let ffn = meta
                 .get_u64(ffn_key)
                 .ok_or_else(|| MarianError::MissingKey(ffn_key.to_owned()))?;
@@ -293,11 +293,6 @@ impl MarianModel {
                     let p = format!("{side}.blk.{i}.");
                     Ok(Layer {
                         attn: attention(&format!("{p}attn"))?,
-                        cross: if cross {
-                            Some(attention(&format!("{p}cross_attn"))?)
-                        } else {
-                            None
-                        },
                         up: linear(&format!("{p}ffn_up"), d, ffn)?,
                         down: linear(&format!("{p}ffn_down"), ffn, d)?,
                         ffn_norm: norm(&format!("{p}ffn_norm"))?,
@@ -309,14 +304,11 @@ impl MarianModel {
             "enc",
             config.encoder_layers,
             "marian.encoder.feed_forward_length",
-            false,
         )?;
-        let decoder = layers(
-            "dec",
-            config.decoder_layers,
-            "marian.feed_forward_length",
-            true,
-        )?;
+        let decoder = layers("dec", config.decoder_layers, "marian.feed_forward_length")?;
+        let cross = (0..config.decoder_layers)
+            .map(|i| attention(&format!("dec.blk.{i}.cross_attn")))
+            .collect::<Result<Vec<_>, MarianError>>()?;
         let output = match file.tensor("output.weight") {
             Some(_) => Some(tensor("output.weight", &[d, v])?),
             None => None,
@@ -327,6 +319,7 @@ impl MarianModel {
             output_bias: vector("output_bias", v)?,
             encoder,
             decoder,
+            cross,
             positions: sinusoidal_positions(config.max_positions, config.d_model),
             settings,
             config,
@@ -465,12 +458,8 @@ impl MarianModel {
             self.add_norm(&mut x, &projected, &layer.attn.norm);
             self.feed_forward(pool, layer, &mut x, n)?;
         }
-        let mut cross_kv = Vec::with_capacity(self.decoder.len());
-        for layer in &self.decoder {
-            let cross = layer
-                .cross
-                .as_ref()
-                .expect("decoder layers have cross-attention");
+        let mut cross_kv = Vec::with_capacity(self.cross.len());
+        for cross in &self.cross {
             cross_kv.push((
                 self.linear(pool, &cross.k, &x, n)?,
                 self.linear(pool, &cross.v, &x, n)?,
@@ -510,7 +499,7 @@ impl MarianModel {
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let positions: Vec<usize> = rows.iter().map(|r| r.cache.len).collect();
         let mut x = self.embed(&tokens, &positions)?;
-        for (l, layer) in self.decoder.iter().enumerate() {
+        for (l, (layer, cross)) in self.decoder.iter().zip(&self.cross).enumerate() {
             let q = self.linear(pool, &layer.attn.q, &x, n)?;
             let k = self.linear(pool, &layer.attn.k, &x, n)?;
             let v = self.linear(pool, &layer.attn.v, &x, n)?;
@@ -532,10 +521,6 @@ impl MarianModel {
             let projected = self.linear(pool, &layer.attn.o, &mixed, n)?;
             self.add_norm(&mut x, &projected, &layer.attn.norm);
 
-            let cross = layer
-                .cross
-                .as_ref()
-                .expect("decoder layers have cross-attention");
             let q = self.linear(pool, &cross.q, &x, n)?;
             for (i, row) in rows.iter().enumerate() {
                 let (keys, values) = &row.source.cross_kv[l];
