@@ -191,8 +191,7 @@ impl MarianModel {
             for (row, &i) in logits.chunks_exact_mut(v).zip(&live) {
                 self.process(row, cur_len, settings);
                 let next = argmax(row);
-                let log_probs = crate::ops::log_softmax(row);
-                out[i].score += log_probs[next] as f32;
+                out[i].score += row[next] - log_sum_exp(row);
                 out[i].tokens.push(next as u32);
             }
             live.retain(|&i| out[i].tokens.last() != Some(&eos));
@@ -253,10 +252,9 @@ impl MarianModel {
             let mut log_probs: Vec<Vec<f32>> = logits
                 .chunks_exact(v)
                 .map(|row| {
-                    crate::ops::log_softmax(row)
-                        .into_iter()
-                        .map(|x| x as f32)
-                        .collect()
+                    let mut row = row.to_vec();
+                    log_softmax_in_place(&mut row);
+                    row
                 })
                 .collect();
             let mut at = 0;
@@ -271,10 +269,7 @@ impl MarianModel {
                 for (row, beam) in rows.iter_mut().zip(&item.running) {
                     self.process(row, cur_len, settings);
                     if settings.renormalize {
-                        let renormalized = crate::ops::log_softmax(row);
-                        for (x, r) in row.iter_mut().zip(renormalized) {
-                            *x = r as f32;
-                        }
+                        log_softmax_in_place(row);
                     }
                     for x in row.iter_mut() {
                         *x += beam.score;
@@ -439,6 +434,33 @@ fn top_candidates(rows: &[Vec<f32>], n: usize) -> Vec<(f32, usize)> {
         }
     }
     best
+}
+
+/// `ln Σ eˣ` over the row, in f32 as transformers computes it (exponentials with the engine's
+/// vectorizable `exp`, summed in f64). −∞ for a row of −∞.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    // Entries of −∞ (forbidden tokens) contribute nothing; `exp` clamps, so skip them.
+    let sum: f64 = row
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|&x| f64::from(crate::ops::exp(x - max)))
+        .sum();
+    max + sum.ln() as f32
+}
+
+/// Log-softmax in place.
+fn log_softmax_in_place(row: &mut [f32]) {
+    let lse = log_sum_exp(row);
+    if lse == f32::NEG_INFINITY {
+        return;
+    }
+    for x in row.iter_mut() {
+        *x -= lse;
+    }
 }
 
 fn argmax(row: &[f32]) -> usize {
