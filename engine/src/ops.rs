@@ -47,8 +47,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// batch it came in. Vectorization runs across keys, eight at a time, with up to four query
 /// rows sharing each load of keys.
 ///
-/// Runs as [`crate::kernels::scores_transposed`] compiles it for this CPU (the same arithmetic,
-/// so the same bits, in 256-bit registers where AVX2 is available).
+/// Runs as [`crate::kernels::scores_transposed_with_path`] compiles it for this CPU (the same
+/// arithmetic, so the same bits, in 256-bit registers where AVX2 is available).
 pub fn scores_transposed(
     q: &[f32],
     dim: usize,
@@ -58,7 +58,8 @@ pub fn scores_transposed(
     scale: f32,
     out: &mut [f32],
 ) {
-    crate::kernels::scores_transposed(q, dim, kt, stride, cols, scale, out);
+    let path = crate::kernels::KernelPath::best();
+    crate::kernels::scores_transposed_with_path(path, q, dim, kt, stride, cols, scale, out);
 }
 
 /// The body of [`scores_transposed`], inlined into each instruction-set variant.
@@ -136,23 +137,13 @@ fn score_rows<const R: usize>(
     }
 }
 
-/// Transposes `rows` runs of `dim` values into `dim` runs of `stride` values
-/// (`dst[d][r] = src[r][d]`), for [`scores_transposed`].
-pub fn transpose_into(src: &[f32], dim: usize, dst: &mut [f32], stride: usize) {
-    for (r, row) in src.chunks_exact(dim).enumerate() {
-        for (d, &v) in row.iter().enumerate() {
-            dst[d * stride + r] = v;
-        }
-    }
-}
-
 /// `y += Σ_j w[j] · x_j` where `x_j` is the `j`-th run of `y.len()` values in `xs`
 /// (attention's weighted sum of values). Four rows at a time, so `y` is loaded and stored once
-/// per four rows rather than once per row. Runs as [`crate::kernels::weighted_sum`] compiles it
-/// for this CPU (the same arithmetic, so the same bits).
+/// per four rows rather than once per row. Runs as [`crate::kernels::weighted_sum_with_path`]
+/// compiles it for this CPU (the same arithmetic, so the same bits).
 #[inline]
 pub fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
-    crate::kernels::weighted_sum(y, w, xs);
+    crate::kernels::weighted_sum_with_path(crate::kernels::KernelPath::best(), y, w, xs);
 }
 
 /// The body of [`weighted_sum`], inlined into each instruction-set variant.
@@ -437,6 +428,16 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Transposes `rows` runs of `dim` values into `dim` runs of `stride` values
+    /// (`dst[d][r] = src[r][d]`), for [`scores_transposed`].
+    fn transpose_into(src: &[f32], dim: usize, dst: &mut [f32], stride: usize) {
+        for (r, row) in src.chunks_exact(dim).enumerate() {
+            for (d, &v) in row.iter().enumerate() {
+                dst[d * stride + r] = v;
+            }
+        }
+    }
 
     fn close(a: f32, b: f32, tol: f32) -> bool {
         (a - b).abs() <= tol * (1.0 + b.abs())

@@ -804,23 +804,10 @@ pub fn widen_f16_with_path(path: KernelPath, src: &[half::f16], dst: &mut [f32])
     }
 }
 
-/// Attention scores (see [`crate::ops::scores_transposed`]), compiled for AVX2 where the CPU
-/// has it: the body is the portable code, inlined into a function built with 256-bit registers
-/// enabled, so results are bit-identical on every path (no FMA contraction happens: Rust never
-/// fuses a multiply and an add on its own).
-pub fn scores_transposed(
-    q: &[f32],
-    dim: usize,
-    kt: &[f32],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    scores_transposed_with_path(KernelPath::best(), q, dim, kt, stride, cols, scale, out);
-}
-
-/// [`scores_transposed`] on a chosen path (the test compares them).
+/// Attention scores (see [`crate::ops::scores_transposed`]) on a chosen path: the portable body,
+/// or the same body inlined into a function built with AVX2 enabled, so results are
+/// bit-identical on every path (no FMA contraction happens: Rust never fuses a multiply and an
+/// add on its own).
 #[allow(clippy::too_many_arguments)]
 pub fn scores_transposed_with_path(
     path: KernelPath,
@@ -841,13 +828,8 @@ pub fn scores_transposed_with_path(
     crate::ops::scores_transposed_body(q, dim, kt, stride, cols, scale, out);
 }
 
-/// Attention's weighted sum of values (see [`crate::ops::weighted_sum`]), compiled for AVX2
-/// where the CPU has it; bit-identical on every path, as [`scores_transposed`].
-pub fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
-    weighted_sum_with_path(KernelPath::best(), y, w, xs);
-}
-
-/// [`weighted_sum`] on a chosen path (the test compares them).
+/// Attention's weighted sum of values (see [`crate::ops::weighted_sum`]) on a chosen path;
+/// bit-identical on every path, as [`scores_transposed_with_path`].
 pub fn weighted_sum_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[f32]) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path == KernelPath::Avx2 && path.is_available() {
