@@ -279,6 +279,26 @@ impl ModelQueue {
         Ok(busy)
     }
 
+    /// What requests get when the model ends for `reason`.
+    fn stop_error(&self, reason: StopReason) -> DaemonError {
+        match reason {
+            StopReason::Unload => DaemonError::Unloaded(self.model.clone()),
+            StopReason::Shutdown => DaemonError::ShuttingDown,
+            StopReason::Crashed => self.crashed(),
+            StopReason::DeviceLost => device_lost(&self.model),
+        }
+    }
+
+    /// Fails every waiting request with `reason`'s error and forgets the running ones (the
+    /// model is ending).
+    fn fail_waiting(&self, st: &mut QueueState, reason: StopReason) {
+        for (_, req) in st.waiting.drain(..) {
+            req.job.fail(self.stop_error(reason));
+        }
+        st.active = 0;
+        st.active_by_client.clear();
+    }
+
     fn crashed(&self) -> DaemonError {
         DaemonError::Internal(format!(
             "the batching thread of {} failed; unload and load the model again",
@@ -291,12 +311,8 @@ impl ModelQueue {
     fn abandon(&self) {
         let mut st = self.state.lock();
         st.stop = Some(StopReason::Crashed);
-        st.active = 0;
-        st.active_by_client.clear();
         st.idle_since = Some(Instant::now());
-        for (_, req) in st.waiting.drain(..) {
-            req.job.fail(self.crashed());
-        }
+        self.fail_waiting(&mut st, StopReason::Crashed);
     }
 
     /// Whether the model has no active or queued request.
@@ -434,20 +450,7 @@ impl<'t> Batcher<'t> {
             if let Some(reason) = st.stop {
                 return Some(reason);
             }
-            // Forget queued requests whose client left or whose deadline passed.
-            let now = Instant::now();
-            let mut kept = VecDeque::with_capacity(st.waiting.len());
-            while let Some((id, req)) = st.waiting.pop_front() {
-                if req.job.is_closed() {
-                    continue;
-                }
-                if req.deadline.is_some_and(|d| d <= now) {
-                    req.job.fail(DaemonError::DeadlineExceeded { generated: 0 });
-                    continue;
-                }
-                kept.push_back((id, req));
-            }
-            st.waiting = kept;
+            forget_abandoned(&mut st);
 
             while let Some(free) = slots.iter().position(Option::is_none) {
                 let Some(req) = pick_fair(&mut st) else { break };
@@ -829,25 +832,32 @@ impl<'t> Batcher<'t> {
         model: &mut LoadedModel,
         reason: StopReason,
     ) {
-        let err = || match reason {
-            StopReason::Unload => DaemonError::Unloaded(self.queue.model.clone()),
-            StopReason::Shutdown => DaemonError::ShuttingDown,
-            StopReason::Crashed => self.queue.crashed(),
-            StopReason::DeviceLost => device_lost(&self.queue.model),
-        };
         for (slot, seq) in slots.iter_mut().enumerate() {
             if let Some(seq) = seq.take() {
-                fail_sequence(seq, err());
+                fail_sequence(seq, self.queue.stop_error(reason));
                 model.clear_slot(slot);
             }
         }
         let mut st = self.queue.state.lock();
-        for (_, req) in st.waiting.drain(..) {
-            req.job.fail(err());
-        }
-        st.active = 0;
-        st.active_by_client.clear();
+        self.queue.fail_waiting(&mut st, reason);
     }
+}
+
+/// Forgets queued requests whose client left, and fails those whose deadline passed.
+fn forget_abandoned(st: &mut QueueState) {
+    let now = Instant::now();
+    let mut kept = VecDeque::with_capacity(st.waiting.len());
+    while let Some((id, req)) = st.waiting.pop_front() {
+        if req.job.is_closed() {
+            continue;
+        }
+        if req.deadline.is_some_and(|d| d <= now) {
+            req.job.fail(DaemonError::DeadlineExceeded { generated: 0 });
+            continue;
+        }
+        kept.push_back((id, req));
+    }
+    st.waiting = kept;
 }
 
 /// The waiting request to admit next: from the client with the fewest running sequences,
@@ -1021,31 +1031,10 @@ fn translate_until_stopped(
             let mut st = queue.state.lock();
             loop {
                 if let Some(reason) = st.stop {
-                    let err = || match reason {
-                        StopReason::Unload => DaemonError::Unloaded(queue.model.clone()),
-                        StopReason::Shutdown => DaemonError::ShuttingDown,
-                        StopReason::Crashed => queue.crashed(),
-                        StopReason::DeviceLost => device_lost(&queue.model),
-                    };
-                    for (_, req) in st.waiting.drain(..) {
-                        req.job.fail(err());
-                    }
-                    st.active = 0;
-                    st.active_by_client.clear();
+                    queue.fail_waiting(&mut st, reason);
                     return;
                 }
-                let now = Instant::now();
-                st.waiting.retain(|(_, req)| !req.job.is_closed());
-                if let Some(i) = st
-                    .waiting
-                    .iter()
-                    .position(|(_, r)| r.deadline.is_some_and(|d| d <= now))
-                {
-                    if let Some((_, req)) = st.waiting.remove(i) {
-                        req.job.fail(DaemonError::DeadlineExceeded { generated: 0 });
-                    }
-                    continue;
-                }
+                forget_abandoned(&mut st);
                 if let Some(req) = pick_fair(&mut st) {
                     *st.active_by_client.entry(req.client.clone()).or_default() += 1;
                     st.active += 1;
