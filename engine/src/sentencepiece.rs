@@ -356,7 +356,7 @@ impl Normalizer {
         while !input.is_empty() {
             let (piece, consumed) = self.normalize_prefix(input);
             input = &input[consumed..];
-            let mut piece: &str = &piece;
+            let mut piece = piece;
             if previous_was_space && self.remove_extra_whitespaces {
                 piece = piece.trim_start_matches(' ');
             }
@@ -382,28 +382,21 @@ impl Normalizer {
         out
     }
 
-    /// The replacement for the longest normalizable prefix of `input`, and its length in bytes.
-    fn normalize_prefix(&self, input: &[u8]) -> (std::borrow::Cow<'static, str>, usize) {
+    /// The replacement for the longest normalizable prefix of `input`, and its length in bytes:
+    /// a string of the table, the prefix's first character itself, or U+FFFD for a byte that
+    /// does not start valid UTF-8. Borrowed, so normalizing allocates nothing per character.
+    fn normalize_prefix<'a>(&'a self, input: &'a [u8]) -> (&'a str, usize) {
         if let Some(map) = &self.charsmap {
-            if let Some((replacement, consumed)) = map.longest_match(input) {
-                return (std::borrow::Cow::Owned(replacement.to_owned()), consumed);
+            if let Some(found) = map.longest_match(input) {
+                return found;
             }
         }
-        match first_char(input) {
-            Some(c) => {
-                let mut buf = [0u8; 4];
-                (
-                    std::borrow::Cow::Owned(c.encode_utf8(&mut buf).to_owned()),
-                    c.len_utf8(),
-                )
-            }
-            None => (std::borrow::Cow::Borrowed("\u{FFFD}"), 1),
-        }
+        first_char(input).unwrap_or(("\u{FFFD}", 1))
     }
 }
 
-/// The first character of `bytes`, if they start with valid UTF-8.
-fn first_char(bytes: &[u8]) -> Option<char> {
+/// The first character of `bytes` (as text, and its length), if they start with valid UTF-8.
+fn first_char(bytes: &[u8]) -> Option<(&str, usize)> {
     let len = match bytes.first()? {
         0x00..=0x7F => 1,
         0xC2..=0xDF => 2,
@@ -411,7 +404,8 @@ fn first_char(bytes: &[u8]) -> Option<char> {
         0xF0..=0xF4 => 4,
         _ => return None,
     };
-    std::str::from_utf8(bytes.get(..len)?).ok()?.chars().next()
+    let text = std::str::from_utf8(bytes.get(..len)?).ok()?;
+    Some((text, len))
 }
 
 /// sentencepiece's precompiled normalization table: a u32 (little-endian) byte length of a
