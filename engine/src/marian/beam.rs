@@ -164,37 +164,33 @@ impl MarianModel {
                 score: 0.0,
             })
             .collect();
-        let mut live: Vec<usize> = (0..sources.len()).collect();
+        let ended = |h: &Hypothesis| h.tokens.last() == Some(&eos);
         let mut cur_len = 1;
-        while !live.is_empty() && cur_len < settings.max_length {
+        while cur_len < settings.max_length && !out.iter().all(ended) {
             if !keep_going() {
                 return Ok(None);
             }
-            let mut rows = Vec::with_capacity(live.len());
-            for (i, cache) in caches.iter_mut().enumerate() {
-                if !live.contains(&i) {
-                    continue;
+            // One row per sentence that has not ended, in sentence order.
+            let mut rows = Vec::with_capacity(out.len());
+            for ((cache, hyp), source) in caches.iter_mut().zip(&out).zip(sources) {
+                if !ended(hyp) {
+                    let token = hyp.tokens.last().copied();
+                    rows.push(StepRow {
+                        cache,
+                        token: token.unwrap_or(self.config.decoder_start),
+                        source,
+                    });
                 }
-                let token = out[i]
-                    .tokens
-                    .last()
-                    .copied()
-                    .unwrap_or(self.config.decoder_start);
-                rows.push(StepRow {
-                    cache,
-                    token,
-                    source: &sources[i],
-                });
             }
             let mut logits = on_pool(pools, |pool| self.decode_step(pool, &mut rows))?;
             drop(rows);
-            for (row, &i) in logits.chunks_exact_mut(v).zip(&live) {
+            let live = out.iter_mut().filter(|h| !ended(h));
+            for (row, hyp) in logits.chunks_exact_mut(v).zip(live) {
                 self.process(row, cur_len, settings);
                 let next = argmax(row);
-                out[i].score += row[next] - log_sum_exp(row);
-                out[i].tokens.push(next as u32);
+                hyp.score += row[next] - log_sum_exp(row);
+                hyp.tokens.push(next as u32);
             }
-            live.retain(|&i| out[i].tokens.last() != Some(&eos));
             cur_len += 1;
         }
         Ok(Some(out))
@@ -310,7 +306,8 @@ impl BeamItem {
         let v = rows.first().map_or(0, Vec::len);
         // The best 2K candidates, best first (ties: lower flat index first, as torch.topk).
         let candidates = top_candidates(rows, 2 * k);
-        let generated = (cur_len + 1 - 1) as f32; // tokens after the start, this one included
+        // Tokens generated with this one, the start token not counted.
+        let generated = cur_len as f32;
         let full =
             self.finished.len() >= k && settings.early_stopping == EarlyStopping::AsSoonAsFull;
         // At the length limit every candidate ends, `</s>` or not.
