@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::marian::{Hypothesis, MarianError, MarianModel, PoolAccess, SearchSettings};
+use egpu_engine::marian::{
+    batch_memory, MarianConfig, MarianError, MarianModel, PoolAccess, SearchSettings,
+};
 use egpu_engine::model::{BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError, Scratch};
 use egpu_engine::model_info::{estimate_from_summary, scratch_bytes_per_token, ModelSummary};
 use egpu_proto::worker as wp;
@@ -192,17 +194,6 @@ impl MarianCpu {
     pub fn model(&self) -> &MarianModel {
         &self.model
     }
-
-    /// Translates on the device's thread pool, taking it for each pass.
-    pub fn translate(
-        &self,
-        device: &Device,
-        sources: &[Vec<u32>],
-        settings: &SearchSettings,
-        keep_going: &mut dyn FnMut() -> bool,
-    ) -> Result<Option<Vec<Hypothesis>>, MarianError> {
-        self.model.translate(device, sources, settings, keep_going)
-    }
 }
 
 impl PoolAccess for Device {
@@ -212,33 +203,19 @@ impl PoolAccess for Device {
     }
 }
 
-/// What a translation model is estimated to hold: its weights, plus the decoder caches and
-/// cross-attention keys/values of a batch of `batch` sentences at `beams` beams, every one at
-/// the longest length (f32).
-pub fn marian_estimate(
-    model_bytes: u64,
-    meta: &egpu_engine::gguf::Metadata,
-    batch: u64,
-) -> Estimate {
-    let get = |k: &str| meta.get_u64(k).unwrap_or(0);
-    let d = get("marian.embedding_length");
-    let layers = get("marian.block_count");
-    let positions = get("marian.context_length");
-    let beams = get("marian.generation.num_beams").max(1);
-    let max_length = get("marian.generation.max_length").clamp(1, positions.max(1));
-    let per_sentence = 2 * 4 * d * layers * (beams * max_length + positions);
-    let kv_cache = per_sentence.saturating_mul(batch);
-    let vocab = meta
-        .get_str_array("tokenizer.ggml.tokens")
-        .map_or(0, |t| t.len() as u64);
-    // Logits and log-probabilities of every beam, plus activations.
-    let scratch = batch * beams * (vocab * 8 + 16 * d * 4);
-    Estimate {
-        weights: model_bytes,
+/// What a translation model is estimated to hold: its weights plus a batch of `batch`
+/// sentences' caches and scratch ([`egpu_engine::marian::batch_memory`]).
+pub fn marian_estimate(file: &GgufFile, batch: u64) -> Result<Estimate, MarianError> {
+    let config = MarianConfig::from_metadata(file.metadata())?;
+    let settings = SearchSettings::from_metadata(file.metadata(), &config);
+    let (kv_cache, scratch) = batch_memory(&config, &settings, batch);
+    let weights = file.tensor_bytes();
+    Ok(Estimate {
+        weights,
         kv_cache,
         scratch,
-        total: model_bytes.saturating_add(kv_cache).saturating_add(scratch),
-    }
+        total: weights.saturating_add(kv_cache).saturating_add(scratch),
+    })
 }
 
 /// A model on either backend.

@@ -420,7 +420,12 @@ impl Residency {
         }
         let estimate = if translation {
             // `slots` sentences translated at once, as a typical batch.
-            backend::marian_estimate(file.tensor_bytes(), file.metadata(), slots as u64)
+            backend::marian_estimate(&file, slots as u64).map_err(|e| {
+                DaemonError::BadModelFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?
         } else {
             backend::estimate(&file, &summary, &spec)
         };

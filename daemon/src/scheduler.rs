@@ -1113,7 +1113,10 @@ fn run_translation(
         }
         !reply.is_closed()
     };
-    let result = translator.translate(device, &job.sources, &settings, &mut keep_going);
+    // Passing the device lends its thread pool pass by pass (`PoolAccess`).
+    let result = translator
+        .model()
+        .translate(device, &job.sources, &settings, &mut keep_going);
     let outcome = match result {
         Ok(Some(hypotheses)) => Ok(TranslateResponse {
             translations: hypotheses

@@ -585,6 +585,19 @@ fn attend(query: &[f32], keys: &[f32], values: &[f32], len: usize, heads: usize,
     }
 }
 
+/// Memory a translation of `batch` sentences holds besides the weights, at most: every beam's
+/// self-attention cache at the longest output and each sentence's cross-attention keys and
+/// values at the longest source (f32), then `(caches, scratch)` where scratch is every beam's
+/// logits and log-probabilities plus its activations.
+pub fn batch_memory(config: &MarianConfig, settings: &SearchSettings, batch: u64) -> (u64, u64) {
+    let (d, layers) = (config.d_model as u64, config.decoder_layers as u64);
+    let beams = settings.num_beams.max(1) as u64;
+    let max_length = settings.max_length as u64;
+    let per_sentence = 2 * 4 * d * layers * (beams * max_length + config.max_positions as u64);
+    let scratch = batch * beams * (config.n_vocab as u64 * 8 + 16 * d * 4);
+    (per_sentence.saturating_mul(batch), scratch)
+}
+
 /// transformers' `MarianSinusoidalPositionalEmbedding`: for position `p` and `k < d/2`,
 /// column `k` is `sin(p / 10000^(2k/d))` and column `d/2 + k` its cosine (not interleaved),
 /// computed in f64 and rounded to f32.

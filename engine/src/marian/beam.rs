@@ -62,7 +62,8 @@ pub struct SearchSettings {
 }
 
 impl SearchSettings {
-    pub(super) fn from_metadata(meta: &Metadata, config: &MarianConfig) -> SearchSettings {
+    /// The settings `marian.generation.*` holds (the model's `generation_config.json`).
+    pub fn from_metadata(meta: &Metadata, config: &MarianConfig) -> SearchSettings {
         let int = |key: &str| meta.get_u64(key).map(|v| v as usize);
         SearchSettings {
             num_beams: int("marian.generation.num_beams").unwrap_or(1).max(1),
