@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use egpu_engine::chat::ChatTemplate;
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::hf_cache::HfEnv;
-use egpu_engine::hf_gpt2::WeightFormat;
+use egpu_engine::hf_convert::WeightFormat;
 use egpu_engine::model_info::{bytes_by_type, ModelSummary};
 use egpu_engine::tokenizer::Tokenizer;
 use egpu_proto::v1::{self as pb, ModelState};

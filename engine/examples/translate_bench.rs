@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::hf_gpt2::{gguf_from_hf_folder, WeightFormat};
+use egpu_engine::hf_convert::{gguf_from_hf_folder, WeightFormat};
 use egpu_engine::kernels::ThreadPool;
 use egpu_engine::marian::MarianModel;
 use egpu_engine::tokenizer::Tokenizer;

@@ -9,73 +9,22 @@
 //! weights, (in, out) — the transpose of the (out, in) rows the engine's kernels read — so every
 //! matrix has to be rewritten once anyway. Converting to GGUF bytes makes the HF model an ordinary
 //! GGUF model for everything downstream (tokenizer, chat template lookup, memory estimate, both
-//! backends). Weights are kept in F32 (F16/BF16 checkpoints are widened exactly).
+//! backends). Weights are kept in F32 (F16/BF16 checkpoints are widened exactly) or quantized to
+//! Q8_0 ([`WeightFormat`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 
 use crate::gguf::write::GgufWriter;
 use crate::gguf::{MetaArray, MetaValue};
 use crate::hf_cache::CONFIG_FILE;
-use crate::safetensors::{SafetensorsError, SafetensorsSet};
+use crate::hf_convert::{positive_int, read_json, HfModelError, WeightFormat};
+use crate::safetensors::SafetensorsSet;
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;
-
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum HfModelError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {reason}")]
-    BadFile { path: PathBuf, reason: String },
-    #[error(
-        "model_type {found:?} is not supported from a Hugging Face folder yet (supported: gpt2, marian)"
-    )]
-    UnsupportedModelType { found: String },
-    #[error("{key} = {found} is not supported for GPT-2 ({why})")]
-    UnsupportedConfig {
-        key: &'static str,
-        found: String,
-        why: &'static str,
-    },
-    #[error(transparent)]
-    Safetensors(#[from] SafetensorsError),
-    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        found: Vec<u64>,
-        expected: Vec<u64>,
-    },
-}
-
-/// `config[key]` as a positive integer, or an error naming the key and the file.
-pub(crate) fn positive_int(config: &Value, key: &str, path: &Path) -> Result<u64, HfModelError> {
-    config[key]
-        .as_u64()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| HfModelError::BadFile {
-            path: path.to_path_buf(),
-            reason: format!("{key} is missing or not a positive integer"),
-        })
-}
-
-pub(crate) fn read_json(path: &Path) -> Result<Value, HfModelError> {
-    let text = std::fs::read_to_string(path).map_err(|source| HfModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| HfModelError::BadFile {
-        path: path.to_path_buf(),
-        reason: format!("not valid JSON: {e}"),
-    })
-}
 
 /// GPT-2's hyper-parameters, from `config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,78 +214,6 @@ impl Gpt2Vocab {
             merges,
             special,
         })
-    }
-}
-
-/// How a conversion stores weight matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightFormat {
-    /// As read, widened to f32 exactly (F16 and BF16 checkpoints included).
-    #[default]
-    F32,
-    /// ggml's Q8_0 (8-bit, one f16 scale per 32 values): about 3.8x smaller than f32. Matrices
-    /// whose rows are not a multiple of 32 stay f32; vectors (norms, biases) always do.
-    Q8_0,
-}
-
-impl WeightFormat {
-    /// From a name as `--quantize` takes it.
-    pub fn parse(name: &str) -> Option<WeightFormat> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "" | "f32" | "none" => Some(WeightFormat::F32),
-            "q8_0" | "q8" => Some(WeightFormat::Q8_0),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightFormat::F32 => "f32",
-            WeightFormat::Q8_0 => "q8_0",
-        }
-    }
-
-    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_*`).
-    pub(crate) fn file_type(self) -> u32 {
-        match self {
-            WeightFormat::F32 => 0,
-            WeightFormat::Q8_0 => 7,
-        }
-    }
-
-    /// Adds a `rows × cols` matrix (row-major values) to `w` in this format.
-    pub(crate) fn matrix(
-        self,
-        w: GgufWriter,
-        name: &str,
-        cols: u64,
-        rows: u64,
-        values: &[f32],
-    ) -> Result<GgufWriter, HfModelError> {
-        if values.len() as u64 != rows * cols {
-            return Err(HfModelError::Shape {
-                name: name.to_owned(),
-                found: vec![values.len() as u64],
-                expected: vec![rows, cols],
-            });
-        }
-        match self {
-            WeightFormat::Q8_0 if cols % 32 == 0 => {
-                let blocks = crate::quant::quantize_q8_0(values).unwrap_or_default();
-                Ok(w.tensor(name, &[cols, rows], crate::quant::GgmlType::Q8_0, blocks))
-            }
-            _ => Ok(w.tensor_f32(name, &[cols, rows], values)),
-        }
-    }
-}
-
-/// Converts a Hugging Face folder of a supported `model_type` (gpt2, marian) to GGUF bytes.
-pub fn gguf_from_hf_folder(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, HfModelError> {
-    let config_path = dir.join(CONFIG_FILE);
-    let config = read_json(&config_path)?;
-    match config["model_type"].as_str().unwrap_or("") {
-        "marian" => crate::hf_marian::gguf_from_hf_marian(dir, format),
-        _ => gguf_from_hf_gpt2_as(dir, format),
     }
 }
 

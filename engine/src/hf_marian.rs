@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::gguf::write::GgufWriter;
 use crate::gguf::{MetaArray, MetaValue};
 use crate::hf_cache::CONFIG_FILE;
-use crate::hf_gpt2::{positive_int, read_json, HfModelError, WeightFormat};
+use crate::hf_convert::{positive_int, read_json, HfModelError, WeightFormat};
 use crate::safetensors::SafetensorsSet;
 
 /// Token types as `tokenizer.ggml.token_type` stores them.

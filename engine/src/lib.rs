@@ -6,6 +6,7 @@
 //! - [`gguf`]: the GGUF container, read in place over a memory map.
 //! - [`safetensors`]: Hugging Face's safetensors container, read in place over a memory map.
 //! - [`hf_cache`]: Hugging Face model folders, found offline (a path, or a repo id in the HF cache).
+//! - [`hf_convert`]: a Hugging Face folder to GGUF (F32 or Q8_0), by its `model_type`.
 //! - [`hf_gpt2`]: GPT-2 family models from a Hugging Face folder, converted to GGUF.
 //! - [`sentencepiece`]: SentencePiece Unigram models from `.spm` files (Marian's tokenizers).
 //! - [`hf_marian`]: MarianMT (opus-mt) translation models from a Hugging Face folder, converted to GGUF.
@@ -21,6 +22,7 @@
 pub mod chat;
 pub mod gguf;
 pub mod hf_cache;
+pub mod hf_convert;
 pub mod hf_gpt2;
 pub mod hf_marian;
 pub mod kernels;

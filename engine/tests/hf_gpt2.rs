@@ -8,7 +8,8 @@ mod common;
 use std::sync::Arc;
 
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::hf_gpt2::{gguf_from_hf_gpt2, HfModelError};
+use egpu_engine::hf_convert::HfModelError;
+use egpu_engine::hf_gpt2::gguf_from_hf_gpt2;
 use egpu_engine::kernels::ThreadPool;
 use egpu_engine::model::{BatchItem, LogitsWanted, Model};
 use egpu_engine::tokenizer::Tokenizer;

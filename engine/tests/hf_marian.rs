@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::hf_gpt2::{gguf_from_hf_folder, WeightFormat};
+use egpu_engine::hf_convert::{gguf_from_hf_folder, WeightFormat};
 use egpu_engine::kernels::ThreadPool;
 use egpu_engine::marian::{MarianModel, StepRow};
 use egpu_engine::sentencepiece::SentencePiece;
