@@ -19,23 +19,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCES = [
-  "The quick brown fox jumps over the lazy dog near the river bank.",
-  "A translation model turns sentences in one language into another.",
-  "Our daemon keeps several models resident on one graphics card.",
-  "Please send the report before Friday, and include the figures.",
-  "Numbers like 3.14159 and 2,718 appear in papers from 2024.",
-  "Where is the library? It is next to the town hall.",
-  "The weather will be sunny in the morning and rainy in the evening.",
-  "She bought three apples, two pears and a loaf of bread.",
-]
+SENTENCES = (ROOT / "bench" / "data" / "marian-sentences.txt").read_text(encoding="utf-8").splitlines()
 
 
 def egpu(folder: str, args, quantize: str) -> dict:
   target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
   exe = Path(target) / "release" / "examples" / "translate_bench"
   cmd = [str(exe), folder, "--threads", str(args.threads), "--beams", str(args.beams),
-         "--max-tokens", str(args.max_tokens), "--reps", str(args.reps), "--quantize", quantize]
+         "--max-tokens", str(args.max_tokens), "--reps", str(args.reps), "--quantize", quantize,
+         "--sentences", str(ROOT / "bench" / "data" / "marian-sentences.txt")]
   return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 

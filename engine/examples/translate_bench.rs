@@ -6,7 +6,7 @@
 //!     [--quantize q8_0] [--threads 2] [--beams 4] [--max-tokens 64] [--sentences FILE] [--reps 3]
 //! ```
 //! The folder is converted (timed), loaded, and the sentences (one per line; a built-in set by
-//! default) are translated as one batch `--reps` times after a warm-up; the best time counts.
+//! default: `bench/data/marian-sentences.txt`) are translated as one batch `--reps` times after a warm-up; the best time counts.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -18,16 +18,8 @@ use egpu_engine::kernels::ThreadPool;
 use egpu_engine::marian::MarianModel;
 use egpu_engine::tokenizer::Tokenizer;
 
-const SENTENCES: &[&str] = &[
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "A translation model turns sentences in one language into another.",
-    "Our daemon keeps several models resident on one graphics card.",
-    "Please send the report before Friday, and include the figures.",
-    "Numbers like 3.14159 and 2,718 appear in papers from 2024.",
-    "Where is the library? It is next to the town hall.",
-    "The weather will be sunny in the morning and rainy in the evening.",
-    "She bought three apples, two pears and a loaf of bread.",
-];
+/// The default sentences: the ones `bench/bench_marian.py` gives transformers too.
+const SENTENCES: &str = include_str!("../../bench/data/marian-sentences.txt");
 
 /// Resident memory of this process now (`VmRSS`) or at its peak (`VmHWM`), from /proc (Linux);
 /// 0 elsewhere.
@@ -46,7 +38,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut folder = None;
     let (mut threads, mut beams, mut max_tokens, mut reps) = (2usize, 0usize, 64usize, 3usize);
     let mut format = WeightFormat::F32;
-    let mut sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
+    let mut sentences: Vec<String> = SENTENCES.lines().map(str::to_owned).collect();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
