@@ -3,6 +3,9 @@
 # packages), then the Rust test suite. CI runs exactly this (see .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A one-shot run gains nothing from incremental caches (gigabytes under target/), and a CI
+# disk may be small.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 scripts/fetch-models.sh >/dev/null
 if [ -x scripts/fetch-vocabs.sh ]; then scripts/fetch-vocabs.sh >/dev/null; fi
 # grpcio for the Python example client, which the end-to-end tests run.
