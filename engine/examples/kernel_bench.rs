@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! cargo run -p egpu-engine --release --example kernel_bench -- [MODEL.gguf] [--threads N] [--quick] [--path NAME]
-//!     [--matvec-only | --matmat-only]
+//!     [--matvec-only | --matmat-only] [--interleaved]
 //! ```
+//!
+//! `--interleaved` runs the matrices in the interleaved layout that models use for decode on
+//! AVX2 machines (`InterleavedWeights`), where their type has one; without it, in GGUF's.
 //!
 //! Reports, for each available kernel path and the exact-f32 reference:
 //! - mat-vec (1 token) over every layer's ffn matrices in turn, as weight GB/s (the matrices
@@ -18,7 +21,7 @@ use std::time::Instant;
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::{
-    matmul_reference, matmul_with_path, KernelPath, ThreadPool, WeightMatrix,
+    matmul_reference, matmul_with_path, InterleavedWeights, KernelPath, ThreadPool, WeightMatrix,
 };
 use egpu_engine::quant::GgmlType;
 
@@ -58,12 +61,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut quick = false;
     let mut only: Option<String> = None;
     let (mut matvec, mut matmat) = (true, true);
+    let mut interleaved = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--threads" => threads = args.next().ok_or("--threads needs a value")?.parse()?,
             "--quick" => quick = true,
             "--matvec-only" => matmat = false,
             "--matmat-only" => matvec = false,
+            "--interleaved" => interleaved = true,
             "--path" => only = Some(args.next().ok_or("--path needs a value")?),
             _ => model = Some(arg),
         }
@@ -97,6 +102,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         all.extend(matrices(&|n| n == "token_embd.weight"));
         all
     };
+    // The interleaved copies, where the type has that layout, replace the mapped matrices.
+    let pack = |mats: &[(String, WeightMatrix)]| -> Vec<Option<InterleavedWeights>> {
+        mats.iter()
+            .map(|(_, w)| {
+                interleaved
+                    .then(|| InterleavedWeights::from_rows(w, |_| {}))
+                    .flatten()
+            })
+            .collect()
+    };
+    let (ffn_packed, all_packed) = (pack(&ffn), pack(&all));
+    fn swap<'a>(
+        mats: Vec<(String, WeightMatrix<'a>)>,
+        packed: &'a [Option<InterleavedWeights>],
+    ) -> Vec<(String, WeightMatrix<'a>)> {
+        mats.into_iter()
+            .zip(packed)
+            .map(|((name, w), p)| (name, p.as_ref().map_or(w, |p| p.matrix())))
+            .collect()
+    }
+    let ffn = swap(ffn, &ffn_packed);
+    let all = swap(all, &all_packed);
     let max_cols = all.iter().map(|(_, w)| w.cols).max().unwrap_or(0);
     let max_rows = all.iter().map(|(_, w)| w.rows).max().unwrap_or(0);
     let x: Vec<f32> = (0..512 * max_cols)
@@ -284,12 +311,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
                     .collect(),
             };
-            let w = WeightMatrix {
-                ty,
-                rows,
-                cols,
-                data: &data,
-            };
+            let w = WeightMatrix::rows(ty, rows, cols, &data);
             for (path, run) in &runners {
                 let slow = path == "reference" || path == "scalar";
                 let n = if slow { 8 } else { 128 };

@@ -342,12 +342,12 @@ impl MarianModel {
 
     fn matrix(&self, info: &TensorInfo) -> WeightMatrix<'_> {
         let (cols, rows) = info.rows();
-        WeightMatrix {
-            ty: info.ggml_type,
-            rows: rows as usize,
-            cols: cols as usize,
-            data: self.file.tensor_data(info),
-        }
+        WeightMatrix::rows(
+            info.ggml_type,
+            rows as usize,
+            cols as usize,
+            self.file.tensor_data(info),
+        )
     }
 
     fn linear(

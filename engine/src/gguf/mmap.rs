@@ -26,3 +26,25 @@ pub(crate) fn map_model_file(file: &File) -> io::Result<Mmap> {
     // SAFETY: model files are not written in place or truncated while mapped (see above).
     unsafe { map_read_only(file) }
 }
+
+/// Drops this process's pages of `map[offset..offset + len]` (page-aligned inward) from its
+/// resident set, for bytes that will not be read again (a matrix copied into another layout).
+pub(crate) fn release_pages(map: &Mmap, offset: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let start = offset.div_ceil(PAGE) * PAGE;
+    let end = (offset + len) / PAGE * PAGE;
+    if end <= start {
+        return;
+    }
+    // SAFETY: MADV_DONTNEED on a read-only shared file mapping only removes page-table entries:
+    // the file is not written, and a later read of these bytes faults the same contents back in
+    // from the page cache, so no `&[u8]` borrowing the mapping can observe a change. (The
+    // "unchecked" advice is unsafe because on private writable mappings it discards writes;
+    // this mapping has none.) A failure only means the pages stay resident.
+    #[cfg(unix)]
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+    };
+    #[cfg(not(unix))]
+    let _ = map;
+}

@@ -237,6 +237,23 @@ impl GgufFile {
             .unwrap_or(&[])
     }
 
+    /// Tells the OS that bytes `range` of the tensor's data will not be read again, so that its
+    /// pages leave this process's resident set (see `mmap::release_pages`). Reading them later
+    /// is still correct, only slower. A no-op for files held in memory.
+    pub fn release_tensor_pages(&self, info: &TensorInfo, range: std::ops::Range<usize>) {
+        let Some(shard) = self.shards.get(info.shard) else {
+            return;
+        };
+        if let Storage::Mapped(map) = &shard.storage {
+            let n = info.n_bytes as usize;
+            let (start, end) = (range.start.min(n), range.end.min(n));
+            let at = info.file_offset as usize + start;
+            if end > start && at + (end - start) <= map.len() {
+                mmap::release_pages(map, at, end - start);
+            }
+        }
+    }
+
     /// The data of the tensor named `name`.
     pub fn tensor_data_by_name(&self, name: &str) -> Result<(&TensorInfo, &[u8]), GgufError> {
         let info = self

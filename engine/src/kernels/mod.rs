@@ -63,7 +63,12 @@
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod avx2_attention;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod avx2_interleaved;
 mod decoded;
+mod interleaved;
 mod pool;
 mod portable;
 #[cfg(test)]
@@ -75,6 +80,7 @@ use std::sync::{Mutex, OnceLock};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::{dequantize_to_f32, GgmlType};
 use decoded::{DecodedChunk, QuantizedActivations, CHUNK};
+pub use interleaved::InterleavedWeights;
 pub use pool::ThreadPool;
 
 /// Errors from setting up a kernel call. Shape errors here are programming errors in a model
@@ -91,7 +97,17 @@ pub enum KernelError {
     PathUnavailable(KernelPath),
 }
 
-/// A weight matrix in GGUF layout, borrowed from the mapping.
+/// How a weight matrix's blocks are arranged in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// GGUF's: row after row, each a run of blocks.
+    Rows,
+    /// Eight rows' blocks interleaved, for the decode mat-vec ([`InterleavedWeights`]).
+    Interleaved8,
+}
+
+/// A weight matrix: in GGUF layout borrowed from the mapping, or interleaved
+/// ([`InterleavedWeights::matrix`]).
 #[derive(Debug, Clone, Copy)]
 pub struct WeightMatrix<'a> {
     pub ty: GgmlType,
@@ -100,6 +116,7 @@ pub struct WeightMatrix<'a> {
     /// Input features (ggml `ne[0]`), a multiple of the type's block size.
     pub cols: usize,
     pub data: &'a [u8],
+    pub layout: Layout,
 }
 
 impl<'a> WeightMatrix<'a> {
@@ -121,12 +138,23 @@ impl<'a> WeightMatrix<'a> {
                 ty: info.ggml_type,
             });
         }
-        Ok(WeightMatrix {
-            ty: info.ggml_type,
-            rows: rows as usize,
-            cols: cols as usize,
-            data: file.tensor_data(info),
-        })
+        Ok(WeightMatrix::rows(
+            info.ggml_type,
+            rows as usize,
+            cols as usize,
+            file.tensor_data(info),
+        ))
+    }
+
+    /// A matrix in GGUF layout.
+    pub fn rows(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Self {
+        WeightMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+            layout: Layout::Rows,
+        }
     }
 
     /// Bytes of one row.
@@ -134,10 +162,27 @@ impl<'a> WeightMatrix<'a> {
         self.cols / self.ty.block_size() * self.ty.type_size()
     }
 
-    /// The blocks of row `r`.
+    /// The blocks of row `r` of a [`Layout::Rows`] matrix (for either layout, use
+    /// [`WeightMatrix::row_blocks`]).
     pub fn row(&self, r: usize) -> &'a [u8] {
+        debug_assert_eq!(self.layout, Layout::Rows);
         let n = self.row_bytes();
         &self.data[r * n..(r + 1) * n]
+    }
+
+    /// The blocks of row `r` in GGUF form, whatever the layout: borrowed for [`Layout::Rows`],
+    /// gathered into `buf` for [`Layout::Interleaved8`].
+    pub fn row_blocks<'b>(&'b self, r: usize, buf: &'b mut Vec<u8>) -> &'b [u8] {
+        match self.layout {
+            Layout::Rows => self.row(r),
+            Layout::Interleaved8 => {
+                let n = self.row_bytes();
+                buf.resize(n, 0);
+                let n_chunks = self.cols / self.ty.block_size();
+                interleaved::row_blocks(self.ty, self.data, n_chunks, r, buf);
+                buf
+            }
+        }
     }
 
     /// Row `r` dequantized to f32 (embedding lookups).
@@ -150,7 +195,9 @@ impl<'a> WeightMatrix<'a> {
                 out.len()
             )));
         }
-        dequantize_to_f32(self.ty, self.row(r), out).map_err(|e| KernelError::Shape(e.to_string()))
+        let mut buf = Vec::new();
+        dequantize_to_f32(self.ty, self.row_blocks(r, &mut buf), out)
+            .map_err(|e| KernelError::Shape(e.to_string()))
     }
 }
 
@@ -213,6 +260,17 @@ impl KernelPath {
             KernelPath::Avx2 => "avx2",
         }
     }
+}
+
+/// Whether a model should keep its weights of type `ty` interleaved ([`InterleavedWeights`]):
+/// where the AVX2 mat-vec runs, which is what the layout is for. Other paths would only gather
+/// every row back. `EGPU_WEIGHT_LAYOUT=rows` keeps GGUF's layout (to compare the two).
+pub fn interleave_at_load(ty: GgmlType) -> bool {
+    static ROWS_ONLY: OnceLock<bool> = OnceLock::new();
+    let rows_only = *ROWS_ONLY.get_or_init(|| {
+        std::env::var("EGPU_WEIGHT_LAYOUT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("rows"))
+    });
+    !rows_only && KernelPath::best() == KernelPath::Avx2 && interleaved::has_interleaved_form(ty)
 }
 
 /// Whether [`matmul`] supports weights of type `ty`.
@@ -342,8 +400,9 @@ pub fn matmul_reference(
     let n_parts = parts_for(pool, usize::MAX, units);
     pool.run_parts(n_parts, &|part, n_parts| {
         let mut row = vec![0f32; w.cols];
+        let mut blocks = Vec::new();
         for r in split(units, n_parts, part) {
-            if dequantize_to_f32(w.ty, w.row(r), &mut row).is_err() {
+            if dequantize_to_f32(w.ty, w.row_blocks(r, &mut blocks), &mut row).is_err() {
                 return;
             }
             for t in 0..n_tokens {
@@ -416,6 +475,8 @@ struct Scratch {
     chunks: Vec<DecodedChunk>,
     offsets: Vec<[f32; 2]>,
     floats: Vec<f32>,
+    /// One row in GGUF form, gathered from an interleaved matrix.
+    row_blocks: Vec<u8>,
 }
 
 thread_local! {
@@ -671,7 +732,26 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_MATVEC_TOKENS {
+    if path == KernelPath::Avx2
+        && n_tokens <= avx2::MAX_MATVEC_TOKENS
+        && w.layout == Layout::Interleaved8
+    {
+        let groups = rows / interleaved::GROUP_ROWS;
+        let n_parts = parts_for(pool, rows * w.cols * n_tokens, groups);
+        pool.run_parts(n_parts, &|part, n_parts| {
+            // SAFETY: only the rows of this part's groups are written, and the groups of
+            // different parts are disjoint (`split` is a partition).
+            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
+            // SAFETY: `path` is available; `w` is interleaved with consistent shape (built by
+            // `InterleavedWeights`, checked by `check_shapes`), `acts` holds the tokens.
+            unsafe {
+                avx2_interleaved::matvec(w, split(groups, n_parts, part), acts, 0, n_tokens, store)
+            };
+        });
+        return;
+    }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
@@ -727,7 +807,8 @@ fn run_quantized(
                     let at = (r - block_r0) * nc..(r - block_r0 + 1) * nc;
                     let (chunks, offsets) =
                         (&mut scratch.chunks[at.clone()], &mut scratch.offsets[at]);
-                    decode_row(path, w.ty, w.row(r), chunks, offsets);
+                    let row = w.row_blocks(r, &mut scratch.row_blocks);
+                    decode_row(path, w.ty, row, chunks, offsets);
                 }
                 for tb in (0..n_tokens).step_by(tokens_per_block) {
                     let tokens = tb..(tb + tokens_per_block).min(n_tokens);
@@ -801,6 +882,89 @@ pub fn widen_f16_with_path(path: KernelPath, src: &[half::f16], dst: &mut [f32])
     }
     for (d, s) in dst[..n].iter_mut().zip(&src[..n]) {
         *d = s.to_f32();
+    }
+}
+
+/// Whether [`scores_transposed_f16`] and [`weighted_sum_f16`] have a kernel on this CPU that
+/// widens as it reads. Where they do not, widening a block once with [`widen_f16`] and using the
+/// f32 kernels is faster (the fallbacks here convert value by value).
+pub fn has_f16_attention_kernels() -> bool {
+    KernelPath::best() == KernelPath::Avx2
+}
+
+/// [`crate::ops::scores_transposed`] with keys still in f16 (the cache's storage): the same
+/// bits as widening them first. For decode steps, where the widened block would serve only one
+/// token's query heads.
+pub fn scores_transposed_f16(
+    q: &[f32],
+    dim: usize,
+    kt: &[half::f16],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    scores_transposed_f16_with_path(KernelPath::best(), q, dim, kt, stride, cols, scale, out);
+}
+
+/// [`scores_transposed_f16`] on a chosen path; the scalar twin is each score summed over `d`
+/// in order, as every path of `ops::scores_transposed` sums it.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_transposed_f16_with_path(
+    path: KernelPath,
+    q: &[f32],
+    dim: usize,
+    kt: &[half::f16],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if path == KernelPath::Avx2 && path.is_available() {
+        // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
+        unsafe { avx2_attention::scores_transposed_f16(q, dim, kt, stride, cols, scale, out) };
+        return;
+    }
+    let n = cols.len();
+    for (r, q) in q.chunks_exact(dim.max(1)).enumerate() {
+        for (j, col) in cols.clone().enumerate() {
+            let mut acc = 0f32;
+            for (d, &qd) in q.iter().enumerate() {
+                acc += qd * kt[d * stride + col].to_f32();
+            }
+            out[r * n + j] = acc * scale;
+        }
+    }
+}
+
+/// [`crate::ops::weighted_sum`] with values still in f16: the same bits as widening first.
+pub fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[half::f16]) {
+    weighted_sum_f16_with_path(KernelPath::best(), y, w, xs);
+}
+
+/// [`weighted_sum_f16`] on a chosen path; the scalar twin follows `ops::weighted_sum`'s order
+/// per output (rows four at a time, then one at a time).
+pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[half::f16]) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if path == KernelPath::Avx2 && path.is_available() {
+        // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
+        unsafe { avx2_attention::weighted_sum_f16(y, w, xs) };
+        return;
+    }
+    let dim = y.len();
+    let x = |j: usize, i: usize| xs[j * dim + i].to_f32();
+    let fours = w.len() / 4 * 4;
+    for (i, y) in y.iter_mut().enumerate() {
+        for j in (0..fours).step_by(4) {
+            *y += w[j] * x(j, i)
+                + w[j + 1] * x(j + 1, i)
+                + w[j + 2] * x(j + 2, i)
+                + w[j + 3] * x(j + 3, i);
+        }
+        for (j, &wj) in w.iter().enumerate().skip(fours) {
+            *y += wj * x(j, i);
+        }
     }
 }
 

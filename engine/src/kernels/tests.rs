@@ -122,12 +122,7 @@ fn bounds(w: &WeightMatrix, x: &[f32], n_tokens: usize) -> Vec<(f32, f32)> {
 }
 
 fn matrix(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> WeightMatrix<'_> {
-    WeightMatrix {
-        ty,
-        rows,
-        cols,
-        data,
-    }
+    WeightMatrix::rows(ty, rows, cols, data)
 }
 
 /// Every type on every available path, against the exact reference and the scalar twin, for
@@ -571,6 +566,139 @@ fn attention_kernels_are_bit_identical_on_every_path() {
                 sum.iter()
                     .zip(&want_sum)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{path:?} weighted sum ({dim}, {n})"
+            );
+        }
+    }
+}
+
+/// The interleaved layout is an exact re-arrangement: every row gathers back to its GGUF
+/// bytes, for every type that has the layout and chunk counts with and without a ragged tail
+/// of offset terms (`2 · n_chunks` not a multiple of 8).
+#[test]
+fn interleaved_rows_gather_back_to_their_blocks() {
+    let mut rng = Rng(21);
+    for ty in GgmlType::all().filter(|&ty| interleaved::has_interleaved_form(ty)) {
+        for (rows, cols) in [(8, 32), (16, 96), (24, 576)] {
+            let data = random_weights(&mut rng, ty, rows, cols);
+            let w = matrix(ty, rows, cols, &data);
+            let packed = InterleavedWeights::from_rows(&w, |_| {}).unwrap();
+            assert_eq!(
+                packed.bytes(),
+                data.len(),
+                "{ty}: the layout keeps the size"
+            );
+            let p = packed.matrix();
+            let mut buf = Vec::new();
+            for r in 0..rows {
+                assert_eq!(
+                    p.row_blocks(r, &mut buf),
+                    w.row(r),
+                    "{ty} {rows}×{cols} row {r}"
+                );
+            }
+        }
+    }
+    // No interleaved form: other types, and row counts that are not whole groups.
+    let data = random_weights(&mut rng, GgmlType::Q4_K, 8, 256);
+    assert!(
+        InterleavedWeights::from_rows(&matrix(GgmlType::Q4_K, 8, 256, &data), |_| {}).is_none()
+    );
+    let data = random_weights(&mut rng, GgmlType::Q4_1, 9, 64);
+    assert!(InterleavedWeights::from_rows(&matrix(GgmlType::Q4_1, 9, 64, &data), |_| {}).is_none());
+}
+
+/// Every kernel gives bit-identical results on the interleaved layout and on GGUF's: the
+/// interleaved mat-vec (1 to 8 tokens on AVX2) keeps the tiles' operation order, and the other
+/// paths and the tiles read gathered rows. Outputs with long and ragged chunk counts, several
+/// threads, and tokens split the way the scheduler batches them.
+#[test]
+fn interleaved_layout_gives_bit_identical_results_on_every_path() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(22);
+    for ty in GgmlType::all().filter(|&ty| interleaved::has_interleaved_form(ty)) {
+        for (rows, cols) in [(8, 32), (40, 96), (64, 576), (16, 1536)] {
+            let data = random_weights(&mut rng, ty, rows, cols);
+            let w = matrix(ty, rows, cols, &data);
+            let packed = InterleavedWeights::from_rows(&w, |_| {}).unwrap();
+            for n_tokens in [1, 2, 3, 4, 5, 8, 9, 20] {
+                let x = random_activations(&mut rng, n_tokens * cols);
+                for path in KernelPath::available() {
+                    let run = |m: &WeightMatrix| {
+                        let mut y = vec![0f32; rows * n_tokens];
+                        matmul_with_path(&pool, m, &x, n_tokens, &mut y, path).unwrap();
+                        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    assert_eq!(
+                        run(&w),
+                        run(&packed.matrix()),
+                        "{ty} {rows}×{cols}, {n_tokens} tokens, {path:?}"
+                    );
+                }
+            }
+            // And against the exact reference, through the gathered rows.
+            let x = random_activations(&mut rng, cols);
+            let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+            matmul_reference(&pool, &w, &x, 1, &mut a).unwrap();
+            matmul_reference(&pool, &packed.matrix(), &x, 1, &mut b).unwrap();
+            assert_eq!(a, b, "{ty}: reference on both layouts");
+            let (mut ra, mut rb) = (vec![0f32; cols], vec![0f32; cols]);
+            w.dequantize_row(rows - 1, &mut ra).unwrap();
+            packed.matrix().dequantize_row(rows - 1, &mut rb).unwrap();
+            assert_eq!(ra, rb, "{ty}: embedding lookup on both layouts");
+        }
+    }
+}
+
+/// The attention kernels that read the f16 cache directly give the bits of widening first and
+/// running the f32 bodies, on every path (the AVX2 kernels and their scalar twins), including
+/// ragged key counts and value widths that are not multiples of eight.
+#[test]
+fn f16_attention_kernels_equal_widening_first() {
+    let mut rng = Rng(8);
+    for (rows, dim, n) in [
+        (3, 64, 64),
+        (1, 64, 1),
+        (5, 48, 19),
+        (4, 128, 37),
+        (2, 20, 11),
+    ] {
+        let q = random_activations(&mut rng, rows * dim);
+        let stride = n + 5;
+        let half = |v: Vec<f32>| v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>();
+        let kt16 = half(random_activations(&mut rng, dim * stride));
+        let values16 = half(random_activations(&mut rng, n * dim));
+        let widen = |v: &[half::f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        let (kt, values) = (widen(&kt16), widen(&values16));
+        let weights = random_activations(&mut rng, n);
+        let mut want_scores = vec![0f32; rows * n];
+        crate::ops::scores_transposed_body(&q, dim, &kt, stride, 3..3 + n, 0.125, &mut want_scores);
+        let start = random_activations(&mut rng, dim);
+        let mut want_sum = start.clone();
+        crate::ops::weighted_sum_body(&mut want_sum, &weights, &values);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for path in KernelPath::available() {
+            let mut scores = vec![0f32; rows * n];
+            scores_transposed_f16_with_path(
+                path,
+                &q,
+                dim,
+                &kt16,
+                stride,
+                3..3 + n,
+                0.125,
+                &mut scores,
+            );
+            assert_eq!(
+                bits(&scores),
+                bits(&want_scores),
+                "{path:?} scores ({rows}, {dim}, {n})"
+            );
+            let mut sum = start.clone();
+            weighted_sum_f16_with_path(path, &mut sum, &weights, &values16);
+            assert_eq!(
+                bits(&sum),
+                bits(&want_sum),
                 "{path:?} weighted sum ({dim}, {n})"
             );
         }

@@ -14,7 +14,7 @@
 
 use std::sync::Mutex;
 
-use crate::kernels::ThreadPool;
+use crate::kernels::{self, ThreadPool};
 use crate::ops;
 
 use super::config::ModelConfig;
@@ -277,16 +277,48 @@ fn attend_unit(
     let keys_t = grow(keys_t, dk * KEY_BLOCK);
     let scores = grow(scores, group * KEY_BLOCK);
 
+    // A decode step (one token) reads the f16 cache directly where a kernel can; a prompt's
+    // tokens share each widened block.
+    let read_f16 = tile.len() == 1 && kernels::has_f16_attention_kernels();
     let mut block_start = lo / KEY_BLOCK * KEY_BLOCK;
     while block_start < hi {
         let b0 = block_start.max(lo);
         let b1 = (block_start + KEY_BLOCK).min(hi);
         let block_origin = block_start;
         block_start += KEY_BLOCK;
+        let block = cache.key_block(il, unit.kv_head, block_origin / KEY_BLOCK);
+        let block_values_f16 = cache.values(il, unit.kv_head, b0..b1);
+        if read_f16 {
+            // One token: its query heads read the f16 block directly (same bits as below).
+            let slot = tile[0];
+            let own = key_range(slot, window);
+            let (r0, r1) = (b0.max(own.start), b1.min(own.end));
+            if r0 < r1 {
+                let t = unit.t0;
+                let q_group = &q[t * q_dim + unit.kv_head * group * dk..][..group * dk];
+                let n = r1 - r0;
+                let scores = &mut scores[..group * n];
+                kernels::scores_transposed_f16(
+                    q_group,
+                    dk,
+                    block,
+                    KEY_BLOCK,
+                    r0 - block_origin..r1 - block_origin,
+                    cfg.attention_scale,
+                    scores,
+                );
+                let block_values = &block_values_f16[(r0 - b0) * dv..(r1 - b0) * dv];
+                for (row, s) in scores.chunks_exact_mut(n).enumerate() {
+                    let oh = &mut out[row * dv..(row + 1) * dv];
+                    let s = softmax_step(s, &mut max[row], &mut sum[row], oh);
+                    kernels::weighted_sum_f16(oh, s, block_values);
+                }
+            }
+            continue;
+        }
         // Only the columns up to the last position used, rounded up to eight so that the
         // conversion runs in whole 8-wide steps: decode's last block is often nearly empty.
         let used = (b1 - block_origin).div_ceil(8) * 8;
-        let block = cache.key_block(il, unit.kv_head, block_origin / KEY_BLOCK);
         if used >= KEY_BLOCK {
             ops::f16_to_f32(block, keys_t);
         } else {
@@ -297,10 +329,7 @@ fn attend_unit(
                 ops::f16_to_f32(&src[..used], &mut dst[..used]);
             }
         }
-        ops::f16_to_f32(
-            cache.values(il, unit.kv_head, b0..b1),
-            &mut values[..(b1 - b0) * dv],
-        );
+        ops::f16_to_f32(block_values_f16, &mut values[..(b1 - b0) * dv]);
         for (ti, &slot) in tile.iter().enumerate() {
             let own = key_range(slot, window);
             let (r0, r1) = (b0.max(own.start), b1.min(own.end));
@@ -324,20 +353,8 @@ fn attend_unit(
             );
             for (j, s) in scores.chunks_exact_mut(n).enumerate() {
                 let row = ti * group + j;
-                let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = max[row].max(block_max);
                 let oh = &mut out[row * dv..(row + 1) * dv];
-                if new_max > max[row] {
-                    // Rescale what was accumulated against the old maximum.
-                    let factor = ops::exp(max[row] - new_max);
-                    sum[row] *= factor;
-                    ops::scale(oh, factor);
-                    max[row] = new_max;
-                }
-                for s in s.iter_mut() {
-                    *s = ops::exp(*s - new_max);
-                }
-                sum[row] += s.iter().sum::<f32>();
+                let s = softmax_step(s, &mut max[row], &mut sum[row], oh);
                 ops::weighted_sum(oh, s, block_values);
             }
         }
@@ -345,4 +362,25 @@ fn attend_unit(
     for (oh, &l) in out.chunks_exact_mut(dv).zip(sum.iter()) {
         ops::scale(oh, 1.0 / l);
     }
+}
+
+/// One block of online softmax for one query row: turns the block's scores `s` into weights
+/// `exp(s − max)` against the running maximum (raising it, and rescaling the output `oh` and
+/// the running `sum` accumulated so far, when the block holds a larger score) and adds them to
+/// `sum`. Returns the weights, for the caller's weighted sum of the block's values.
+fn softmax_step<'s>(s: &'s mut [f32], max: &mut f32, sum: &mut f32, oh: &mut [f32]) -> &'s [f32] {
+    let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let new_max = max.max(block_max);
+    if new_max > *max {
+        // Rescale what was accumulated against the old maximum.
+        let factor = ops::exp(*max - new_max);
+        *sum *= factor;
+        ops::scale(oh, factor);
+        *max = new_max;
+    }
+    for s in s.iter_mut() {
+        *s = ops::exp(*s - new_max);
+    }
+    *sum += s.iter().sum::<f32>();
+    s
 }

@@ -178,7 +178,7 @@ impl Model {
         let cfg = &self.config;
         let n_tokens = scratch.slots.len();
         let x = sized(&mut scratch.x, n_tokens * cfg.n_embd);
-        let table = WeightMatrix::from_tensor(&self.file, &self.weights.token_embd)?;
+        let table = self.weights.token_embedding_matrix(&self.file)?;
         let positions = match &self.weights.position_embd {
             Some(info) => Some(WeightMatrix::from_tensor(&self.file, info)?),
             None => None,

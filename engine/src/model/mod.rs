@@ -204,7 +204,8 @@ impl Model {
         }
         let (_, n_vocab) = weights::token_embedding(&file)?;
         let config = ModelConfig::from_metadata(file.metadata(), n_vocab)?;
-        let weights = Weights::load(&file, &config)?;
+        let mut weights = Weights::load(&file, &config)?;
+        weights.interleave(&file);
         let factors = weights.rope_freqs.as_deref();
         let freqs = |r: &RopeConfig| {
             RopeFrequencies::new(r.style, r.n_rot, r.freq_base, r.freq_scale, factors)

@@ -1,9 +1,12 @@
 //! Finding and checking a model's tensors. Weight matrices stay in the file mapping (only their
-//! table entries are kept); the small vectors (norm weights, biases, RoPE factors) are
-//! dequantized to f32 once at load.
+//! table entries are kept) or, where the decode mat-vec wants it, are moved into the
+//! interleaved layout at load ([`Weights::interleave`]); the small vectors (norm weights,
+//! biases, RoPE factors) are dequantized to f32 once at load.
+
+use std::sync::Arc;
 
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::kernels::WeightMatrix;
+use crate::kernels::{interleave_at_load, InterleavedWeights, WeightMatrix};
 
 use super::config::{Arch, FfnKind, ModelConfig, NormKind};
 use super::ModelError;
@@ -13,17 +16,31 @@ use super::ModelError;
 pub(crate) struct Linear {
     pub weight: TensorInfo,
     pub bias: Option<Vec<f32>>,
+    /// The weight in the interleaved layout, when it was moved there at load; the mapping's
+    /// copy is then not read again.
+    pub interleaved: Option<Arc<InterleavedWeights>>,
 }
 
 impl Linear {
-    pub fn matrix<'a>(&self, file: &'a GgufFile) -> WeightMatrix<'a> {
-        let (cols, rows) = self.weight.rows();
-        WeightMatrix {
-            ty: self.weight.ggml_type,
-            rows: rows as usize,
-            cols: cols as usize,
-            data: file.tensor_data(&self.weight),
+    pub fn new(weight: TensorInfo, bias: Option<Vec<f32>>) -> Linear {
+        Linear {
+            weight,
+            bias,
+            interleaved: None,
         }
+    }
+
+    pub fn matrix<'a>(&'a self, file: &'a GgufFile) -> WeightMatrix<'a> {
+        if let Some(w) = &self.interleaved {
+            return w.matrix();
+        }
+        let (cols, rows) = self.weight.rows();
+        WeightMatrix::rows(
+            self.weight.ggml_type,
+            rows as usize,
+            cols as usize,
+            file.tensor_data(&self.weight),
+        )
     }
 }
 
@@ -73,6 +90,60 @@ pub(crate) struct Weights {
     /// LLaMA 3.1's per-frequency RoPE divisors (`rope_freqs.weight`).
     pub rope_freqs: Option<Vec<f32>>,
     pub layers: Vec<LayerWeights>,
+}
+
+impl Weights {
+    /// Every weight matrix the layers and the LM head multiply by.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            let qkv: Vec<&mut Linear> = match &mut l.qkv {
+                QkvWeights::Separate { q, k, v } => vec![q, k, v],
+                QkvWeights::Fused(qkv) => vec![qkv],
+            };
+            qkv.into_iter()
+                .chain([&mut l.attn_out, &mut l.ffn_up, &mut l.ffn_down])
+                .chain(l.ffn_gate.as_mut())
+        });
+        layers.chain(std::iter::once(&mut self.output))
+    }
+
+    /// Moves every matrix whose type has an interleaved form into that layout (when this CPU's
+    /// kernels use it: [`interleave_at_load`]), one matrix at a time, releasing the mapping's
+    /// pages of each as they are copied: resident memory stays about the file's size, not
+    /// twice it. Results do not change (the kernels are bit-identical on both layouts).
+    pub fn interleave(&mut self, file: &GgufFile) {
+        for linear in self.linears_mut() {
+            if linear.interleaved.is_some() || !interleave_at_load(linear.weight.ggml_type) {
+                continue;
+            }
+            let Ok(rows) = WeightMatrix::from_tensor(file, &linear.weight) else {
+                continue;
+            };
+            // Release in steps of about a megabyte: one `madvise` per eight rows would be
+            // thousands of calls for an embedding table.
+            const RELEASE_STEP: usize = 1 << 20;
+            let mut released = 0;
+            let packed = InterleavedWeights::from_rows(&rows, |consumed| {
+                if consumed.end - released >= RELEASE_STEP || consumed.end == rows.data.len() {
+                    file.release_tensor_pages(&linear.weight, released..consumed.end);
+                    released = consumed.end;
+                }
+            });
+            linear.interleaved = packed.map(Arc::new);
+        }
+    }
+
+    /// The token embedding table: the LM head's interleaved copy when they are tied and it
+    /// was interleaved (so the released pages of the mapping stay released).
+    pub fn token_embedding_matrix<'a>(
+        &'a self,
+        file: &'a GgufFile,
+    ) -> Result<WeightMatrix<'a>, crate::kernels::KernelError> {
+        if self.output.weight.name == self.token_embd.name && self.output.interleaved.is_some() {
+            return Ok(self.output.matrix(file));
+        }
+        WeightMatrix::from_tensor(file, &self.token_embd)
+    }
 }
 
 /// The token embedding table and the vocabulary size it implies.
@@ -145,10 +216,10 @@ impl Loader<'_> {
     }
 
     fn linear(&self, prefix: &str, cols: usize, rows: usize) -> Result<Linear, ModelError> {
-        Ok(Linear {
-            weight: self.matrix(&format!("{prefix}.weight"), cols, rows)?,
-            bias: self.optional_vector(&format!("{prefix}.bias"), rows)?,
-        })
+        Ok(Linear::new(
+            self.matrix(&format!("{prefix}.weight"), cols, rows)?,
+            self.optional_vector(&format!("{prefix}.bias"), rows)?,
+        ))
     }
 
     fn norm(&self, prefix: &str, len: usize, kind: NormKind) -> Result<Norm, ModelError> {
@@ -175,10 +246,7 @@ impl Weights {
             l.linear("output", cfg.n_embd, cfg.n_vocab)?
         } else {
             // Tied embeddings: the LM head is the token embedding table.
-            Linear {
-                weight: token_embd.clone(),
-                bias: None,
-            }
+            Linear::new(token_embd.clone(), None)
         };
         let rope_freqs = match &cfg.rope {
             Some(rope) => l.optional_vector("rope_freqs.weight", rope.n_rot / 2)?,

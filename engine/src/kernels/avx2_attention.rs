@@ -1,0 +1,171 @@
+//! Decode attention straight from the f16 KV cache, with AVX2 + F16C.
+//!
+//! `crate::ops::scores_transposed` and `weighted_sum` take f32 keys and values, so attention
+//! widens each cache block first. That pays when a prompt's many queries share the block; a
+//! decode step has one token (a few query heads), and the separate widening pass, which writes
+//! the block out and reads it back, cost as much as the arithmetic. These kernels widen eight
+//! values at a time in registers as they read them and otherwise do the very operations of the
+//! f32 bodies in the same order (mul then add, no FMA, the same summation order per output),
+//! so results are bit-identical: widening f16 to f32 is exact.
+//!
+//! Every function here is `unsafe` because it must only run where `avx2::available` is true.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86")]
+use std::arch::x86::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use half::f16;
+
+/// Eight f16 at `p`, widened.
+#[inline(always)]
+unsafe fn widen8(p: *const f16) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable values at `p`.
+    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+}
+
+/// One f16, widened.
+#[inline(always)]
+unsafe fn widen1(v: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(v.to_bits()))))
+}
+
+/// `out[r][j] = scale · Σ_d q[r][d] · kt[d][cols.start + j]`, as `ops::scores_transposed`
+/// computes it, with `kt` in f16.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C. Shapes are checked (a mismatch panics).
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn scores_transposed_f16(
+    q: &[f32],
+    dim: usize,
+    kt: &[f16],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let rows = q.len() / dim;
+    let n = cols.len();
+    assert!(
+        out.len() == rows * n
+            && q.len() == rows * dim
+            && (dim == 0 || (dim - 1) * stride + cols.end <= kt.len())
+    );
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = (rows - r0).min(4);
+        let (q, out) = (
+            &q[r0 * dim..(r0 + nr) * dim],
+            &mut out[r0 * n..(r0 + nr) * n],
+        );
+        match nr {
+            1 => score_rows::<1>(q, dim, kt, stride, cols.clone(), scale, out),
+            2 => score_rows::<2>(q, dim, kt, stride, cols.clone(), scale, out),
+            3 => score_rows::<3>(q, dim, kt, stride, cols.clone(), scale, out),
+            _ => score_rows::<4>(q, dim, kt, stride, cols.clone(), scale, out),
+        }
+        r0 += nr;
+    }
+}
+
+/// [`scores_transposed_f16`] for exactly `R` query rows (bounds checked by the caller).
+#[inline(always)]
+unsafe fn score_rows<const R: usize>(
+    q: &[f32],
+    dim: usize,
+    kt: &[f16],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let n = cols.len();
+    let (qp, kp) = (q.as_ptr(), kt.as_ptr());
+    let mut j = 0;
+    while j + 8 <= n {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for d in 0..dim {
+            // SAFETY: d · stride + cols.start + j + 8 <= kt.len() (checked by the caller).
+            let k = widen8(kp.add(d * stride + cols.start + j));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: r · dim + d < q.len().
+                let qd = _mm256_broadcast_ss(&*qp.add(r * dim + d));
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qd, k));
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let dst = out[r * n + j..][..8].as_mut_ptr();
+            // SAFETY: `dst` is 8 writable f32.
+            _mm256_storeu_ps(dst, _mm256_mul_ps(*acc, _mm256_set1_ps(scale)));
+        }
+        j += 8;
+    }
+    for j in j..n {
+        for r in 0..R {
+            let mut acc = 0f32;
+            for d in 0..dim {
+                acc += q[r * dim + d] * widen1(kt[d * stride + cols.start + j]);
+            }
+            out[r * n + j] = acc * scale;
+        }
+    }
+}
+
+/// `y += Σ_j w[j] · x_j` over f16 rows `x_j` of `y.len()` values, as `ops::weighted_sum`
+/// computes it: four rows at a time (`((w0·a + w1·b) + w2·c) + w3·d` added to `y`), then the
+/// remaining rows one at a time.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C. Shapes are checked (a mismatch panics).
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[f16]) {
+    let dim = y.len();
+    assert_eq!(xs.len(), w.len() * dim);
+    let fours = w.len() / 4 * 4;
+    let xp = xs.as_ptr();
+    let mut i = 0;
+    while i + 8 <= dim {
+        let yp = y[i..i + 8].as_mut_ptr();
+        // SAFETY: `yp` is 8 readable and writable f32; every row read below has `dim` values
+        // from `j · dim`, so `j · dim + i + 8 <= xs.len()`.
+        let mut acc = _mm256_loadu_ps(yp);
+        let mut j = 0;
+        while j < fours {
+            // (No closures in this function: they would not inherit its target features.)
+            let base = xp.add(j * dim + i);
+            let mut t = _mm256_mul_ps(_mm256_set1_ps(w[j]), widen8(base));
+            t = _mm256_add_ps(
+                t,
+                _mm256_mul_ps(_mm256_set1_ps(w[j + 1]), widen8(base.add(dim))),
+            );
+            let x2 = widen8(base.add(2 * dim));
+            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(w[j + 2]), x2));
+            let x3 = widen8(base.add(3 * dim));
+            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(w[j + 3]), x3));
+            acc = _mm256_add_ps(acc, t);
+            j += 4;
+        }
+        for (j, &wj) in w.iter().enumerate().skip(fours) {
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_mul_ps(_mm256_set1_ps(wj), widen8(xp.add(j * dim + i))),
+            );
+        }
+        _mm256_storeu_ps(yp, acc);
+        i += 8;
+    }
+    for (i, y) in y.iter_mut().enumerate().skip(i) {
+        let mut j = 0;
+        while j < fours {
+            let (a, b) = (widen1(xs[j * dim + i]), widen1(xs[(j + 1) * dim + i]));
+            let (c, d) = (widen1(xs[(j + 2) * dim + i]), widen1(xs[(j + 3) * dim + i]));
+            *y += w[j] * a + w[j + 1] * b + w[j + 2] * c + w[j + 3] * d;
+            j += 4;
+        }
+        for (j, &wj) in w.iter().enumerate().skip(fours) {
+            *y += wj * widen1(xs[j * dim + i]);
+        }
+    }
+}

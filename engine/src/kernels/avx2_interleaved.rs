@@ -1,0 +1,296 @@
+//! AVX2 mat-vec over interleaved weights (see `super::interleaved` for the layout and why).
+//!
+//! Lane `r` of every register belongs to row `r` of an eight-row group. For each chunk, one
+//! 32-byte load of quants gives four consecutive elements of all eight rows (nibbles give two
+//! such groups), the four matching activations are broadcast, and `maddubs`/`madd` produce each
+//! row's sum of four products in its lane. Register `j` accumulates element group `j` (elements
+//! `4j..4j+4` of every chunk), which is what lane `j` of a row's accumulator holds in the
+//! row-major kernels: the eight registers here are the row-major accumulator transposed, so
+//! every output sees the same operations in the same order as in `avx2::tile` and
+//! `avx2::matvec_in_tile_order`, and the final reduction `((j0+j4)+(j2+j6))+((j1+j5)+(j3+j7))`
+//! is `avx2::sum_lanes`' order. Results are bit-identical to the row-major path.
+//!
+//! Every function here is `unsafe` because it must only run where `avx2::available` is true.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86")]
+use std::arch::x86::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::decoded::{QuantizedActivations, CHUNK};
+use super::interleaved::GROUP_ROWS;
+use crate::quant::GgmlType;
+
+/// How far ahead of the record in use the weights are prefetched: the records are consumed in
+/// address order, so this keeps a few hundred nanoseconds of loads in flight.
+const PREFETCH_AHEAD: usize = 1024;
+
+/// One interleaved type's record: where its quants, scales and offsets are.
+trait Record {
+    /// Bytes per record (eight rows' blocks).
+    const BYTES: usize;
+    /// Quants are signed bytes (Q8_0), multiplied as `|q| · (x · sign q)`.
+    const SIGNED: bool;
+    /// Chunks have an offset term (`offset · Σx` per half).
+    const OFFSET: bool;
+    /// Element groups `k` and `k + 4` (`k < 4`) of the eight rows: 32 bytes each, row `r` at
+    /// bytes `4r..4r+4`.
+    unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i);
+    /// The rows' offsets (the same for both halves of a chunk in every interleaved type).
+    unsafe fn offsets(record: *const u8) -> __m256;
+}
+
+/// The rows' f16 values at `record + at` (eight of them), widened.
+#[inline(always)]
+unsafe fn halves_at(record: *const u8, at: usize) -> __m256 {
+    // SAFETY: the caller's record holds 16 bytes at `at`; `loadu` needs no alignment.
+    _mm256_cvtph_ps(_mm_loadu_si128(record.add(at).cast()))
+}
+
+/// Low and high nibbles of the 32 bytes at `at + 32k`: element groups `k` and `k + 4`.
+#[inline(always)]
+unsafe fn nibble_groups(record: *const u8, at: usize, k: usize) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    // SAFETY: the caller's record holds 128 bytes of nibbles at `at`.
+    let v = _mm256_loadu_si256(record.add(at + 32 * k).cast());
+    (
+        _mm256_and_si256(v, m4),
+        _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+    )
+}
+
+/// 16 where bit `j` of each byte of `high` is set, else 0 (Q5's fifth bit for element group
+/// `j`). One 16-bit shift moves bit `j` to bit 4; bits shifted in from the neighbouring byte
+/// land below bit 4 (left shifts of at most 4) or above it (right shifts of at most 3).
+#[inline(always)]
+unsafe fn fifth_bit(high: __m256i, j: usize) -> __m256i {
+    let moved = match j {
+        0 => _mm256_slli_epi16(high, 4),
+        1 => _mm256_slli_epi16(high, 3),
+        2 => _mm256_slli_epi16(high, 2),
+        3 => _mm256_slli_epi16(high, 1),
+        4 => high,
+        5 => _mm256_srli_epi16(high, 1),
+        6 => _mm256_srli_epi16(high, 2),
+        _ => _mm256_srli_epi16(high, 3),
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi8(16))
+}
+
+struct Q4_0;
+struct Q4_1;
+struct Q5_0;
+struct Q5_1;
+struct Q8_0;
+
+impl Record for Q4_0 {
+    const BYTES: usize = 144;
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
+        nibble_groups(record, 16, k)
+    }
+    #[inline(always)]
+    unsafe fn offsets(record: *const u8) -> __m256 {
+        _mm256_mul_ps(_mm256_set1_ps(-8.0), halves_at(record, 0))
+    }
+}
+
+impl Record for Q4_1 {
+    const BYTES: usize = 160;
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
+        nibble_groups(record, 32, k)
+    }
+    #[inline(always)]
+    unsafe fn offsets(record: *const u8) -> __m256 {
+        halves_at(record, 16)
+    }
+}
+
+impl Record for Q5_0 {
+    const BYTES: usize = 176;
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = nibble_groups(record, 48, k);
+        // SAFETY: the record holds 32 bytes of fifth bits at 16.
+        let high = _mm256_loadu_si256(record.add(16).cast());
+        (
+            _mm256_or_si256(lo, fifth_bit(high, k)),
+            _mm256_or_si256(hi, fifth_bit(high, k + 4)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn offsets(record: *const u8) -> __m256 {
+        _mm256_mul_ps(_mm256_set1_ps(-16.0), halves_at(record, 0))
+    }
+}
+
+impl Record for Q5_1 {
+    const BYTES: usize = 192;
+    const SIGNED: bool = false;
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = nibble_groups(record, 64, k);
+        // SAFETY: the record holds 32 bytes of fifth bits at 32.
+        let high = _mm256_loadu_si256(record.add(32).cast());
+        (
+            _mm256_or_si256(lo, fifth_bit(high, k)),
+            _mm256_or_si256(hi, fifth_bit(high, k + 4)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn offsets(record: *const u8) -> __m256 {
+        halves_at(record, 16)
+    }
+}
+
+impl Record for Q8_0 {
+    const BYTES: usize = 272;
+    const SIGNED: bool = true;
+    const OFFSET: bool = false;
+    #[inline(always)]
+    unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
+        // SAFETY: the record holds 256 bytes of quants at 16.
+        (
+            _mm256_loadu_si256(record.add(16 + 32 * k).cast()),
+            _mm256_loadu_si256(record.add(16 + 32 * (k + 4)).cast()),
+        )
+    }
+    #[inline(always)]
+    unsafe fn offsets(_: *const u8) -> __m256 {
+        _mm256_setzero_ps()
+    }
+}
+
+/// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups `groups` of the
+/// interleaved matrix `w`; calls `store(t, r, y)` for every output, `t` counted in `acts`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. `w` must be interleaved (`super::Layout`) with
+/// consistent shape and a type `interleaved::has_interleaved_form` accepts, and `acts` must hold
+/// `first_token + n_tokens` tokens of `w.cols` values (checked; failing is a caller's bug and
+/// panics).
+pub(crate) unsafe fn matvec(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    store: impl FnMut(usize, usize, f32),
+) {
+    match w.ty {
+        GgmlType::Q4_0 => matvec_of::<Q4_0>(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q4_1 => matvec_of::<Q4_1>(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q5_0 => matvec_of::<Q5_0>(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q5_1 => matvec_of::<Q5_1>(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q8_0 => matvec_of::<Q8_0>(w, groups, acts, first_token, n_tokens, store),
+        other => panic!("no interleaved form for {other}"),
+    }
+}
+
+/// [`matvec`] for one record type.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matvec_of<R: Record>(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let tokens = first_token + n_tokens;
+    assert!(
+        w.cols == nc * CHUNK
+            && w.layout == super::Layout::Interleaved8
+            && w.rows % GROUP_ROWS == 0
+            && groups.end * GROUP_ROWS <= w.rows
+            && w.data.len() == w.rows / GROUP_ROWS * nc * R::BYTES
+            && acts.q.len() >= tokens * nc
+            && acts.d.len() >= tokens * nc
+            && acts.half_sums.len() >= tokens * nc
+    );
+    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    let ones = _mm256_set1_epi16(1);
+    let zero = _mm256_setzero_ps();
+    for g in groups {
+        let group = w.data[g * nc * R::BYTES..].as_ptr();
+        for t in first_token..tokens {
+            let mut acc = [zero; 8];
+            for c in 0..nc {
+                // SAFETY: the group holds `nc` records (the length check above).
+                let record = group.add(c * R::BYTES);
+                if t == first_token {
+                    let ahead = record.wrapping_add(PREFETCH_AHEAD);
+                    let mut line = 0;
+                    while line < R::BYTES {
+                        // A prefetch never faults, even past the end of the matrix.
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                        line += 64;
+                    }
+                }
+                let at = t * nc + c;
+                // SAFETY: at < tokens · nc (checked above).
+                let factor = _mm256_mul_ps(
+                    halves_at(record, 0),
+                    _mm256_broadcast_ss(&*acts.d.as_ptr().add(at)),
+                );
+                let x = acts.q.as_ptr().add(at).cast::<i32>();
+                for k in 0..4 {
+                    let (low, high) = R::groups(record, k);
+                    for (j, q) in [(k, low), (k + 4, high)] {
+                        // SAFETY: word j < 8 of the chunk's 32 activation bytes.
+                        let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
+                        let (magnitude, xj) = if R::SIGNED {
+                            (_mm256_abs_epi8(q), _mm256_sign_epi8(xj, q))
+                        } else {
+                            (q, xj)
+                        };
+                        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xj), ones);
+                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[j]);
+                    }
+                }
+            }
+            let mut tail = zero;
+            if R::OFFSET {
+                let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
+                let mut k = 0;
+                while k < full {
+                    for (j, acc_j) in acc.iter_mut().enumerate() {
+                        let h = k + j;
+                        // SAFETY: h < halves = 2 · nc, so chunk h / 2 is in the group and the
+                        // token's half sums have index h.
+                        let offsets = R::offsets(group.add(h / 2 * R::BYTES));
+                        *acc_j =
+                            _mm256_fmadd_ps(offsets, _mm256_broadcast_ss(&*sums.add(h)), *acc_j);
+                    }
+                    k += 8;
+                }
+                for h in full..halves {
+                    // SAFETY: as above.
+                    let offsets = R::offsets(group.add(h / 2 * R::BYTES));
+                    let term = _mm256_mul_ps(offsets, _mm256_broadcast_ss(&*sums.add(h)));
+                    tail = _mm256_add_ps(tail, term);
+                }
+            }
+            // (No closures here: they would not inherit this function's target features.)
+            let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
+            let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
+            let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
+            let mut out = [0f32; GROUP_ROWS];
+            // SAFETY: `out` is 8 writable f32.
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
+            for (r, &y) in out.iter().enumerate() {
+                store(t, g * GROUP_ROWS + r, y);
+            }
+        }
+    }
+}
