@@ -401,6 +401,36 @@ pub fn gelu_in_place(x: &mut [f32]) {
     }
 }
 
+/// One block of online softmax for one query row: turns the block's scores `s` into weights
+/// `exp(s − max)` against the running maximum (raising it, and rescaling the output `oh` and
+/// the running `sum` accumulated so far, when the block holds a larger score) and adds them to
+/// `sum`. Returns the weights, for the caller's weighted sum of the block's values. Runs as
+/// [`crate::kernels::online_softmax_step`] compiles it for this CPU (the same bits).
+#[inline(always)]
+pub(crate) fn online_softmax_step_body<'s>(
+    s: &'s mut [f32],
+    max: &mut f32,
+    sum: &mut f32,
+    oh: &mut [f32],
+) -> &'s [f32] {
+    let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let new_max = max.max(block_max);
+    if new_max > *max {
+        // Rescale what was accumulated against the old maximum.
+        let factor = exp(*max - new_max);
+        *sum *= factor;
+        for v in oh.iter_mut() {
+            *v *= factor;
+        }
+        *max = new_max;
+    }
+    for s in s.iter_mut() {
+        *s = exp(*s - new_max);
+    }
+    *sum += s.iter().sum::<f32>();
+    s
+}
+
 /// Softmax in place, subtracting the maximum first so that no exponent overflows.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);

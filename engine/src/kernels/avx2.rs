@@ -58,6 +58,21 @@ pub(crate) unsafe fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
     crate::ops::weighted_sum_body(y, w, xs);
 }
 
+/// Attention's online softmax step with 256-bit registers: the portable body, compiled for
+/// AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn online_softmax_step<'s>(
+    s: &'s mut [f32],
+    max: &mut f32,
+    sum: &mut f32,
+    oh: &mut [f32],
+) -> &'s [f32] {
+    crate::ops::online_softmax_step_body(s, max, sum, oh)
+}
+
 /// Whether this CPU runs the AVX2 path (detected once by the standard library, then cached).
 pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx2")

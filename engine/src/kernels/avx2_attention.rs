@@ -70,7 +70,8 @@ pub(crate) unsafe fn scores_transposed_f16(
     }
 }
 
-/// [`scores_transposed_f16`] for exactly `R` query rows (bounds checked by the caller).
+/// [`scores_transposed_f16`] for exactly `R` query rows (bounds checked by the caller): runs of
+/// `8·KB` keys while they last, then of 8, then single keys.
 #[inline(always)]
 unsafe fn score_rows<const R: usize>(
     q: &[f32],
@@ -82,26 +83,15 @@ unsafe fn score_rows<const R: usize>(
     out: &mut [f32],
 ) {
     let n = cols.len();
-    let (qp, kp) = (q.as_ptr(), kt.as_ptr());
     let mut j = 0;
-    while j + 8 <= n {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for d in 0..dim {
-            // SAFETY: d · stride + cols.start + j + 8 <= kt.len() (checked by the caller).
-            let k = widen8(kp.add(d * stride + cols.start + j));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: r · dim + d < q.len().
-                let qd = _mm256_broadcast_ss(&*qp.add(r * dim + d));
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qd, k));
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            let dst = out[r * n + j..][..8].as_mut_ptr();
-            // SAFETY: `dst` is 8 writable f32.
-            _mm256_storeu_ps(dst, _mm256_mul_ps(*acc, _mm256_set1_ps(scale)));
-        }
-        j += 8;
+    // Each score is a chain of `dim` dependent adds; several runs of keys at once give the CPU
+    // independent chains to overlap (as many as the sixteen registers hold).
+    match R {
+        1 | 2 => score_run::<R, 4>(q, dim, kt, stride, cols.start, scale, out, n, &mut j),
+        3 => score_run::<R, 3>(q, dim, kt, stride, cols.start, scale, out, n, &mut j),
+        _ => score_run::<R, 2>(q, dim, kt, stride, cols.start, scale, out, n, &mut j),
     }
+    score_run::<R, 1>(q, dim, kt, stride, cols.start, scale, out, n, &mut j);
     for j in j..n {
         for r in 0..R {
             let mut acc = 0f32;
@@ -110,6 +100,50 @@ unsafe fn score_rows<const R: usize>(
             }
             out[r * n + j] = acc * scale;
         }
+    }
+}
+
+/// Scores of runs of `8·KB` keys from `*j` while whole runs remain, advancing `*j`: each
+/// score summed over `d` in order, one product at a time, as the f32 body does.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn score_run<const R: usize, const KB: usize>(
+    q: &[f32],
+    dim: usize,
+    kt: &[f16],
+    stride: usize,
+    first_col: usize,
+    scale: f32,
+    out: &mut [f32],
+    n: usize,
+    j: &mut usize,
+) {
+    let (qp, kp) = (q.as_ptr(), kt.as_ptr());
+    while *j + 8 * KB <= n {
+        let mut acc = [[_mm256_setzero_ps(); KB]; R];
+        for d in 0..dim {
+            let base = kp.add(d * stride + first_col + *j);
+            let mut k = [_mm256_setzero_ps(); KB];
+            for (b, k) in k.iter_mut().enumerate() {
+                // SAFETY: d · stride + first_col + j + 8·KB <= kt.len() (checked by the caller).
+                *k = widen8(base.add(8 * b));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: r · dim + d < q.len().
+                let qd = _mm256_broadcast_ss(&*qp.add(r * dim + d));
+                for (acc, k) in acc.iter_mut().zip(&k) {
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qd, *k));
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (b, acc) in acc.iter().enumerate() {
+                let dst = out[r * n + *j + 8 * b..][..8].as_mut_ptr();
+                // SAFETY: `dst` is 8 writable f32.
+                _mm256_storeu_ps(dst, _mm256_mul_ps(*acc, _mm256_set1_ps(scale)));
+            }
+        }
+        *j += 8 * KB;
     }
 }
 
@@ -124,38 +158,11 @@ pub(crate) unsafe fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[f16]) {
     let dim = y.len();
     assert_eq!(xs.len(), w.len() * dim);
     let fours = w.len() / 4 * 4;
-    let xp = xs.as_ptr();
     let mut i = 0;
-    while i + 8 <= dim {
-        let yp = y[i..i + 8].as_mut_ptr();
-        // SAFETY: `yp` is 8 readable and writable f32; every row read below has `dim` values
-        // from `j · dim`, so `j · dim + i + 8 <= xs.len()`.
-        let mut acc = _mm256_loadu_ps(yp);
-        let mut j = 0;
-        while j < fours {
-            // (No closures in this function: they would not inherit its target features.)
-            let base = xp.add(j * dim + i);
-            let mut t = _mm256_mul_ps(_mm256_set1_ps(w[j]), widen8(base));
-            t = _mm256_add_ps(
-                t,
-                _mm256_mul_ps(_mm256_set1_ps(w[j + 1]), widen8(base.add(dim))),
-            );
-            let x2 = widen8(base.add(2 * dim));
-            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(w[j + 2]), x2));
-            let x3 = widen8(base.add(3 * dim));
-            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(w[j + 3]), x3));
-            acc = _mm256_add_ps(acc, t);
-            j += 4;
-        }
-        for (j, &wj) in w.iter().enumerate().skip(fours) {
-            acc = _mm256_add_ps(
-                acc,
-                _mm256_mul_ps(_mm256_set1_ps(wj), widen8(xp.add(j * dim + i))),
-            );
-        }
-        _mm256_storeu_ps(yp, acc);
-        i += 8;
-    }
+    // Each output is a chain of dependent adds over the rows; four runs of eight outputs at
+    // once give the CPU independent chains to overlap.
+    weighted_run::<4>(y, w, xs, fours, &mut i);
+    weighted_run::<1>(y, w, xs, fours, &mut i);
     for (i, y) in y.iter_mut().enumerate().skip(i) {
         let mut j = 0;
         while j < fours {
@@ -167,5 +174,56 @@ pub(crate) unsafe fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[f16]) {
         for (j, &wj) in w.iter().enumerate().skip(fours) {
             *y += wj * widen1(xs[j * dim + i]);
         }
+    }
+}
+
+/// [`weighted_sum_f16`] for runs of `8·IB` outputs from `*i` while whole runs remain,
+/// advancing `*i`, each output with `ops::weighted_sum`'s operations in its order.
+#[inline(always)]
+unsafe fn weighted_run<const IB: usize>(
+    y: &mut [f32],
+    w: &[f32],
+    xs: &[f16],
+    fours: usize,
+    i: &mut usize,
+) {
+    let dim = y.len();
+    let xp = xs.as_ptr();
+    while *i + 8 * IB <= dim {
+        let yp = y[*i..*i + 8 * IB].as_mut_ptr();
+        let mut acc = [_mm256_setzero_ps(); IB];
+        for (b, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: `yp` is 8·IB readable f32.
+            *acc = _mm256_loadu_ps(yp.add(8 * b));
+        }
+        // SAFETY (all loads below): row j has `dim` values from `j · dim`, and
+        // `*i + 8·IB <= dim`, so every load is within `xs`.
+        let mut j = 0;
+        while j < fours {
+            let base = xp.add(j * dim + *i);
+            let (w0, w1) = (_mm256_set1_ps(w[j]), _mm256_set1_ps(w[j + 1]));
+            let (w2, w3) = (_mm256_set1_ps(w[j + 2]), _mm256_set1_ps(w[j + 3]));
+            for (b, acc) in acc.iter_mut().enumerate() {
+                let at = base.add(8 * b);
+                let mut t = _mm256_mul_ps(w0, widen8(at));
+                t = _mm256_add_ps(t, _mm256_mul_ps(w1, widen8(at.add(dim))));
+                t = _mm256_add_ps(t, _mm256_mul_ps(w2, widen8(at.add(2 * dim))));
+                t = _mm256_add_ps(t, _mm256_mul_ps(w3, widen8(at.add(3 * dim))));
+                *acc = _mm256_add_ps(*acc, t);
+            }
+            j += 4;
+        }
+        for (j, &wj) in w.iter().enumerate().skip(fours) {
+            let wj = _mm256_set1_ps(wj);
+            for (b, acc) in acc.iter_mut().enumerate() {
+                let x = widen8(xp.add(j * dim + *i + 8 * b));
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wj, x));
+            }
+        }
+        for (b, acc) in acc.iter().enumerate() {
+            // SAFETY: `yp` is 8·IB writable f32.
+            _mm256_storeu_ps(yp.add(8 * b), *acc);
+        }
+        *i += 8 * IB;
     }
 }

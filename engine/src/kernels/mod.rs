@@ -968,6 +968,24 @@ pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs
     }
 }
 
+/// One block of attention's online softmax for one query row (see
+/// `ops::online_softmax_step_body`), compiled with AVX2 where the CPU has it: the same
+/// arithmetic (no FMA contraction, sums in order), so the same bits, eight exponentials at a
+/// time instead of four.
+pub fn online_softmax_step<'s>(
+    s: &'s mut [f32],
+    max: &mut f32,
+    sum: &mut f32,
+    oh: &mut [f32],
+) -> &'s [f32] {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if KernelPath::best() == KernelPath::Avx2 {
+        // SAFETY: AVX2 is available (`best` only picks available paths).
+        return unsafe { avx2::online_softmax_step(s, max, sum, oh) };
+    }
+    crate::ops::online_softmax_step_body(s, max, sum, oh)
+}
+
 /// Attention scores (see [`crate::ops::scores_transposed`]) on a chosen path: the portable body,
 /// or the same body inlined into a function built with AVX2 enabled, so results are
 /// bit-identical on every path (no FMA contraction happens: Rust never fuses a multiply and an

@@ -37,6 +37,10 @@ pub(super) struct Slot {
 #[derive(Debug, Clone, Copy)]
 struct Unit {
     kv_head: usize,
+    /// The query heads of the KV head's group this unit computes, `h0..h1`: the whole group,
+    /// or part of it for a one-token unit split to keep every thread busy.
+    h0: usize,
+    h1: usize,
     item: usize,
     /// Batch token range `t0..t1` (all of one item).
     t0: usize,
@@ -144,6 +148,8 @@ pub(super) fn attention(
             total_cost += cost;
             scratch.units.push(Unit {
                 kv_head,
+                h0: 0,
+                h1: group,
                 item,
                 t0,
                 t1,
@@ -161,6 +167,33 @@ pub(super) fn attention(
     } else {
         pool_threads
     };
+
+    // A decode step of a model with few KV heads has fewer units than threads, or a number that
+    // does not divide among them (3 KV heads on 2 threads: 2 + 1). Splitting one-token units
+    // by query head evens that out; every score and output is computed by the same operations
+    // either way (rows are independent in every attention kernel), so results do not change.
+    if n_threads > 1 && scratch.units.len() % n_threads != 0 {
+        let n_units = scratch.units.len();
+        let parts = (1..=group)
+            .find(|p| n_units * p % n_threads == 0)
+            .unwrap_or(group);
+        if parts > 1 && scratch.units.iter().all(|u| u.t1 - u.t0 == 1) {
+            let whole = std::mem::take(&mut scratch.units);
+            for unit in whole {
+                for part in 0..parts {
+                    let (h0, h1) = (group * part / parts, group * (part + 1) / parts);
+                    if h1 > h0 {
+                        scratch.units.push(Unit {
+                            h0,
+                            h1,
+                            cost: unit.cost * (h1 - h0) / group,
+                            ..unit
+                        });
+                    }
+                }
+            }
+        }
+    }
 
     // Contiguous runs of units of about equal cost, one per thread.
     let mut bounds = vec![0usize; n_threads + 1];
@@ -181,7 +214,7 @@ pub(super) fn attention(
     let units = &scratch.units[..];
     let offset = |u: usize| -> usize {
         units.get(u).map_or(total_len, |unit| {
-            (unit.kv_head * n_tokens + unit.t0) * width
+            (unit.kv_head * n_tokens + unit.t0) * width + unit.h0 * cfg.head_dim_v
         })
     };
     let mut parts = Vec::with_capacity(n_threads);
@@ -205,7 +238,7 @@ pub(super) fn attention(
         let mut bufs = lock(bufs);
         let mut written = 0;
         for unit in &units[bounds[thread]..bounds[thread + 1]] {
-            let len = (unit.t1 - unit.t0) * width;
+            let len = (unit.t1 - unit.t0) * (unit.h1 - unit.h0) * cfg.head_dim_v;
             let unit_out = &mut part[written..written + len];
             written += len;
             attend_unit(
@@ -236,8 +269,8 @@ pub(super) fn attention(
     }
 }
 
-/// One unit: the `group` query heads of `unit.kv_head` for each token of the tile.
-/// `out` is `[tile token][head in group][head_dim_v]`.
+/// One unit: query heads `h0..h1` of `unit.kv_head`'s group for each token of the tile.
+/// `out` is `[tile token][head h0..h1][head_dim_v]`.
 #[allow(clippy::too_many_arguments)]
 fn attend_unit(
     cfg: &ModelConfig,
@@ -250,10 +283,12 @@ fn attend_unit(
     out: &mut [f32],
     bufs: &mut ThreadBuffers,
 ) {
-    let group = cfg.group_size();
+    // The unit's query heads: `heads` consecutive ones from `first_head` of the q vector.
+    let heads = unit.h1 - unit.h0;
+    let first_head = unit.kv_head * cfg.group_size() + unit.h0;
     let (dk, dv) = (cfg.head_dim_k, cfg.head_dim_v);
     let q_dim = cfg.q_dim();
-    let rows = tile.len() * group;
+    let rows = tile.len() * heads;
     let lo = tile
         .iter()
         .map(|&s| key_range(s, window).start)
@@ -275,7 +310,7 @@ fn attend_unit(
     sum.fill(0.0);
     let values = grow(values, KEY_BLOCK * dv);
     let keys_t = grow(keys_t, dk * KEY_BLOCK);
-    let scores = grow(scores, group * KEY_BLOCK);
+    let scores = grow(scores, heads * KEY_BLOCK);
 
     // A decode step (one token) reads the f16 cache directly where a kernel can; a prompt's
     // tokens share each widened block.
@@ -295,9 +330,9 @@ fn attend_unit(
             let (r0, r1) = (b0.max(own.start), b1.min(own.end));
             if r0 < r1 {
                 let t = unit.t0;
-                let q_group = &q[t * q_dim + unit.kv_head * group * dk..][..group * dk];
+                let q_group = &q[t * q_dim + first_head * dk..][..heads * dk];
                 let n = r1 - r0;
-                let scores = &mut scores[..group * n];
+                let scores = &mut scores[..heads * n];
                 kernels::scores_transposed_f16(
                     q_group,
                     dk,
@@ -310,7 +345,7 @@ fn attend_unit(
                 let block_values = &block_values_f16[(r0 - b0) * dv..(r1 - b0) * dv];
                 for (row, s) in scores.chunks_exact_mut(n).enumerate() {
                     let oh = &mut out[row * dv..(row + 1) * dv];
-                    let s = softmax_step(s, &mut max[row], &mut sum[row], oh);
+                    let s = kernels::online_softmax_step(s, &mut max[row], &mut sum[row], oh);
                     kernels::weighted_sum_f16(oh, s, block_values);
                 }
             }
@@ -339,9 +374,9 @@ fn attend_unit(
             let block_values = &values[(r0 - b0) * dv..(r1 - b0) * dv];
             let t = unit.t0 + ti;
             // The group's query heads are adjacent in `q` and share this token's key range.
-            let q_group = &q[t * q_dim + unit.kv_head * group * dk..][..group * dk];
+            let q_group = &q[t * q_dim + first_head * dk..][..heads * dk];
             let n = r1 - r0;
-            let scores = &mut scores[..group * n];
+            let scores = &mut scores[..heads * n];
             ops::scores_transposed(
                 q_group,
                 dk,
@@ -352,9 +387,9 @@ fn attend_unit(
                 scores,
             );
             for (j, s) in scores.chunks_exact_mut(n).enumerate() {
-                let row = ti * group + j;
+                let row = ti * heads + j;
                 let oh = &mut out[row * dv..(row + 1) * dv];
-                let s = softmax_step(s, &mut max[row], &mut sum[row], oh);
+                let s = kernels::online_softmax_step(s, &mut max[row], &mut sum[row], oh);
                 ops::weighted_sum(oh, s, block_values);
             }
         }
@@ -362,25 +397,4 @@ fn attend_unit(
     for (oh, &l) in out.chunks_exact_mut(dv).zip(sum.iter()) {
         ops::scale(oh, 1.0 / l);
     }
-}
-
-/// One block of online softmax for one query row: turns the block's scores `s` into weights
-/// `exp(s − max)` against the running maximum (raising it, and rescaling the output `oh` and
-/// the running `sum` accumulated so far, when the block holds a larger score) and adds them to
-/// `sum`. Returns the weights, for the caller's weighted sum of the block's values.
-fn softmax_step<'s>(s: &'s mut [f32], max: &mut f32, sum: &mut f32, oh: &mut [f32]) -> &'s [f32] {
-    let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let new_max = max.max(block_max);
-    if new_max > *max {
-        // Rescale what was accumulated against the old maximum.
-        let factor = ops::exp(*max - new_max);
-        *sum *= factor;
-        ops::scale(oh, factor);
-        *max = new_max;
-    }
-    for s in s.iter_mut() {
-        *s = ops::exp(*s - new_max);
-    }
-    *sum += s.iter().sum::<f32>();
-    s
 }
