@@ -365,6 +365,14 @@ pub fn matmul_shared_input(
         if any_quantized {
             quantize_activations(pool, path, x, n_tokens, cols, acts);
         }
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if path == KernelPath::Avx2
+            && n_tokens <= avx2::MAX_MATVEC_TOKENS
+            && ws.iter().all(|w| w.layout == Layout::Interleaved8)
+        {
+            run_interleaved_together(pool, ws, acts, n_tokens, ys);
+            return;
+        }
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
             if w.rows == 0 {
                 continue;
@@ -377,6 +385,46 @@ pub fn matmul_shared_input(
         }
     });
     Ok(())
+}
+
+/// Decode mat-vecs of several interleaved matrices by the same activations as one job, whose
+/// parts span all their row groups: a small matrix (a K or V projection) then shares the
+/// threads instead of running on one while the others wait, and the pool is handed one job
+/// instead of several. Each output is computed exactly as by a separate call.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn run_interleaved_together(
+    pool: &ThreadPool,
+    ws: &[&WeightMatrix],
+    acts: &QuantizedActivations,
+    n_tokens: usize,
+    ys: &mut [&mut [f32]],
+) {
+    let outs: Vec<SharedOutput> = ys.iter_mut().map(|y| SharedOutput::new(y)).collect();
+    let mut first_group = Vec::with_capacity(ws.len() + 1);
+    let mut total = 0;
+    for w in ws {
+        first_group.push(total);
+        total += w.rows / interleaved::GROUP_ROWS;
+    }
+    first_group.push(total);
+    let work = ws.iter().map(|w| w.rows * w.cols * n_tokens).sum();
+    let n_parts = parts_for(pool, work, total);
+    pool.run_parts(n_parts, &|part, n_parts| {
+        let mine = split(total, n_parts, part);
+        for (i, (w, out)) in ws.iter().zip(&outs).enumerate() {
+            let (lo, hi) = (first_group[i], first_group[i + 1]);
+            let (start, end) = (mine.start.max(lo), mine.end.min(hi));
+            if start >= end {
+                continue;
+            }
+            // SAFETY: only the rows of this part's groups of matrix i are written, and parts
+            // are disjoint (`split` is a partition).
+            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
+            // SAFETY: AVX2 is available (the caller checked the path); `w` is interleaved
+            // with consistent shape (`check_shapes`), `acts` holds the tokens.
+            unsafe { avx2_interleaved::matvec(w, start - lo..end - lo, acts, 0, n_tokens, store) };
+        }
+    });
 }
 
 /// The exact-f32 reference: each weight row dequantized bit-exactly (`crate::quant`) and

@@ -2,7 +2,7 @@
 //! only in what [`ModelConfig`] and the weights say: norm kind, RoPE style, QK-norm, post-norms,
 //! FFN kind, biases, fused QKV, sliding windows, embedding scale, learned positions.
 
-use crate::kernels::{matmul, matmul_reference, ThreadPool, WeightMatrix};
+use crate::kernels::{matmul, matmul_reference, matmul_shared_input, ThreadPool, WeightMatrix};
 use crate::ops;
 
 use super::attention::{attention, AttentionScratch, Slot};
@@ -240,9 +240,7 @@ impl Model {
                 k: wk,
                 v: wv,
             } => {
-                self.linear(pool, wq, xn, n_tokens, q)?;
-                self.linear(pool, wk, xn, n_tokens, k)?;
-                self.linear(pool, wv, xn, n_tokens, v)?;
+                self.linears_shared_input(pool, &[wq, wk, wv], xn, n_tokens, &mut [q, k, v])?;
             }
             QkvWeights::Fused(wqkv) => {
                 let width = q_dim + k_dim + v_dim;
@@ -319,15 +317,21 @@ impl Model {
         normalize_rows(cfg, &w.ffn_norm, x, xn);
         let ff = cfg.n_ff;
         let up = sized(&mut scratch.up, n_tokens * ff);
-        self.linear(pool, &w.ffn_up, xn, n_tokens, up)?;
         let hidden: &[f32] = match (cfg.ffn, &w.ffn_gate) {
             (FfnKind::Gelu, _) | (_, None) => {
+                self.linear(pool, &w.ffn_up, xn, n_tokens, up)?;
                 ops::gelu_in_place(up);
                 up
             }
             (kind, Some(wg)) => {
                 let gate = sized(&mut scratch.gate, n_tokens * ff);
-                self.linear(pool, wg, xn, n_tokens, gate)?;
+                self.linears_shared_input(
+                    pool,
+                    &[&w.ffn_up, wg],
+                    xn,
+                    n_tokens,
+                    &mut [&mut *up, &mut *gate],
+                )?;
                 if kind == FfnKind::GeGlu {
                     ops::geglu(gate, up);
                 } else {
@@ -383,6 +387,38 @@ impl Model {
         if let Some(bias) = &w.bias {
             for row in y.chunks_exact_mut(m.rows) {
                 ops::add_assign(row, bias);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Model {
+    /// [`Model::linear`] for several weights applied to the same input (Q, K and V; gate and
+    /// up): one kernel call, which quantizes the input once and, for decode steps, runs the
+    /// matrices as one job (`kernels::matmul_shared_input`). Results equal separate calls.
+    fn linears_shared_input(
+        &self,
+        pool: &ThreadPool,
+        ws: &[&Linear],
+        x: &[f32],
+        n_tokens: usize,
+        ys: &mut [&mut [f32]],
+    ) -> Result<(), ModelError> {
+        if self.exact_matmuls {
+            for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                self.linear(pool, w, x, n_tokens, y)?;
+            }
+            return Ok(());
+        }
+        let matrices: Vec<_> = ws.iter().map(|w| w.matrix(&self.file)).collect();
+        let refs: Vec<_> = matrices.iter().collect();
+        matmul_shared_input(pool, &refs, x, n_tokens, ys)?;
+        for ((w, m), y) in ws.iter().zip(&matrices).zip(ys.iter_mut()) {
+            if let Some(bias) = &w.bias {
+                for row in y.chunks_exact_mut(m.rows) {
+                    ops::add_assign(row, bias);
+                }
             }
         }
         Ok(())
