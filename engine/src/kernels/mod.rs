@@ -19,12 +19,15 @@
 //!   per-thread buffer, then L2-sized blocks of tokens sweep across it, and a 4-row × 2-token
 //!   tile kernel reuses each decoded chunk held in a register for both tokens and each
 //!   activation chunk for four rows. The decode is paid once per weight per call.
-//! - **Mat-vec** (`n_tokens` ≤ 4: decode steps of one or a few sequences): nothing is reused,
+//! - **Mat-vec** (`n_tokens` ≤ 8: decode steps of one or a few sequences): nothing is reused,
 //!   so on AVX2 each chunk is decoded in registers and consumed at once, with software
 //!   prefetch, streaming the weights once — accumulating every output in exactly the tiles'
 //!   order, so a token's result is bit-identical whichever kernel computed it and a sequence's
-//!   logits cannot depend on what else is in its batch. (The portable and scalar paths use the
-//!   mat-mat loops for every token count.)
+//!   logits cannot depend on what else is in its batch. Models keep the legacy types (Q4_0,
+//!   Q4_1, Q5_0, Q5_1, Q8_0) in an interleaved layout ([`InterleavedWeights`]: eight rows per
+//!   register, a third of the instructions, so decode is bound by memory bandwidth), with the
+//!   same per-output order. (The portable and scalar paths use the mat-mat loops for every
+//!   token count.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
