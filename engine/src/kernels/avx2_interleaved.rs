@@ -19,7 +19,7 @@ use std::arch::x86::*;
 use std::arch::x86_64::*;
 
 use super::decoded::{QuantizedActivations, CHUNK};
-use super::interleaved::GROUP_ROWS;
+use super::interleaved::{GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES};
 use crate::quant::GgmlType;
 
 /// How far ahead of the record in use the weights are prefetched: the records are consumed in
@@ -192,6 +192,7 @@ pub(crate) unsafe fn matvec(
         GgmlType::Q5_0 => matvec_of::<Q5_0>(w, groups, acts, first_token, n_tokens, store),
         GgmlType::Q5_1 => matvec_of::<Q5_1>(w, groups, acts, first_token, n_tokens, store),
         GgmlType::Q8_0 => matvec_of::<Q8_0>(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q4_K => matvec_q4_k(w, groups, acts, first_token, n_tokens, store),
         other => panic!("no interleaved form for {other}"),
     }
 }
@@ -282,6 +283,155 @@ unsafe fn matvec_of<R: Record>(
                 }
             }
             // (No closures here: they would not inherit this function's target features.)
+            let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
+            let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
+            let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
+            let mut out = [0f32; GROUP_ROWS];
+            // SAFETY: `out` is 8 writable f32.
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
+            for (r, &y) in out.iter().enumerate() {
+                store(t, g * GROUP_ROWS + r, y);
+            }
+        }
+    }
+}
+
+/// Bytes of a Q4_K record (eight rows' 144-byte super-blocks).
+const Q4_K_RECORD: usize = 8 * 144;
+
+/// The eight rows' 6-bit scale and minimum of chunk `c` (< 8) of a Q4_K super-block, one byte
+/// per row, from the transposed scale bytes `p` (`p[j]` holds byte `j` of every row): ggml's
+/// `get_scale_min_k4` on eight rows at once. Shifts move whole 64-bit words, so each mask keeps
+/// only bits that came from the same byte.
+#[inline(always)]
+fn q4_k_scale_min(p: &[u64; 12], c: usize) -> (u64, u64) {
+    const LOW6: u64 = 0x3F3F_3F3F_3F3F_3F3F;
+    const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+    const BITS45: u64 = 0x3030_3030_3030_3030;
+    if c < 4 {
+        (p[c] & LOW6, p[c + 4] & LOW6)
+    } else {
+        (
+            (p[c + 4] & LOW4) | ((p[c - 4] >> 2) & BITS45),
+            ((p[c + 4] >> 4) & LOW4) | ((p[c] >> 2) & BITS45),
+        )
+    }
+}
+
+/// Eight bytes (one per row) widened to f32 lanes.
+#[inline(always)]
+unsafe fn byte_lanes(v: u64) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)))
+}
+
+/// [`matvec`] for Q4_K: as [`matvec_of`], a super-block record at a time. Per chunk the scale
+/// is `d · sc` and the offset `−(dmin · m)`, computed exactly as the row-major decoder does.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matvec_q4_k(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let n_sb = nc / 8;
+    let tokens = first_token + n_tokens;
+    assert!(
+        w.cols == nc * CHUNK
+            && nc % 8 == 0
+            && w.layout == super::Layout::Interleaved8
+            && w.rows % GROUP_ROWS == 0
+            && groups.end * GROUP_ROWS <= w.rows
+            && w.data.len() == w.rows / GROUP_ROWS * n_sb * Q4_K_RECORD
+            && acts.q.len() >= tokens * nc
+            && acts.d.len() >= tokens * nc
+            && acts.half_sums.len() >= tokens * nc
+    );
+    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    let ones = _mm256_set1_epi16(1);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let zero = _mm256_setzero_ps();
+    // Each chunk's offsets for the eight rows, for the offset terms after the chunks.
+    let mut offsets = vec![zero; nc];
+    for g in groups {
+        let group = w.data[g * n_sb * Q4_K_RECORD..].as_ptr();
+        for t in first_token..tokens {
+            let mut acc = [zero; 8];
+            for sb in 0..n_sb {
+                // SAFETY: the group holds `n_sb` records (the length check above).
+                let record = group.add(sb * Q4_K_RECORD);
+                if t == first_token {
+                    let ahead = record.wrapping_add(2 * PREFETCH_AHEAD);
+                    let mut line = 0;
+                    while line < Q4_K_RECORD {
+                        // A prefetch never faults, even past the end of the matrix.
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                        line += 64;
+                    }
+                }
+                let d = halves_at(record, 0);
+                let dmin = halves_at(record, Q4_K_DMIN);
+                let mut packed = [0u64; 12];
+                for (j, p) in packed.iter_mut().enumerate() {
+                    // SAFETY: the record holds 96 scale bytes at Q4_K_SCALES.
+                    *p = record
+                        .add(Q4_K_SCALES + 8 * j)
+                        .cast::<u64>()
+                        .read_unaligned();
+                }
+                for k in 0..4 {
+                    let mut factors = [zero; 2];
+                    let mut x = [std::ptr::null::<i32>(); 2];
+                    for (h, (factor, x)) in factors.iter_mut().zip(&mut x).enumerate() {
+                        let c = 2 * k + h;
+                        let at = t * nc + sb * 8 + c;
+                        let (sc, m) = q4_k_scale_min(&packed, c);
+                        let scale = _mm256_mul_ps(d, byte_lanes(sc));
+                        // SAFETY: at < tokens · nc (checked above).
+                        *factor =
+                            _mm256_mul_ps(scale, _mm256_broadcast_ss(&*acts.d.as_ptr().add(at)));
+                        *x = acts.q.as_ptr().add(at).cast::<i32>();
+                        if t == first_token {
+                            // −(dmin·m), negated by the sign bit as `-x` is (not 0 − x, which
+                            // turns −0 into +0).
+                            let product = _mm256_mul_ps(dmin, byte_lanes(m));
+                            offsets[sb * 8 + c] = _mm256_xor_ps(product, _mm256_set1_ps(-0.0));
+                        }
+                    }
+                    for (j, acc_j) in acc.iter_mut().enumerate() {
+                        // SAFETY: the record holds 1024 bytes of nibbles at Q4_K_QS.
+                        let v = _mm256_loadu_si256(record.add(Q4_K_QS + 32 * (8 * k + j)).cast());
+                        let low = _mm256_and_si256(v, m4);
+                        let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        for (q, (factor, x)) in [low, high].into_iter().zip(factors.iter().zip(&x))
+                        {
+                            // SAFETY: word j < 8 of the chunk's 32 activation bytes.
+                            let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
+                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xj), ones);
+                            *acc_j = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), *factor, *acc_j);
+                        }
+                    }
+                }
+            }
+            let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
+            let mut k = 0;
+            while k < full {
+                for (j, acc_j) in acc.iter_mut().enumerate() {
+                    let h = k + j;
+                    // SAFETY: h < 2 · nc: chunk h / 2 exists and the token has half sum h.
+                    let term = _mm256_broadcast_ss(&*sums.add(h));
+                    *acc_j = _mm256_fmadd_ps(offsets[h / 2], term, *acc_j);
+                }
+                k += 8;
+            }
+            let mut tail = zero;
+            for h in full..halves {
+                // SAFETY: as above.
+                let term = _mm256_mul_ps(offsets[h / 2], _mm256_broadcast_ss(&*sums.add(h)));
+                tail = _mm256_add_ps(tail, term);
+            }
             let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
             let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
             let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));

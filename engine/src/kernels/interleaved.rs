@@ -31,6 +31,7 @@
 //! Q5_0  d[8]  high[32]  nibbles[128]
 //! Q5_1  d[8]  m[8]  high[32]  nibbles[128]
 //! Q8_0  d[8]            quants[256]
+//! Q4_K  d[8]  dmin[8]  scales[96]  nibbles[1024]     (one record per 256-element super-block)
 //! ```
 //!
 //! `d` and `m` are the rows' f16 scale and minimum, row `r` at index `r`. The quants are a
@@ -39,6 +40,12 @@
 //! `16+4k..16+4k+4`; Q8_0: `k < 8`, elements `4k..4k+4`). So one 32-byte load gives element
 //! group `k` (and `k + 4`, for nibbles) of all eight rows. `high` holds Q5's fifth bits the same
 //! way: byte `4r + i`, bit `j` is the fifth bit of row `r`'s element `4j + i`.
+//!
+//! Q4_K's records cover a super-block (eight 32-element chunks). Its packed 6-bit scales are
+//! transposed byte by byte (byte `j` of row `r` at `8j + r`), so that the kernel unpacks all
+//! eight rows' scales of a chunk with a few 64-bit operations; its `qs` words are transposed as
+//! above within each 32-byte run `k` (word `j` of run `k` of row `r` at word `64k + 8j + r`), so
+//! one load gives element group `j` of chunk `2k` (low nibbles) and of chunk `2k + 1` (high).
 //!
 //! Everything else (the prefill tiles, the scalar and portable paths, embedding lookups, the
 //! exact reference) reads a row back in GGUF form with [`InterleavedWeights::row_blocks`], an
@@ -53,17 +60,19 @@ pub(crate) const GROUP_ROWS: usize = 8;
 pub(crate) fn has_interleaved_form(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4_K
     )
 }
 
-/// Where each part of a block sits in the GGUF block and in the record (byte offsets).
+/// Where each part of a legacy (32-element) block sits in the GGUF block and in the record
+/// (byte offsets).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RecordShape {
-    /// Bytes of one GGUF block (one row's chunk).
-    pub block_bytes: usize,
-    /// Bytes of one record (eight rows' chunk).
-    pub record_bytes: usize,
     /// The minimum `m` (f16): in the block, in the record.
     pub min: Option<(usize, usize)>,
     /// The fifth bits (`qh`, 4 bytes): in the block, in the record.
@@ -83,13 +92,7 @@ impl RecordShape {
             GgmlType::Q8_0 => (None, None, (2, 16, 8)),
             _ => return None,
         };
-        Some(RecordShape {
-            block_bytes: ty.type_size(),
-            record_bytes: GROUP_ROWS * ty.type_size(),
-            min,
-            high,
-            quants,
-        })
+        Some(RecordShape { min, high, quants })
     }
 }
 
@@ -111,8 +114,8 @@ impl InterleavedWeights {
         w: &super::WeightMatrix,
         mut consumed: impl FnMut(std::ops::Range<usize>),
     ) -> Option<InterleavedWeights> {
-        let shape = RecordShape::of(w.ty)?;
-        if w.layout != super::Layout::Rows
+        if !has_interleaved_form(w.ty)
+            || w.layout != super::Layout::Rows
             || w.rows % GROUP_ROWS != 0
             || w.cols % w.ty.block_size() != 0
             || w.data.len() != w.rows * w.row_bytes()
@@ -121,15 +124,20 @@ impl InterleavedWeights {
         }
         let nc = w.cols / w.ty.block_size();
         let mut data = vec![0u8; w.data.len()];
-        let group_bytes = nc * shape.record_bytes;
+        let block_bytes = w.ty.type_size();
+        let record_bytes = GROUP_ROWS * block_bytes;
+        let group_bytes = nc * record_bytes;
         for (g, out) in data.chunks_exact_mut(group_bytes).enumerate() {
             let src = &w.data[g * group_bytes..(g + 1) * group_bytes];
-            for (r, row) in src.chunks_exact(nc * shape.block_bytes).enumerate() {
+            for (r, row) in src.chunks_exact(nc * block_bytes).enumerate() {
                 for (block, record) in row
-                    .chunks_exact(shape.block_bytes)
-                    .zip(out.chunks_exact_mut(shape.record_bytes))
+                    .chunks_exact(block_bytes)
+                    .zip(out.chunks_exact_mut(record_bytes))
                 {
-                    scatter_block(&shape, r, block, record);
+                    match RecordShape::of(w.ty) {
+                        Some(shape) => scatter_block(&shape, r, block, record),
+                        None => scatter_q4_k(r, block, record),
+                    }
                 }
             }
             consumed(g * group_bytes..(g + 1) * group_bytes);
@@ -161,17 +169,59 @@ impl InterleavedWeights {
 
 /// Row `r` of an interleaved matrix `data` (`n_chunks` blocks a row) in GGUF block form, into
 /// `out` (one row's bytes).
-pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_chunks: usize, r: usize, out: &mut [u8]) {
-    let Some(shape) = RecordShape::of(ty) else {
+pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_blocks: usize, r: usize, out: &mut [u8]) {
+    if !has_interleaved_form(ty) {
         return;
-    };
+    }
+    let block_bytes = ty.type_size();
+    let record_bytes = GROUP_ROWS * block_bytes;
     let (g, lane) = (r / GROUP_ROWS, r % GROUP_ROWS);
-    let group = &data[g * n_chunks * shape.record_bytes..][..n_chunks * shape.record_bytes];
+    let group = &data[g * n_blocks * record_bytes..][..n_blocks * record_bytes];
     for (record, block) in group
-        .chunks_exact(shape.record_bytes)
-        .zip(out.chunks_exact_mut(shape.block_bytes))
+        .chunks_exact(record_bytes)
+        .zip(out.chunks_exact_mut(block_bytes))
     {
-        gather_block(&shape, lane, record, block);
+        match RecordShape::of(ty) {
+            Some(shape) => gather_block(&shape, lane, record, block),
+            None => gather_q4_k(lane, record, block),
+        }
+    }
+}
+
+/// Byte offsets in a Q4_K record: d, dmin, the transposed scale bytes, the transposed `qs`.
+pub(crate) const Q4_K_DMIN: usize = 16;
+pub(crate) const Q4_K_SCALES: usize = 32;
+pub(crate) const Q4_K_QS: usize = 128;
+
+/// Where row `r`'s `qs` word `w` (bytes `4w..4w+4` of its 128) goes in a Q4_K record.
+fn q4_k_word(r: usize, w: usize) -> usize {
+    let (k, j) = (w / 8, w % 8);
+    Q4_K_QS + 4 * (64 * k + 8 * j + r)
+}
+
+/// Row `r`'s Q4_K block (d, dmin, scales[12], qs[128]) into its places in `record`.
+fn scatter_q4_k(r: usize, block: &[u8], record: &mut [u8]) {
+    record[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+    record[Q4_K_DMIN + 2 * r..Q4_K_DMIN + 2 * r + 2].copy_from_slice(&block[2..4]);
+    for j in 0..12 {
+        record[Q4_K_SCALES + 8 * j + r] = block[4 + j];
+    }
+    for w in 0..32 {
+        let at = q4_k_word(r, w);
+        record[at..at + 4].copy_from_slice(&block[16 + 4 * w..16 + 4 * w + 4]);
+    }
+}
+
+/// The inverse of [`scatter_q4_k`].
+fn gather_q4_k(r: usize, record: &[u8], block: &mut [u8]) {
+    block[..2].copy_from_slice(&record[2 * r..2 * r + 2]);
+    block[2..4].copy_from_slice(&record[Q4_K_DMIN + 2 * r..Q4_K_DMIN + 2 * r + 2]);
+    for j in 0..12 {
+        block[4 + j] = record[Q4_K_SCALES + 8 * j + r];
+    }
+    for w in 0..32 {
+        let at = q4_k_word(r, w);
+        block[16 + 4 * w..16 + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
     }
 }
 

@@ -579,7 +579,12 @@ fn attention_kernels_are_bit_identical_on_every_path() {
 fn interleaved_rows_gather_back_to_their_blocks() {
     let mut rng = Rng(21);
     for ty in GgmlType::all().filter(|&ty| interleaved::has_interleaved_form(ty)) {
-        for (rows, cols) in [(8, 32), (16, 96), (24, 576)] {
+        let shapes: &[(usize, usize)] = if ty.block_size() == 256 {
+            &[(8, 256), (16, 512), (24, 768)]
+        } else {
+            &[(8, 32), (16, 96), (24, 576)]
+        };
+        for &(rows, cols) in shapes {
             let data = random_weights(&mut rng, ty, rows, cols);
             let w = matrix(ty, rows, cols, &data);
             let packed = InterleavedWeights::from_rows(&w, |_| {}).unwrap();
@@ -600,9 +605,9 @@ fn interleaved_rows_gather_back_to_their_blocks() {
         }
     }
     // No interleaved form: other types, and row counts that are not whole groups.
-    let data = random_weights(&mut rng, GgmlType::Q4_K, 8, 256);
+    let data = random_weights(&mut rng, GgmlType::Q6_K, 8, 256);
     assert!(
-        InterleavedWeights::from_rows(&matrix(GgmlType::Q4_K, 8, 256, &data), |_| {}).is_none()
+        InterleavedWeights::from_rows(&matrix(GgmlType::Q6_K, 8, 256, &data), |_| {}).is_none()
     );
     let data = random_weights(&mut rng, GgmlType::Q4_1, 9, 64);
     assert!(InterleavedWeights::from_rows(&matrix(GgmlType::Q4_1, 9, 64, &data), |_| {}).is_none());
@@ -617,7 +622,12 @@ fn interleaved_layout_gives_bit_identical_results_on_every_path() {
     let pool = ThreadPool::new(2);
     let mut rng = Rng(22);
     for ty in GgmlType::all().filter(|&ty| interleaved::has_interleaved_form(ty)) {
-        for (rows, cols) in [(8, 32), (40, 96), (64, 576), (16, 1536)] {
+        let shapes: &[(usize, usize)] = if ty.block_size() == 256 {
+            &[(8, 256), (40, 512), (16, 1536)]
+        } else {
+            &[(8, 32), (40, 96), (64, 576), (16, 1536)]
+        };
+        for &(rows, cols) in shapes {
             let data = random_weights(&mut rng, ty, rows, cols);
             let w = matrix(ty, rows, cols, &data);
             let packed = InterleavedWeights::from_rows(&w, |_| {}).unwrap();
