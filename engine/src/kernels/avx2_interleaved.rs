@@ -19,7 +19,9 @@ use std::arch::x86::*;
 use std::arch::x86_64::*;
 
 use super::decoded::{QuantizedActivations, CHUNK};
-use super::interleaved::{GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES};
+use super::interleaved::{
+    GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
+};
 use crate::quant::GgmlType;
 
 /// How far ahead of the record in use the weights are prefetched: the records are consumed in
@@ -193,6 +195,7 @@ pub(crate) unsafe fn matvec(
         GgmlType::Q5_1 => matvec_of::<Q5_1>(w, groups, acts, first_token, n_tokens, store),
         GgmlType::Q8_0 => matvec_of::<Q8_0>(w, groups, acts, first_token, n_tokens, store),
         GgmlType::Q4_K => matvec_q4_k(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q6_K => matvec_q6_k(w, groups, acts, first_token, n_tokens, store),
         other => panic!("no interleaved form for {other}"),
     }
 }
@@ -430,6 +433,154 @@ unsafe fn matvec_q4_k(
             for h in full..halves {
                 // SAFETY: as above.
                 let term = _mm256_mul_ps(offsets[h / 2], _mm256_broadcast_ss(&*sums.add(h)));
+                tail = _mm256_add_ps(tail, term);
+            }
+            let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
+            let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
+            let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
+            let mut out = [0f32; GROUP_ROWS];
+            // SAFETY: `out` is 8 writable f32.
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
+            for (r, &y) in out.iter().enumerate() {
+                store(t, g * GROUP_ROWS + r, y);
+            }
+        }
+    }
+}
+
+/// Bytes of a Q6_K record (eight rows' 210-byte super-blocks).
+const Q6_K_RECORD: usize = 8 * 210;
+
+/// Eight signed bytes (one per row) widened to f32 lanes.
+#[inline(always)]
+unsafe fn signed_byte_lanes(v: u64) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v as i64)))
+}
+
+/// [`matvec`] for Q6_K: a super-block record at a time. Chunk `c` (< 8) lies in half `c / 4`
+/// of the super-block: nibble `(c % 4) / 2` of `ql` run `2·(c / 4) + c % 2`, and bits
+/// `2·(c % 4)` of `qh` run `c / 4`. Its two 16-element halves have their own scales
+/// `d · sc[2c]`, `d · sc[2c + 1]` (element groups 0–3 and 4–7) and offsets `−32` times those,
+/// computed as the row-major decoder computes them.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matvec_q6_k(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let n_sb = nc / 8;
+    let tokens = first_token + n_tokens;
+    assert!(
+        w.cols == nc * CHUNK
+            && nc % 8 == 0
+            && w.layout == super::Layout::Interleaved8
+            && w.rows % GROUP_ROWS == 0
+            && groups.end * GROUP_ROWS <= w.rows
+            && w.data.len() == w.rows / GROUP_ROWS * n_sb * Q6_K_RECORD
+            && acts.q.len() >= tokens * nc
+            && acts.d.len() >= tokens * nc
+            && acts.half_sums.len() >= tokens * nc
+    );
+    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    let ones = _mm256_set1_epi16(1);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x03);
+    let zero = _mm256_setzero_ps();
+    // Each half-chunk's offsets for the eight rows, for the offset terms after the chunks.
+    let mut offsets = vec![zero; halves];
+    for g in groups {
+        let group = w.data[g * n_sb * Q6_K_RECORD..].as_ptr();
+        for t in first_token..tokens {
+            let mut acc = [zero; 8];
+            for sb in 0..n_sb {
+                // SAFETY: the group holds `n_sb` records (the length check above).
+                let record = group.add(sb * Q6_K_RECORD);
+                if t == first_token {
+                    let ahead = record.wrapping_add(2 * PREFETCH_AHEAD);
+                    let mut line = 0;
+                    while line < Q6_K_RECORD {
+                        // A prefetch never faults, even past the end of the matrix.
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                        line += 64;
+                    }
+                }
+                let d = halves_at(record, 0);
+                for half in 0..2 {
+                    // Per chunk k of this half: the factors of its two halves, its activations.
+                    let mut factors = [[zero; 2]; 4];
+                    let mut x = [std::ptr::null::<i32>(); 4];
+                    for (k, (factors, x)) in factors.iter_mut().zip(&mut x).enumerate() {
+                        let c = 4 * half + k;
+                        let at = t * nc + sb * 8 + c;
+                        // SAFETY: at < tokens · nc (checked above).
+                        let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at));
+                        *x = acts.q.as_ptr().add(at).cast::<i32>();
+                        for (i, factor) in factors.iter_mut().enumerate() {
+                            // SAFETY: the record holds 16 × 8 scale bytes at Q6_K_SCALES.
+                            let sc = record.add(Q6_K_SCALES + 8 * (2 * c + i)).cast::<u64>();
+                            let scale = _mm256_mul_ps(d, signed_byte_lanes(sc.read_unaligned()));
+                            *factor = _mm256_mul_ps(scale, xd);
+                            if t == first_token {
+                                let off = _mm256_mul_ps(_mm256_set1_ps(-32.0), scale);
+                                offsets[2 * (sb * 8 + c) + i] = off;
+                            }
+                        }
+                    }
+                    for (j, acc_j) in acc.iter_mut().enumerate() {
+                        // SAFETY: the record's ql holds 32 words and qh 16 words per row.
+                        let ql0 =
+                            _mm256_loadu_si256(record.add(Q6_K_QL + 32 * (16 * half + j)).cast());
+                        let ql1 = _mm256_loadu_si256(
+                            record.add(Q6_K_QL + 32 * (16 * half + 8 + j)).cast(),
+                        );
+                        let qh =
+                            _mm256_loadu_si256(record.add(Q6_K_QH + 32 * (8 * half + j)).cast());
+                        let low = [
+                            _mm256_and_si256(ql0, m4),
+                            _mm256_and_si256(ql1, m4),
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        ];
+                        let high = [
+                            _mm256_and_si256(qh, m2),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 4), m2),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2),
+                        ];
+                        // Chunks in order, as every output accumulates them.
+                        for k in 0..4 {
+                            let q = _mm256_or_si256(low[k], _mm256_slli_epi16(high[k], 4));
+                            // SAFETY: word j < 8 of the chunk's 32 activation bytes.
+                            let xj = _mm256_set1_epi32(x[k].add(j).read_unaligned());
+                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xj), ones);
+                            *acc_j = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(sums),
+                                factors[k][j / 4],
+                                *acc_j,
+                            );
+                        }
+                    }
+                }
+            }
+            let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
+            let mut k = 0;
+            while k < full {
+                for (j, acc_j) in acc.iter_mut().enumerate() {
+                    let h = k + j;
+                    // SAFETY: h < 2 · nc: the token has half sum h.
+                    let term = _mm256_broadcast_ss(&*sums.add(h));
+                    *acc_j = _mm256_fmadd_ps(offsets[h], term, *acc_j);
+                }
+                k += 8;
+            }
+            let mut tail = zero;
+            for (h, offset) in offsets.iter().enumerate().take(halves).skip(full) {
+                // SAFETY: as above.
+                let term = _mm256_mul_ps(*offset, _mm256_broadcast_ss(&*sums.add(h)));
                 tail = _mm256_add_ps(tail, term);
             }
             let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));

@@ -32,6 +32,7 @@
 //! Q5_1  d[8]  m[8]  high[32]  nibbles[128]
 //! Q8_0  d[8]            quants[256]
 //! Q4_K  d[8]  dmin[8]  scales[96]  nibbles[1024]     (one record per 256-element super-block)
+//! Q6_K  d[8]  scales[128]  ql[1024]  qh[512]           (one record per 256-element super-block)
 //! ```
 //!
 //! `d` and `m` are the rows' f16 scale and minimum, row `r` at index `r`. The quants are a
@@ -46,6 +47,9 @@
 //! eight rows' scales of a chunk with a few 64-bit operations; its `qs` words are transposed as
 //! above within each 32-byte run `k` (word `j` of run `k` of row `r` at word `64k + 8j + r`), so
 //! one load gives element group `j` of chunk `2k` (low nibbles) and of chunk `2k + 1` (high).
+//! Q6_K's sixteen i8 scales are transposed the same way (byte `i` of row `r` at `8i + r`), and
+//! its `ql` (32 words) and `qh` (16 words) words as the legacy quants (word `w` of row `r` at
+//! word `8w + r`).
 //!
 //! Everything else (the prefill tiles, the scalar and portable paths, embedding lookups, the
 //! exact reference) reads a row back in GGUF form with [`InterleavedWeights::row_blocks`], an
@@ -66,6 +70,7 @@ pub(crate) fn has_interleaved_form(ty: GgmlType) -> bool {
             | GgmlType::Q5_1
             | GgmlType::Q8_0
             | GgmlType::Q4_K
+            | GgmlType::Q6_K
     )
 }
 
@@ -134,9 +139,10 @@ impl InterleavedWeights {
                     .chunks_exact(block_bytes)
                     .zip(out.chunks_exact_mut(record_bytes))
                 {
-                    match RecordShape::of(w.ty) {
-                        Some(shape) => scatter_block(&shape, r, block, record),
-                        None => scatter_q4_k(r, block, record),
+                    match (RecordShape::of(w.ty), w.ty) {
+                        (Some(shape), _) => scatter_block(&shape, r, block, record),
+                        (None, GgmlType::Q4_K) => scatter_q4_k(r, block, record),
+                        _ => scatter_q6_k(r, block, record),
                     }
                 }
             }
@@ -181,9 +187,10 @@ pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_blocks: usize, r: usize, o
         .chunks_exact(record_bytes)
         .zip(out.chunks_exact_mut(block_bytes))
     {
-        match RecordShape::of(ty) {
-            Some(shape) => gather_block(&shape, lane, record, block),
-            None => gather_q4_k(lane, record, block),
+        match (RecordShape::of(ty), ty) {
+            (Some(shape), _) => gather_block(&shape, lane, record, block),
+            (None, GgmlType::Q4_K) => gather_q4_k(lane, record, block),
+            _ => gather_q6_k(lane, record, block),
         }
     }
 }
@@ -273,5 +280,41 @@ fn gather_block(shape: &RecordShape, r: usize, record: &[u8], block: &mut [u8]) 
     for k in 0..words {
         let src = to + 4 * (GROUP_ROWS * k + r);
         block[from + 4 * k..from + 4 * k + 4].copy_from_slice(&record[src..src + 4]);
+    }
+}
+
+/// Byte offsets in a Q6_K record: d, the transposed scales, `ql` and `qh` words.
+pub(crate) const Q6_K_SCALES: usize = 16;
+pub(crate) const Q6_K_QL: usize = 144;
+pub(crate) const Q6_K_QH: usize = 1168;
+
+/// The parts of a Q6_K block: (offset in the block, offset in the record, 4-byte words).
+const Q6_K_WORDS: [(usize, usize, usize); 2] = [(0, Q6_K_QL, 32), (128, Q6_K_QH, 16)];
+
+/// Row `r`'s Q6_K block (ql[128], qh[64], scales[16], d) into its places in `record`.
+fn scatter_q6_k(r: usize, block: &[u8], record: &mut [u8]) {
+    record[2 * r..2 * r + 2].copy_from_slice(&block[208..210]);
+    for i in 0..16 {
+        record[Q6_K_SCALES + 8 * i + r] = block[192 + i];
+    }
+    for (from, to, words) in Q6_K_WORDS {
+        for w in 0..words {
+            let at = to + 4 * (8 * w + r);
+            record[at..at + 4].copy_from_slice(&block[from + 4 * w..from + 4 * w + 4]);
+        }
+    }
+}
+
+/// The inverse of [`scatter_q6_k`].
+fn gather_q6_k(r: usize, record: &[u8], block: &mut [u8]) {
+    block[208..210].copy_from_slice(&record[2 * r..2 * r + 2]);
+    for i in 0..16 {
+        block[192 + i] = record[Q6_K_SCALES + 8 * i + r];
+    }
+    for (from, to, words) in Q6_K_WORDS {
+        for w in 0..words {
+            let at = to + 4 * (8 * w + r);
+            block[from + 4 * w..from + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
+        }
     }
 }
