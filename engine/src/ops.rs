@@ -42,10 +42,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `out[r][j] = scale · Σ_d q[r][d] · kt[d][cols.start + j]`, where `q` holds `rows` heads of
 /// `dim` values and `kt` holds `dim` rows of `stride` key values (one key per column).
 ///
-/// Every score is summed over `d` in order, one fused multiply-add at a time, whichever keys and
-/// rows are computed together: the result for a (query, key) pair does not depend on the block
-/// or batch it came in. (`mul_add` rounds once on every target, so every path gives the same
-/// bits; it is one instruction where the CPU has FMA, as the AVX2 path and arm64 do.) Vectorization runs across keys, eight at a time, with up to four query
+/// Every score is summed over `d` in order, one product at a time, whichever keys and rows are
+/// computed together: the result for a (query, key) pair does not depend on the block or
+/// batch it came in. Vectorization runs across keys, eight at a time, with up to four query
 /// rows sharing each load of keys.
 ///
 /// Runs as [`crate::kernels::scores_transposed_with_path`] compiles it for this CPU (the same
@@ -116,7 +115,7 @@ fn score_rows<const R: usize>(
             for (acc, q) in acc.iter_mut().zip(q) {
                 let qd = q[d];
                 for i in 0..J {
-                    acc[i] = qd.mul_add(k[i], acc[i]);
+                    acc[i] += qd * k[i];
                 }
             }
         }
@@ -131,7 +130,7 @@ fn score_rows<const R: usize>(
         for (r, q) in q.iter().enumerate() {
             let mut acc = 0f32;
             for (d, &qd) in q.iter().enumerate() {
-                acc = qd.mul_add(kt[d * stride + cols.start + j], acc);
+                acc += qd * kt[d * stride + cols.start + j];
             }
             out[r * n + j] = acc * scale;
         }
@@ -140,8 +139,7 @@ fn score_rows<const R: usize>(
 
 /// `y += Σ_j w[j] · x_j` where `x_j` is the `j`-th run of `y.len()` values in `xs`
 /// (attention's weighted sum of values). Four rows at a time, so `y` is loaded and stored once
-/// per four rows rather than once per row: `y += fma(w3, d, fma(w2, c, fma(w1, b, w0·a)))`,
-/// then the remaining rows as `y = fma(w, x, y)`. Runs as [`crate::kernels::weighted_sum_with_path`]
+/// per four rows rather than once per row. Runs as [`crate::kernels::weighted_sum_with_path`]
 /// compiles it for this CPU (the same arithmetic, so the same bits).
 #[inline]
 pub fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
@@ -163,13 +161,11 @@ pub(crate) fn weighted_sum_body(y: &mut [f32], w: &[f32], xs: &[f32]) {
         let (x2, x3) = rest.split_at(dim);
         let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
         for ((((y, a), b), c), d) in y.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
-            *y += w3.mul_add(*d, w2.mul_add(*c, w1.mul_add(*b, w0 * a)));
+            *y += w0 * a + w1 * b + w2 * c + w3 * d;
         }
     }
     for (&w, x) in tail_w.iter().zip(tail_x.chunks_exact(dim)) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y = w.mul_add(*x, *y);
-        }
+        axpy(y, w, x);
     }
 }
 

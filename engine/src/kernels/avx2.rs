@@ -31,12 +31,11 @@ use std::arch::x86_64::*;
 use super::decoded::{DecodedChunk, QuantizedActivations, CHUNK};
 use crate::quant::{k4_scales_mins, q3_k_scales, GgmlType, IQ4_NL_VALUES};
 
-/// Attention scores with 256-bit registers: the portable body, compiled for AVX2 and FMA (its
-/// `mul_add`s become `vfmadd`).
+/// Attention scores with 256-bit registers: the portable body, compiled for AVX2.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn scores_transposed(
     q: &[f32],
@@ -50,12 +49,11 @@ pub(crate) unsafe fn scores_transposed(
     crate::ops::scores_transposed_body(q, dim, kt, stride, cols, scale, out);
 }
 
-/// Attention's weighted sum with 256-bit registers: the portable body, compiled for AVX2 and
-/// FMA.
+/// Attention's weighted sum with 256-bit registers: the portable body, compiled for AVX2.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
 pub(crate) unsafe fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
     crate::ops::weighted_sum_body(y, w, xs);
 }

@@ -1,12 +1,12 @@
-//! Decode attention straight from the f16 KV cache, with AVX2 + FMA + F16C.
+//! Decode attention straight from the f16 KV cache, with AVX2 + F16C.
 //!
 //! `crate::ops::scores_transposed` and `weighted_sum` take f32 keys and values, so attention
 //! widens each cache block first. That pays when a prompt's many queries share the block; a
 //! decode step has one token (a few query heads), and the separate widening pass, which writes
 //! the block out and reads it back, cost as much as the arithmetic. These kernels widen eight
 //! values at a time in registers as they read them and otherwise do the very operations of the
-//! f32 bodies in the same order (their `mul_add`s as `vfmadd`, the same summation order per
-//! output), so results are bit-identical: widening f16 to f32 is exact.
+//! f32 bodies in the same order (mul then add, no FMA, the same summation order per output),
+//! so results are bit-identical: widening f16 to f32 is exact.
 //!
 //! Every function here is `unsafe` because it must only run where `avx2::available` is true.
 #![allow(unsafe_code)]
@@ -35,8 +35,8 @@ unsafe fn widen1(v: f16) -> f32 {
 /// computes it, with `kt` in f16.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C. Shapes are checked (a mismatch panics).
-#[target_feature(enable = "avx2,fma,f16c")]
+/// The CPU must support AVX2 and F16C. Shapes are checked (a mismatch panics).
+#[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn scores_transposed_f16(
     q: &[f32],
     dim: usize,
@@ -96,7 +96,7 @@ unsafe fn score_rows<const R: usize>(
         for r in 0..R {
             let mut acc = 0f32;
             for d in 0..dim {
-                acc = q[r * dim + d].mul_add(widen1(kt[d * stride + cols.start + j]), acc);
+                acc += q[r * dim + d] * widen1(kt[d * stride + cols.start + j]);
             }
             out[r * n + j] = acc * scale;
         }
@@ -132,7 +132,7 @@ unsafe fn score_run<const R: usize, const KB: usize>(
                 // SAFETY: r · dim + d < q.len().
                 let qd = _mm256_broadcast_ss(&*qp.add(r * dim + d));
                 for (acc, k) in acc.iter_mut().zip(&k) {
-                    *acc = _mm256_fmadd_ps(qd, *k, *acc);
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qd, *k));
                 }
             }
         }
@@ -148,12 +148,12 @@ unsafe fn score_run<const R: usize, const KB: usize>(
 }
 
 /// `y += Σ_j w[j] · x_j` over f16 rows `x_j` of `y.len()` values, as `ops::weighted_sum`
-/// computes it: four rows at a time (`fma(w3, d, fma(w2, c, fma(w1, b, w0·a)))` added to `y`),
-/// then the remaining rows one at a time (`y = fma(w, x, y)`).
+/// computes it: four rows at a time (`((w0·a + w1·b) + w2·c) + w3·d` added to `y`), then the
+/// remaining rows one at a time.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C. Shapes are checked (a mismatch panics).
-#[target_feature(enable = "avx2,fma,f16c")]
+/// The CPU must support AVX2 and F16C. Shapes are checked (a mismatch panics).
+#[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[f16]) {
     let dim = y.len();
     assert_eq!(xs.len(), w.len() * dim);
@@ -168,11 +168,11 @@ pub(crate) unsafe fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[f16]) {
         while j < fours {
             let (a, b) = (widen1(xs[j * dim + i]), widen1(xs[(j + 1) * dim + i]));
             let (c, d) = (widen1(xs[(j + 2) * dim + i]), widen1(xs[(j + 3) * dim + i]));
-            *y += w[j + 3].mul_add(d, w[j + 2].mul_add(c, w[j + 1].mul_add(b, w[j] * a)));
+            *y += w[j] * a + w[j + 1] * b + w[j + 2] * c + w[j + 3] * d;
             j += 4;
         }
         for (j, &wj) in w.iter().enumerate().skip(fours) {
-            *y = wj.mul_add(widen1(xs[j * dim + i]), *y);
+            *y += wj * widen1(xs[j * dim + i]);
         }
     }
 }
@@ -206,9 +206,9 @@ unsafe fn weighted_run<const IB: usize>(
             for (b, acc) in acc.iter_mut().enumerate() {
                 let at = base.add(8 * b);
                 let mut t = _mm256_mul_ps(w0, widen8(at));
-                t = _mm256_fmadd_ps(w1, widen8(at.add(dim)), t);
-                t = _mm256_fmadd_ps(w2, widen8(at.add(2 * dim)), t);
-                t = _mm256_fmadd_ps(w3, widen8(at.add(3 * dim)), t);
+                t = _mm256_add_ps(t, _mm256_mul_ps(w1, widen8(at.add(dim))));
+                t = _mm256_add_ps(t, _mm256_mul_ps(w2, widen8(at.add(2 * dim))));
+                t = _mm256_add_ps(t, _mm256_mul_ps(w3, widen8(at.add(3 * dim))));
                 *acc = _mm256_add_ps(*acc, t);
             }
             j += 4;
@@ -217,7 +217,7 @@ unsafe fn weighted_run<const IB: usize>(
             let wj = _mm256_set1_ps(wj);
             for (b, acc) in acc.iter_mut().enumerate() {
                 let x = widen8(xp.add(j * dim + *i + 8 * b));
-                *acc = _mm256_fmadd_ps(wj, x, *acc);
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wj, x));
             }
         }
         for (b, acc) in acc.iter().enumerate() {

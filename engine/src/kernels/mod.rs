@@ -982,7 +982,7 @@ pub fn scores_transposed_f16_with_path(
         for (j, col) in cols.clone().enumerate() {
             let mut acc = 0f32;
             for (d, &qd) in q.iter().enumerate() {
-                acc = qd.mul_add(kt[d * stride + col].to_f32(), acc);
+                acc += qd * kt[d * stride + col].to_f32();
             }
             out[r * n + j] = acc * scale;
         }
@@ -1008,11 +1008,13 @@ pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs
     let fours = w.len() / 4 * 4;
     for (i, y) in y.iter_mut().enumerate() {
         for j in (0..fours).step_by(4) {
-            let t = w[j + 1].mul_add(x(j + 1, i), w[j] * x(j, i));
-            *y += w[j + 3].mul_add(x(j + 3, i), w[j + 2].mul_add(x(j + 2, i), t));
+            *y += w[j] * x(j, i)
+                + w[j + 1] * x(j + 1, i)
+                + w[j + 2] * x(j + 2, i)
+                + w[j + 3] * x(j + 3, i);
         }
         for (j, &wj) in w.iter().enumerate().skip(fours) {
-            *y = wj.mul_add(x(j, i), *y);
+            *y += wj * x(j, i);
         }
     }
 }
@@ -1036,10 +1038,9 @@ pub fn online_softmax_step<'s>(
 }
 
 /// Attention scores (see [`crate::ops::scores_transposed`]) on a chosen path: the portable body,
-/// or the same body inlined into a function built with AVX2 and FMA enabled, so results are
-/// bit-identical on every path: the body's `mul_add`s round once everywhere (one `vfmadd` with
-/// FMA, a correctly rounded library call without), and Rust never fuses a plain multiply and
-/// add on its own.
+/// or the same body inlined into a function built with AVX2 enabled, so results are
+/// bit-identical on every path (no FMA contraction happens: Rust never fuses a multiply and an
+/// add on its own).
 #[allow(clippy::too_many_arguments)]
 pub fn scores_transposed_with_path(
     path: KernelPath,
