@@ -172,6 +172,90 @@ impl Record for Q8_0 {
     }
 }
 
+/// Panics unless `w` is an interleaved matrix of `record_bytes`-byte records of
+/// `chunks_per_record` chunks each, `groups` lie within it, and `acts` holds the tokens up to
+/// `tokens` of `w.cols` values (a failure is a caller's bug).
+fn check_inputs(
+    w: &super::WeightMatrix,
+    groups: &std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    tokens: usize,
+    record_bytes: usize,
+    chunks_per_record: usize,
+) {
+    let nc = acts.n_chunks;
+    assert!(
+        w.cols == nc * CHUNK
+            && nc % chunks_per_record == 0
+            && w.layout == super::Layout::Interleaved8
+            && w.rows % GROUP_ROWS == 0
+            && groups.end * GROUP_ROWS <= w.rows
+            && w.data.len() == w.rows / GROUP_ROWS * nc / chunks_per_record * record_bytes
+            && acts.q.len() >= tokens * nc
+            && acts.d.len() >= tokens * nc
+            && acts.half_sums.len() >= tokens * nc
+    );
+}
+
+/// Asks for the cache lines of the `bytes`-byte record `ahead` bytes past `record`: the records
+/// are consumed in address order, so this keeps loads in flight. A prefetch never faults, even
+/// past the end of the matrix (`wrapping_add` keeps the address computation defined).
+#[inline(always)]
+unsafe fn prefetch_record(record: *const u8, bytes: usize, ahead: usize) {
+    let ahead = record.wrapping_add(ahead);
+    let mut line = 0;
+    while line < bytes {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+        line += 64;
+    }
+}
+
+/// The offset terms of one token, in the row-major kernels' order: half `h`'s term
+/// `offsets[h] · half_sums[h]` goes into accumulator `h mod 8` for the whole runs of eight
+/// halves, and the rest into the returned tail, summed in order.
+///
+/// # Safety
+/// `sums` must point at the token's `offsets.len()` half sums.
+#[inline(always)]
+unsafe fn add_offset_terms(acc: &mut [__m256; 8], offsets: &[__m256], sums: *const f32) -> __m256 {
+    let full = offsets.len() / 8 * 8;
+    for (k, run) in offsets[..full].chunks_exact(8).enumerate() {
+        for (j, (acc_j, offset)) in acc.iter_mut().zip(run).enumerate() {
+            // SAFETY: 8k + j < offsets.len(), within the token's half sums.
+            let term = _mm256_broadcast_ss(&*sums.add(8 * k + j));
+            *acc_j = _mm256_fmadd_ps(*offset, term, *acc_j);
+        }
+    }
+    let mut tail = _mm256_setzero_ps();
+    for (h, offset) in offsets.iter().enumerate().skip(full) {
+        // SAFETY: as above.
+        let term = _mm256_mul_ps(*offset, _mm256_broadcast_ss(&*sums.add(h)));
+        tail = _mm256_add_ps(tail, term);
+    }
+    tail
+}
+
+/// Reduces one token's eight accumulators of group `g` as `sum_lanes` reduces a row-major
+/// accumulator, `((j0+j4)+(j2+j6))+((j1+j5)+(j3+j7))`, adds the tail, and stores the rows.
+#[inline(always)]
+unsafe fn store_group(
+    acc: &[__m256; 8],
+    tail: __m256,
+    g: usize,
+    t: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
+    let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
+    let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
+    let mut out = [0f32; GROUP_ROWS];
+    // SAFETY: `out` is 8 writable f32.
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
+    for (r, &y) in out.iter().enumerate() {
+        store(t, g * GROUP_ROWS + r, y);
+    }
+}
+
 /// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups `groups` of the
 /// interleaved matrix `w`; calls `store(t, r, y)` for every output, `t` counted in `acts`.
 ///
@@ -212,41 +296,30 @@ unsafe fn matvec_of<R: Record>(
 ) {
     let nc = acts.n_chunks;
     let tokens = first_token + n_tokens;
-    assert!(
-        w.cols == nc * CHUNK
-            && w.layout == super::Layout::Interleaved8
-            && w.rows % GROUP_ROWS == 0
-            && groups.end * GROUP_ROWS <= w.rows
-            && w.data.len() == w.rows / GROUP_ROWS * nc * R::BYTES
-            && acts.q.len() >= tokens * nc
-            && acts.d.len() >= tokens * nc
-            && acts.half_sums.len() >= tokens * nc
-    );
-    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    check_inputs(w, &groups, acts, tokens, R::BYTES, 1);
     let ones = _mm256_set1_epi16(1);
     let zero = _mm256_setzero_ps();
+    // Each half-chunk's offsets for the eight rows (both halves of a chunk alike here).
+    let mut offsets = vec![zero; if R::OFFSET { 2 * nc } else { 0 }];
     for g in groups {
         let group = w.data[g * nc * R::BYTES..].as_ptr();
         for t in first_token..tokens {
             let mut acc = [zero; 8];
             for c in 0..nc {
-                // SAFETY: the group holds `nc` records (the length check above).
+                // SAFETY: the group holds `nc` records (checked).
                 let record = group.add(c * R::BYTES);
                 if t == first_token {
-                    let ahead = record.wrapping_add(PREFETCH_AHEAD);
-                    let mut line = 0;
-                    while line < R::BYTES {
-                        // A prefetch never faults, even past the end of the matrix.
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                        line += 64;
+                    prefetch_record(record, R::BYTES, PREFETCH_AHEAD);
+                    if R::OFFSET {
+                        let offset = R::offsets(record);
+                        offsets[2 * c] = offset;
+                        offsets[2 * c + 1] = offset;
                     }
                 }
                 let at = t * nc + c;
-                // SAFETY: at < tokens · nc (checked above).
-                let factor = _mm256_mul_ps(
-                    halves_at(record, 0),
-                    _mm256_broadcast_ss(&*acts.d.as_ptr().add(at)),
-                );
+                // SAFETY: at < tokens · nc (checked).
+                let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at));
+                let factor = _mm256_mul_ps(halves_at(record, 0), xd);
                 let x = acts.q.as_ptr().add(at).cast::<i32>();
                 for k in 0..4 {
                     let (low, high) = R::groups(record, k);
@@ -263,38 +336,10 @@ unsafe fn matvec_of<R: Record>(
                     }
                 }
             }
-            let mut tail = zero;
-            if R::OFFSET {
-                let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
-                let mut k = 0;
-                while k < full {
-                    for (j, acc_j) in acc.iter_mut().enumerate() {
-                        let h = k + j;
-                        // SAFETY: h < halves = 2 · nc, so chunk h / 2 is in the group and the
-                        // token's half sums have index h.
-                        let offsets = R::offsets(group.add(h / 2 * R::BYTES));
-                        *acc_j =
-                            _mm256_fmadd_ps(offsets, _mm256_broadcast_ss(&*sums.add(h)), *acc_j);
-                    }
-                    k += 8;
-                }
-                for h in full..halves {
-                    // SAFETY: as above.
-                    let offsets = R::offsets(group.add(h / 2 * R::BYTES));
-                    let term = _mm256_mul_ps(offsets, _mm256_broadcast_ss(&*sums.add(h)));
-                    tail = _mm256_add_ps(tail, term);
-                }
-            }
-            // (No closures here: they would not inherit this function's target features.)
-            let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
-            let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
-            let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
-            let mut out = [0f32; GROUP_ROWS];
-            // SAFETY: `out` is 8 writable f32.
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
-            for (r, &y) in out.iter().enumerate() {
-                store(t, g * GROUP_ROWS + r, y);
-            }
+            // SAFETY: the token's half sums start at t · nc pairs (checked).
+            let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
+            let tail = add_offset_terms(&mut acc, &offsets, sums);
+            store_group(&acc, tail, g, t, &mut store);
         }
     }
 }
@@ -341,23 +386,12 @@ unsafe fn matvec_q4_k(
     let nc = acts.n_chunks;
     let n_sb = nc / 8;
     let tokens = first_token + n_tokens;
-    assert!(
-        w.cols == nc * CHUNK
-            && nc % 8 == 0
-            && w.layout == super::Layout::Interleaved8
-            && w.rows % GROUP_ROWS == 0
-            && groups.end * GROUP_ROWS <= w.rows
-            && w.data.len() == w.rows / GROUP_ROWS * n_sb * Q4_K_RECORD
-            && acts.q.len() >= tokens * nc
-            && acts.d.len() >= tokens * nc
-            && acts.half_sums.len() >= tokens * nc
-    );
-    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    check_inputs(w, &groups, acts, tokens, Q4_K_RECORD, 8);
     let ones = _mm256_set1_epi16(1);
     let m4 = _mm256_set1_epi8(0x0F);
     let zero = _mm256_setzero_ps();
-    // Each chunk's offsets for the eight rows, for the offset terms after the chunks.
-    let mut offsets = vec![zero; nc];
+    // Each half-chunk's offsets for the eight rows (both halves of a chunk alike in Q4_K).
+    let mut offsets = vec![zero; 2 * nc];
     for g in groups {
         let group = w.data[g * n_sb * Q4_K_RECORD..].as_ptr();
         for t in first_token..tokens {
@@ -366,13 +400,7 @@ unsafe fn matvec_q4_k(
                 // SAFETY: the group holds `n_sb` records (the length check above).
                 let record = group.add(sb * Q4_K_RECORD);
                 if t == first_token {
-                    let ahead = record.wrapping_add(2 * PREFETCH_AHEAD);
-                    let mut line = 0;
-                    while line < Q4_K_RECORD {
-                        // A prefetch never faults, even past the end of the matrix.
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                        line += 64;
-                    }
+                    prefetch_record(record, Q4_K_RECORD, 2 * PREFETCH_AHEAD);
                 }
                 let d = halves_at(record, 0);
                 let dmin = halves_at(record, Q4_K_DMIN);
@@ -400,7 +428,9 @@ unsafe fn matvec_q4_k(
                             // −(dmin·m), negated by the sign bit as `-x` is (not 0 − x, which
                             // turns −0 into +0).
                             let product = _mm256_mul_ps(dmin, byte_lanes(m));
-                            offsets[sb * 8 + c] = _mm256_xor_ps(product, _mm256_set1_ps(-0.0));
+                            let offset = _mm256_xor_ps(product, _mm256_set1_ps(-0.0));
+                            offsets[2 * (sb * 8 + c)] = offset;
+                            offsets[2 * (sb * 8 + c) + 1] = offset;
                         }
                     }
                     for (j, acc_j) in acc.iter_mut().enumerate() {
@@ -418,32 +448,10 @@ unsafe fn matvec_q4_k(
                     }
                 }
             }
+            // SAFETY: the token's half sums start at t · nc pairs (checked).
             let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
-            let mut k = 0;
-            while k < full {
-                for (j, acc_j) in acc.iter_mut().enumerate() {
-                    let h = k + j;
-                    // SAFETY: h < 2 · nc: chunk h / 2 exists and the token has half sum h.
-                    let term = _mm256_broadcast_ss(&*sums.add(h));
-                    *acc_j = _mm256_fmadd_ps(offsets[h / 2], term, *acc_j);
-                }
-                k += 8;
-            }
-            let mut tail = zero;
-            for h in full..halves {
-                // SAFETY: as above.
-                let term = _mm256_mul_ps(offsets[h / 2], _mm256_broadcast_ss(&*sums.add(h)));
-                tail = _mm256_add_ps(tail, term);
-            }
-            let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
-            let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
-            let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
-            let mut out = [0f32; GROUP_ROWS];
-            // SAFETY: `out` is 8 writable f32.
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
-            for (r, &y) in out.iter().enumerate() {
-                store(t, g * GROUP_ROWS + r, y);
-            }
+            let tail = add_offset_terms(&mut acc, &offsets, sums);
+            store_group(&acc, tail, g, t, &mut store);
         }
     }
 }
@@ -474,24 +482,13 @@ unsafe fn matvec_q6_k(
     let nc = acts.n_chunks;
     let n_sb = nc / 8;
     let tokens = first_token + n_tokens;
-    assert!(
-        w.cols == nc * CHUNK
-            && nc % 8 == 0
-            && w.layout == super::Layout::Interleaved8
-            && w.rows % GROUP_ROWS == 0
-            && groups.end * GROUP_ROWS <= w.rows
-            && w.data.len() == w.rows / GROUP_ROWS * n_sb * Q6_K_RECORD
-            && acts.q.len() >= tokens * nc
-            && acts.d.len() >= tokens * nc
-            && acts.half_sums.len() >= tokens * nc
-    );
-    let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+    check_inputs(w, &groups, acts, tokens, Q6_K_RECORD, 8);
     let ones = _mm256_set1_epi16(1);
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(0x03);
     let zero = _mm256_setzero_ps();
     // Each half-chunk's offsets for the eight rows, for the offset terms after the chunks.
-    let mut offsets = vec![zero; halves];
+    let mut offsets = vec![zero; 2 * nc];
     for g in groups {
         let group = w.data[g * n_sb * Q6_K_RECORD..].as_ptr();
         for t in first_token..tokens {
@@ -500,13 +497,7 @@ unsafe fn matvec_q6_k(
                 // SAFETY: the group holds `n_sb` records (the length check above).
                 let record = group.add(sb * Q6_K_RECORD);
                 if t == first_token {
-                    let ahead = record.wrapping_add(2 * PREFETCH_AHEAD);
-                    let mut line = 0;
-                    while line < Q6_K_RECORD {
-                        // A prefetch never faults, even past the end of the matrix.
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                        line += 64;
-                    }
+                    prefetch_record(record, Q6_K_RECORD, 2 * PREFETCH_AHEAD);
                 }
                 let d = halves_at(record, 0);
                 for half in 0..2 {
@@ -566,32 +557,10 @@ unsafe fn matvec_q6_k(
                     }
                 }
             }
+            // SAFETY: the token's half sums start at t · nc pairs (checked).
             let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
-            let mut k = 0;
-            while k < full {
-                for (j, acc_j) in acc.iter_mut().enumerate() {
-                    let h = k + j;
-                    // SAFETY: h < 2 · nc: the token has half sum h.
-                    let term = _mm256_broadcast_ss(&*sums.add(h));
-                    *acc_j = _mm256_fmadd_ps(offsets[h], term, *acc_j);
-                }
-                k += 8;
-            }
-            let mut tail = zero;
-            for (h, offset) in offsets.iter().enumerate().take(halves).skip(full) {
-                // SAFETY: as above.
-                let term = _mm256_mul_ps(*offset, _mm256_broadcast_ss(&*sums.add(h)));
-                tail = _mm256_add_ps(tail, term);
-            }
-            let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
-            let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
-            let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
-            let mut out = [0f32; GROUP_ROWS];
-            // SAFETY: `out` is 8 writable f32.
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
-            for (r, &y) in out.iter().enumerate() {
-                store(t, g * GROUP_ROWS + r, y);
-            }
+            let tail = add_offset_terms(&mut acc, &offsets, sums);
+            store_group(&acc, tail, g, t, &mut store);
         }
     }
 }
