@@ -273,79 +273,105 @@ pub(crate) unsafe fn matvec(
     store: impl FnMut(usize, usize, f32),
 ) {
     match w.ty {
-        GgmlType::Q4_0 => matvec_of::<Q4_0>(w, groups, acts, first_token, n_tokens, store),
-        GgmlType::Q4_1 => matvec_of::<Q4_1>(w, groups, acts, first_token, n_tokens, store),
-        GgmlType::Q5_0 => matvec_of::<Q5_0>(w, groups, acts, first_token, n_tokens, store),
-        GgmlType::Q5_1 => matvec_of::<Q5_1>(w, groups, acts, first_token, n_tokens, store),
-        GgmlType::Q8_0 => matvec_of::<Q8_0>(w, groups, acts, first_token, n_tokens, store),
-        GgmlType::Q4_K => matvec_q4_k(w, groups, acts, first_token, n_tokens, store),
-        GgmlType::Q6_K => matvec_q6_k(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q4_0 => {
+            matvec_records::<Legacy<Q4_0>>(w, groups, acts, first_token, n_tokens, store)
+        }
+        GgmlType::Q4_1 => {
+            matvec_records::<Legacy<Q4_1>>(w, groups, acts, first_token, n_tokens, store)
+        }
+        GgmlType::Q5_0 => {
+            matvec_records::<Legacy<Q5_0>>(w, groups, acts, first_token, n_tokens, store)
+        }
+        GgmlType::Q5_1 => {
+            matvec_records::<Legacy<Q5_1>>(w, groups, acts, first_token, n_tokens, store)
+        }
+        GgmlType::Q8_0 => {
+            matvec_records::<Legacy<Q8_0>>(w, groups, acts, first_token, n_tokens, store)
+        }
+        GgmlType::Q4_K => matvec_records::<Q4K>(w, groups, acts, first_token, n_tokens, store),
+        GgmlType::Q6_K => matvec_records::<Q6K>(w, groups, acts, first_token, n_tokens, store),
         other => panic!("no interleaved form for {other}"),
     }
 }
 
-/// [`matvec`] for one record type.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_of<R: Record>(
-    w: &super::WeightMatrix,
-    groups: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    n_tokens: usize,
-    mut store: impl FnMut(usize, usize, f32),
-) {
-    let nc = acts.n_chunks;
-    let tokens = first_token + n_tokens;
-    check_inputs(w, &groups, acts, tokens, R::BYTES, 1);
-    let ones = _mm256_set1_epi16(1);
-    let zero = _mm256_setzero_ps();
-    // Each half-chunk's offsets for the eight rows (both halves of a chunk alike here).
-    let mut offsets = vec![zero; if R::OFFSET { 2 * nc } else { 0 }];
-    for g in groups {
-        let group = w.data[g * nc * R::BYTES..].as_ptr();
-        for t in first_token..tokens {
-            let mut acc = [zero; 8];
-            for c in 0..nc {
-                // SAFETY: the group holds `nc` records (checked).
-                let record = group.add(c * R::BYTES);
-                if t == first_token {
-                    prefetch_record(record, R::BYTES, PREFETCH_AHEAD);
-                    if R::OFFSET {
-                        let offset = R::offsets(record);
-                        offsets[2 * c] = offset;
-                        offsets[2 * c + 1] = offset;
-                    }
-                }
-                let at = t * nc + c;
-                // SAFETY: at < tokens · nc (checked).
-                let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at));
-                let factor = _mm256_mul_ps(halves_at(record, 0), xd);
-                let x = acts.q.as_ptr().add(at).cast::<i32>();
-                for k in 0..4 {
-                    let (low, high) = R::groups(record, k);
-                    for (j, q) in [(k, low), (k + 4, high)] {
-                        // SAFETY: word j < 8 of the chunk's 32 activation bytes.
-                        let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
-                        let (magnitude, xj) = if R::SIGNED {
-                            (_mm256_abs_epi8(q), _mm256_sign_epi8(xj, q))
-                        } else {
-                            (q, xj)
-                        };
-                        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xj), ones);
-                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[j]);
-                    }
+/// What [`matvec_records`] needs of an interleaved record type.
+trait RecordKernel {
+    /// Bytes per record (eight rows' blocks).
+    const BYTES: usize;
+    /// 32-element chunks per record: 1 for the legacy types, 8 for a K-quant super-block.
+    const CHUNKS: usize;
+    /// Whether chunks have offset terms (`offset · Σx` per half).
+    const OFFSET: bool;
+    /// How far ahead of the record in use to prefetch.
+    const AHEAD: usize;
+    /// Adds one token's products with the record's chunks to `acc`, chunk after chunk for each
+    /// accumulator, exactly as the row-major kernels add them. `at` is the index in `acts` of
+    /// the token's chunk that the record starts at. With `offsets` (a group's first token),
+    /// also writes the rows' offsets of the record's `2 · CHUNKS` half-chunks.
+    ///
+    /// # Safety
+    /// `record` must be a whole record and `acts` must hold chunks `at..at + CHUNKS`.
+    unsafe fn accumulate(
+        record: *const u8,
+        acts: &QuantizedActivations,
+        at: usize,
+        acc: &mut [__m256; 8],
+        offsets: Option<&mut [__m256]>,
+    );
+}
+
+/// `maddubs`/`madd` of element group `j` (`q`, eight rows) with activation word `j` of the
+/// chunk at `x`, converted and added into `acc` times `factor`.
+#[inline(always)]
+unsafe fn add_group(acc: &mut __m256, q: __m256i, x: *const i32, j: usize, factor: __m256) {
+    // SAFETY: the caller's chunk has 8 activation words.
+    let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
+    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xj), _mm256_set1_epi16(1));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc);
+}
+
+/// A legacy (32-element block) type's records: one chunk each.
+struct Legacy<R>(std::marker::PhantomData<R>);
+
+impl<R: Record> RecordKernel for Legacy<R> {
+    const BYTES: usize = R::BYTES;
+    const CHUNKS: usize = 1;
+    const OFFSET: bool = R::OFFSET;
+    const AHEAD: usize = PREFETCH_AHEAD;
+    #[inline(always)]
+    unsafe fn accumulate(
+        record: *const u8,
+        acts: &QuantizedActivations,
+        at: usize,
+        acc: &mut [__m256; 8],
+        offsets: Option<&mut [__m256]>,
+    ) {
+        if let Some(offsets) = offsets {
+            if R::OFFSET {
+                offsets.fill(R::offsets(record));
+            }
+        }
+        // SAFETY: chunk `at` exists (the caller's contract).
+        let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at));
+        let factor = _mm256_mul_ps(halves_at(record, 0), xd);
+        let x = acts.q.as_ptr().add(at).cast::<i32>();
+        for k in 0..4 {
+            let (low, high) = R::groups(record, k);
+            for (j, q) in [(k, low), (k + 4, high)] {
+                if R::SIGNED {
+                    // |q| · (x · sign q): `maddubs` multiplies unsigned by signed bytes.
+                    // SAFETY: word j < 8 of the chunk.
+                    let xj = _mm256_sign_epi8(_mm256_set1_epi32(x.add(j).read_unaligned()), q);
+                    let products = _mm256_maddubs_epi16(_mm256_abs_epi8(q), xj);
+                    let sums = _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[j]);
+                } else {
+                    add_group(&mut acc[j], q, x, j, factor);
                 }
             }
-            // SAFETY: the token's half sums start at t · nc pairs (checked).
-            let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
-            let tail = add_offset_terms(&mut acc, &offsets, sums);
-            store_group(&acc, tail, g, t, &mut store);
         }
     }
 }
-
-/// Bytes of a Q4_K record (eight rows' 144-byte super-blocks).
-const Q4_K_RECORD: usize = 8 * 144;
 
 /// The eight rows' 6-bit scale and minimum of chunk `c` (< 8) of a Q4_K super-block, one byte
 /// per row, from the transposed scale bytes `p` (`p[j]` holds byte `j` of every row): ggml's
@@ -372,92 +398,61 @@ unsafe fn byte_lanes(v: u64) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)))
 }
 
-/// [`matvec`] for Q4_K: as [`matvec_of`], a super-block record at a time. Per chunk the scale
-/// is `d · sc` and the offset `−(dmin · m)`, computed exactly as the row-major decoder does.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_q4_k(
-    w: &super::WeightMatrix,
-    groups: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    n_tokens: usize,
-    mut store: impl FnMut(usize, usize, f32),
-) {
-    let nc = acts.n_chunks;
-    let n_sb = nc / 8;
-    let tokens = first_token + n_tokens;
-    check_inputs(w, &groups, acts, tokens, Q4_K_RECORD, 8);
-    let ones = _mm256_set1_epi16(1);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let zero = _mm256_setzero_ps();
-    // Each half-chunk's offsets for the eight rows (both halves of a chunk alike in Q4_K).
-    let mut offsets = vec![zero; 2 * nc];
-    for g in groups {
-        let group = w.data[g * n_sb * Q4_K_RECORD..].as_ptr();
-        for t in first_token..tokens {
-            let mut acc = [zero; 8];
-            for sb in 0..n_sb {
-                // SAFETY: the group holds `n_sb` records (the length check above).
-                let record = group.add(sb * Q4_K_RECORD);
-                if t == first_token {
-                    prefetch_record(record, Q4_K_RECORD, 2 * PREFETCH_AHEAD);
-                }
-                let d = halves_at(record, 0);
-                let dmin = halves_at(record, Q4_K_DMIN);
-                let mut packed = [0u64; 12];
-                for (j, p) in packed.iter_mut().enumerate() {
-                    // SAFETY: the record holds 96 scale bytes at Q4_K_SCALES.
-                    *p = record
-                        .add(Q4_K_SCALES + 8 * j)
-                        .cast::<u64>()
-                        .read_unaligned();
-                }
-                for k in 0..4 {
-                    let mut factors = [zero; 2];
-                    let mut x = [std::ptr::null::<i32>(); 2];
-                    for (h, (factor, x)) in factors.iter_mut().zip(&mut x).enumerate() {
-                        let c = 2 * k + h;
-                        let at = t * nc + sb * 8 + c;
-                        let (sc, m) = q4_k_scale_min(&packed, c);
-                        let scale = _mm256_mul_ps(d, byte_lanes(sc));
-                        // SAFETY: at < tokens · nc (checked above).
-                        *factor =
-                            _mm256_mul_ps(scale, _mm256_broadcast_ss(&*acts.d.as_ptr().add(at)));
-                        *x = acts.q.as_ptr().add(at).cast::<i32>();
-                        if t == first_token {
-                            // −(dmin·m), negated by the sign bit as `-x` is (not 0 − x, which
-                            // turns −0 into +0).
-                            let product = _mm256_mul_ps(dmin, byte_lanes(m));
-                            let offset = _mm256_xor_ps(product, _mm256_set1_ps(-0.0));
-                            offsets[2 * (sb * 8 + c)] = offset;
-                            offsets[2 * (sb * 8 + c) + 1] = offset;
-                        }
-                    }
-                    for (j, acc_j) in acc.iter_mut().enumerate() {
-                        // SAFETY: the record holds 1024 bytes of nibbles at Q4_K_QS.
-                        let v = _mm256_loadu_si256(record.add(Q4_K_QS + 32 * (8 * k + j)).cast());
-                        let low = _mm256_and_si256(v, m4);
-                        let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                        for (q, (factor, x)) in [low, high].into_iter().zip(factors.iter().zip(&x))
-                        {
-                            // SAFETY: word j < 8 of the chunk's 32 activation bytes.
-                            let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
-                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xj), ones);
-                            *acc_j = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), *factor, *acc_j);
-                        }
-                    }
+/// Q4_K records: one super-block of eight chunks. Per chunk the scale is `d · sc` and the
+/// offset `−(dmin · m)`, computed exactly as the row-major decoder does.
+struct Q4K;
+
+impl RecordKernel for Q4K {
+    const BYTES: usize = 8 * 144;
+    const CHUNKS: usize = 8;
+    const OFFSET: bool = true;
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    #[inline(always)]
+    unsafe fn accumulate(
+        record: *const u8,
+        acts: &QuantizedActivations,
+        at: usize,
+        acc: &mut [__m256; 8],
+        mut offsets: Option<&mut [__m256]>,
+    ) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let d = halves_at(record, 0);
+        let dmin = halves_at(record, Q4_K_DMIN);
+        let mut packed = [0u64; 12];
+        for (j, p) in packed.iter_mut().enumerate() {
+            // SAFETY: the record holds 96 scale bytes at Q4_K_SCALES.
+            *p = record
+                .add(Q4_K_SCALES + 8 * j)
+                .cast::<u64>()
+                .read_unaligned();
+        }
+        for k in 0..4 {
+            let mut factors = [_mm256_setzero_ps(); 2];
+            let mut x = [std::ptr::null::<i32>(); 2];
+            for (h, (factor, x)) in factors.iter_mut().zip(&mut x).enumerate() {
+                let c = 2 * k + h;
+                let (sc, m) = q4_k_scale_min(&packed, c);
+                let scale = _mm256_mul_ps(d, byte_lanes(sc));
+                // SAFETY: chunk at + c exists (the caller's contract).
+                *factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*acts.d.as_ptr().add(at + c)));
+                *x = acts.q.as_ptr().add(at + c).cast::<i32>();
+                if let Some(offsets) = offsets.as_deref_mut() {
+                    // −(dmin·m), negated by the sign bit as `-x` is (not 0 − x, which turns
+                    // −0 into +0).
+                    let product = _mm256_mul_ps(dmin, byte_lanes(m));
+                    offsets[2 * c..2 * c + 2].fill(_mm256_xor_ps(product, _mm256_set1_ps(-0.0)));
                 }
             }
-            // SAFETY: the token's half sums start at t · nc pairs (checked).
-            let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
-            let tail = add_offset_terms(&mut acc, &offsets, sums);
-            store_group(&acc, tail, g, t, &mut store);
+            for (j, acc_j) in acc.iter_mut().enumerate() {
+                // SAFETY: the record holds 1024 bytes of nibbles at Q4_K_QS.
+                let v = _mm256_loadu_si256(record.add(Q4_K_QS + 32 * (8 * k + j)).cast());
+                add_group(acc_j, _mm256_and_si256(v, m4), x[0], j, factors[0]);
+                let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                add_group(acc_j, high, x[1], j, factors[1]);
+            }
         }
     }
 }
-
-/// Bytes of a Q6_K record (eight rows' 210-byte super-blocks).
-const Q6_K_RECORD: usize = 8 * 210;
 
 /// Eight signed bytes (one per row) widened to f32 lanes.
 #[inline(always)]
@@ -465,13 +460,79 @@ unsafe fn signed_byte_lanes(v: u64) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v as i64)))
 }
 
-/// [`matvec`] for Q6_K: a super-block record at a time. Chunk `c` (< 8) lies in half `c / 4`
-/// of the super-block: nibble `(c % 4) / 2` of `ql` run `2·(c / 4) + c % 2`, and bits
-/// `2·(c % 4)` of `qh` run `c / 4`. Its two 16-element halves have their own scales
-/// `d · sc[2c]`, `d · sc[2c + 1]` (element groups 0–3 and 4–7) and offsets `−32` times those,
-/// computed as the row-major decoder computes them.
+/// Q6_K records: one super-block of eight chunks. Chunk `c` lies in half `c / 4` of the
+/// super-block: nibble `(c % 4) / 2` of `ql` run `2·(c / 4) + c % 2`, and bits `2·(c % 4)` of
+/// `qh` run `c / 4`. Its two 16-element halves have their own scales `d · sc[2c]`,
+/// `d · sc[2c + 1]` (element groups 0–3 and 4–7) and offsets `−32` times those, computed as the
+/// row-major decoder computes them.
+struct Q6K;
+
+impl RecordKernel for Q6K {
+    const BYTES: usize = 8 * 210;
+    const CHUNKS: usize = 8;
+    const OFFSET: bool = true;
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    #[inline(always)]
+    unsafe fn accumulate(
+        record: *const u8,
+        acts: &QuantizedActivations,
+        at: usize,
+        acc: &mut [__m256; 8],
+        mut offsets: Option<&mut [__m256]>,
+    ) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        let d = halves_at(record, 0);
+        for half in 0..2 {
+            // Per chunk k of this half: the factors of its two halves, its activations.
+            let mut factors = [[_mm256_setzero_ps(); 2]; 4];
+            let mut x = [std::ptr::null::<i32>(); 4];
+            for (k, (factors, x)) in factors.iter_mut().zip(&mut x).enumerate() {
+                let c = 4 * half + k;
+                // SAFETY: chunk at + c exists (the caller's contract).
+                let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at + c));
+                *x = acts.q.as_ptr().add(at + c).cast::<i32>();
+                for (i, factor) in factors.iter_mut().enumerate() {
+                    // SAFETY: the record holds 16 × 8 scale bytes at Q6_K_SCALES.
+                    let sc = record.add(Q6_K_SCALES + 8 * (2 * c + i)).cast::<u64>();
+                    let scale = _mm256_mul_ps(d, signed_byte_lanes(sc.read_unaligned()));
+                    *factor = _mm256_mul_ps(scale, xd);
+                    if let Some(offsets) = offsets.as_deref_mut() {
+                        offsets[2 * c + i] = _mm256_mul_ps(_mm256_set1_ps(-32.0), scale);
+                    }
+                }
+            }
+            for (j, acc_j) in acc.iter_mut().enumerate() {
+                // SAFETY: the record's ql holds 32 words and qh 16 words per row.
+                let ql0 = _mm256_loadu_si256(record.add(Q6_K_QL + 32 * (16 * half + j)).cast());
+                let ql1 = _mm256_loadu_si256(record.add(Q6_K_QL + 32 * (16 * half + 8 + j)).cast());
+                let qh = _mm256_loadu_si256(record.add(Q6_K_QH + 32 * (8 * half + j)).cast());
+                let low = [
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                ];
+                let high = [
+                    _mm256_and_si256(qh, m2),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 4), m2),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2),
+                ];
+                // Chunks in order, as every output accumulates them.
+                for k in 0..4 {
+                    let q = _mm256_or_si256(low[k], _mm256_slli_epi16(high[k], 4));
+                    add_group(acc_j, q, x[k], j, factors[k][j / 4]);
+                }
+            }
+        }
+    }
+}
+
+/// [`matvec`] for one record type: for each group and token, the records in order, then the
+/// offset terms and the final reduction (`add_offset_terms`, `store_group`).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_q6_k(
+unsafe fn matvec_records<K: RecordKernel>(
     w: &super::WeightMatrix,
     groups: std::ops::Range<usize>,
     acts: &QuantizedActivations,
@@ -480,82 +541,34 @@ unsafe fn matvec_q6_k(
     mut store: impl FnMut(usize, usize, f32),
 ) {
     let nc = acts.n_chunks;
-    let n_sb = nc / 8;
+    let n_records = nc / K::CHUNKS;
     let tokens = first_token + n_tokens;
-    check_inputs(w, &groups, acts, tokens, Q6_K_RECORD, 8);
-    let ones = _mm256_set1_epi16(1);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(0x03);
+    check_inputs(w, &groups, acts, tokens, K::BYTES, K::CHUNKS);
     let zero = _mm256_setzero_ps();
-    // Each half-chunk's offsets for the eight rows, for the offset terms after the chunks.
-    let mut offsets = vec![zero; 2 * nc];
+    // Each half-chunk's offsets for the eight rows, taken on a group's first token.
+    let mut offsets = vec![zero; if K::OFFSET { 2 * nc } else { 0 }];
+    let per_record = 2 * K::CHUNKS;
     for g in groups {
-        let group = w.data[g * n_sb * Q6_K_RECORD..].as_ptr();
+        let group = w.data[g * n_records * K::BYTES..].as_ptr();
         for t in first_token..tokens {
             let mut acc = [zero; 8];
-            for sb in 0..n_sb {
-                // SAFETY: the group holds `n_sb` records (the length check above).
-                let record = group.add(sb * Q6_K_RECORD);
-                if t == first_token {
-                    prefetch_record(record, Q6_K_RECORD, 2 * PREFETCH_AHEAD);
-                }
-                let d = halves_at(record, 0);
-                for half in 0..2 {
-                    // Per chunk k of this half: the factors of its two halves, its activations.
-                    let mut factors = [[zero; 2]; 4];
-                    let mut x = [std::ptr::null::<i32>(); 4];
-                    for (k, (factors, x)) in factors.iter_mut().zip(&mut x).enumerate() {
-                        let c = 4 * half + k;
-                        let at = t * nc + sb * 8 + c;
-                        // SAFETY: at < tokens · nc (checked above).
-                        let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at));
-                        *x = acts.q.as_ptr().add(at).cast::<i32>();
-                        for (i, factor) in factors.iter_mut().enumerate() {
-                            // SAFETY: the record holds 16 × 8 scale bytes at Q6_K_SCALES.
-                            let sc = record.add(Q6_K_SCALES + 8 * (2 * c + i)).cast::<u64>();
-                            let scale = _mm256_mul_ps(d, signed_byte_lanes(sc.read_unaligned()));
-                            *factor = _mm256_mul_ps(scale, xd);
-                            if t == first_token {
-                                let off = _mm256_mul_ps(_mm256_set1_ps(-32.0), scale);
-                                offsets[2 * (sb * 8 + c) + i] = off;
-                            }
-                        }
-                    }
-                    for (j, acc_j) in acc.iter_mut().enumerate() {
-                        // SAFETY: the record's ql holds 32 words and qh 16 words per row.
-                        let ql0 =
-                            _mm256_loadu_si256(record.add(Q6_K_QL + 32 * (16 * half + j)).cast());
-                        let ql1 = _mm256_loadu_si256(
-                            record.add(Q6_K_QL + 32 * (16 * half + 8 + j)).cast(),
-                        );
-                        let qh =
-                            _mm256_loadu_si256(record.add(Q6_K_QH + 32 * (8 * half + j)).cast());
-                        let low = [
-                            _mm256_and_si256(ql0, m4),
-                            _mm256_and_si256(ql1, m4),
-                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                        ];
-                        let high = [
-                            _mm256_and_si256(qh, m2),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 4), m2),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2),
-                        ];
-                        // Chunks in order, as every output accumulates them.
-                        for k in 0..4 {
-                            let q = _mm256_or_si256(low[k], _mm256_slli_epi16(high[k], 4));
-                            // SAFETY: word j < 8 of the chunk's 32 activation bytes.
-                            let xj = _mm256_set1_epi32(x[k].add(j).read_unaligned());
-                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xj), ones);
-                            *acc_j = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(sums),
-                                factors[k][j / 4],
-                                *acc_j,
-                            );
-                        }
-                    }
-                }
+            for i in 0..n_records {
+                // SAFETY: the group holds `n_records` records (checked).
+                let record = group.add(i * K::BYTES);
+                let record_offsets = if t == first_token {
+                    prefetch_record(record, K::BYTES, K::AHEAD);
+                    offsets.get_mut(i * per_record..(i + 1) * per_record)
+                } else {
+                    None
+                };
+                // SAFETY: chunks t · nc + i · CHUNKS.. of the token exist (checked).
+                K::accumulate(
+                    record,
+                    acts,
+                    t * nc + i * K::CHUNKS,
+                    &mut acc,
+                    record_offsets,
+                );
             }
             // SAFETY: the token's half sums start at t · nc pairs (checked).
             let sums = acts.half_sums[t * nc..].as_flattened().as_ptr();
