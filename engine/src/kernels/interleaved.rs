@@ -55,6 +55,10 @@
 //! exact reference) reads a row back in GGUF form with [`InterleavedWeights::row_blocks`], an
 //! exact inverse, so every kernel gives the same results on either layout.
 
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::arena::WeightArena;
 use crate::quant::GgmlType;
 
 /// Rows per interleaved group: one per 32-bit lane of an AVX2 register.
@@ -101,59 +105,58 @@ impl RecordShape {
     }
 }
 
-/// A weight matrix in the interleaved layout (see the module docs), owned.
+/// A weight matrix in the interleaved layout (see the module docs), in a [`WeightArena`] that
+/// the other matrices of its model share.
 #[derive(Debug)]
 pub struct InterleavedWeights {
     pub(crate) ty: GgmlType,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
-    pub(crate) data: Vec<u8>,
+    arena: Arc<WeightArena>,
+    range: Range<usize>,
+}
+
+/// Whether `w` has an interleaved form: its type has one, its row count is a multiple of eight
+/// and it is in GGUF's row layout.
+pub(crate) fn can_interleave(w: &super::WeightMatrix) -> bool {
+    has_interleaved_form(w.ty)
+        && w.layout == super::Layout::Rows
+        && w.rows % GROUP_ROWS == 0
+        && w.cols % w.ty.block_size() == 0
+        && w.data.len() == w.rows * w.row_bytes()
 }
 
 impl InterleavedWeights {
-    /// Interleaves a row-major matrix, or None when its type or row count has no interleaved
-    /// form. `consumed(bytes)` is called as the source is read, with a range of `w.data` that
-    /// will not be read again, so that the caller can release those pages while a large
-    /// matrix is being copied (the copy plus the source would otherwise both be resident).
+    /// Interleaves a row-major matrix into an arena of its own, or None when it has no
+    /// interleaved form ([`can_interleave`]). Models put all their matrices in one arena
+    /// instead ([`InterleavedWeights::in_arena`]).
     pub fn from_rows(
         w: &super::WeightMatrix,
-        mut consumed: impl FnMut(std::ops::Range<usize>),
+        consumed: impl FnMut(Range<usize>),
     ) -> Option<InterleavedWeights> {
-        if !has_interleaved_form(w.ty)
-            || w.layout != super::Layout::Rows
-            || w.rows % GROUP_ROWS != 0
-            || w.cols % w.ty.block_size() != 0
-            || w.data.len() != w.rows * w.row_bytes()
-        {
+        if !can_interleave(w) {
             return None;
         }
-        let nc = w.cols / w.ty.block_size();
-        let mut data = vec![0u8; w.data.len()];
-        let block_bytes = w.ty.type_size();
-        let record_bytes = GROUP_ROWS * block_bytes;
-        let group_bytes = nc * record_bytes;
-        for (g, out) in data.chunks_exact_mut(group_bytes).enumerate() {
-            let src = &w.data[g * group_bytes..(g + 1) * group_bytes];
-            for (r, row) in src.chunks_exact(nc * block_bytes).enumerate() {
-                for (block, record) in row
-                    .chunks_exact(block_bytes)
-                    .zip(out.chunks_exact_mut(record_bytes))
-                {
-                    match (RecordShape::of(w.ty), w.ty) {
-                        (Some(shape), _) => scatter_block(&shape, r, block, record),
-                        (None, GgmlType::Q4_K) => scatter_q4_k(r, block, record),
-                        _ => scatter_q6_k(r, block, record),
-                    }
-                }
-            }
-            consumed(g * group_bytes..(g + 1) * group_bytes);
-        }
-        Some(InterleavedWeights {
+        let mut arena = WeightArena::zeroed(w.data.len()).ok()?;
+        interleave_into(w, arena.bytes_mut(), consumed);
+        let range = 0..arena.len();
+        Some(InterleavedWeights::in_arena(w, Arc::new(arena), range))
+    }
+
+    /// The matrix `w` describes, already interleaved into `arena[range]` by [`interleave_into`].
+    pub(crate) fn in_arena(
+        w: &super::WeightMatrix,
+        arena: Arc<WeightArena>,
+        range: Range<usize>,
+    ) -> InterleavedWeights {
+        assert_eq!(range.len(), w.data.len(), "arena region of the wrong size");
+        InterleavedWeights {
             ty: w.ty,
             rows: w.rows,
             cols: w.cols,
-            data,
-        })
+            arena,
+            range,
+        }
     }
 
     /// The matrix, for the kernels.
@@ -162,14 +165,46 @@ impl InterleavedWeights {
             ty: self.ty,
             rows: self.rows,
             cols: self.cols,
-            data: &self.data,
+            data: self.arena.slice(self.range.clone()),
             layout: super::Layout::Interleaved8,
         }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.range.len()
+    }
+}
+
+/// Writes `w` (which must pass [`can_interleave`]) in the interleaved layout into `out`, its
+/// size. `consumed(bytes)` is called as the source is read, with a range of `w.data` that will
+/// not be read again, so that the caller can release those pages while a large matrix is being
+/// copied (the copy plus the source would otherwise both be resident).
+pub(crate) fn interleave_into(
+    w: &super::WeightMatrix,
+    out: &mut [u8],
+    mut consumed: impl FnMut(Range<usize>),
+) {
+    debug_assert!(can_interleave(w));
+    let nc = w.cols / w.ty.block_size();
+    let block_bytes = w.ty.type_size();
+    let record_bytes = GROUP_ROWS * block_bytes;
+    let group_bytes = nc * record_bytes;
+    for (g, out) in out.chunks_exact_mut(group_bytes).enumerate() {
+        let src = &w.data[g * group_bytes..(g + 1) * group_bytes];
+        for (r, row) in src.chunks_exact(nc * block_bytes).enumerate() {
+            for (block, record) in row
+                .chunks_exact(block_bytes)
+                .zip(out.chunks_exact_mut(record_bytes))
+            {
+                match (RecordShape::of(w.ty), w.ty) {
+                    (Some(shape), _) => scatter_block(&shape, r, block, record),
+                    (None, GgmlType::Q4_K) => scatter_q4_k(r, block, record),
+                    _ => scatter_q6_k(r, block, record),
+                }
+            }
+        }
+        consumed(g * group_bytes..(g + 1) * group_bytes);
     }
 }
 

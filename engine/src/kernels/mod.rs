@@ -64,6 +64,7 @@
 //! output values from several threads at disjoint indices (`SharedOutput`).
 #![allow(unsafe_code)]
 
+mod arena;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
@@ -82,8 +83,10 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::{dequantize_to_f32, GgmlType};
+pub use arena::{arena_layout, WeightArena};
 use decoded::{DecodedChunk, QuantizedActivations, CHUNK};
 pub use interleaved::InterleavedWeights;
+pub(crate) use interleaved::{can_interleave, interleave_into};
 pub use pool::ThreadPool;
 
 /// Errors from setting up a kernel call. Shape errors here are programming errors in a model

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::kernels::{interleave_at_load, InterleavedWeights, WeightMatrix};
+use crate::kernels::{
+    arena_layout, can_interleave, interleave_at_load, interleave_into, InterleavedWeights,
+    WeightArena, WeightMatrix,
+};
 
 use super::config::{Arch, FfnKind, ModelConfig, NormKind};
 use super::ModelError;
@@ -111,25 +114,45 @@ impl Weights {
     /// kernels use it: [`interleave_at_load`]), one matrix at a time, releasing the mapping's
     /// pages of each as they are copied: resident memory stays about the file's size, not
     /// twice it. Results do not change (the kernels are bit-identical on both layouts).
+    ///
+    /// The matrices share one [`WeightArena`] (huge pages, where the OS has them), which is
+    /// what makes decode stream the weights at the memory's speed. If the arena cannot be
+    /// mapped the weights stay where they are, in GGUF's layout.
     pub fn interleave(&mut self, file: &GgufFile) {
-        for linear in self.linears_mut() {
-            if linear.interleaved.is_some() || !interleave_at_load(linear.weight.ggml_type) {
-                continue;
-            }
-            let Ok(rows) = WeightMatrix::from_tensor(file, &linear.weight) else {
-                continue;
-            };
+        let todo: Vec<(&mut Linear, WeightMatrix)> = self
+            .linears_mut()
+            .filter(|linear| {
+                linear.interleaved.is_none() && interleave_at_load(linear.weight.ggml_type)
+            })
+            .filter_map(|linear| {
+                let rows = WeightMatrix::from_tensor(file, &linear.weight).ok()?;
+                can_interleave(&rows).then_some((linear, rows))
+            })
+            .collect();
+        // A tied LM head appears once (`output`), so no matrix is copied twice.
+        let (ranges, total) = arena_layout(todo.iter().map(|(_, rows)| rows.data.len()));
+        if total == 0 {
+            return;
+        }
+        let Ok(mut arena) = WeightArena::zeroed(total) else {
+            return;
+        };
+        for ((linear, rows), range) in todo.iter().zip(&ranges) {
             // Release in steps of about a megabyte: one `madvise` per eight rows would be
             // thousands of calls for an embedding table.
             const RELEASE_STEP: usize = 1 << 20;
             let mut released = 0;
-            let packed = InterleavedWeights::from_rows(&rows, |consumed| {
+            interleave_into(rows, &mut arena.bytes_mut()[range.clone()], |consumed| {
                 if consumed.end - released >= RELEASE_STEP || consumed.end == rows.data.len() {
                     file.release_tensor_pages(&linear.weight, released..consumed.end);
                     released = consumed.end;
                 }
             });
-            linear.interleaved = packed.map(Arc::new);
+        }
+        let arena = Arc::new(arena);
+        for ((linear, rows), range) in todo.into_iter().zip(ranges) {
+            let packed = InterleavedWeights::in_arena(&rows, Arc::clone(&arena), range);
+            linear.interleaved = Some(Arc::new(packed));
         }
     }
 
