@@ -6,7 +6,7 @@
 //! ```
 //!
 //! `--interleaved` runs the matrices in the interleaved layout that models use for decode on
-//! AVX2 machines (`InterleavedWeights`), where their type has one; without it, in GGUF's.
+//! AVX2 machines (`ArenaWeights`), where their type has one; without it, in GGUF's.
 //!
 //! Reports, for each available kernel path and the exact-f32 reference:
 //! - mat-vec (1 token) over every layer's ffn matrices in turn, as weight GB/s (the matrices
@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::{
-    matmul_reference, matmul_with_path, InterleavedWeights, KernelPath, ThreadPool, WeightMatrix,
+    matmul_reference, matmul_with_path, ArenaWeights, KernelPath, ThreadPool, WeightMatrix,
 };
 use egpu_engine::quant::GgmlType;
 
@@ -103,11 +103,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         all
     };
     // The interleaved copies, where the type has that layout, replace the mapped matrices.
-    let pack = |mats: &[(String, WeightMatrix)]| -> Vec<Option<InterleavedWeights>> {
+    let pack = |mats: &[(String, WeightMatrix)]| -> Vec<Option<ArenaWeights>> {
         mats.iter()
             .map(|(_, w)| {
                 interleaved
-                    .then(|| InterleavedWeights::from_rows(w, |_| {}))
+                    .then(|| ArenaWeights::interleaved(w, |_| {}))
                     .flatten()
             })
             .collect()
@@ -115,7 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (ffn_packed, all_packed) = (pack(&ffn), pack(&all));
     fn swap<'a>(
         mats: Vec<(String, WeightMatrix<'a>)>,
-        packed: &'a [Option<InterleavedWeights>],
+        packed: &'a [Option<ArenaWeights>],
     ) -> Vec<(String, WeightMatrix<'a>)> {
         mats.into_iter()
             .zip(packed)

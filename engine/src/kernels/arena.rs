@@ -16,8 +16,13 @@
 
 use std::io;
 use std::ops::Range;
+use std::sync::Arc;
 
 use memmap2::MmapMut;
+
+use super::interleaved::{can_interleave, interleave_into};
+use super::{Layout, WeightMatrix};
+use crate::quant::GgmlType;
 
 /// The huge page size the mapping is aligned to (x86-64 and arm64 Linux with 4 KiB pages).
 const HUGE_PAGE: usize = 2 << 20;
@@ -28,6 +33,16 @@ const HUGE_PAGE: usize = 2 << 20;
 fn huge_pages_wanted() -> bool {
     static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WANTED.get_or_init(|| std::env::var("EGPU_HUGE_PAGES").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Whether a model should copy its weight matrices that stay in GGUF's layout into its arena
+/// too: where the arena gets huge pages (Linux, unless `EGPU_HUGE_PAGES=0`). Elsewhere the copy
+/// would gain nothing over reading the file mapping.
+pub fn copy_to_arena_at_load() -> bool {
+    #[cfg(target_os = "linux")]
+    return huge_pages_wanted();
+    #[cfg(not(target_os = "linux"))]
+    return false;
 }
 
 /// Zeroed, writable memory for weights; fill it through [`WeightArena::bytes_mut`], then share
@@ -78,6 +93,91 @@ impl WeightArena {
     /// Whether the arena holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// A weight matrix copied out of the file mapping into a [`WeightArena`] that the other
+/// matrices of its model share: in the interleaved layout (`super::interleaved`) where the
+/// decode mat-vec wants it, else in GGUF's own layout, for the arena's huge pages alone.
+#[derive(Debug)]
+pub struct ArenaWeights {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+    arena: Arc<WeightArena>,
+    range: Range<usize>,
+}
+
+impl ArenaWeights {
+    /// Interleaves a row-major matrix into an arena of its own, or None when it has no
+    /// interleaved form. Models put all their matrices in one arena instead
+    /// ([`ArenaWeights::in_arena`]).
+    pub fn interleaved(
+        w: &WeightMatrix,
+        consumed: impl FnMut(Range<usize>),
+    ) -> Option<ArenaWeights> {
+        if !can_interleave(w) {
+            return None;
+        }
+        let mut arena = WeightArena::zeroed(w.data.len()).ok()?;
+        interleave_into(w, arena.bytes_mut(), consumed);
+        let range = 0..arena.len();
+        Some(ArenaWeights::in_arena(
+            w,
+            Layout::Interleaved8,
+            Arc::new(arena),
+            range,
+        ))
+    }
+
+    /// The matrix `w` describes, already written to `arena[range]` in `layout` (by
+    /// [`interleave_into`] or [`copy_rows_into`]).
+    pub(crate) fn in_arena(
+        w: &WeightMatrix,
+        layout: Layout,
+        arena: Arc<WeightArena>,
+        range: Range<usize>,
+    ) -> ArenaWeights {
+        assert_eq!(range.len(), w.data.len(), "arena region of the wrong size");
+        ArenaWeights {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            layout,
+            arena,
+            range,
+        }
+    }
+
+    /// The matrix, for the kernels.
+    pub fn matrix(&self) -> WeightMatrix<'_> {
+        WeightMatrix {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: self.arena.slice(self.range.clone()),
+            layout: self.layout,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.range.len()
+    }
+}
+
+/// Copies `w` as it is into `out` (its size), calling `consumed` as [`interleave_into`] does, in
+/// steps of `step` bytes.
+pub(crate) fn copy_rows_into(
+    w: &WeightMatrix,
+    out: &mut [u8],
+    step: usize,
+    mut consumed: impl FnMut(Range<usize>),
+) {
+    for (i, (src, dst)) in w.data.chunks(step).zip(out.chunks_mut(step)).enumerate() {
+        dst.copy_from_slice(src);
+        consumed(i * step..i * step + src.len());
     }
 }
 

@@ -52,13 +52,13 @@
 //! word `8w + r`).
 //!
 //! Everything else (the prefill tiles, the scalar and portable paths, embedding lookups, the
-//! exact reference) reads a row back in GGUF form with [`InterleavedWeights::row_blocks`], an
+//! exact reference) reads a row back in GGUF form with [`row_blocks`], an
 //! exact inverse, so every kernel gives the same results on either layout.
+//!
+//! Interleaved matrices live in the model's [`super::WeightArena`] ([`super::ArenaWeights`]).
 
 use std::ops::Range;
-use std::sync::Arc;
 
-use super::arena::WeightArena;
 use crate::quant::GgmlType;
 
 /// Rows per interleaved group: one per 32-bit lane of an AVX2 register.
@@ -105,17 +105,6 @@ impl RecordShape {
     }
 }
 
-/// A weight matrix in the interleaved layout (see the module docs), in a [`WeightArena`] that
-/// the other matrices of its model share.
-#[derive(Debug)]
-pub struct InterleavedWeights {
-    pub(crate) ty: GgmlType,
-    pub(crate) rows: usize,
-    pub(crate) cols: usize,
-    arena: Arc<WeightArena>,
-    range: Range<usize>,
-}
-
 /// Whether `w` has an interleaved form: its type has one, its row count is a multiple of eight
 /// and it is in GGUF's row layout.
 pub(crate) fn can_interleave(w: &super::WeightMatrix) -> bool {
@@ -124,56 +113,6 @@ pub(crate) fn can_interleave(w: &super::WeightMatrix) -> bool {
         && w.rows % GROUP_ROWS == 0
         && w.cols % w.ty.block_size() == 0
         && w.data.len() == w.rows * w.row_bytes()
-}
-
-impl InterleavedWeights {
-    /// Interleaves a row-major matrix into an arena of its own, or None when it has no
-    /// interleaved form ([`can_interleave`]). Models put all their matrices in one arena
-    /// instead ([`InterleavedWeights::in_arena`]).
-    pub fn from_rows(
-        w: &super::WeightMatrix,
-        consumed: impl FnMut(Range<usize>),
-    ) -> Option<InterleavedWeights> {
-        if !can_interleave(w) {
-            return None;
-        }
-        let mut arena = WeightArena::zeroed(w.data.len()).ok()?;
-        interleave_into(w, arena.bytes_mut(), consumed);
-        let range = 0..arena.len();
-        Some(InterleavedWeights::in_arena(w, Arc::new(arena), range))
-    }
-
-    /// The matrix `w` describes, already interleaved into `arena[range]` by [`interleave_into`].
-    pub(crate) fn in_arena(
-        w: &super::WeightMatrix,
-        arena: Arc<WeightArena>,
-        range: Range<usize>,
-    ) -> InterleavedWeights {
-        assert_eq!(range.len(), w.data.len(), "arena region of the wrong size");
-        InterleavedWeights {
-            ty: w.ty,
-            rows: w.rows,
-            cols: w.cols,
-            arena,
-            range,
-        }
-    }
-
-    /// The matrix, for the kernels.
-    pub fn matrix(&self) -> super::WeightMatrix<'_> {
-        super::WeightMatrix {
-            ty: self.ty,
-            rows: self.rows,
-            cols: self.cols,
-            data: self.arena.slice(self.range.clone()),
-            layout: super::Layout::Interleaved8,
-        }
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.range.len()
-    }
 }
 
 /// Writes `w` (which must pass [`can_interleave`]) in the interleaved layout into `out`, its

@@ -24,7 +24,7 @@
 //!   prefetch, streaming the weights once — accumulating every output in exactly the tiles'
 //!   order, so a token's result is bit-identical whichever kernel computed it and a sequence's
 //!   logits cannot depend on what else is in its batch. Models keep the legacy types (Q4_0,
-//!   Q4_1, Q5_0, Q5_1, Q8_0) in an interleaved layout ([`InterleavedWeights`]: eight rows per
+//!   Q4_1, Q5_0, Q5_1, Q8_0) in an interleaved layout ([`ArenaWeights`]: eight rows per
 //!   register, a third of the instructions, so decode is bound by memory bandwidth), with the
 //!   same per-output order. (The portable and scalar paths use the mat-mat loops for every
 //!   token count.)
@@ -83,9 +83,9 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::{dequantize_to_f32, GgmlType};
-pub use arena::{arena_layout, WeightArena};
+pub(crate) use arena::copy_rows_into;
+pub use arena::{arena_layout, copy_to_arena_at_load, ArenaWeights, WeightArena};
 use decoded::{DecodedChunk, QuantizedActivations, CHUNK};
-pub use interleaved::InterleavedWeights;
 pub(crate) use interleaved::{can_interleave, interleave_into};
 pub use pool::ThreadPool;
 
@@ -108,12 +108,12 @@ pub enum KernelError {
 pub enum Layout {
     /// GGUF's: row after row, each a run of blocks.
     Rows,
-    /// Eight rows' blocks interleaved, for the decode mat-vec ([`InterleavedWeights`]).
+    /// Eight rows' blocks interleaved, for the decode mat-vec ([`ArenaWeights`]).
     Interleaved8,
 }
 
-/// A weight matrix: in GGUF layout borrowed from the mapping, or interleaved
-/// ([`InterleavedWeights::matrix`]).
+/// A weight matrix: borrowed from the mapping, or from the model's arena
+/// ([`ArenaWeights::matrix`]), in either layout.
 #[derive(Debug, Clone, Copy)]
 pub struct WeightMatrix<'a> {
     pub ty: GgmlType,
@@ -268,7 +268,7 @@ impl KernelPath {
     }
 }
 
-/// Whether a model should keep its weights of type `ty` interleaved ([`InterleavedWeights`]):
+/// Whether a model should keep its weights of type `ty` interleaved ([`ArenaWeights`]):
 /// where the AVX2 mat-vec runs, which is what the layout is for. Other paths would only gather
 /// every row back. `EGPU_WEIGHT_LAYOUT=rows` keeps GGUF's layout (to compare the two).
 pub fn interleave_at_load(ty: GgmlType) -> bool {
@@ -797,7 +797,7 @@ fn run_quantized(
             // different parts are disjoint (`split` is a partition).
             let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
             // SAFETY: `path` is available; `w` is interleaved with consistent shape (built by
-            // `InterleavedWeights`, checked by `check_shapes`), `acts` holds the tokens.
+            // `ArenaWeights`, checked by `check_shapes`), `acts` holds the tokens.
             unsafe {
                 avx2_interleaved::matvec(w, split(groups, n_parts, part), acts, 0, n_tokens, store)
             };

@@ -587,7 +587,7 @@ fn interleaved_rows_gather_back_to_their_blocks() {
         for &(rows, cols) in shapes {
             let data = random_weights(&mut rng, ty, rows, cols);
             let w = matrix(ty, rows, cols, &data);
-            let packed = InterleavedWeights::from_rows(&w, |_| {}).unwrap();
+            let packed = ArenaWeights::interleaved(&w, |_| {}).unwrap();
             assert_eq!(
                 packed.bytes(),
                 data.len(),
@@ -606,11 +606,9 @@ fn interleaved_rows_gather_back_to_their_blocks() {
     }
     // No interleaved form: other types, and row counts that are not whole groups.
     let data = random_weights(&mut rng, GgmlType::Q3_K, 8, 256);
-    assert!(
-        InterleavedWeights::from_rows(&matrix(GgmlType::Q3_K, 8, 256, &data), |_| {}).is_none()
-    );
+    assert!(ArenaWeights::interleaved(&matrix(GgmlType::Q3_K, 8, 256, &data), |_| {}).is_none());
     let data = random_weights(&mut rng, GgmlType::Q4_1, 9, 64);
-    assert!(InterleavedWeights::from_rows(&matrix(GgmlType::Q4_1, 9, 64, &data), |_| {}).is_none());
+    assert!(ArenaWeights::interleaved(&matrix(GgmlType::Q4_1, 9, 64, &data), |_| {}).is_none());
 }
 
 /// Every kernel gives bit-identical results on the interleaved layout and on GGUF's: the
@@ -630,7 +628,7 @@ fn interleaved_layout_gives_bit_identical_results_on_every_path() {
         for &(rows, cols) in shapes {
             let data = random_weights(&mut rng, ty, rows, cols);
             let w = matrix(ty, rows, cols, &data);
-            let packed = InterleavedWeights::from_rows(&w, |_| {}).unwrap();
+            let packed = ArenaWeights::interleaved(&w, |_| {}).unwrap();
             for n_tokens in [1, 2, 3, 4, 5, 8, 9, 20] {
                 let x = random_activations(&mut rng, n_tokens * cols);
                 for path in KernelPath::available() {

@@ -205,7 +205,7 @@ impl Model {
         let (_, n_vocab) = weights::token_embedding(&file)?;
         let config = ModelConfig::from_metadata(file.metadata(), n_vocab)?;
         let mut weights = Weights::load(&file, &config)?;
-        weights.interleave(&file);
+        weights.move_to_arena(&file);
         let factors = weights.rope_freqs.as_deref();
         let freqs = |r: &RopeConfig| {
             RopeFrequencies::new(r.style, r.n_rot, r.freq_base, r.freq_scale, factors)

@@ -1,14 +1,15 @@
-//! Finding and checking a model's tensors. Weight matrices stay in the file mapping (only their
-//! table entries are kept) or, where the decode mat-vec wants it, are moved into the
-//! interleaved layout at load ([`Weights::interleave`]); the small vectors (norm weights,
-//! biases, RoPE factors) are dequantized to f32 once at load.
+//! Finding and checking a model's tensors. Weight matrices are copied at load into one arena
+//! with huge pages, interleaved where the decode mat-vec wants that layout
+//! ([`Weights::move_to_arena`]), or stay in the file mapping where the arena would gain
+//! nothing (only their table entries are kept); the small vectors (norm weights, biases, RoPE
+//! factors) are dequantized to f32 once at load.
 
 use std::sync::Arc;
 
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels::{
-    arena_layout, can_interleave, interleave_at_load, interleave_into, InterleavedWeights,
-    WeightArena, WeightMatrix,
+    arena_layout, can_interleave, copy_rows_into, copy_to_arena_at_load, interleave_at_load,
+    interleave_into, ArenaWeights, Layout, WeightArena, WeightMatrix,
 };
 
 use super::config::{Arch, FfnKind, ModelConfig, NormKind};
@@ -19,9 +20,9 @@ use super::ModelError;
 pub(crate) struct Linear {
     pub weight: TensorInfo,
     pub bias: Option<Vec<f32>>,
-    /// The weight in the interleaved layout, when it was moved there at load; the mapping's
-    /// copy is then not read again.
-    pub interleaved: Option<Arc<InterleavedWeights>>,
+    /// The weight's copy in the model's arena (interleaved, or in GGUF's layout), when it was
+    /// moved there at load; the mapping's copy is then not read again.
+    pub in_arena: Option<Arc<ArenaWeights>>,
 }
 
 impl Linear {
@@ -29,12 +30,12 @@ impl Linear {
         Linear {
             weight,
             bias,
-            interleaved: None,
+            in_arena: None,
         }
     }
 
     pub fn matrix<'a>(&'a self, file: &'a GgufFile) -> WeightMatrix<'a> {
-        if let Some(w) = &self.interleaved {
+        if let Some(w) = &self.in_arena {
             return w.matrix();
         }
         let (cols, rows) = self.weight.rows();
@@ -110,59 +111,72 @@ impl Weights {
         layers.chain(std::iter::once(&mut self.output))
     }
 
-    /// Moves every matrix whose type has an interleaved form into that layout (when this CPU's
-    /// kernels use it: [`interleave_at_load`]), one matrix at a time, releasing the mapping's
-    /// pages of each as they are copied: resident memory stays about the file's size, not
-    /// twice it. Results do not change (the kernels are bit-identical on both layouts).
+    /// Moves the weight matrices out of the file mapping into one [`WeightArena`], each
+    /// matrix in the interleaved layout where this CPU's kernels use it for its type
+    /// ([`interleave_at_load`]), else as it is in the file ([`copy_to_arena_at_load`]). The
+    /// arena has huge pages where the OS has them, which is what lets decode stream the
+    /// weights at the memory's speed (see `kernels::arena`).
     ///
-    /// The matrices share one [`WeightArena`] (huge pages, where the OS has them), which is
-    /// what makes decode stream the weights at the memory's speed. If the arena cannot be
-    /// mapped the weights stay where they are, in GGUF's layout.
-    pub fn interleave(&mut self, file: &GgufFile) {
-        let todo: Vec<(&mut Linear, WeightMatrix)> = self
+    /// One matrix at a time, the mapping's pages of each are released as they are copied:
+    /// resident memory stays about the file's size, not twice it. Results do not change (the
+    /// kernels are bit-identical on both layouts). If the arena cannot be mapped the weights
+    /// stay where they are.
+    pub fn move_to_arena(&mut self, file: &GgufFile) {
+        let copy_rows = copy_to_arena_at_load();
+        let todo: Vec<(&mut Linear, WeightMatrix, Layout)> = self
             .linears_mut()
-            .filter(|linear| {
-                linear.interleaved.is_none() && interleave_at_load(linear.weight.ggml_type)
-            })
+            .filter(|linear| linear.in_arena.is_none())
             .filter_map(|linear| {
                 let rows = WeightMatrix::from_tensor(file, &linear.weight).ok()?;
-                can_interleave(&rows).then_some((linear, rows))
+                let layout = if interleave_at_load(rows.ty) && can_interleave(&rows) {
+                    Layout::Interleaved8
+                } else if copy_rows {
+                    Layout::Rows
+                } else {
+                    return None;
+                };
+                Some((linear, rows, layout))
             })
             .collect();
         // A tied LM head appears once (`output`), so no matrix is copied twice.
-        let (ranges, total) = arena_layout(todo.iter().map(|(_, rows)| rows.data.len()));
+        let (ranges, total) = arena_layout(todo.iter().map(|(_, rows, _)| rows.data.len()));
         if total == 0 {
             return;
         }
         let Ok(mut arena) = WeightArena::zeroed(total) else {
             return;
         };
-        for ((linear, rows), range) in todo.iter().zip(&ranges) {
+        for ((linear, rows, layout), range) in todo.iter().zip(&ranges) {
             // Release in steps of about a megabyte: one `madvise` per eight rows would be
             // thousands of calls for an embedding table.
             const RELEASE_STEP: usize = 1 << 20;
             let mut released = 0;
-            interleave_into(rows, &mut arena.bytes_mut()[range.clone()], |consumed| {
+            let release = |consumed: std::ops::Range<usize>| {
                 if consumed.end - released >= RELEASE_STEP || consumed.end == rows.data.len() {
                     file.release_tensor_pages(&linear.weight, released..consumed.end);
                     released = consumed.end;
                 }
-            });
+            };
+            let out = &mut arena.bytes_mut()[range.clone()];
+            match layout {
+                Layout::Interleaved8 => interleave_into(rows, out, release),
+                Layout::Rows => copy_rows_into(rows, out, RELEASE_STEP, release),
+            }
         }
         let arena = Arc::new(arena);
-        for ((linear, rows), range) in todo.into_iter().zip(ranges) {
-            let packed = InterleavedWeights::in_arena(&rows, Arc::clone(&arena), range);
-            linear.interleaved = Some(Arc::new(packed));
+        for ((linear, rows, layout), range) in todo.into_iter().zip(ranges) {
+            let copy = ArenaWeights::in_arena(&rows, layout, Arc::clone(&arena), range);
+            linear.in_arena = Some(Arc::new(copy));
         }
     }
 
-    /// The token embedding table: the LM head's interleaved copy when they are tied and it
-    /// was interleaved (so the released pages of the mapping stay released).
+    /// The token embedding table: the LM head's arena copy when they are tied and it
+    /// was moved there (so the released pages of the mapping stay released).
     pub fn token_embedding_matrix<'a>(
         &'a self,
         file: &'a GgufFile,
     ) -> Result<WeightMatrix<'a>, crate::kernels::KernelError> {
-        if self.output.weight.name == self.token_embd.name && self.output.interleaved.is_some() {
+        if self.output.weight.name == self.token_embd.name && self.output.in_arena.is_some() {
             return Ok(self.output.matrix(file));
         }
         WeightMatrix::from_tensor(file, &self.token_embd)
