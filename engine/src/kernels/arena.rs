@@ -1,5 +1,6 @@
-//! Memory for weights that are re-laid out at load: one anonymous mapping per model, aligned to
-//! 2 MiB and advised for transparent huge pages.
+//! Memory that decode streams through: one anonymous mapping, aligned to 2 MiB and advised for
+//! transparent huge pages, for a model's weight matrices (copied there at load) and for each
+//! sequence's KV cache.
 //!
 //! # Why
 //!
@@ -13,11 +14,13 @@
 //! Where the kernel has no transparent huge pages (`never`, or another OS) the advice is
 //! ignored and the arena is an ordinary zeroed mapping: only speed depends on it.
 //! `EGPU_HUGE_PAGES=0` leaves the advice out.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 
+use half::f16;
 use memmap2::MmapMut;
 
 use super::interleaved::{can_interleave, interleave_into};
@@ -40,24 +43,32 @@ fn huge_pages_wanted() -> bool {
 /// would gain nothing over reading the file mapping.
 pub fn copy_to_arena_at_load() -> bool {
     #[cfg(target_os = "linux")]
-    return huge_pages_wanted();
+    return huge_pages_wanted() && !huge_pages_disabled_by_kernel();
     #[cfg(not(target_os = "linux"))]
     return false;
 }
 
-/// Zeroed, writable memory for weights; fill it through [`WeightArena::bytes_mut`], then share
-/// it (read-only) behind an `Arc`.
+/// Whether the kernel's transparent huge pages are off (`[never]`), where the advice does
+/// nothing.
+#[cfg(target_os = "linux")]
+fn huge_pages_disabled_by_kernel() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[never]"))
+}
+
+/// Zeroed, writable memory: for weights, filled through [`HugePageArena::bytes_mut`] and then
+/// shared (read-only) behind an `Arc`; for a KV cache, used as `f16` values.
 #[derive(Debug)]
-pub struct WeightArena {
+pub struct HugePageArena {
     map: MmapMut,
     /// Where the aligned region starts in `map`.
     start: usize,
     len: usize,
 }
 
-impl WeightArena {
+impl HugePageArena {
     /// `len` zeroed bytes, starting on a 2 MiB boundary. Nothing is resident until written.
-    pub fn zeroed(len: usize) -> io::Result<WeightArena> {
+    pub fn zeroed(len: usize) -> io::Result<HugePageArena> {
         // Over-map by one huge page so that an aligned start exists inside the mapping; the
         // unused head and tail are never touched, so they cost address space only.
         let map = MmapMut::map_anon(len + HUGE_PAGE)?;
@@ -67,7 +78,7 @@ impl WeightArena {
             // Advice only: without transparent huge pages the mapping works the same.
             let _ = map.advise_range(memmap2::Advice::HugePage, start, len.max(1));
         }
-        Ok(WeightArena { map, start, len })
+        Ok(HugePageArena { map, start, len })
     }
 
     /// The whole arena.
@@ -78,6 +89,23 @@ impl WeightArena {
     /// The whole arena, to fill it.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.map[self.start..self.start + self.len]
+    }
+
+    /// The whole arena as `f16` values (`len` must be even).
+    pub fn f16s(&self) -> &[f16] {
+        let bytes = self.bytes();
+        // SAFETY: the mapping is page-aligned and `start` is a multiple of 2 MiB, so the
+        // pointer is aligned for `f16`; `len / 2` values lie within the `len` bytes; every
+        // bit pattern is a valid `f16`; the borrow of `self` keeps the memory alive and
+        // unaliased by writers.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f16>(), bytes.len() / 2) }
+    }
+
+    /// The whole arena as `f16` values, to write (`len` must be even).
+    pub fn f16s_mut(&mut self) -> &mut [f16] {
+        let bytes = self.bytes_mut();
+        // SAFETY: as in `f16s`, and the `&mut self` borrow makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f16>(), bytes.len() / 2) }
     }
 
     /// A part of the arena.
@@ -96,7 +124,7 @@ impl WeightArena {
     }
 }
 
-/// A weight matrix copied out of the file mapping into a [`WeightArena`] that the other
+/// A weight matrix copied out of the file mapping into a [`HugePageArena`] that the other
 /// matrices of its model share: in the interleaved layout (`super::interleaved`) where the
 /// decode mat-vec wants it, else in GGUF's own layout, for the arena's huge pages alone.
 #[derive(Debug)]
@@ -105,7 +133,7 @@ pub struct ArenaWeights {
     rows: usize,
     cols: usize,
     layout: Layout,
-    arena: Arc<WeightArena>,
+    arena: Arc<HugePageArena>,
     range: Range<usize>,
 }
 
@@ -120,7 +148,7 @@ impl ArenaWeights {
         if !can_interleave(w) {
             return None;
         }
-        let mut arena = WeightArena::zeroed(w.data.len()).ok()?;
+        let mut arena = HugePageArena::zeroed(w.data.len()).ok()?;
         interleave_into(w, arena.bytes_mut(), consumed);
         let range = 0..arena.len();
         Some(ArenaWeights::in_arena(
@@ -136,7 +164,7 @@ impl ArenaWeights {
     pub(crate) fn in_arena(
         w: &WeightMatrix,
         layout: Layout,
-        arena: Arc<WeightArena>,
+        arena: Arc<HugePageArena>,
         range: Range<usize>,
     ) -> ArenaWeights {
         assert_eq!(range.len(), w.data.len(), "arena region of the wrong size");
@@ -204,12 +232,16 @@ mod tests {
 
     #[test]
     fn arena_is_aligned_zeroed_and_writable() {
-        let mut arena = WeightArena::zeroed(3 * 1000 + 17).unwrap();
+        let mut arena = HugePageArena::zeroed(3 * 1000 + 17).unwrap();
         assert_eq!(arena.bytes().as_ptr() as usize % HUGE_PAGE, 0);
         assert_eq!(arena.len(), 3017);
         assert!(arena.bytes().iter().all(|&b| b == 0));
         arena.bytes_mut()[3016] = 7;
         assert_eq!(arena.slice(3010..3017), &[0, 0, 0, 0, 0, 0, 7]);
+        arena.f16s_mut()[2] = f16::ONE;
+        assert_eq!(arena.slice(4..6), &f16::ONE.to_le_bytes());
+        assert_eq!(arena.f16s().len(), 1508);
+        assert_eq!(arena.f16s()[2], f16::ONE);
     }
 
     #[test]

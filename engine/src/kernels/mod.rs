@@ -84,7 +84,7 @@ use std::sync::{Mutex, OnceLock};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::{dequantize_to_f32, GgmlType};
 pub(crate) use arena::copy_rows_into;
-pub use arena::{arena_layout, copy_to_arena_at_load, ArenaWeights, WeightArena};
+pub use arena::{arena_layout, copy_to_arena_at_load, ArenaWeights, HugePageArena};
 use decoded::{DecodedChunk, QuantizedActivations, CHUNK};
 pub(crate) use interleaved::{can_interleave, interleave_into};
 pub use pool::ThreadPool;

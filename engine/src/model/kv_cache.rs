@@ -4,30 +4,40 @@ use half::f16;
 
 use super::config::ModelConfig;
 use super::ModelError;
+use crate::kernels::HugePageArena;
 
 /// Positions per key block: keys are stored transposed within blocks of this many positions.
 pub(crate) const KEY_BLOCK: usize = 64;
 
 /// The keys and values of one sequence for every layer, stored as f16 for `capacity` positions.
 ///
-/// One buffer per layer and KV head. Values are `[position][head_dim]`. Keys are stored in
-/// blocks of [`KEY_BLOCK`] positions, each block transposed, `[block][head_dim][KEY_BLOCK]`:
-/// attention computes a block's scores across positions, eight at a time, and reads the block
-/// in exactly that layout, so widening it to f32 is the only work before the dot products (a
-/// `[position][head_dim]` layout had to be transposed on every read, the largest cost of
-/// decode attention at long contexts). Each buffer reserves room for `capacity` positions (keys:
-/// rounded up to whole blocks) up front, so it never moves, but is only filled as positions are
-/// written: reserved pages the OS has not been asked to touch do not count as resident memory.
+/// Positions are grouped in blocks of [`KEY_BLOCK`]. For each block, every layer and KV head has
+/// its keys, transposed (`[head_dim_k][KEY_BLOCK]`), then its values (`[KEY_BLOCK][head_dim_v]`):
+///
+/// ```text
+/// [block][layer][kv_head] { keys [head_dim_k][KEY_BLOCK], values [KEY_BLOCK][head_dim_v] }
+/// ```
+///
+/// Attention computes a block's scores across positions, eight at a time, and reads the keys in
+/// exactly that layout, so widening them to f32 is the only work before the dot products (a
+/// `[position][head_dim]` layout had to be transposed on every read, the largest cost of decode
+/// attention at long contexts).
+///
+/// Block-major, because the cache lives in a [`HugePageArena`]: decode reads the whole cache
+/// for every token, and with huge pages those reads miss the TLB far less (the weights gained
+/// ~30 % from the same change). The arena is mapped for the whole capacity up front, so it never
+/// moves, but pages become resident only as positions are written; with the positions' blocks
+/// outermost, a sequence's resident cache grows with its length (in 2 MiB steps) instead of
+/// touching every layer's region at once.
 #[derive(Debug)]
 pub struct KvCache {
     capacity: usize,
     len: usize,
+    n_layer: usize,
     n_head_kv: usize,
     head_dim_k: usize,
     head_dim_v: usize,
-    /// `[layer][kv_head]`.
-    keys: Vec<Vec<Vec<f16>>>,
-    values: Vec<Vec<Vec<f16>>>,
+    data: HugePageArena,
 }
 
 impl KvCache {
@@ -38,38 +48,40 @@ impl KvCache {
                 "a KV cache needs room for at least one token".into(),
             ));
         }
-        let key_positions = capacity.div_ceil(KEY_BLOCK) * KEY_BLOCK;
-        let reserve = |dim: usize, positions: usize| -> Result<Vec<Vec<Vec<f16>>>, ModelError> {
-            let per_head = positions
-                .checked_mul(dim)
-                .ok_or(ModelError::CacheAllocation {
-                    positions: capacity,
-                })?;
-            (0..config.n_layer)
-                .map(|_| {
-                    (0..config.n_head_kv)
-                        .map(|_| {
-                            let mut buf = Vec::new();
-                            buf.try_reserve_exact(per_head).map_err(|_| {
-                                ModelError::CacheAllocation {
-                                    positions: capacity,
-                                }
-                            })?;
-                            Ok(buf)
-                        })
-                        .collect()
-                })
-                .collect()
+        let too_big = ModelError::CacheAllocation {
+            positions: capacity,
         };
+        let per_block = config
+            .n_layer
+            .checked_mul(config.n_head_kv)
+            .and_then(|n| n.checked_mul(config.head_dim_k + config.head_dim_v))
+            .and_then(|n| n.checked_mul(KEY_BLOCK * std::mem::size_of::<f16>()));
+        let bytes = per_block
+            .and_then(|n| n.checked_mul(capacity.div_ceil(KEY_BLOCK)))
+            .filter(|&n| n <= isize::MAX as usize / 2)
+            .ok_or(too_big)?;
+        let data = HugePageArena::zeroed(bytes).map_err(|_| ModelError::CacheAllocation {
+            positions: capacity,
+        })?;
         Ok(KvCache {
             capacity,
             len: 0,
+            n_layer: config.n_layer,
             n_head_kv: config.n_head_kv,
             head_dim_k: config.head_dim_k,
             head_dim_v: config.head_dim_v,
-            keys: reserve(config.head_dim_k, key_positions)?,
-            values: reserve(config.head_dim_v, capacity)?,
+            data,
         })
+    }
+
+    /// f16 values per layer and head in one block: keys, then values.
+    fn head_block_len(&self) -> usize {
+        (self.head_dim_k + self.head_dim_v) * KEY_BLOCK
+    }
+
+    /// Where the keys of `layer`, `head` for block `block` start (f16 index).
+    fn head_block_start(&self, layer: usize, head: usize, block: usize) -> usize {
+        ((block * self.n_layer + layer) * self.n_head_kv + head) * self.head_block_len()
     }
 
     /// Positions stored.
@@ -98,15 +110,12 @@ impl KvCache {
 
     /// Bytes of the f16 buffers (at full capacity).
     pub fn bytes(&self) -> usize {
-        let key_positions = self.capacity.div_ceil(KEY_BLOCK) * KEY_BLOCK;
-        let per_layer =
-            self.n_head_kv * (key_positions * self.head_dim_k + self.capacity * self.head_dim_v);
-        self.keys.len() * per_layer * std::mem::size_of::<f16>()
+        self.data.len()
     }
 
     /// Whether this cache was made for a model of this shape.
     pub(crate) fn fits(&self, config: &ModelConfig) -> bool {
-        self.keys.len() == config.n_layer
+        self.n_layer == config.n_layer
             && self.n_head_kv == config.n_head_kv
             && self.head_dim_k == config.head_dim_k
             && self.head_dim_v == config.head_dim_v
@@ -117,48 +126,48 @@ impl KvCache {
         self.len = len;
     }
 
-    /// Stores one token's keys (`n_head_kv × head_dim_k`, head-major) and values at `pos`,
-    /// which is at most one past the furthest position written so far.
+    /// Stores one token's keys (`n_head_kv × head_dim_k`, head-major) and values at `pos`.
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         debug_assert!(pos < self.capacity);
-        let store = |buf: &mut Vec<f16>, src: &[f32]| {
-            let dim = src.len();
-            if buf.len() < (pos + 1) * dim {
-                buf.resize((pos + 1) * dim, f16::ZERO);
-            }
-            crate::ops::f32_to_f16(src, &mut buf[pos * dim..(pos + 1) * dim]);
-        };
         let (dk, dv) = (self.head_dim_k, self.head_dim_v);
         let (block, column) = (pos / KEY_BLOCK, pos % KEY_BLOCK);
-        for (h, buf) in self.keys[layer].iter_mut().enumerate() {
-            let start = block * dk * KEY_BLOCK;
-            if buf.len() < start + dk * KEY_BLOCK {
-                buf.resize(start + dk * KEY_BLOCK, f16::ZERO);
-            }
-            let block = &mut buf[start..start + dk * KEY_BLOCK];
+        for h in 0..self.n_head_kv {
+            let start = self.head_block_start(layer, h, block);
+            let head = &mut self.data.f16s_mut()[start..start + (dk + dv) * KEY_BLOCK];
+            let (keys, values) = head.split_at_mut(dk * KEY_BLOCK);
             for (d, &x) in k[h * dk..(h + 1) * dk].iter().enumerate() {
-                block[d * KEY_BLOCK + column] = f16::from_f32(x);
+                keys[d * KEY_BLOCK + column] = f16::from_f32(x);
             }
-        }
-        for (h, buf) in self.values[layer].iter_mut().enumerate() {
-            store(buf, &v[h * dv..(h + 1) * dv]);
+            crate::ops::f32_to_f16(
+                &v[h * dv..(h + 1) * dv],
+                &mut values[column * dv..(column + 1) * dv],
+            );
         }
     }
 
     /// Keys of one KV head for the block of positions `block·KEY_BLOCK..(block+1)·KEY_BLOCK`,
     /// transposed: `[head_dim_k][KEY_BLOCK]`. Only columns of written positions are meaningful.
     pub(crate) fn key_block(&self, layer: usize, head: usize, block: usize) -> &[f16] {
-        let n = self.head_dim_k * KEY_BLOCK;
-        &self.keys[layer][head][block * n..(block + 1) * n]
+        let start = self.head_block_start(layer, head, block);
+        &self.data.f16s()[start..start + self.head_dim_k * KEY_BLOCK]
     }
 
-    /// Values of one KV head for positions `range` (all written), `head_dim_v` values each.
+    /// Values of one KV head for positions `range` (all written, within one block of
+    /// [`KEY_BLOCK`] positions), `head_dim_v` values each.
     pub(crate) fn values(
         &self,
         layer: usize,
         head: usize,
         range: std::ops::Range<usize>,
     ) -> &[f16] {
-        &self.values[layer][head][range.start * self.head_dim_v..range.end * self.head_dim_v]
+        let block = range.start / KEY_BLOCK;
+        debug_assert!(range.is_empty() || (range.end - 1) / KEY_BLOCK == block);
+        let values = self.head_block_start(layer, head, block) + self.head_dim_k * KEY_BLOCK;
+        let dv = self.head_dim_v;
+        let (first, last) = (
+            range.start % KEY_BLOCK,
+            range.start % KEY_BLOCK + range.len(),
+        );
+        &self.data.f16s()[values + first * dv..values + last * dv]
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels::{
     arena_layout, can_interleave, copy_rows_into, copy_to_arena_at_load, interleave_at_load,
-    interleave_into, ArenaWeights, Layout, WeightArena, WeightMatrix,
+    interleave_into, ArenaWeights, HugePageArena, Layout, WeightMatrix,
 };
 
 use super::config::{Arch, FfnKind, ModelConfig, NormKind};
@@ -111,7 +111,7 @@ impl Weights {
         layers.chain(std::iter::once(&mut self.output))
     }
 
-    /// Moves the weight matrices out of the file mapping into one [`WeightArena`], each
+    /// Moves the weight matrices out of the file mapping into one [`HugePageArena`], each
     /// matrix in the interleaved layout where this CPU's kernels use it for its type
     /// ([`interleave_at_load`]), else as it is in the file ([`copy_to_arena_at_load`]). The
     /// arena has huge pages where the OS has them, which is what lets decode stream the
@@ -143,7 +143,7 @@ impl Weights {
         if total == 0 {
             return;
         }
-        let Ok(mut arena) = WeightArena::zeroed(total) else {
+        let Ok(mut arena) = HugePageArena::zeroed(total) else {
             return;
         };
         for ((linear, rows, layout), range) in todo.iter().zip(&ranges) {
