@@ -3,7 +3,8 @@
 //! A decode step of a thin model runs a couple of hundred small matmuls, each only tens of
 //! microseconds long, so spawning threads per operation (or even waking parked threads through
 //! the kernel each time) would cost as much as the arithmetic. The workers are started once and,
-//! between jobs, spin on a shared generation counter for a few microseconds before parking.
+//! between jobs, poll a shared generation counter for some tens of microseconds before parking
+//! (see `idle_busy_poll`).
 //!
 //! A job is split into *parts* that threads claim one at a time from an atomic counter, and the
 //! calling thread starts claiming at once. A worker joins a job only if it gets there before the
@@ -22,14 +23,15 @@
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 
-/// How many polls an idle worker makes before parking: about a microsecond, enough to catch a
+/// How many `pause` polls an idle worker makes first: about a microsecond, enough to catch a
 /// job that follows at once. Not more: under a hypervisor a vCPU that keeps executing `pause`
 /// is trapped and descheduled (KVM's pause-loop exiting), and on this project's VMs a
 /// 4000-poll spin (~50 µs) left the worker taking 1–7% of the parts of short jobs, which then
-/// ran 2× slower than on one thread; parking early, it took 45–50%. A parked worker costs a
+/// ran 2× slower than on one thread; parking early, it took 45–50%. It then polls with plain
+/// loads, which are not trapped ([`idle_busy_poll`]), and parks. A parked worker costs a
 /// futex wake, which the caller does not wait for: it starts on the parts itself.
 const IDLE_SPIN_POLLS: u32 = 50;
 /// How many polls the caller makes waiting for joined workers to finish their last parts before
@@ -37,6 +39,43 @@ const IDLE_SPIN_POLLS: u32 = 50;
 const WAIT_SPIN_POLLS: u32 = 200;
 /// How many times the caller yields before parking until the last worker wakes it.
 const WAIT_YIELDS: u32 = 50;
+
+/// How long an idle worker then keeps polling with plain loads (no `pause`, so no pause-loop
+/// exit) before it parks: 50 µs, unless `EGPU_POOL_SPIN_US` says otherwise (0: park at once).
+/// The gaps between a decode step's jobs (norms, RoPE, the cache write on the calling thread)
+/// are a few microseconds to tens of microseconds; a worker that parks in them must be woken
+/// through the kernel for the next job, and on a VM that wake arrives late enough that the
+/// caller has done most of the parts itself. Measured on SmolLM2 with 2 threads: decode
+/// 171 → 182 tok/s. It costs at most this long of one core after the last job of a burst.
+fn idle_busy_poll() -> std::time::Duration {
+    static SPIN: OnceLock<std::time::Duration> = OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let micros = std::env::var("EGPU_POOL_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(50);
+        std::time::Duration::from_micros(micros)
+    })
+}
+
+/// Polls `generation` with plain loads until it moves past `seen`, shutdown is asked, or
+/// `budget` has passed; true if something happened.
+fn busy_poll(shared: &Shared, seen: u64, budget: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + budget;
+    loop {
+        // Reading the clock costs more than a load: look at it every 64 polls.
+        for _ in 0..64 {
+            if shared.generation.load(Ordering::Acquire) != seen
+                || shared.shutdown.load(Ordering::Relaxed)
+            {
+                return true;
+            }
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+    }
+}
 
 /// The job being run: a lifetime-erased pointer to the caller's closure.
 type Job = *const (dyn Fn(usize, usize) + Sync + 'static);
@@ -257,6 +296,13 @@ fn worker_loop(shared: &Shared, index: usize) {
                 polls += 1;
                 std::hint::spin_loop();
                 continue;
+            }
+            if polls == IDLE_SPIN_POLLS {
+                polls += 1;
+                let budget = idle_busy_poll();
+                if !budget.is_zero() && busy_poll(shared, seen, budget) {
+                    continue;
+                }
             }
             shared.parked[index].store(true, Ordering::SeqCst);
             if shared.generation.load(Ordering::SeqCst) == seen
