@@ -55,7 +55,7 @@
 //! exact reference) reads a row back in GGUF form with [`row_blocks`], an
 //! exact inverse, so every kernel gives the same results on either layout.
 //!
-//! Interleaved matrices live in the model's [`super::WeightArena`] ([`super::ArenaWeights`]).
+//! Interleaved matrices live in the model's [`super::HugePageArena`] ([`super::ArenaWeights`]).
 
 use std::ops::Range;
 
