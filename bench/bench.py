@@ -6,7 +6,13 @@ default 128, one token per step as in llama-bench's tg test), and egpu's ratio t
 
 llama.cpp runs in this process through llama-cpp-python (PyPI, which builds llama.cpp from
 source for this CPU); egpu runs as `target/release/examples/egpu_bench` (a subprocess that
-prints JSON). Both read the same file and use the same thread count.
+prints JSON). Both read the same file and use the same thread count. Decode follows the prompt
+(positions prompt..prompt+gen).
+
+With `--llama-bench PATH` llama.cpp runs as its own `llama-bench` tool instead (built from the
+same llama.cpp source by `bench/build-llama-bench.sh`), with `-r 1` per repetition, and both
+engines decode from an empty context, as llama-bench's `tg` test does: the method behind the
+reference figures in issue 3.
 
     python -m venv .venv && .venv/bin/pip install llama-cpp-python==0.3.36
     cargo build --release -p egpu-engine --example egpu_bench
@@ -57,12 +63,26 @@ def llamacpp_run(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     return {"prefill_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_gen / (t3 - t2)}
 
 
-def egpu_run(binary: Path, model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+def llama_bench_run(tool: str, model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     out = subprocess.run(
-        [str(binary), "--model", model, "--threads", str(threads),
-         "--prompt", str(n_prompt), "--gen", str(n_gen), "--json"],
+        [tool, "-m", model, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+         "-r", "1", "-o", "json"],
         check=True, capture_output=True, text=True,
     )
+    result = {}
+    for test in json.loads(out.stdout):
+        key = "prefill_tok_s" if test["n_prompt"] > 0 else "decode_tok_s"
+        result[key] = test["avg_ts"]
+    return result
+
+
+def egpu_run(binary: Path, model: str, threads: int, n_prompt: int, n_gen: int,
+             decode_from_empty: bool) -> dict:
+    cmd = [str(binary), "--model", model, "--threads", str(threads),
+           "--prompt", str(n_prompt), "--gen", str(n_gen), "--json"]
+    if decode_from_empty:
+        cmd.append("--decode-from-empty")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -74,20 +94,30 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--binary", default=str(REPO / "target/release/examples/egpu_bench"))
+    ap.add_argument("--llama-bench", metavar="PATH",
+                    help="run llama.cpp's llama-bench tool; decode then starts from an empty context")
     args = ap.parse_args()
 
-    import llama_cpp
-
+    if args.llama_bench:
+        engine = f"llama-bench {args.llama_bench}, decode from an empty context"
+    else:
+        import llama_cpp
+        engine = f"llama-cpp-python {llama_cpp.__version__}, decode after the prompt"
     print(f"<!-- {time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
-          f"{os.cpu_count()} CPUs · llama-cpp-python {llama_cpp.__version__} -->")
+          f"{os.cpu_count()} CPUs · {engine} -->")
     print("| model | threads | test | egpu tok/s | llama.cpp tok/s | ratio |")
     print("|---|---|---|---|---|---|")
     for model in args.model:
         for threads in args.threads:
             runs = {"egpu": [], "llama.cpp": []}
             for _ in range(args.reps):
-                runs["egpu"].append(egpu_run(Path(args.binary), model, threads, args.prompt, args.gen))
-                runs["llama.cpp"].append(llamacpp_run(model, threads, args.prompt, args.gen))
+                runs["egpu"].append(egpu_run(Path(args.binary), model, threads, args.prompt,
+                                             args.gen, decode_from_empty=bool(args.llama_bench)))
+                if args.llama_bench:
+                    runs["llama.cpp"].append(
+                        llama_bench_run(args.llama_bench, model, threads, args.prompt, args.gen))
+                else:
+                    runs["llama.cpp"].append(llamacpp_run(model, threads, args.prompt, args.gen))
             for key, label in [("prefill_tok_s", f"pp{args.prompt}"), ("decode_tok_s", f"tg{args.gen}")]:
                 ours = statistics.median(r[key] for r in runs["egpu"])
                 theirs = statistics.median(r[key] for r in runs["llama.cpp"])

@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! cargo run --release -p egpu-engine --example egpu_bench -- \
-//!     --model MODEL.gguf [--threads 2] [--prompt 512] [--gen 128] [--json]
+//!     --model MODEL.gguf [--threads 2] [--prompt 512] [--gen 128] [--decode-from-empty] [--json]
 //! ```
 //! Like llama-bench: the prompt is synthetic ids (speed does not depend on the text), prefill is
-//! one forward pass over the whole prompt, decode is `--gen` single-token steps after it.
+//! one forward pass over the whole prompt, decode is `--gen` single-token steps after it; with
+//! `--decode-from-empty` they start from an empty cache instead, as llama-bench's `tg` test does
+//! (attention then covers positions 0..gen, not prompt..prompt+gen).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -17,6 +19,7 @@ use egpu_engine::model::{BatchItem, LogitsWanted, Model};
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut model_path = None;
     let (mut threads, mut n_prompt, mut n_gen, mut json) = (1usize, 512usize, 128usize, false);
+    let mut decode_from_empty = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || -> Result<usize, Box<dyn std::error::Error>> {
@@ -28,6 +31,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--prompt" => n_prompt = value()?,
             "--gen" => n_gen = value()?,
             "--json" => json = true,
+            "--decode-from-empty" => decode_from_empty = true,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -59,6 +63,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let prefill = t0.elapsed().as_secs_f64();
 
+    if decode_from_empty {
+        cache.truncate(0);
+    }
     let token = [100u32];
     let t0 = Instant::now();
     for _ in 0..n_gen {
