@@ -116,7 +116,7 @@ impl WeightFormat {
             });
         }
         match self {
-            WeightFormat::Q8_0 if cols % 32 == 0 => {
+            WeightFormat::Q8_0 if cols.is_multiple_of(32) => {
                 let blocks = crate::quant::quantize_q8_0(values).unwrap_or_default();
                 Ok(w.tensor(name, &[cols, rows], crate::quant::GgmlType::Q8_0, blocks))
             }

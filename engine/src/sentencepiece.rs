@@ -425,7 +425,7 @@ impl Charsmap {
             .and_then(|h| h.try_into().ok())
             .ok_or_else(|| bad("shorter than its header"))?;
         let trie_bytes = u32::from_le_bytes(header) as usize;
-        if trie_bytes % 4 != 0 || trie_bytes == 0 || bytes.len() - 4 < trie_bytes {
+        if !trie_bytes.is_multiple_of(4) || trie_bytes == 0 || bytes.len() - 4 < trie_bytes {
             return Err(bad("the trie size does not fit the table"));
         }
         let units = bytes[4..4 + trie_bytes]

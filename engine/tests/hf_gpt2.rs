@@ -149,7 +149,7 @@ fn write_safetensors(path: &std::path::Path, tensors: &[(String, String, Vec<u64
         data.extend_from_slice(bytes);
     }
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

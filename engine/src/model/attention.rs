@@ -172,10 +172,10 @@ pub(super) fn attention(
     // does not divide among them (3 KV heads on 2 threads: 2 + 1). Splitting one-token units
     // by query head evens that out; every score and output is computed by the same operations
     // either way (rows are independent in every attention kernel), so results do not change.
-    if n_threads > 1 && scratch.units.len() % n_threads != 0 {
+    if n_threads > 1 && !scratch.units.len().is_multiple_of(n_threads) {
         let n_units = scratch.units.len();
         let parts = (1..=group)
-            .find(|p| n_units * p % n_threads == 0)
+            .find(|p| (n_units * p).is_multiple_of(n_threads))
             .unwrap_or(group);
         if parts > 1 && scratch.units.iter().all(|u| u.t1 - u.t0 == 1) {
             let whole = std::mem::take(&mut scratch.units);

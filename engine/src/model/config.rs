@@ -179,7 +179,7 @@ impl ModelConfig {
         let n_rot = meta
             .arch_u64("rope.dimension_count")
             .map_or(head_dim_k, |v| v as usize);
-        if rope_style.is_some() && (n_rot > head_dim_k || n_rot % 2 != 0) {
+        if rope_style.is_some() && (n_rot > head_dim_k || !n_rot.is_multiple_of(2)) {
             return Err(invalid(
                 &key("rope.dimension_count"),
                 &format!("{n_rot} rotated dimensions in a head of {head_dim_k}"),

@@ -128,7 +128,8 @@ fn check_supported_and_lengths(
     if !can_dequantize(ty) {
         return Err(DequantError::Unsupported(ty));
     }
-    let expected_bytes = (elements % ty.block_size() == 0)
+    let expected_bytes = elements
+        .is_multiple_of(ty.block_size())
         .then(|| (elements / ty.block_size()).checked_mul(ty.type_size()))
         .flatten();
     if expected_bytes == Some(bytes) {

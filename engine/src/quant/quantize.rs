@@ -9,7 +9,7 @@ use super::types::GgmlType;
 /// Quantizes `x` (a multiple of 32 values) to Q8_0 blocks; `None` if its length is not.
 pub fn quantize_q8_0(x: &[f32]) -> Option<Vec<u8>> {
     let block = GgmlType::Q8_0.block_size();
-    if x.len() % block != 0 {
+    if !x.len().is_multiple_of(block) {
         return None;
     }
     let mut out = Vec::with_capacity(x.len() / block * GgmlType::Q8_0.type_size());
