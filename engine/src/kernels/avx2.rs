@@ -80,6 +80,30 @@ pub(crate) fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// Sums of four `u8 × i8` products per 32-bit lane: how every integer kernel multiplies a
+/// chunk's quants (unsigned bytes) by its activations (signed bytes). The implementations give
+/// the same bits, because the products never saturate `maddubs` (see the module docs): AVX2's
+/// `maddubs` + `madd` ([`Maddubs`]) and AVX-512 VNNI's single `vpdpbusd`
+/// (`super::avx512::Vnni`). The kernels are written once over this trait and compiled for
+/// each instruction set by thin entry points with the matching `target_feature`s.
+pub(crate) trait ByteDot {
+    /// Lane `i`: `Σ_{k<4} unsigned[4i + k] · signed[4i + k]`.
+    ///
+    /// # Safety
+    /// The CPU must support the implementation's instructions.
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i;
+}
+
+/// AVX2's byte dot product: `maddubs` (pairs into i16), then `madd` by ones (pairs into i32).
+pub(crate) struct Maddubs;
+
+impl ByteDot for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
+    }
+}
+
 /// Widens the little-endian f16 at `p[0..2]`.
 #[inline(always)]
 unsafe fn f16_at(p: &[u8]) -> f32 {
@@ -383,7 +407,7 @@ pub(crate) const MAX_MATVEC_TOKENS: usize = 2 * MAX_BATCHED_TOKENS;
 
 /// Horizontal sum of eight lanes, pairing lanes as `portable::sum_lanes` does.
 #[inline(always)]
-unsafe fn sum_lanes(v: __m256) -> f32 {
+pub(crate) unsafe fn sum_lanes(v: __m256) -> f32 {
     let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let p = _mm_add_ps(q, _mm_movehl_ps(q, q));
     _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)))
@@ -414,6 +438,28 @@ pub(crate) unsafe fn tile<
     t0: usize,
     out: &mut [[f32; RN]; RM],
 ) {
+    tile_with::<RM, RN, SIGNED, OFFSETS, Maddubs>(w, offsets, acts, t0, out)
+}
+
+/// [`tile`]'s body with the byte dot product `D`, inlined into each instruction set's entry
+/// point (`super::avx512` has the other).
+///
+/// # Safety
+/// As [`tile`], and the CPU must support `D`'s instructions.
+#[inline(always)]
+pub(crate) unsafe fn tile_with<
+    const RM: usize,
+    const RN: usize,
+    const SIGNED: bool,
+    const OFFSETS: bool,
+    D: ByteDot,
+>(
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
     let nc = acts.n_chunks;
     assert!(
         w.len() >= RM * nc
@@ -422,7 +468,6 @@ pub(crate) unsafe fn tile<
             && acts.d.len() == acts.q.len()
             && acts.half_sums.len() == acts.q.len()
     );
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); RN]; RM];
     let wp = w.as_ptr();
     let xq = acts.q.as_ptr().add(t0 * nc);
@@ -438,7 +483,7 @@ pub(crate) unsafe fn tile<
                 // SAFETY: j * nc + c < RN * nc, within the tokens checked above.
                 let x = _mm256_loadu_si256(xq.add(j * nc + c).cast());
                 let x = if SIGNED { _mm256_sign_epi8(x, q) } else { x };
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+                let sums = D::dot(magnitude, x);
                 let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(j * nc + c)));
                 *acc_rt = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_rt);
             }
@@ -683,7 +728,7 @@ impl MatvecInputs {
         let tokens = first_token + NT;
         assert!(
             w.cols / CHUNK == nc
-                && w.cols % ty.block_size() == 0
+                && w.cols.is_multiple_of(ty.block_size())
                 && rows.end <= w.rows
                 && acts.q.len() >= tokens * nc
                 && acts.d.len() >= tokens * nc
@@ -724,6 +769,21 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
     first_token: usize,
+    store: impl FnMut(usize, usize, f32),
+) {
+    matvec_in_tile_order_with::<NT, Maddubs>(w, rows, acts, first_token, store)
+}
+
+/// [`matvec_in_tile_order`]'s body with the byte dot product `D`.
+///
+/// # Safety
+/// As [`matvec_in_tile_order`], and the CPU must support `D`'s instructions.
+#[inline(always)]
+pub(crate) unsafe fn matvec_in_tile_order_with<const NT: usize, D: ByteDot>(
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
     mut store: impl FnMut(usize, usize, f32),
 ) {
     let MatvecInputs {
@@ -737,7 +797,6 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
         halves,
         full,
     } = MatvecInputs::new::<NT>(w, &rows, acts, first_token);
-    let ones = _mm256_set1_epi16(1);
     let mut offsets = vec![[0f32; 2]; nc];
     for r in rows {
         let mut acc = [_mm256_setzero_ps(); NT];
@@ -748,7 +807,7 @@ pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
                 // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
                 let x = _mm256_loadu_si256(xq.add(at).cast());
                 let x = if signed { _mm256_sign_epi8(x, q) } else { x };
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+                let sums = D::dot(magnitude, x);
                 let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(at)));
                 *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_t);
             }
@@ -794,6 +853,21 @@ pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
     rows: std::ops::Range<usize>,
     acts: &QuantizedActivations,
     first_token: usize,
+    store: impl FnMut(usize, usize, f32),
+) {
+    matvec_decoded_in_tile_order_with::<NT, Maddubs>(w, rows, acts, first_token, store)
+}
+
+/// [`matvec_decoded_in_tile_order`]'s body with the byte dot product `D`.
+///
+/// # Safety
+/// As [`matvec_in_tile_order`], and the CPU must support `D`'s instructions.
+#[inline(always)]
+pub(crate) unsafe fn matvec_decoded_in_tile_order_with<const NT: usize, D: ByteDot>(
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
     mut store: impl FnMut(usize, usize, f32),
 ) {
     const { assert!(NT >= 2 && NT <= MAX_BATCHED_TOKENS) };
@@ -808,7 +882,6 @@ pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
         halves,
         full,
     } = MatvecInputs::new::<NT>(w, &rows, acts, first_token);
-    let ones = _mm256_set1_epi16(1);
     let mut offsets = vec![[0f32; 2]; nc];
     let mut decoded = vec![DecodedChunk::ZERO; nc];
     macro_rules! token_step {
@@ -817,7 +890,7 @@ pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
             // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
             let x = _mm256_loadu_si256(xq.add(at).cast());
             let x = if signed { _mm256_sign_epi8(x, $q) } else { x };
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16($magnitude, x), ones);
+            let sums = D::dot($magnitude, x);
             let factor = _mm256_mul_ps($scale, _mm256_broadcast_ss(&*xd.add(at)));
             $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, $acc);
         }};

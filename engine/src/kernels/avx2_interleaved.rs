@@ -18,6 +18,7 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::avx2::{ByteDot, Maddubs};
 use super::decoded::{QuantizedActivations, CHUNK};
 use super::interleaved::{
     GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
@@ -186,9 +187,9 @@ fn check_inputs(
     let nc = acts.n_chunks;
     assert!(
         w.cols == nc * CHUNK
-            && nc % chunks_per_record == 0
+            && nc.is_multiple_of(chunks_per_record)
             && w.layout == super::Layout::Interleaved8
-            && w.rows % GROUP_ROWS == 0
+            && w.rows.is_multiple_of(GROUP_ROWS)
             && groups.end * GROUP_ROWS <= w.rows
             && w.data.len() == w.rows / GROUP_ROWS * nc / chunks_per_record * record_bytes
             && acts.q.len() >= tokens * nc
@@ -256,43 +257,62 @@ unsafe fn store_group(
     }
 }
 
-/// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups `groups` of the
-/// interleaved matrix `w`; calls `store(t, r, y)` for every output, `t` counted in `acts`.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C. `w` must be interleaved (`super::Layout`) with
-/// consistent shape and a type `interleaved::has_interleaved_form` accepts, and `acts` must hold
-/// `first_token + n_tokens` tokens of `w.cols` values (checked; failing is a caller's bug and
-/// panics).
-pub(crate) unsafe fn matvec(
-    w: &super::WeightMatrix,
-    groups: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    n_tokens: usize,
-    store: impl FnMut(usize, usize, f32),
-) {
-    match w.ty {
-        GgmlType::Q4_0 => {
-            matvec_records::<Legacy<Q4_0>>(w, groups, acts, first_token, n_tokens, store)
+/// Defines an entry point `$name` of the interleaved mat-vec for one instruction set: the
+/// byte dot product `$dot` and the `target_feature`s it needs, into which every record
+/// type's kernel is inlined.
+macro_rules! matvec_entry {
+    ($(#[$doc:meta])* $name:ident, $dot:ty, $features:literal) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(
+            w: &super::WeightMatrix,
+            groups: std::ops::Range<usize>,
+            acts: &QuantizedActivations,
+            first_token: usize,
+            n_tokens: usize,
+            store: impl FnMut(usize, usize, f32),
+        ) {
+            let (g, a, t, n, s) = (groups, acts, first_token, n_tokens, store);
+            match w.ty {
+                GgmlType::Q4_0 => matvec_records::<Legacy<Q4_0>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q4_1 => matvec_records::<Legacy<Q4_1>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q5_0 => matvec_records::<Legacy<Q5_0>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q5_1 => matvec_records::<Legacy<Q5_1>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q8_0 => matvec_records::<Legacy<Q8_0>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q4_K => matvec_records::<Q4K, $dot>(w, g, a, t, n, s),
+                GgmlType::Q6_K => matvec_records::<Q6K, $dot>(w, g, a, t, n, s),
+                other => panic!("no interleaved form for {other}"),
+            }
         }
-        GgmlType::Q4_1 => {
-            matvec_records::<Legacy<Q4_1>>(w, groups, acts, first_token, n_tokens, store)
-        }
-        GgmlType::Q5_0 => {
-            matvec_records::<Legacy<Q5_0>>(w, groups, acts, first_token, n_tokens, store)
-        }
-        GgmlType::Q5_1 => {
-            matvec_records::<Legacy<Q5_1>>(w, groups, acts, first_token, n_tokens, store)
-        }
-        GgmlType::Q8_0 => {
-            matvec_records::<Legacy<Q8_0>>(w, groups, acts, first_token, n_tokens, store)
-        }
-        GgmlType::Q4_K => matvec_records::<Q4K>(w, groups, acts, first_token, n_tokens, store),
-        GgmlType::Q6_K => matvec_records::<Q6K>(w, groups, acts, first_token, n_tokens, store),
-        other => panic!("no interleaved form for {other}"),
-    }
+    };
 }
+
+matvec_entry!(
+    /// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups `groups`
+    /// of the interleaved matrix `w`; calls `store(t, r, y)` for every output, `t` counted in
+    /// `acts`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C. `w` must be interleaved (`super::Layout`) with
+    /// consistent shape and a type `interleaved::has_interleaved_form` accepts, and `acts` must
+    /// hold `first_token + n_tokens` tokens of `w.cols` values (checked; failing is a caller's
+    /// bug and panics).
+    matvec,
+    Maddubs,
+    "avx2,fma,f16c"
+);
+
+#[cfg(target_arch = "x86_64")]
+matvec_entry!(
+    /// [`matvec`] with AVX-512 VNNI's byte dot product (`vpdpbusd` on 256-bit registers):
+    /// the same bits, half the integer instructions.
+    ///
+    /// # Safety
+    /// As [`matvec`], and the CPU must pass `super::avx512::available`.
+    matvec_vnni,
+    super::avx512::Vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
 
 /// What [`matvec_records`] needs of an interleaved record type.
 trait RecordKernel {
@@ -311,7 +331,7 @@ trait RecordKernel {
     ///
     /// # Safety
     /// `record` must be a whole record and `acts` must hold chunks `at..at + CHUNKS`.
-    unsafe fn accumulate(
+    unsafe fn accumulate<D: ByteDot>(
         record: *const u8,
         acts: &QuantizedActivations,
         at: usize,
@@ -320,13 +340,19 @@ trait RecordKernel {
     );
 }
 
-/// `maddubs`/`madd` of element group `j` (`q`, eight rows) with activation word `j` of the
+/// The byte dot product of element group `j` (`q`, eight rows) with activation word `j` of the
 /// chunk at `x`, converted and added into `acc` times `factor`.
 #[inline(always)]
-unsafe fn add_group(acc: &mut __m256, q: __m256i, x: *const i32, j: usize, factor: __m256) {
+unsafe fn add_group<D: ByteDot>(
+    acc: &mut __m256,
+    q: __m256i,
+    x: *const i32,
+    j: usize,
+    factor: __m256,
+) {
     // SAFETY: the caller's chunk has 8 activation words.
     let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
-    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xj), _mm256_set1_epi16(1));
+    let sums = D::dot(q, xj);
     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc);
 }
 
@@ -339,7 +365,7 @@ impl<R: Record> RecordKernel for Legacy<R> {
     const OFFSET: bool = R::OFFSET;
     const AHEAD: usize = PREFETCH_AHEAD;
     #[inline(always)]
-    unsafe fn accumulate(
+    unsafe fn accumulate<D: ByteDot>(
         record: *const u8,
         acts: &QuantizedActivations,
         at: usize,
@@ -362,11 +388,10 @@ impl<R: Record> RecordKernel for Legacy<R> {
                     // |q| · (x · sign q): `maddubs` multiplies unsigned by signed bytes.
                     // SAFETY: word j < 8 of the chunk.
                     let xj = _mm256_sign_epi8(_mm256_set1_epi32(x.add(j).read_unaligned()), q);
-                    let products = _mm256_maddubs_epi16(_mm256_abs_epi8(q), xj);
-                    let sums = _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+                    let sums = D::dot(_mm256_abs_epi8(q), xj);
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[j]);
                 } else {
-                    add_group(&mut acc[j], q, x, j, factor);
+                    add_group::<D>(&mut acc[j], q, x, j, factor);
                 }
             }
         }
@@ -408,7 +433,7 @@ impl RecordKernel for Q4K {
     const OFFSET: bool = true;
     const AHEAD: usize = 2 * PREFETCH_AHEAD;
     #[inline(always)]
-    unsafe fn accumulate(
+    unsafe fn accumulate<D: ByteDot>(
         record: *const u8,
         acts: &QuantizedActivations,
         at: usize,
@@ -446,9 +471,9 @@ impl RecordKernel for Q4K {
             for (j, acc_j) in acc.iter_mut().enumerate() {
                 // SAFETY: the record holds 1024 bytes of nibbles at Q4_K_QS.
                 let v = _mm256_loadu_si256(record.add(Q4_K_QS + 32 * (8 * k + j)).cast());
-                add_group(acc_j, _mm256_and_si256(v, m4), x[0], j, factors[0]);
+                add_group::<D>(acc_j, _mm256_and_si256(v, m4), x[0], j, factors[0]);
                 let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                add_group(acc_j, high, x[1], j, factors[1]);
+                add_group::<D>(acc_j, high, x[1], j, factors[1]);
             }
         }
     }
@@ -473,7 +498,7 @@ impl RecordKernel for Q6K {
     const OFFSET: bool = true;
     const AHEAD: usize = 2 * PREFETCH_AHEAD;
     #[inline(always)]
-    unsafe fn accumulate(
+    unsafe fn accumulate<D: ByteDot>(
         record: *const u8,
         acts: &QuantizedActivations,
         at: usize,
@@ -522,7 +547,7 @@ impl RecordKernel for Q6K {
                 // Chunks in order, as every output accumulates them.
                 for k in 0..4 {
                     let q = _mm256_or_si256(low[k], _mm256_slli_epi16(high[k], 4));
-                    add_group(acc_j, q, x[k], j, factors[k][j / 4]);
+                    add_group::<D>(acc_j, q, x[k], j, factors[k][j / 4]);
                 }
             }
         }
@@ -530,9 +555,10 @@ impl RecordKernel for Q6K {
 }
 
 /// [`matvec`] for one record type: for each group and token, the records in order, then the
-/// offset terms and the final reduction (`add_offset_terms`, `store_group`).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_records<K: RecordKernel>(
+/// offset terms and the final reduction (`add_offset_terms`, `store_group`). Inlined into the
+/// entry points (`matvec_entry!`).
+#[inline(always)]
+unsafe fn matvec_records<K: RecordKernel, D: ByteDot>(
     w: &super::WeightMatrix,
     groups: std::ops::Range<usize>,
     acts: &QuantizedActivations,
@@ -562,7 +588,7 @@ unsafe fn matvec_records<K: RecordKernel>(
                     None
                 };
                 // SAFETY: chunks t · nc + i · CHUNKS.. of the token exist (checked).
-                K::accumulate(
+                K::accumulate::<D>(
                     record,
                     acts,
                     t * nc + i * K::CHUNKS,

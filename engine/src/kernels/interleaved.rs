@@ -110,8 +110,8 @@ impl RecordShape {
 pub(crate) fn can_interleave(w: &super::WeightMatrix) -> bool {
     has_interleaved_form(w.ty)
         && w.layout == super::Layout::Rows
-        && w.rows % GROUP_ROWS == 0
-        && w.cols % w.ty.block_size() == 0
+        && w.rows.is_multiple_of(GROUP_ROWS)
+        && w.cols.is_multiple_of(w.ty.block_size())
         && w.data.len() == w.rows * w.row_bytes()
 }
 

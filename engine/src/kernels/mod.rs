@@ -39,17 +39,14 @@
 //!
 //! # Paths
 //!
-//! [`KernelPath`]: `Avx2` (x86-64 with AVX2, FMA, F16C; chosen at run time, detection cached),
-//! `Portable` (plain Rust with fixed-width lane arrays that the compiler vectorizes for any
-//! target, e.g. NEON on arm64), and `Scalar` (straightforward loops: the twin the others are
-//! tested against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|avx2`
-//! overrides it (for benchmarks and bisecting numerical differences).
-//!
-//! There is no AVX-512 path yet: the development and CI machines expose no AVX-512 (their
-//! hypervisor masks it, and the emulators at hand cannot run it), and a SIMD path that no test
-//! ever executes would be a liability. AVX-512 CPUs run the AVX2 path. The place for one is a
-//! `avx512` twin of `avx2::tile`/`avx2::matvec_in_tile_order` using `_mm512_dpbusd_epi32` (VNNI), which would
-//! replace `maddubs` + `madd` and halve the integer work per 32 MACs.
+//! [`KernelPath`]: `Avx512` (x86-64 with AVX-512 F/BW/VL/VNNI besides AVX2: VNNI byte dot
+//! products, two tokens per 512-bit register in the mat-mat tile; see `avx512`), `Avx2`
+//! (x86-64 with AVX2, FMA, F16C), both chosen at run time with detection cached, `Portable`
+//! (plain Rust with fixed-width lane arrays that the compiler vectorizes for any target, e.g.
+//! NEON on arm64), and `Scalar` (straightforward loops: the twin the others are tested
+//! against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|avx2|avx512`
+//! overrides it (for benchmarks and bisecting numerical differences). The AVX-512 path gives
+//! the AVX2 path's bits exactly and shares its code for everything but the integer work.
 //!
 //! # Threads
 //!
@@ -71,6 +68,8 @@ mod avx2;
 mod avx2_attention;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2_interleaved;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod decoded;
 mod interleaved;
 mod pool;
@@ -216,11 +215,18 @@ pub enum KernelPath {
     Portable,
     /// x86-64 AVX2 + FMA + F16C intrinsics.
     Avx2,
+    /// x86-64 AVX-512 (F, BW, VL, VNNI) for the integer dot products, AVX2 for the rest.
+    Avx512,
 }
 
 impl KernelPath {
     /// Every path, fastest last.
-    pub const ALL: [KernelPath; 3] = [KernelPath::Scalar, KernelPath::Portable, KernelPath::Avx2];
+    pub const ALL: [KernelPath; 4] = [
+        KernelPath::Scalar,
+        KernelPath::Portable,
+        KernelPath::Avx2,
+        KernelPath::Avx512,
+    ];
 
     /// Whether this CPU can run the path.
     pub fn is_available(self) -> bool {
@@ -230,7 +236,17 @@ impl KernelPath {
             KernelPath::Avx2 => avx2::available(),
             #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
             KernelPath::Avx2 => false,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => avx512::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelPath::Avx512 => false,
         }
+    }
+
+    /// Whether the path runs the AVX2 kernels (the AVX-512 path runs them for everything but
+    /// the integer dot products). Only meaningful for an available path.
+    fn runs_avx2(self) -> bool {
+        matches!(self, KernelPath::Avx2 | KernelPath::Avx512)
     }
 
     /// The paths this CPU can run.
@@ -238,7 +254,7 @@ impl KernelPath {
         Self::ALL.into_iter().filter(|p| p.is_available()).collect()
     }
 
-    /// The path [`matmul`] uses: `$EGPU_KERNELS` (`scalar`, `portable` or `avx2`) when set to an
+    /// The path [`matmul`] uses: `$EGPU_KERNELS` (`scalar`, `portable`, `avx2` or `avx512`) when set to an
     /// available path, else the fastest available one. Decided once per process.
     pub fn best() -> KernelPath {
         static BEST: OnceLock<KernelPath> = OnceLock::new();
@@ -264,19 +280,20 @@ impl KernelPath {
             KernelPath::Scalar => "scalar",
             KernelPath::Portable => "portable",
             KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512 => "avx512",
         }
     }
 }
 
 /// Whether a model should keep its weights of type `ty` interleaved ([`ArenaWeights`]):
-/// where the AVX2 mat-vec runs, which is what the layout is for. Other paths would only gather
+/// where the AVX2 or AVX-512 mat-vec runs, which is what the layout is for. Other paths would only gather
 /// every row back. `EGPU_WEIGHT_LAYOUT=rows` keeps GGUF's layout (to compare the two).
 pub fn interleave_at_load(ty: GgmlType) -> bool {
     static ROWS_ONLY: OnceLock<bool> = OnceLock::new();
     let rows_only = *ROWS_ONLY.get_or_init(|| {
         std::env::var("EGPU_WEIGHT_LAYOUT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("rows"))
     });
-    !rows_only && KernelPath::best() == KernelPath::Avx2 && interleaved::has_interleaved_form(ty)
+    !rows_only && KernelPath::best().runs_avx2() && interleaved::has_interleaved_form(ty)
 }
 
 /// Whether [`matmul`] supports weights of type `ty`.
@@ -372,11 +389,11 @@ pub fn matmul_shared_input(
             quantize_activations(pool, path, x, n_tokens, cols, acts);
         }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if path == KernelPath::Avx2
+        if path.runs_avx2()
             && n_tokens <= avx2::MAX_MATVEC_TOKENS
             && ws.iter().all(|w| w.layout == Layout::Interleaved8)
         {
-            run_interleaved_together(pool, ws, acts, n_tokens, ys);
+            run_interleaved_together(pool, path, ws, acts, n_tokens, ys);
             return;
         }
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
@@ -400,6 +417,7 @@ pub fn matmul_shared_input(
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 fn run_interleaved_together(
     pool: &ThreadPool,
+    path: KernelPath,
     ws: &[&WeightMatrix],
     acts: &QuantizedActivations,
     n_tokens: usize,
@@ -426,11 +444,82 @@ fn run_interleaved_together(
             // SAFETY: only the rows of this part's groups of matrix i are written, and parts
             // are disjoint (`split` is a partition).
             let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
-            // SAFETY: AVX2 is available (the caller checked the path); `w` is interleaved
-            // with consistent shape (`check_shapes`), `acts` holds the tokens.
-            unsafe { avx2_interleaved::matvec(w, start - lo..end - lo, acts, 0, n_tokens, store) };
+            // SAFETY: `path` is available and runs AVX2 (the caller checked); `w` is
+            // interleaved with consistent shape (`check_shapes`), `acts` holds the tokens.
+            unsafe { interleaved_matvec(path, w, start - lo..end - lo, acts, 0, n_tokens, store) };
         }
     });
+}
+
+/// The interleaved mat-vec of `path`'s instruction set.
+///
+/// # Safety
+/// `path` must be available and run AVX2 ([`KernelPath::runs_avx2`]); otherwise as
+/// `avx2_interleaved::matvec`.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+unsafe fn interleaved_matvec(
+    path: KernelPath,
+    w: &WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    store: impl FnMut(usize, usize, f32),
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 is available (the caller's contract); the rest is the caller's too.
+        KernelPath::Avx512 => unsafe {
+            avx2_interleaved::matvec_vnni(w, groups, acts, first_token, n_tokens, store)
+        },
+        // SAFETY: AVX2 is available (the caller's contract); the rest is the caller's too.
+        _ => unsafe { avx2_interleaved::matvec(w, groups, acts, first_token, n_tokens, store) },
+    }
+}
+
+/// The row-major mat-vec sweep of `path`'s instruction set over `NT` tokens (1 to 4) from
+/// `first` ([`avx2::matvec_in_tile_order`] for one token and for four, where four independent
+/// accumulator chains hide the latency that the fused form pays for keeping them in memory;
+/// [`avx2::matvec_decoded_in_tile_order`] for two and three).
+///
+/// # Safety
+/// `path` must be available and run AVX2; otherwise as `avx2::matvec_in_tile_order`.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+unsafe fn rows_matvec(
+    path: KernelPath,
+    n_tokens: usize,
+    w: &WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first: usize,
+    store: impl FnMut(usize, usize, f32),
+) {
+    // SAFETY (all arms): the path's instructions are available (the caller's contract), the
+    // shapes are the caller's too (and checked inside).
+    unsafe {
+        match (path, n_tokens) {
+            #[cfg(target_arch = "x86_64")]
+            (KernelPath::Avx512, 1) => {
+                avx512::matvec_in_tile_order::<1>(w, rows, acts, first, store)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (KernelPath::Avx512, 2) => {
+                avx512::matvec_decoded_in_tile_order::<2>(w, rows, acts, first, store)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (KernelPath::Avx512, 3) => {
+                avx512::matvec_decoded_in_tile_order::<3>(w, rows, acts, first, store)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (KernelPath::Avx512, _) => {
+                avx512::matvec_in_tile_order::<4>(w, rows, acts, first, store)
+            }
+            (_, 1) => avx2::matvec_in_tile_order::<1>(w, rows, acts, first, store),
+            (_, 2) => avx2::matvec_decoded_in_tile_order::<2>(w, rows, acts, first, store),
+            (_, 3) => avx2::matvec_decoded_in_tile_order::<3>(w, rows, acts, first, store),
+            _ => avx2::matvec_in_tile_order::<4>(w, rows, acts, first, store),
+        }
+    }
 }
 
 /// The exact-f32 reference: each weight row dequantized bit-exactly (`crate::quant`) and
@@ -476,7 +565,7 @@ fn check_shapes(
     y: &mut [f32],
 ) -> Result<(), KernelError> {
     let block = w.ty.block_size();
-    let whole_blocks = block > 0 && w.cols % block == 0;
+    let whole_blocks = block > 0 && w.cols.is_multiple_of(block);
     let data_ok = whole_blocks
         && w.rows
             .checked_mul(w.row_bytes())
@@ -619,7 +708,7 @@ fn quantize_activations(
         match path {
             #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
             // SAFETY: `path` is available (checked by the caller); lengths agree by construction.
-            KernelPath::Avx2 => unsafe { avx2::quantize_tokens(x, q, d, s) },
+            KernelPath::Avx2 | KernelPath::Avx512 => unsafe { avx2::quantize_tokens(x, q, d, s) },
             _ => decoded::quantize_tokens_scalar(x, q, d, s),
         }
     };
@@ -664,7 +753,9 @@ fn decode_row(
     match path {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         // SAFETY: `path` is available; `chunks`/`offsets` have one entry per 32 elements.
-        KernelPath::Avx2 => unsafe { avx2::decode_row(ty, row, chunks, offsets) },
+        KernelPath::Avx2 | KernelPath::Avx512 => unsafe {
+            avx2::decode_row(ty, row, chunks, offsets)
+        },
         _ => decoded::decode_row_scalar(ty, row, chunks, offsets),
     }
 }
@@ -755,6 +846,24 @@ fn quantized_tile(
                     }
                 }
             },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as for AVX2, with AVX-512 available.
+            KernelPath::Avx512 => unsafe {
+                match (signed, with_offsets) {
+                    (true, false) => {
+                        avx512::tile::<RM, RN, true, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (true, true) => {
+                        avx512::tile::<RM, RN, true, true>(w, offsets, acts, t0, &mut o)
+                    }
+                    (false, false) => {
+                        avx512::tile::<RM, RN, false, false>(w, offsets, acts, t0, &mut o)
+                    }
+                    (false, true) => {
+                        avx512::tile::<RM, RN, false, true>(w, offsets, acts, t0, &mut o)
+                    }
+                }
+            },
             _ => portable::tile_portable::<RM, RN>(
                 signed,
                 with_offsets,
@@ -786,10 +895,7 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2
-        && n_tokens <= avx2::MAX_MATVEC_TOKENS
-        && w.layout == Layout::Interleaved8
-    {
+    if path.runs_avx2() && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Interleaved8 {
         let groups = rows / interleaved::GROUP_ROWS;
         let n_parts = parts_for(pool, rows * w.cols * n_tokens, groups);
         pool.run_parts(n_parts, &|part, n_parts| {
@@ -799,13 +905,14 @@ fn run_quantized(
             // SAFETY: `path` is available; `w` is interleaved with consistent shape (built by
             // `ArenaWeights`, checked by `check_shapes`), `acts` holds the tokens.
             unsafe {
-                avx2_interleaved::matvec(w, split(groups, n_parts, part), acts, 0, n_tokens, store)
+                let groups = split(groups, n_parts, part);
+                interleaved_matvec(path, w, groups, acts, 0, n_tokens, store)
             };
         });
         return;
     }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
+    if path.runs_avx2() && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
@@ -815,13 +922,8 @@ fn run_quantized(
             // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
             // holds the `n_tokens` tokens of `w.cols` values.
             unsafe {
-                let sweep = |first: usize, n: usize, rows: std::ops::Range<usize>| match n {
-                    1 => avx2::matvec_in_tile_order::<1>(w, rows, acts, first, store),
-                    2 => avx2::matvec_decoded_in_tile_order::<2>(w, rows, acts, first, store),
-                    3 => avx2::matvec_decoded_in_tile_order::<3>(w, rows, acts, first, store),
-                    // Four independent accumulator chains hide the latency that the fused form
-                    // pays for keeping them in memory, and it saves the decoded buffer.
-                    _ => avx2::matvec_in_tile_order::<4>(w, rows, acts, first, store),
+                let sweep = |first: usize, n: usize, rows: std::ops::Range<usize>| {
+                    rows_matvec(path, n, w, rows, acts, first, store)
                 };
                 // Five to eight tokens: two sweeps over the part's rows, the second while
                 // they are still in cache.
@@ -926,7 +1028,7 @@ pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
 pub fn widen_f16_with_path(path: KernelPath, src: &[half::f16], dst: &mut [f32]) {
     let n = src.len().min(dst.len());
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && path.is_available() {
+    if path.runs_avx2() && path.is_available() {
         // SAFETY: `f16` is two bytes without padding, so the first `n` values are `2n`
         // initialized bytes, read in the CPU's (little-endian) order as `widen_row` expects.
         let bytes = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), 2 * n) };
@@ -943,7 +1045,7 @@ pub fn widen_f16_with_path(path: KernelPath, src: &[half::f16], dst: &mut [f32])
 /// widens as it reads. Where they do not, widening a block once with [`widen_f16`] and using the
 /// f32 kernels is faster (the fallbacks here convert value by value).
 pub fn has_f16_attention_kernels() -> bool {
-    KernelPath::best() == KernelPath::Avx2
+    KernelPath::best().runs_avx2()
 }
 
 /// [`crate::ops::scores_transposed`] with keys still in f16 (the cache's storage): the same
@@ -975,7 +1077,7 @@ pub fn scores_transposed_f16_with_path(
     out: &mut [f32],
 ) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && path.is_available() {
+    if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
         unsafe { avx2_attention::scores_transposed_f16(q, dim, kt, stride, cols, scale, out) };
         return;
@@ -1001,7 +1103,7 @@ pub fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[half::f16]) {
 /// per output (rows four at a time, then one at a time).
 pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[half::f16]) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && path.is_available() {
+    if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
         unsafe { avx2_attention::weighted_sum_f16(y, w, xs) };
         return;
@@ -1033,7 +1135,7 @@ pub fn online_softmax_step<'s>(
     oh: &mut [f32],
 ) -> &'s [f32] {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if KernelPath::best() == KernelPath::Avx2 {
+    if KernelPath::best().runs_avx2() {
         // SAFETY: AVX2 is available (`best` only picks available paths).
         return unsafe { avx2::online_softmax_step(s, max, sum, oh) };
     }
@@ -1056,7 +1158,7 @@ pub fn scores_transposed_with_path(
     out: &mut [f32],
 ) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && path.is_available() {
+    if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 is available; the body only indexes slices (bounds-checked).
         unsafe { avx2::scores_transposed(q, dim, kt, stride, cols, scale, out) };
         return;
@@ -1068,7 +1170,7 @@ pub fn scores_transposed_with_path(
 /// bit-identical on every path, as [`scores_transposed_with_path`].
 pub fn weighted_sum_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[f32]) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && path.is_available() {
+    if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 is available; the body only indexes slices (bounds-checked).
         unsafe { avx2::weighted_sum(y, w, xs) };
         return;
@@ -1086,7 +1188,7 @@ fn widen_row(path: KernelPath, ty: GgmlType, row: &[u8], dst: &mut [f32]) {
         }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         // SAFETY: `path` is available; `row` is `dst.len()` 2-byte values.
-        (KernelPath::Avx2, _) => unsafe { avx2::widen_row(ty, row, dst) },
+        (KernelPath::Avx2 | KernelPath::Avx512, _) => unsafe { avx2::widen_row(ty, row, dst) },
         _ => {
             // Lengths match by construction, so this cannot fail.
             let _ = dequantize_to_f32(ty, row, dst);
@@ -1135,7 +1237,7 @@ fn run_float(
                             #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
                             // SAFETY: `path` is available; `wf` holds RM rows and `x` tokens
                             // t0..t0 + RN (`tile_f32` re-checks).
-                            KernelPath::Avx2 => unsafe {
+                            KernelPath::Avx2 | KernelPath::Avx512 => unsafe {
                                 avx2::tile_f32::<RM, RN>(wf, x, cols, t0, &mut o)
                             },
                             _ => portable::tile_f32_portable::<RM, RN>(wf, x, cols, t0, &mut o),

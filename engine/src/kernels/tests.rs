@@ -372,6 +372,52 @@ mod avx2_twins {
     }
 }
 
+/// The AVX-512 path gives the AVX2 path's bits exactly (see `avx512`'s docs for why it must):
+/// every quantized type, GGUF's layout and the interleaved one, through every kernel shape —
+/// the row-major mat-vecs (1–4 tokens, then two sweeps up to 8), the interleaved mat-vec, and
+/// the tiles with full and partial row and token tiles. Runs only where the CPU has AVX-512
+/// (`scripts/test-avx512.sh` runs it under an emulated AVX-512 CPU).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_path_gives_the_avx2_bits() {
+    if !KernelPath::Avx512.is_available() {
+        eprintln!("skipped: this CPU has no AVX-512 (F, BW, VL, VNNI)");
+        return;
+    }
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(0x512);
+    for ty in QUANTIZED {
+        let shapes: &[(usize, usize)] = if ty.block_size() == 256 {
+            &[(7, 512), (16, 768)]
+        } else {
+            &[(7, 544), (16, 96), (8, 32)]
+        };
+        for &(rows, cols) in shapes {
+            let data = random_weights(&mut rng, ty, rows, cols);
+            let w = matrix(ty, rows, cols, &data);
+            let packed = ArenaWeights::interleaved(&w, |_| {});
+            let mut layouts = vec![w];
+            layouts.extend(packed.as_ref().map(|p| p.matrix()));
+            for n_tokens in [1, 2, 3, 4, 5, 8, 9] {
+                let x = random_activations(&mut rng, n_tokens * cols);
+                for m in &layouts {
+                    let run = |path| {
+                        let mut y = vec![0f32; rows * n_tokens];
+                        matmul_with_path(&pool, m, &x, n_tokens, &mut y, path).unwrap();
+                        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    assert_eq!(
+                        run(KernelPath::Avx2),
+                        run(KernelPath::Avx512),
+                        "{ty} {rows}×{cols} {:?}, {n_tokens} tokens",
+                        m.layout
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// NaN or infinite activations make the outputs they reach NaN on every path, as in the
 /// exact product (a quantizer that skipped them would hide a broken model).
 #[test]

@@ -1,0 +1,234 @@
+//! x86-64 AVX-512 kernels (F, BW, VL and VNNI): the integer work of the quantized kernels.
+//!
+//! Everything that is not an integer dot product (decoding blocks, quantizing activations,
+//! float weights, attention) runs the AVX2 code, which every AVX-512 CPU also executes. What
+//! changes:
+//!
+//! - **VNNI** (`vpdpbusd`): one instruction for the sums of four `u8 × i8` products per 32-bit
+//!   lane, where AVX2 needs `maddubs` then `madd` by ones. Every mat-vec (decode) uses it on
+//!   256-bit registers ([`Vnni`] plugged into the AVX2 kernels' bodies), so the eight-rows-per-
+//!   register interleaved layout and its order of operations stay as they are.
+//! - **512-bit registers** in the mat-mat tile (prefill, where the integer work, not memory,
+//!   sets the speed): [`tile`] puts a tile's two tokens in the two halves of one register, so
+//!   each row's weight chunk, loaded once and broadcast to both halves, meets both tokens'
+//!   activations in one `vpdpbusd`, one conversion and one FMA instead of two of each.
+//!
+//! **Same bits as the AVX2 path.** Every lane of every register sees the operations AVX2's
+//! lanes see, in the same order: the byte dot products are exact integers either way (the
+//! module docs of `super::avx2` show `maddubs` never saturates, so both compute the true sums),
+//! the conversion to f32 is exact, and the f32 multiplies and FMAs are the same per lane. So the
+//! results are bit-identical to the AVX2 path's (a test checks it on every type and shape), and
+//! everything proven about that path (batch invariance, the error bounds against the exact
+//! reference) carries over.
+//!
+//! These instructions run only under emulation on the development machines (their hypervisor
+//! exposes no AVX-512): `scripts/test-avx512.sh` runs the kernel tests inside Bochs with an
+//! AVX-512 CPU model.
+//!
+//! Every function here is `unsafe` because it must only run where [`available`] is true.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::{self, ByteDot};
+use super::decoded::{DecodedChunk, QuantizedActivations};
+
+/// Whether this CPU runs the AVX-512 path: the AVX2 path's features (its decoders and float
+/// kernels are shared) plus AVX-512 F, BW, VL and VNNI. Detected once by the standard library.
+pub(crate) fn available() -> bool {
+    avx2::available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// AVX-512 VNNI's byte dot product: `vpdpbusd` into a zero accumulator, on 256-bit registers.
+pub(crate) struct Vnni;
+
+impl ByteDot for Vnni {
+    #[inline(always)]
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
+    }
+}
+
+/// [`avx2::matvec_in_tile_order`] with [`Vnni`].
+///
+/// # Safety
+/// As [`avx2::matvec_in_tile_order`], and the CPU must pass [`available`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    store: impl FnMut(usize, usize, f32),
+) {
+    avx2::matvec_in_tile_order_with::<NT, Vnni>(w, rows, acts, first_token, store)
+}
+
+/// [`avx2::matvec_decoded_in_tile_order`] with [`Vnni`].
+///
+/// # Safety
+/// As [`avx2::matvec_in_tile_order`], and the CPU must pass [`available`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    store: impl FnMut(usize, usize, f32),
+) {
+    avx2::matvec_decoded_in_tile_order_with::<NT, Vnni>(w, rows, acts, first_token, store)
+}
+
+/// The mat-mat tile (see [`avx2::tile`] for the contract): two tokens per 512-bit register
+/// when the tile has two, else AVX2's body with [`Vnni`].
+///
+/// # Safety
+/// As [`avx2::tile`], and the CPU must pass [`available`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn tile<
+    const RM: usize,
+    const RN: usize,
+    const SIGNED: bool,
+    const OFFSETS: bool,
+>(
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    if RN == 2 {
+        let mut pair = [[0f32; 2]; RM];
+        tile_token_pair::<RM, SIGNED, OFFSETS>(w, offsets, acts, t0, &mut pair);
+        for (dst, src) in out.iter_mut().zip(&pair) {
+            dst.copy_from_slice(src);
+        }
+    } else {
+        avx2::tile_with::<RM, RN, SIGNED, OFFSETS, Vnni>(w, offsets, acts, t0, out)
+    }
+}
+
+/// Eight f32 (32 bytes at `p`) in both halves of a 512-bit register.
+#[inline(always)]
+unsafe fn broadcast_8_floats(p: *const f32) -> __m512 {
+    // SAFETY: the caller's `p` points at 8 readable f32; `loadu` needs no alignment.
+    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
+}
+
+/// Eight f32 at `low` in the low half and eight at `high` in the high half.
+#[inline(always)]
+unsafe fn two_8_floats(low: *const f32, high: *const f32) -> __m512 {
+    // SAFETY: the caller's pointers each point at 8 readable f32.
+    let low = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(low)));
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        low,
+        _mm256_castps_pd(_mm256_loadu_ps(high)),
+    ))
+}
+
+/// The sum of each half's eight lanes, in `avx2::sum_lanes`' order.
+#[inline(always)]
+unsafe fn sum_halves(v: __m512) -> [f32; 2] {
+    let high = _mm512_castpd_ps(_mm512_castpd256_pd512(_mm512_extractf64x4_pd::<1>(
+        _mm512_castps_pd(v),
+    )));
+    [
+        avx2::sum_lanes(_mm512_castps512_ps256(v)),
+        avx2::sum_lanes(_mm512_castps512_ps256(high)),
+    ]
+}
+
+/// `RM` decoded rows × tokens `t0` and `t0 + 1`: lanes 0–7 of row `i`'s accumulator are what
+/// AVX2's accumulator of (row `i`, token `t0`) holds, lanes 8–15 those of (row `i`, token
+/// `t0 + 1`), with the same operations per lane (see the module docs).
+///
+/// # Safety
+/// As [`tile`] with `RN == 2` (the shapes are checked; a failure is a caller's bug and panics).
+#[inline(always)]
+unsafe fn tile_token_pair<const RM: usize, const SIGNED: bool, const OFFSETS: bool>(
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; 2]; RM],
+) {
+    let nc = acts.n_chunks;
+    assert!(
+        w.len() >= RM * nc
+            && (!OFFSETS || offsets.len() >= RM * nc)
+            && acts.q.len() >= (t0 + 2) * nc
+            && acts.d.len() == acts.q.len()
+            && acts.half_sums.len() == acts.q.len()
+    );
+    let mut acc = [_mm512_setzero_ps(); RM];
+    let wp = w.as_ptr();
+    let xq = acts.q.as_ptr().add(t0 * nc);
+    let xd = acts.d.as_ptr().add(t0 * nc);
+    for c in 0..nc {
+        // SAFETY: chunks c and nc + c of the two tokens exist (checked above).
+        let x0 = _mm256_loadu_si256(xq.add(c).cast());
+        let x = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(x0),
+            _mm256_loadu_si256(xq.add(nc + c).cast()),
+        );
+        let dx = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(*xd.add(c)),
+            _mm512_set1_ps(*xd.add(nc + c)),
+        );
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            // SAFETY: i * nc + c < RM * nc <= w.len(); chunks are 32-byte aligned.
+            let chunk = &*wp.add(i * nc + c);
+            let q = _mm512_broadcast_i64x4(_mm256_load_si256(chunk.q.as_ptr().cast()));
+            let (magnitude, x) = if SIGNED {
+                // |q| · (x · sign q), as AVX2's `sign`, which has no 512-bit form: x negated
+                // where q < 0. Where q = 0 the magnitude is 0, so x is left as it is.
+                let negative = _mm512_movepi8_mask(q);
+                let x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                (_mm512_abs_epi8(q), x)
+            } else {
+                (q, x)
+            };
+            let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, x);
+            let factor = _mm512_mul_ps(broadcast_8_floats(chunk.scale.as_ptr()), dx);
+            *acc_i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), factor, *acc_i);
+        }
+    }
+    let mut tail = [[0f32; 2]; RM];
+    if OFFSETS {
+        // Σ_h offset[r][h] · half_sum[t][h] over the 2·nc halves: eight at a time, then the
+        // rest in order, as `avx2::tile` adds them.
+        let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
+        let op = offsets.as_flattened().as_ptr();
+        let sp = acts.half_sums.as_flattened().as_ptr().add(2 * t0 * nc);
+        let mut k = 0;
+        while k < full {
+            // SAFETY: halves + k + 8 <= 2 · 2 · nc, the two tokens' half sums checked above.
+            let s = two_8_floats(sp.add(k), sp.add(halves + k));
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                // SAFETY: i * halves + k + 8 <= RM * 2 * nc, the offsets checked above.
+                let o = broadcast_8_floats(op.add(i * halves + k));
+                *acc_i = _mm512_fmadd_ps(o, s, *acc_i);
+            }
+            k += 8;
+        }
+        for (i, tail_i) in tail.iter_mut().enumerate() {
+            for (j, t) in tail_i.iter_mut().enumerate() {
+                for k in full..halves {
+                    // SAFETY: as above, k < halves.
+                    *t += *op.add(i * halves + k) * *sp.add(j * halves + k);
+                }
+            }
+        }
+    }
+    for ((out_i, acc_i), tail_i) in out.iter_mut().zip(&acc).zip(&tail) {
+        let sums = sum_halves(*acc_i);
+        for ((o, s), t) in out_i.iter_mut().zip(sums).zip(tail_i) {
+            *o = s + t;
+        }
+    }
+}
