@@ -510,10 +510,8 @@ pub(crate) unsafe fn tile_with<
         }
         for (i, tail_row) in tail.iter_mut().enumerate() {
             for (j, t) in tail_row.iter_mut().enumerate() {
-                for k in full..halves {
-                    // SAFETY: as above, k < halves.
-                    *t += *op.add(i * halves + k) * *sp.add(j * halves + k);
-                }
+                // SAFETY: as above, for the halves full..halves of row i and token j.
+                *t = offset_tail(op.add(i * halves), sp.add(j * halves), full..halves);
             }
         }
     }
@@ -681,12 +679,13 @@ unsafe fn round_half_away(a: __m256, half: __m256) -> __m256 {
 }
 
 /// The offset terms the 8-wide loop leaves over, `Σ_k offsets[k] · half_sums[k]` for `k` in
-/// `range`, summed in order (both mat-vecs, and so the tiles' order, rely on it).
+/// `range`, summed in order. The tiles and the row-major mat-vecs all add them here (and the
+/// interleaved mat-vec in the same order, eight rows at a time), so every path agrees.
 ///
 /// # Safety
 /// `offsets` and `half_sums` must be readable at every index of `range`.
 #[inline(always)]
-unsafe fn offset_tail(
+pub(crate) unsafe fn offset_tail(
     offsets: *const f32,
     half_sums: *const f32,
     range: std::ops::Range<usize>,

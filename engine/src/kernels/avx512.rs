@@ -218,10 +218,8 @@ unsafe fn tile_token_pair<const RM: usize, const SIGNED: bool, const OFFSETS: bo
         }
         for (i, tail_i) in tail.iter_mut().enumerate() {
             for (j, t) in tail_i.iter_mut().enumerate() {
-                for k in full..halves {
-                    // SAFETY: as above, k < halves.
-                    *t += *op.add(i * halves + k) * *sp.add(j * halves + k);
-                }
+                // SAFETY: as above, for the halves full..halves of row i and token j.
+                *t = avx2::offset_tail(op.add(i * halves), sp.add(j * halves), full..halves);
             }
         }
     }
