@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::model_info::{bytes_by_type, estimate_memory, MemoryEstimate, ModelSummary};
+use egpu_engine::models::info::{bytes_by_type, estimate_memory, MemoryEstimate, ModelSummary};
 use serde::Serialize;
 
 use crate::format::bytes;

@@ -13,11 +13,13 @@ use std::sync::Arc;
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::marian::{
+use egpu_engine::models::decoder::{
+    BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError, Scratch,
+};
+use egpu_engine::models::info::{estimate_from_summary, scratch_bytes_per_token, ModelSummary};
+use egpu_engine::models::marian::{
     batch_memory, MarianConfig, MarianError, MarianModel, PoolAccess, SearchSettings,
 };
-use egpu_engine::model::{BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError, Scratch};
-use egpu_engine::model_info::{estimate_from_summary, scratch_bytes_per_token, ModelSummary};
 use egpu_proto::worker as wp;
 
 use crate::error::DaemonError;
@@ -204,7 +206,7 @@ impl PoolAccess for Device {
 }
 
 /// What a translation model is estimated to hold: its weights plus a batch of `batch`
-/// sentences' caches and scratch ([`egpu_engine::marian::batch_memory`]).
+/// sentences' caches and scratch ([`egpu_engine::models::marian::batch_memory`]).
 pub fn marian_estimate(file: &GgufFile, batch: u64) -> Result<Estimate, MarianError> {
     let config = MarianConfig::from_metadata(file.metadata())?;
     let settings = SearchSettings::from_metadata(file.metadata(), &config);

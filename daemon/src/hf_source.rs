@@ -2,8 +2,8 @@
 //!
 //! A load's source may name a Hugging Face model folder — its absolute path, or a repo id
 //! (`openai-community/gpt2`, or a bare `gpt2` when no GGUF in the models folder has that name)
-//! found offline in the HF cache (`egpu_engine::hf_cache`). Such a folder is converted once to a
-//! GGUF (`egpu_engine::hf_convert`) kept under
+//! found offline in the HF cache (`egpu_engine::convert::hf_cache`). Such a folder is converted once to a
+//! GGUF (`egpu_engine::convert`) kept under
 //! `<models folder>/hf/<key>/<name>[-q8_0].gguf`, and from then on it is an ordinary GGUF model.
 //! The key hashes the folder's path, its `config.json` and its weights' and tokenizer files' size
 //! and modification time, so an updated snapshot converts again and an unchanged one is reused;
@@ -12,8 +12,8 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use egpu_engine::hf_cache::{self, HfCacheError, HfEnv, CONFIG_FILE};
-use egpu_engine::hf_convert::{gguf_from_hf_folder, HfModelError, WeightFormat};
+use egpu_engine::convert::hf_cache::{self, HfCacheError, HfEnv, CONFIG_FILE};
+use egpu_engine::convert::{gguf_from_hf_folder, HfModelError, WeightFormat};
 
 use crate::error::DaemonError;
 use crate::residency::resolve_source;

@@ -16,10 +16,10 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use egpu_engine::chat::ChatTemplate;
+use egpu_engine::convert::hf_cache::HfEnv;
+use egpu_engine::convert::WeightFormat;
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::hf_cache::HfEnv;
-use egpu_engine::hf_convert::WeightFormat;
-use egpu_engine::model_info::{bytes_by_type, ModelSummary};
+use egpu_engine::models::info::{bytes_by_type, ModelSummary};
 use egpu_engine::tokenizer::Tokenizer;
 use egpu_proto::v1::{self as pb, ModelState};
 use parking_lot::Mutex;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::LogitsWanted;
+use egpu_engine::models::decoder::LogitsWanted;
 use egpu_engine::ops::log_softmax;
 use egpu_engine::sampler::{Sampler, SamplingParams, StopMatcher, StopStatus};
 use egpu_engine::tokenizer::{StreamDecoder, Tokenizer};

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use egpu_engine::chat::{ChatMessage, ChatTemplate};
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 use egpu_engine::sampler::{Sampler, SamplingParams};
 use egpu_engine::tokenizer::Tokenizer;
 

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut model_path = None;

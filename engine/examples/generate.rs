@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 use egpu_engine::tokenizer::Tokenizer;
 
 enum Prompt {

@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 
-use egpu_engine::hf_convert::{gguf_from_hf_folder, WeightFormat};
+use egpu_engine::convert::{gguf_from_hf_folder, WeightFormat};
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut paths = Vec::new();

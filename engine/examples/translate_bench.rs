@@ -12,10 +12,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use egpu_engine::convert::{gguf_from_hf_folder, WeightFormat};
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::hf_convert::{gguf_from_hf_folder, WeightFormat};
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::marian::MarianModel;
+use egpu_engine::models::marian::MarianModel;
 use egpu_engine::tokenizer::Tokenizer;
 
 /// The default sentences: the ones `bench/bench_marian.py` gives transformers too.

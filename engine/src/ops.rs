@@ -12,6 +12,8 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+pub use crate::kernels::math::{axpy, exp};
+
 /// Width of the unrolled inner loops: two 128-bit or one 256-bit register of f32.
 const LANES: usize = 8;
 
@@ -36,146 +38,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// Attention scores of up to a few query heads against a block of keys stored transposed:
-/// `out[r][j] = scale · Σ_d q[r][d] · kt[d][cols.start + j]`, where `q` holds `rows` heads of
-/// `dim` values and `kt` holds `dim` rows of `stride` key values (one key per column).
-///
-/// Every score is summed over `d` in order, one product at a time, whichever keys and rows are
-/// computed together: the result for a (query, key) pair does not depend on the block or
-/// batch it came in. Vectorization runs across keys, eight at a time, with up to four query
-/// rows sharing each load of keys.
-///
-/// Runs as [`crate::kernels::scores_transposed_with_path`] compiles it for this CPU (the same
-/// arithmetic, so the same bits, in 256-bit registers where AVX2 is available).
-pub fn scores_transposed(
-    q: &[f32],
-    dim: usize,
-    kt: &[f32],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let path = crate::kernels::KernelPath::best();
-    crate::kernels::scores_transposed_with_path(path, q, dim, kt, stride, cols, scale, out);
-}
-
-/// The body of [`scores_transposed`], inlined into each instruction-set variant.
-#[inline(always)]
-pub(crate) fn scores_transposed_body(
-    q: &[f32],
-    dim: usize,
-    kt: &[f32],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let rows = q.len() / dim;
-    let n = cols.len();
-    debug_assert_eq!(out.len(), rows * n);
-    let mut r0 = 0;
-    while r0 < rows {
-        let nr = (rows - r0).min(4);
-        let q = &q[r0 * dim..(r0 + nr) * dim];
-        let out = &mut out[r0 * n..(r0 + nr) * n];
-        match nr {
-            1 => score_rows::<1>(q, dim, kt, stride, cols.clone(), scale, out),
-            2 => score_rows::<2>(q, dim, kt, stride, cols.clone(), scale, out),
-            3 => score_rows::<3>(q, dim, kt, stride, cols.clone(), scale, out),
-            _ => score_rows::<4>(q, dim, kt, stride, cols.clone(), scale, out),
-        }
-        r0 += nr;
-    }
-}
-
-/// [`scores_transposed`] for exactly `R` query rows.
-#[inline(always)]
-fn score_rows<const R: usize>(
-    q: &[f32],
-    dim: usize,
-    kt: &[f32],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    const J: usize = 8;
-    let n = cols.len();
-    let q: [&[f32]; R] = std::array::from_fn(|r| &q[r * dim..(r + 1) * dim]);
-    let mut j = 0;
-    while j + J <= n {
-        let mut acc = [[0f32; J]; R];
-        for d in 0..dim {
-            let k: &[f32; J] = kt[d * stride + cols.start + j..][..J]
-                .try_into()
-                .expect("J keys");
-            for (acc, q) in acc.iter_mut().zip(q) {
-                let qd = q[d];
-                for i in 0..J {
-                    acc[i] += qd * k[i];
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (o, a) in out[r * n + j..][..J].iter_mut().zip(acc) {
-                *o = a * scale;
-            }
-        }
-        j += J;
-    }
-    for j in j..n {
-        for (r, q) in q.iter().enumerate() {
-            let mut acc = 0f32;
-            for (d, &qd) in q.iter().enumerate() {
-                acc += qd * kt[d * stride + cols.start + j];
-            }
-            out[r * n + j] = acc * scale;
-        }
-    }
-}
-
-/// `y += Σ_j w[j] · x_j` where `x_j` is the `j`-th run of `y.len()` values in `xs`
-/// (attention's weighted sum of values). Four rows at a time, so `y` is loaded and stored once
-/// per four rows rather than once per row. Runs as [`crate::kernels::weighted_sum_with_path`]
-/// compiles it for this CPU (the same arithmetic, so the same bits).
-#[inline]
-pub fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
-    crate::kernels::weighted_sum_with_path(crate::kernels::KernelPath::best(), y, w, xs);
-}
-
-/// The body of [`weighted_sum`], inlined into each instruction-set variant.
-#[inline(always)]
-pub(crate) fn weighted_sum_body(y: &mut [f32], w: &[f32], xs: &[f32]) {
-    let dim = y.len();
-    debug_assert_eq!(xs.len(), w.len() * dim);
-    let w4 = w.chunks_exact(4);
-    let tail_w = w4.remainder();
-    let x4 = xs.chunks_exact(4 * dim);
-    let tail_x = x4.remainder();
-    for (w, x) in w4.zip(x4) {
-        let (x0, rest) = x.split_at(dim);
-        let (x1, rest) = rest.split_at(dim);
-        let (x2, x3) = rest.split_at(dim);
-        let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
-        for ((((y, a), b), c), d) in y.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
-            *y += w0 * a + w1 * b + w2 * c + w3 * d;
-        }
-    }
-    for (&w, x) in tail_w.iter().zip(tail_x.chunks_exact(dim)) {
-        axpy(y, w, x);
-    }
-}
-
-/// `y[i] += a · x[i]`.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
 }
 
 /// `y[i] += x[i]` (residual connections).
@@ -330,35 +192,6 @@ pub fn apply_rope(head: &mut [f32], style: RopeStyle, cos: &[f32], sin: &[f32]) 
     }
 }
 
-/// `eˣ` to within 2 ulp over the whole f32 range (inputs are clamped to [−87.3, 88.3], so
-/// the result is never 0 or ∞). Written with plain arithmetic and bit casts so that loops
-/// calling it vectorize, unlike `f32::exp`; softmax and the gated activations call it millions
-/// of times per prompt.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that n·LN2_HI is exact for |n| ≤ 2⁸.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    // Written as selects (not `clamp`, whose NaN rule blocks vectorization): min/max.
-    let x = if x < -87.3 { -87.3 } else { x };
-    let x = if x > 88.3 { 88.3 } else { x };
-    let shifted = x * LOG2E + ROUND;
-    let n = shifted - ROUND;
-    // The low mantissa bits of `shifted` hold the integer n itself: no float-to-int conversion.
-    let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    // Taylor series of eʳ to r⁶ for |r| ≤ ln2/2: truncation error < 1.3e-7 relative.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
-    p * scale
-}
-
 /// `tanh(x) = 1 − 2/(e^{2x} + 1)`, with [`exp`]: absolute error ~1e-7.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
@@ -401,36 +234,6 @@ pub fn gelu_in_place(x: &mut [f32]) {
     }
 }
 
-/// One block of online softmax for one query row: turns the block's scores `s` into weights
-/// `exp(s − max)` against the running maximum (raising it, and rescaling the output `oh` and
-/// the running `sum` accumulated so far, when the block holds a larger score) and adds them to
-/// `sum`. Returns the weights, for the caller's weighted sum of the block's values. Runs as
-/// [`crate::kernels::online_softmax_step`] compiles it for this CPU (the same bits).
-#[inline(always)]
-pub(crate) fn online_softmax_step_body<'s>(
-    s: &'s mut [f32],
-    max: &mut f32,
-    sum: &mut f32,
-    oh: &mut [f32],
-) -> &'s [f32] {
-    let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let new_max = max.max(block_max);
-    if new_max > *max {
-        // Rescale what was accumulated against the old maximum.
-        let factor = exp(*max - new_max);
-        *sum *= factor;
-        for v in oh.iter_mut() {
-            *v *= factor;
-        }
-        *max = new_max;
-    }
-    for s in s.iter_mut() {
-        *s = exp(*s - new_max);
-    }
-    *sum += s.iter().sum::<f32>();
-    s
-}
-
 /// Softmax in place, subtracting the maximum first so that no exponent overflows.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -458,16 +261,6 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Transposes `rows` runs of `dim` values into `dim` runs of `stride` values
-    /// (`dst[d][r] = src[r][d]`), for [`scores_transposed`].
-    fn transpose_into(src: &[f32], dim: usize, dst: &mut [f32], stride: usize) {
-        for (r, row) in src.chunks_exact(dim).enumerate() {
-            for (d, &v) in row.iter().enumerate() {
-                dst[d * stride + r] = v;
-            }
-        }
-    }
 
     fn close(a: f32, b: f32, tol: f32) -> bool {
         (a - b).abs() <= tol * (1.0 + b.abs())
@@ -580,54 +373,6 @@ mod tests {
         for i in -400..=400 {
             let x = i as f32 * 0.025;
             assert!((tanh(x) - x.tanh()).abs() < 3e-7, "tanh({x})");
-        }
-    }
-
-    #[test]
-    fn transposed_scores_and_weighted_sum_match_their_one_row_forms() {
-        for dim in [1usize, 7, 16, 64] {
-            for n_keys in [1usize, 5, 8, 19] {
-                let keys: Vec<f32> = (0..n_keys * dim).map(|i| (i as f32 * 0.37).cos()).collect();
-                let stride = n_keys + 3;
-                let mut kt = vec![0f32; dim * stride];
-                transpose_into(&keys, dim, &mut kt, stride);
-                for rows in 1..=6 {
-                    let q: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.3).sin()).collect();
-                    let cols = 1.min(n_keys - 1)..n_keys;
-                    let mut out = vec![0f32; rows * cols.len()];
-                    scores_transposed(&q, dim, &kt, stride, cols.clone(), 0.5, &mut out);
-                    for r in 0..rows {
-                        for (j, key) in cols.clone().enumerate() {
-                            let qr = &q[r * dim..(r + 1) * dim];
-                            let exact = 0.5 * dot(qr, &keys[key * dim..(key + 1) * dim]);
-                            let got = out[r * cols.len() + j];
-                            assert!(
-                                close(got, exact, 1e-5),
-                                "dim {dim} keys {n_keys} rows {rows}"
-                            );
-                            // The same score computed alone is bit-identical.
-                            let mut single = [0f32];
-                            scores_transposed(qr, dim, &kt, stride, key..key + 1, 0.5, &mut single);
-                            assert_eq!(single[0], got);
-                        }
-                    }
-                }
-            }
-        }
-        for n in [1usize, 7, 8, 16, 67] {
-            for rows in [1usize, 4, 6] {
-                let w: Vec<f32> = (0..rows).map(|j| 0.1 + j as f32).collect();
-                let xs: Vec<f32> = (0..rows * n).map(|i| (i as f32 * 0.13).sin()).collect();
-                let mut y = vec![0.5f32; n];
-                weighted_sum(&mut y, &w, &xs);
-                let mut expected = vec![0.5f32; n];
-                for (j, &wj) in w.iter().enumerate() {
-                    axpy(&mut expected, wj, &xs[j * n..(j + 1) * n]);
-                }
-                for (a, b) in y.iter().zip(&expected) {
-                    assert!(close(*a, *b, 1e-5), "n = {n}, rows = {rows}");
-                }
-            }
         }
     }
 

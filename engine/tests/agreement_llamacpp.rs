@@ -22,7 +22,7 @@
 mod common;
 
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 use egpu_engine::ops::log_softmax;
 use serde_json::Value;
 

@@ -402,7 +402,7 @@ fn fuzz_regressions() {
         let path = entry.unwrap().path();
         let bytes = std::fs::read(&path).unwrap();
         if let Ok(file) = GgufFile::from_bytes(bytes) {
-            let estimate = egpu_engine::model_info::estimate_memory(&file, 4096);
+            let estimate = egpu_engine::models::info::estimate_memory(&file, 4096);
             assert!(estimate.total >= estimate.weights, "{}", path.display());
         }
         n += 1;

@@ -7,11 +7,11 @@ mod common;
 
 use std::sync::Arc;
 
+use egpu_engine::convert::gpt2::gguf_from_hf_gpt2;
+use egpu_engine::convert::HfModelError;
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::hf_convert::HfModelError;
-use egpu_engine::hf_gpt2::gguf_from_hf_gpt2;
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 use egpu_engine::tokenizer::Tokenizer;
 use serde_json::Value;
 
@@ -160,7 +160,7 @@ fn write_safetensors(path: &std::path::Path, tensors: &[(String, String, Vec<u64
 
 #[test]
 fn sharded_weights_convert_like_a_single_file() {
-    use egpu_engine::safetensors::SafetensorsFile;
+    use egpu_engine::convert::safetensors::SafetensorsFile;
     let src = common::fixture("hf/tiny-gpt2");
     let root = tempfile::tempdir().unwrap();
     // Named as the fixture, since the folder's name becomes general.name.

@@ -8,11 +8,11 @@ mod common;
 
 use std::sync::Arc;
 
+use egpu_engine::convert::{gguf_from_hf_folder, WeightFormat};
 use egpu_engine::gguf::GgufFile;
-use egpu_engine::hf_convert::{gguf_from_hf_folder, WeightFormat};
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::marian::{MarianModel, StepRow};
-use egpu_engine::sentencepiece::SentencePiece;
+use egpu_engine::models::marian::{MarianModel, StepRow};
+use egpu_engine::tokenizer::unigram::SentencePiece;
 use egpu_engine::tokenizer::Tokenizer;
 use serde_json::Value;
 
@@ -209,7 +209,7 @@ fn q8_0_conversion_is_smaller_and_close() {
 
 #[test]
 fn other_decoding_settings_equal_transformers() {
-    use egpu_engine::marian::EarlyStopping;
+    use egpu_engine::models::marian::EarlyStopping;
     let reference = reference();
     let file = converted(WeightFormat::F32);
     let tokenizer = Tokenizer::from_gguf(file.metadata()).unwrap();

@@ -5,7 +5,7 @@
 mod common;
 
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 
 /// `VmHWM` (peak resident set) of this process, in bytes; Linux only.
 fn peak_resident_bytes() -> Option<u64> {

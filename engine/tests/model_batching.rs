@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::synthetic::{self, Rng, TinyGemma3};
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model, ModelError};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model, ModelError};
 
 /// Batch composition only changes how many activation rows each matmul sees. The kernels must
 /// compute every (row, token) output by the same sequence of operations whatever that number
@@ -504,9 +504,9 @@ fn model_is_shareable_and_per_sequence_state_movable() {
     fn shareable<T: Send + Sync>() {}
     fn movable<T: Send>() {}
     shareable::<Model>();
-    movable::<egpu_engine::model::KvCache>();
-    movable::<egpu_engine::model::Scratch>();
-    movable::<egpu_engine::model::Logits>();
+    movable::<egpu_engine::models::decoder::KvCache>();
+    movable::<egpu_engine::models::decoder::Scratch>();
+    movable::<egpu_engine::models::decoder::Logits>();
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use egpu_engine::safetensors::{Dtype, SafetensorsFile};
+use egpu_engine::convert::safetensors::{Dtype, SafetensorsFile};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

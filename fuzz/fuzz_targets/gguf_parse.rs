@@ -19,5 +19,5 @@ fuzz_target!(|data: &[u8]| {
             file.dequantize_f16(&t.name).expect("checked tensor must decode");
         }
     }
-    let _ = egpu_engine::model_info::estimate_memory(&file, 4096);
+    let _ = egpu_engine::models::info::estimate_memory(&file, 4096);
 });

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use egpu_e2e::v1::{self as pb};
 use egpu_e2e::*;
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 use egpu_engine::ops::log_softmax;
 use egpu_engine::sampler::argmax;
 use egpu_engine::tokenizer::Tokenizer;

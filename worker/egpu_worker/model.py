@@ -1,6 +1,6 @@
 """Decoder-only transformers over quantized GGUF weights, several sequences ("slots") per step.
 
-Architectures (general.architecture) and their semantics follow egpu's native engine (engine/src/model/):
+Architectures (general.architecture) and their semantics follow egpu's native engine (engine/src/models/decoder/):
   llama   RMSNorm, normal RoPE (adjacent pairs (x[2i], x[2i+1])), SwiGLU; LLaMA 3.1 rope_freqs.weight divides
           each RoPE frequency; linear RoPE scaling
   qwen2   llama with NeoX RoPE (halves (x[i], x[i + n_rot/2])) and q/k/v biases
@@ -94,7 +94,7 @@ class Rope:
 @dataclass(frozen=True)
 class Config:
   """The hyper-parameters, read from GGUF metadata the way the native engine reads them
-  (engine/src/model/config.rs, which follows llama.cpp's load_hparams)."""
+  (engine/src/models/decoder/config.rs, which follows llama.cpp's load_hparams)."""
   arch: str
   n_layer: int
   n_embd: int

@@ -12,7 +12,7 @@
 //!   exactly `tile`'s order so results do not depend on how many tokens share a call.
 //! - Float weights: `widen_row` and `tile_f32`; activations: `quantize_tokens`, bit-identical to
 //!   the scalar quantizer.
-//! - Attention: `scores_transposed` and `weighted_sum` are the portable bodies of `crate::ops`
+//! - Attention: `scores_transposed` and `weighted_sum` are the portable bodies of `attention.rs`
 //!   compiled with AVX2 enabled, bit-identical to them.
 //!
 //! Integer ranges: unsigned quants are at most 63 and activations at most 127 in magnitude, so a
@@ -46,7 +46,7 @@ pub(crate) unsafe fn scores_transposed(
     scale: f32,
     out: &mut [f32],
 ) {
-    crate::ops::scores_transposed_body(q, dim, kt, stride, cols, scale, out);
+    super::attention::scores_transposed_body(q, dim, kt, stride, cols, scale, out);
 }
 
 /// Attention's weighted sum with 256-bit registers: the portable body, compiled for AVX2.
@@ -55,7 +55,7 @@ pub(crate) unsafe fn scores_transposed(
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
-    crate::ops::weighted_sum_body(y, w, xs);
+    super::attention::weighted_sum_body(y, w, xs);
 }
 
 /// Attention's online softmax step with 256-bit registers: the portable body, compiled for
@@ -70,7 +70,7 @@ pub(crate) unsafe fn online_softmax_step<'s>(
     sum: &mut f32,
     oh: &mut [f32],
 ) -> &'s [f32] {
-    crate::ops::online_softmax_step_body(s, max, sum, oh)
+    super::attention::online_softmax_step_body(s, max, sum, oh)
 }
 
 /// Whether this CPU runs the AVX2 path (detected once by the standard library, then cached).

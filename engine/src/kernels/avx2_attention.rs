@@ -1,6 +1,6 @@
 //! Decode attention straight from the f16 KV cache, with AVX2 + F16C.
 //!
-//! `crate::ops::scores_transposed` and `weighted_sum` take f32 keys and values, so attention
+//! `attention::scores_transposed` and `weighted_sum` take f32 keys and values, so attention
 //! widens each cache block first. That pays when a prompt's many queries share the block; a
 //! decode step has one token (a few query heads), and the separate widening pass, which writes
 //! the block out and reads it back, cost as much as the arithmetic. These kernels widen eight
@@ -31,7 +31,7 @@ unsafe fn widen1(v: f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(v.to_bits()))))
 }
 
-/// `out[r][j] = scale · Σ_d q[r][d] · kt[d][cols.start + j]`, as `ops::scores_transposed`
+/// `out[r][j] = scale · Σ_d q[r][d] · kt[d][cols.start + j]`, as `attention::scores_transposed`
 /// computes it, with `kt` in f16.
 ///
 /// # Safety
@@ -147,7 +147,7 @@ unsafe fn score_run<const R: usize, const KB: usize>(
     }
 }
 
-/// `y += Σ_j w[j] · x_j` over f16 rows `x_j` of `y.len()` values, as `ops::weighted_sum`
+/// `y += Σ_j w[j] · x_j` over f16 rows `x_j` of `y.len()` values, as `attention::weighted_sum`
 /// computes it: four rows at a time (`((w0·a + w1·b) + w2·c) + w3·d` added to `y`), then the
 /// remaining rows one at a time.
 ///
@@ -178,7 +178,7 @@ pub(crate) unsafe fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[f16]) {
 }
 
 /// [`weighted_sum_f16`] for runs of `8·IB` outputs from `*i` while whole runs remain,
-/// advancing `*i`, each output with `ops::weighted_sum`'s operations in its order.
+/// advancing `*i`, each output with `attention::weighted_sum`'s operations in its order.
 #[inline(always)]
 unsafe fn weighted_run<const IB: usize>(
     y: &mut [f32],

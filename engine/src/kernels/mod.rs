@@ -62,6 +62,7 @@
 #![allow(unsafe_code)]
 
 mod arena;
+pub mod attention;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
@@ -72,6 +73,7 @@ mod avx2_interleaved;
 mod avx512;
 mod decoded;
 mod interleaved;
+pub mod math;
 mod pool;
 mod portable;
 #[cfg(test)]
@@ -84,6 +86,11 @@ use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::{dequantize_to_f32, GgmlType};
 pub(crate) use arena::copy_rows_into;
 pub use arena::{arena_layout, copy_to_arena_at_load, ArenaWeights, HugePageArena};
+pub use attention::{
+    has_f16_attention_kernels, online_softmax_step, scores_transposed_f16,
+    scores_transposed_f16_with_path, scores_transposed_with_path, weighted_sum_f16,
+    weighted_sum_f16_with_path, weighted_sum_with_path,
+};
 use decoded::{DecodedChunk, QuantizedActivations, CHUNK};
 pub(crate) use interleaved::{can_interleave, interleave_into};
 pub use pool::ThreadPool;
@@ -1039,143 +1046,6 @@ pub fn widen_f16_with_path(path: KernelPath, src: &[half::f16], dst: &mut [f32])
     for (d, s) in dst[..n].iter_mut().zip(&src[..n]) {
         *d = s.to_f32();
     }
-}
-
-/// Whether [`scores_transposed_f16`] and [`weighted_sum_f16`] have a kernel on this CPU that
-/// widens as it reads. Where they do not, widening a block once with [`widen_f16`] and using the
-/// f32 kernels is faster (the fallbacks here convert value by value).
-pub fn has_f16_attention_kernels() -> bool {
-    KernelPath::best().runs_avx2()
-}
-
-/// [`crate::ops::scores_transposed`] with keys still in f16 (the cache's storage): the same
-/// bits as widening them first. For decode steps, where the widened block would serve only one
-/// token's query heads.
-pub fn scores_transposed_f16(
-    q: &[f32],
-    dim: usize,
-    kt: &[half::f16],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    scores_transposed_f16_with_path(KernelPath::best(), q, dim, kt, stride, cols, scale, out);
-}
-
-/// [`scores_transposed_f16`] on a chosen path; the scalar twin is each score summed over `d`
-/// in order, as every path of `ops::scores_transposed` sums it.
-#[allow(clippy::too_many_arguments)]
-pub fn scores_transposed_f16_with_path(
-    path: KernelPath,
-    q: &[f32],
-    dim: usize,
-    kt: &[half::f16],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path.runs_avx2() && path.is_available() {
-        // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
-        unsafe { avx2_attention::scores_transposed_f16(q, dim, kt, stride, cols, scale, out) };
-        return;
-    }
-    let n = cols.len();
-    for (r, q) in q.chunks_exact(dim.max(1)).enumerate() {
-        for (j, col) in cols.clone().enumerate() {
-            let mut acc = 0f32;
-            for (d, &qd) in q.iter().enumerate() {
-                acc += qd * kt[d * stride + col].to_f32();
-            }
-            out[r * n + j] = acc * scale;
-        }
-    }
-}
-
-/// [`crate::ops::weighted_sum`] with values still in f16: the same bits as widening first.
-pub fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[half::f16]) {
-    weighted_sum_f16_with_path(KernelPath::best(), y, w, xs);
-}
-
-/// [`weighted_sum_f16`] on a chosen path; the scalar twin follows `ops::weighted_sum`'s order
-/// per output (rows four at a time, then one at a time).
-pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[half::f16]) {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path.runs_avx2() && path.is_available() {
-        // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
-        unsafe { avx2_attention::weighted_sum_f16(y, w, xs) };
-        return;
-    }
-    let dim = y.len();
-    let x = |j: usize, i: usize| xs[j * dim + i].to_f32();
-    let fours = w.len() / 4 * 4;
-    for (i, y) in y.iter_mut().enumerate() {
-        for j in (0..fours).step_by(4) {
-            *y += w[j] * x(j, i)
-                + w[j + 1] * x(j + 1, i)
-                + w[j + 2] * x(j + 2, i)
-                + w[j + 3] * x(j + 3, i);
-        }
-        for (j, &wj) in w.iter().enumerate().skip(fours) {
-            *y += wj * x(j, i);
-        }
-    }
-}
-
-/// One block of attention's online softmax for one query row (see
-/// `ops::online_softmax_step_body`), compiled with AVX2 where the CPU has it: the same
-/// arithmetic (no FMA contraction, sums in order), so the same bits, eight exponentials at a
-/// time instead of four.
-pub fn online_softmax_step<'s>(
-    s: &'s mut [f32],
-    max: &mut f32,
-    sum: &mut f32,
-    oh: &mut [f32],
-) -> &'s [f32] {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if KernelPath::best().runs_avx2() {
-        // SAFETY: AVX2 is available (`best` only picks available paths).
-        return unsafe { avx2::online_softmax_step(s, max, sum, oh) };
-    }
-    crate::ops::online_softmax_step_body(s, max, sum, oh)
-}
-
-/// Attention scores (see [`crate::ops::scores_transposed`]) on a chosen path: the portable body,
-/// or the same body inlined into a function built with AVX2 enabled, so results are
-/// bit-identical on every path (no FMA contraction happens: Rust never fuses a multiply and an
-/// add on its own).
-#[allow(clippy::too_many_arguments)]
-pub fn scores_transposed_with_path(
-    path: KernelPath,
-    q: &[f32],
-    dim: usize,
-    kt: &[f32],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path.runs_avx2() && path.is_available() {
-        // SAFETY: AVX2 is available; the body only indexes slices (bounds-checked).
-        unsafe { avx2::scores_transposed(q, dim, kt, stride, cols, scale, out) };
-        return;
-    }
-    crate::ops::scores_transposed_body(q, dim, kt, stride, cols, scale, out);
-}
-
-/// Attention's weighted sum of values (see [`crate::ops::weighted_sum`]) on a chosen path;
-/// bit-identical on every path, as [`scores_transposed_with_path`].
-pub fn weighted_sum_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[f32]) {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path.runs_avx2() && path.is_available() {
-        // SAFETY: AVX2 is available; the body only indexes slices (bounds-checked).
-        unsafe { avx2::weighted_sum(y, w, xs) };
-        return;
-    }
-    crate::ops::weighted_sum_body(y, w, xs);
 }
 
 /// Widens one float weight row to f32.

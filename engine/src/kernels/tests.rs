@@ -592,10 +592,18 @@ fn attention_kernels_are_bit_identical_on_every_path() {
         let values = random_activations(&mut rng, n * dim);
         let weights = random_activations(&mut rng, n);
         let mut want_scores = vec![0f32; rows * n];
-        crate::ops::scores_transposed_body(&q, dim, &kt, stride, 3..3 + n, 0.125, &mut want_scores);
+        super::attention::scores_transposed_body(
+            &q,
+            dim,
+            &kt,
+            stride,
+            3..3 + n,
+            0.125,
+            &mut want_scores,
+        );
         let mut want_sum = random_activations(&mut rng, dim);
         let start = want_sum.clone();
-        crate::ops::weighted_sum_body(&mut want_sum, &weights, &values);
+        super::attention::weighted_sum_body(&mut want_sum, &weights, &values);
         for path in KernelPath::available() {
             let mut scores = vec![0f32; rows * n];
             scores_transposed_with_path(path, &q, dim, &kt, stride, 3..3 + n, 0.125, &mut scores);
@@ -726,10 +734,18 @@ fn f16_attention_kernels_equal_widening_first() {
         let (kt, values) = (widen(&kt16), widen(&values16));
         let weights = random_activations(&mut rng, n);
         let mut want_scores = vec![0f32; rows * n];
-        crate::ops::scores_transposed_body(&q, dim, &kt, stride, 3..3 + n, 0.125, &mut want_scores);
+        super::attention::scores_transposed_body(
+            &q,
+            dim,
+            &kt,
+            stride,
+            3..3 + n,
+            0.125,
+            &mut want_scores,
+        );
         let start = random_activations(&mut rng, dim);
         let mut want_sum = start.clone();
-        crate::ops::weighted_sum_body(&mut want_sum, &weights, &values);
+        super::attention::weighted_sum_body(&mut want_sum, &weights, &values);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for path in KernelPath::available() {
             let mut scores = vec![0f32; rows * n];

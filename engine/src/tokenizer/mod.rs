@@ -42,6 +42,7 @@ mod special;
 mod spm;
 mod unicode;
 mod unicode_tables;
+pub mod unigram;
 mod vocab;
 
 use std::fmt;
@@ -80,7 +81,7 @@ pub enum TokenizerError {
     UnsupportedModel(String),
     /// The SentencePiece model of a `marian` vocab cannot be used.
     #[error("tokenizer.marian.source_spm: {0}")]
-    BadSentencePiece(#[from] crate::sentencepiece::SentencePieceError),
+    BadSentencePiece(#[from] crate::tokenizer::unigram::SentencePieceError),
     /// `tokenizer.ggml.pre` names a pre-tokenizer egpu does not implement.
     #[error(
         "unsupported BPE pre-tokenizer {0:?}; egpu supports default, gpt-2, llama-bpe, qwen2, \
@@ -145,7 +146,7 @@ enum Encoder {
     },
     Spm(SpmModel),
     Unigram {
-        model: Box<crate::sentencepiece::SentencePiece>,
+        model: Box<crate::tokenizer::unigram::SentencePiece>,
         /// Vocab id of each of the model's pieces (the unknown id where the vocab lacks it).
         to_vocab: Vec<u32>,
         /// The vocab's unknown id.
@@ -227,7 +228,7 @@ impl Tokenizer {
                     .unigram_model
                     .as_deref()
                     .ok_or(TokenizerError::MissingKey("tokenizer.marian.source_spm"))?;
-                let model = crate::sentencepiece::SentencePiece::from_bytes(bytes)?;
+                let model = crate::tokenizer::unigram::SentencePiece::from_bytes(bytes)?;
                 let unknown = vocab.special.unk.unwrap_or(0);
                 let to_vocab = model
                     .pieces()

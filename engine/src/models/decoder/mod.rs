@@ -10,7 +10,7 @@
 //! ```no_run
 //! # use std::sync::Arc;
 //! # use egpu_engine::{gguf::GgufFile, kernels::ThreadPool};
-//! # use egpu_engine::model::{BatchItem, LogitsWanted, Model};
+//! # use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
 //! let model = Model::load(Arc::new(GgufFile::open("model.gguf")?))?;
 //! let pool = ThreadPool::new(2);
 //! let mut scratch = model.new_scratch();

@@ -79,7 +79,7 @@ const RENDER_FUEL: u64 = 20_000_000;
 
 /// Gemma 3's instruct template as published with the Hugging Face checkpoints (the fixture
 /// test checks it renders as transformers renders it).
-const GEMMA_SOURCE: &str = include_str!("chat/gemma3.jinja");
+const GEMMA_SOURCE: &str = include_str!("gemma3.jinja");
 
 /// The ChatML template [`ChatTemplate::fallback`] renders; see the module docs for why ChatML.
 const FALLBACK_SOURCE: &str = "{% for message in messages %}\

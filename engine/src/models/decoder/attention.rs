@@ -377,7 +377,7 @@ fn attend_unit(
             let q_group = &q[t * q_dim + first_head * dk..][..heads * dk];
             let n = r1 - r0;
             let scores = &mut scores[..heads * n];
-            ops::scores_transposed(
+            crate::kernels::attention::scores_transposed(
                 q_group,
                 dk,
                 keys_t,
@@ -390,7 +390,7 @@ fn attend_unit(
                 let row = ti * heads + j;
                 let oh = &mut out[row * dv..(row + 1) * dv];
                 let s = kernels::online_softmax_step(s, &mut max[row], &mut sum[row], oh);
-                ops::weighted_sum(oh, s, block_values);
+                crate::kernels::attention::weighted_sum(oh, s, block_values);
             }
         }
     }

@@ -1,4 +1,4 @@
-//! The Marian encoder-decoder (Helsinki-NLP opus-mt), run from the GGUF [`crate::hf_marian`]
+//! The Marian encoder-decoder (Helsinki-NLP opus-mt), run from the GGUF [`crate::convert::marian`]
 //! writes, computing what transformers' `MarianMTModel` computes.
 //!
 //! - **Encoder:** token embeddings (scaled by √d_model when `scale_embedding`) plus sinusoidal

@@ -1,14 +1,12 @@
-//! Hugging Face model folders to GGUF: what every converter shares (errors, `config.json`
-//! reading, the weight format) and the dispatch on `config.json`'s `model_type` to
-//! [`crate::hf_gpt2`] or [`crate::hf_marian`].
+//! What every Hugging Face converter shares: its errors, `config.json` reading, and the weight
+//! format of the GGUF it writes.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::convert::safetensors::SafetensorsError;
 use crate::gguf::write::GgufWriter;
-use crate::hf_cache::CONFIG_FILE;
-use crate::safetensors::SafetensorsError;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -122,15 +120,5 @@ impl WeightFormat {
             }
             _ => Ok(w.tensor_f32(name, &[cols, rows], values)),
         }
-    }
-}
-
-/// Converts a Hugging Face folder of a supported `model_type` (gpt2, marian) to GGUF bytes.
-pub fn gguf_from_hf_folder(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, HfModelError> {
-    let config_path = dir.join(CONFIG_FILE);
-    let config = read_json(&config_path)?;
-    match config["model_type"].as_str().unwrap_or("") {
-        "marian" => crate::hf_marian::gguf_from_hf_marian(dir, format),
-        _ => crate::hf_gpt2::gguf_from_hf_gpt2_as(dir, format),
     }
 }

@@ -1,5 +1,5 @@
 //! MarianMT (Helsinki-NLP opus-mt) translation models from a Hugging Face folder, as a GGUF the
-//! engine's [`crate::marian`] runs.
+//! engine's [`crate::models::marian`] runs.
 //!
 //! An opus-mt folder holds `config.json`, `generation_config.json`, `model.safetensors`, the two
 //! SentencePiece models `source.spm` / `target.spm` and `vocab.json`, the vocabulary both sides
@@ -23,11 +23,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::convert::common::{positive_int, read_json, HfModelError, WeightFormat};
+use crate::convert::hf_cache::CONFIG_FILE;
+use crate::convert::safetensors::SafetensorsSet;
 use crate::gguf::write::GgufWriter;
 use crate::gguf::{MetaArray, MetaValue};
-use crate::hf_cache::CONFIG_FILE;
-use crate::hf_convert::{positive_int, read_json, HfModelError, WeightFormat};
-use crate::safetensors::SafetensorsSet;
 
 /// Token types as `tokenizer.ggml.token_type` stores them.
 const TOKEN_NORMAL: i32 = 1;
@@ -147,7 +147,7 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
         path: spm_path.clone(),
         source,
     })?;
-    crate::sentencepiece::SentencePiece::from_bytes(&source_spm)
+    crate::tokenizer::unigram::SentencePiece::from_bytes(&source_spm)
         .map_err(|e| bad(&spm_path, e.to_string()))?;
 
     let weights = SafetensorsSet::open_folder(dir)?;

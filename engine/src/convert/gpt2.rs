@@ -16,11 +16,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::convert::common::{positive_int, read_json, HfModelError, WeightFormat};
+use crate::convert::hf_cache::CONFIG_FILE;
+use crate::convert::safetensors::SafetensorsSet;
 use crate::gguf::write::GgufWriter;
 use crate::gguf::{MetaArray, MetaValue};
-use crate::hf_cache::CONFIG_FILE;
-use crate::hf_convert::{positive_int, read_json, HfModelError, WeightFormat};
-use crate::safetensors::SafetensorsSet;
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TOKEN_NORMAL: i32 = 1;

@@ -1,0 +1,29 @@
+//! The architectures the engine runs, and what a model file says about itself.
+//!
+//! - [`decoder`]: decoder-only transformers (llama family, qwen2/3, gemma3, gpt2): one
+//!   forward pass configured by flags, KV caches outside the model, batched steps.
+//! - [`marian`]: the Marian encoder-decoder (opus-mt), greedy and beam-search translation.
+//! - [`info`]: hyper-parameters and memory estimates from metadata alone.
+
+pub mod decoder;
+pub mod info;
+pub mod marian;
+
+/// What a model does, which decides how it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelKind {
+    /// Continues text: Generate and Score.
+    Decoder,
+    /// Translates sentences: Translate.
+    Translator,
+}
+
+impl ModelKind {
+    /// The kind of a GGUF's `general.architecture`.
+    pub fn of_architecture(architecture: &str) -> ModelKind {
+        match architecture {
+            "marian" => ModelKind::Translator,
+            _ => ModelKind::Decoder,
+        }
+    }
+}
