@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::backend::BackendKind;
+pub use crate::residency::KeepAlive;
+
 /// Models may hold this share of physical memory on the CPU backend unless `--memory-budget`
 /// says otherwise; the rest is left to the OS and the user's other programs.
 pub const CPU_DEFAULT_BUDGET_PERCENT: u64 = 75;
@@ -38,8 +41,8 @@ pub struct Config {
 
     /// Backend for models loaded without one: cpu, or tinygrad (starts the tinygrad worker,
     /// which holds the device named by DEV; the cpu backend keeps serving beside it).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "tinygrad"])]
-    pub backend: String,
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    pub backend: BackendKind,
 
     /// Python of the tinygrad worker's environment [default: $EGPU_WORKER_PYTHON, else
     /// worker/.venv/bin/python of the checkout egpud was built in, else
@@ -86,24 +89,6 @@ pub struct Config {
     /// Keep-alive of models loaded without one, e.g. 5m, 30s, 0, forever.
     #[arg(long, default_value = "5m", value_parser = parse_keep_alive)]
     pub keep_alive: KeepAlive,
-}
-
-/// How long an idle model stays resident.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeepAlive {
-    Forever,
-    For(Duration),
-}
-
-impl KeepAlive {
-    /// The API's encoding: negative = forever, else milliseconds.
-    pub fn from_millis(ms: i64) -> KeepAlive {
-        if ms < 0 {
-            KeepAlive::Forever
-        } else {
-            KeepAlive::For(Duration::from_millis(ms as u64))
-        }
-    }
 }
 
 impl Config {
@@ -206,6 +191,14 @@ pub fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
     Duration::try_from_secs_f64(seconds)
         .map(KeepAlive::For)
         .map_err(|_| format!("{text:?} is not a usable duration"))
+}
+
+/// A backend's name: `cpu` or `tinygrad`.
+pub fn parse_backend(text: &str) -> Result<BackendKind, String> {
+    BackendKind::parse(text.trim()).ok_or_else(|| {
+        let names: Vec<&str> = BackendKind::ALL.iter().map(|b| b.as_str()).collect();
+        format!("unknown backend {text:?} (use {})", names.join(" or "))
+    })
 }
 
 /// A plain duration (`30s`, `500ms`, `5m`); "forever" is not one.

@@ -1,8 +1,8 @@
-//! The daemon's domain errors, and their one mapping to gRPC statuses.
+//! The daemon's domain errors. Each front end maps them to its protocol in one place
+//! (`frontend::grpc::status`, `frontend::http::error`); nothing below the front ends knows
+//! those protocols.
 
 use std::path::PathBuf;
-
-use tonic::{Code, Status};
 
 /// Everything a request can fail with. Each variant's message is what the client reads.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,32 +63,6 @@ pub enum DaemonError {
     DeviceUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-impl From<DaemonError> for Status {
-    fn from(err: DaemonError) -> Status {
-        let code = match &err {
-            DaemonError::UnknownModel { .. }
-            | DaemonError::MissingFile(_)
-            | DaemonError::UnknownSource { .. }
-            | DaemonError::NotInHfCache(_) => Code::NotFound,
-            DaemonError::BadModelFile { .. }
-            | DaemonError::InvalidArgument(_)
-            | DaemonError::UnsupportedBackend { .. } => Code::InvalidArgument,
-            DaemonError::NameTaken { .. } => Code::AlreadyExists,
-            DaemonError::OverBudget { .. }
-            | DaemonError::QueueFull { .. }
-            | DaemonError::DeviceOutOfMemory(_) => Code::ResourceExhausted,
-            DaemonError::Busy { .. } => Code::FailedPrecondition,
-            DaemonError::Unloaded(_) => Code::Aborted,
-            DaemonError::ShuttingDown
-            | DaemonError::DeviceLost(_)
-            | DaemonError::DeviceUnavailable(_) => Code::Unavailable,
-            DaemonError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            DaemonError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, err.to_string())
-    }
 }
 
 pub type Result<T, E = DaemonError> = std::result::Result<T, E>;

@@ -1,24 +1,27 @@
 //! egpud: holds the device, keeps models resident under a memory budget, and serves them to
-//! every local program over gRPC on a Unix socket.
+//! every local program.
 //!
-//! - [`server`]: socket, lifecycle, shutdown.
-//! - [`api`]: the gRPC service (validation and mapping only).
-//! - [`residency`]: loading, the budget, eviction, keep-alive.
-//! - [`scheduler`]: per-model continuous batching, fairness, cancellation.
-//! - [`backend`]: the CPU backend over the native engine.
-//! - [`state`]: the pinned models, persisted across restarts.
-//! - [`error`]: domain errors and their gRPC status codes.
+//! Layers, each importing only the ones below it (`tests/tests/architecture.rs` checks it):
+//!
+//! - [`server`] and [`config`]: the composition root: flags, the socket, the lifecycle.
+//! - [`frontend`]: one module per protocol (gRPC today); parse, call the core, map back.
+//! - [`core`]: the API every front end shares: validation, chat templates, jobs.
+//! - [`residency`]: what is resident: loads under the budget, eviction, keep-alive, pins,
+//!   and the catalog that resolves model sources.
+//! - [`scheduler`]: per-model queues and runners: admission, step plans, batching.
+//! - [`backend`]: where models run: the CPU engine, the tinygrad worker.
+//! - [`state`] and [`error`]: the persisted pin set, and the domain errors.
+//!
+//! `ARCHITECTURE.md` at the repository root follows one request through these files.
 
-pub mod api;
 pub mod backend;
 pub mod config;
-pub mod device;
+pub mod core;
 pub mod error;
-pub mod hf_source;
+pub mod frontend;
 pub mod residency;
 pub mod scheduler;
 pub mod server;
 pub mod state;
-pub mod worker;
 
 pub use config::Config;

@@ -5,30 +5,25 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use egpu_proto::v1::egpu_server::EgpuServer;
-use egpu_proto::v1::FILE_DESCRIPTOR_SET;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::service::InterceptorLayer;
-use tonic::transport::Server;
 
-use crate::api::{check_peer, Api};
+use crate::backend::device::cpu_device;
+use crate::backend::tinygrad::{Worker, WorkerSettings};
+use crate::backend::{BackendKind, ComputeTurns};
 use crate::config::{Config, CPU_DEFAULT_BUDGET_PERCENT};
-use crate::device::cpu_device;
+use crate::core::Core;
+use crate::frontend;
 use crate::residency::{Residency, ResidencySettings};
-use crate::scheduler::Device;
-use crate::state::{reload_pinned, StateStore};
-use crate::worker::{Worker, WorkerSettings};
+use crate::state::StateStore;
 
 /// How long open streams get to end after a shutdown signal before egpud exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` completes, then ends every stream with UNAVAILABLE and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let started = Instant::now();
     let socket = config.socket_path();
     let device = cpu_device();
     let budget = config
@@ -58,7 +53,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
 
     // The tinygrad backend: its worker starts in the background (importing tinygrad and
     // compiling a first kernel takes seconds); the socket answers meanwhile.
-    let worker = (config.backend == "tinygrad").then(|| {
+    let worker = (config.backend == BackendKind::Tinygrad).then(|| {
         let python = config.worker_python();
         tracing::info!(python = %python.display(), dev = %std::env::var("DEV").unwrap_or_default(), "starting the tinygrad worker");
         Worker::start(WorkerSettings {
@@ -74,14 +69,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         ResidencySettings {
             budget,
             models_dir,
-            default_backend: config.backend.clone(),
+            default_backend: config.backend,
             default_keep_alive: config.keep_alive,
             max_queue: config.max_queue,
             batch_tokens: config.batch_tokens as usize,
         },
-        Arc::new(Device::new(threads)),
+        Arc::new(ComputeTurns::new(threads)),
     )
-    .with_state(state.clone());
+    .with_state(state);
     if let Some(worker) = &worker {
         residency = residency.with_worker(worker.clone());
     }
@@ -89,50 +84,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let follow_worker = tokio::spawn(residency.clone().follow_worker());
     let keep_alive = tokio::spawn(residency.clone().run_keep_alive());
     // In the background: the socket answers while the pinned models load again.
-    let reload = tokio::spawn(reload_pinned(residency.clone(), state, None));
-
-    let api = Api {
-        residency: residency.clone(),
-        device: cpu_device,
-        started,
-        threads,
-    };
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<EgpuServer<Api>>().await;
-    // Reflection in both versions: grpcurl asks for v1, older clients (and grpcio's
-    // reflection database) for v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .context("building the reflection service")?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .context("building the reflection service")?;
+    let reload = tokio::spawn(residency.clone().reload_pinned(BackendKind::Cpu));
+    let core = Core::new(residency.clone(), threads);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signal_residency = residency.clone();
     let serve_shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: ending open streams");
-        health_reporter.set_not_serving::<EgpuServer<Api>>().await;
         signal_residency.shutdown().await;
         let _ = stop_tx.send(());
     };
-    let server = Server::builder()
-        .layer(InterceptorLayer::new(check_peer))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            EgpuServer::new(api)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), serve_shutdown);
+    let server = frontend::grpc::serve(listener, core, serve_shutdown);
 
     // Clients that keep idle connections open would hold a graceful shutdown forever; after
     // the grace period egpud exits anyway (every stream has already been ended).
@@ -141,7 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        result = server => result.context("serving gRPC")?,
+        result = server => result?,
         () = grace => tracing::warn!("clients still connected after {SHUTDOWN_GRACE:?}; exiting"),
     }
     keep_alive.abort();

@@ -7,21 +7,19 @@
 //! the same folder, fsync, rename, fsync of the folder. A file that cannot be read or parsed
 //! is logged and moved aside as `state.json.corrupt-<unix time>`; egpud then starts with no
 //! pinned models. Nothing here ever stops the daemon: failures are logged.
+//!
+//! Pure persistence: what the records mean (reloading them, dropping the ones that cannot
+//! come back) is the residency layer's business (`residency::pins`).
 
 use std::collections::BTreeMap;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-
-use crate::config::KeepAlive;
-use crate::error::DaemonError;
-use crate::residency::{LoadOptions, LoadPhase, LoadTicket, Residency, Resident};
 
 pub const STATE_FILE: &str = "state.json";
 pub const STATE_VERSION: u32 = 1;
@@ -40,36 +38,6 @@ pub struct PinnedModel {
     pub keep_alive_ms: Option<i64>,
     #[serde(default)]
     pub backend: String,
-}
-
-impl PinnedModel {
-    pub fn from_resident(r: &Resident) -> PinnedModel {
-        PinnedModel {
-            name: r.name.clone(),
-            source: r.source.display().to_string(),
-            context_length: r.context as u32,
-            slots: r.slots as u32,
-            keep_alive_ms: Some(match r.keep_alive {
-                KeepAlive::Forever => -1,
-                KeepAlive::For(d) => d.as_millis().min(i64::MAX as u128) as i64,
-            }),
-            backend: r.backend.clone(),
-        }
-    }
-
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions {
-            source: self.source.clone(),
-            name: Some(self.name.clone()),
-            context: Some(self.context_length as usize).filter(|&c| c > 0),
-            slots: Some(self.slots as usize).filter(|&s| s > 0),
-            pin: true,
-            keep_alive: self.keep_alive_ms.map(KeepAlive::from_millis),
-            backend: Some(self.backend.clone()).filter(|b| !b.is_empty()),
-            // The source is the converted GGUF itself, whatever its weights' format.
-            quantize: None,
-        }
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -135,7 +103,7 @@ impl StateStore {
 
     /// Drops `model` only if it is still recorded exactly so (a client may have pinned
     /// another model under its name since).
-    fn forget_exactly(&self, model: &PinnedModel) {
+    pub fn forget_exactly(&self, model: &PinnedModel) {
         let mut pinned = self.pinned.lock();
         if pinned.get(&model.name) == Some(model) {
             pinned.remove(&model.name);
@@ -221,80 +189,6 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()>
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-/// Starts loading every persisted pinned model, then watches the loads: the models show as
-/// "loading" in Status at once, and a model that cannot be loaded again (its file is gone,
-/// it no longer fits) is logged and dropped from the state. Run it in the background.
-///
-/// `backend`: only the models of that backend (tinygrad models are loaded when its worker is
-/// ready); None = every model but the tinygrad ones.
-pub async fn reload_pinned(
-    residency: Arc<Residency>,
-    store: Arc<StateStore>,
-    backend: Option<&str>,
-) {
-    let models: Vec<PinnedModel> = store
-        .pinned()
-        .into_iter()
-        .filter(|m| match backend {
-            Some(b) => m.backend == b,
-            None => m.backend != "tinygrad",
-        })
-        .collect();
-    if models.is_empty() {
-        return;
-    }
-    tracing::info!(
-        count = models.len(),
-        state_file = %store.path().display(),
-        "reloading pinned models"
-    );
-    let mut pending = Vec::new();
-    for model in models {
-        match residency.start_load(model.load_options()).await {
-            Ok(LoadTicket::Resident(_)) => {}
-            Ok(LoadTicket::Pending { phase, .. }) => pending.push((model, phase)),
-            Err(err) => dropped(&store, &model, &err),
-        }
-    }
-    for (model, mut phase) in pending {
-        let outcome = loop {
-            if let LoadPhase::Done(result) = &*phase.borrow_and_update() {
-                break result.as_ref().map(|_| ()).map_err(Clone::clone);
-            }
-            if phase.changed().await.is_err() {
-                match &*phase.borrow() {
-                    LoadPhase::Done(result) => {
-                        break result.as_ref().map(|_| ()).map_err(Clone::clone)
-                    }
-                    LoadPhase::Progress(_) => {
-                        break Err(DaemonError::Internal("the load ended unexpectedly".into()))
-                    }
-                }
-            }
-        };
-        match outcome {
-            Ok(()) => tracing::info!(model = %model.name, "pinned model resident again"),
-            Err(err) => dropped(&store, &model, &err),
-        }
-    }
-}
-
-fn dropped(store: &StateStore, model: &PinnedModel, err: &DaemonError) {
-    if matches!(
-        err,
-        DaemonError::ShuttingDown | DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_)
-    ) {
-        return; // still pinned: the next start (of egpud, or of the worker) tries again
-    }
-    tracing::warn!(
-        model = %model.name,
-        source = %model.source,
-        cause = %err,
-        "cannot reload a pinned model; dropping it from the state file"
-    );
-    store.forget_exactly(model);
 }
 
 #[cfg(test)]

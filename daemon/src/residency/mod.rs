@@ -1,39 +1,49 @@
 //! Which models are resident: loading under a memory budget, eviction, keep-alive, unloading.
 //!
+//! - [`catalog`]: where a load's source resolves (models folder, HF cache, conversions).
+//! - [`eviction`]: which idle models make room (a pure rule over plain records).
+//! - [`pins`]: pinned models brought back after a restart.
+//!
 //! Decisions are made under one lock over the table of models, so two loads can never both
 //! count the same free bytes, and a model is only evicted when its queue confirms, under the
 //! queue's own lock, that nothing is running or waiting.
 //!
 //! Memory accounting: each model reserves `max(estimate, measured)`; a load proceeds only if
-//! its estimate fits beside every reservation, evicting idle unpinned models least recently
-//! used first. If it cannot fit even after evicting every candidate, nothing is evicted.
+//! its estimate fits beside every reservation of its backend, evicting idle unpinned models
+//! least recently used first. If it cannot fit even after evicting every candidate, nothing
+//! is evicted.
+
+pub mod catalog;
+pub mod eviction;
+pub mod pins;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use egpu_engine::chat::ChatTemplate;
 use egpu_engine::convert::hf_cache::HfEnv;
 use egpu_engine::convert::WeightFormat;
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::models::info::{bytes_by_type, ModelSummary};
+use egpu_engine::models::ModelKind;
 use egpu_engine::tokenizer::Tokenizer;
-use egpu_proto::v1::{self as pb, ModelState};
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 
+use crate::backend::tinygrad::{Worker, WorkerLink, WorkerPhase};
 use crate::backend::{
-    self, CpuModel, Estimate, LoadedModel, MarianCpu, ModelSpec, Progress, TinygradModel,
+    self, BackendKind, ComputeTurns, CpuModel, DecoderModel, Estimate, LoadedModel, MarianCpu,
+    ModelSpec, Progress, TinygradModel,
 };
-use crate::config::KeepAlive;
 use crate::error::DaemonError;
-use crate::hf_source;
-use crate::scheduler::{self, BatchSettings, Device, ModelQueue, StopReason};
-use crate::state::{PinnedModel, StateStore};
-use crate::worker::{Worker, WorkerLink, WorkerPhase};
+use crate::scheduler::{self, ModelQueue, RunnerSettings, StopReason};
+use crate::state::StateStore;
+use catalog::{Catalog, CatalogFile, Source};
+use eviction::{Holder, Holding};
 
 /// Context used when a load does not ask for one and the model's trained context is larger.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -41,6 +51,24 @@ pub const DEFAULT_SLOTS: usize = 4;
 pub const MAX_SLOTS: usize = 64;
 /// Longest context one slot may be given.
 pub const MAX_CONTEXT: usize = 1 << 20;
+
+/// How long an idle model stays resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    Forever,
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// The API's encoding: negative = forever, else milliseconds.
+    pub fn from_millis(ms: i64) -> KeepAlive {
+        if ms < 0 {
+            KeepAlive::Forever
+        } else {
+            KeepAlive::For(Duration::from_millis(ms as u64))
+        }
+    }
+}
 
 /// What a Load request asks for.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +79,7 @@ pub struct LoadOptions {
     pub slots: Option<usize>,
     pub pin: bool,
     pub keep_alive: Option<KeepAlive>,
+    /// A backend's name as the client wrote it; None = egpud's default.
     pub backend: Option<String>,
     /// How a Hugging Face folder's weights are converted (`f32`, `q8_0`).
     pub quantize: Option<String>,
@@ -61,10 +90,52 @@ pub struct LoadOptions {
 pub struct ResidencySettings {
     pub budget: u64,
     pub models_dir: PathBuf,
-    pub default_backend: String,
+    pub default_backend: BackendKind,
     pub default_keep_alive: KeepAlive,
     pub max_queue: usize,
     pub batch_tokens: usize,
+}
+
+/// How a model's memory is split by tensor type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantShare {
+    pub ggml_type: String,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelState {
+    Loading,
+    Ready,
+}
+
+/// A model as Status and the model lists show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub source: PathBuf,
+    pub architecture: String,
+    pub kind: ModelKind,
+    /// Largest first.
+    pub quant_mix: Vec<QuantShare>,
+    /// Measured bytes held (0 while loading).
+    pub bytes: u64,
+    pub bytes_estimated: u64,
+    pub context_length: usize,
+    pub slots: usize,
+    pub pinned: bool,
+    /// When an idle model unloads; None = never (pinned, forever, or not yet used).
+    pub keep_alive_expires: Option<SystemTime>,
+    pub active: usize,
+    pub queued: usize,
+    pub requests_served: u64,
+    pub last_used: SystemTime,
+    pub backend: BackendKind,
+    pub state: ModelState,
+    pub parameters: u64,
+    pub vocab_size: usize,
+    pub trained_context_length: Option<u64>,
 }
 
 /// A model that serves requests.
@@ -73,14 +144,15 @@ pub struct Resident {
     pub name: String,
     pub source: PathBuf,
     pub summary: ModelSummary,
-    pub quant_mix: Vec<pb::QuantShare>,
+    pub kind: ModelKind,
+    pub quant_mix: Vec<QuantShare>,
     pub parameters: u64,
     pub estimate: Estimate,
     pub context: usize,
     pub slots: usize,
     pub pinned: bool,
     pub keep_alive: KeepAlive,
-    pub backend: String,
+    pub backend: BackendKind,
     /// For a tinygrad model: the generation of the worker that holds it.
     pub worker_generation: Option<u64>,
     pub tokenizer: Arc<Tokenizer>,
@@ -114,51 +186,55 @@ impl Resident {
         Some(idle_since + keep)
     }
 
-    pub fn info(&self) -> pb::ModelInfo {
+    pub fn info(&self) -> ModelInfo {
         let counts = self.queue.counts();
-        pb::ModelInfo {
+        ModelInfo {
             name: self.name.clone(),
-            source: self.source.display().to_string(),
+            source: self.source.clone(),
             architecture: self.summary.architecture.clone(),
+            kind: self.kind,
             quant_mix: self.quant_mix.clone(),
             bytes: self.queue.memory_bytes(),
             bytes_estimated: self.estimate.total,
-            context_length: self.context as u32,
-            slots: self.slots as u32,
+            context_length: self.context,
+            slots: self.slots,
             pinned: self.pinned,
-            keep_alive_expires_unix_ms: self.expiry().map_or(0, instant_to_unix_ms),
-            active: counts.active as u32,
-            queued: counts.queued as u32,
+            keep_alive_expires: self.expiry().map(instant_to_system),
+            active: counts.active,
+            queued: counts.queued,
             requests_served: counts.served,
-            last_used_unix_ms: system_to_unix_ms(counts.last_used),
-            backend: self.backend.clone(),
-            state: ModelState::Ready as i32,
+            last_used: counts.last_used,
+            backend: self.backend,
+            state: ModelState::Ready,
             parameters: self.parameters,
-            vocab_size: self.tokenizer.vocab_size() as u32,
-            trained_context_length: self.summary.context_length.unwrap_or(0) as u32,
+            vocab_size: self.tokenizer.vocab_size(),
+            trained_context_length: self.summary.context_length,
         }
     }
 
-    /// An encoder-decoder translation model (Translate), rather than a decoder-only one
-    /// (Generate, Score).
-    pub fn is_translation_model(&self) -> bool {
-        self.summary.architecture == "marian"
-    }
-
-    /// Waits for the batching thread to end (after its queue was stopped).
+    /// Waits for the runner thread to end (after its queue was stopped).
     fn join(&self) {
         if let Some(thread) = self.thread.lock().take() {
             if thread.join().is_err() {
-                tracing::error!(model = %self.name, "batching thread panicked");
+                tracing::error!(model = %self.name, "model runner panicked");
             }
         }
     }
 }
 
+/// A load's progress as its watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoadProgress {
+    pub stage: String,
+    pub done: u64,
+    pub total: u64,
+    pub message: String,
+}
+
 /// What watchers of a load see.
 #[derive(Debug, Clone)]
 pub enum LoadPhase {
-    Progress(pb::LoadProgress),
+    Progress(LoadProgress),
     Done(Result<Arc<Resident>, DaemonError>),
 }
 
@@ -169,7 +245,7 @@ struct Loading {
     context: usize,
     slots: usize,
     pinned: bool,
-    backend: String,
+    backend: BackendKind,
     summary: ModelSummary,
     phase: watch::Receiver<LoadPhase>,
 }
@@ -178,6 +254,46 @@ struct Loading {
 enum Entry {
     Loading(Arc<Loading>),
     Ready(Arc<Resident>),
+}
+
+impl Entry {
+    fn source(&self) -> &Path {
+        match self {
+            Entry::Loading(l) => &l.source,
+            Entry::Ready(r) => &r.source,
+        }
+    }
+
+    fn backend(&self) -> BackendKind {
+        match self {
+            Entry::Loading(l) => l.backend,
+            Entry::Ready(r) => r.backend,
+        }
+    }
+
+    /// The entry as the eviction rule sees it.
+    fn holder(&self, name: &str) -> Holder {
+        match self {
+            Entry::Loading(l) => Holder {
+                name: name.to_owned(),
+                reserved: l.estimate.total,
+                holding: Holding::Loading,
+                last_used: SystemTime::now(),
+            },
+            Entry::Ready(r) => Holder {
+                name: name.to_owned(),
+                reserved: r.reserved(),
+                holding: if r.pinned {
+                    Holding::Pinned
+                } else if r.queue.is_idle() {
+                    Holding::Idle
+                } else {
+                    Holding::Busy
+                },
+                last_used: r.queue.counts().last_used,
+            },
+        }
+    }
 }
 
 /// The outcome of starting a load.
@@ -192,10 +308,18 @@ pub enum LoadTicket {
     },
 }
 
+/// A resident model of the catalog's listing, with the names it is resident as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFile {
+    pub file: CatalogFile,
+    pub resident_as: Vec<String>,
+}
+
 #[derive(Debug)]
 pub struct Residency {
     settings: ResidencySettings,
-    device: Arc<Device>,
+    catalog: Catalog,
+    turns: Arc<ComputeTurns>,
     entries: Mutex<BTreeMap<String, Entry>>,
     /// Woken when a model becomes idle or the table changes: keep-alive is re-checked.
     changed: Arc<Notify>,
@@ -207,10 +331,11 @@ pub struct Residency {
 }
 
 impl Residency {
-    pub fn new(settings: ResidencySettings, device: Arc<Device>) -> Residency {
+    pub fn new(settings: ResidencySettings, turns: Arc<ComputeTurns>) -> Residency {
         Residency {
+            catalog: Catalog::new(settings.models_dir.clone()),
             settings,
-            device,
+            turns,
             entries: Mutex::new(BTreeMap::new()),
             changed: Arc::new(Notify::new()),
             shutting_down: AtomicBool::new(false),
@@ -225,10 +350,25 @@ impl Residency {
         self
     }
 
+    /// Persists the pinned set in `state` from now on.
+    pub fn with_state(mut self, state: Arc<StateStore>) -> Residency {
+        self.state = Some(state);
+        self
+    }
+
     pub fn worker(&self) -> Option<&Arc<Worker>> {
         self.worker.as_ref()
     }
 
+    pub fn budget(&self) -> u64 {
+        self.settings.budget
+    }
+
+    pub fn models_dir(&self) -> &Path {
+        self.catalog.models_dir()
+    }
+
+    /// The backends this egpud serves, for error messages.
     fn backends(&self) -> String {
         if self.worker.is_some() {
             "cpu, tinygrad"
@@ -238,8 +378,28 @@ impl Residency {
         .into()
     }
 
+    /// A backend by the name a client gave; None or empty = egpud's default.
+    fn backend_named(&self, name: Option<&str>) -> Result<BackendKind, DaemonError> {
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return Ok(self.settings.default_backend);
+        };
+        match BackendKind::parse(name) {
+            Some(BackendKind::Tinygrad) if self.worker.is_none() => {
+                Err(DaemonError::UnsupportedBackend {
+                    name: name.to_owned(),
+                    available: self.backends(),
+                })
+            }
+            Some(kind) => Ok(kind),
+            None => Err(DaemonError::UnsupportedBackend {
+                name: name.to_owned(),
+                available: self.backends(),
+            }),
+        }
+    }
+
     /// Bytes held by the models of one backend.
-    pub fn used_by(&self, backend: &str) -> u64 {
+    pub fn used_by(&self, backend: BackendKind) -> u64 {
         let entries = self.entries.lock();
         entries
             .values()
@@ -248,20 +408,6 @@ impl Residency {
                 _ => None,
             })
             .sum()
-    }
-
-    /// Persists the pinned set in `state` from now on.
-    pub fn with_state(mut self, state: Arc<StateStore>) -> Residency {
-        self.state = Some(state);
-        self
-    }
-
-    pub fn budget(&self) -> u64 {
-        self.settings.budget
-    }
-
-    pub fn models_dir(&self) -> &Path {
-        &self.settings.models_dir
     }
 
     /// A ready model by name.
@@ -279,32 +425,39 @@ impl Residency {
         }
     }
 
-    /// Every model, most recently used first, and the bytes they hold (measured).
-    pub fn snapshot(&self) -> (Vec<pb::ModelInfo>, u64) {
+    /// Every model, most recently used first.
+    pub fn snapshot(&self) -> Vec<ModelInfo> {
         let entries = self.entries.lock();
-        let mut models: Vec<pb::ModelInfo> = entries
+        let mut models: Vec<ModelInfo> = entries
             .iter()
             .map(|(name, entry)| match entry {
                 Entry::Ready(r) => r.info(),
-                Entry::Loading(l) => pb::ModelInfo {
+                Entry::Loading(l) => ModelInfo {
                     name: name.clone(),
-                    source: l.source.display().to_string(),
+                    source: l.source.clone(),
                     architecture: l.summary.architecture.clone(),
+                    kind: ModelKind::of_architecture(&l.summary.architecture),
+                    quant_mix: Vec::new(),
+                    bytes: 0,
                     bytes_estimated: l.estimate.total,
-                    context_length: l.context as u32,
-                    slots: l.slots as u32,
+                    context_length: l.context,
+                    slots: l.slots,
                     pinned: l.pinned,
-                    backend: l.backend.clone(),
-                    state: ModelState::Loading as i32,
-                    trained_context_length: l.summary.context_length.unwrap_or(0) as u32,
-                    last_used_unix_ms: system_to_unix_ms(SystemTime::now()),
-                    ..Default::default()
+                    keep_alive_expires: None,
+                    active: 0,
+                    queued: 0,
+                    requests_served: 0,
+                    last_used: SystemTime::now(),
+                    backend: l.backend,
+                    state: ModelState::Loading,
+                    parameters: 0,
+                    vocab_size: 0,
+                    trained_context_length: l.summary.context_length,
                 },
             })
             .collect();
-        models.sort_by_key(|m| std::cmp::Reverse(m.last_used_unix_ms));
-        let used = models.iter().map(|m| m.bytes).sum();
-        (models, used)
+        models.sort_by_key(|m| std::cmp::Reverse(m.last_used));
+        models
     }
 
     /// Resolves, checks and plans a load; the loading itself runs in the background so that
@@ -316,33 +469,22 @@ impl Residency {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(DaemonError::ShuttingDown);
         }
-        let backend = opts
-            .backend
-            .clone()
-            .filter(|b| !b.is_empty())
-            .unwrap_or_else(|| self.settings.default_backend.clone());
-        let link: Option<Arc<WorkerLink>> = match (backend.as_str(), &self.worker) {
-            ("cpu", _) => None,
-            ("tinygrad", Some(worker)) => Some(worker.link()?),
-            _ => {
-                return Err(DaemonError::UnsupportedBackend {
-                    name: backend,
-                    available: self.backends(),
-                })
-            }
+        let backend = self.backend_named(opts.backend.as_deref())?;
+        let link: Option<Arc<WorkerLink>> = match (backend, &self.worker) {
+            (BackendKind::Tinygrad, Some(worker)) => Some(worker.link()?),
+            _ => None,
         };
         let budget = match (&link, &self.worker) {
             (Some(link), Some(worker)) => worker.budget(link)?,
             _ => self.settings.budget,
         };
-        let (path, hf_name) = match hf_source::classify(
-            &self.settings.models_dir,
-            &opts.source,
-            &HfEnv::from_process(),
-        )? {
-            hf_source::Source::Gguf(path) => (path, None),
-            hf_source::Source::HfFolder { folder, name } => {
-                let models_dir = self.settings.models_dir.clone();
+        let (path, hf_name) = match self
+            .catalog
+            .classify(&opts.source, &HfEnv::from_process())?
+        {
+            Source::Gguf(path) => (path, None),
+            Source::HfFolder { folder, name } => {
+                let catalog = self.catalog.clone();
                 let hf_name = name.clone();
                 let quantize = opts.quantize.clone().unwrap_or_default();
                 let format = WeightFormat::parse(&quantize).ok_or_else(|| {
@@ -351,7 +493,7 @@ impl Residency {
                     ))
                 })?;
                 let path = tokio::task::spawn_blocking(move || {
-                    hf_source::converted_gguf(&models_dir, &folder, &name, format)
+                    catalog.converted_gguf(&folder, &name, format)
                 })
                 .await
                 .map_err(|e| DaemonError::Internal(e.to_string()))??;
@@ -360,7 +502,7 @@ impl Residency {
         };
         let name = match opts.name.as_deref().map(str::trim) {
             Some(n) if !n.is_empty() => validate_name(n)?,
-            _ => hf_name.map_or_else(|| Ok(default_name(&path)), |n| validate_name(&n))?,
+            _ => hf_name.map_or_else(|| Ok(catalog::default_name(&path)), |n| validate_name(&n))?,
         };
         // Coalesce before touching the file: a second request for a loading model waits.
         if let Some(ticket) = self.existing(&name, &path)? {
@@ -377,6 +519,7 @@ impl Residency {
             })?;
         let file = Arc::new(file);
         let summary = ModelSummary::from_metadata(file.metadata());
+        let kind = ModelKind::of_architecture(&summary.architecture);
         let trained = summary.context_length.map(|c| c as usize);
         let context = match opts.context {
             Some(0) | None => trained.map_or(DEFAULT_CONTEXT, |t| t.clamp(1, DEFAULT_CONTEXT)),
@@ -411,27 +554,27 @@ impl Residency {
             slots,
             batch_tokens: self.settings.batch_tokens.max(slots),
         };
-        let translation = summary.architecture == "marian";
-        if translation && link.is_some() {
+        if kind == ModelKind::Translator && backend != BackendKind::Cpu {
             return Err(DaemonError::UnsupportedBackend {
                 name: format!("{backend} (Marian translation models run on the cpu backend only)"),
                 available: "cpu".into(),
             });
         }
-        let estimate = if translation {
+        let estimate = match kind {
             // `slots` sentences translated at once, as a typical batch.
-            backend::marian_estimate(&file, slots as u64).map_err(|e| {
-                DaemonError::BadModelFile {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                }
-            })?
-        } else {
-            backend::estimate(&file, &summary, &spec)
+            ModelKind::Translator => {
+                backend::marian_estimate(&file, slots as u64).map_err(|e| {
+                    DaemonError::BadModelFile {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            }
+            ModelKind::Decoder => backend::estimate(&file, &summary, &spec),
         };
         let keep_alive = opts.keep_alive.unwrap_or(self.settings.default_keep_alive);
 
-        let (phase_tx, phase_rx) = watch::channel(LoadPhase::Progress(pb::LoadProgress {
+        let (phase_tx, phase_rx) = watch::channel(LoadPhase::Progress(LoadProgress {
             stage: "estimating".into(),
             message: format!(
                 "needs {} bytes (weights {}, KV cache {}, scratch {})",
@@ -442,32 +585,10 @@ impl Residency {
         let victims = {
             let mut entries = self.entries.lock();
             // Someone may have started the same load while the header was read.
-            match entries.get(&name) {
-                Some(Entry::Ready(r)) if r.source == path => {
-                    return Ok(LoadTicket::Resident(r.clone()))
-                }
-                Some(Entry::Loading(l)) if l.source == path => {
-                    return Ok(LoadTicket::Pending {
-                        name,
-                        phase: l.phase.clone(),
-                    })
-                }
-                Some(Entry::Ready(r)) => {
-                    return Err(DaemonError::NameTaken {
-                        name,
-                        source_path: r.source.clone(),
-                    })
-                }
-                Some(Entry::Loading(l)) => {
-                    return Err(DaemonError::NameTaken {
-                        name,
-                        source_path: l.source.clone(),
-                    })
-                }
-                None => {}
+            if let Some(ticket) = existing_entry(&entries, &name, &path)? {
+                return Ok(ticket);
             }
-            let victims =
-                self.plan_eviction(&mut entries, &name, &backend, budget, estimate.total)?;
+            let victims = self.evict_for(&mut entries, &name, backend, budget, estimate.total)?;
             entries.insert(
                 name.clone(),
                 Entry::Loading(Arc::new(Loading {
@@ -476,7 +597,7 @@ impl Residency {
                     context,
                     slots,
                     pinned: opts.pin,
-                    backend: backend.clone(),
+                    backend,
                     summary: summary.clone(),
                     phase: phase_rx.clone(),
                 })),
@@ -495,22 +616,21 @@ impl Residency {
 
         let this = self.clone();
         let task_name = name.clone();
+        let plan = LoadPlan {
+            name: name.clone(),
+            file,
+            spec,
+            summary,
+            kind,
+            estimate,
+            pinned: opts.pin,
+            keep_alive,
+            backend,
+            link,
+            victims,
+        };
         tokio::spawn(async move {
-            let loaded = this
-                .finish_load(
-                    task_name.clone(),
-                    file,
-                    spec,
-                    summary,
-                    estimate,
-                    opts.pin,
-                    keep_alive,
-                    backend,
-                    link,
-                    victims,
-                    &phase_tx,
-                )
-                .await;
+            let loaded = this.finish_load(plan, &phase_tx).await;
             if let Err(err) = &loaded {
                 tracing::error!(model = %task_name, cause = %err, "load failed");
                 this.entries.lock().remove(&task_name);
@@ -525,140 +645,76 @@ impl Residency {
     }
 
     fn existing(&self, name: &str, path: &Path) -> Result<Option<LoadTicket>, DaemonError> {
-        let entries = self.entries.lock();
-        match entries.get(name) {
-            None => Ok(None),
-            Some(Entry::Ready(r)) if r.source == path => Ok(Some(LoadTicket::Resident(r.clone()))),
-            Some(Entry::Loading(l)) if l.source == path => Ok(Some(LoadTicket::Pending {
-                name: name.to_owned(),
-                phase: l.phase.clone(),
-            })),
-            Some(Entry::Ready(r)) => Err(DaemonError::NameTaken {
-                name: name.to_owned(),
-                source_path: r.source.clone(),
-            }),
-            Some(Entry::Loading(l)) => Err(DaemonError::NameTaken {
-                name: name.to_owned(),
-                source_path: l.source.clone(),
-            }),
-        }
+        existing_entry(&self.entries.lock(), name, path)
     }
 
-    /// The idle, unpinned models to evict (least recently used first) so that `needed` more
-    /// bytes fit; an error, evicting nothing, when even evicting all of them is not enough.
+    /// Stops and removes the idle models to evict so that `needed` more bytes fit on
+    /// `backend` (see [`eviction::plan`]); an error, evicting nothing, when even evicting all
+    /// of them is not enough.
     ///
-    /// The victims are stopped and removed from `entries` here. A victim stopped before a
-    /// later candidate turned out to be busy stays removed even when the plan then fails:
-    /// its thread has ended, and leaving it listed would advertise a model that cannot serve.
-    /// Only models of the same backend count: each backend has its own memory and budget.
-    fn plan_eviction(
+    /// A candidate that became busy since the records were read refuses to stop (its queue
+    /// re-checks under its own lock); the plan is then made again with it busy. Victims
+    /// stopped before that stay removed even when the new plan fails: their runners have
+    /// ended, and leaving them listed would advertise models that cannot serve.
+    fn evict_for(
         &self,
         entries: &mut BTreeMap<String, Entry>,
         name: &str,
-        backend: &str,
+        backend: BackendKind,
         budget: u64,
         needed: u64,
     ) -> Result<Vec<Arc<Resident>>, DaemonError> {
-        let reserved = |e: &Entry| match e {
-            Entry::Ready(r) => r.reserved(),
-            Entry::Loading(l) => l.estimate.total,
-        };
-        let same_backend = |e: &Entry| match e {
-            Entry::Ready(r) => r.backend == backend,
-            Entry::Loading(l) => l.backend == backend,
-        };
-        let used: u64 = entries
-            .values()
-            .filter(|e| same_backend(e))
-            .map(reserved)
-            .sum();
-        let free = budget.saturating_sub(used);
-        if needed <= free {
-            return Ok(Vec::new());
-        }
-        let mut candidates: Vec<Arc<Resident>> = entries
-            .values()
-            .filter_map(|e| match e {
-                Entry::Ready(r) if r.backend == backend && !r.pinned && r.queue.is_idle() => {
-                    Some(r.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        candidates.sort_by_key(|r| r.queue.counts().last_used);
-        let evictable: u64 = candidates.iter().map(|r| r.reserved()).sum();
-        if needed > free.saturating_add(evictable) {
-            let holders = entries
+        let mut stopped = Vec::new();
+        'plan: loop {
+            let holders: Vec<Holder> = entries
                 .iter()
-                .filter(|(_, e)| same_backend(e))
-                .map(|(n, e)| {
-                    let why = match e {
-                        Entry::Loading(_) => "loading",
-                        Entry::Ready(r) if r.pinned => "pinned",
-                        Entry::Ready(r) if !r.queue.is_idle() => "busy",
-                        Entry::Ready(_) => "idle",
-                    };
-                    format!("{n} {} bytes ({why})", reserved(e))
-                })
-                .collect::<Vec<_>>();
-            return Err(DaemonError::OverBudget {
-                name: name.to_owned(),
-                needed,
-                available: free.saturating_add(evictable),
-                budget,
-                holders: if holders.is_empty() {
-                    "nothing".into()
-                } else {
-                    holders.join(", ")
-                },
-            });
-        }
-        let mut victims = Vec::new();
-        let mut freed = free;
-        for candidate in candidates {
-            if freed >= needed {
-                break;
+                .filter(|(_, e)| e.backend() == backend)
+                .map(|(n, e)| e.holder(n))
+                .collect();
+            let victims = eviction::plan(&holders, budget, needed).map_err(|short| {
+                DaemonError::OverBudget {
+                    name: name.to_owned(),
+                    needed,
+                    available: short.available,
+                    budget,
+                    holders: short.holders,
+                }
+            })?;
+            for victim in victims {
+                let Some(Entry::Ready(r)) = entries.get(&victim) else {
+                    continue 'plan;
+                };
+                let r = r.clone();
+                if r.queue.stop(StopReason::Unload, false).is_err() {
+                    continue 'plan;
+                }
+                entries.remove(&victim);
+                stopped.push(r);
             }
-            // The queue re-checks idleness under its own lock: a request that arrived since
-            // keeps its model.
-            if candidate.queue.stop(StopReason::Unload, false).is_ok() {
-                freed = freed.saturating_add(candidate.reserved());
-                victims.push(candidate);
-            }
+            return Ok(stopped);
         }
-        for victim in &victims {
-            entries.remove(&victim.name);
-        }
-        if freed < needed {
-            // Requests raced in; the stopped victims are gone either way (they were idle).
-            return Err(DaemonError::OverBudget {
-                name: name.to_owned(),
-                needed,
-                available: freed,
-                budget,
-                holders: "models that became busy while planning".into(),
-            });
-        }
-        Ok(victims)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn finish_load(
         self: &Arc<Self>,
-        name: String,
-        file: Arc<GgufFile>,
-        spec: ModelSpec,
-        summary: ModelSummary,
-        estimate: Estimate,
-        pinned: bool,
-        keep_alive: KeepAlive,
-        backend: String,
-        link: Option<Arc<WorkerLink>>,
-        victims: Vec<Arc<Resident>>,
+        plan: LoadPlan,
         phase: &watch::Sender<LoadPhase>,
     ) -> Result<Arc<Resident>, DaemonError> {
+        let LoadPlan {
+            name,
+            file,
+            spec,
+            summary,
+            kind,
+            estimate,
+            pinned,
+            keep_alive,
+            backend,
+            link,
+            victims,
+        } = plan;
         let progress = |stage: &str, done: u64, total: u64, message: String| {
-            phase.send_replace(LoadPhase::Progress(pb::LoadProgress {
+            phase.send_replace(LoadPhase::Progress(LoadProgress {
                 stage: stage.into(),
                 done,
                 total,
@@ -673,8 +729,7 @@ impl Residency {
                 victims.len() as u64,
                 format!("evicting {} ({} bytes)", victim.name, victim.reserved()),
             );
-            let victim = victim.clone();
-            join_blocking(victim).await;
+            join_blocking(victim.clone()).await;
         }
 
         let load_phase = phase.clone();
@@ -682,7 +737,7 @@ impl Residency {
         let on_cpu = link.is_none();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut report = |p: Progress| {
-                load_phase.send_replace(LoadPhase::Progress(pb::LoadProgress {
+                load_phase.send_replace(LoadPhase::Progress(LoadProgress {
                     stage: p.stage.into(),
                     done: p.done,
                     total: p.total,
@@ -698,20 +753,14 @@ impl Residency {
             let template = ChatTemplate::from_gguf(meta).map_err(|e| bad(e.to_string()))?;
             let quant_mix = quant_mix(&file);
             let parameters = file.tensors().iter().map(|t| t.n_elements).sum();
-            let model = if !on_cpu {
-                None
-            } else if file.metadata().architecture() == Some("marian") {
-                Some(LoadedModel::Marian(Box::new(MarianCpu::load(
-                    file,
-                    &load_spec,
-                    &mut report,
-                )?)))
-            } else {
-                Some(LoadedModel::Cpu(Box::new(CpuModel::load(
-                    file,
-                    &load_spec,
-                    &mut report,
-                )?)))
+            let model = match (on_cpu, kind) {
+                (false, _) => None,
+                (true, ModelKind::Translator) => Some(LoadedModel::Translator(Box::new(
+                    MarianCpu::load(file, &load_spec, &mut report)?,
+                ))),
+                (true, ModelKind::Decoder) => Some(LoadedModel::Decoder(DecoderModel::Cpu(
+                    Box::new(CpuModel::load(file, &load_spec, &mut report)?),
+                ))),
             };
             Ok::<_, DaemonError>((model, tokenizer, template, quant_mix, parameters))
         })
@@ -727,13 +776,15 @@ impl Residency {
                     estimate.weights,
                     format!("{} ({})", link.device.device, link.device.name),
                 );
-                LoadedModel::Tinygrad(TinygradModel::load(link, &spec).await?)
+                LoadedModel::Decoder(DecoderModel::Tinygrad(
+                    TinygradModel::load(link, &spec).await?,
+                ))
             }
             (None, None) => unreachable!("a model is loaded on the cpu or through a worker"),
         };
-        let (worker_generation, worker_link) = match &model {
-            LoadedModel::Tinygrad(m) => (Some(m.generation()), Some(m.link().clone())),
-            LoadedModel::Cpu(_) | LoadedModel::Marian(_) => (None, None),
+        let worker_link = match &model {
+            LoadedModel::Decoder(DecoderModel::Tinygrad(m)) => Some(m.link().clone()),
+            _ => None,
         };
         // Every id the tokenizer can produce must have an embedding row and a logit;
         // a file where it does not would fail requests (or worse) much later.
@@ -759,6 +810,7 @@ impl Residency {
             name: name.clone(),
             source: spec.path.clone(),
             summary,
+            kind,
             quant_mix,
             parameters,
             estimate,
@@ -767,19 +819,19 @@ impl Residency {
             pinned,
             keep_alive,
             backend,
-            worker_generation,
+            worker_generation: worker_link.as_ref().map(|l| l.generation),
             tokenizer: tokenizer.clone(),
             template,
             queue: queue.clone(),
             thread: Mutex::new(None),
         });
-        let device = self.device.clone();
-        let settings = BatchSettings {
+        let turns = self.turns.clone();
+        let settings = RunnerSettings {
             batch_tokens: spec.batch_tokens,
         };
         let thread = std::thread::Builder::new()
             .name(format!("egpu-{name}"))
-            .spawn(move || scheduler::run_batcher(model, tokenizer, queue, device, settings))
+            .spawn(move || scheduler::run_model(model, tokenizer, queue, turns, settings))
             .map_err(|e| DaemonError::Internal(format!("cannot start a thread: {e}")))?;
         *resident.thread.lock() = Some(thread);
 
@@ -810,7 +862,7 @@ impl Residency {
         // Remembered under the table's lock, so an Unload that comes right after the model
         // appears (and forgets it, under the same lock) cannot be overtaken by this write.
         if let (true, Some(state)) = (resident.pinned, &self.state) {
-            state.remember(PinnedModel::from_resident(&resident));
+            state.remember(pins::record(&resident));
         }
         entries.insert(name, Entry::Ready(resident.clone()));
         Ok(resident)
@@ -819,7 +871,7 @@ impl Residency {
     /// Unloads a model; with `force`, its running and queued requests end with ABORTED.
     /// Returns the bytes freed and the number of requests aborted.
     pub async fn unload(&self, name: &str, force: bool) -> Result<(u64, usize), DaemonError> {
-        let resident = {
+        let (resident, aborted) = {
             let mut entries = self.entries.lock();
             let resident = match entries.get(name) {
                 Some(Entry::Ready(r)) => r.clone(),
@@ -839,7 +891,6 @@ impl Residency {
             entries.remove(name);
             (resident, aborted)
         };
-        let (resident, aborted) = resident;
         let freed = resident.queue.memory_bytes();
         tracing::info!(model = %name, force, aborted, freed, "unloading");
         if let (true, Some(state)) = (resident.pinned, &self.state) {
@@ -877,7 +928,7 @@ impl Residency {
         (expired, next)
     }
 
-    /// Unloads models as their keep-alive expires, until `stop` is set.
+    /// Unloads models as their keep-alive expires, until egpud shuts down.
     pub async fn run_keep_alive(self: Arc<Self>) {
         loop {
             if self.shutting_down.load(Ordering::SeqCst) {
@@ -955,6 +1006,13 @@ impl Residency {
         self.changed.notify_one();
     }
 
+    /// Loads the pinned models of `backend` again (at start, or when the worker is back).
+    pub async fn reload_pinned(self: Arc<Self>, backend: BackendKind) {
+        if let Some(state) = self.state.clone() {
+            pins::reload_pinned(self, state, backend).await;
+        }
+    }
+
     /// Follows the tinygrad worker: a lost worker's models are dropped, and when a worker is
     /// ready (at start, or after a restart) the pinned tinygrad models are loaded on it.
     pub async fn follow_worker(self: Arc<Self>) {
@@ -966,11 +1024,7 @@ impl Residency {
             let phase = phases.borrow_and_update().clone();
             match phase {
                 WorkerPhase::Lost { generation, .. } => self.device_lost(generation).await,
-                WorkerPhase::Ready(_) => {
-                    if let Some(state) = self.state.clone() {
-                        crate::state::reload_pinned(self.clone(), state, Some("tinygrad")).await;
-                    }
-                }
+                WorkerPhase::Ready(_) => self.clone().reload_pinned(BackendKind::Tinygrad).await,
                 WorkerPhase::Stopped => return,
                 WorkerPhase::Starting => {}
             }
@@ -980,42 +1034,59 @@ impl Residency {
         }
     }
 
-    /// The `.gguf` files in the models folder.
-    pub fn list_files(&self) -> Result<Vec<pb::ModelFile>, DaemonError> {
-        let dir = &self.settings.models_dir;
-        let mut files = Vec::new();
-        for path in gguf_files(dir) {
-            // Sources are stored canonical; so must the listing be to match them.
-            let path = std::fs::canonicalize(&path).unwrap_or(path);
-            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-            let (architecture, error) = match GgufFile::open(&path) {
-                Ok(f) => (
-                    f.metadata().architecture().unwrap_or("").to_owned(),
-                    String::new(),
-                ),
-                Err(e) => (String::new(), e.to_string()),
-            };
-            let resident_as = {
-                let entries = self.entries.lock();
-                entries
-                    .iter()
-                    .filter(|(_, e)| match e {
-                        Entry::Ready(r) => r.source == path,
-                        Entry::Loading(l) => l.source == path,
-                    })
-                    .map(|(n, _)| n.clone())
-                    .collect()
-            };
-            files.push(pb::ModelFile {
-                name: default_name(&path),
-                path: path.display().to_string(),
-                size_bytes: size,
-                architecture,
-                resident_as,
-                error,
-            });
-        }
-        Ok(files)
+    /// The `.gguf` files in the models folder, with the names each is resident as. Blocking.
+    pub fn list_files(&self) -> Vec<ModelFile> {
+        self.catalog
+            .files()
+            .into_iter()
+            .map(|file| {
+                let resident_as = {
+                    let entries = self.entries.lock();
+                    entries
+                        .iter()
+                        .filter(|(_, e)| e.source() == file.path)
+                        .map(|(n, _)| n.clone())
+                        .collect()
+                };
+                ModelFile { file, resident_as }
+            })
+            .collect()
+    }
+}
+
+/// Everything `finish_load` needs, decided by `start_load`.
+struct LoadPlan {
+    name: String,
+    file: Arc<GgufFile>,
+    spec: ModelSpec,
+    summary: ModelSummary,
+    kind: ModelKind,
+    estimate: Estimate,
+    pinned: bool,
+    keep_alive: KeepAlive,
+    backend: BackendKind,
+    link: Option<Arc<WorkerLink>>,
+    victims: Vec<Arc<Resident>>,
+}
+
+/// What a load of `path` as `name` joins, if anything: the resident model, a load under way,
+/// or an error when the name serves another file.
+fn existing_entry(
+    entries: &BTreeMap<String, Entry>,
+    name: &str,
+    path: &Path,
+) -> Result<Option<LoadTicket>, DaemonError> {
+    match entries.get(name) {
+        None => Ok(None),
+        Some(Entry::Ready(r)) if r.source == path => Ok(Some(LoadTicket::Resident(r.clone()))),
+        Some(Entry::Loading(l)) if l.source == path => Ok(Some(LoadTicket::Pending {
+            name: name.to_owned(),
+            phase: l.phase.clone(),
+        })),
+        Some(other) => Err(DaemonError::NameTaken {
+            name: name.to_owned(),
+            source_path: other.source().to_owned(),
+        }),
     }
 }
 
@@ -1031,31 +1102,17 @@ fn list_names(entries: &BTreeMap<String, Entry>) -> String {
     }
 }
 
-fn quant_mix(file: &GgufFile) -> Vec<pb::QuantShare> {
-    let mut mix: Vec<pb::QuantShare> = bytes_by_type(file)
+fn quant_mix(file: &GgufFile) -> Vec<QuantShare> {
+    let mut mix: Vec<QuantShare> = bytes_by_type(file)
         .into_iter()
-        .map(|(ty, (tensors, bytes))| pb::QuantShare {
-            r#type: ty.to_string(),
-            tensors: tensors as u32,
+        .map(|(ty, (tensors, bytes))| QuantShare {
+            ggml_type: ty.to_string(),
+            tensors,
             bytes,
         })
         .collect();
     mix.sort_by_key(|q| std::cmp::Reverse(q.bytes));
     mix
-}
-
-/// The file's name without `.gguf` (and without a split suffix).
-pub fn default_name(path: &Path) -> String {
-    let stem = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = stem.strip_suffix(".gguf").unwrap_or(&stem);
-    let stem = match stem.rfind("-00001-of-") {
-        Some(at) => &stem[..at],
-        None => stem,
-    };
-    stem.to_owned()
 }
 
 fn validate_name(name: &str) -> Result<String, DaemonError> {
@@ -1072,102 +1129,14 @@ fn validate_name(name: &str) -> Result<String, DaemonError> {
     }
 }
 
-/// `.gguf` files of a folder (the first shard only of split models), sorted.
-fn gguf_files(dir: &Path) -> Vec<PathBuf> {
-    let Ok(read) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = read
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-            name.is_some_and(|n| {
-                n.ends_with(".gguf") && (!n.contains("-of-") || n.contains("-00001-of-"))
-            }) && p.is_file()
-        })
-        .collect();
-    files.sort();
-    files
-}
-
-/// A path (anything with a `/`, or an existing file) or a name in the models folder.
-pub fn resolve_source(models_dir: &Path, source: &str) -> Result<PathBuf, DaemonError> {
-    let source = source.trim();
-    if source.is_empty() {
-        return Err(DaemonError::InvalidArgument(
-            "a load needs a source: a .gguf path or a name in the models folder".into(),
-        ));
-    }
-    let as_path = Path::new(source);
-    if source.contains('/') || as_path.is_file() {
-        if !as_path.is_absolute() {
-            return Err(DaemonError::InvalidArgument(format!(
-                "{source}: give an absolute path (egpud's working directory is not the client's)"
-            )));
-        }
-        return std::fs::canonicalize(as_path)
-            .map_err(|_| DaemonError::MissingFile(as_path.to_owned()));
-    }
-    let files = gguf_files(models_dir);
-    let exact = files
-        .iter()
-        .find(|p| p.file_name().is_some_and(|n| n == source) || default_name(p) == source);
-    let canonical =
-        |p: &Path| std::fs::canonicalize(p).map_err(|_| DaemonError::MissingFile(p.to_owned()));
-    if let Some(p) = exact {
-        return canonical(p);
-    }
-    let lower = source.to_lowercase();
-    let matches: Vec<&PathBuf> = files
-        .iter()
-        .filter(|p| default_name(p).to_lowercase().starts_with(&lower))
-        .collect();
-    match matches.as_slice() {
-        [one] => canonical(one),
-        [] => Err(DaemonError::UnknownSource {
-            name: source.to_owned(),
-            dir: models_dir.to_owned(),
-            hint: if files.is_empty() {
-                " (the folder has no .gguf files)".into()
-            } else {
-                format!(
-                    "; it has: {}",
-                    files
-                        .iter()
-                        .map(|p| default_name(p))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            },
-        }),
-        many => Err(DaemonError::UnknownSource {
-            name: source.to_owned(),
-            dir: models_dir.to_owned(),
-            hint: format!(
-                "; {} files match, name one: {}",
-                many.len(),
-                many.iter()
-                    .map(|p| default_name(p))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }),
-    }
-}
-
-fn system_to_unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn instant_to_unix_ms(at: Instant) -> i64 {
+/// The wall-clock time of a monotonic instant (for showing expiry times).
+fn instant_to_system(at: Instant) -> SystemTime {
     let now = Instant::now();
-    let wall = if at >= now {
+    if at >= now {
         SystemTime::now() + (at - now)
     } else {
         SystemTime::now()
             .checked_sub(now - at)
-            .unwrap_or(UNIX_EPOCH)
-    };
-    system_to_unix_ms(wall)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
 }

@@ -1,4 +1,5 @@
-//! The tinygrad backend's worker process: starting it, watching it, restarting it.
+//! The tinygrad worker process: starting it, watching it, restarting it, and the link that
+//! egpud's calls to it go through (each with a deadline).
 //!
 //! The worker (`worker/egpu_worker/serve.py`) is the one process that holds the device; egpud
 //! talks to it over `proto/worker.proto` on a Unix socket in a private temporary folder. The
@@ -20,16 +21,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use egpu_proto::worker as wp;
-use egpu_proto::worker::worker_client::WorkerClient;
 use parking_lot::{FairMutex, Mutex};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
-use tonic::transport::Channel;
-use tonic::{Code, Status};
 
+use super::wire::{
+    LoadedOnWorker, RpcError, RpcFailure, StepItem, StepReply, Unloaded, WorkerDevice, WorkerRpc,
+};
 use crate::error::DaemonError;
 
 /// The worker protocol version this egpud speaks (`HelloResponse.protocol_version`).
@@ -38,8 +38,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long before failing was healthy: the next restart is immediate-ish.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-/// Messages carry full logits rows; a Score over a long text returns one per position.
-const MAX_MESSAGE: usize = 1 << 30;
 /// Worker stderr lines kept to explain a failure.
 const STDERR_TAIL: usize = 20;
 
@@ -82,8 +80,8 @@ pub struct Worker {
 /// call fails fast with [`DaemonError::DeviceLost`].
 #[derive(Debug)]
 pub struct WorkerLink {
-    client: WorkerClient<Channel>,
-    pub device: wp::DeviceInfo,
+    rpc: WorkerRpc,
+    pub device: WorkerDevice,
     pub pid: u32,
     /// Counts worker starts, so a loss is only applied to the models of that worker.
     pub generation: u64,
@@ -249,16 +247,13 @@ impl Worker {
                 () = link.kill.notified() => return link.kill_reason.lock().clone(),
                 _ = stop.changed() => return "egpud is stopping".into(),
                 _ = ticker.tick() => {
-                    let mut client = link.client.clone();
-                    let ping = async move { client.ping(wp::PingRequest {}).await };
-                    match tokio::time::timeout(self.settings.heartbeat_timeout, ping).await {
-                        Ok(Ok(reply)) => {
-                            let reply = reply.into_inner();
-                            link.allocated.store(reply.allocated_bytes, Ordering::Relaxed);
-                            link.free.store(reply.memory_free_bytes, Ordering::Relaxed);
+                    match tokio::time::timeout(self.settings.heartbeat_timeout, link.rpc.ping()).await {
+                        Ok(Ok(report)) => {
+                            link.allocated.store(report.allocated_bytes, Ordering::Relaxed);
+                            link.free.store(report.memory_free_bytes, Ordering::Relaxed);
                         }
-                        Ok(Err(status)) => {
-                            return format!("the tinygrad worker failed a heartbeat: {}", status.message())
+                        Ok(Err(err)) => {
+                            return format!("the tinygrad worker failed a heartbeat: {}", err.message)
                         }
                         Err(_) => {
                             return format!(
@@ -366,20 +361,13 @@ impl Worker {
                 tracing::info!(target: "egpu_worker", pid, "{line}");
             }
         });
-        let channel = egpu_proto::connect_channel(&socket)
+        let rpc = WorkerRpc::connect(&socket)
             .await
             .map_err(|e| format!("cannot reach the tinygrad worker: {e}"))?;
-        let mut client = WorkerClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        let hello = tokio::time::timeout(
-            self.settings.heartbeat_timeout,
-            client.hello(wp::HelloRequest {}),
-        )
-        .await
-        .map_err(|_| "the tinygrad worker did not answer Hello".to_string())?
-        .map_err(|s| format!("the tinygrad worker failed Hello: {}", s.message()))?
-        .into_inner();
+        let hello = tokio::time::timeout(self.settings.heartbeat_timeout, rpc.hello())
+            .await
+            .map_err(|_| "the tinygrad worker did not answer Hello".to_string())?
+            .map_err(|e| format!("the tinygrad worker failed Hello: {}", e.message))?;
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(format!(
                 "the tinygrad worker speaks protocol {}, egpud {PROTOCOL_VERSION}; \
@@ -387,9 +375,9 @@ impl Worker {
                 hello.protocol_version
             ));
         }
-        let device = hello.device.unwrap_or_default();
+        let device = hello.device;
         let link = Arc::new(WorkerLink {
-            client,
+            rpc,
             free: AtomicU64::new(device.memory_free_bytes),
             device,
             pid: hello.pid,
@@ -424,13 +412,11 @@ impl WorkerLink {
         if self.is_lost() {
             return;
         }
-        let mut client = self.client.clone();
-        let ping = async move { client.ping(wp::PingRequest {}).await };
-        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
-            let reply = reply.into_inner();
+        if let Ok(Ok(report)) = tokio::time::timeout(Duration::from_secs(1), self.rpc.ping()).await
+        {
             self.allocated
-                .store(reply.allocated_bytes, Ordering::Relaxed);
-            self.free.store(reply.memory_free_bytes, Ordering::Relaxed);
+                .store(report.allocated_bytes, Ordering::Relaxed);
+            self.free.store(report.memory_free_bytes, Ordering::Relaxed);
         }
     }
 
@@ -460,17 +446,17 @@ impl WorkerLink {
 
     /// Maps a failed call: request errors stay request errors; anything else means the
     /// worker can no longer be trusted with the device.
-    fn failed(&self, call: &str, status: Status) -> DaemonError {
-        let message = status.message().to_owned();
-        match status.code() {
-            Code::InvalidArgument | Code::Unimplemented | Code::NotFound => {
+    fn failed(&self, call: &str, err: RpcError) -> DaemonError {
+        let message = err.message;
+        match err.failure {
+            RpcFailure::Rejected => {
                 DaemonError::InvalidArgument(format!("tinygrad worker: {message}"))
             }
-            Code::ResourceExhausted => DaemonError::DeviceOutOfMemory(message),
+            RpcFailure::OutOfMemory => DaemonError::DeviceOutOfMemory(message),
             // A load that fails inside the worker leaves the device as it was. A forward pass
             // that fails half-way (a driver error, a device that went away under it) leaves
             // caches and device state unknown: the worker is replaced, as if it had died.
-            Code::Internal if call != "Step" => {
+            RpcFailure::Internal if call != "Step" => {
                 DaemonError::Internal(format!("tinygrad worker {call}: {message}"))
             }
             _ => self.give_up(format!("the tinygrad worker failed {call}: {message}")),
@@ -482,18 +468,12 @@ impl WorkerLink {
         path: &std::path::Path,
         context: usize,
         slots: usize,
-    ) -> Result<wp::LoadResponse, DaemonError> {
+    ) -> Result<LoadedOnWorker, DaemonError> {
         self.check()?;
-        let request = wp::LoadRequest {
-            path: path.display().to_string(),
-            context: context as u32,
-            slots: slots as u32,
-        };
-        let mut client = self.client.clone();
-        let call = async move { client.load(request).await };
+        let call = self.rpc.load(path, context, slots);
         match tokio::time::timeout(self.step_timeout, call).await {
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
-            Ok(Err(status)) => Err(self.failed("Load", status)),
+            Ok(Ok(loaded)) => Ok(loaded),
+            Ok(Err(err)) => Err(self.failed("Load", err)),
             Err(_) => Err(self.give_up(format!(
                 "a load took longer than {:?} (--worker-step-timeout)",
                 self.step_timeout
@@ -502,17 +482,20 @@ impl WorkerLink {
     }
 
     /// One forward pass; blocks the calling (batching) thread, never a runtime thread.
-    pub fn step_blocking(&self, request: wp::StepRequest) -> Result<wp::StepResponse, DaemonError> {
+    pub fn step_blocking(
+        &self,
+        model_id: u64,
+        items: Vec<StepItem>,
+    ) -> Result<StepReply, DaemonError> {
         self.check()?;
-        let mut client = self.client.clone();
-        let call = async move { client.step(request).await };
+        let call = self.rpc.step(model_id, items);
         let timeout = self.step_timeout;
         match self
             .runtime
             .block_on(async { tokio::time::timeout(timeout, call).await })
         {
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
-            Ok(Err(status)) => Err(self.failed("Step", status)),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(err)) => Err(self.failed("Step", err)),
             Err(_) => Err(self.give_up(format!(
                 "a forward pass took longer than {timeout:?} (--worker-step-timeout)"
             ))),
@@ -525,18 +508,17 @@ impl WorkerLink {
         if self.is_lost() {
             return;
         }
-        let mut client = self.client.clone();
-        let call = async move { client.unload(wp::UnloadRequest { model_id }).await };
-        let report = move |result: Result<tonic::Response<wp::UnloadResponse>, Status>| match result
-        {
-            Ok(reply) => tracing::info!(
+        let rpc = self.rpc.clone();
+        let call = async move { rpc.unload(model_id).await };
+        let report = move |result: Result<Unloaded, RpcError>| match result {
+            Ok(unloaded) => tracing::info!(
                 model_id,
-                freed = reply.get_ref().bytes_freed,
-                allocated = reply.get_ref().allocated_bytes,
+                freed = unloaded.bytes_freed,
+                allocated = unloaded.allocated_bytes,
                 "worker freed a model"
             ),
-            Err(status) => {
-                tracing::warn!(model_id, cause = %status.message(), "worker unload failed")
+            Err(err) => {
+                tracing::warn!(model_id, cause = %err.message, "worker unload failed")
             }
         };
         if Handle::try_current().is_ok() {

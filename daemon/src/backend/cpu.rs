@@ -1,0 +1,164 @@
+//! The CPU backend: models run by the native engine from their memory-mapped GGUF files.
+
+use std::sync::Arc;
+
+use egpu_engine::gguf::GgufFile;
+use egpu_engine::kernels::ThreadPool;
+use egpu_engine::models::decoder::{BatchItem, KvCache, Logits, Model, ModelError, Scratch};
+use egpu_engine::models::marian::MarianModel;
+
+use super::{ModelSpec, Progress, SlotStep};
+use crate::error::DaemonError;
+
+/// A model resident on the CPU backend.
+#[derive(Debug)]
+pub struct CpuModel {
+    model: Model,
+    caches: Vec<KvCache>,
+    scratch: Scratch,
+}
+
+impl CpuModel {
+    /// Finds every tensor, reads the weights once so that they are resident (a model's first
+    /// request should not pay for page faults), and allocates every slot's KV cache.
+    pub fn load(
+        file: Arc<GgufFile>,
+        spec: &ModelSpec,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<CpuModel, DaemonError> {
+        let bad_file = |e: ModelError| DaemonError::BadModelFile {
+            path: spec.path.clone(),
+            reason: e.to_string(),
+        };
+        let model = Model::load(file).map_err(bad_file)?;
+        touch_weights(model.file(), progress);
+        let total = spec.slots as u64;
+        let mut caches = Vec::with_capacity(spec.slots);
+        for slot in 0..spec.slots {
+            progress(Progress {
+                stage: "allocating cache",
+                done: slot as u64,
+                total,
+            });
+            caches.push(model.new_kv_cache(spec.context).map_err(bad_file)?);
+        }
+        progress(Progress {
+            stage: "allocating cache",
+            done: total,
+            total,
+        });
+        Ok(CpuModel {
+            scratch: model.new_scratch(),
+            model,
+            caches,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Bytes held now: the mapped weights, the caches, and the scratch buffers.
+    pub fn memory_bytes(&self) -> u64 {
+        let caches: usize = self.caches.iter().map(KvCache::bytes).sum();
+        self.model.file().tensor_bytes() + caches as u64 + self.scratch.bytes() as u64
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.caches.len()
+    }
+
+    pub fn slot_capacity(&self, slot: usize) -> usize {
+        self.caches[slot].capacity()
+    }
+
+    /// Empties a slot for the next sequence.
+    pub fn clear_slot(&mut self, slot: usize) {
+        self.caches[slot].clear();
+    }
+
+    /// One forward pass over several slots. `steps` must name distinct slots in increasing
+    /// order; the logits come back in the same order.
+    pub fn forward(
+        &mut self,
+        pool: &ThreadPool,
+        steps: &[SlotStep<'_>],
+    ) -> Result<Logits, ModelError> {
+        let mut wanted = steps.iter().peekable();
+        let mut items = Vec::with_capacity(steps.len());
+        for (slot, cache) in self.caches.iter_mut().enumerate() {
+            if let Some(step) = wanted.next_if(|s| s.slot == slot) {
+                items.push(BatchItem::append(cache, step.tokens, step.logits));
+            }
+        }
+        if items.len() != steps.len() {
+            return Err(ModelError::InvalidBatch(
+                "slot steps must be distinct and in increasing order".into(),
+            ));
+        }
+        self.model.forward(pool, &mut self.scratch, &mut items)
+    }
+}
+
+/// A Marian (opus-mt) translation model on the CPU backend. It holds no per-slot caches: a
+/// translation's decoder caches live only while it runs.
+#[derive(Debug)]
+pub struct MarianCpu {
+    model: MarianModel,
+}
+
+impl MarianCpu {
+    pub fn load(
+        file: Arc<GgufFile>,
+        spec: &ModelSpec,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<MarianCpu, DaemonError> {
+        let model = MarianModel::load(file).map_err(|e| DaemonError::BadModelFile {
+            path: spec.path.clone(),
+            reason: e.to_string(),
+        })?;
+        touch_weights(model.file(), progress);
+        Ok(MarianCpu { model })
+    }
+
+    pub fn model(&self) -> &MarianModel {
+        &self.model
+    }
+}
+
+/// Reads one byte of every page of tensor data, so the weights are in memory when the first
+/// request comes and a load that reports "ready" has really paid for reading the file.
+fn touch_weights(file: &GgufFile, progress: &mut dyn FnMut(Progress)) {
+    const PAGE: usize = 4096;
+    const REPORT_EVERY: u64 = 16 << 20;
+    let total = file.tensor_bytes();
+    let mut done = 0u64;
+    let mut last_report = 0u64;
+    let mut checksum = 0u8;
+    progress(Progress {
+        stage: "reading weights",
+        done,
+        total,
+    });
+    for info in file.tensors() {
+        let data = file.tensor_data(info);
+        for page in data.chunks(PAGE) {
+            checksum = checksum.wrapping_add(page[0]);
+        }
+        done += data.len() as u64;
+        if done - last_report >= REPORT_EVERY {
+            last_report = done;
+            progress(Progress {
+                stage: "reading weights",
+                done,
+                total,
+            });
+        }
+    }
+    std::hint::black_box(checksum);
+    progress(Progress {
+        stage: "reading weights",
+        done: total,
+        total,
+    });
+}

@@ -1,0 +1,213 @@
+//! The backends a model runs on, behind one [`DecoderModel`] the decoder runner drives one
+//! batched step at a time (and [`MarianCpu`] for the translation runner):
+//!
+//! - [`cpu`]: the native engine running a model from its memory-mapped GGUF file, on the
+//!   thread pool that [`ComputeTurns`] lends to one model at a time.
+//! - [`tinygrad`]: the model lives in the tinygrad worker process; a step is one call to it,
+//!   and logits come back for egpud to sample.
+//!
+//! A loaded model owns one KV cache per slot, allocated at load time so that the memory it
+//! holds is known (and counted against the budget) before it serves anything.
+
+pub mod compute;
+pub mod cpu;
+pub mod device;
+pub mod tinygrad;
+
+use std::path::PathBuf;
+
+use egpu_engine::gguf::GgufFile;
+use egpu_engine::models::decoder::{Logits, LogitsWanted};
+use egpu_engine::models::info::{estimate_from_summary, scratch_bytes_per_token, ModelSummary};
+use egpu_engine::models::marian::{batch_memory, MarianConfig, MarianError, SearchSettings};
+
+pub use compute::ComputeTurns;
+pub use cpu::{CpuModel, MarianCpu};
+pub use tinygrad::TinygradModel;
+
+use crate::error::DaemonError;
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendKind {
+    /// The native engine on this machine's CPU.
+    Cpu,
+    /// The tinygrad worker process and the device it holds.
+    Tinygrad,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 2] = [BackendKind::Cpu, BackendKind::Tinygrad];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Tinygrad => "tinygrad",
+        }
+    }
+
+    /// From its name as flags, requests and the state file spell it.
+    pub fn parse(name: &str) -> Option<BackendKind> {
+        BackendKind::ALL.into_iter().find(|b| b.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to load and how big to make it.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub path: PathBuf,
+    /// Tokens per slot.
+    pub context: usize,
+    pub slots: usize,
+    /// Most tokens one forward pass carries (bounds the scratch memory).
+    pub batch_tokens: usize,
+}
+
+/// Memory a model will hold, estimated from its header before anything is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    pub weights: u64,
+    /// All slots' KV caches.
+    pub kv_cache: u64,
+    pub scratch: u64,
+    pub total: u64,
+}
+
+/// Weights (used in place) + one f16 KV cache of `context` tokens per slot + activations for a
+/// pass of `batch_tokens` tokens.
+pub fn estimate(file: &GgufFile, summary: &ModelSummary, spec: &ModelSpec) -> Estimate {
+    let context = spec.context as u64;
+    let one_slot = estimate_from_summary(summary, file.tensor_bytes(), context);
+    let kv_cache = one_slot.kv_cache.saturating_mul(spec.slots as u64);
+    let scratch =
+        scratch_bytes_per_token(summary, context).saturating_mul(spec.batch_tokens as u64);
+    Estimate {
+        weights: one_slot.weights,
+        kv_cache,
+        scratch,
+        total: one_slot
+            .weights
+            .saturating_add(kv_cache)
+            .saturating_add(scratch),
+    }
+}
+
+/// What a translation model is estimated to hold: its weights plus a batch of `batch`
+/// sentences' caches and scratch ([`egpu_engine::models::marian::batch_memory`]).
+pub fn marian_estimate(file: &GgufFile, batch: u64) -> Result<Estimate, MarianError> {
+    let config = MarianConfig::from_metadata(file.metadata())?;
+    let settings = SearchSettings::from_metadata(file.metadata(), &config);
+    let (kv_cache, scratch) = batch_memory(&config, &settings, batch);
+    let weights = file.tensor_bytes();
+    Ok(Estimate {
+        weights,
+        kv_cache,
+        scratch,
+        total: weights.saturating_add(kv_cache).saturating_add(scratch),
+    })
+}
+
+/// Progress of a load, reported as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub stage: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// One slot's part of a batched step.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotStep<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+/// A resident model, as the scheduler runs it.
+#[derive(Debug)]
+pub enum LoadedModel {
+    Decoder(DecoderModel),
+    Translator(Box<MarianCpu>),
+}
+
+impl LoadedModel {
+    pub fn memory_bytes(&self) -> u64 {
+        match self {
+            LoadedModel::Decoder(m) => m.memory_bytes(),
+            LoadedModel::Translator(m) => m.model().weight_bytes(),
+        }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        match self {
+            LoadedModel::Decoder(m) => m.n_vocab(),
+            LoadedModel::Translator(m) => m.model().config().n_vocab,
+        }
+    }
+}
+
+/// A decoder-only model on either backend: slots with KV caches, one batched step at a time.
+#[derive(Debug)]
+pub enum DecoderModel {
+    Cpu(Box<CpuModel>),
+    Tinygrad(TinygradModel),
+}
+
+impl DecoderModel {
+    pub fn memory_bytes(&self) -> u64 {
+        match self {
+            DecoderModel::Cpu(m) => m.memory_bytes(),
+            DecoderModel::Tinygrad(m) => m.memory_bytes(),
+        }
+    }
+
+    pub fn n_slots(&self) -> usize {
+        match self {
+            DecoderModel::Cpu(m) => m.n_slots(),
+            DecoderModel::Tinygrad(m) => m.n_slots(),
+        }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        match self {
+            DecoderModel::Cpu(m) => m.model().config().n_vocab,
+            DecoderModel::Tinygrad(m) => m.n_vocab(),
+        }
+    }
+
+    pub fn slot_capacity(&self, slot: usize) -> usize {
+        match self {
+            DecoderModel::Cpu(m) => m.slot_capacity(slot),
+            DecoderModel::Tinygrad(m) => m.slot_capacity(),
+        }
+    }
+
+    /// Empties a slot for the next sequence.
+    pub fn clear_slot(&mut self, slot: usize) {
+        match self {
+            DecoderModel::Cpu(m) => m.clear_slot(slot),
+            DecoderModel::Tinygrad(m) => m.clear_slot(slot),
+        }
+    }
+
+    /// One batched forward pass. CPU models take their turn on the thread pool; tinygrad
+    /// models take turns on their worker.
+    pub fn forward(
+        &mut self,
+        turns: &ComputeTurns,
+        steps: &[SlotStep<'_>],
+    ) -> Result<Logits, DaemonError> {
+        match self {
+            DecoderModel::Cpu(m) => turns
+                .with_pool(|pool| m.forward(pool, steps))
+                .map_err(|e| DaemonError::Internal(e.to_string())),
+            DecoderModel::Tinygrad(m) => m.forward(steps),
+        }
+    }
+}

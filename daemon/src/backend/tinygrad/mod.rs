@@ -1,0 +1,144 @@
+//! The tinygrad backend: models resident in the tinygrad worker process, which holds the
+//! device (the eGPU on the Mac).
+//!
+//! - [`worker`]: the supervised worker process and the link calls go through.
+//! - [`wire`]: its protocol, mapped to the backend's own types.
+
+pub mod wire;
+pub mod worker;
+
+use std::sync::Arc;
+
+use egpu_engine::models::decoder::{Logits, LogitsWanted};
+
+pub use worker::{Worker, WorkerLink, WorkerPhase, WorkerSettings};
+
+use super::{ModelSpec, SlotStep};
+use crate::error::DaemonError;
+
+/// A model resident in the tinygrad worker. egpud keeps each slot's length (the worker is
+/// told where every chunk starts) so that both backends share the scheduler's contract:
+/// a step appends to its slot's cache.
+#[derive(Debug)]
+pub struct TinygradModel {
+    link: Arc<WorkerLink>,
+    id: u64,
+    n_vocab: usize,
+    context: usize,
+    lengths: Vec<usize>,
+    bytes: u64,
+}
+
+impl TinygradModel {
+    /// Uploads the model to the worker's device (its weights stay quantized there) and
+    /// allocates every slot's KV cache on it.
+    pub async fn load(
+        link: Arc<WorkerLink>,
+        spec: &ModelSpec,
+    ) -> Result<TinygradModel, DaemonError> {
+        let loaded = link.load(&spec.path, spec.context, spec.slots).await?;
+        Ok(TinygradModel {
+            link,
+            id: loaded.model_id,
+            n_vocab: loaded.n_vocab,
+            context: spec.context,
+            lengths: vec![0; spec.slots],
+            bytes: loaded.bytes,
+        })
+    }
+
+    /// The worker that holds the model.
+    pub fn link(&self) -> &Arc<WorkerLink> {
+        &self.link
+    }
+
+    /// The worker generation the model lives in.
+    pub fn generation(&self) -> u64 {
+        self.link.generation
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.lengths.len()
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    pub fn slot_capacity(&self) -> usize {
+        self.context
+    }
+
+    pub fn clear_slot(&mut self, slot: usize) {
+        self.lengths[slot] = 0;
+    }
+
+    pub fn forward(&mut self, steps: &[SlotStep<'_>]) -> Result<Logits, DaemonError> {
+        let mut items = Vec::with_capacity(steps.len());
+        for step in steps {
+            let start = self.lengths[step.slot];
+            if start + step.tokens.len() > self.context {
+                return Err(DaemonError::InvalidArgument(format!(
+                    "slot {} would hold {} tokens; its context is {}",
+                    step.slot,
+                    start + step.tokens.len(),
+                    self.context
+                )));
+            }
+            items.push(wire::StepItem {
+                slot: step.slot,
+                start,
+                tokens: step.tokens.to_vec(),
+                logits: step.logits,
+            });
+        }
+        let reply = {
+            let _turn = self.link.turns.lock();
+            self.link.step_blocking(self.id, items)?
+        };
+        for step in steps {
+            self.lengths[step.slot] += step.tokens.len();
+        }
+        let bad = |why: String| DaemonError::Internal(format!("tinygrad worker reply: {why}"));
+        if reply.items.len() != steps.len() || reply.n_vocab != self.n_vocab {
+            return Err(bad(format!(
+                "{} items of {} logits for {} asked of {}",
+                reply.items.len(),
+                reply.n_vocab,
+                steps.len(),
+                self.n_vocab
+            )));
+        }
+        let mut rows = Vec::with_capacity(steps.len());
+        let mut values = Vec::new();
+        for (item, step) in reply.items.into_iter().zip(steps) {
+            let expected = match step.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => step.tokens.len(),
+            };
+            if item.rows != expected || item.values.len() != expected * self.n_vocab {
+                return Err(bad(format!(
+                    "{} rows ({} values) where {expected} rows were asked",
+                    item.rows,
+                    item.values.len()
+                )));
+            }
+            values.extend(item.values);
+            rows.push(expected);
+        }
+        Logits::from_rows(self.n_vocab, values, &rows)
+            .ok_or_else(|| bad("row count mismatch".into()))
+    }
+}
+
+impl Drop for TinygradModel {
+    /// The device memory goes back when the model does (an unload, an eviction, a failed load).
+    fn drop(&mut self) {
+        self.link.unload(self.id);
+    }
+}

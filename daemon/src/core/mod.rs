@@ -1,0 +1,467 @@
+//! The core API: what every front end calls, whatever its protocol.
+//!
+//! A request is validated here (limits, sampling settings), its text tokenized or rendered by
+//! the model's chat template ([`prompt`]), and it becomes a job on the model's queue; the
+//! answers come back as the scheduler's own types. The gRPC and HTTP front ends only parse
+//! their protocol into [`requests`], call one method, and map the result.
+//!
+//! - [`requests`]: what a front end hands over, and the limits.
+//! - [`prompt`]: text and conversations to tokens.
+//! - [`stream`]: a generation as a stream of events.
+
+pub mod prompt;
+pub mod requests;
+pub mod stream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egpu_engine::models::ModelKind;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::device::{cpu_device, DeviceInfo};
+use crate::backend::tinygrad::{Worker, WorkerPhase};
+use crate::backend::BackendKind;
+use crate::error::DaemonError;
+use crate::residency::{LoadOptions, LoadTicket, ModelFile, ModelInfo, Residency, Resident};
+use crate::scheduler::events::{ScoreResult, TranslateResult};
+use crate::scheduler::{GenerateJob, Job, Request, ScoreJob, TranslateJob};
+use prompt::{encode_with_bos, prompt_tokens};
+use requests::{
+    Caller, GenerateRequest, ScoreRequest, TranslateRequest, MAX_BEAMS, MAX_TOP_LOGPROBS,
+    MAX_TRANSLATE_TEXTS,
+};
+pub use stream::GenerationStream;
+
+/// The core API over the resident models.
+#[derive(Debug, Clone)]
+pub struct Core {
+    residency: Arc<Residency>,
+    started: Instant,
+    threads: usize,
+}
+
+/// What Status reports.
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    /// The CPU backend's device (the host).
+    pub device: DeviceInfo,
+    pub budget: u64,
+    /// Bytes the CPU models hold.
+    pub used: u64,
+    pub backends: Vec<BackendReport>,
+    /// Most recently used first.
+    pub models: Vec<ModelInfo>,
+    pub version: &'static str,
+    pub uptime: Duration,
+    pub models_dir: PathBuf,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    Ready,
+    Starting,
+    /// The worker died or stopped answering and is being restarted.
+    Lost,
+    Stopped,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Ready => "ready",
+            BackendState::Starting => "starting",
+            BackendState::Lost => "lost",
+            BackendState::Stopped => "stopped",
+        }
+    }
+}
+
+/// One backend's line in Status.
+#[derive(Debug, Clone)]
+pub struct BackendReport {
+    pub backend: BackendKind,
+    pub state: BackendState,
+    /// Why the last worker failed; empty if none has.
+    pub detail: String,
+    pub device: Option<DeviceInfo>,
+    pub dev: String,
+    pub arch: String,
+    pub interface: String,
+    pub budget: u64,
+    pub used: u64,
+    pub restarts: u32,
+    pub pid: u32,
+    /// What tinygrad itself counts as allocated on the device.
+    pub allocated: u64,
+}
+
+/// What an unload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unloaded {
+    pub freed_bytes: u64,
+    pub aborted_requests: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokenized {
+    pub token_ids: Vec<u32>,
+    pub pieces: Vec<String>,
+}
+
+impl Core {
+    pub fn new(residency: Arc<Residency>, threads: usize) -> Core {
+        Core {
+            residency,
+            started: Instant::now(),
+            threads,
+        }
+    }
+
+    pub fn residency(&self) -> &Arc<Residency> {
+        &self.residency
+    }
+
+    pub async fn status(&self) -> StatusReport {
+        let device = cpu_device();
+        let cpu_used = self.residency.used_by(BackendKind::Cpu);
+        let mut backends = vec![BackendReport {
+            backend: BackendKind::Cpu,
+            state: BackendState::Ready,
+            detail: String::new(),
+            device: Some(device.clone()),
+            dev: String::new(),
+            arch: std::env::consts::ARCH.into(),
+            interface: String::new(),
+            budget: self.residency.budget(),
+            used: cpu_used,
+            restarts: 0,
+            pid: 0,
+            allocated: 0,
+        }];
+        if let Some(worker) = self.residency.worker() {
+            backends
+                .push(tinygrad_status(worker, self.residency.used_by(BackendKind::Tinygrad)).await);
+        }
+        StatusReport {
+            device,
+            budget: self.residency.budget(),
+            used: cpu_used,
+            backends,
+            models: self.residency.snapshot(),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: self.started.elapsed(),
+            models_dir: self.residency.models_dir().to_owned(),
+            threads: self.threads,
+        }
+    }
+
+    pub async fn load(&self, opts: LoadOptions) -> Result<LoadTicket, DaemonError> {
+        self.residency.start_load(opts).await
+    }
+
+    pub async fn unload(&self, name: &str, force: bool) -> Result<Unloaded, DaemonError> {
+        let (freed_bytes, aborted_requests) = self.residency.unload(name, force).await?;
+        Ok(Unloaded {
+            freed_bytes,
+            aborted_requests,
+        })
+    }
+
+    /// Validates and tokenizes a generation and queues it; the stream carries its tokens.
+    pub async fn generate(
+        &self,
+        req: GenerateRequest,
+        caller: Caller,
+    ) -> Result<GenerationStream, DaemonError> {
+        let model = self.decoder(&req.model)?;
+        let params = req.sampling.validate()?;
+        if req.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(invalid(format!(
+                "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",
+                req.top_logprobs
+            )));
+        }
+        let max_tokens = match req.max_tokens {
+            Some(0) => return Err(invalid("max_tokens must be at least 1 (or unset)".into())),
+            Some(n) if n as usize > model.context => {
+                return Err(invalid(format!(
+                    "max_tokens {n} exceeds the context of {} tokens that {} was loaded with",
+                    model.context, model.name
+                )))
+            }
+            other => other.map(|n| n as usize),
+        };
+        let prompt = prompt_tokens(&model, req.input, req.raw).await?;
+        if prompt.is_empty() {
+            return Err(invalid(
+                "the prompt has no tokens (the chat template rendered nothing?)".into(),
+            ));
+        }
+        if prompt.len() >= model.context {
+            return Err(invalid(format!(
+                "the prompt is {} tokens; {} was loaded with a context of {} tokens (leave room \
+                 for at least one generated token, or load it with a larger --ctx)",
+                prompt.len(),
+                model.name,
+                model.context
+            )));
+        }
+        let span = tracing::info_span!(
+            "generate",
+            model = %model.name,
+            client = %caller.client.name,
+            pid = caller.client.pid.unwrap_or(-1),
+            prompt_tokens = prompt.len()
+        );
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = GenerateJob {
+            prompt,
+            params,
+            max_tokens,
+            stops: req.stop,
+            top_logprobs: req.top_logprobs as usize,
+            stop_at_eos: req.stop_at_eos.unwrap_or(true),
+            events,
+        };
+        submit(&model, caller, Job::Generate(job), span)?;
+        Ok(GenerationStream::new(rx))
+    }
+
+    /// The log-probability of every token of a text given the ones before it.
+    pub async fn score(
+        &self,
+        req: ScoreRequest,
+        caller: Caller,
+    ) -> Result<ScoreResult, DaemonError> {
+        let model = self.decoder(&req.model)?;
+        if req.top_k > MAX_TOP_LOGPROBS {
+            return Err(invalid(format!(
+                "top_k is {}; at most {MAX_TOP_LOGPROBS}",
+                req.top_k
+            )));
+        }
+        if req.text.is_empty() {
+            return Err(invalid("the text to score is empty".into()));
+        }
+        let tokenizer = model.tokenizer.clone();
+        let (raw, text) = (req.raw, req.text);
+        let tokens = tokio::task::spawn_blocking(move || {
+            if raw {
+                tokenizer.encode(&text, false, true)
+            } else {
+                encode_with_bos(&tokenizer, &text)
+            }
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        if tokens.is_empty() {
+            return Err(invalid("the text has no tokens".into()));
+        }
+        if tokens.len() > model.context {
+            return Err(invalid(format!(
+                "the text is {} tokens; {} was loaded with a context of {} tokens",
+                tokens.len(),
+                model.name,
+                model.context
+            )));
+        }
+        let span = tracing::info_span!("score", model = %model.name, client = %caller.client.name, tokens = tokens.len());
+        let (reply, response) = oneshot::channel();
+        let job = ScoreJob {
+            tokens,
+            top_k: req.top_k as usize,
+            reply,
+        };
+        submit(&model, caller, Job::Score(job), span)?;
+        reply_of(response, &model).await
+    }
+
+    /// Translates a batch of sentences with a translation model.
+    pub async fn translate(
+        &self,
+        req: TranslateRequest,
+        caller: Caller,
+    ) -> Result<TranslateResult, DaemonError> {
+        let model = self.residency.get(&req.model)?;
+        if model.kind != ModelKind::Translator {
+            return Err(invalid(format!(
+                "{} is a {} model, not a translation model; Translate serves Marian (opus-mt) models",
+                model.name, model.summary.architecture
+            )));
+        }
+        if req.texts.is_empty() {
+            return Err(invalid("no texts to translate".into()));
+        }
+        if req.texts.len() > MAX_TRANSLATE_TEXTS {
+            return Err(invalid(format!(
+                "{} texts in one request; at most {MAX_TRANSLATE_TEXTS}",
+                req.texts.len()
+            )));
+        }
+        if req.num_beams > MAX_BEAMS {
+            return Err(invalid(format!(
+                "num_beams is {}; at most {MAX_BEAMS}",
+                req.num_beams
+            )));
+        }
+        let tokenizer = model.tokenizer.clone();
+        let texts = req.texts;
+        let sources = tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .map(|t| tokenizer.encode(t, true, false))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        for (i, source) in sources.iter().enumerate() {
+            if source.len() > model.context {
+                return Err(invalid(format!(
+                    "text {i} is {} tokens; {} reads at most {}",
+                    source.len(),
+                    model.name,
+                    model.context
+                )));
+            }
+        }
+        let span = tracing::info_span!("translate", model = %model.name, client = %caller.client.name, texts = sources.len());
+        let (reply, response) = oneshot::channel();
+        let job = TranslateJob {
+            sources,
+            num_beams: req.num_beams as usize,
+            max_tokens: req.max_tokens as usize,
+            reply,
+        };
+        submit(&model, caller, Job::Translate(job), span)?;
+        reply_of(response, &model).await
+    }
+
+    pub async fn tokenize(
+        &self,
+        model: &str,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Tokenized, DaemonError> {
+        let tokenizer = self.residency.get(model)?.tokenizer.clone();
+        tokio::task::spawn_blocking(move || {
+            let token_ids = tokenizer.encode(&text, add_special, parse_special);
+            let pieces = token_ids
+                .iter()
+                .map(|&id| String::from_utf8_lossy(tokenizer.token_bytes(id, true)).into_owned())
+                .collect();
+            Tokenized { token_ids, pieces }
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))
+    }
+
+    pub async fn detokenize(&self, model: &str, token_ids: &[u32]) -> Result<String, DaemonError> {
+        let model = self.residency.get(model)?;
+        let n_vocab = model.tokenizer.vocab_size();
+        if let Some(bad) = token_ids.iter().find(|&&id| id as usize >= n_vocab) {
+            return Err(invalid(format!(
+                "token id {bad} is out of range (vocabulary of {n_vocab})"
+            )));
+        }
+        Ok(model.tokenizer.decode(token_ids))
+    }
+
+    /// The models folder's `.gguf` files.
+    pub async fn list_model_files(&self) -> Result<Vec<ModelFile>, DaemonError> {
+        let residency = self.residency.clone();
+        tokio::task::spawn_blocking(move || residency.list_files())
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))
+    }
+
+    /// A resident decoder-only model (Generate and Score need one).
+    fn decoder(&self, name: &str) -> Result<Arc<Resident>, DaemonError> {
+        let model = self.residency.get(name)?;
+        if model.kind == ModelKind::Translator {
+            return Err(invalid(format!(
+                "{} is a translation model (Marian); use Translate (egpuctl translate)",
+                model.name
+            )));
+        }
+        Ok(model)
+    }
+}
+
+fn submit(
+    model: &Resident,
+    caller: Caller,
+    job: Job,
+    span: tracing::Span,
+) -> Result<(), DaemonError> {
+    model.queue.submit(Request {
+        client: caller.client,
+        job,
+        deadline: caller.deadline,
+        enqueued: Instant::now(),
+        span,
+    })
+}
+
+/// The runner's answer to a queued request; a dropped sender means the model went away.
+async fn reply_of<T>(
+    response: oneshot::Receiver<Result<T, DaemonError>>,
+    model: &Resident,
+) -> Result<T, DaemonError> {
+    match response.await {
+        Ok(result) => result,
+        Err(_) => Err(DaemonError::Unloaded(model.name.clone())),
+    }
+}
+
+fn invalid(message: String) -> DaemonError {
+    DaemonError::InvalidArgument(message)
+}
+
+/// The tinygrad backend's line in Status: the worker's phase and the device it holds.
+async fn tinygrad_status(worker: &Worker, used: u64) -> BackendReport {
+    let mut report = BackendReport {
+        backend: BackendKind::Tinygrad,
+        state: BackendState::Stopped,
+        detail: worker.last_failure(),
+        device: None,
+        dev: String::new(),
+        arch: String::new(),
+        interface: String::new(),
+        budget: 0,
+        used,
+        restarts: worker.restarts(),
+        pid: 0,
+        allocated: 0,
+    };
+    match worker.phase() {
+        WorkerPhase::Ready(link) => {
+            link.refresh().await;
+            let d = &link.device;
+            report.state = BackendState::Ready;
+            report.device = Some(DeviceInfo {
+                name: if d.name.is_empty() {
+                    d.device.clone()
+                } else {
+                    d.name.clone()
+                },
+                kind: "tinygrad".into(),
+                memory_total: d.memory_total_bytes,
+                memory_free: link.free_bytes(),
+            });
+            report.dev = d.dev.clone();
+            report.arch = d.arch.clone();
+            report.interface = d.interface.clone();
+            report.budget = worker.budget(&link).unwrap_or(0);
+            report.pid = link.pid;
+            report.allocated = link.allocated_bytes();
+        }
+        WorkerPhase::Starting => report.state = BackendState::Starting,
+        WorkerPhase::Lost { .. } => report.state = BackendState::Lost,
+        WorkerPhase::Stopped => report.state = BackendState::Stopped,
+    }
+    report
+}

@@ -1,0 +1,309 @@
+//! The model catalog: where load sources resolve, offline.
+//!
+//! A source is a `.gguf` path, a name in egpu's models folder (`NAME`, `NAME.gguf` or a unique
+//! prefix), or a Hugging Face model folder — its absolute path, or a repo id
+//! (`openai-community/gpt2`, or a bare `gpt2` when no GGUF in the models folder has that name)
+//! found in the HF cache ([`egpu_engine::convert::hf_cache`]). A folder is converted once to a
+//! GGUF ([`egpu_engine::convert`]) kept under `<models folder>/hf/<key>/<name>[-q8_0].gguf`,
+//! and from then on it is an ordinary GGUF model. The key hashes the folder's path, its
+//! `config.json` and its weights' and tokenizer files' size and modification time, so an
+//! updated snapshot converts again and an unchanged one is reused; f32 and q8_0 conversions
+//! are kept side by side.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use egpu_engine::convert::hf_cache::{self, HfCacheError, HfEnv, CONFIG_FILE};
+use egpu_engine::convert::{gguf_from_hf_folder, HfModelError, WeightFormat};
+use egpu_engine::gguf::GgufFile;
+
+use crate::error::DaemonError;
+
+/// A model file in the models folder, as ListModelFiles shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogFile {
+    pub name: String,
+    /// Canonical, so it compares equal to a resident model's source.
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    /// Empty when the header cannot be read; `error` says why.
+    pub architecture: String,
+    pub error: String,
+}
+
+/// Where model names and sources are looked up.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    models_dir: PathBuf,
+}
+
+impl Catalog {
+    pub fn new(models_dir: PathBuf) -> Catalog {
+        Catalog { models_dir }
+    }
+
+    pub fn models_dir(&self) -> &Path {
+        &self.models_dir
+    }
+
+    /// Sorts a source into a GGUF file or an HF folder (see [`classify`]).
+    pub fn classify(&self, source: &str, env: &HfEnv) -> Result<Source, DaemonError> {
+        classify(&self.models_dir, source, env)
+    }
+
+    /// The GGUF for an HF folder: converted now, or found from an earlier conversion. Blocking.
+    pub fn converted_gguf(
+        &self,
+        folder: &Path,
+        name: &str,
+        format: WeightFormat,
+    ) -> Result<PathBuf, DaemonError> {
+        converted_gguf(&self.models_dir, folder, name, format)
+    }
+
+    /// The `.gguf` files of the models folder with what their headers say. Blocking.
+    pub fn files(&self) -> Vec<CatalogFile> {
+        gguf_files(&self.models_dir)
+            .into_iter()
+            .map(|path| {
+                let path = std::fs::canonicalize(&path).unwrap_or(path);
+                let size_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+                let (architecture, error) = match GgufFile::open(&path) {
+                    Ok(f) => (
+                        f.metadata().architecture().unwrap_or("").to_owned(),
+                        String::new(),
+                    ),
+                    Err(e) => (String::new(), e.to_string()),
+                };
+                CatalogFile {
+                    name: default_name(&path),
+                    path,
+                    size_bytes,
+                    architecture,
+                    error,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Where a load's source points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Gguf(PathBuf),
+    /// A Hugging Face folder, with the model name to give it (the repo or folder name).
+    HfFolder {
+        folder: PathBuf,
+        name: String,
+    },
+}
+
+/// Sorts a source into a GGUF file or an HF folder. GGUF names in the models folder win over a
+/// cached repo of the same bare name.
+fn classify(models_dir: &Path, source: &str, env: &HfEnv) -> Result<Source, DaemonError> {
+    let source = source.trim();
+    let path = Path::new(source);
+    let folder_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    };
+    if path.is_absolute() && path.is_dir() {
+        let folder = hf_cache::resolve(source, env).map_err(hf_error)?;
+        let name = folder_name(&folder);
+        return Ok(Source::HfFolder { folder, name });
+    }
+    let repo_name = |repo: &str| repo.rsplit('/').next().unwrap_or(repo).to_string();
+    let gguf = source.ends_with(".gguf");
+    if !path.is_absolute() && source.contains('/') && !gguf && hf_cache::is_repo_id(source) {
+        let folder = hf_cache::resolve(source, env).map_err(hf_error)?;
+        return Ok(Source::HfFolder {
+            folder,
+            name: repo_name(source),
+        });
+    }
+    match resolve_source(models_dir, source) {
+        Ok(path) => Ok(Source::Gguf(path)),
+        Err(DaemonError::UnknownSource { name, dir, hint })
+            if !gguf && hf_cache::is_repo_id(source) =>
+        {
+            match hf_cache::resolve(source, env) {
+                Ok(folder) => Ok(Source::HfFolder {
+                    folder,
+                    name: repo_name(source),
+                }),
+                Err(HfCacheError::NotCached { .. }) => Err(DaemonError::UnknownSource {
+                    name,
+                    dir,
+                    hint: format!("{hint}; nor is it a Hugging Face repo in the local HF cache"),
+                }),
+                Err(e) => Err(hf_error(e)),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn hf_error(e: HfCacheError) -> DaemonError {
+    match e {
+        HfCacheError::NotCached { .. } => DaemonError::NotInHfCache(e.to_string()),
+        other => DaemonError::InvalidArgument(other.to_string()),
+    }
+}
+
+/// The GGUF for an HF folder: converted now, or found from an earlier conversion. Blocking.
+fn converted_gguf(
+    models_dir: &Path,
+    folder: &Path,
+    name: &str,
+    format: WeightFormat,
+) -> Result<PathBuf, DaemonError> {
+    let key = conversion_key(folder).map_err(|e| DaemonError::BadModelFile {
+        path: folder.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let dir = models_dir.join("hf").join(format!("{key:016x}"));
+    let file_name = match format {
+        WeightFormat::F32 => format!("{name}.gguf"),
+        other => format!("{name}-{}.gguf", other.name()),
+    };
+    let out = dir.join(&file_name);
+    if out.is_file() {
+        return Ok(out);
+    }
+    let bytes = gguf_from_hf_folder(folder, format).map_err(|e| match e {
+        HfModelError::UnsupportedModelType { .. } | HfModelError::UnsupportedConfig { .. } => {
+            DaemonError::InvalidArgument(format!("{}: {e}", folder.display()))
+        }
+        other => DaemonError::BadModelFile {
+            path: folder.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })?;
+    let io = |e: std::io::Error| DaemonError::Internal(format!("writing {}: {e}", out.display()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    // Written aside and renamed, so a crash never leaves a half GGUF under the final name.
+    let tmp = dir.join(format!(".{file_name}.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, &out).map_err(io)?;
+    Ok(out)
+}
+
+fn conversion_key(folder: &Path) -> std::io::Result<u64> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    folder.canonicalize()?.hash(&mut h);
+    std::fs::read(folder.join(CONFIG_FILE))?.hash(&mut h);
+    for file in [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "generation_config.json",
+        "source.spm",
+    ] {
+        if let Ok(meta) = std::fs::metadata(folder.join(file)) {
+            file.hash(&mut h);
+            meta.len().hash(&mut h);
+            meta.modified().ok().hash(&mut h);
+        }
+    }
+    Ok(h.finish())
+}
+
+/// The file's name without `.gguf` (and without a split suffix).
+pub fn default_name(path: &Path) -> String {
+    let stem = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".gguf").unwrap_or(&stem);
+    let stem = match stem.rfind("-00001-of-") {
+        Some(at) => &stem[..at],
+        None => stem,
+    };
+    stem.to_owned()
+}
+
+/// `.gguf` files of a folder (the first shard only of split models), sorted.
+fn gguf_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = read
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            name.is_some_and(|n| {
+                n.ends_with(".gguf") && (!n.contains("-of-") || n.contains("-00001-of-"))
+            }) && p.is_file()
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A path (anything with a `/`, or an existing file) or a name in the models folder.
+fn resolve_source(models_dir: &Path, source: &str) -> Result<PathBuf, DaemonError> {
+    let source = source.trim();
+    if source.is_empty() {
+        return Err(DaemonError::InvalidArgument(
+            "a load needs a source: a .gguf path or a name in the models folder".into(),
+        ));
+    }
+    let as_path = Path::new(source);
+    if source.contains('/') || as_path.is_file() {
+        if !as_path.is_absolute() {
+            return Err(DaemonError::InvalidArgument(format!(
+                "{source}: give an absolute path (egpud's working directory is not the client's)"
+            )));
+        }
+        return std::fs::canonicalize(as_path)
+            .map_err(|_| DaemonError::MissingFile(as_path.to_owned()));
+    }
+    let files = gguf_files(models_dir);
+    let exact = files
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == source) || default_name(p) == source);
+    let canonical =
+        |p: &Path| std::fs::canonicalize(p).map_err(|_| DaemonError::MissingFile(p.to_owned()));
+    if let Some(p) = exact {
+        return canonical(p);
+    }
+    let lower = source.to_lowercase();
+    let matches: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| default_name(p).to_lowercase().starts_with(&lower))
+        .collect();
+    match matches.as_slice() {
+        [one] => canonical(one),
+        [] => Err(DaemonError::UnknownSource {
+            name: source.to_owned(),
+            dir: models_dir.to_owned(),
+            hint: if files.is_empty() {
+                " (the folder has no .gguf files)".into()
+            } else {
+                format!(
+                    "; it has: {}",
+                    files
+                        .iter()
+                        .map(|p| default_name(p))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        }),
+        many => Err(DaemonError::UnknownSource {
+            name: source.to_owned(),
+            dir: models_dir.to_owned(),
+            hint: format!(
+                "; {} files match, name one: {}",
+                many.len(),
+                many.iter()
+                    .map(|p| default_name(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}

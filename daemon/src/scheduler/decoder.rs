@@ -1,0 +1,622 @@
+//! The runner of a decoder-only model: continuous batching over its slots.
+//!
+//! Every step, the runner:
+//!
+//! 1. drops sequences whose client went away or whose deadline passed (freeing their slot),
+//! 2. admits waiting requests into free slots ([`super::admission`]),
+//! 3. plans one pass ([`super::plan`]): a token for every decoding sequence, then prompt chunks,
+//! 4. takes its compute turn (CPU) or its worker turn (tinygrad) for the forward pass,
+//! 5. samples, detokenizes and streams each sequence's token.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use egpu_engine::ops::log_softmax;
+use egpu_engine::sampler::{Sampler, StopMatcher, StopStatus};
+use egpu_engine::tokenizer::{StreamDecoder, Tokenizer};
+use tokio::sync::mpsc;
+
+use super::events::{
+    FinishReason, GenerationDone, GenerationEvent, ScorePosition, ScoreResult, Timings, TokenChunk,
+    TokenLogprob, TokenLogprobs,
+};
+use super::plan::{plan_step, SlotView, StepPlan, Work};
+use super::{
+    ClientKey, GenerateJob, Job, ModelQueue, Request, RunnerSettings, ScoreJob, StopReason,
+};
+use crate::backend::{ComputeTurns, DecoderModel, SlotStep};
+use crate::error::DaemonError;
+
+/// Serves the queue until it is stopped.
+pub(super) fn serve(
+    mut model: DecoderModel,
+    tokenizer: &Tokenizer,
+    queue: &ModelQueue,
+    turns: &ComputeTurns,
+    settings: RunnerSettings,
+) {
+    let mut slots: Vec<Option<Sequence<'_>>> = (0..model.n_slots()).map(|_| None).collect();
+    let runner = Runner {
+        tokenizer,
+        queue,
+        settings,
+    };
+    loop {
+        if let Some(reason) = runner.admit(&mut slots, &mut model) {
+            runner.end_all(&mut slots, &mut model, reason);
+            return;
+        }
+        runner.step(&mut slots, &mut model, turns);
+    }
+}
+
+struct Runner<'a> {
+    tokenizer: &'a Tokenizer,
+    queue: &'a ModelQueue,
+    settings: RunnerSettings,
+}
+
+/// A request that holds a slot.
+struct Sequence<'t> {
+    client: ClientKey,
+    deadline: Option<Instant>,
+    enqueued: Instant,
+    admitted: Instant,
+    span: tracing::Span,
+    /// Tokens to feed before the first prediction: the prompt (or the text being scored,
+    /// minus its last token).
+    input: Vec<u32>,
+    /// How many of `input` are in the cache.
+    fed: usize,
+    kind: SeqKind<'t>,
+}
+
+enum SeqKind<'t> {
+    Generate(Box<Generation<'t>>),
+    Score(Box<Scoring>),
+}
+
+struct Generation<'t> {
+    job: GenerateJob,
+    sampler: Sampler,
+    decoder: StreamDecoder<'t>,
+    stops: StopMatcher,
+    generated: Vec<u32>,
+    /// The last sampled token, to be fed in the next step.
+    pending: Option<u32>,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+struct Scoring {
+    job: ScoreJob,
+    positions: Vec<ScorePosition>,
+}
+
+impl Sequence<'_> {
+    fn view(&self, slot: usize) -> SlotView {
+        SlotView {
+            slot,
+            admitted: self.admitted,
+            input_len: self.input.len(),
+            fed: self.fed,
+            decoding: matches!(&self.kind, SeqKind::Generate(g) if g.pending.is_some()),
+            wants_every_position: matches!(self.kind, SeqKind::Score(_)),
+        }
+    }
+
+    fn is_abandoned(&self) -> bool {
+        match &self.kind {
+            SeqKind::Generate(g) => g.job.events.is_closed(),
+            SeqKind::Score(s) => s.job.reply.is_closed(),
+        }
+    }
+
+    fn generated(&self) -> usize {
+        match &self.kind {
+            SeqKind::Generate(g) => g.generated.len(),
+            SeqKind::Score(_) => 0,
+        }
+    }
+
+    fn fail(self, err: DaemonError) {
+        match self.kind {
+            SeqKind::Generate(g) => {
+                let _ = g.job.events.send(GenerationEvent::Failed(err));
+            }
+            SeqKind::Score(s) => {
+                let _ = s.job.reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// How a sequence ended.
+enum Outcome {
+    Continue,
+    /// Done: the last event is sent only after the slot is released, so a client that
+    /// reads it and then asks for Status sees its request counted as served, not active.
+    Finished(Box<LastEvent>),
+    /// The client is gone.
+    Cancelled,
+}
+
+/// A stream's final event and where it goes.
+struct LastEvent {
+    events: mpsc::UnboundedSender<GenerationEvent>,
+    done: GenerationDone,
+}
+
+impl<'t> Runner<'t> {
+    /// Waits until there is work, admitting waiting requests into free slots. Returns the
+    /// stop reason when the model must end.
+    fn admit(
+        &self,
+        slots: &mut [Option<Sequence<'t>>],
+        model: &mut DecoderModel,
+    ) -> Option<StopReason> {
+        let mut st = self.queue.state.lock();
+        loop {
+            if let Some(reason) = st.stop {
+                return Some(reason);
+            }
+            st.forget_abandoned();
+            while let Some(free) = slots.iter().position(Option::is_none) {
+                let Some(req) = st.admission.admit_next() else {
+                    break;
+                };
+                match self.start(req, model.slot_capacity(free)) {
+                    Ok(seq) => {
+                        model.clear_slot(free);
+                        slots[free] = Some(seq);
+                    }
+                    Err(req) => {
+                        // The core API sends translations only to translation models.
+                        st.finished(&req.client, true);
+                        req.job.fail(DaemonError::InvalidArgument(format!(
+                            "{} is not a translation model",
+                            self.queue.model
+                        )));
+                    }
+                }
+            }
+            if st.admission.running() > 0 {
+                return None;
+            }
+            self.queue.wait_for_work(&mut st);
+        }
+    }
+
+    /// A sequence for a Generate or Score request; other jobs come back.
+    fn start(&self, req: Request, capacity: usize) -> Result<Sequence<'t>, Box<Request>> {
+        if matches!(req.job, Job::Translate(_)) {
+            return Err(Box::new(req));
+        }
+        let admitted = Instant::now();
+        let (input, kind) = match req.job {
+            Job::Translate(_) => unreachable!("returned above"),
+            Job::Generate(job) => {
+                let mut sampler = Sampler::new(job.params.clone());
+                sampler.accept_all(&job.prompt);
+                let stops = StopMatcher::new(job.stops.iter().cloned());
+                let input = job.prompt.clone();
+                let generation = Generation {
+                    job,
+                    sampler,
+                    decoder: self.tokenizer.stream_decoder(),
+                    stops,
+                    generated: Vec::new(),
+                    pending: None,
+                    first_token_at: None,
+                    last_token_at: None,
+                };
+                (input, SeqKind::Generate(Box::new(generation)))
+            }
+            Job::Score(job) => {
+                let input = job.tokens[..job.tokens.len().saturating_sub(1)].to_vec();
+                let mut positions = Vec::with_capacity(job.tokens.len());
+                positions.push(ScorePosition {
+                    logprob: None,
+                    top: Vec::new(),
+                });
+                (input, SeqKind::Score(Box::new(Scoring { job, positions })))
+            }
+        };
+        debug_assert!(input.len() <= capacity);
+        req.span.in_scope(|| {
+            tracing::debug!(
+                queue_ms = admitted.duration_since(req.enqueued).as_secs_f64() * 1e3,
+                input_tokens = input.len(),
+                "admitted"
+            )
+        });
+        Ok(Sequence {
+            client: req.client,
+            deadline: req.deadline,
+            enqueued: req.enqueued,
+            admitted,
+            span: req.span,
+            input,
+            fed: 0,
+            kind,
+        })
+    }
+
+    /// One batched forward pass and what follows from it.
+    fn step(
+        &self,
+        slots: &mut [Option<Sequence<'t>>],
+        model: &mut DecoderModel,
+        turns: &ComputeTurns,
+    ) {
+        self.drop_abandoned(slots);
+        // A score of a one-token text has nothing to feed: it is finished already.
+        for slot in 0..slots.len() {
+            let ready = matches!(&slots[slot], Some(Sequence { kind: SeqKind::Score(_), input, .. }) if input.is_empty());
+            if ready {
+                self.finish_score(slots, slot);
+            }
+        }
+        let views: Vec<SlotView> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, seq)| Some(seq.as_ref()?.view(slot)))
+            .collect();
+        let plan = plan_step(&views, self.settings.batch_tokens);
+        if plan.is_empty() {
+            return;
+        }
+
+        let result = {
+            let pending: Vec<[u32; 1]> = plan
+                .slots
+                .iter()
+                .map(|p| match &slots[p.slot] {
+                    Some(Sequence {
+                        kind: SeqKind::Generate(g),
+                        ..
+                    }) => [g.pending.unwrap_or(0)],
+                    _ => [0],
+                })
+                .collect();
+            let steps: Vec<SlotStep<'_>> = plan
+                .slots
+                .iter()
+                .zip(&pending)
+                .map(|(p, pending)| {
+                    let seq = slots[p.slot].as_ref().expect("planned slots are occupied");
+                    let tokens: &[u32] = match p.work {
+                        Work::Decode => pending,
+                        Work::Prefill { from, len } => &seq.input[from..from + len],
+                    };
+                    SlotStep {
+                        slot: p.slot,
+                        tokens,
+                        logits: p.logits,
+                    }
+                })
+                .collect();
+            model.forward(turns, &steps)
+        };
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(err) => {
+                // A failed pass ends the sequences of this pass, never the daemon.
+                tracing::error!(model = %self.queue.model, cause = %err, "forward pass failed");
+                for p in &plan.slots {
+                    if let Some(seq) = slots[p.slot].take() {
+                        let client = seq.client.clone();
+                        seq.fail(err.clone());
+                        self.release(&client, true);
+                    }
+                }
+                return;
+            }
+        };
+        self.queue
+            .memory
+            .store(model.memory_bytes(), Ordering::Relaxed);
+        self.take_results(slots, model, &plan, &logits);
+    }
+
+    /// Gives back the slots of sequences whose client went away or whose deadline passed.
+    fn drop_abandoned(&self, slots: &mut [Option<Sequence<'t>>]) {
+        let now = Instant::now();
+        for entry in slots.iter_mut() {
+            let Some(seq) = entry.as_ref() else { continue };
+            let generated = seq.generated();
+            if seq.is_abandoned() {
+                let seq = entry.take().expect("checked above");
+                seq.span
+                    .in_scope(|| tracing::info!(generated, "client went away; cancelled"));
+                self.release(&seq.client, false);
+            } else if seq.deadline.is_some_and(|d| d <= now) {
+                let seq = entry.take().expect("checked above");
+                seq.span
+                    .in_scope(|| tracing::info!(generated, "deadline exceeded"));
+                let client = seq.client.clone();
+                seq.fail(DaemonError::DeadlineExceeded { generated });
+                self.release(&client, true);
+            }
+        }
+    }
+
+    /// Feeds the pass's logits to its sequences: samples and streams tokens, records scores.
+    fn take_results(
+        &self,
+        slots: &mut [Option<Sequence<'t>>],
+        model: &DecoderModel,
+        plan: &StepPlan,
+        logits: &egpu_engine::models::decoder::Logits,
+    ) {
+        for (item, p) in plan.slots.iter().enumerate() {
+            let outcome = {
+                let seq = slots[p.slot].as_mut().expect("planned slots are occupied");
+                match &mut seq.kind {
+                    SeqKind::Generate(g) => {
+                        if g.pending.take().is_none() {
+                            seq.fed += p.tokens();
+                        }
+                        match logits.last(item) {
+                            Some(row) if seq.fed == seq.input.len() => {
+                                let capacity = model.slot_capacity(p.slot);
+                                self.generate_token(seq, row, capacity)
+                            }
+                            _ => Outcome::Continue,
+                        }
+                    }
+                    SeqKind::Score(s) => {
+                        for row in 0..logits.n_rows(item) {
+                            let position = seq.fed + row + 1;
+                            let target = s.job.tokens[position];
+                            let values = logits.row(item, row).expect("row in range");
+                            s.positions.push(score_position(
+                                self.tokenizer,
+                                values,
+                                target,
+                                s.job.top_k,
+                            ));
+                        }
+                        seq.fed += p.tokens();
+                        Outcome::Continue
+                    }
+                }
+            };
+            match outcome {
+                Outcome::Continue => {
+                    let done_scoring = matches!(&slots[p.slot], Some(Sequence { kind: SeqKind::Score(_), fed, input, .. }) if fed == &input.len());
+                    if done_scoring {
+                        self.finish_score(slots, p.slot);
+                    }
+                }
+                Outcome::Finished(last) => {
+                    if let Some(seq) = slots[p.slot].take() {
+                        self.release(&seq.client, true);
+                    }
+                    // The client may have left in the meantime; nothing to do then.
+                    let _ = last.events.send(GenerationEvent::Done(last.done));
+                }
+                Outcome::Cancelled => {
+                    if let Some(seq) = slots[p.slot].take() {
+                        self.release(&seq.client, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Samples the next token of a generation from its logits and streams it.
+    fn generate_token(&self, seq: &mut Sequence<'t>, row: &[f32], capacity: usize) -> Outcome {
+        let SeqKind::Generate(g) = &mut seq.kind else {
+            unreachable!("generate_token on a score")
+        };
+        let now = Instant::now();
+        let token = g.sampler.sample(row);
+        g.first_token_at.get_or_insert(now);
+        g.last_token_at = Some(now);
+        if g.job.stop_at_eos && self.tokenizer.is_end_of_generation(token) {
+            return finish_generation(seq, FinishReason::Stop, String::new());
+        }
+        let logprobs = if g.job.top_logprobs > 0 {
+            vec![token_logprobs(
+                self.tokenizer,
+                row,
+                token,
+                g.job.top_logprobs,
+            )]
+        } else {
+            Vec::new()
+        };
+        g.sampler.accept(token);
+        g.generated.push(token);
+        let text = g.decoder.push(token);
+        let (text, stopped) = match g.stops.push(&text) {
+            StopStatus::Continue(text) => (text, false),
+            StopStatus::Stopped(text) => (text, true),
+        };
+        let chunk = TokenChunk {
+            text,
+            token_ids: vec![token],
+            logprobs,
+        };
+        if g.job.events.send(GenerationEvent::Chunk(chunk)).is_err() {
+            return Outcome::Cancelled;
+        }
+        if stopped {
+            return finish_generation(seq, FinishReason::StopString, String::new());
+        }
+        if g.job.max_tokens.is_some_and(|m| g.generated.len() >= m) {
+            let tail = flush_text(g);
+            return finish_generation(seq, FinishReason::Length, tail);
+        }
+        // Feeding this token must leave the cache within its capacity.
+        if seq.input.len() + g.generated.len() > capacity {
+            let tail = flush_text(g);
+            return finish_generation(seq, FinishReason::ContextLength, tail);
+        }
+        g.pending = Some(token);
+        Outcome::Continue
+    }
+
+    fn finish_score(&self, slots: &mut [Option<Sequence<'t>>], slot: usize) {
+        let Some(seq) = slots[slot].take() else {
+            return;
+        };
+        let SeqKind::Score(s) = seq.kind else {
+            slots[slot] = Some(seq);
+            return;
+        };
+        let total_logprob = s
+            .positions
+            .iter()
+            .filter_map(|p| p.logprob)
+            .map(f64::from)
+            .sum();
+        let result = ScoreResult {
+            token_ids: s.job.tokens.clone(),
+            positions: s.positions,
+            total_logprob,
+        };
+        seq.span.in_scope(|| {
+            tracing::info!(
+                tokens = s.job.tokens.len(),
+                ms = seq.admitted.elapsed().as_secs_f64() * 1e3,
+                "scored"
+            )
+        });
+        // Counted before the reply goes out, as for generations.
+        self.release(&seq.client, true);
+        let _ = s.job.reply.send(Ok(result));
+    }
+
+    /// Counts a sequence that left its slot as ended.
+    fn release(&self, client: &ClientKey, served: bool) {
+        self.queue.state.lock().finished(client, served);
+    }
+
+    /// Ends every running and waiting request because the model is going away.
+    fn end_all(
+        &self,
+        slots: &mut [Option<Sequence<'t>>],
+        model: &mut DecoderModel,
+        reason: StopReason,
+    ) {
+        for (slot, seq) in slots.iter_mut().enumerate() {
+            if let Some(seq) = seq.take() {
+                seq.fail(self.queue.stop_error(reason));
+                model.clear_slot(slot);
+            }
+        }
+        let mut st = self.queue.state.lock();
+        self.queue.fail_waiting(&mut st, reason);
+    }
+}
+
+fn flush_text(g: &mut Generation<'_>) -> String {
+    let tail = g.decoder.finish();
+    match g.stops.push(&tail) {
+        StopStatus::Continue(text) => text + &g.stops.finish(),
+        StopStatus::Stopped(text) => text,
+    }
+}
+
+/// Sends the final text, and prepares the last event.
+fn finish_generation(seq: &mut Sequence<'_>, reason: FinishReason, tail: String) -> Outcome {
+    let SeqKind::Generate(g) = &mut seq.kind else {
+        unreachable!("finish_generation on a score")
+    };
+    let tail = if reason == FinishReason::Stop {
+        flush_text(g)
+    } else {
+        tail
+    };
+    if !tail.is_empty() {
+        let chunk = TokenChunk {
+            text: tail,
+            ..TokenChunk::default()
+        };
+        if g.job.events.send(GenerationEvent::Chunk(chunk)).is_err() {
+            return Outcome::Cancelled;
+        }
+    }
+    let since = |from: Instant, to: Option<Instant>| {
+        to.map_or(Default::default(), |to| to.duration_since(from))
+    };
+    let first = g.first_token_at.unwrap_or(seq.admitted);
+    let prefill = since(seq.admitted, Some(first));
+    let decode = since(first, g.last_token_at);
+    let rate = |tokens: usize, d: std::time::Duration| {
+        if d.is_zero() {
+            0.0
+        } else {
+            tokens as f64 / d.as_secs_f64()
+        }
+    };
+    let timings = Timings {
+        queue: since(seq.enqueued, Some(seq.admitted)),
+        prefill,
+        decode,
+        prefill_tokens_per_s: rate(seq.input.len(), prefill),
+        decode_tokens_per_s: rate(g.generated.len().saturating_sub(1), decode),
+    };
+    seq.span.in_scope(|| {
+        tracing::info!(
+            finish = ?reason,
+            prompt_tokens = seq.input.len(),
+            completion_tokens = g.generated.len(),
+            prefill_tok_s = format!("{:.1}", timings.prefill_tokens_per_s),
+            decode_tok_s = format!("{:.1}", timings.decode_tokens_per_s),
+            "generated"
+        )
+    });
+    Outcome::Finished(Box::new(LastEvent {
+        events: g.job.events.clone(),
+        done: GenerationDone {
+            finish_reason: reason,
+            prompt_tokens: seq.input.len(),
+            completion_tokens: g.generated.len(),
+            timings,
+        },
+    }))
+}
+
+/// The top `k` tokens of a log-softmax, most likely first (ties: lower id first).
+fn top_k(tokenizer: &Tokenizer, logprobs: &[f64], k: usize) -> Vec<TokenLogprob> {
+    let mut best: Vec<(usize, f64)> = Vec::with_capacity(k + 1);
+    for (id, &lp) in logprobs.iter().enumerate() {
+        if best.len() == k && best.last().is_some_and(|&(_, worst)| lp <= worst) {
+            continue;
+        }
+        let at = best.partition_point(|&(_, v)| v >= lp);
+        best.insert(at, (id, lp));
+        best.truncate(k);
+    }
+    best.into_iter()
+        .map(|(id, lp)| token_logprob(tokenizer, id as u32, lp))
+        .collect()
+}
+
+fn token_logprob(tokenizer: &Tokenizer, id: u32, logprob: f64) -> TokenLogprob {
+    TokenLogprob {
+        id,
+        logprob: logprob as f32,
+        text: String::from_utf8_lossy(tokenizer.token_bytes(id, true)).into_owned(),
+    }
+}
+
+fn token_logprobs(tokenizer: &Tokenizer, row: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let lp = log_softmax(row);
+    TokenLogprobs {
+        token: token_logprob(tokenizer, token, lp[token as usize]),
+        top: top_k(tokenizer, &lp, k),
+    }
+}
+
+fn score_position(tokenizer: &Tokenizer, row: &[f32], target: u32, k: usize) -> ScorePosition {
+    let lp = log_softmax(row);
+    ScorePosition {
+        // Load checks that every token id has a logit; `get` keeps a bad file from panicking.
+        logprob: lp.get(target as usize).map(|&v| v as f32),
+        top: top_k(tokenizer, &lp, k),
+    }
+}
