@@ -6,9 +6,8 @@
 //!
 //! A decode step streams every weight byte once, so its speed is the speed of a long read. With
 //! 4 KiB pages that read misses the TLB every 4 KiB, and in a virtual machine each miss walks two
-//! page tables (guest and host). Measured on the development VM (a 100 MiB buffer read with
-//! AVX2 loads): 11.4 GB/s on one thread and 22 GB/s on two with 4 KiB pages, 18.1 and 30.5 GB/s
-//! with 2 MiB pages. A `Vec` per matrix would not get huge pages at all: most of a small
+//! page tables (guest and host); 2 MiB pages make the read markedly faster (figures in
+//! `docs/engine-notes.md`). A `Vec` per matrix would not get huge pages at all: most of a small
 //! model's matrices are smaller than 2 MiB. So the matrices of a model share one mapping.
 //!
 //! Where the kernel has no transparent huge pages (`never`, or another OS) the advice is

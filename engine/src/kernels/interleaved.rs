@@ -10,8 +10,8 @@
 //! weights even from cache and the mat-vec, not memory, sets the decode speed. With eight rows
 //! interleaved, lane `r` of every register belongs to row `r`: the unpacking, the activation
 //! broadcast and the scale multiply are shared by eight rows and no lane reduction is needed.
-//! The same arithmetic then costs about a third of the instructions (measured 2.6× faster from
-//! cache on the development VM), and decode becomes bound by memory bandwidth.
+//! The same arithmetic then costs about a third of the instructions, and decode becomes bound
+//! by memory bandwidth.
 //!
 //! The interleaved kernel (`avx2_interleaved`) keeps, per output, exactly the operation order
 //! of the row-major kernels (the tiles of `super::run_quantized`): lane `j` of row `r`'s

@@ -606,8 +606,8 @@ fn check_shapes(
 /// Rows per tile: decoded together, so each activation chunk loaded serves this many rows.
 const TILE_ROWS: usize = 4;
 /// Tokens per tile: each decoded weight chunk held in a register serves this many tokens.
-/// 4 × 2 keeps the eight accumulators and the operands within AVX2's sixteen registers (4 × 3
-/// spilled accumulators to the stack and ran ~25% slower; 5 × 2 measured the same as 4 × 2).
+/// 4 × 2 keeps the eight accumulators and the operands within AVX2's sixteen registers (a
+/// taller or wider tile spills accumulators to the stack).
 const TILE_TOKENS: usize = 2;
 // `for_tile_shape!` lists the shapes up to 4 × 2.
 const _: () = assert!(TILE_ROWS == 4 && TILE_TOKENS == 2);
@@ -1026,7 +1026,7 @@ fn run_quantized(
 
 /// Widens f16 values (the KV cache) to f32: `dst[i] = src[i]` for `i < min(len)`, exactly, on
 /// the fastest path (F16C eight at a time, in one call, rather than the `half` crate's
-/// per-eight-values calls, which profiling showed at 7% of long-context decode).
+/// per-eight-values calls, which cost long-context decode noticeably).
 pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
     widen_f16_with_path(KernelPath::best(), src, dst);
 }

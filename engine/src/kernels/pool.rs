@@ -10,10 +10,9 @@
 //! calling thread starts claiming at once. A worker joins a job only if it gets there before the
 //! parts run out; the caller then waits only for workers that actually joined. So a worker that
 //! is parked, or descheduled because other processes share the cores, delays nothing: its parts
-//! are done by whoever is running. (A static "thread i does part i" split makes every job wait
-//! for the slowest thread to be scheduled; on a shared 2-core machine that measured 1.5 ms per
-//! dispatch.) Each part's work is fixed by its index, not by the thread running it, so results
-//! do not depend on scheduling.
+//! are done by whoever is running (a static "thread i does part i" split would make every job
+//! wait for the slowest thread to be scheduled). Each part's work is fixed by its index, not by
+//! the thread running it, so results do not depend on scheduling.
 //!
 //! The job is a borrowed closure: a worker joins by incrementing a counter that the caller closes
 //! (sets a bit in) before waiting for it to drain, so no worker can use the closure after
@@ -28,11 +27,9 @@ use std::thread::{self, JoinHandle, Thread};
 
 /// How many `pause` polls an idle worker makes first: about a microsecond, enough to catch a
 /// job that follows at once. Not more: under a hypervisor a vCPU that keeps executing `pause`
-/// is trapped and descheduled (KVM's pause-loop exiting), and on this project's VMs a
-/// 4000-poll spin (~50 µs) left the worker taking 1–7% of the parts of short jobs, which then
-/// ran 2× slower than on one thread; parking early, it took 45–50%. It then polls with plain
-/// loads, which are not trapped ([`idle_busy_poll`]), and parks. A parked worker costs a
-/// futex wake, which the caller does not wait for: it starts on the parts itself.
+/// is trapped and descheduled (KVM's pause-loop exiting), so it would miss the jobs it spins
+/// for. It then polls with plain loads, which are not trapped ([`idle_busy_poll`]), and parks.
+/// A parked worker costs a futex wake, which the caller does not wait for.
 const IDLE_SPIN_POLLS: u32 = 50;
 /// How many polls the caller makes waiting for joined workers to finish their last parts before
 /// it yields the CPU (possibly to the very worker it waits for); short for the same reason.
@@ -45,8 +42,8 @@ const WAIT_YIELDS: u32 = 50;
 /// The gaps between a decode step's jobs (norms, RoPE, the cache write on the calling thread)
 /// are a few microseconds to tens of microseconds; a worker that parks in them must be woken
 /// through the kernel for the next job, and on a VM that wake arrives late enough that the
-/// caller has done most of the parts itself. Measured on SmolLM2 with 2 threads: decode
-/// 171 → 182 tok/s. It costs at most this long of one core after the last job of a burst.
+/// caller has done most of the parts itself. It costs at most this long of one core after the
+/// last job of a burst.
 fn idle_busy_poll() -> std::time::Duration {
     static SPIN: OnceLock<std::time::Duration> = OnceLock::new();
     *SPIN.get_or_init(|| {

@@ -67,8 +67,7 @@ fn tile_portable_typed<const RM: usize, const RN: usize, const SIGNED: bool>(
     // Per output, a loop over the chunks with one integer dot product per 16-element half: a
     // plain reduction over contiguous bytes, the shape auto-vectorizers handle best (x86
     // `pmaddwd`, NEON `smlal` or `sdot`). The tile's decoded rows and activations stay in L1
-    // across its outputs. (Chunks outermost with all outputs' accumulators live measured 2.5×
-    // slower on x86.)
+    // across its outputs. (Chunks outermost, with every output's accumulator live, is slower.)
     for (i, out_row) in out.iter_mut().enumerate() {
         let row = &w[i * nc..(i + 1) * nc];
         for (j, o) in out_row.iter_mut().enumerate() {
