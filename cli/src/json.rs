@@ -19,6 +19,12 @@ pub struct StatusJson {
     pub uptime_seconds: f64,
     pub models_dir: String,
     pub backends: Vec<BackendJson>,
+    /// The HTTP front end's TCP URL; empty when off.
+    pub http_url: String,
+    /// Its Unix socket; empty when off.
+    pub http_socket: String,
+    /// Where the key TCP clients send is kept; empty when none is needed.
+    pub api_key_file: String,
 }
 
 /// One backend in `status --json`: "cpu", and "tinygrad" when egpud runs its worker.
@@ -150,6 +156,8 @@ pub struct ModelFileJson {
     pub resident_as: Vec<String>,
     /// Why the header could not be read; empty when it could.
     pub error: String,
+    /// `models`, `ollama`, `lmstudio` or `huggingface`.
+    pub store: String,
 }
 
 pub fn status(response: &StatusResponse) -> StatusJson {
@@ -167,6 +175,9 @@ pub fn status(response: &StatusResponse) -> StatusJson {
         version: response.version.clone(),
         uptime_seconds: response.uptime_seconds,
         models_dir: response.models_dir.clone(),
+        http_url: response.http_url.clone(),
+        http_socket: response.http_socket.clone(),
+        api_key_file: response.api_key_file.clone(),
         backends: response
             .backends
             .iter()
@@ -339,6 +350,7 @@ pub fn model_files(response: &ListModelFilesResponse) -> ModelFilesJson {
                 architecture: f.architecture.clone(),
                 resident_as: f.resident_as.clone(),
                 error: f.error.clone(),
+                store: f.store.clone(),
             })
             .collect(),
     }
@@ -401,6 +413,9 @@ pub(crate) mod tests {
             models_dir: "/models".into(),
             threads: 2,
             backends: Vec::new(),
+            http_url: "http://127.0.0.1:11470".into(),
+            http_socket: "/run/user/1000/egpu-http.sock".into(),
+            api_key_file: "/home/me/.local/state/egpu/api-key".into(),
         }
     }
 
@@ -446,7 +461,10 @@ pub(crate) mod tests {
                 "version": "0.1.0",
                 "uptime_seconds": 192.5,
                 "models_dir": "/models",
-                "backends": []
+                "backends": [],
+                "http_url": "http://127.0.0.1:11470",
+                "http_socket": "/run/user/1000/egpu-http.sock",
+                "api_key_file": "/home/me/.local/state/egpu/api-key"
             })
         );
     }
@@ -632,6 +650,7 @@ pub(crate) mod tests {
                 architecture: String::new(),
                 resident_as: vec!["a".into(), "b".into()],
                 error: "bad magic".into(),
+                store: "models".into(),
             }],
         };
         assert_eq!(
@@ -640,7 +659,7 @@ pub(crate) mod tests {
                 "models_dir": "/m",
                 "files": [{
                     "name": "a", "path": "/m/a.gguf", "size_bytes": 9, "architecture": "",
-                    "resident_as": ["a", "b"], "error": "bad magic"
+                    "resident_as": ["a", "b"], "error": "bad magic", "store": "models"
                 }]
             })
         );

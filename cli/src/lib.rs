@@ -23,6 +23,7 @@ Exit status:
 
 const AFTER_HELP: &str = exit_status_help!();
 
+pub mod api_key;
 pub mod chat;
 pub mod client;
 pub mod doctor;
@@ -83,11 +84,14 @@ enum Command {
     /// Token ids back to text.
     #[command(after_help = AFTER_HELP)]
     Detokenize(tokens::DetokenizeArgs),
-    /// List the model files in egpud's models folder.
+    /// List the models egpud can load: its models folder, Ollama's and LM Studio's stores, GGUF
+    /// files in the Hugging Face cache.
     #[command(after_help = AFTER_HELP)]
     Models(models::ModelsArgs),
     /// Describe a GGUF model file without loading it (no daemon needed).
     Inspect(inspect::InspectArgs),
+    /// Print the key HTTP clients send over TCP (for OPENAI_API_KEY or OLLAMA_API_KEY).
+    ApiKey(api_key::ApiKeyArgs),
     /// Run egpud at login and restart it when it crashes (launchd or systemd --user).
     Service(service::ServiceArgs),
     /// Check the tinygrad backend's setup: worker Python, compiler, the macOS eGPU driver, the
@@ -148,6 +152,7 @@ async fn run_daemon_command(socket: &Path, command: &Command) -> anyhow::Result<
         Command::Tokenize(args) => tokens::run_tokenize(socket, args).await,
         Command::Detokenize(args) => tokens::run_detokenize(socket, args).await,
         Command::Models(args) => models::run(socket, args).await,
+        Command::ApiKey(args) => api_key::run(socket, args).await,
         Command::Service(args) => service::run(socket, args).await,
         Command::Inspect(_) | Command::Doctor(_) | Command::Completions { .. } => {
             unreachable!("handled without a runtime in run()")

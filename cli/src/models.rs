@@ -41,6 +41,7 @@ pub fn render(response: &ListModelFilesResponse, bold: bool) -> String {
             let dash_if_empty = |s: String| if s.is_empty() { "-".to_owned() } else { s };
             vec![
                 f.name.clone(),
+                dash_if_empty(f.store.clone()),
                 bytes_decimal(f.size_bytes),
                 dash_if_empty(if f.error.is_empty() {
                     f.architecture.clone()
@@ -54,6 +55,7 @@ pub fn render(response: &ListModelFilesResponse, bold: bool) -> String {
         .collect();
     let headers = [
         ("NAME", Align::Left),
+        ("STORE", Align::Left),
         ("SIZE", Align::Right),
         ("ARCH", Align::Left),
         ("RESIDENT AS", Align::Left),
@@ -83,6 +85,7 @@ mod tests {
                     architecture: "llama".into(),
                     resident_as: vec!["smol".into(), "smol2".into()],
                     error: String::new(),
+                    store: "models".into(),
                 },
                 ModelFile {
                     name: "broken".into(),
@@ -91,15 +94,16 @@ mod tests {
                     architecture: String::new(),
                     resident_as: vec![],
                     error: "not a GGUF file".into(),
+                    store: "ollama".into(),
                 },
             ],
         };
         assert_eq!(
             render(&response, false),
             "models in /m\n\
-             NAME          SIZE   ARCH    RESIDENT AS   PATH\n\
-             SmolLM2   105.0 MB   llama   smol, smol2   /m/SmolLM2.gguf\n\
-             broken        12 B   ?       -             /m/broken.gguf\n\
+             NAME      STORE        SIZE   ARCH    RESIDENT AS   PATH\n\
+             SmolLM2   models   105.0 MB   llama   smol, smol2   /m/SmolLM2.gguf\n\
+             broken    ollama       12 B   ?       -             /m/broken.gguf\n\
              ? broken: not a GGUF file\n"
         );
     }

@@ -48,6 +48,9 @@ pub fn render(response: &StatusResponse, now_ms: i64, bold: bool) -> String {
     for b in response.backends.iter().filter(|b| b.backend != "cpu") {
         out.push_str(&backend_line(b));
     }
+    if let Some(line) = http_line(response) {
+        out.push_str(&line);
+    }
     // The backend column only when there is a choice of backends.
     let with_backend = response.backends.len() > 1;
     let mut headers = vec![
@@ -91,6 +94,22 @@ pub fn render(response: &StatusResponse, now_ms: i64, bold: bool) -> String {
         .collect();
     out.push_str(&format::table(&headers, &rows, bold));
     out
+}
+
+/// Where the OpenAI/Ollama-compatible HTTP API answers, if anywhere.
+fn http_line(response: &StatusResponse) -> Option<String> {
+    let mut parts = Vec::new();
+    if !response.http_url.is_empty() {
+        parts.push(if response.api_key_file.is_empty() {
+            format!("{} (no key)", response.http_url)
+        } else {
+            format!("{} (key: egpuctl api-key)", response.http_url)
+        });
+    }
+    if !response.http_socket.is_empty() {
+        parts.push(format!("unix {}", response.http_socket));
+    }
+    (!parts.is_empty()).then(|| format!("http: {}\n", parts.join(" · ")))
 }
 
 /// A non-cpu backend: its device and memory when ready, else its state and why.
@@ -166,6 +185,7 @@ mod tests {
         assert_eq!(
             text,
             "AMD EPYC 7B13 (cpu) · 104.2 MB / 8.0 GB used · egpud 0.1.0 · up 3m 12s\n\
+             http: http://127.0.0.1:11470 (key: egpuctl api-key) · unix /run/user/1000/egpu-http.sock\n\
              NAME         ARCH        SIZE   QUANT    CTX   SLOTS   ACTIVE   QUEUED   PINNED   UNTIL                STATE\n\
              smollm2      llama   104.2 MB   Q4_1    2048       4        1        2   no       4 minutes from now   ready\n\
              qwen3-0.6b   qwen3     1.2 GB   Q4_1    2048       4        0        0   yes      forever              loading\n"
@@ -176,6 +196,8 @@ mod tests {
     fn no_models_still_prints_headers_and_expiry_zero_is_forever() {
         let mut status = sample_status();
         status.models.clear();
+        status.http_url.clear();
+        status.http_socket.clear();
         let text = render(&status, 0, false);
         assert!(text.ends_with("STATE\n"), "{text}");
         assert_eq!(text.lines().count(), 2);

@@ -15,6 +15,8 @@ pub const CPU_DEFAULT_BUDGET_PERCENT: u64 = 75;
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "egpud",
+    // A later flag wins over an earlier one (wrappers and tests put defaults first).
+    args_override_self = true,
     version,
     about = "egpu daemon: keeps models resident on one device and serves them over gRPC on a \
              Unix socket",
@@ -86,6 +88,36 @@ pub struct Config {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(8..=4096))]
     pub batch_tokens: u32,
 
+    /// HTTP (OpenAI- and Ollama-compatible API, /metrics) on TCP: an address, or `off`. Keep
+    /// it on loopback: anything else exposes the models to the network.
+    #[arg(long, env = "EGPU_HTTP", default_value = egpu_proto::DEFAULT_HTTP_ADDR, value_parser = parse_http_addr)]
+    pub http: HttpAddr,
+
+    /// HTTP on a Unix socket (mode 0600, other users refused; no key needed), or `off`
+    /// [default: beside the gRPC socket, `egpu-http.sock`].
+    #[arg(long, env = "EGPU_HTTP_SOCKET")]
+    pub http_socket: Option<PathBuf>,
+
+    /// `key`: TCP clients must send the key in <state-dir>/api-key (`Authorization: Bearer`
+    /// or `x-api-key`); `none`: no key — any local user and any web page that can reach the
+    /// port can use the models (Host and Origin checks still apply).
+    #[arg(long, default_value = "key", value_parser = ["key", "none"])]
+    pub http_auth: String,
+
+    /// More host names a TCP request's Host header may name besides localhost, 127.0.0.1 and
+    /// [::1] (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub http_allowed_hosts: Vec<String>,
+
+    /// Web origins allowed to call the HTTP API from a browser (CORS), comma-separated, e.g.
+    /// http://localhost:3000 [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub http_origins: Vec<String>,
+
+    /// Largest HTTP request body.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    pub http_max_body: u64,
+
     /// Keep-alive of models loaded without one, e.g. 5m, 30s, 0, forever.
     #[arg(long, default_value = "5m", value_parser = parse_keep_alive)]
     pub keep_alive: KeepAlive,
@@ -105,13 +137,18 @@ impl Config {
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().unwrap_or_else(|| {
-            std::env::var_os("XDG_STATE_HOME")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| home().join(".local").join("state"))
-                .join("egpu")
-        })
+        self.state_dir
+            .clone()
+            .unwrap_or_else(egpu_proto::default_state_dir)
+    }
+
+    /// The HTTP front end's Unix socket, unless `--http-socket off`.
+    pub fn http_socket_path(&self) -> Option<PathBuf> {
+        match self.http_socket.as_deref() {
+            Some(p) if p.as_os_str() == "off" => None,
+            Some(p) => Some(p.to_owned()),
+            None => Some(egpu_proto::http_socket_beside(&self.socket_path())),
+        }
     }
 
     /// The tinygrad worker's Python (see `--worker-python`; `egpuctl doctor` finds it the
@@ -172,25 +209,27 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Parses a keep-alive: `forever`/`-1`, `0`, or a number with a unit `ms`, `s`, `m`, `h`
-/// (a bare number is seconds).
+/// Parses a keep-alive (see [`KeepAlive::parse`]).
 pub fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
-    let text = text.trim().to_ascii_lowercase();
-    if text == "forever" || text == "inf" || text.starts_with('-') {
-        return Ok(KeepAlive::Forever);
+    KeepAlive::parse(text)
+}
+
+/// Where `--http` listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAddr {
+    Off,
+    On(std::net::SocketAddr),
+}
+
+/// `off`, or a socket address (`127.0.0.1:11470`, `[::1]:0`).
+pub fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
+    let text = text.trim();
+    if text == "off" {
+        return Ok(HttpAddr::Off);
     }
-    let (number, unit) = number_and_unit(&text)
-        .ok_or_else(|| format!("{text:?} is not a duration (try 30s, 5m, 2h, forever)"))?;
-    let seconds = match unit {
-        "ms" => number / 1000.0,
-        "" | "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(seconds)
-        .map(KeepAlive::For)
-        .map_err(|_| format!("{text:?} is not a usable duration"))
+    text.parse()
+        .map(HttpAddr::On)
+        .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:11470 (or off)"))
 }
 
 /// A backend's name: `cpu` or `tinygrad`.
@@ -240,6 +279,22 @@ mod tests {
             Ok(KeepAlive::For(Duration::from_millis(250)))
         );
         assert!(parse_keep_alive("5 fortnights").is_err());
+        // Go's duration forms, as Ollama's keep_alive sends them.
+        assert_eq!(
+            parse_keep_alive("1h30m"),
+            Ok(KeepAlive::For(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            parse_keep_alive("1.5h"),
+            Ok(KeepAlive::For(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            parse_keep_alive("5m0s"),
+            Ok(KeepAlive::For(Duration::from_secs(300)))
+        );
+        assert_eq!(parse_keep_alive("-1m"), Ok(KeepAlive::Forever));
+        assert!(parse_keep_alive("1h30").is_err());
+        assert!(parse_keep_alive("").is_err());
         assert_eq!(KeepAlive::from_millis(-1), KeepAlive::Forever);
     }
 }

@@ -10,7 +10,8 @@
 //!   and the catalog that resolves model sources.
 //! - [`scheduler`]: per-model queues and runners: admission, step plans, batching.
 //! - [`backend`]: where models run: the CPU engine, the tinygrad worker.
-//! - [`state`] and [`error`]: the persisted pin set, and the domain errors.
+//! - [`metrics`]: what is counted, for Prometheus.
+//! - [`state`] and [`error`]: the persisted pin set and API key, and the domain errors.
 //!
 //! `ARCHITECTURE.md` at the repository root follows one request through these files.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod frontend;
+pub mod metrics;
 pub mod residency;
 pub mod scheduler;
 pub mod server;

@@ -13,9 +13,12 @@ use tokio::net::UnixListener;
 use crate::backend::device::cpu_device;
 use crate::backend::tinygrad::{Worker, WorkerSettings};
 use crate::backend::{BackendKind, ComputeTurns};
-use crate::config::{Config, CPU_DEFAULT_BUDGET_PERCENT};
-use crate::core::Core;
+use crate::config::{Config, HttpAddr, CPU_DEFAULT_BUDGET_PERCENT};
+use crate::core::{Core, Endpoints};
 use crate::frontend;
+use crate::frontend::http::listen::Listeners;
+use crate::frontend::http::{HttpSettings, DEFAULT_MAX_CONNECTIONS};
+use crate::metrics::Metrics;
 use crate::residency::{Residency, ResidencySettings};
 use crate::state::StateStore;
 
@@ -40,8 +43,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let _socket_guard = SocketGuard(socket.clone());
     // Only now, with the socket ours: a second egpud refused above must not touch the state.
     let state = Arc::new(StateStore::open(&state_dir));
+    let http = open_http(&config, &state_dir).await?;
+    let _http_socket_guard = http.socket.clone().map(SocketGuard);
     tracing::info!(
         socket = %socket.display(),
+        http = %http.endpoints.http_url,
+        http_socket = %http.endpoints.http_socket,
         budget,
         threads,
         models_dir = %models_dir.display(),
@@ -51,6 +58,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         env!("CARGO_PKG_VERSION")
     );
 
+    let metrics = Arc::new(Metrics::new());
     // The tinygrad backend: its worker starts in the background (importing tinygrad and
     // compiling a first kernel takes seconds); the socket answers meanwhile.
     let worker = (config.backend == BackendKind::Tinygrad).then(|| {
@@ -63,6 +71,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             start_timeout: config.worker_start_timeout,
             step_timeout: config.worker_step_timeout,
             memory_budget: config.device_memory_budget,
+            metrics: metrics.clone(),
         })
     });
     let mut residency = Residency::new(
@@ -75,6 +84,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             batch_tokens: config.batch_tokens as usize,
         },
         Arc::new(ComputeTurns::new(threads)),
+        metrics,
     )
     .with_state(state);
     if let Some(worker) = &worker {
@@ -85,16 +95,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let keep_alive = tokio::spawn(residency.clone().run_keep_alive());
     // In the background: the socket answers while the pinned models load again.
     let reload = tokio::spawn(residency.clone().reload_pinned(BackendKind::Cpu));
-    let core = Core::new(residency.clone(), threads);
+    let core = Core::new(residency.clone(), threads, http.endpoints.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);
     let signal_residency = residency.clone();
     let serve_shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: ending open streams");
         signal_residency.shutdown().await;
+        http_stop_tx.send_replace(true);
         let _ = stop_tx.send(());
     };
+    let http_server = tokio::spawn(frontend::http::listen::serve(
+        http.listeners,
+        frontend::http::router(core.clone(), Arc::new(http.settings)),
+        http.max_connections,
+        async move {
+            let _ = http_stop_rx.wait_for(|stop| *stop).await;
+        },
+    ));
     let server = frontend::grpc::serve(listener, core, serve_shutdown);
 
     // Clients that keep idle connections open would hold a graceful shutdown forever; after
@@ -107,6 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         result = server => result?,
         () = grace => tracing::warn!("clients still connected after {SHUTDOWN_GRACE:?}; exiting"),
     }
+    http_server.abort();
     keep_alive.abort();
     reload.abort();
     residency.shutdown().await;
@@ -116,6 +137,75 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     }
     tracing::info!("egpud stopped");
     Ok(())
+}
+
+/// The HTTP front end as configured: its listeners (what could be opened), its settings, and
+/// where it can be reached.
+struct OpenHttp {
+    listeners: Listeners,
+    settings: HttpSettings,
+    max_connections: usize,
+    endpoints: Endpoints,
+    socket: Option<PathBuf>,
+}
+
+/// Opens the HTTP listeners. The Unix socket is claimed like the gRPC one (an error stops
+/// egpud); a TCP port that is taken is one log line, and egpud serves without TCP.
+async fn open_http(config: &Config, state_dir: &Path) -> anyhow::Result<OpenHttp> {
+    let mut endpoints = Endpoints::default();
+    let unix = match config.http_socket_path() {
+        Some(path) => {
+            let listener = claim_socket(&path).context("the HTTP socket (--http-socket)")?;
+            endpoints.http_socket = path.display().to_string();
+            Some((listener, path))
+        }
+        None => None,
+    };
+    let tcp = match config.http {
+        HttpAddr::Off => None,
+        HttpAddr::On(addr) => match frontend::http::listen::bind_tcp(addr).await {
+            Ok(listener) => {
+                let bound = listener.local_addr().unwrap_or(addr);
+                if !bound.ip().is_loopback() {
+                    tracing::warn!(addr = %bound, "HTTP listens beyond loopback: anyone who can reach this address and has the key can use the models");
+                }
+                endpoints.http_url = format!("http://{bound}");
+                Some(listener)
+            }
+            Err(e) => {
+                tracing::error!("HTTP on {addr} is off: {e} (pass --http ADDR for another port, or --http off); gRPC serves as usual");
+                None
+            }
+        },
+    };
+    let api_key = if tcp.is_some() && config.http_auth == "key" {
+        let key = crate::state::api_key(state_dir, egpu_proto::API_KEY_FILE)
+            .with_context(|| format!("the HTTP API key in {}", state_dir.display()))?;
+        endpoints.api_key_file = state_dir
+            .join(egpu_proto::API_KEY_FILE)
+            .display()
+            .to_string();
+        Some(key)
+    } else {
+        None
+    };
+    let (unix, socket) = match unix {
+        Some((listener, path)) => (Some(listener), Some(path)),
+        None => (None, None),
+    };
+    Ok(OpenHttp {
+        listeners: Listeners { tcp, unix },
+        settings: HttpSettings {
+            api_key,
+            allowed_hosts: config.http_allowed_hosts.clone(),
+            origins: config.http_origins.clone(),
+            max_body_bytes: usize::try_from(config.http_max_body).unwrap_or(usize::MAX),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        },
+        max_connections: DEFAULT_MAX_CONNECTIONS,
+        endpoints,
+        socket,
+    })
 }
 
 /// Binds the socket, mode 0600. A live egpud on the path is an error; a stale socket left

@@ -127,6 +127,25 @@ impl StateStore {
     }
 }
 
+/// The key HTTP clients send over TCP, from `dir/name`; created (mode 0600, 192 random bits
+/// from the OS) at the first start. A file that is present but empty is filled anew.
+pub fn api_key(dir: &Path, name: &str) -> std::io::Result<String> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut random = [0u8; 24];
+    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut random)?;
+    let key: String = std::iter::once("egpu-".to_owned())
+        .chain(random.iter().map(|b| format!("{b:02x}")))
+        .collect();
+    write_atomic(dir, name, format!("{key}\n").as_bytes())?;
+    Ok(key)
+}
+
 /// Reads the state file; never fails: problems are logged and the file moved aside.
 fn read_state(path: &Path) -> Vec<PinnedModel> {
     let problem = match std::fs::read(path) {
@@ -238,6 +257,22 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
+    }
+
+    #[test]
+    fn the_api_key_is_made_once_private_and_kept() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = api_key(dir.path(), "api-key").unwrap();
+        assert!(key.starts_with("egpu-") && key.len() == 53, "{key}");
+        let file = dir.path().join("api-key");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(api_key(dir.path(), "api-key").unwrap(), key);
+        std::fs::write(&file, "").unwrap();
+        let fresh = api_key(dir.path(), "api-key").unwrap();
+        assert_ne!(fresh, key);
+        assert_eq!(api_key(dir.path(), "api-key").unwrap(), fresh);
     }
 
     #[test]

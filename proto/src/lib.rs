@@ -22,7 +22,10 @@ pub mod worker {
 pub mod paths;
 mod socket;
 
-pub use socket::{connect, connect_channel, default_socket_path, ConnectError, SOCKET_ENV};
+pub use socket::{
+    connect, connect_channel, default_socket_path, default_state_dir, http_socket_beside,
+    ConnectError, API_KEY_FILE, DEFAULT_HTTP_ADDR, SOCKET_ENV,
+};
 
 /// The metadata header a client may set to name itself for fair scheduling.
 pub const CLIENT_NAME_HEADER: &str = "x-egpu-client";

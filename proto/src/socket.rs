@@ -28,6 +28,42 @@ pub fn default_socket_path() -> PathBuf {
     ))
 }
 
+/// The HTTP front end's Unix socket beside a gRPC socket: `egpu.sock` → `egpu-http.sock`.
+pub fn http_socket_beside(grpc_socket: &Path) -> PathBuf {
+    let name = grpc_socket
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let http = match name.strip_suffix(".sock") {
+        Some(stem) => format!("{stem}-http.sock"),
+        None => format!("{name}-http"),
+    };
+    grpc_socket.with_file_name(http)
+}
+
+/// egpud's state folder: `$XDG_STATE_HOME/egpu`, else `~/.local/state/egpu`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/tmp"))
+                .join(".local")
+                .join("state")
+        })
+        .join("egpu")
+}
+
+/// The file in the state folder that holds the key HTTP clients send over TCP.
+pub const API_KEY_FILE: &str = "api-key";
+
+/// The loopback address egpud's HTTP front end listens on by default: not Ollama's 11434, so
+/// both can run side by side.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:11470";
+
 /// Why a client could not reach egpud.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

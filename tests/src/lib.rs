@@ -77,6 +77,7 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct TestDaemon {
     child: Option<Child>,
     pub socket: PathBuf,
+    pub state_dir: PathBuf,
     pub dir: tempfile::TempDir,
     log: Arc<Log>,
 }
@@ -199,6 +200,8 @@ impl TestDaemon {
             .arg("--models-dir")
             .arg(models)
             .args(["--threads", "2"])
+            // Tests run side by side: each egpud takes a free loopback port for HTTP.
+            .args(["--http", "127.0.0.1:0"])
             .args(extra_args)
             .env("EGPU_LOG", "info")
             .envs(env.iter().copied())
@@ -225,6 +228,7 @@ impl TestDaemon {
         let daemon = TestDaemon {
             child: Some(child),
             socket,
+            state_dir: state_dir.to_owned(),
             dir,
             log,
         };
@@ -232,6 +236,38 @@ impl TestDaemon {
             Ok(true) => Ok(daemon),
             _ => Err(daemon.log_text()),
         }
+    }
+
+    /// The HTTP front end's TCP URL (`http://127.0.0.1:PORT`), from egpud's listening line.
+    pub fn http_url(&self) -> String {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains(" listening"))
+            .unwrap_or_else(|| panic!("no listening line:\n{log}"));
+        let start = line
+            .find("http=http://")
+            .unwrap_or_else(|| panic!("HTTP is off: {line}"))
+            + "http=".len();
+        line[start..]
+            .split_whitespace()
+            .next()
+            .expect("an address")
+            .to_owned()
+    }
+
+    /// The HTTP front end's Unix socket (beside the gRPC one).
+    pub fn http_socket(&self) -> PathBuf {
+        egpu_proto::http_socket_beside(&self.socket)
+    }
+
+    /// The key TCP clients send (egpud writes it in its state folder at start).
+    pub fn api_key(&self) -> String {
+        let path = self.state_dir.join(egpu_proto::API_KEY_FILE);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .trim()
+            .to_owned()
     }
 
     pub async fn client(&self) -> EgpuClient<Channel> {

@@ -9,19 +9,20 @@ use std::path::{Path, PathBuf};
 
 /// The daemon's rooms and their layers: a room may import rooms of lower layers only.
 const DAEMON_LAYERS: &[(&str, u32)] = &[
-    ("server", 7),
-    ("config", 6),
-    ("frontend", 5),
-    ("core", 4),
-    ("residency", 3),
-    ("scheduler", 2),
-    ("backend", 1),
+    ("server", 8),
+    ("config", 7),
+    ("frontend", 6),
+    ("core", 5),
+    ("residency", 4),
+    ("scheduler", 3),
+    ("backend", 2),
+    ("metrics", 1),
     ("state", 0),
     ("error", 0),
 ];
 
 /// Layers at or below this one know no protocol.
-const CORE_LAYER: u32 = 4;
+const CORE_LAYER: u32 = 5;
 const PROTOCOL_CRATES: &[&str] = &["egpu_proto", "prost", "tonic"];
 /// The tinygrad worker is the daemon's other edge: its wire is the one file below the front
 /// ends that speaks a protocol (the worker's, not egpu.v1), mapped to the backend's own types.

@@ -9,6 +9,7 @@
 //! - [`prompt`]: text and conversations to tokens.
 //! - [`stream`]: a generation as a stream of events.
 
+pub mod on_demand;
 pub mod prompt;
 pub mod requests;
 pub mod stream;
@@ -24,6 +25,7 @@ use crate::backend::device::{cpu_device, DeviceInfo};
 use crate::backend::tinygrad::{Worker, WorkerPhase};
 use crate::backend::BackendKind;
 use crate::error::DaemonError;
+use crate::metrics;
 use crate::residency::{LoadOptions, LoadTicket, ModelFile, ModelInfo, Residency, Resident};
 use crate::scheduler::events::{ScoreResult, TranslateResult};
 use crate::scheduler::{GenerateJob, Job, Request, ScoreJob, TranslateJob};
@@ -40,6 +42,18 @@ pub struct Core {
     residency: Arc<Residency>,
     started: Instant,
     threads: usize,
+    endpoints: Arc<Endpoints>,
+}
+
+/// Where egpud's HTTP front end can be reached, for Status (set by the composition root).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    /// `http://127.0.0.1:11470`; empty when TCP is off.
+    pub http_url: String,
+    /// Empty when the HTTP socket is off.
+    pub http_socket: String,
+    /// The key file TCP clients' key is in; empty when TCP needs no key.
+    pub api_key_file: String,
 }
 
 /// What Status reports.
@@ -57,6 +71,7 @@ pub struct StatusReport {
     pub uptime: Duration,
     pub models_dir: PathBuf,
     pub threads: usize,
+    pub endpoints: Endpoints,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,11 +127,12 @@ pub struct Tokenized {
 }
 
 impl Core {
-    pub fn new(residency: Arc<Residency>, threads: usize) -> Core {
+    pub fn new(residency: Arc<Residency>, threads: usize, endpoints: Endpoints) -> Core {
         Core {
             residency,
             started: Instant::now(),
             threads,
+            endpoints: Arc::new(endpoints),
         }
     }
 
@@ -155,7 +171,37 @@ impl Core {
             uptime: self.started.elapsed(),
             models_dir: self.residency.models_dir().to_owned(),
             threads: self.threads,
+            endpoints: (*self.endpoints).clone(),
         }
+    }
+
+    /// The Prometheus exposition: the counters as recorded, the gauges sampled now.
+    pub async fn metrics_text(&self) -> String {
+        let status = self.status().await;
+        let m = self.residency.metrics();
+        m.queue_depth.clear();
+        m.busy_slots.clear();
+        m.resident_bytes.clear();
+        for model in &status.models {
+            let labels = metrics::model(&model.name);
+            m.queue_depth
+                .get_or_create(&labels)
+                .set(model.queued as i64);
+            m.busy_slots.get_or_create(&labels).set(model.active as i64);
+            m.resident_bytes
+                .get_or_create(&labels)
+                .set(model.bytes as i64);
+        }
+        for backend in &status.backends {
+            let labels = metrics::BackendLabels {
+                backend: backend.backend.as_str().into(),
+            };
+            m.budget_bytes
+                .get_or_create(&labels)
+                .set(backend.budget as i64);
+            m.used_bytes.get_or_create(&labels).set(backend.used as i64);
+        }
+        m.encode()
     }
 
     pub async fn load(&self, opts: LoadOptions) -> Result<LoadTicket, DaemonError> {
@@ -172,6 +218,26 @@ impl Core {
 
     /// Validates and tokenizes a generation and queues it; the stream carries its tokens.
     pub async fn generate(
+        &self,
+        req: GenerateRequest,
+        caller: Caller,
+    ) -> Result<GenerationStream, DaemonError> {
+        let name = req.model.clone();
+        let started = self.queue_generation(req, caller).await;
+        self.count_refusal(&name, "generate", started.as_ref().err());
+        started
+    }
+
+    /// A request refused before it reached a queue still counts, by why it was refused.
+    fn count_refusal(&self, model: &str, kind: &str, err: Option<&DaemonError>) {
+        if let Some(err) = err {
+            self.residency
+                .metrics()
+                .request(model, kind, metrics::outcome(err));
+        }
+    }
+
+    async fn queue_generation(
         &self,
         req: GenerateRequest,
         caller: Caller,
@@ -236,6 +302,22 @@ impl Core {
         req: ScoreRequest,
         caller: Caller,
     ) -> Result<ScoreResult, DaemonError> {
+        let name = req.model.clone();
+        let (reply, model) = match self.queue_score(req, caller).await {
+            Ok(queued) => queued,
+            Err(err) => {
+                self.count_refusal(&name, "score", Some(&err));
+                return Err(err);
+            }
+        };
+        reply_of(reply, &model).await
+    }
+
+    async fn queue_score(
+        &self,
+        req: ScoreRequest,
+        caller: Caller,
+    ) -> Result<(Reply<ScoreResult>, Arc<Resident>), DaemonError> {
         let model = self.decoder(&req.model)?;
         if req.top_k > MAX_TOP_LOGPROBS {
             return Err(invalid(format!(
@@ -276,7 +358,7 @@ impl Core {
             reply,
         };
         submit(&model, caller, Job::Score(job), span)?;
-        reply_of(response, &model).await
+        Ok((response, model))
     }
 
     /// Translates a batch of sentences with a translation model.
@@ -285,6 +367,22 @@ impl Core {
         req: TranslateRequest,
         caller: Caller,
     ) -> Result<TranslateResult, DaemonError> {
+        let name = req.model.clone();
+        let (reply, model) = match self.queue_translation(req, caller).await {
+            Ok(queued) => queued,
+            Err(err) => {
+                self.count_refusal(&name, "translate", Some(&err));
+                return Err(err);
+            }
+        };
+        reply_of(reply, &model).await
+    }
+
+    async fn queue_translation(
+        &self,
+        req: TranslateRequest,
+        caller: Caller,
+    ) -> Result<(Reply<TranslateResult>, Arc<Resident>), DaemonError> {
         let model = self.residency.get(&req.model)?;
         if model.kind != ModelKind::Translator {
             return Err(invalid(format!(
@@ -336,7 +434,7 @@ impl Core {
             reply,
         };
         submit(&model, caller, Job::Translate(job), span)?;
-        reply_of(response, &model).await
+        Ok((response, model))
     }
 
     pub async fn tokenize(
@@ -406,11 +504,10 @@ fn submit(
     })
 }
 
+type Reply<T> = oneshot::Receiver<Result<T, DaemonError>>;
+
 /// The runner's answer to a queued request; a dropped sender means the model went away.
-async fn reply_of<T>(
-    response: oneshot::Receiver<Result<T, DaemonError>>,
-    model: &Resident,
-) -> Result<T, DaemonError> {
+async fn reply_of<T>(response: Reply<T>, model: &Resident) -> Result<T, DaemonError> {
     match response.await {
         Ok(result) => result,
         Err(_) => Err(DaemonError::Unloaded(model.name.clone())),

@@ -1,7 +1,8 @@
 //! The model catalog: where load sources resolve, offline.
 //!
 //! A source is a `.gguf` path, a name in egpu's models folder (`NAME`, `NAME.gguf` or a unique
-//! prefix), or a Hugging Face model folder — its absolute path, or a repo id
+//! prefix), a model of another program's store ([`super::stores`]: Ollama, LM Studio, GGUF
+//! files in the HF cache), or a Hugging Face model folder — its absolute path, or a repo id
 //! (`openai-community/gpt2`, or a bare `gpt2` when no GGUF in the models folder has that name)
 //! found in the HF cache ([`egpu_engine::convert::hf_cache`]). A folder is converted once to a
 //! GGUF ([`egpu_engine::convert`]) kept under `<models folder>/hf/<key>/<name>[-q8_0].gguf`,
@@ -16,18 +17,27 @@ use std::path::{Path, PathBuf};
 use egpu_engine::convert::hf_cache::{self, HfCacheError, HfEnv, CONFIG_FILE};
 use egpu_engine::convert::{gguf_from_hf_folder, HfModelError, WeightFormat};
 use egpu_engine::gguf::GgufFile;
+use egpu_engine::models::info::{bytes_by_type, file_type_name};
 
+use super::stores::{Store, StoreRoots};
 use crate::error::DaemonError;
 
-/// A model file in the models folder, as ListModelFiles shows it.
+/// A model file egpud can load by name, as ListModelFiles shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogFile {
+    /// The name that loads it.
     pub name: String,
+    pub store: Store,
     /// Canonical, so it compares equal to a resident model's source.
     pub path: PathBuf,
     pub size_bytes: u64,
     /// Empty when the header cannot be read; `error` says why.
     pub architecture: String,
+    /// Weights (0 when the header cannot be read).
+    pub parameters: u64,
+    /// The tensor type holding most of the weights (`Q4_K`, ...), empty if unknown.
+    pub quantization: String,
+    pub modified: Option<std::time::SystemTime>,
     pub error: String,
 }
 
@@ -35,11 +45,16 @@ pub struct CatalogFile {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     models_dir: PathBuf,
+    stores: StoreRoots,
 }
 
 impl Catalog {
+    /// The models folder, and the other stores where the environment puts them.
     pub fn new(models_dir: PathBuf) -> Catalog {
-        Catalog { models_dir }
+        Catalog {
+            models_dir,
+            stores: StoreRoots::from_env(&HfEnv::from_process()),
+        }
     }
 
     pub fn models_dir(&self) -> &Path {
@@ -48,7 +63,7 @@ impl Catalog {
 
     /// Sorts a source into a GGUF file or an HF folder (see [`classify`]).
     pub fn classify(&self, source: &str, env: &HfEnv) -> Result<Source, DaemonError> {
-        classify(&self.models_dir, source, env)
+        classify(&self.models_dir, &self.stores, source, env)
     }
 
     /// The GGUF for an HF folder: converted now, or found from an earlier conversion. Blocking.
@@ -61,46 +76,78 @@ impl Catalog {
         converted_gguf(&self.models_dir, folder, name, format)
     }
 
-    /// The `.gguf` files of the models folder with what their headers say. Blocking.
+    /// Every model file of the models folder and the other stores, with what their headers
+    /// say. Blocking.
     pub fn files(&self) -> Vec<CatalogFile> {
-        gguf_files(&self.models_dir)
+        let own = gguf_files(&self.models_dir)
             .into_iter()
-            .map(|path| {
+            .map(|path| (default_name(&path), path, Store::ModelsFolder));
+        let others = self
+            .stores
+            .models()
+            .into_iter()
+            .map(|m| (m.name, m.path, m.store));
+        own.chain(others)
+            .map(|(name, path, store)| {
                 let path = std::fs::canonicalize(&path).unwrap_or(path);
-                let size_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-                let (architecture, error) = match GgufFile::open(&path) {
-                    Ok(f) => (
-                        f.metadata().architecture().unwrap_or("").to_owned(),
-                        String::new(),
-                    ),
-                    Err(e) => (String::new(), e.to_string()),
-                };
-                CatalogFile {
-                    name: default_name(&path),
+                let meta = std::fs::metadata(&path).ok();
+                let mut file = CatalogFile {
+                    name,
+                    store,
+                    size_bytes: meta.as_ref().map_or(0, |m| m.len()),
+                    modified: meta.and_then(|m| m.modified().ok()),
+                    architecture: String::new(),
+                    parameters: 0,
+                    quantization: String::new(),
+                    error: String::new(),
                     path,
-                    size_bytes,
-                    architecture,
-                    error,
+                };
+                match GgufFile::open(&file.path) {
+                    Ok(f) => {
+                        file.architecture = f.metadata().architecture().unwrap_or("").to_owned();
+                        file.parameters = f.tensors().iter().map(|t| t.n_elements).sum();
+                        file.quantization = quantization(&f);
+                    }
+                    Err(e) => file.error = e.to_string(),
                 }
+                file
             })
             .collect()
     }
 }
 
+/// The quantization a file declares (`Q4_K_M`), else the type holding most of its bytes.
+pub fn quantization(file: &GgufFile) -> String {
+    file_type_name(file.metadata())
+        .map(str::to_owned)
+        .or_else(|| {
+            bytes_by_type(file)
+                .into_iter()
+                .max_by_key(|(_, (_, bytes))| *bytes)
+                .map(|(ty, _)| ty.to_string())
+        })
+        .unwrap_or_default()
+}
+
 /// Where a load's source points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    Gguf(PathBuf),
+    /// A GGUF file; `name` is the name its store gives it (None: take the file's name).
+    Gguf { path: PathBuf, name: Option<String> },
     /// A Hugging Face folder, with the model name to give it (the repo or folder name).
-    HfFolder {
-        folder: PathBuf,
-        name: String,
-    },
+    HfFolder { folder: PathBuf, name: String },
 }
 
-/// Sorts a source into a GGUF file or an HF folder. GGUF names in the models folder win over a
-/// cached repo of the same bare name.
-fn classify(models_dir: &Path, source: &str, env: &HfEnv) -> Result<Source, DaemonError> {
+/// Sorts a source into a GGUF file or an HF folder. A bare name is looked up in egpu's models
+/// folder first, then in the other stores, then as a cached HF repo; a name with a `/` is
+/// looked up in the other stores first (LM Studio and HF cache names have one), then as an
+/// HF repo or a path.
+fn classify(
+    models_dir: &Path,
+    stores: &StoreRoots,
+    source: &str,
+    env: &HfEnv,
+) -> Result<Source, DaemonError> {
     let source = source.trim();
     let path = Path::new(source);
     let folder_name = |p: &Path| {
@@ -113,6 +160,17 @@ fn classify(models_dir: &Path, source: &str, env: &HfEnv) -> Result<Source, Daem
         let name = folder_name(&folder);
         return Ok(Source::HfFolder { folder, name });
     }
+    let from_store = || {
+        stores.resolve(source).map(|m| Source::Gguf {
+            path: std::fs::canonicalize(&m.path).unwrap_or(m.path),
+            name: Some(m.name),
+        })
+    };
+    if !path.is_absolute() && source.contains('/') {
+        if let Some(found) = from_store() {
+            return Ok(found);
+        }
+    }
     let repo_name = |repo: &str| repo.rsplit('/').next().unwrap_or(repo).to_string();
     let gguf = source.ends_with(".gguf");
     if !path.is_absolute() && source.contains('/') && !gguf && hf_cache::is_repo_id(source) {
@@ -123,20 +181,24 @@ fn classify(models_dir: &Path, source: &str, env: &HfEnv) -> Result<Source, Daem
         });
     }
     match resolve_source(models_dir, source) {
-        Ok(path) => Ok(Source::Gguf(path)),
-        Err(DaemonError::UnknownSource { name, dir, hint })
-            if !gguf && hf_cache::is_repo_id(source) =>
-        {
+        Ok(path) => Ok(Source::Gguf { path, name: None }),
+        Err(DaemonError::UnknownSource { name, dir, hint }) => {
+            if let Some(found) = from_store() {
+                return Ok(found);
+            }
+            let hint =
+                format!("{hint}; nor is it a model of Ollama, LM Studio or the Hugging Face cache");
+            if gguf || !hf_cache::is_repo_id(source) {
+                return Err(DaemonError::UnknownSource { name, dir, hint });
+            }
             match hf_cache::resolve(source, env) {
                 Ok(folder) => Ok(Source::HfFolder {
                     folder,
                     name: repo_name(source),
                 }),
-                Err(HfCacheError::NotCached { .. }) => Err(DaemonError::UnknownSource {
-                    name,
-                    dir,
-                    hint: format!("{hint}; nor is it a Hugging Face repo in the local HF cache"),
-                }),
+                Err(HfCacheError::NotCached { .. }) => {
+                    Err(DaemonError::UnknownSource { name, dir, hint })
+                }
                 Err(e) => Err(hf_error(e)),
             }
         }

@@ -16,6 +16,7 @@
 pub mod catalog;
 pub mod eviction;
 pub mod pins;
+pub mod stores;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ use crate::backend::{
     ModelSpec, Progress, TinygradModel,
 };
 use crate::error::DaemonError;
+use crate::metrics::{self, LoadLabels, Metrics};
 use crate::scheduler::{self, ModelQueue, RunnerSettings, StopReason};
 use crate::state::StateStore;
 use catalog::{Catalog, CatalogFile, Source};
@@ -67,6 +69,53 @@ impl KeepAlive {
         } else {
             KeepAlive::For(Duration::from_millis(ms as u64))
         }
+    }
+
+    /// `forever`, `inf` or anything negative (`-1`, `-1m`); `0`; a bare number of seconds;
+    /// or numbers with units `ns`, `us`, `ms`, `s`, `m`, `h`, in a row as Go writes durations
+    /// (`30s`, `5m`, `1h30m`, `1.5h`, `250ms`) — the forms egpud's flags and Ollama's
+    /// `keep_alive` take.
+    pub fn parse(text: &str) -> Result<KeepAlive, String> {
+        let text = text.trim().to_ascii_lowercase();
+        if text == "forever" || text == "inf" || text.starts_with('-') {
+            return Ok(KeepAlive::Forever);
+        }
+        let usage = || format!("{text:?} is not a duration (try 30s, 5m, 1h30m, 2h, forever)");
+        if text.is_empty() {
+            return Err(usage());
+        }
+        let mut seconds = 0f64;
+        let mut rest = text.as_str();
+        while !rest.is_empty() {
+            let split = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            let (number, after) = rest.split_at(split);
+            let number: f64 = number.parse().map_err(|_| usage())?;
+            let unit_len = after
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(after.len());
+            let (unit, next) = after.split_at(unit_len);
+            let scale = match unit {
+                "" if next.is_empty() && rest.len() == text.len() => 1.0,
+                "ns" => 1e-9,
+                "us" | "µs" => 1e-6,
+                "ms" => 1e-3,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                other => {
+                    return Err(format!(
+                        "unknown duration unit {other:?} in {text:?} (use ms, s, m, h)"
+                    ))
+                }
+            };
+            seconds += number * scale;
+            rest = next;
+        }
+        Duration::try_from_secs_f64(seconds)
+            .map(KeepAlive::For)
+            .map_err(|_| format!("{text:?} is not a usable duration"))
     }
 }
 
@@ -151,7 +200,8 @@ pub struct Resident {
     pub context: usize,
     pub slots: usize,
     pub pinned: bool,
-    pub keep_alive: KeepAlive,
+    /// Changed by requests that ask for another (Ollama's `keep_alive`).
+    keep_alive: Mutex<KeepAlive>,
     pub backend: BackendKind,
     /// For a tinygrad model: the generation of the worker that holds it.
     pub worker_generation: Option<u64>,
@@ -172,7 +222,7 @@ impl Resident {
         if self.pinned {
             return None;
         }
-        let KeepAlive::For(keep) = self.keep_alive else {
+        let KeepAlive::For(keep) = self.keep_alive() else {
             return None;
         };
         let counts = self.queue.counts();
@@ -210,6 +260,10 @@ impl Resident {
             vocab_size: self.tokenizer.vocab_size(),
             trained_context_length: self.summary.context_length,
         }
+    }
+
+    pub fn keep_alive(&self) -> KeepAlive {
+        *self.keep_alive.lock()
     }
 
     /// Waits for the runner thread to end (after its queue was stopped).
@@ -308,6 +362,30 @@ pub enum LoadTicket {
     },
 }
 
+impl LoadTicket {
+    /// Waits for the load to end: the resident model, or why it failed.
+    pub async fn wait(self) -> Result<Arc<Resident>, DaemonError> {
+        let mut phase = match self {
+            LoadTicket::Resident(r) => return Ok(r),
+            LoadTicket::Pending { phase, .. } => phase,
+        };
+        loop {
+            if let LoadPhase::Done(result) = &*phase.borrow_and_update() {
+                return result.clone();
+            }
+            if phase.changed().await.is_err() {
+                // The sender is dropped only after Done was sent.
+                return match &*phase.borrow() {
+                    LoadPhase::Done(result) => result.clone(),
+                    LoadPhase::Progress(_) => {
+                        Err(DaemonError::Internal("the load ended unexpectedly".into()))
+                    }
+                };
+            }
+        }
+    }
+}
+
 /// A resident model of the catalog's listing, with the names it is resident as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFile {
@@ -328,14 +406,20 @@ pub struct Residency {
     state: Option<Arc<StateStore>>,
     /// The tinygrad backend's worker, when egpud runs one.
     worker: Option<Arc<Worker>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Residency {
-    pub fn new(settings: ResidencySettings, turns: Arc<ComputeTurns>) -> Residency {
+    pub fn new(
+        settings: ResidencySettings,
+        turns: Arc<ComputeTurns>,
+        metrics: Arc<Metrics>,
+    ) -> Residency {
         Residency {
             catalog: Catalog::new(settings.models_dir.clone()),
             settings,
             turns,
+            metrics,
             entries: Mutex::new(BTreeMap::new()),
             changed: Arc::new(Notify::new()),
             shutting_down: AtomicBool::new(false),
@@ -354,6 +438,10 @@ impl Residency {
     pub fn with_state(mut self, state: Arc<StateStore>) -> Residency {
         self.state = Some(state);
         self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn worker(&self) -> Option<&Arc<Worker>> {
@@ -425,6 +513,28 @@ impl Residency {
         }
     }
 
+    /// The ready model loaded from `path`, under whatever name.
+    pub fn find_by_source(&self, path: &Path) -> Option<Arc<Resident>> {
+        self.entries.lock().values().find_map(|e| match e {
+            Entry::Ready(r) if r.source == path => Some(r.clone()),
+            _ => None,
+        })
+    }
+
+    /// Where a source resolves, without loading it (see [`Catalog::classify`]); blocking only
+    /// for a Hugging Face folder's conversion, which this does not start.
+    pub fn classify(&self, source: &str) -> Result<Source, DaemonError> {
+        self.catalog.classify(source, &HfEnv::from_process())
+    }
+
+    /// Changes how long a resident model stays once idle; pinned models stay pinned.
+    pub fn set_keep_alive(&self, name: &str, keep_alive: KeepAlive) -> Result<(), DaemonError> {
+        let model = self.get(name)?;
+        *model.keep_alive.lock() = keep_alive;
+        self.changed.notify_one();
+        Ok(())
+    }
+
     /// Every model, most recently used first.
     pub fn snapshot(&self) -> Vec<ModelInfo> {
         let entries = self.entries.lock();
@@ -466,6 +576,26 @@ impl Residency {
         self: &Arc<Self>,
         opts: LoadOptions,
     ) -> Result<LoadTicket, DaemonError> {
+        let source = opts.source.clone();
+        let started = self.plan_load(opts).await;
+        if let Err(err) = &started {
+            self.count_load(&source, Err(err));
+        }
+        started
+    }
+
+    fn count_load(&self, model: &str, result: Result<(), &DaemonError>) {
+        let outcome = result.map_or_else(metrics::outcome, |()| "ok");
+        self.metrics
+            .loads
+            .get_or_create(&LoadLabels {
+                model: model.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    async fn plan_load(self: &Arc<Self>, opts: LoadOptions) -> Result<LoadTicket, DaemonError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(DaemonError::ShuttingDown);
         }
@@ -478,11 +608,11 @@ impl Residency {
             (Some(link), Some(worker)) => worker.budget(link)?,
             _ => self.settings.budget,
         };
-        let (path, hf_name) = match self
+        let (path, source_name) = match self
             .catalog
             .classify(&opts.source, &HfEnv::from_process())?
         {
-            Source::Gguf(path) => (path, None),
+            Source::Gguf { path, name } => (path, name),
             Source::HfFolder { folder, name } => {
                 let catalog = self.catalog.clone();
                 let hf_name = name.clone();
@@ -502,7 +632,8 @@ impl Residency {
         };
         let name = match opts.name.as_deref().map(str::trim) {
             Some(n) if !n.is_empty() => validate_name(n)?,
-            _ => hf_name.map_or_else(|| Ok(catalog::default_name(&path)), |n| validate_name(&n))?,
+            _ => source_name
+                .map_or_else(|| Ok(catalog::default_name(&path)), |n| validate_name(&n))?,
         };
         // Coalesce before touching the file: a second request for a loading model waits.
         if let Some(ticket) = self.existing(&name, &path)? {
@@ -631,6 +762,7 @@ impl Residency {
         };
         tokio::spawn(async move {
             let loaded = this.finish_load(plan, &phase_tx).await;
+            this.count_load(&task_name, loaded.as_ref().map(|_| ()));
             if let Err(err) = &loaded {
                 tracing::error!(model = %task_name, cause = %err, "load failed");
                 this.entries.lock().remove(&task_name);
@@ -689,6 +821,10 @@ impl Residency {
                     continue 'plan;
                 }
                 entries.remove(&victim);
+                self.metrics
+                    .evictions
+                    .get_or_create(&metrics::model(&victim))
+                    .inc();
                 stopped.push(r);
             }
             return Ok(stopped);
@@ -805,6 +941,7 @@ impl Residency {
             self.settings.max_queue,
             self.changed.clone(),
             model.memory_bytes(),
+            self.metrics.clone(),
         ));
         let resident = Arc::new(Resident {
             name: name.clone(),
@@ -817,7 +954,7 @@ impl Residency {
             context: spec.context,
             slots: spec.slots,
             pinned,
-            keep_alive,
+            keep_alive: Mutex::new(keep_alive),
             backend,
             worker_generation: worker_link.as_ref().map(|l| l.generation),
             tokenizer: tokenizer.clone(),

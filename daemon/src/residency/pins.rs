@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{KeepAlive, LoadOptions, LoadPhase, LoadTicket, Residency, Resident};
+use super::{KeepAlive, LoadOptions, LoadTicket, Residency, Resident};
 use crate::backend::BackendKind;
 use crate::error::DaemonError;
 use crate::state::{PinnedModel, StateStore};
@@ -15,7 +15,7 @@ pub fn record(r: &Resident) -> PinnedModel {
         source: r.source.display().to_string(),
         context_length: r.context as u32,
         slots: r.slots as u32,
-        keep_alive_ms: Some(match r.keep_alive {
+        keep_alive_ms: Some(match r.keep_alive() {
             KeepAlive::Forever => -1,
             KeepAlive::For(d) => d.as_millis().min(i64::MAX as u128) as i64,
         }),
@@ -77,28 +77,13 @@ pub async fn reload_pinned(
     for model in models {
         match residency.start_load(load_options(&model)).await {
             Ok(LoadTicket::Resident(_)) => {}
-            Ok(LoadTicket::Pending { phase, .. }) => pending.push((model, phase)),
+            Ok(ticket @ LoadTicket::Pending { .. }) => pending.push((model, ticket)),
             Err(err) => dropped(&store, &model, &err),
         }
     }
-    for (model, mut phase) in pending {
-        let outcome = loop {
-            if let LoadPhase::Done(result) = &*phase.borrow_and_update() {
-                break result.as_ref().map(|_| ()).map_err(Clone::clone);
-            }
-            if phase.changed().await.is_err() {
-                match &*phase.borrow() {
-                    LoadPhase::Done(result) => {
-                        break result.as_ref().map(|_| ()).map_err(Clone::clone)
-                    }
-                    LoadPhase::Progress(_) => {
-                        break Err(DaemonError::Internal("the load ended unexpectedly".into()))
-                    }
-                }
-            }
-        };
-        match outcome {
-            Ok(()) => tracing::info!(model = %model.name, "pinned model resident again"),
+    for (model, ticket) in pending {
+        match ticket.wait().await {
+            Ok(_) => tracing::info!(model = %model.name, "pinned model resident again"),
             Err(err) => dropped(&store, &model, &err),
         }
     }

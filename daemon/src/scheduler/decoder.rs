@@ -26,6 +26,7 @@ use super::{
 };
 use crate::backend::{ComputeTurns, DecoderModel, SlotStep};
 use crate::error::DaemonError;
+use crate::metrics::{self, Metrics};
 
 /// Serves the queue until it is stopped.
 pub(super) fn serve(
@@ -160,7 +161,7 @@ impl<'t> Runner<'t> {
             if let Some(reason) = st.stop {
                 return Some(reason);
             }
-            st.forget_abandoned();
+            self.queue.forget_abandoned(&mut st);
             while let Some(free) = slots.iter().position(Option::is_none) {
                 let Some(req) = st.admission.admit_next() else {
                     break;
@@ -173,10 +174,11 @@ impl<'t> Runner<'t> {
                     Err(req) => {
                         // The core API sends translations only to translation models.
                         st.finished(&req.client, true);
-                        req.job.fail(DaemonError::InvalidArgument(format!(
+                        let err = DaemonError::InvalidArgument(format!(
                             "{} is not a translation model",
                             self.queue.model
-                        )));
+                        ));
+                        self.queue.fail(req.job, err);
                     }
                 }
             }
@@ -306,7 +308,7 @@ impl<'t> Runner<'t> {
                 for p in &plan.slots {
                     if let Some(seq) = slots[p.slot].take() {
                         let client = seq.client.clone();
-                        seq.fail(err.clone());
+                        self.fail(seq, err.clone());
                         self.release(&client, true);
                     }
                 }
@@ -329,13 +331,14 @@ impl<'t> Runner<'t> {
                 let seq = entry.take().expect("checked above");
                 seq.span
                     .in_scope(|| tracing::info!(generated, "client went away; cancelled"));
+                self.record(&seq, "cancelled");
                 self.release(&seq.client, false);
             } else if seq.deadline.is_some_and(|d| d <= now) {
                 let seq = entry.take().expect("checked above");
                 seq.span
                     .in_scope(|| tracing::info!(generated, "deadline exceeded"));
                 let client = seq.client.clone();
-                seq.fail(DaemonError::DeadlineExceeded { generated });
+                self.fail(seq, DaemonError::DeadlineExceeded { generated });
                 self.release(&client, true);
             }
         }
@@ -391,6 +394,7 @@ impl<'t> Runner<'t> {
                 }
                 Outcome::Finished(last) => {
                     if let Some(seq) = slots[p.slot].take() {
+                        self.record(&seq, "ok");
                         self.release(&seq.client, true);
                     }
                     // The client may have left in the meantime; nothing to do then.
@@ -398,6 +402,7 @@ impl<'t> Runner<'t> {
                 }
                 Outcome::Cancelled => {
                     if let Some(seq) = slots[p.slot].take() {
+                        self.record(&seq, "cancelled");
                         self.release(&seq.client, false);
                     }
                 }
@@ -485,8 +490,54 @@ impl<'t> Runner<'t> {
             )
         });
         // Counted before the reply goes out, as for generations.
+        self.metrics().request(&self.queue.model, "score", "ok");
+        self.metrics()
+            .prompt_tokens
+            .get_or_create(&metrics::model(&self.queue.model))
+            .inc_by(seq.fed as u64);
         self.release(&seq.client, true);
         let _ = s.job.reply.send(Ok(result));
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.queue.metrics
+    }
+
+    /// Answers a running sequence with `err`, and counts it.
+    fn fail(&self, seq: Sequence<'t>, err: DaemonError) {
+        self.record(&seq, metrics::outcome(&err));
+        seq.fail(err);
+    }
+
+    /// Counts a sequence that ends with `outcome`: the request, its tokens, its times.
+    fn record(&self, seq: &Sequence<'t>, outcome: &str) {
+        let m = self.metrics();
+        let model = metrics::model(&self.queue.model);
+        let kind = match seq.kind {
+            SeqKind::Generate(_) => "generate",
+            SeqKind::Score(_) => "score",
+        };
+        m.request(&self.queue.model, kind, outcome);
+        m.prompt_tokens.get_or_create(&model).inc_by(seq.fed as u64);
+        let SeqKind::Generate(g) = &seq.kind else {
+            return;
+        };
+        m.generated_tokens
+            .get_or_create(&model)
+            .inc_by(g.generated.len() as u64);
+        if let Some(first) = g.first_token_at {
+            m.time_to_first_token
+                .get_or_create(&model)
+                .observe(first.duration_since(seq.enqueued).as_secs_f64());
+            m.prefill_seconds
+                .get_or_create(&model)
+                .inc_by(first.duration_since(seq.admitted).as_secs_f64());
+            if let Some(last) = g.last_token_at {
+                m.decode_seconds
+                    .get_or_create(&model)
+                    .inc_by(last.duration_since(first).as_secs_f64());
+            }
+        }
     }
 
     /// Counts a sequence that left its slot as ended.
@@ -503,7 +554,7 @@ impl<'t> Runner<'t> {
     ) {
         for (slot, seq) in slots.iter_mut().enumerate() {
             if let Some(seq) = seq.take() {
-                seq.fail(self.queue.stop_error(reason));
+                self.fail(seq, self.queue.stop_error(reason));
                 model.clear_slot(slot);
             }
         }

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::backend::{ComputeTurns, LoadedModel};
 use crate::error::DaemonError;
+use crate::metrics::Metrics;
 use admission::{Admission, Queued};
 use events::{GenerationEvent, ScoreResult, TranslateResult};
 
@@ -77,6 +78,15 @@ pub enum Job {
 }
 
 impl Job {
+    /// The `kind` label of the request's metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            Job::Generate(_) => "generate",
+            Job::Score(_) => "score",
+            Job::Translate(_) => "translate",
+        }
+    }
+
     /// Whether the client stopped waiting for the answer.
     fn is_abandoned(&self) -> bool {
         match self {
@@ -153,19 +163,6 @@ struct QueueState {
 }
 
 impl QueueState {
-    /// Forgets waiting requests whose client left, and fails those whose deadline passed.
-    fn forget_abandoned(&mut self) {
-        let now = Instant::now();
-        let gone = self.admission.take_waiting_where(|req| {
-            req.job.is_abandoned() || req.deadline.is_some_and(|d| d <= now)
-        });
-        for req in gone {
-            if !req.job.is_abandoned() {
-                req.job.fail(DaemonError::DeadlineExceeded { generated: 0 });
-            }
-        }
-    }
-
     /// A running request ended; `served` if it was answered (successfully or with its own
     /// error), not when its client left.
     fn finished(&mut self, client: &ClientKey, served: bool) {
@@ -188,10 +185,17 @@ pub struct ModelQueue {
     idle: Arc<Notify>,
     /// Bytes the model holds, measured after each step.
     memory: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl ModelQueue {
-    pub fn new(model: String, max_queue: usize, idle: Arc<Notify>, memory: u64) -> ModelQueue {
+    pub fn new(
+        model: String,
+        max_queue: usize,
+        idle: Arc<Notify>,
+        memory: u64,
+        metrics: Arc<Metrics>,
+    ) -> ModelQueue {
         ModelQueue {
             model,
             max_queue,
@@ -205,6 +209,7 @@ impl ModelQueue {
             wake: Condvar::new(),
             idle,
             memory: AtomicU64::new(memory),
+            metrics,
         }
     }
 
@@ -287,8 +292,31 @@ impl ModelQueue {
     /// model is ending).
     fn fail_waiting(&self, st: &mut QueueState, reason: StopReason) {
         for req in st.admission.drain() {
-            req.job.fail(self.stop_error(reason));
+            self.fail(req.job, self.stop_error(reason));
         }
+    }
+
+    /// Forgets waiting requests whose client left, and fails those whose deadline passed.
+    fn forget_abandoned(&self, st: &mut QueueState) {
+        let now = Instant::now();
+        let gone = st.admission.take_waiting_where(|req| {
+            req.job.is_abandoned() || req.deadline.is_some_and(|d| d <= now)
+        });
+        for req in gone {
+            if req.job.is_abandoned() {
+                self.metrics
+                    .request(&self.model, req.job.kind(), "cancelled");
+            } else {
+                self.fail(req.job, DaemonError::DeadlineExceeded { generated: 0 });
+            }
+        }
+    }
+
+    /// Answers a job that never ran with `err`, and counts it.
+    fn fail(&self, job: Job, err: DaemonError) {
+        self.metrics
+            .request(&self.model, job.kind(), crate::metrics::outcome(&err));
+        job.fail(err);
     }
 
     /// Waits until a request can be admitted (`admit` says whether there is room for one)

@@ -28,7 +28,7 @@ pub(super) fn serve(
                     queue.fail_waiting(&mut st, reason);
                     return;
                 }
-                st.forget_abandoned();
+                queue.forget_abandoned(&mut st);
                 if let Some(req) = st.admission.admit_next() {
                     break req;
                 }
@@ -40,6 +40,12 @@ pub(super) fn serve(
         let served = finished
             .as_ref()
             .is_some_and(|(_, outcome)| outcome.is_ok());
+        let outcome = match &finished {
+            Some((_, Ok(_))) => "ok",
+            Some((_, Err(err))) => crate::metrics::outcome(err),
+            None => "cancelled",
+        };
+        queue.metrics.request(&queue.model, "translate", outcome);
         queue.state.lock().finished(&client, served);
         // Replied only after the counts: a client that reads its answer and then asks for
         // Status sees its request served.

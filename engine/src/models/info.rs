@@ -192,6 +192,52 @@ pub fn bytes_by_type(file: &GgufFile) -> BTreeMap<GgmlType, (usize, u64)> {
     by_type
 }
 
+/// The quantization a file declares as a whole (`general.file_type`, llama.cpp's
+/// `LLAMA_FTYPE_MOSTLY_*` names: `Q4_K_M`, `Q8_0`, ...), which says more than the type that
+/// holds most bytes (a Q4_K_M file's embedding table is often Q6_K or Q8_0).
+pub fn file_type_name(meta: &Metadata) -> Option<&'static str> {
+    let code = match meta.get("general.file_type")? {
+        MetaValue::U32(v) => *v as u64,
+        MetaValue::I32(v) => u64::try_from(*v).ok()?,
+        MetaValue::U64(v) => *v,
+        MetaValue::I64(v) => u64::try_from(*v).ok()?,
+        _ => return None,
+    };
+    Some(match code {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

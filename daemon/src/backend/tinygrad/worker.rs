@@ -31,6 +31,7 @@ use super::wire::{
     LoadedOnWorker, RpcError, RpcFailure, StepItem, StepReply, Unloaded, WorkerDevice, WorkerRpc,
 };
 use crate::error::DaemonError;
+use crate::metrics::Metrics;
 
 /// The worker protocol version this egpud speaks (`HelloResponse.protocol_version`).
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -50,6 +51,7 @@ pub struct WorkerSettings {
     pub step_timeout: Duration,
     /// `--device-memory-budget`; None = 90% of the device memory the worker reports.
     pub memory_budget: Option<u64>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What the supervisor is doing; watchers get every change.
@@ -180,6 +182,9 @@ impl Worker {
                 break;
             }
             generation += 1;
+            if generation > 1 {
+                self.settings.metrics.worker_restarts.inc();
+            }
             self.phase.send_replace(WorkerPhase::Starting);
             let started = Instant::now();
             let reason = match self.spawn(generation).await {
@@ -216,6 +221,7 @@ impl Worker {
             self.restarts.fetch_add(1, Ordering::Relaxed);
             *self.last_failure.lock() = reason.clone();
             tracing::error!(cause = %reason, retry_in = ?backoff, "tinygrad device lost");
+            self.settings.metrics.device_lost.inc();
             self.phase
                 .send_replace(WorkerPhase::Lost { generation, reason });
             tokio::select! {

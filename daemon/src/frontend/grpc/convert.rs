@@ -210,6 +210,9 @@ pub fn status_response(s: StatusReport) -> pb::StatusResponse {
         uptime_seconds: s.uptime.as_secs_f64(),
         models_dir: s.models_dir.display().to_string(),
         threads: s.threads as u32,
+        http_url: s.endpoints.http_url,
+        http_socket: s.endpoints.http_socket,
+        api_key_file: s.endpoints.api_key_file,
     }
 }
 
@@ -303,5 +306,6 @@ pub fn model_file(f: ModelFile) -> pb::ModelFile {
         architecture: f.file.architecture,
         resident_as: f.resident_as,
         error: f.file.error,
+        store: f.file.store.as_str().into(),
     }
 }

@@ -1,0 +1,724 @@
+//! OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, with
+//! streaming as Server-Sent Events exactly as OpenAI sends them.
+//!
+//! Unknown fields are ignored; fields egpud cannot honour yet (`n` > 1, images, `tools`,
+//! `response_format` other than text) get a 400 naming the field rather than being dropped
+//! silently.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use egpu_engine::chat::ChatMessage;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+
+use super::error::{ApiError, Dialect};
+use super::{caller, check_model_name, completion_id, json_body, unix_seconds, AppState, PeerInfo};
+use crate::core::on_demand::LoadHints;
+use crate::core::requests::{GenerateRequest, PromptInput, SamplingOptions, MAX_TOP_LOGPROBS};
+use crate::core::GenerationStream;
+use crate::error::DaemonError;
+use crate::scheduler::events::{
+    FinishReason, GenerationDone, GenerationEvent, TokenChunk, TokenLogprob, TokenLogprobs,
+};
+
+const DIALECT: Dialect = Dialect::OpenAi;
+
+fn api(err: DaemonError) -> ApiError {
+    ApiError::from_daemon(err, DIALECT)
+}
+
+/// `GET /v1/models`: resident models first, then every model a request may name.
+pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let available = state.core.available().await.map_err(api)?;
+    let data: Vec<Value> = available
+        .iter()
+        .map(|m| {
+            let created = m
+                .modified
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            json!({
+                "id": m.name,
+                "object": "model",
+                "created": created,
+                "owned_by": m.store.map_or("egpud", |s| s.as_str()),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `GET /v1/models/{model}`.
+pub async fn model(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let available = state.core.available().await.map_err(api)?;
+    let found = available.iter().find(|m| m.name == name).ok_or_else(|| {
+        ApiError::new(
+            DIALECT,
+            StatusCode::NOT_FOUND,
+            format!("no model named {name:?}"),
+        )
+        .with_code("model_not_found")
+    })?;
+    Ok(Json(json!({
+        "id": found.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": found.store.map_or("egpud", |s| s.as_str()),
+    })))
+}
+
+pub async fn embeddings_later() -> ApiError {
+    ApiError::new(
+        DIALECT,
+        StatusCode::NOT_IMPLEMENTED,
+        "embeddings are not served yet (they come with structured output)",
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields both completion endpoints share.
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<OneOrMany>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    n: Option<u32>,
+    user: Option<String>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    functions: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<Message>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    #[serde(flatten)]
+    common: Common,
+    prompt: OneOrMany,
+    /// The legacy API's count of alternatives per token.
+    logprobs: Option<u32>,
+    #[serde(default)]
+    echo: bool,
+    suffix: Option<String>,
+}
+
+/// Which shape responses take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// What a completion request becomes, whatever its endpoint.
+struct Plan {
+    request: GenerateRequest,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+    /// Alternatives reported per token; None = no log-probabilities.
+    logprobs: Option<u32>,
+    endpoint: Endpoint,
+}
+
+fn check_common(c: &Common) -> Result<(), ApiError> {
+    check_model_name(&c.model, DIALECT)?;
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            DIALECT,
+            "n",
+            "egpud returns one choice per request: n must be 1",
+        ));
+    }
+    if let Some(format) = &c.response_format {
+        let text = format.is_null() || format.get("type").and_then(Value::as_str) == Some("text");
+        if !text {
+            return Err(ApiError::invalid(
+                DIALECT,
+                "response_format",
+                "structured output (response_format json_object/json_schema) is not supported yet",
+            ));
+        }
+    }
+    let non_empty = |v: &Option<Value>| {
+        v.as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+    };
+    if non_empty(&c.tools) || non_empty(&c.functions) {
+        return Err(ApiError::invalid(
+            DIALECT,
+            "tools",
+            "tool calling is not supported yet",
+        ));
+    }
+    Ok(())
+}
+
+fn sampling(c: &Common) -> SamplingOptions {
+    SamplingOptions {
+        // OpenAI's default temperature is 1.
+        temperature: c.temperature.unwrap_or(1.0),
+        top_p: c.top_p,
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        seed: c.seed.map(|s| s as u64),
+        ..SamplingOptions::default()
+    }
+}
+
+fn messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+    messages
+        .into_iter()
+        .map(|m| {
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            ("text", None) => {}
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    DIALECT,
+                                    "messages",
+                                    format!(
+                                        "content parts of type {kind:?} are not supported (egpud's \
+                                         models read text only)"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage::new(m.role, content))
+        })
+        .collect()
+}
+
+fn plan_chat(req: ChatRequest) -> Result<Plan, ApiError> {
+    check_common(&req.common)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(DIALECT, "messages", "messages is empty"));
+    }
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::invalid(
+            DIALECT,
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        ));
+    }
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let c = req.common;
+    Ok(Plan {
+        request: GenerateRequest {
+            model: c.model.clone(),
+            input: Some(PromptInput::Messages(messages(req.messages)?)),
+            raw: false,
+            sampling: sampling(&c),
+            max_tokens: c.max_completion_tokens.or(c.max_tokens),
+            stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+            top_logprobs: logprobs.map_or(0, |k| k.max(1)),
+            stop_at_eos: None,
+        },
+        model: c.model,
+        stream: c.stream,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        logprobs,
+        endpoint: Endpoint::Chat,
+    })
+}
+
+fn plan_completion(req: CompletionRequest) -> Result<Plan, ApiError> {
+    check_common(&req.common)?;
+    if req.echo {
+        return Err(ApiError::invalid(DIALECT, "echo", "echo is not supported"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            DIALECT,
+            "suffix",
+            "suffix (fill-in-the-middle) is not supported",
+        ));
+    }
+    let prompt = match req.prompt.into_vec().as_slice() {
+        [one] => one.clone(),
+        _ => {
+            return Err(ApiError::invalid(
+                DIALECT,
+                "prompt",
+                "prompt must be one string (egpud returns one choice per request)",
+            ))
+        }
+    };
+    let c = req.common;
+    Ok(Plan {
+        request: GenerateRequest {
+            model: c.model.clone(),
+            input: Some(PromptInput::Text(prompt)),
+            raw: true,
+            sampling: sampling(&c),
+            max_tokens: c.max_tokens.or(c.max_completion_tokens),
+            stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+            top_logprobs: req.logprobs.map_or(0, |k| k.max(1)),
+            stop_at_eos: None,
+        },
+        model: c.model,
+        stream: c.stream,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        logprobs: req.logprobs,
+        endpoint: Endpoint::Completion,
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    peer: PeerInfo,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
+    let user = req.common.user.clone();
+    let plan = plan_chat(req)?;
+    run(state, &peer, &headers, user.as_deref(), plan).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<AppState>,
+    peer: PeerInfo,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
+    let user = req.common.user.clone();
+    let plan = plan_completion(req)?;
+    run(state, &peer, &headers, user.as_deref(), plan).await
+}
+
+async fn run(
+    state: AppState,
+    peer: &PeerInfo,
+    headers: &HeaderMap,
+    user: Option<&str>,
+    mut plan: Plan,
+) -> Result<Response, ApiError> {
+    if plan.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::invalid(
+            DIALECT,
+            "top_logprobs",
+            format!("at most {MAX_TOP_LOGPROBS} alternatives per token"),
+        ));
+    }
+    let resident = match state
+        .core
+        .resident_or_load(&plan.model, LoadHints::default())
+        .await
+    {
+        Ok(resident) => resident,
+        Err(e) => return Err(super::model_error(&state, &plan.model, e, DIALECT).await),
+    };
+    plan.request.model = resident.name.clone();
+    let caller = caller(peer, headers, user);
+    let events = state
+        .core
+        .generate(std::mem::take(&mut plan.request), caller)
+        .await
+        .map_err(api)?;
+    if plan.stream {
+        Ok(stream_response(events, plan))
+    } else {
+        whole_response(events, plan).await
+    }
+}
+
+/// One choice's worth of text and log-probabilities, as events arrive.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    logprobs: Vec<TokenLogprobs>,
+}
+
+impl Collected {
+    fn push(&mut self, chunk: TokenChunk) {
+        self.text.push_str(&chunk.text);
+        self.logprobs.extend(chunk.logprobs);
+    }
+}
+
+async fn whole_response(mut events: GenerationStream, plan: Plan) -> Result<Response, ApiError> {
+    let mut collected = Collected::default();
+    let done = loop {
+        match events.next().await {
+            Some(GenerationEvent::Chunk(chunk)) => collected.push(chunk),
+            Some(GenerationEvent::Done(done)) => break done,
+            Some(GenerationEvent::Failed(err)) => return Err(api(err)),
+            None => {
+                return Err(api(DaemonError::Internal(
+                    "the generation ended early".into(),
+                )))
+            }
+        }
+    };
+    let finish = finish_reason(done.finish_reason);
+    let logprobs = plan
+        .logprobs
+        .map(|k| logprobs_json(plan.endpoint, &collected.logprobs, k as usize));
+    let (id, object, choice) = match plan.endpoint {
+        Endpoint::Chat => (
+            completion_id("chatcmpl"),
+            "chat.completion",
+            json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": collected.text, "refusal": null},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+        ),
+        Endpoint::Completion => (
+            completion_id("cmpl"),
+            "text_completion",
+            json!({
+                "index": 0,
+                "text": collected.text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+        ),
+    };
+    Ok(Json(json!({
+        "id": id,
+        "object": object,
+        "created": unix_seconds(),
+        "model": plan.model,
+        "system_fingerprint": fingerprint(),
+        "choices": [choice],
+        "usage": usage(&done),
+    }))
+    .into_response())
+}
+
+/// Streams the generation as SSE: `data: {chunk}` frames, an optional usage chunk, then
+/// `data: [DONE]`. A client that disconnects drops the stream, which cancels the generation
+/// at its next step.
+fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<String, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        let id = completion_id(match plan.endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        });
+        let created = unix_seconds();
+        let object = match plan.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        };
+        let frame = |choices: Value, usage: Value| {
+            let mut chunk = json!({
+                "id": id,
+                "object": object,
+                "created": created,
+                "model": plan.model,
+                "system_fingerprint": fingerprint(),
+                "choices": choices,
+            });
+            if plan.include_usage {
+                chunk["usage"] = usage;
+            }
+            format!("data: {chunk}\n\n")
+        };
+        let choice = |delta: Value, logprobs: Value, finish: Value| match plan.endpoint {
+            Endpoint::Chat => json!([{
+                "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+            }]),
+            Endpoint::Completion => json!([{
+                "index": 0,
+                "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }]),
+        };
+        let mut frames = Vec::new();
+        if plan.endpoint == Endpoint::Chat {
+            frames.push(frame(
+                choice(
+                    json!({"role": "assistant", "content": ""}),
+                    Value::Null,
+                    Value::Null,
+                ),
+                Value::Null,
+            ));
+        }
+        loop {
+            for f in frames.drain(..) {
+                if tx.send(Ok(f)).await.is_err() {
+                    return; // the client left; dropping `events` cancels the generation
+                }
+            }
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = tx.closed() => return,
+            };
+            match event {
+                Some(GenerationEvent::Chunk(chunk)) => {
+                    if chunk.text.is_empty() && chunk.logprobs.is_empty() {
+                        continue;
+                    }
+                    let logprobs = plan.logprobs.map_or(Value::Null, |k| {
+                        logprobs_json(plan.endpoint, &chunk.logprobs, k as usize)
+                    });
+                    frames.push(frame(
+                        choice(json!({"content": chunk.text}), logprobs, Value::Null),
+                        Value::Null,
+                    ));
+                }
+                Some(GenerationEvent::Done(done)) => {
+                    frames.push(frame(
+                        choice(
+                            json!({}),
+                            Value::Null,
+                            json!(finish_reason(done.finish_reason)),
+                        ),
+                        Value::Null,
+                    ));
+                    if plan.include_usage {
+                        frames.push(frame(json!([]), usage(&done)));
+                    }
+                    frames.push("data: [DONE]\n\n".to_owned());
+                    for f in frames.drain(..) {
+                        if tx.send(Ok(f)).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                Some(GenerationEvent::Failed(err)) => {
+                    let body = api(err).body();
+                    let _ = tx.send(Ok(format!("data: {body}\n\n"))).await;
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn fingerprint() -> String {
+    format!("egpud-{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop | FinishReason::StopString => "stop",
+        FinishReason::Length | FinishReason::ContextLength => "length",
+    }
+}
+
+fn usage(done: &GenerationDone) -> Value {
+    json!({
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    })
+}
+
+/// Log-probabilities as each endpoint reports them: chat's `{"content": [...]}`, the legacy
+/// completions' parallel arrays.
+fn logprobs_json(endpoint: Endpoint, tokens: &[TokenLogprobs], k: usize) -> Value {
+    let bytes = |t: &TokenLogprob| t.text.as_bytes().to_vec();
+    match endpoint {
+        Endpoint::Chat => json!({
+            "content": tokens.iter().map(|t| json!({
+                "token": t.token.text,
+                "logprob": t.token.logprob,
+                "bytes": bytes(&t.token),
+                "top_logprobs": t.top.iter().take(k).map(|a| json!({
+                    "token": a.text, "logprob": a.logprob, "bytes": bytes(a),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "refusal": null,
+        }),
+        Endpoint::Completion => {
+            let mut offset = 0;
+            let mut text_offset = Vec::new();
+            for t in tokens {
+                text_offset.push(offset);
+                offset += t.token.text.len();
+            }
+            json!({
+                "tokens": tokens.iter().map(|t| &t.token.text).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
+                "top_logprobs": tokens.iter().map(|t| {
+                    t.top.iter().take(k).map(|a| (a.text.clone(), json!(a.logprob)))
+                        .collect::<serde_json::Map<String, Value>>()
+                }).collect::<Vec<_>>(),
+                "text_offset": text_offset,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: Value) -> Result<Plan, ApiError> {
+        plan_chat(serde_json::from_value(body).unwrap())
+    }
+
+    #[test]
+    fn chat_fields_map_to_the_core_request() {
+        let plan = chat(json!({
+            "model": "smol",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]}
+            ],
+            "max_completion_tokens": 7,
+            "temperature": 0,
+            "stop": "\n",
+            "seed": 3,
+            "logprobs": true,
+            "top_logprobs": 2,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "some_future_field": {"ignored": true}
+        }))
+        .unwrap();
+        assert_eq!(plan.request.max_tokens, Some(7));
+        assert_eq!(plan.request.stop, vec!["\n".to_owned()]);
+        assert_eq!(plan.request.sampling.temperature, 0.0);
+        assert_eq!(plan.request.sampling.seed, Some(3));
+        assert_eq!(plan.request.top_logprobs, 2);
+        assert!(plan.stream && plan.include_usage);
+        assert_eq!(
+            plan.request.input,
+            Some(PromptInput::Messages(vec![
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi!"),
+            ]))
+        );
+        // Without a temperature, OpenAI's default of 1 applies.
+        let plan =
+            chat(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]})).unwrap();
+        assert_eq!(plan.request.sampling.temperature, 1.0);
+        assert_eq!(plan.request.top_logprobs, 0);
+        assert!(!plan.include_usage);
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused_by_name() {
+        let base = || json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        let cases = [
+            ("n", json!(2)),
+            ("response_format", json!({"type": "json_object"})),
+            (
+                "tools",
+                json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
+        ];
+        for (field, value) in cases {
+            let mut body = base();
+            body[field] = value;
+            let err = chat(body).err().expect(field);
+            assert_eq!(
+                (err.status, err.param),
+                (StatusCode::BAD_REQUEST, Some(field))
+            );
+        }
+        let mut image = base();
+        image["messages"][0]["content"] =
+            json!([{"type": "image_url", "image_url": {"url": "data:..."}}]);
+        assert_eq!(chat(image).err().unwrap().param, Some("messages"));
+        // Empty tools and a text response format are fine.
+        let mut fine = base();
+        fine["tools"] = json!([]);
+        fine["response_format"] = json!({"type": "text"});
+        assert!(chat(fine).is_ok());
+        let mut path = base();
+        path["model"] = json!("/etc/passwd");
+        assert_eq!(chat(path).err().unwrap().status, StatusCode::NOT_FOUND);
+    }
+}
