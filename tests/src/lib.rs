@@ -217,11 +217,13 @@ impl TestDaemon {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
-                    let _ = ready_tx.send(true);
-                }
+                // Logged before the signal, so a test woken by it finds the line.
+                let listening = line.contains("listening");
                 sink.lines.lock().unwrap().push(line);
                 sink.grew.notify_all();
+                if listening {
+                    let _ = ready_tx.send(true);
+                }
             }
             let _ = ready_tx.send(false);
         });
@@ -479,4 +481,183 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, bytes).expect("writing a test file");
     path
+}
+
+/// `PYTHONPATH` holding the Python clients (grpcio, openai, ollama, prometheus-client):
+/// `$EGPU_PYDEPS`, else `<repo>/.pydeps` (scripts/python-deps.sh).
+pub fn pydeps() -> PathBuf {
+    let dir = std::env::var_os("EGPU_PYDEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.pydeps"));
+    assert!(
+        dir.join("grpc").is_dir() && dir.join("openai").is_dir(),
+        "the Python clients are not installed in {}: run scripts/python-deps.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Where an HTTP request goes: egpud's TCP address (`127.0.0.1:PORT`) or its HTTP socket.
+#[derive(Debug, Clone)]
+pub enum HttpTarget {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl HttpTarget {
+    /// The TCP address of a daemon's HTTP front end.
+    pub fn tcp(daemon: &TestDaemon) -> HttpTarget {
+        let url = daemon.http_url();
+        HttpTarget::Tcp(url.trim_start_matches("http://").to_owned())
+    }
+
+    pub fn unix(daemon: &TestDaemon) -> HttpTarget {
+        HttpTarget::Unix(daemon.http_socket())
+    }
+
+    /// An open connection to it.
+    pub async fn connect(&self) -> Box<dyn HttpStream> {
+        match self {
+            HttpTarget::Tcp(addr) => Box::new(
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .unwrap_or_else(|e| panic!("connecting to {addr}: {e}")),
+            ),
+            HttpTarget::Unix(path) => Box::new(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display())),
+            ),
+        }
+    }
+}
+
+pub trait HttpStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> HttpStream for T {}
+
+/// A whole HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// The request line and headers of an HTTP/1.1 request that closes the connection after
+/// the response. `Host` is `127.0.0.1` unless `headers` names one.
+pub fn http_head(method: &str, path: &str, headers: &[(&str, &str)], body_len: usize) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str("Host: 127.0.0.1\r\n");
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {body_len}\r\nConnection: close\r\n\r\n"
+    ));
+    head
+}
+
+/// Sends one request and reads the whole response (a small HTTP/1.1 client, so the tests see
+/// exactly what goes over the wire: any Host, any header, any body size).
+pub async fn http_request(
+    target: &HttpTarget,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpReply {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = target.connect().await;
+    let head = http_head(method, path, headers, body.len());
+    stream.write_all(head.as_bytes()).await.expect("writing");
+    // A server may answer (413) before reading the whole body, and then close.
+    let _ = stream.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    parse_http_reply(&raw)
+}
+
+/// Parses a response read to the end of the connection (chunked or not).
+pub fn parse_http_reply(raw: &[u8]) -> HttpReply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
+        data = &data[line_end + 2..];
+        if size == 0 || data.len() < size {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[(size + 2).min(data.len())..];
+    }
+    out
+}
+
+/// The JSON payloads of an SSE body's `data:` lines, and whether it ended with `[DONE]`.
+pub fn sse_events(body: &str) -> (Vec<serde_json::Value>, bool) {
+    let mut events = Vec::new();
+    let mut done = false;
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            events.push(serde_json::from_str(data).expect("a JSON event"));
+        }
+    }
+    (events, done)
 }

@@ -6,19 +6,6 @@ use std::process::Command;
 
 use egpu_e2e::*;
 
-/// `PYTHONPATH` holding grpcio: `$EGPU_PYDEPS`, else `<repo>/.pydeps` (scripts/python-deps.sh).
-fn pydeps() -> PathBuf {
-    let dir = std::env::var_os("EGPU_PYDEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.pydeps"));
-    assert!(
-        dir.join("grpc").is_dir(),
-        "grpcio is not installed in {}: run scripts/python-deps.sh (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
-
 fn client_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/python/egpu_client.py")
 }

@@ -3,12 +3,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::models::info::ModelSummary;
 
-use super::Core;
+use super::requests::{Caller, GenerateRequest};
+use super::{Core, GenerationStream};
 use crate::error::DaemonError;
 use crate::residency::catalog::{self, Source};
 use crate::residency::stores::Store;
@@ -85,6 +86,40 @@ impl Core {
             })
             .await?;
         ticket.wait().await
+    }
+
+    /// [`Core::generate`] on a model named by a request, loaded first if need be. The request's
+    /// keep-alive applies once the generation is queued, so a keep-alive of 0 cannot unload
+    /// the model before it serves; a model that goes away between its load and the queue
+    /// (another request's keep-alive of 0) is loaded again, once. Also returns the time the
+    /// load took.
+    pub async fn generate_on_demand(
+        &self,
+        name: &str,
+        hints: LoadHints,
+        mut request: GenerateRequest,
+        caller: Caller,
+    ) -> Result<(GenerationStream, Duration), DaemonError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let started = Instant::now();
+            let model = self.resident_or_load(name, hints).await?;
+            let load = started.elapsed();
+            request.model = model.name.clone();
+            match self.generate(request.clone(), caller.clone()).await {
+                Ok(stream) => {
+                    if let Some(keep_alive) = hints.keep_alive {
+                        // The model is busy with this request, so it is still resident.
+                        let _ = self.set_keep_alive(&model.name, keep_alive);
+                    }
+                    return Ok((stream, load));
+                }
+                Err(DaemonError::UnknownModel { .. } | DaemonError::Unloaded(_))
+                    if attempts < 2 => {}
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// Every model a request may name: the resident ones, then the files of every store not

@@ -464,19 +464,18 @@ async fn run(
         context: plan.options.num_ctx.map(|n| n as usize),
         keep_alive: plan.keep_alive,
     };
-    let resident = match state.core.resident_or_load(&plan.model, hints).await {
-        Ok(resident) => resident,
-        Err(e) => return Err(super::model_error(&state, &plan.model, e, DIALECT).await),
-    };
-    let load = started.elapsed();
-    if let Some(keep) = plan.keep_alive {
-        state
-            .core
-            .set_keep_alive(&resident.name, keep)
-            .map_err(api)?;
-    }
     let Some((input, raw)) = plan.input else {
         // No prompt: the request only loads the model, or with keep_alive 0 unloads it.
+        let resident = match state.core.resident_or_load(&plan.model, hints).await {
+            Ok(resident) => resident,
+            Err(e) => return Err(super::model_error(&state, &plan.model, e, DIALECT).await),
+        };
+        if let Some(keep) = plan.keep_alive {
+            state
+                .core
+                .set_keep_alive(&resident.name, keep)
+                .map_err(api)?;
+        }
         let reason = if plan.keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
             state
                 .core
@@ -501,7 +500,7 @@ async fn run(
         return Ok(Json(done).into_response());
     };
     let request = GenerateRequest {
-        model: resident.name.clone(),
+        model: plan.model.clone(),
         input: Some(input),
         raw,
         sampling: plan.options.sampling(),
@@ -510,11 +509,15 @@ async fn run(
         top_logprobs: 0,
         stop_at_eos: None,
     };
-    let events = state
+    let caller = caller(peer, headers, None);
+    let (events, load) = match state
         .core
-        .generate(request, caller(peer, headers, None))
+        .generate_on_demand(&plan.model, hints, request, caller)
         .await
-        .map_err(api)?;
+    {
+        Ok(generating) => generating,
+        Err(e) => return Err(super::model_error(&state, &plan.model, e, DIALECT).await),
+    };
     let shape = Shape {
         model: plan.model,
         chat: plan.chat,

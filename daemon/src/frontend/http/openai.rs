@@ -383,21 +383,16 @@ async fn run(
             format!("at most {MAX_TOP_LOGPROBS} alternatives per token"),
         ));
     }
-    let resident = match state
+    let caller = caller(peer, headers, user);
+    let request = std::mem::take(&mut plan.request);
+    let events = match state
         .core
-        .resident_or_load(&plan.model, LoadHints::default())
+        .generate_on_demand(&plan.model, LoadHints::default(), request, caller)
         .await
     {
-        Ok(resident) => resident,
+        Ok((events, _)) => events,
         Err(e) => return Err(super::model_error(&state, &plan.model, e, DIALECT).await),
     };
-    plan.request.model = resident.name.clone();
-    let caller = caller(peer, headers, user);
-    let events = state
-        .core
-        .generate(std::mem::take(&mut plan.request), caller)
-        .await
-        .map_err(api)?;
     if plan.stream {
         Ok(stream_response(events, plan))
     } else {
