@@ -22,9 +22,16 @@ if [ ! -d "$out/src" ]; then
     rm -rf "$out/llama_cpp_python-$version"
 fi
 export PATH="$out/venv/bin:$PATH"
+# GGML_NATIVE turns on AMX where the CPU reports it, but VMs that report AMX do not always give
+# processes its tile state, and llama.cpp's AMX kernels then crash; x86 builds leave AMX out.
+native_flags=()
+if [ "$(uname -m)" = x86_64 ]; then
+    native_flags=(-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                  -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+fi
 # The server is built without TLS or curl: it serves loopback and reads a local file.
 cmake -S "$out/src" -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON "${native_flags[@]}" >&2
 cmake --build "$out/build" --target "${targets[@]}" -j "$(nproc)" >&2
 echo "$out/build/bin"

@@ -161,12 +161,12 @@ def main():
                 engine_prefill.append(n_prompt / e["prefill_tok_s"])
 
             # Concurrency: N streams at once, aggregate completion tokens per wall second.
-            aggregate = {}
+            by_streams = {}
             for n in [1, 2, 4, 8]:
                 rates = []
                 for _ in range(max(1, args.reps // 2)):
                     rates.append(aggregate(stub, "m", n, args.gen))
-                aggregate[n] = statistics.median(rates)
+                by_streams[n] = statistics.median(rates)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -180,8 +180,8 @@ def main():
     print(f"| decode tok/s (1 stream) | {dd:.1f} | {ed:.1f} | overhead {100 * (1 - dd / ed):+.1f}% | ≤ 3% |")
     print(f"| time to first token | {ttft * 1e3:.1f} ms (client) | {ep * 1e3:.1f} ms (prefill) | +{(ttft - ep) * 1e3:.1f} ms | ≤ 5 ms |")
     print(f"| daemon-internal prefill (admission → first token) | {med(daemon_prefill) * 1e3:.1f} ms | | | |")
-    for n, rate in aggregate.items():
-        print(f"| aggregate decode, {n} stream{'s' if n > 1 else ''} | {rate:.1f} tok/s | | {rate / aggregate[1]:.2f}× one stream | 8 streams ≥ 4× |")
+    for n, rate in by_streams.items():
+        print(f"| aggregate decode, {n} stream{'s' if n > 1 else ''} | {rate:.1f} tok/s | | {rate / by_streams[1]:.2f}× one stream | 8 streams ≥ 4× |")
     print(f"| load SmolLM2 (Load RPC) | {med(load_times) * 1e3:.0f} ms median, {min(load_times) * 1e3:.0f} ms best | | | ≤ 200 ms |")
 
 

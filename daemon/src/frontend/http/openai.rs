@@ -145,6 +145,10 @@ struct Common {
     frequency_penalty: Option<f32>,
     n: Option<u32>,
     user: Option<String>,
+    /// Not OpenAI's: generate past end-of-text tokens (llama-server takes it too), for
+    /// benchmarks that need a fixed number of tokens.
+    #[serde(default)]
+    ignore_eos: bool,
     response_format: Option<Value>,
     tools: Option<Value>,
     functions: Option<Value>,
@@ -291,7 +295,7 @@ fn plan_chat(req: ChatRequest) -> Result<Plan, ApiError> {
             max_tokens: c.max_completion_tokens.or(c.max_tokens),
             stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             top_logprobs: logprobs.map_or(0, |k| k.max(1)),
-            stop_at_eos: None,
+            stop_at_eos: c.ignore_eos.then_some(false),
         },
         model: c.model,
         stream: c.stream,
@@ -333,7 +337,7 @@ fn plan_completion(req: CompletionRequest) -> Result<Plan, ApiError> {
             max_tokens: c.max_tokens.or(c.max_completion_tokens),
             stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             top_logprobs: req.logprobs.map_or(0, |k| k.max(1)),
-            stop_at_eos: None,
+            stop_at_eos: c.ignore_eos.then_some(false),
         },
         model: c.model,
         stream: c.stream,
