@@ -37,6 +37,7 @@ pub mod models;
 pub mod score;
 pub mod service;
 pub mod status;
+pub mod subprocess;
 pub mod tokens;
 pub mod translate;
 

@@ -13,14 +13,15 @@ pub mod systemd;
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use egpu_proto::v1::StatusRequest;
 
 use crate::client::{connect, request, EXIT_UNREACHABLE};
 use crate::format::uptime;
+use crate::subprocess::run_with_timeout;
 
 /// How long a launchctl or systemctl call may take before egpuctl gives up on it.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -387,39 +388,18 @@ pub struct SystemRunner;
 
 impl Runner for SystemRunner {
     fn run(&mut self, argv: &[String]) -> anyhow::Result<CmdOutput> {
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+        let ran = run_with_timeout(Command::new(&argv[0]).args(&argv[1..]), COMMAND_TIMEOUT)
             .with_context(|| format!("running {}", argv[0]))?;
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if started.elapsed() > COMMAND_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "`{}` did not finish in {COMMAND_TIMEOUT:?}",
-                    shell_words(argv)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let read = |pipe: Option<&mut dyn std::io::Read>| {
-            let mut text = String::new();
-            if let Some(pipe) = pipe {
-                let _ = pipe.read_to_string(&mut text);
-            }
-            text
-        };
+        if ran.timed_out {
+            bail!(
+                "`{}` did not finish in {COMMAND_TIMEOUT:?}",
+                shell_words(argv)
+            );
+        }
         Ok(CmdOutput {
-            success: status.success(),
-            stdout: read(child.stdout.as_mut().map(|p| p as &mut dyn std::io::Read)),
-            stderr: read(child.stderr.as_mut().map(|p| p as &mut dyn std::io::Read)),
+            success: ran.success,
+            stdout: ran.stdout,
+            stderr: ran.stderr,
         })
     }
 }
@@ -1017,7 +997,7 @@ mod tests {
 
     #[test]
     fn templates_in_the_repository_match_the_generator() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../launchd");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let plist_spec = ServiceSpec {
             egpud: "/usr/local/bin/egpud".into(),
             args: Vec::new(),
@@ -1032,11 +1012,11 @@ mod tests {
         };
         let expected = [
             (
-                dir.join("dev.egpu.egpud.plist"),
+                repo.join("launchd/dev.egpu.egpud.plist"),
                 launchd::plist(&plist_spec),
             ),
             (
-                dir.join("egpud.service"),
+                repo.join("systemd/egpud.service"),
                 systemd::unit(&unit_spec).into_bytes(),
             ),
         ];
