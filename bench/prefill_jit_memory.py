@@ -11,11 +11,11 @@ import time
 
 from tinygrad import GlobalCounters
 
-from egpu_worker.model import Model, StepItem
+from egpu_worker.model import StepItem, load_model
 
 
 def main() -> None:
-  model = Model(sys.argv[1], ctx=1024, slots=1)
+  model = load_model(sys.argv[1], ctx=1024, slots=1)
   print(f"after load: {GlobalCounters.mem_used / 2**20:.1f} MiB allocated")
   for n in (5, 6, 7, 60, 61, 62, 300, 301, 302):
     t0 = time.perf_counter()

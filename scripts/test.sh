@@ -19,8 +19,10 @@ worker_python=$(scripts/setup-worker.sh)
 cargo build --workspace --locked --bins
 cargo test --workspace --locked "$@"
 # The worker's own tests (dequantizers against gguf-py, models against the fixtures and llama.cpp).
-# `cargo test` built the engine's generate example: test_synth also runs every synthetic file
-# through it.
-generate="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/examples/generate"
-[ -x "$generate" ] && export EGPU_ENGINE_GENERATE="$generate"
+# `cargo test` built the engine's examples: test_synth also runs every synthetic file through
+# `generate`, and every model the worker loads gets its configuration from `model_config`.
+examples="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/examples"
+[ -x "$examples/generate" ] && export EGPU_ENGINE_GENERATE="$examples/generate"
+# The worker takes every model's configuration from the engine (model_config prints it).
+export EGPU_ENGINE_MODEL_CONFIG="$examples/model_config"
 (cd worker && DEV=CPU EGPU_MODELS="${EGPU_MODELS:-$PWD/../models}" "$worker_python" -m pytest -q)

@@ -115,7 +115,8 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: Option<&[f32]>, eps: f32, out
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RopeStyle {
     /// Adjacent pairs `(x[2i], x[2i+1])`: the original LLaMA layout (ggml's mode 0).
     Normal,

@@ -22,7 +22,7 @@ matmul casts back to f32 and tinygrad 0.14 folds the f32->f16->f32 pair away (ch
 transformers float64 on the engine's tiny fixtures, the f16 KV cache is what remains: max abs logit diff
 0.0009-0.0085 with it, 0.000006-0.00005 with an f32 cache (experiment, not kept).
 
-The API is the one egpud's scheduler drives (through serve.py): `Model(path, ctx, slots)` owns a KV cache of
+The API is the one egpud's scheduler drives (through serve.py): `load_model(path, ctx, slots)` owns a KV cache of
 `ctx` positions for each of `slots` sequences, and `step(items)` feeds each item's tokens to its slot at its
 `start_pos` and returns the logits it asked for.
 
@@ -54,8 +54,12 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import math
+import os
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
@@ -93,15 +97,17 @@ class Rope:
 
 @dataclass(frozen=True)
 class Config:
-  """The hyper-parameters, read from GGUF metadata the way the native engine reads them
-  (engine/src/models/decoder/config.rs, which follows llama.cpp's load_hparams)."""
+  """The hyper-parameters. They come from egpu's native engine (engine/src/models/decoder/config.rs, which
+  follows llama.cpp's load_hparams and is checked against it), serialized as JSON: egpud sends them with each
+  Load, and a standalone caller gets them from the engine's `model_config` example (`engine_config`). The worker
+  never reads hyper-parameters from GGUF metadata itself, so the two backends cannot read a file differently."""
   arch: str
   n_layer: int
   n_embd: int
   n_ff: int
   n_head: int
   n_head_kv: int
-  head_dim: int                  # of keys, queries and values (attention.key_length; n_embd / n_head by default)
+  head_dim: int                  # of keys, queries and values
   n_vocab: int
   context_length: int
   norm: str                      # "rms" | "layer" (LayerNorm with bias: GPT-2)
@@ -130,88 +136,55 @@ class Config:
     return self.rope.n_rot if self.rope else None
 
   @staticmethod
-  def from_gguf(f: GGUFFile) -> "Config":
-    arch = f.metadata.get("general.architecture")
+  def from_engine(c: dict) -> "Config":
+    """The worker's Config from the engine's ModelConfig (as JSON), refusing what the worker cannot run."""
+    arch = c["arch"]
     if arch not in SUPPORTED_ARCHS:
       raise NotImplementedError(f"architecture {arch!r} is not implemented in the tinygrad worker "
                                 f"(supported: {', '.join(SUPPORTED_ARCHS)})")
-    def key(k: str) -> str: return f"{arch}.{k}"
-    def need(k: str):
-      v = f.arch_key(k)
-      if v is None: raise ValueError(f"GGUF metadata {key(k)} is missing")
-      return v
-    n_layer, n_embd, context_length = int(need("block_count")), int(need("embedding_length")), int(need("context_length"))
-    n_head = _per_layer(f, key("attention.head_count"), n_layer)
-    if n_head is None: raise ValueError(f"GGUF metadata {key('attention.head_count')} is missing")
-    n_head_kv = _per_layer(f, key("attention.head_count_kv"), n_layer) or n_head
-    n_ff = _per_layer(f, key("feed_forward_length"), n_layer)
-    if n_ff is None: raise ValueError(f"GGUF metadata {key('feed_forward_length')} is missing")
-    if min(n_layer, n_embd, n_head, n_head_kv, n_ff) <= 0: raise ValueError(f"{arch}: a dimension is zero")
-    if n_head % n_head_kv: raise ValueError(f"{n_head} query heads are not a multiple of {n_head_kv} KV heads")
-    head_dim = int(f.arch_key("attention.key_length", n_embd // n_head))
-    head_dim_v = int(f.arch_key("attention.value_length", n_embd // n_head))
-    if head_dim != head_dim_v:
-      raise NotImplementedError(f"key head dim {head_dim} != value head dim {head_dim_v} is not implemented")
-    if "token_embd.weight" not in f.tensors: raise ValueError("tensor token_embd.weight is missing")
-    n_vocab = f.tensors["token_embd.weight"].shape[1]
-
-    norm, eps_key = ("layer", "attention.layer_norm_epsilon") if arch == "gpt2" else ("rms", "attention.layer_norm_rms_epsilon")
-    norm_eps = float(need(eps_key))
-    # llama.cpp's rope type: normal for LLaMA, NeoX for Qwen and Gemma, none for GPT-2 (learned positions)
-    style = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox"}.get(arch)
-    n_rot = int(f.arch_key("rope.dimension_count", head_dim))
-    if style and (n_rot > head_dim or n_rot % 2):
-      raise ValueError(f"{key('rope.dimension_count')}: {n_rot} rotated dimensions in a head of {head_dim}")
-    if arch == "llama" and n_rot != head_dim:
-      raise ValueError(f"{key('rope.dimension_count')}: LLaMA rotates the whole head ({head_dim}), not {n_rot}")
-    rope = Rope(style, n_rot, float(f.arch_key("rope.freq_base", 10000.0)), _rope_freq_scale(f, arch)) if style else None
-
-    rope_swa, sliding_window, swa_layers = rope, None, (False,) * n_layer
-    attn_scale, embd_scale = 1.0 / math.sqrt(head_dim), None
-    if arch == "llama":
-      s = f.arch_key("attention.scale")
-      if s: attn_scale = float(s)  # some LLaMA-family conversions (Granite-style) carry an explicit scale
-    elif arch == "gemma3":
-      sliding_window = int(need("attention.sliding_window"))
-      swa_layers = tuple(il % 6 < 5 for il in range(n_layer))  # 5 local layers, then 1 global (llama.cpp's pattern 6)
-      rope_swa = Rope(style, n_rot, float(f.arch_key("rope.freq_base_swa", 10000.0)), 1.0)
-      # the query pre-attention scalar: 1/sqrt(head_dim), except the 27B model (62 layers)
-      attn_scale = 1.0 / math.sqrt(n_embd // n_head if n_layer == 62 else head_dim)
-      embd_scale = math.sqrt(n_embd)
+    if c["head_dim_k"] != c["head_dim_v"]:
+      raise NotImplementedError(f"key head dim {c['head_dim_k']} != value head dim {c['head_dim_v']} is not implemented")
+    rope = lambda r: Rope(r["style"], int(r["n_rot"]), float(r["freq_base"]), float(r["freq_scale"])) if r else None
     return Config(
-      arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-      n_vocab=n_vocab, context_length=context_length, norm=norm, norm_eps=norm_eps,
-      ffn={"gemma3": "geglu", "gpt2": "gelu"}.get(arch, "swiglu"), rope=rope, rope_swa=rope_swa, attn_scale=attn_scale,
-      sliding_window=sliding_window, swa_layers=swa_layers, embd_scale=embd_scale,
-      qk_norm=arch in ("qwen3", "gemma3"), post_norms=arch == "gemma3", learned_pos=arch == "gpt2")
+      arch=arch, n_layer=c["n_layer"], n_embd=c["n_embd"], n_ff=c["n_ff"], n_head=c["n_head"], n_head_kv=c["n_head_kv"],
+      head_dim=c["head_dim_k"], n_vocab=c["n_vocab"], context_length=c["context_length"], norm=c["norm"],
+      norm_eps=float(c["norm_eps"]), ffn=c["ffn"], rope=rope(c["rope"]), rope_swa=rope(c["rope_swa"]),
+      attn_scale=float(c["attention_scale"]), sliding_window=c["sliding_window"], swa_layers=tuple(c["swa_layers"]),
+      embd_scale=None if c["embedding_scale"] is None else float(c["embedding_scale"]), qk_norm=c["qk_norm"],
+      post_norms=c["post_norms"], learned_pos=arch == "gpt2")
 
 
-def _per_layer(f: GGUFFile, key: str, n_layer: int) -> int | None:
-  """A value stored once or per layer; per-layer arrays must be uniform (one shape for all layers)."""
-  v = f.metadata.get(key)
-  if isinstance(v, list):
-    if len(v) != n_layer or len(set(v)) != 1:
-      raise NotImplementedError(f"{key}: per-layer values that differ between layers are not supported")
-    v = v[0]
-  return None if v is None else int(v)
+def engine_binary() -> str:
+  """The engine's `model_config` example: $EGPU_ENGINE_MODEL_CONFIG, else the newest build of it in the checkout's
+  target folder ($CARGO_TARGET_DIR if set)."""
+  explicit = os.environ.get("EGPU_ENGINE_MODEL_CONFIG")
+  if explicit: return explicit
+  repo = Path(__file__).resolve().parents[2]
+  target = Path(os.environ.get("CARGO_TARGET_DIR") or repo / "target")
+  built = [p for p in (target / "release" / "examples" / "model_config", target / "debug" / "examples" / "model_config")
+           if p.is_file()]
+  if not built:
+    raise RuntimeError("the engine's model_config example is not built: run `cargo build -p egpu-engine --example "
+                       "model_config` (or set EGPU_ENGINE_MODEL_CONFIG); the worker takes a model's configuration from "
+                       "the engine")
+  return str(max(built, key=lambda p: p.stat().st_mtime))
 
 
-def _rope_freq_scale(f: GGUFFile, arch: str) -> float:
-  """Linear position scaling as llama.cpp derives it: rope.scaling.type none -> 1, linear (the default) ->
-  1 / rope.scaling.factor (or the older rope.scale_linear); YaRN and LongRoPE are refused."""
-  factor = f.arch_key("rope.scaling.factor") or f.arch_key("rope.scale_linear")
-  scaling = f.arch_key("rope.scaling.type") or "linear"
-  if scaling == "none": return 1.0
-  if scaling == "linear": return 1.0 / float(factor) if factor else 1.0
-  raise NotImplementedError(f"{arch}.rope.scaling.type = {scaling!r} (only none and linear are implemented)")
+def engine_config(path: str) -> dict:
+  """The engine's configuration of a GGUF file, for callers without egpud (tests, benchmarks, generate.py). The
+  engine's refusals become NotImplementedError (an unsupported model) or ValueError (a broken one)."""
+  out = subprocess.run([engine_binary(), path], capture_output=True, text=True)
+  if out.returncode == 2: raise NotImplementedError(out.stderr.strip())
+  if out.returncode != 0: raise ValueError(out.stderr.strip() or f"model_config exited {out.returncode}")
+  return json.loads(out.stdout)
 
 
 class Model:
-  def __init__(self, path: str, ctx: int, slots: int, device: str | None = None):
+  def __init__(self, path: str, ctx: int, slots: int, config: Config, device: str | None = None):
     if ctx < 1 or slots < 1: raise ValueError(f"ctx ({ctx}) and slots ({slots}) must be at least 1")
     matvec.install()  # GPU launch layout for the dequantizing mat-vecs (no effect on CPU)
     self.file = f = GGUFFile(path)
-    self.cfg = cfg = Config.from_gguf(f)
+    self.cfg = cfg = config
     self.ctx, self.slots = ctx, slots
     self.output_name = "output" if "output.weight" in f.tensors else "token_embd"  # tied LM head without output.weight
     missing = [n for n in self._needed_tensors() if n not in f.tensors]
@@ -597,10 +570,8 @@ class _Rows:
 Llama = Model
 
 
-def load_model(path: str, ctx: int, slots: int, device: str | None = None) -> Model:
-  """The model class for the file's general.architecture (refuses the ones not implemented)."""
-  arch = GGUFFile(path).arch
-  if arch not in SUPPORTED_ARCHS:
-    raise NotImplementedError(f"architecture {arch!r} is not implemented in the tinygrad worker "
-                              f"(supported: {', '.join(SUPPORTED_ARCHS)})")
-  return Model(path, ctx, slots, device)
+def load_model(path: str, ctx: int, slots: int, config: Config | None = None, device: str | None = None) -> Model:
+  """The model in `path`, run with `config` (egpud sends the engine's), else with the engine's configuration of
+  the file (`engine_config`). Refuses what the engine or the worker cannot run."""
+  if config is None: config = Config.from_engine(engine_config(path))
+  return Model(path, ctx, slots, config, device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import json
 import os
 import platform
 import sys
@@ -26,7 +27,7 @@ from concurrent import futures
 
 from .env import default_cache_env
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE = 1 << 30  # a Score over a long text returns every position's logits
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
   dev, info = on_device(open_device)
   from tinygrad import Device, GlobalCounters
-  from .model import StepItem, load_model
+  from .model import Config, StepItem, load_model
   from .probe import memory_free
   if info.get("error"):
     print(f"egpu-worker: device {info.get('dev')!r} unusable: {info['error']}", file=sys.stderr, flush=True)
@@ -118,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
       if request.slots == 0 or request.context == 0: raise ValueError("context and slots must be at least 1")
       start = time.perf_counter()
 
+      if not request.config_json: raise ValueError("Load needs config_json (the engine's configuration of the model)")
+      config = Config.from_engine(json.loads(request.config_json))
+
       def load():
-        model = load_model(request.path, ctx=request.context, slots=request.slots)
+        model = load_model(request.path, ctx=request.context, slots=request.slots, config=config)
         publish(with_free=True)
         return model
       model = on_device(load)

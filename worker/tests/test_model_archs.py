@@ -87,11 +87,17 @@ def test_gpt2_learned_positions_bound_the_context():
 def test_refused_configurations(tmp_path):
   from test_model_batch import tiny_llama
   from egpu_worker.model import load_model
+  # The engine reads the configuration (the worker has no copy of that logic): its refusals come through.
   with pytest.raises(NotImplementedError, match="yarn"):
     load_model(str(tiny_llama(tmp_path / "a.gguf", extra={"llama.rope.scaling.type": "yarn"})), ctx=8, slots=1)
-  with pytest.raises(NotImplementedError, match="differ between layers"):
+  with pytest.raises(ValueError, match="differ between layers"):
     load_model(str(tiny_llama(tmp_path / "b.gguf", extra={"llama.attention.head_count_kv": [2, 1]})), ctx=8, slots=1)
   with pytest.raises(ValueError, match="rotates the whole head"):
     load_model(str(tiny_llama(tmp_path / "c.gguf", extra={"llama.rope.dimension_count": 8})), ctx=8, slots=1)
-  with pytest.raises(NotImplementedError, match="supported: llama, qwen2, qwen3, gemma3, gpt2"):
+  with pytest.raises(NotImplementedError, match="supported architectures: llama, qwen2, qwen3, gemma3, gpt2"):
     load_model(str(tiny_llama(tmp_path / "d.gguf", arch="phi3")), ctx=8, slots=1)
+  # What the engine runs but the worker does not is refused by the worker.
+  from egpu_worker.model import Config, engine_config
+  c = engine_config(str(tiny_llama(tmp_path / "e.gguf")))
+  with pytest.raises(NotImplementedError, match="value head dim"):
+    Config.from_engine({**c, "head_dim_v": c["head_dim_k"] * 2})

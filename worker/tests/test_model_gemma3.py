@@ -81,10 +81,9 @@ def reference(w, ids):
 
 
 def test_config(tmp_path):
-  from egpu_worker.gguf import GGUFFile
-  from egpu_worker.model import Config
+  from egpu_worker.model import Config, engine_config
   tiny_gemma3(tmp_path / "g.gguf")
-  c = Config.from_gguf(GGUFFile(str(tmp_path / "g.gguf")))
+  c = Config.from_engine(engine_config(str(tmp_path / "g.gguf")))
   assert (c.arch, c.head_dim, c.ffn, c.norm, c.qk_norm, c.post_norms, c.learned_pos) == ("gemma3", D, "geglu", "rms", True, True, False)
   assert c.swa_layers == (True,) * 5 + (False, True) and c.sliding_window == WINDOW
   assert (c.rope.style, c.rope.freq_base, c.rope_swa.freq_base) == ("neox", BASE, BASE_SWA)

@@ -868,6 +868,7 @@ impl Residency {
             join_blocking(victim.clone()).await;
         }
 
+        let header = file.clone();
         let load_phase = phase.clone();
         let load_spec = spec.clone();
         let on_cpu = link.is_none();
@@ -913,7 +914,7 @@ impl Residency {
                     format!("{} ({})", link.device.device, link.device.name),
                 );
                 LoadedModel::Decoder(DecoderModel::Tinygrad(
-                    TinygradModel::load(link, &spec).await?,
+                    TinygradModel::load(link, &spec, &header).await?,
                 ))
             }
             (None, None) => unreachable!("a model is loaded on the cpu or through a worker"),

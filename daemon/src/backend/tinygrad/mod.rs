@@ -9,7 +9,8 @@ pub mod worker;
 
 use std::sync::Arc;
 
-use egpu_engine::models::decoder::{Logits, LogitsWanted};
+use egpu_engine::gguf::GgufFile;
+use egpu_engine::models::decoder::{Logits, LogitsWanted, ModelConfig};
 
 pub use worker::{Worker, WorkerLink, WorkerPhase, WorkerSettings};
 
@@ -31,12 +32,22 @@ pub struct TinygradModel {
 
 impl TinygradModel {
     /// Uploads the model to the worker's device (its weights stay quantized there) and
-    /// allocates every slot's KV cache on it.
+    /// allocates every slot's KV cache on it. The worker gets the engine's configuration of
+    /// the file, so it runs the model exactly as the CPU backend would.
     pub async fn load(
         link: Arc<WorkerLink>,
         spec: &ModelSpec,
+        file: &GgufFile,
     ) -> Result<TinygradModel, DaemonError> {
-        let loaded = link.load(&spec.path, spec.context, spec.slots).await?;
+        let bad = |reason: String| DaemonError::BadModelFile {
+            path: spec.path.clone(),
+            reason,
+        };
+        let config = ModelConfig::from_gguf(file).map_err(|e| bad(e.to_string()))?;
+        let config_json = serde_json::to_string(&config).map_err(|e| bad(e.to_string()))?;
+        let loaded = link
+            .load(&spec.path, spec.context, spec.slots, config_json)
+            .await?;
         Ok(TinygradModel {
             link,
             id: loaded.model_id,

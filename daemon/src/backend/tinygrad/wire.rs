@@ -178,11 +178,13 @@ impl WorkerRpc {
         path: &Path,
         context: usize,
         slots: usize,
+        config_json: String,
     ) -> Result<LoadedOnWorker, RpcError> {
         let request = wp::LoadRequest {
             path: path.display().to_string(),
             context: context as u32,
             slots: slots as u32,
+            config_json,
         };
         let reply = self.client.clone().load(request).await?.into_inner();
         Ok(LoadedOnWorker {

@@ -34,7 +34,7 @@ use crate::error::DaemonError;
 use crate::metrics::Metrics;
 
 /// The worker protocol version this egpud speaks (`HelloResponse.protocol_version`).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long before failing was healthy: the next restart is immediate-ish.
@@ -474,9 +474,10 @@ impl WorkerLink {
         path: &std::path::Path,
         context: usize,
         slots: usize,
+        config_json: String,
     ) -> Result<LoadedOnWorker, DaemonError> {
         self.check()?;
-        let call = self.rpc.load(path, context, slots);
+        let call = self.rpc.load(path, context, slots, config_json);
         match tokio::time::timeout(self.step_timeout, call).await {
             Ok(Ok(loaded)) => Ok(loaded),
             Ok(Err(err)) => Err(self.failed("Load", err)),

@@ -1,7 +1,9 @@
 //! Hyper-parameters of a supported architecture, read from GGUF metadata the way llama.cpp
 //! reads them (`llama_model::load_hparams` and the per-architecture graph builders).
 
-use crate::gguf::{MetaValue, Metadata};
+use serde::Serialize;
+
+use crate::gguf::{GgufFile, MetaValue, Metadata};
 use crate::ops::RopeStyle;
 
 use super::ModelError;
@@ -9,7 +11,8 @@ use super::ModelError;
 /// The architectures this engine runs (`general.architecture`).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "gpt2"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Arch {
     /// LLaMA 2/3/3.1/3.2, Mistral, TinyLlama, SmolLM2: RMSNorm, normal RoPE, SwiGLU.
     Llama,
@@ -47,7 +50,8 @@ impl Arch {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum NormKind {
     /// `x / rms(x) · w`.
     Rms,
@@ -55,7 +59,8 @@ pub enum NormKind {
     Layer,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FfnKind {
     /// `down(silu(gate(x)) · up(x))`.
     SwiGlu,
@@ -66,7 +71,7 @@ pub enum FfnKind {
 }
 
 /// Rotary embedding parameters of one kind of layer.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RopeConfig {
     pub style: RopeStyle,
     pub n_rot: usize,
@@ -76,7 +81,11 @@ pub struct RopeConfig {
 }
 
 /// Everything the forward pass needs to know about a model's shape.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Serialized (serde, field names as here, enums in lower case) it is what the tinygrad worker
+/// receives with each Load: the one derivation of a model's hyper-parameters, so the two
+/// backends cannot read a file differently.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
     pub arch: Arch,
     pub n_layer: usize,
@@ -113,6 +122,19 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The configuration of a GGUF file of a supported architecture, without loading its
+    /// weights (the vocabulary size is the token embedding's).
+    pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
+        let arch = file.metadata().architecture().unwrap_or("");
+        if Arch::from_name(arch).is_none() {
+            return Err(ModelError::UnsupportedArchitecture {
+                arch: arch.to_owned(),
+            });
+        }
+        let (_, n_vocab) = super::weights::token_embedding(file)?;
+        ModelConfig::from_metadata(file.metadata(), n_vocab)
+    }
+
     /// Reads the hyper-parameters of a supported architecture. `n_vocab` comes from the token
     /// embedding tensor, which is authoritative for the shapes the forward pass uses.
     pub fn from_metadata(meta: &Metadata, n_vocab: usize) -> Result<ModelConfig, ModelError> {

@@ -196,14 +196,7 @@ impl Model {
     /// Reads the configuration and finds every tensor. Nothing is dequantized except the
     /// small vectors (norms, biases); weight matrices are read from the mapping when used.
     pub fn load(file: Arc<GgufFile>) -> Result<Model, ModelError> {
-        let arch = file.metadata().architecture().unwrap_or("");
-        if config::Arch::from_name(arch).is_none() {
-            return Err(ModelError::UnsupportedArchitecture {
-                arch: arch.to_owned(),
-            });
-        }
-        let (_, n_vocab) = weights::token_embedding(&file)?;
-        let config = ModelConfig::from_metadata(file.metadata(), n_vocab)?;
+        let config = ModelConfig::from_gguf(&file)?;
         let mut weights = Weights::load(&file, &config)?;
         weights.move_to_arena(&file);
         let factors = weights.rope_freqs.as_deref();
