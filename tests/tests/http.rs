@@ -733,3 +733,83 @@ async fn metrics_parse_as_prometheus_text_and_count_what_is_served() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_leaves_grpc_and_the_http_socket_serving() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let daemon = TestDaemon::start(&["--http", &addr]);
+    // One clear line, and egpud goes on.
+    assert!(
+        daemon.wait_for_log("is off", 1, Duration::from_secs(10)),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.log_count("is off"), 1, "{}", daemon.log_text());
+    let mut client = daemon.client().await;
+    assert!(status(&mut client).await.http_url.is_empty());
+    let tags = http_request(&HttpTarget::unix(&daemon), "GET", "/api/tags", &[], b"").await;
+    assert_eq!(tags.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egpuctl_prints_the_key_that_tcp_clients_send() {
+    let daemon = TestDaemon::start(&[]);
+    let mut cmd = Command::new(binary("egpuctl"));
+    cmd.arg("--socket").arg(&daemon.socket).arg("api-key");
+    let out = output_within(cmd, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(key.trim(), daemon.api_key());
+    let reply = http_request(
+        &HttpTarget::tcp(&daemon),
+        "GET",
+        "/v1/models",
+        &[("Authorization", &bearer(key.trim()))],
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    // Status tells where HTTP answers.
+    let mut client = daemon.client().await;
+    let s = status(&mut client).await;
+    assert_eq!(s.http_url, daemon.http_url());
+    assert_eq!(PathBuf::from(&s.http_socket), daemon.http_socket());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_share_one_load() {
+    let daemon = TestDaemon::start(&[]);
+    let unix = HttpTarget::unix(&daemon);
+    let requests: Vec<_> = (0..4)
+        .map(|i| {
+            let unix = unix.clone();
+            tokio::spawn(async move {
+                let body = json!({
+                    "model": "SmolLM2-135M-Instruct.Q4_1",
+                    "messages": [{"role": "user", "content": format!("Say {i}.")}],
+                    "max_tokens": 3,
+                });
+                chat_over(&unix, None, body).await.status
+            })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let metrics = http_request(&unix, "GET", "/metrics", &[], b"")
+        .await
+        .text();
+    let loads: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("egpu_model_loads_total{"))
+        .collect();
+    assert_eq!(
+        loads,
+        ["egpu_model_loads_total{model=\"SmolLM2-135M-Instruct.Q4_1\",outcome=\"ok\"} 1"]
+    );
+}
