@@ -243,3 +243,23 @@ fn other_decoding_settings_equal_transformers() {
         }
     }
 }
+
+/// `vocab_size` in config.json sizes the token table: a value the weights do not back is a
+/// clear error before anything is allocated by it (it used to allocate 10^15 entries and abort).
+#[test]
+fn a_vocab_size_the_weights_do_not_hold_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(folder()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    for vocab_size in [1_000_000_000_000_000u64, u64::MAX / 2, 3] {
+        config["vocab_size"] = vocab_size.into();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let err = gguf_from_hf_folder(dir.path(), WeightFormat::F32).expect_err("refused");
+        assert!(err.to_string().contains("shared"), "{vocab_size}: {err}");
+    }
+}

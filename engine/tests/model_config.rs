@@ -91,3 +91,34 @@ fn an_unsupported_architecture_is_refused_before_any_tensor_is_read() {
         Err(ModelError::UnsupportedArchitecture { .. })
     ));
 }
+
+#[path = "common/synthetic.rs"]
+#[allow(dead_code)]
+mod synthetic;
+
+/// Counts sized by metadata are checked against what the file holds before anything is
+/// allocated by them: a failed allocation aborts the process (a panic could be caught).
+#[test]
+fn a_layer_count_the_file_cannot_hold_is_refused_not_allocated() {
+    use egpu_engine::gguf::MetaValue;
+    use egpu_engine::models::decoder::Model;
+    let with_layers = |layers: u64| {
+        let bytes = synthetic::TinyGemma3::default()
+            .writer(1)
+            .set_kv("gemma3.block_count", MetaValue::U64(layers))
+            .to_bytes();
+        std::sync::Arc::new(GgufFile::from_bytes(bytes).expect("a GGUF"))
+    };
+    for layers in [1u64 << 60, u64::MAX, 5_000] {
+        let file = with_layers(layers);
+        let err = ModelConfig::from_gguf(&file).expect_err("refused");
+        assert!(
+            matches!(err, ModelError::InvalidMetadata { .. }),
+            "{layers}: {err}"
+        );
+        assert!(Model::load(file).is_err());
+    }
+    // One layer more than the file has: the config is plausible, the missing tensors are not.
+    let err = Model::load(with_layers(6)).expect_err("refused");
+    assert!(matches!(err, ModelError::MissingTensor(_)), "{err}");
+}

@@ -141,7 +141,6 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
         }
     }
 
-    let (tokens, token_types, unk) = marian_vocab(dir, vocab_size)?;
     let spm_path = dir.join("source.spm");
     let source_spm = std::fs::read(&spm_path).map_err(|source| HfModelError::Io {
         path: spm_path.clone(),
@@ -174,6 +173,17 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
         .into_iter()
         .find(|n| weights.tensor(n).is_ok() && weights.tensor(&shared).is_err())
         .unwrap_or(shared);
+    // vocab_size sizes the token table below: it must be what the weights hold, checked
+    // before anything is allocated by it (config.json is as untrusted as the rest).
+    let embedding = weights.tensor(&embeddings)?;
+    if embedding.shape.first() != Some(&vocab_size) {
+        return Err(HfModelError::Shape {
+            name: embedding.name.clone(),
+            found: embedding.shape.clone(),
+            expected: vec![vocab_size, d_model],
+        });
+    }
+    let (tokens, token_types, unk) = marian_vocab(dir, vocab_size)?;
 
     let name = dir
         .file_name()

@@ -67,8 +67,17 @@ impl GgufWriter {
         self
     }
 
+    /// Adds a key (a key added twice is written twice, which readers refuse).
     pub fn kv(mut self, key: impl Into<String>, value: MetaValue) -> Self {
         self.metadata.push((key.into(), value));
+        self
+    }
+
+    /// Sets a key, replacing any value it had.
+    pub fn set_kv(mut self, key: impl Into<String>, value: MetaValue) -> Self {
+        let key = key.into();
+        self.metadata.retain(|(k, _)| *k != key);
+        self.metadata.push((key, value));
         self
     }
 

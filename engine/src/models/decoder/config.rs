@@ -8,6 +8,10 @@ use crate::ops::RopeStyle;
 
 use super::ModelError;
 
+/// More layers than any model has: a count above it is a broken or hostile file, refused before
+/// anything is sized by it (an allocation that fails aborts the process, it does not panic).
+pub const MAX_LAYERS: usize = 1 << 12;
+
 /// The architectures this engine runs (`general.architecture`).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "gpt2"];
 
@@ -132,6 +136,19 @@ impl ModelConfig {
             });
         }
         let (_, n_vocab) = super::weights::token_embedding(file)?;
+        // Every layer has tensors of its own: a file cannot hold more layers than tensors.
+        let key = format!("{arch}.block_count");
+        if let Some(n_layer) = file.metadata().arch_u64("block_count") {
+            if n_layer > file.tensors().len() as u64 {
+                return Err(invalid(
+                    &key,
+                    &format!(
+                        "{n_layer} layers, but the file has only {} tensors",
+                        file.tensors().len()
+                    ),
+                ));
+            }
+        }
         ModelConfig::from_metadata(file.metadata(), n_vocab)
     }
 
@@ -153,6 +170,12 @@ impl ModelConfig {
         };
 
         let n_layer = required_u64("block_count")?;
+        if n_layer > MAX_LAYERS {
+            return Err(invalid(
+                &key("block_count"),
+                &format!("{n_layer} layers is more than any model has (at most {MAX_LAYERS})"),
+            ));
+        }
         let n_embd = required_u64("embedding_length")?;
         let context_length = required_u64("context_length")?;
         let n_head = uniform_per_layer(meta, &key("attention.head_count"), n_layer)?
