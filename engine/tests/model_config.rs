@@ -92,9 +92,7 @@ fn an_unsupported_architecture_is_refused_before_any_tensor_is_read() {
     ));
 }
 
-#[path = "common/synthetic.rs"]
-#[allow(dead_code)]
-mod synthetic;
+use common::synthetic;
 
 /// Counts sized by metadata are checked against what the file holds before anything is
 /// allocated by them: a failed allocation aborts the process (a panic could be caught).
