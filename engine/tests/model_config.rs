@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::synthetic;
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::models::decoder::{ModelConfig, ModelError};
 use serde_json::json;
@@ -91,8 +92,6 @@ fn an_unsupported_architecture_is_refused_before_any_tensor_is_read() {
         Err(ModelError::UnsupportedArchitecture { .. })
     ));
 }
-
-use common::synthetic;
 
 /// Counts sized by metadata are checked against what the file holds before anything is
 /// allocated by them: a failed allocation aborts the process (a panic could be caught).
