@@ -31,8 +31,8 @@ use crate::scheduler::events::{ScoreResult, TranslateResult};
 use crate::scheduler::{GenerateJob, Job, Request, ScoreJob, TranslateJob};
 use prompt::{encode_with_bos, prompt_tokens};
 use requests::{
-    Caller, GenerateRequest, ScoreRequest, TranslateRequest, MAX_BEAMS, MAX_TOP_LOGPROBS,
-    MAX_TRANSLATE_TEXTS,
+    check_input_bytes, check_stops, Caller, GenerateRequest, ScoreRequest, TranslateRequest,
+    MAX_BEAMS, MAX_DETOKENIZE_IDS, MAX_TOP_LOGPROBS, MAX_TRANSLATE_TEXTS,
 };
 pub use stream::GenerationStream;
 
@@ -244,6 +244,10 @@ impl Core {
     ) -> Result<GenerationStream, DaemonError> {
         let model = self.decoder(&req.model)?;
         let params = req.sampling.validate()?;
+        if let Some(input) = &req.input {
+            check_input_bytes(input.bytes(), model.context, "the prompt")?;
+        }
+        check_stops(&req.stop)?;
         if req.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(invalid(format!(
                 "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",
@@ -328,6 +332,7 @@ impl Core {
         if req.text.is_empty() {
             return Err(invalid("the text to score is empty".into()));
         }
+        check_input_bytes(req.text.len(), model.context, "the text")?;
         let tokenizer = model.tokenizer.clone();
         let (raw, text) = (req.raw, req.text);
         let tokens = tokio::task::spawn_blocking(move || {
@@ -405,6 +410,9 @@ impl Core {
                 req.num_beams
             )));
         }
+        for (i, text) in req.texts.iter().enumerate() {
+            check_input_bytes(text.len(), model.context, &format!("text {i}"))?;
+        }
         let tokenizer = model.tokenizer.clone();
         let texts = req.texts;
         let sources = tokio::task::spawn_blocking(move || {
@@ -444,7 +452,9 @@ impl Core {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Tokenized, DaemonError> {
-        let tokenizer = self.residency.get(model)?.tokenizer.clone();
+        let model = self.residency.get(model)?;
+        check_input_bytes(text.len(), model.context, "the text")?;
+        let tokenizer = model.tokenizer.clone();
         tokio::task::spawn_blocking(move || {
             let token_ids = tokenizer.encode(&text, add_special, parse_special);
             let pieces = token_ids
@@ -459,13 +469,24 @@ impl Core {
 
     pub async fn detokenize(&self, model: &str, token_ids: &[u32]) -> Result<String, DaemonError> {
         let model = self.residency.get(model)?;
+        if token_ids.len() > MAX_DETOKENIZE_IDS {
+            return Err(invalid(format!(
+                "{} token ids; at most {MAX_DETOKENIZE_IDS}",
+                token_ids.len()
+            )));
+        }
         let n_vocab = model.tokenizer.vocab_size();
         if let Some(bad) = token_ids.iter().find(|&&id| id as usize >= n_vocab) {
             return Err(invalid(format!(
                 "token id {bad} is out of range (vocabulary of {n_vocab})"
             )));
         }
-        Ok(model.tokenizer.decode(token_ids))
+        // Off the runtime, like tokenizing: a long list takes a while.
+        let tokenizer = model.tokenizer.clone();
+        let ids = token_ids.to_vec();
+        tokio::task::spawn_blocking(move || tokenizer.decode(&ids))
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))
     }
 
     /// The models folder's `.gguf` files.

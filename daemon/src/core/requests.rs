@@ -14,6 +14,57 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub const MAX_TRANSLATE_TEXTS: usize = 256;
 /// Most beams a Translate call may ask for.
 pub const MAX_BEAMS: u32 = 16;
+/// Most stop strings a generation may have, and their longest length in bytes: every token
+/// costs a scan of each against the held-back text, on the model's batching thread.
+pub const MAX_STOPS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most token ids one Detokenize call takes.
+pub const MAX_DETOKENIZE_IDS: usize = 1 << 20;
+/// The input bytes a request may carry, checked before tokenizing (a tokenizer keeps tens of
+/// bytes of state per character, and its work cannot be cancelled): 32 bytes per token of the
+/// model's context, at least 64 KiB, at most 16 MiB. Real text averages 3 to 5 bytes a token.
+pub fn max_input_bytes(context: usize) -> usize {
+    context.saturating_mul(32).clamp(64 << 10, 16 << 20)
+}
+
+/// Refuses input larger than [`max_input_bytes`] before it is tokenized.
+pub fn check_input_bytes(bytes: usize, context: usize, what: &str) -> Result<(), DaemonError> {
+    let limit = max_input_bytes(context);
+    if bytes > limit {
+        return Err(DaemonError::InvalidArgument(format!(
+            "{what} is {bytes} bytes; at most {limit} for a model with a context of {context} \
+             tokens (32 bytes per token)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses more than [`MAX_STOPS`] stop strings, or one longer than [`MAX_STOP_BYTES`].
+pub fn check_stops(stops: &[String]) -> Result<(), DaemonError> {
+    if stops.len() > MAX_STOPS {
+        return Err(DaemonError::InvalidArgument(format!(
+            "{} stop strings; at most {MAX_STOPS}",
+            stops.len()
+        )));
+    }
+    if let Some(long) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(DaemonError::InvalidArgument(format!(
+            "a stop string is {} bytes; at most {MAX_STOP_BYTES}",
+            long.len()
+        )));
+    }
+    Ok(())
+}
+
+impl PromptInput {
+    /// The bytes of text it carries (roles included).
+    pub fn bytes(&self) -> usize {
+        match self {
+            PromptInput::Text(t) => t.len(),
+            PromptInput::Messages(m) => m.iter().map(|m| m.role.len() + m.content.len()).sum(),
+        }
+    }
+}
 
 /// Who asks, and until when the answer is wanted.
 #[derive(Debug, Clone)]

@@ -1,0 +1,134 @@
+//! Hostile input against a real egpud: files and requests that used to take memory or time
+//! without bound get a clear error at once, and egpud keeps answering.
+
+use std::time::{Duration, Instant};
+
+use egpu_e2e::v1 as pb;
+use egpu_e2e::*;
+use egpu_engine::gguf::write::GgufWriter;
+use egpu_engine::gguf::MetaValue;
+use tonic::Code;
+
+/// A request, timed: hostile input must be refused before it costs anything.
+async fn quickly<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = call.await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{what} took {:?}",
+        started.elapsed()
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_text_is_refused_before_it_is_tokenized() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 2048, 2).await;
+    // 20 MiB of text: the gRPC message limit lets it in; the byte limit (32 per token of
+    // context: 64 KiB here) stops it before a tokenizer would spend seconds and gigabytes.
+    let huge = "word ".repeat(4 << 20);
+    let err = quickly("generate", generate(&mut client, greedy("m", &huge, 4)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("bytes"), "{}", err.message());
+    let err = quickly(
+        "score",
+        client.score(pb::ScoreRequest {
+            model: "m".into(),
+            text: huge.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = quickly(
+        "tokenize",
+        client.tokenize(pb::TokenizeRequest {
+            model: "m".into(),
+            text: huge,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Just under the limit is served.
+    let fine = "word ".repeat(10_000);
+    let tokens = client
+        .tokenize(pb::TokenizeRequest {
+            model: "m".into(),
+            text: fine,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tokens.token_ids.len() >= 10_000);
+    assert!(status(&mut client).await.models[0].name == "m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_are_bounded_in_count_and_length() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 256, 1).await;
+    let mut many = greedy("m", "Hello", 4);
+    many.stop = (0..17).map(|i| format!("stop{i}")).collect();
+    let err = generate(&mut client, many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 16"), "{}", err.message());
+    let mut long = greedy("m", "Hello", 4);
+    long.stop = vec!["x".repeat(257)];
+    let err = generate(&mut client, long).await.unwrap_err();
+    assert!(err.message().contains("at most 256"), "{}", err.message());
+    let mut fine = greedy("m", "Hello", 4);
+    fine.stop = (0..16).map(|i| format!("{i}").repeat(16)).collect();
+    assert!(generate(&mut client, fine).await.unwrap().done.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_claiming_two_to_the_sixty_layers_is_a_load_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = GgufWriter::new()
+        .kv("general.architecture", MetaValue::String("llama".into()))
+        .kv("llama.block_count", MetaValue::U64(1 << 60))
+        .kv("llama.embedding_length", MetaValue::U32(8))
+        .kv("llama.context_length", MetaValue::U32(64))
+        .kv("llama.feed_forward_length", MetaValue::U32(16))
+        .kv("llama.attention.head_count", MetaValue::U32(2))
+        .kv(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        )
+        .kv("tokenizer.ggml.model", MetaValue::String("llama".into()))
+        .tensor_f32("token_embd.weight", &[8, 4], &[0.0; 32])
+        .to_bytes();
+    let path = write_file(dir.path(), "hostile.gguf", &bytes);
+    // A budget large enough that the estimate does not refuse it first.
+    let daemon = TestDaemon::start(&["--memory-budget", "1TB"]);
+    let mut client = daemon.client().await;
+    let err = load(
+        &mut client,
+        pb::LoadRequest {
+            source: path.display().to_string(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::InvalidArgument | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    // Still serving.
+    load_smollm2(&mut client, "m", 256, 1).await;
+    assert!(generate(&mut client, greedy("m", "Hi", 2))
+        .await
+        .unwrap()
+        .done
+        .is_some());
+}
