@@ -158,6 +158,12 @@ fn parse_env_var(text: &str) -> Result<(String, String), String> {
     if !valid {
         return Err(format!("{key:?} is not a variable name"));
     }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "the value of {key} holds a control character (a newline would add lines to the \
+             service file)"
+        ));
+    }
     Ok((key.to_owned(), value.to_owned()))
 }
 
@@ -170,6 +176,9 @@ pub fn install_settings(
     env: &[(String, String)],
     worker_python: &egpu_proto::paths::WorkerPython,
 ) -> anyhow::Result<(Vec<String>, EnvVars)> {
+    if let Some(arg) = egpud_args.iter().find(|a| a.chars().any(char::is_control)) {
+        bail!("egpud flag {arg:?} holds a control character (a newline would add lines to the service file)");
+    }
     let mut args = Vec::new();
     let mut env = env.to_vec();
     if let Some(backend) = backend {
@@ -1062,6 +1071,11 @@ mod tests {
         );
         assert_eq!(parse_env_var("A_1="), Ok(("A_1".into(), String::new())));
         assert!(parse_env_var("DEV").is_err());
+        // A newline would start a new line of the unit: `[Service]`, `ExecStartPre=…`.
+        for injected in ["X=a\nExecStartPre=/bin/evil", "X=a\rb", "X=\u{1b}[31m"] {
+            let err = parse_env_var(injected).unwrap_err();
+            assert!(err.contains("control character"), "{err}");
+        }
         assert!(parse_env_var("1A=b").is_err());
         assert!(parse_env_var("=b").is_err());
     }

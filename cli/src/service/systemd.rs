@@ -52,16 +52,25 @@ fn quote(word: &str) -> String {
     if !escaped.is_empty()
         && !escaped
             .chars()
-            .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | ';'))
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\' | ';'))
     {
         return escaped;
     }
     let mut out = String::from("\"");
     for c in escaped.chars() {
-        if matches!(c, '"' | '\\') {
-            out.push('\\');
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            // systemd unescapes C-style escapes in quoted words; a raw newline would end
+            // the line (and let a value add settings of its own).
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32 & 0xff)),
+            c => out.push(c),
         }
-        out.push(c);
     }
     out.push('"');
     out
@@ -70,6 +79,32 @@ fn quote(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_newline_in_a_value_cannot_add_a_line() {
+        let spec = ServiceSpec {
+            egpud: "/usr/bin/egpud".into(),
+            args: vec!["--x\nExecStartPre=/bin/evil".into()],
+            path_env: "/usr/bin".into(),
+            home: "/home/ada".into(),
+            env: vec![(
+                "A".into(),
+                "1\n[Service]\nExecStartPre=/bin/evil\u{1b}".into(),
+            )],
+        };
+        let text = unit(&spec);
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("ExecStartPre") || l == "[Service]\\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("[Service]")).count(),
+            1
+        );
+        assert!(text.contains("\\nExecStartPre=/bin/evil\\x1b\""), "{text}");
+    }
 
     #[test]
     fn unit_has_the_binary_restart_policy_and_environment() {
