@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,9 +39,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let models_dir = config.models_dir();
     let state_dir = config.state_dir();
 
+    // Exclusive locks first: two egpuds started together could otherwise both find a stale
+    // socket, both replace it, and end up sharing one state folder.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .with_context(|| format!("creating the state folder {}", state_dir.display()))?;
+    let _state_lock = lock_exclusively(&state_dir.join(LOCK_FILE), "the state folder")?;
+    let _socket_lock = match socket.parent().filter(|p| p.is_dir()) {
+        Some(_) => Some(lock_exclusively(&lock_path_of(&socket), "the socket")?),
+        // claim_socket says what is wrong with a socket path whose folder is missing.
+        None => None,
+    };
     let listener = claim_socket(&socket)?;
     let _socket_guard = SocketGuard(socket.clone());
-    // Only now, with the socket ours: a second egpud refused above must not touch the state.
     let state = Arc::new(StateStore::open(&state_dir));
     let http = open_http(&config, &state_dir).await?;
     let _http_socket_guard = http.socket.clone().map(SocketGuard);
@@ -206,6 +218,45 @@ async fn open_http(config: &Config, state_dir: &Path) -> anyhow::Result<OpenHttp
         endpoints,
         socket,
     })
+}
+
+/// The lock file in the state folder that the running egpud holds.
+const LOCK_FILE: &str = "egpud.lock";
+
+/// `<socket>.lock`, beside the socket.
+fn lock_path_of(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Holds an exclusive `flock` on `path` (created, mode 0600, with egpud's pid in it) while it
+/// lives; fails at once when another process holds it. The kernel drops the lock when egpud
+/// exits, however it exits, so a crash leaves no lock behind.
+fn lock_exclusively(path: &Path, what: &str) -> anyhow::Result<std::fs::File> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .with_context(|| format!("opening the lock {}", path.display()))?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        bail!(
+            "another egpud (pid {}) is using {what} ({}); stop it first, or give this one its \
+             own --socket and --state-dir",
+            holder.trim(),
+            path.display()
+        );
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// Binds the socket, mode 0600. A live egpud on the path is an error; a stale socket left

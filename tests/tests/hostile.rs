@@ -132,3 +132,51 @@ async fn a_file_claiming_two_to_the_sixty_layers_is_a_load_error() {
         .done
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_egpud_on_the_same_state_folder_is_refused_whatever_its_socket() {
+    let root = tempfile::tempdir().unwrap();
+    let state = root.path().join("state");
+    let first = TestDaemon::start_with_state(&root.path().join("a.sock"), &state, &[]).unwrap();
+    let log = TestDaemon::start_with_state(&root.path().join("b.sock"), &state, &[])
+        .err()
+        .expect("a second egpud on one state folder must not start");
+    assert!(log.contains("state folder"), "{log}");
+    assert!(
+        log.contains(&first.pid().to_string()),
+        "names the holder: {log}"
+    );
+    // The first one serves on, and its state is its own.
+    let mut client = first.client().await;
+    assert!(status(&mut client).await.models.is_empty());
+    // Once it is gone the lock goes with it, even after kill -9.
+    let mut first = first;
+    first.kill_9();
+    let again = TestDaemon::start_with_state(&root.path().join("b.sock"), &state, &[]);
+    assert!(again.is_ok(), "{:?}", again.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egpuds_racing_for_one_stale_socket_leave_exactly_one_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let socket = root.path().join("egpud.sock");
+    // A stale socket file, as a crash leaves it: nobody listens.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let starts: Vec<_> = (0..4)
+        .map(|i| {
+            let socket = socket.clone();
+            let state = root.path().join(format!("state-{i}"));
+            std::thread::spawn(move || TestDaemon::start_with_state(&socket, &state, &[]))
+        })
+        .collect();
+    let results: Vec<_> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+    let serving: Vec<&TestDaemon> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        serving.len(),
+        1,
+        "{:?}",
+        results.iter().map(|r| r.as_ref().err()).collect::<Vec<_>>()
+    );
+    let mut client = serving[0].client().await;
+    assert!(status(&mut client).await.models.is_empty());
+}
