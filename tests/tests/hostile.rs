@@ -138,9 +138,9 @@ async fn a_second_egpud_on_the_same_state_folder_is_refused_whatever_its_socket(
     let root = tempfile::tempdir().unwrap();
     let state = root.path().join("state");
     let first = TestDaemon::start_with_state(&root.path().join("a.sock"), &state, &[]).unwrap();
-    let log = TestDaemon::start_with_state(&root.path().join("b.sock"), &state, &[])
-        .err()
-        .expect("a second egpud on one state folder must not start");
+    let Err(log) = TestDaemon::start_with_state(&root.path().join("b.sock"), &state, &[]) else {
+        panic!("a second egpud on one state folder must not start");
+    };
     assert!(log.contains("state folder"), "{log}");
     assert!(
         log.contains(&first.pid().to_string()),
