@@ -9,7 +9,7 @@ stays the only contract.
         --model smollm2 "The capital of France is"
 
 Options: --socket PATH (default: $EGPU_SOCKET, else $XDG_RUNTIME_DIR/egpu.sock, else
-/tmp/egpu-$UID.sock), --max-tokens N, --raw, --json (one JSON object at the end instead of
+/tmp/egpu-$UID/egpu.sock), --max-tokens N, --raw, --json (one JSON object at the end instead of
 streamed text), --services (list the services egpud offers, found by gRPC reflection).
 """
 
@@ -57,7 +57,24 @@ def default_socket():
         return os.environ["EGPU_SOCKET"]
     if os.environ.get("XDG_RUNTIME_DIR"):
         return os.path.join(os.environ["XDG_RUNTIME_DIR"], "egpu.sock")
-    return f"/tmp/egpu-{os.getuid()}.sock"
+    return f"/tmp/egpu-{os.getuid()}/egpu.sock"
+
+
+def check_socket_is_ours(path):
+    """Refuses a socket that another user owns or serves: in a shared folder another user could
+    put their own socket at the path and read every request (egpuctl checks the same)."""
+    import socket
+    import struct
+
+    owner = os.stat(path).st_uid
+    if owner != os.getuid():
+        sys.exit(f"egpu_client: {path} belongs to uid {owner}, not to you (uid {os.getuid()}); refusing it")
+    if hasattr(socket, "SO_PEERCRED"):  # Linux: the process behind the socket must be ours too
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.getuid():
+            sys.exit(f"egpu_client: the process serving {path} runs as uid {uid}, not as you; refusing it")
 
 
 def list_services(channel):
@@ -81,6 +98,7 @@ def main():
 
     if not os.path.exists(args.socket):
         sys.exit(f"egpu_client: egpud is not running: no socket at {args.socket}")
+    check_socket_is_ours(args.socket)
     pb, pb_grpc = load_stubs()
     # grpc-core would send the socket path as the HTTP/2 :authority, which is not a valid
     # authority; name a plain host instead (the socket decides where the bytes go).

@@ -24,7 +24,8 @@ pub const CPU_DEFAULT_BUDGET_PERCENT: u64 = 75;
                   (log filter, e.g. info or egpud=debug)."
 )]
 pub struct Config {
-    /// Unix socket to listen on [default: $XDG_RUNTIME_DIR/egpu.sock, else /tmp/egpu-$UID.sock].
+    /// Unix socket to listen on, in a folder of this user's own [default:
+    /// $XDG_RUNTIME_DIR/egpu.sock, else /tmp/egpu-$UID/egpu.sock].
     #[arg(long, env = "EGPU_SOCKET")]
     pub socket: Option<PathBuf>,
 

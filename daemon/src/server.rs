@@ -46,9 +46,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         .mode(0o700)
         .create(&state_dir)
         .with_context(|| format!("creating the state folder {}", state_dir.display()))?;
-    let _state_lock = lock_exclusively(&state_dir.join(LOCK_FILE), "the state folder")?;
+    let _state_lock = lock_exclusively(
+        &state_dir.join(LOCK_FILE),
+        &format!(
+            "is using the state folder {}; stop it first, or give this one its own --state-dir",
+            state_dir.display()
+        ),
+    )?;
+    prepare_socket_folder(&socket)?;
     let _socket_lock = match socket.parent().filter(|p| p.is_dir()) {
-        Some(_) => Some(lock_exclusively(&lock_path_of(&socket), "the socket")?),
+        Some(_) => Some(lock_exclusively(
+            &lock_path_of(&socket),
+            &format!(
+                "is already serving on {}; stop it first (or pass --socket)",
+                socket.display()
+            ),
+        )?),
         // claim_socket says what is wrong with a socket path whose folder is missing.
         None => None,
     };
@@ -220,6 +233,37 @@ async fn open_http(config: &Config, state_dir: &Path) -> anyhow::Result<OpenHttp
     })
 }
 
+/// The socket's folder must be egpud's user's own: in a folder another user can write to
+/// (`/tmp`), that user could put their own socket at the path first and hear every prompt.
+/// The default folder without `$XDG_RUNTIME_DIR`, `/tmp/egpu-$UID`, is created here (0700).
+fn prepare_socket_folder(socket: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(dir) = socket.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if !dir.exists() && socket == egpu_proto::default_socket_path() {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the socket folder {}", dir.display()))?;
+    }
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return Ok(()); // claim_socket says the folder is missing
+    };
+    let own = rustix::process::getuid().as_raw();
+    if meta.uid() != own || !meta.is_dir() {
+        bail!(
+            "the socket's folder {} belongs to uid {}, not to this user (uid {own}); another \
+             user could put a socket of theirs at {} and read every request: use a folder of \
+             your own (--socket, or leave the default)",
+            dir.display(),
+            meta.uid(),
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
 /// The lock file in the state folder that the running egpud holds.
 const LOCK_FILE: &str = "egpud.lock";
 
@@ -231,9 +275,9 @@ fn lock_path_of(socket: &Path) -> PathBuf {
 }
 
 /// Holds an exclusive `flock` on `path` (created, mode 0600, with egpud's pid in it) while it
-/// lives; fails at once when another process holds it. The kernel drops the lock when egpud
-/// exits, however it exits, so a crash leaves no lock behind.
-fn lock_exclusively(path: &Path, what: &str) -> anyhow::Result<std::fs::File> {
+/// lives; fails at once, saying "another egpud (pid N) {held}", when another process holds it.
+/// The kernel drops the lock when egpud exits, however it exits, so a crash leaves no lock.
+fn lock_exclusively(path: &Path, held: &str) -> anyhow::Result<std::fs::File> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file = std::fs::OpenOptions::new()
@@ -247,12 +291,7 @@ fn lock_exclusively(path: &Path, what: &str) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("opening the lock {}", path.display()))?;
     if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         let holder = std::fs::read_to_string(path).unwrap_or_default();
-        bail!(
-            "another egpud (pid {}) is using {what} ({}); stop it first, or give this one its \
-             own --socket and --state-dir",
-            holder.trim(),
-            path.display()
-        );
+        bail!("another egpud (pid {}) {held}", holder.trim());
     }
     file.set_len(0)?;
     writeln!(file, "{}", std::process::id())?;

@@ -11,7 +11,8 @@ use crate::v1::egpu_client::EgpuClient;
 pub const SOCKET_ENV: &str = "EGPU_SOCKET";
 
 /// Where egpud listens unless told otherwise: `$EGPU_SOCKET`, else
-/// `$XDG_RUNTIME_DIR/egpu.sock`, else `/tmp/egpu-$UID.sock`.
+/// `$XDG_RUNTIME_DIR/egpu.sock`, else `/tmp/egpu-$UID/egpu.sock` (a folder of the user's own:
+/// in `/tmp` itself another user could create the path first and answer in egpud's place).
 ///
 /// The path stays short because macOS limits socket paths to 104 bytes (Linux: 108); a
 /// per-user name keeps two users of one machine apart.
@@ -22,10 +23,7 @@ pub fn default_socket_path() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
         return Path::new(&dir).join("egpu.sock");
     }
-    PathBuf::from(format!(
-        "/tmp/egpu-{}.sock",
-        rustix::process::getuid().as_raw()
-    ))
+    PathBuf::from(format!("/tmp/egpu-{}", rustix::process::getuid().as_raw())).join("egpu.sock")
 }
 
 /// The HTTP front end's Unix socket beside a gRPC socket: `egpu.sock` → `egpu-http.sock`.
@@ -75,6 +73,26 @@ pub enum ConnectError {
         "egpud is not answering on {path}: {reason} (start it with `egpud`, or set {SOCKET_ENV})"
     )]
     NotAnswering { path: PathBuf, reason: String },
+    #[error(
+        "{path} belongs to uid {owner}, not to this user (uid {own}): refusing to talk to it \
+         (another user may have put it there to read requests); remove it, or set {SOCKET_ENV}"
+    )]
+    NotOurs { path: PathBuf, owner: u32, own: u32 },
+}
+
+/// Refuses a socket file owned by another user: only egpud of this user's own may hear its
+/// prompts.
+pub fn check_owner(path: &Path) -> Result<(), ConnectError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = rustix::process::getuid().as_raw();
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.uid() != own => Err(ConnectError::NotOurs {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            own,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Connects a gRPC client to egpud's Unix socket.
@@ -93,6 +111,7 @@ pub async fn connect_channel(path: &Path) -> Result<Channel, ConnectError> {
             path: path.to_owned(),
         });
     }
+    check_owner(path)?;
     let socket = path.to_owned();
     // The URI is required by the HTTP/2 layer but unused: every connection goes to the socket.
     Endpoint::from_static("http://egpud.local")
@@ -100,6 +119,15 @@ pub async fn connect_channel(path: &Path) -> Result<Channel, ConnectError> {
             let socket = socket.clone();
             async move {
                 let stream = tokio::net::UnixStream::connect(socket).await?;
+                // The file's owner was checked; the process answering must be ours too.
+                let own = rustix::process::getuid().as_raw();
+                let peer = stream.peer_cred()?.uid();
+                if peer != own {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!("the process serving the socket runs as uid {peer}, not {own}"),
+                    ));
+                }
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         }))

@@ -884,6 +884,45 @@ async fn a_peer_with_another_uid_is_refused() {
     let perms = |mode| std::fs::Permissions::from_mode(mode);
     std::fs::set_permissions(daemon.dir.path(), perms(0o755)).unwrap();
     std::fs::set_permissions(&daemon.socket, perms(0o666)).unwrap();
+    // egpuctl would refuse a socket owned by another user before sending anything (see the
+    // next test); a bare gRPC call shows what egpud itself answers.
+    let call = "import grpc, sys\n\
+                ch = grpc.insecure_channel('unix:' + sys.argv[1], options=[('grpc.default_authority', 'localhost')])\n\
+                status = ch.unary_unary('/egpu.v1.Egpu/Status', request_serializer=lambda m: m, response_deserializer=lambda b: b)\n\
+                try:\n\
+                \x20   status(b'', timeout=10)\n\
+                \x20   print('SERVED')\n\
+                except grpc.RpcError as e:\n\
+                \x20   print(e.code().name, e.details())\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", call])
+        .arg(&daemon.socket)
+        .env("PYTHONPATH", pydeps())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("PERMISSION_DENIED") && text.contains("65534"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_refuse_a_socket_that_another_user_owns() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    if !rustix::process::getuid().is_root() {
+        eprintln!("note: not root, so no client can run as another uid here");
+        return;
+    }
+    // root's egpud, reachable by everyone: a squatter's socket, as uid 65534 sees it.
+    let daemon = TestDaemon::start(&[]);
+    let perms = |mode| std::fs::Permissions::from_mode(mode);
+    std::fs::set_permissions(daemon.dir.path(), perms(0o755)).unwrap();
+    std::fs::set_permissions(&daemon.socket, perms(0o666)).unwrap();
     let bin_dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(bin_dir.path(), perms(0o755)).unwrap();
     let egpuctl = bin_dir.path().join("egpuctl");
@@ -898,9 +937,24 @@ async fn a_peer_with_another_uid_is_refused() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("belongs to uid 0"), "{err}");
+    // The Python client checks the same.
+    let client = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../clients/python/egpu_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(&client)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("hello")
+        .env("PYTHONPATH", pydeps())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("PERMISSION_DENIED") && err.contains("65534"),
+        !out.status.success() && err.contains("belongs to uid 0"),
         "{err}"
     );
 }

@@ -526,7 +526,8 @@ async fn models_load_on_demand_from_every_store() {
         "someone/tiny-qwen-GGUF",
         "owner/tiny-gpt2-GGUF",
     ] {
-        let body = json!({"model": name, "prompt": "hello", "stream": false, "options": {"num_predict": 2}});
+        let body = json!({"model": name, "prompt": "hello", "stream": false,
+                          "options": {"num_predict": 2, "temperature": 0}});
         let reply = http_request(
             &unix,
             "POST",
@@ -536,7 +537,11 @@ async fn models_load_on_demand_from_every_store() {
         )
         .await;
         assert_eq!(reply.status, 200, "{name}: {}", reply.text());
-        assert_eq!(reply.json()["eval_count"], 2, "{name}");
+        // A random tiny model may end its text at once; it was served either way.
+        let reply = reply.json();
+        assert_eq!(reply["done"], true, "{name}");
+        let tokens = reply["eval_count"].as_u64().unwrap();
+        assert!((1..=2).contains(&tokens), "{name}: {reply}");
     }
     let mut client = daemon.client().await;
     let resident = resident_names(&mut client).await;

@@ -40,12 +40,12 @@ fn state_names(state: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The state folder's files, but for the HTTP API key egpud keeps there too.
+/// The state folder's files, but for the HTTP API key and the lock egpud keeps there too.
 fn dir_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("reading a folder")
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != egpu_proto::API_KEY_FILE)
+        .filter(|n| n != egpu_proto::API_KEY_FILE && n != "egpud.lock")
         .collect();
     names.sort();
     names
