@@ -27,6 +27,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` completes, then ends every stream with UNAVAILABLE and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    raise_fd_limit();
     let socket = config.socket_path();
     let device = cpu_device();
     let budget = config
@@ -262,6 +263,32 @@ fn prepare_socket_folder(socket: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one (at most 65536): launchd starts agents
+/// with 256, which a few hundred HTTP and gRPC clients would exhaust. The connection limits
+/// stay below it, and a failed accept pauses rather than spins.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let want = limit.maximum.unwrap_or(u64::MAX).min(65536);
+    if limit.current.is_some_and(|c| c >= want) {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(want),
+        maximum: limit.maximum,
+    };
+    // macOS refuses more than OPEN_MAX (10240) whatever the hard limit says.
+    let fallback = Rlimit {
+        current: Some(want.min(10240)),
+        maximum: limit.maximum,
+    };
+    if setrlimit(Resource::Nofile, raised).is_err()
+        && setrlimit(Resource::Nofile, fallback).is_err()
+    {
+        tracing::warn!(soft = ?limit.current, "could not raise the open-files limit");
+    }
 }
 
 /// The lock file in the state folder that the running egpud holds.

@@ -184,6 +184,37 @@ impl TestDaemon {
             .expect("egpud did not start")
     }
 
+    /// Starts egpud with its open-files limit (soft and hard) at `limit`, as a machine that
+    /// has run out of descriptors would have it.
+    pub fn start_with_open_files_limit(limit: u64, extra_args: &[&str]) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("egpu-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let (socket, state_dir) = (dir.path().join("egpud.sock"), dir.path().join("state"));
+        // Set in a tiny exec wrapper: std's Command has no safe way to set a child's rlimit.
+        let mut wrapper = Command::new("python3");
+        wrapper.args([
+            "-c",
+            "import os, resource, sys\n\
+             n = int(sys.argv[1])\n\
+             resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))\n\
+             os.execv(sys.argv[2], sys.argv[2:])\n",
+            &limit.to_string(),
+        ]);
+        wrapper.arg(binary("egpud"));
+        Self::spawn_command(
+            wrapper,
+            dir,
+            socket,
+            &state_dir,
+            &models_dir(),
+            extra_args,
+            &[],
+        )
+        .expect("egpud did not start")
+    }
+
     fn spawn_with_env(
         dir: tempfile::TempDir,
         socket: PathBuf,
@@ -192,7 +223,20 @@ impl TestDaemon {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<TestDaemon, String> {
-        let mut child = Command::new(binary("egpud"))
+        let command = Command::new(binary("egpud"));
+        Self::spawn_command(command, dir, socket, state_dir, models, extra_args, env)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        state_dir: &Path,
+        models: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<TestDaemon, String> {
+        let mut child = command
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")

@@ -180,3 +180,63 @@ async fn egpuds_racing_for_one_stale_socket_leave_exactly_one_serving() {
     let mut client = serving[0].client().await;
     assert!(status(&mut client).await.models.is_empty());
 }
+
+/// User plus system CPU seconds a process has used (Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) end the line; utime and stime are
+    // the 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_egpud_pauses_instead_of_spinning_and_serves_again() {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let daemon = TestDaemon::start_with_open_files_limit(64, &[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "m", 256, 1).await;
+    // More connections than descriptors: accepts fail with EMFILE on both sockets.
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap());
+        held.push(std::os::unix::net::UnixStream::connect(daemon.http_socket()).unwrap());
+    }
+    assert!(
+        daemon.wait_for_log("failed", 1, Duration::from_secs(10)),
+        "egpud never ran out: {}",
+        daemon.log_text()
+    );
+    // While the descriptors are gone, egpud pauses between accepts (tonic's own loop retried
+    // at once and spun a core). The one-second window is the measurement, not a wait.
+    let before = cpu_seconds(daemon.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_seconds(daemon.pid()) - before;
+    assert!(
+        used < 0.5,
+        "egpud used {used:.2} s of CPU in 1 s while out of descriptors"
+    );
+    // Once they come back, egpud serves, the already-connected client included.
+    drop(held);
+    let done = generate(&mut client, greedy("m", "Hi", 2)).await.unwrap();
+    assert!(done.done.is_some());
+    let started = Instant::now();
+    loop {
+        // Polled: the listener takes the freed descriptors at its next accept.
+        if let Ok(mut fresh) = egpu_proto::connect(&daemon.socket).await {
+            if fresh.status(pb::StatusRequest {}).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -3,6 +3,7 @@
 //! reflection ride along, so `grpcurl` works without the .proto file.
 
 pub mod convert;
+pub mod incoming;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use egpu_proto::v1::{self as pb, FILE_DESCRIPTOR_SET};
 use egpu_proto::CLIENT_NAME_HEADER;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{UnboundedReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::service::InterceptorLayer;
 use tonic::transport::server::UdsConnectInfo;
@@ -30,6 +31,8 @@ use crate::scheduler::ClientKey;
 
 /// Largest message either way: Translate and Score carry many texts or positions.
 const MAX_MESSAGE: usize = 64 << 20;
+/// Most gRPC connections served at once (each client usually holds one); more wait.
+const MAX_CONNECTIONS: usize = 512;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -71,7 +74,7 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming::Incoming::new(listener, MAX_CONNECTIONS), shutdown)
         .await
         .context("serving gRPC")
 }
