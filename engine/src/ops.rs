@@ -214,6 +214,34 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * x * (1.0 + COEF * x * x)))
 }
 
+/// The exact GELU, `x · Φ(x) = 0.5·x·(1 + erf(x/√2))` (transformers' `"gelu"`, as Marian
+/// configs name it), with erf evaluated in f64 ([`erf`]; Rust's std has none).
+pub fn gelu_erf(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+/// The error function to within 1.2e-7 absolute (Numerical Recipes' `erfc` by a Chebyshev
+/// fit of `exp(-z²)·t·P(t)`), for [`gelu_erf`].
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * poly.exp();
+    if x >= 0.0 {
+        1.0 - erfc
+    } else {
+        erfc - 1.0
+    }
+}
+
 /// SwiGLU in place: `gate[i] = silu(gate[i]) · up[i]`.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
@@ -341,6 +369,27 @@ mod tests {
         let before = head;
         apply_rope(&mut head, RopeStyle::Neox, &cos, &sin);
         assert_eq!(head, before);
+    }
+
+    #[test]
+    fn exact_gelu_matches_the_erf_definition() {
+        // 0.5·x·(1 + erf(x/√2)) from Python's math.erf.
+        for (x, want) in [
+            (-3.0, -0.004_049_694_094_890_31),
+            (-1.0, -0.158_655_253_931_457_07),
+            (-0.5, -0.154_268_769_362_993_44),
+            (0.0, 0.0),
+            (0.5, 0.345_731_230_637_006_56),
+            (1.0, 0.841_344_746_068_542_9),
+            (2.0, 1.954_499_736_103_641_6),
+            (5.0, 4.999_998_566_742_141),
+        ] {
+            assert!(
+                (gelu_erf(x as f32) as f64 - want).abs() < 2e-7,
+                "{x}: {}",
+                gelu_erf(x as f32)
+            );
+        }
     }
 
     #[test]

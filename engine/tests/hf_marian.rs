@@ -263,3 +263,41 @@ fn a_vocab_size_the_weights_do_not_hold_is_refused() {
         assert!(err.to_string().contains("shared"), "{vocab_size}: {err}");
     }
 }
+
+/// transformers maps Marian's `activation_function` through ACT2FN; `"gelu"` (its default for
+/// Marian) is the exact erf GELU. Such a folder converts, loads and translates (a load used to
+/// refuse it), and the activation is the one applied: the logits differ from SiLU's.
+#[test]
+fn gelu_marian_configs_load_and_use_their_activation() {
+    let translation_score = |activation: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(folder()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        let config_path = dir.path().join("config.json");
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["activation_function"] = activation.into();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let bytes = gguf_from_hf_folder(dir.path(), WeightFormat::F32).expect("convert");
+        let file = Arc::new(GgufFile::from_bytes(bytes).unwrap());
+        let tokenizer = Tokenizer::from_gguf(file.metadata()).unwrap();
+        let model = MarianModel::load(file).expect("load");
+        let pool = ThreadPool::new(1);
+        let source = tokenizer.encode("Hello world.", true, false);
+        let mut settings = model.search_settings().clone();
+        settings.num_beams = 1;
+        let out = model
+            .translate(&pool, &[source], &settings, &mut || true)
+            .unwrap()
+            .expect("not cancelled");
+        out[0].score
+    };
+    let silu = translation_score("silu");
+    for activation in ["gelu", "gelu_new"] {
+        let score = translation_score(activation);
+        assert!(score.is_finite(), "{activation}: {score}");
+        assert_ne!(score, silu, "{activation} gave SiLU's result");
+    }
+}

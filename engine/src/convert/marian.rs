@@ -36,7 +36,15 @@ const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 
 /// Activations the engine implements, by their transformers names.
-pub const ACTIVATIONS: &[&str] = &["swish", "silu", "relu", "gelu"];
+pub const ACTIVATIONS: &[&str] = &[
+    "swish",
+    "silu",
+    "relu",
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+];
 
 /// Converts the Marian folder `dir` to GGUF bytes, weights in `format`.
 pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, HfModelError> {
@@ -70,7 +78,7 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
         return Err(HfModelError::UnsupportedConfig {
             key: "activation_function",
             found: activation.into(),
-            why: "implemented: swish, silu, relu, gelu",
+            why: "implemented: swish, silu, relu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast",
         });
     }
     for (key, unsupported, why) in [

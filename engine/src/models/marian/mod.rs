@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::gguf::{GgufFile, Metadata, TensorInfo};
 use crate::kernels::{matmul, ThreadPool, WeightMatrix};
-use crate::ops::{layer_norm, silu, softmax};
+use crate::ops::{gelu, gelu_erf, layer_norm, silu, softmax};
 
 pub use beam::{EarlyStopping, Hypothesis, SearchSettings};
 
@@ -67,7 +67,7 @@ pub enum MarianError {
         found: Vec<u64>,
         expected: Vec<u64>,
     },
-    #[error("activation {0:?} is not implemented (swish, silu, relu are)")]
+    #[error("activation {0:?} is not implemented (swish, silu, relu, gelu, gelu_new are)")]
     UnsupportedActivation(String),
     #[error("kernel: {0}")]
     Kernel(#[from] crate::kernels::KernelError),
@@ -85,6 +85,10 @@ pub enum MarianError {
 pub enum Activation {
     Silu,
     Relu,
+    /// The exact (erf) GELU: transformers' `"gelu"`, its default for Marian.
+    Gelu,
+    /// The tanh approximation: `"gelu_new"`, `"gelu_pytorch_tanh"`, `"gelu_fast"`.
+    GeluTanh,
 }
 
 /// Hyper-parameters, from `marian.*` metadata.
@@ -121,6 +125,8 @@ impl MarianConfig {
         let activation = match meta.get_str("marian.activation").unwrap_or("swish") {
             "swish" | "silu" => Activation::Silu,
             "relu" => Activation::Relu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
             other => return Err(MarianError::UnsupportedActivation(other.to_owned())),
         };
         let n_vocab = meta
@@ -418,6 +424,8 @@ impl MarianModel {
         match self.config.activation {
             Activation::Silu => hidden.iter_mut().for_each(|v| *v = silu(*v)),
             Activation::Relu => hidden.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Gelu => hidden.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+            Activation::GeluTanh => hidden.iter_mut().for_each(|v| *v = gelu(*v)),
         }
         let out = self.linear(pool, &layer.down, &hidden, n)?;
         self.add_norm(x, &out, &layer.ffn_norm);
