@@ -337,3 +337,55 @@ async fn a_translation_past_its_deadline_is_abandoned() {
     assert_eq!(model.requests_served, 2, "{model:?}");
     assert_eq!(model.active, 0);
 }
+
+/// An Unload with force ends a running translation at its next decoder step with ABORTED,
+/// rather than letting it run to its end first (it used to check only its client and deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_unload_ends_a_running_translation_at_once() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let mut client = daemon.client().await;
+    load(&mut client, load_request(fixture("tiny-marian"), "mt", ""))
+        .await
+        .unwrap();
+    let sources = strings(&reference()["beam"]["sources"]);
+    let big: Vec<String> = sources.iter().cycle().take(256).cloned().collect();
+    let big_request = || pb::TranslateRequest {
+        model: "mt".into(),
+        texts: big.clone(),
+        num_beams: 16,
+        max_tokens: 60,
+    };
+    let full = client
+        .translate(big_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .translate_ms;
+    assert!(full > 200.0, "the job is too small to cut short: {full} ms");
+
+    let mut running = daemon.client().await;
+    let request = big_request();
+    let job = tokio::spawn(async move { running.translate(request).await });
+    // Polled until the job holds the model (then Unload has something to end).
+    while status(&mut client).await.models[0].active == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let unloaded_at = std::time::Instant::now();
+    let unloaded = client
+        .unload(pb::UnloadRequest {
+            name: "mt".into(),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unloaded.aborted_requests, 1);
+    let err = job.await.unwrap().unwrap_err();
+    let took = unloaded_at.elapsed();
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        took.as_secs_f64() * 1e3 < (full * 0.5).min(1000.0),
+        "the translation ran on for {took:?} of a {full:.0} ms job"
+    );
+}

@@ -36,7 +36,7 @@ pub(super) fn serve(
             }
         };
         let client = req.client.clone();
-        let finished = run_translation(translator, tokenizer, turns, req);
+        let finished = run_translation(translator, tokenizer, turns, queue, req);
         let served = finished
             .as_ref()
             .is_some_and(|(_, outcome)| outcome.is_ok());
@@ -66,6 +66,7 @@ fn run_translation(
     translator: &MarianCpu,
     tokenizer: &Tokenizer,
     turns: &ComputeTurns,
+    queue: &ModelQueue,
     req: Request,
 ) -> Option<TranslateReply> {
     let Job::Translate(job) = req.job else {
@@ -88,9 +89,16 @@ fn run_translation(
     let deadline = req.deadline;
     let reply = job.reply;
     let mut deadline_passed = false;
+    let mut stopped = None;
+    // Asked between decoder steps: a deadline, a client that left, or the model ending (an
+    // Unload with force, egpud shutting down) ends the translation there.
     let mut keep_going = || {
         if deadline.is_some_and(|d| d <= Instant::now()) {
             deadline_passed = true;
+            return false;
+        }
+        if let Some(reason) = queue.state.lock().stop {
+            stopped = Some(reason);
             return false;
         }
         !reply.is_closed()
@@ -115,11 +123,14 @@ fn run_translation(
             queued,
             translating: started.elapsed(),
         }),
-        Ok(None) if deadline_passed => Err(DaemonError::DeadlineExceeded { generated: 0 }),
-        Ok(None) => {
-            tracing::info!("client went away; translation abandoned");
-            return None;
-        }
+        Ok(None) => match stopped {
+            _ if deadline_passed => Err(DaemonError::DeadlineExceeded { generated: 0 }),
+            Some(reason) => Err(queue.stop_error(reason)),
+            None => {
+                tracing::info!("client went away; translation abandoned");
+                return None;
+            }
+        },
         Err(e) => Err(DaemonError::InvalidArgument(e.to_string())),
     };
     Some((reply, outcome))
