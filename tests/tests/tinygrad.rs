@@ -490,3 +490,30 @@ async fn without_a_worker_environment_the_cpu_backend_still_serves() {
         .expect("generate");
     assert_eq!(out.token_ids.len(), 3);
 }
+
+/// A Load sent while the worker is still starting waits for it (up to its start timeout)
+/// instead of being refused with "retry in a moment", as a user expects from a daemon that
+/// has just started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_sent_while_the_worker_starts_waits_for_it() {
+    let daemon = TestDaemon::start_tinygrad(&dev(), &[]);
+    let mut client = daemon.client().await;
+    assert_eq!(
+        daemon.log_count(WORKER_READY),
+        0,
+        "the worker was ready before the Load: nothing to wait for"
+    );
+    let info = load_on(
+        &mut client,
+        &model_path(SMOLLM2),
+        "m",
+        "tinygrad",
+        256,
+        1,
+        false,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log_text()));
+    assert_eq!(info.backend, "tinygrad");
+    assert!(daemon.log_count(WORKER_READY) >= 1);
+}

@@ -601,7 +601,7 @@ impl Residency {
         }
         let backend = self.backend_named(opts.backend.as_deref())?;
         let link: Option<Arc<WorkerLink>> = match (backend, &self.worker) {
-            (BackendKind::Tinygrad, Some(worker)) => Some(worker.link()?),
+            (BackendKind::Tinygrad, Some(worker)) => Some(worker.ready_link().await?),
             _ => None,
         };
         let budget = match (&link, &self.worker) {

@@ -144,6 +144,24 @@ impl Worker {
         }
     }
 
+    /// The running worker, waiting while one is starting for at most the start timeout: a Load
+    /// sent just after egpud started is served, not turned away. A worker that failed (lost,
+    /// waiting to be restarted) answers at once with why.
+    pub async fn ready_link(&self) -> Result<Arc<WorkerLink>, DaemonError> {
+        let deadline = tokio::time::Instant::now() + self.settings.start_timeout;
+        let mut phases = self.subscribe();
+        loop {
+            if !matches!(*phases.borrow_and_update(), WorkerPhase::Starting) {
+                return self.link();
+            }
+            match tokio::time::timeout_at(deadline, phases.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(DaemonError::ShuttingDown),
+                Err(_) => return self.link(),
+            }
+        }
+    }
+
     /// Device memory models may hold: `--device-memory-budget`, else 90% of the device.
     pub fn budget(&self, link: &WorkerLink) -> Result<u64, DaemonError> {
         if let Some(b) = self.settings.memory_budget {
