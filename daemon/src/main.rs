@@ -6,7 +6,17 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
+/// The system allocator, counting: a chat template renderer caps its heap with it (see
+/// `egpud::core::templates`); egpud itself runs with no cap.
+#[global_allocator]
+static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(egpud::core::templates::RENDERER_ARG))
+    {
+        return render_chat_templates();
+    }
     let config = egpud::Config::parse();
     let filter = EnvFilter::try_from_env("EGPU_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal; logs captured by launchd/journald stay plain.
@@ -21,6 +31,24 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!("{err:#}");
             eprintln!("egpud: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A chat template renderer: egpud started by itself, with its heap capped.
+fn render_chat_templates() -> ExitCode {
+    if ALLOCATOR
+        .set_limit(egpud::core::templates::RENDERER_MEMORY)
+        .is_err()
+    {
+        eprintln!("egpud renderer: already past its memory cap at start");
+        return ExitCode::FAILURE;
+    }
+    match egpud::core::templates::serve_renderer() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("egpud renderer: {err}");
             ExitCode::FAILURE
         }
     }

@@ -121,7 +121,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let keep_alive = tokio::spawn(residency.clone().run_keep_alive());
     // In the background: the socket answers while the pinned models load again.
     let reload = tokio::spawn(residency.clone().reload_pinned(BackendKind::Cpu));
-    let core = Core::new(residency.clone(), threads, http.endpoints.clone());
+    // Chat templates render in copies of this binary (core::templates says why).
+    let renderer_program = std::env::current_exe().context("cannot find egpud's own binary")?;
+    let core = Core::new(
+        residency.clone(),
+        threads,
+        http.endpoints.clone(),
+        renderer_program,
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);

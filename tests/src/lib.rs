@@ -705,3 +705,36 @@ pub fn sse_events(body: &str) -> (Vec<serde_json::Value>, bool) {
     }
     (events, done)
 }
+
+/// A copy of the GGUF at `source`, written to `dest` with `tokenizer.chat_template` set to
+/// `template`: a model whose template is whatever a test needs, hostile ones included.
+pub fn with_chat_template(source: &Path, template: &str, dest: &Path) -> PathBuf {
+    use egpu_engine::gguf::write::GgufWriter;
+    use egpu_engine::gguf::{GgufFile, MetaValue};
+    let file = GgufFile::open(source).expect("source GGUF");
+    let mut writer = GgufWriter::new();
+    for (key, value) in file.metadata().iter() {
+        writer = writer.set_kv(key, value.clone());
+    }
+    writer = writer.set_kv(
+        "tokenizer.chat_template",
+        MetaValue::String(template.to_owned()),
+    );
+    for info in file.tensors() {
+        writer = writer.tensor(
+            info.name.clone(),
+            &info.dims,
+            info.ggml_type,
+            file.tensor_data(info).to_vec(),
+        );
+    }
+    std::fs::write(dest, writer.to_bytes()).expect("write the GGUF");
+    dest.to_owned()
+}
+
+/// A tiny model fixture of the engine (`engine/tests/fixtures/models/`).
+pub fn tiny_fixture(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/fixtures/models")
+        .join(file)
+}

@@ -240,3 +240,92 @@ async fn out_of_file_descriptors_egpud_pauses_instead_of_spinning_and_serves_aga
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A chat request to `model` with one user message.
+fn chat(model: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: model.into(),
+        input: Some(pb::generate_request::Input::Messages(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            }],
+        })),
+        max_tokens: Some(2),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_chat_templates_fail_their_request_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_fixture("tiny-llama31.gguf");
+    // Each template below, rendered inside egpud, aborted it (the doubling string: an
+    // allocation failure is an abort) or held a thread for hours (a 100 MB copy per loop
+    // step, inside the instruction fuel). Now each costs one renderer process.
+    let hostile = [
+        (
+            "doubling",
+            "{% set ns = namespace(a='x') %}{% for i in range(64) %}\
+             {% set ns.a = ns.a ~ ns.a %}{% endfor %}{{ ns.a | length }}",
+            "more than the 512 MiB",
+        ),
+        (
+            "slow",
+            "{% set a = 'x' * 100000000 %}{% for i in range(100000) %}\
+             {% if (a ~ i) | length == 0 %}{% endif %}{% endfor %}",
+            "deadline",
+        ),
+        (
+            "recursive",
+            "{% macro down(n) %}{{ down(n + 1) }}{% endmacro %}{{ down(0) }}",
+            "recursion",
+        ),
+        (
+            "flood",
+            "{% set a = 'x' * 1000000 %}{% for i in range(100000) %}{{ a }}{% endfor %}",
+            "output passed",
+        ),
+    ];
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "good", 256, 1).await;
+    for (name, template, why) in hostile {
+        let path = with_chat_template(&tiny, template, &dir.path().join(format!("{name}.gguf")));
+        load(
+            &mut client,
+            pb::LoadRequest {
+                source: path.display().to_string(),
+                name: name.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // The hostile render runs while Status and another model keep answering.
+        let mut other = daemon.client().await;
+        let render = tokio::spawn(async move { generate(&mut other, chat(name)).await });
+        let started = Instant::now();
+        status(&mut client).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{name}: Status took {:?} during the render",
+            started.elapsed()
+        );
+        let err = render.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        assert!(err.message().contains(why), "{name}: {}", err.message());
+        // The same model still serves a raw prompt, and the other model its chats.
+        assert!(generate(&mut client, greedy(name, "Hi", 2))
+            .await
+            .unwrap()
+            .done
+            .is_some());
+        assert!(generate(&mut client, chat("good"))
+            .await
+            .unwrap()
+            .done
+            .is_some());
+    }
+    assert!(daemon.log_count("panicked") == 0, "{}", daemon.log_text());
+}

@@ -8,11 +8,13 @@
 //! - [`requests`]: what a front end hands over, and the limits.
 //! - [`prompt`]: text and conversations to tokens.
 //! - [`stream`]: a generation as a stream of events.
+//! - [`templates`]: chat templates rendered in capped child processes.
 
 pub mod on_demand;
 pub mod prompt;
 pub mod requests;
 pub mod stream;
+pub mod templates;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +37,7 @@ use requests::{
     MAX_BEAMS, MAX_DETOKENIZE_IDS, MAX_TOP_LOGPROBS, MAX_TRANSLATE_TEXTS,
 };
 pub use stream::GenerationStream;
+use templates::TemplateRenderers;
 
 /// The core API over the resident models.
 #[derive(Debug, Clone)]
@@ -43,6 +46,7 @@ pub struct Core {
     started: Instant,
     threads: usize,
     endpoints: Arc<Endpoints>,
+    renderers: Arc<TemplateRenderers>,
 }
 
 /// Where egpud's HTTP front end can be reached, for Status (set by the composition root).
@@ -127,9 +131,16 @@ pub struct Tokenized {
 }
 
 impl Core {
-    pub fn new(residency: Arc<Residency>, threads: usize, endpoints: Endpoints) -> Core {
+    /// `renderer_program` is egpud's own binary, started as chat template renderers.
+    pub fn new(
+        residency: Arc<Residency>,
+        threads: usize,
+        endpoints: Endpoints,
+        renderer_program: PathBuf,
+    ) -> Core {
         Core {
             residency,
+            renderers: Arc::new(TemplateRenderers::new(renderer_program)),
             started: Instant::now(),
             threads,
             endpoints: Arc::new(endpoints),
@@ -264,7 +275,7 @@ impl Core {
             }
             other => other.map(|n| n as usize),
         };
-        let prompt = prompt_tokens(&model, req.input, req.raw).await?;
+        let prompt = prompt_tokens(&self.renderers, &model, req.input, req.raw).await?;
         if prompt.is_empty() {
             return Err(invalid(
                 "the prompt has no tokens (the chat template rendered nothing?)".into(),

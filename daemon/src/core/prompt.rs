@@ -7,12 +7,14 @@ use egpu_engine::chat::ChatMessage;
 use egpu_engine::tokenizer::Tokenizer;
 
 use super::requests::PromptInput;
+use super::templates::{RenderFailure, TemplateRenderers};
 use crate::error::DaemonError;
 use crate::residency::Resident;
 
 /// The prompt's tokens: raw text as it is (with the model's BOS when it wants one), or the
 /// conversation rendered by the model's chat template (which writes its own special tokens).
 pub async fn prompt_tokens(
+    renderers: &TemplateRenderers,
     model: &Resident,
     input: Option<PromptInput>,
     raw: bool,
@@ -29,10 +31,14 @@ pub async fn prompt_tokens(
         }
         Some(PromptInput::Messages(m)) => m,
     };
-    let text = model
-        .template
-        .render(&messages, true)
-        .map_err(|e| DaemonError::InvalidArgument(format!("the chat template failed: {e}")))?;
+    // In a renderer process: the template comes from the model file and may be hostile.
+    let text = renderers
+        .render(&model.template, messages, true)
+        .await
+        .map_err(|e| match e {
+            RenderFailure::Unavailable(_) => DaemonError::Internal(e.to_string()),
+            _ => DaemonError::InvalidArgument(format!("the chat template failed: {e}")),
+        })?;
     // Templates usually write the BOS themselves; one that does not (the ChatML fallback)
     // still gets it when the model wants one, and never twice.
     encode_off_runtime(model.tokenizer.clone(), text).await

@@ -77,6 +77,17 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// conversations of some 200,000 messages, while a runaway template stops within a few seconds.
 const RENDER_FUEL: u64 = 20_000_000;
 
+/// The most text one render may write. A prompt longer than this would not fit any context egpu
+/// serves (the daemon admits at most 16 MiB of input), and without a bound a loop printing a
+/// large string writes until memory runs out, each iteration well inside the fuel.
+pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// The largest width, count or indent a template may pass to a filter that allocates that much
+/// at once (`indent`, `tojson(indent=...)`, `batch`, `slice`). Real templates pass single digits;
+/// `indent(2**62)` would otherwise ask the allocator for exabytes in one step, and a failed
+/// allocation aborts the process rather than failing the render.
+pub const MAX_FILTER_WIDTH: usize = 4096;
+
 /// Gemma 3's instruct template as published with the Hugging Face checkpoints (the fixture
 /// test checks it renders as transformers renders it).
 const GEMMA_SOURCE: &str = include_str!("gemma3.jinja");
@@ -137,6 +148,9 @@ pub enum ChatTemplateError {
     /// There were no messages to render; transformers refuses these too.
     #[error("cannot render an empty conversation: give at least one message")]
     EmptyConversation,
+    /// Rendering wrote more than [`MAX_RENDERED_BYTES`].
+    #[error("chat template output passed {limit} bytes")]
+    TooLong { limit: usize },
     /// The model file's chat metadata is malformed: a template that is not a string, or a bos
     /// or eos token id outside the vocabulary.
     #[error("model metadata: {0}")]
@@ -328,9 +342,56 @@ impl ChatTemplate {
             tools => Value::from(()),
             documents => Value::from(()),
         };
-        template
-            .render(context)
-            .map_err(|err| classify_render_error(&err))
+        let mut out = BoundedText::new(MAX_RENDERED_BYTES);
+        match template.render_captured_to(context, &mut out) {
+            Ok(_) => Ok(out.into_string()),
+            Err(_) if out.overflowed => Err(ChatTemplateError::TooLong {
+                limit: MAX_RENDERED_BYTES,
+            }),
+            Err(err) => Err(classify_render_error(&err)),
+        }
+    }
+}
+
+/// Rendered text that refuses to grow past a limit: the write that would pass it fails, which
+/// stops minijinja at once.
+struct BoundedText {
+    bytes: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl BoundedText {
+    fn new(limit: usize) -> BoundedText {
+        BoundedText {
+            bytes: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+
+    fn into_string(self) -> String {
+        // minijinja writes only whole `str`s, so the bytes are UTF-8; lossy conversion costs a
+        // scan but cannot fail.
+        match String::from_utf8(self.bytes) {
+            Ok(text) => text,
+            Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
+        }
+    }
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("chat template output too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -347,6 +408,9 @@ fn transformers_environment() -> Environment<'static> {
     env.set_unknown_method_callback(python_method);
     env.add_filter("tojson", python::tojson);
     env.add_filter("trim", trim_filter);
+    env.add_filter("indent", bounded_indent);
+    env.add_filter("batch", bounded_batch);
+    env.add_filter("slice", bounded_slice);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env
@@ -397,6 +461,55 @@ fn trim_filter(value: &Value, chars: Option<&str>) -> String {
         _ => python::python_str(value),
     };
     python::strip(&text, chars, python::StripSide::Both).to_owned()
+}
+
+/// Refuses a size argument past [`MAX_FILTER_WIDTH`] before a filter allocates it.
+pub(crate) fn check_width(filter: &str, width: usize) -> Result<(), minijinja::Error> {
+    if width > MAX_FILTER_WIDTH {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("{filter}: {width} is more than the {MAX_FILTER_WIDTH} egpu allows"),
+        ));
+    }
+    Ok(())
+}
+
+/// Jinja's `indent`, with its width bounded.
+fn bounded_indent(
+    value: minijinja::value::StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<Value, minijinja::Error> {
+    let width_or_keyword = match width {
+        Some(width) => Some(width),
+        None => kwargs.peek::<Option<usize>>("width")?,
+    };
+    check_width("indent", width_or_keyword.unwrap_or(0))?;
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
+/// Jinja's `batch`, with its count bounded.
+fn bounded_batch(
+    state: &minijinja::State,
+    value: Value,
+    count: usize,
+    fill_with: Option<Value>,
+) -> Result<Value, minijinja::Error> {
+    check_width("batch", count)?;
+    minijinja::filters::batch(state, value, count, fill_with)
+}
+
+/// Jinja's `slice`, with its count bounded.
+fn bounded_slice(
+    state: &minijinja::State,
+    value: Value,
+    count: usize,
+    fill_with: Option<Value>,
+) -> Result<Value, minijinja::Error> {
+    check_width("slice", count)?;
+    minijinja::filters::slice(state, value, count, fill_with)
 }
 
 /// transformers' `raise_exception`: aborts rendering with the template's message.
@@ -647,6 +760,55 @@ mod tests {
             .collect();
         let text = ChatTemplate::fallback().render(&long, true).unwrap();
         assert!(text.ends_with("message 19999<|im_end|>\n<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn output_is_bounded() {
+        // 100 MB strings are what minijinja's own repeat allows; printing one in a loop used to
+        // write until memory ran out, each iteration well inside the fuel.
+        let flood =
+            "{% set a = 'x' * 1000000 %}{% for i in range(100000) %}{{ a ~ i }}{% endfor %}";
+        let err = render(flood, &[ChatMessage::user("a")]).unwrap_err();
+        assert_eq!(
+            err,
+            ChatTemplateError::TooLong {
+                limit: MAX_RENDERED_BYTES
+            }
+        );
+    }
+
+    #[test]
+    fn sizes_passed_to_filters_are_bounded() {
+        for source in [
+            "{{ messages | tojson(indent=4611686018427387904) }}",
+            "{{ messages[0].content | indent(4611686018427387904) }}",
+            "{{ messages[0].content | indent(width=4611686018427387904) }}",
+            "{{ messages | batch(4611686018427387904) | list }}",
+            "{{ messages | slice(4611686018427387904) | list }}",
+        ] {
+            let err = render(source, &[ChatMessage::user("a\nb")]).unwrap_err();
+            assert!(
+                matches!(err, ChatTemplateError::Render(ref text) if text.contains("more than the 4096")),
+                "{source}: {err:?}"
+            );
+        }
+        // Ordinary sizes still work as Jinja's.
+        assert_eq!(
+            render(
+                "{{ messages[0].content | indent(2) }}",
+                &[ChatMessage::user("a\nb")]
+            )
+            .unwrap(),
+            "a\n  b"
+        );
+        assert_eq!(
+            render(
+                "{{ [1, 2, 3] | batch(2) | list }}",
+                &[ChatMessage::user("a")]
+            )
+            .unwrap(),
+            "[[1, 2], [3]]"
+        );
     }
 
     #[test]

@@ -211,7 +211,11 @@ pub(crate) fn tojson(
             Some(if v.is_true() { " " } else { "" }.to_owned())
         }
         Some(v) => match v.as_i64() {
-            Some(n) => Some(" ".repeat(n.max(0) as usize)),
+            Some(n) => {
+                let width = usize::try_from(n.max(0)).unwrap_or(usize::MAX);
+                super::check_width("tojson indent", width)?;
+                Some(" ".repeat(width))
+            }
             None => {
                 return Err(invalid(format!(
                     "tojson indent must be an int or a string, not {v}"
