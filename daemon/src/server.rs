@@ -23,6 +23,8 @@ use crate::residency::{Residency, ResidencySettings};
 use crate::state::StateStore;
 
 /// How long open streams get to end after a shutdown signal before egpud exits anyway.
+/// How long a shutdown waits for runners before it kills the tinygrad worker under them.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` completes, then ends every stream with UNAVAILABLE and returns.
@@ -133,10 +135,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);
     let signal_residency = residency.clone();
+    let signal_worker = worker.clone();
     let serve_shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: ending open streams");
-        signal_residency.shutdown().await;
+        // Runners end at their next step; one waiting on a tinygrad step that does not come
+        // back would hold the exit for the step timeout (minutes). After a short grace the
+        // worker is killed, which fails that step at once: the device is being let go anyway.
+        let drain = signal_residency.shutdown();
+        tokio::pin!(drain);
+        if tokio::time::timeout(WORKER_STOP_GRACE, &mut drain)
+            .await
+            .is_err()
+        {
+            if let Some(worker) = &signal_worker {
+                tracing::warn!(
+                    "runners still busy after {WORKER_STOP_GRACE:?}: stopping the tinygrad worker"
+                );
+                worker.shutdown();
+            }
+            drain.await;
+        }
         http_stop_tx.send_replace(true);
         let _ = stop_tx.send(());
     };

@@ -138,6 +138,15 @@ impl TestDaemon {
     /// worker/.venv), plus extra flags; returns once egpud listens (the worker may still be
     /// starting: see [`TestDaemon::wait_for_log`]).
     pub fn start_tinygrad(dev: &str, extra_args: &[&str]) -> TestDaemon {
+        Self::start_tinygrad_with_env(dev, extra_args, &[])
+    }
+
+    /// [`TestDaemon::start_tinygrad`] with extra environment for egpud and its worker.
+    pub fn start_tinygrad_with_env(
+        dev: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("egpu-e2e-")
             .tempdir()
@@ -157,15 +166,10 @@ impl TestDaemon {
         // unrolls): slower kernels, the same math up to f32 summation order. GPUs keep the
         // defaults.
         let noopt = if dev == "CPU" { "1" } else { "0" };
-        Self::spawn_with_env(
-            dir,
-            socket,
-            &state_dir,
-            &models_dir(),
-            &args,
-            &[("DEV", dev), ("NOOPT", noopt)],
-        )
-        .expect("egpud did not start")
+        let mut vars = vec![("DEV", dev), ("NOOPT", noopt)];
+        vars.extend_from_slice(env);
+        Self::spawn_with_env(dir, socket, &state_dir, &models_dir(), &args, &vars)
+            .expect("egpud did not start")
     }
 
     /// Starts egpud on a models folder of the test's own (not the shared real one), with extra

@@ -13,7 +13,7 @@
 //! token wherever the CPU's top two are more than [`CLEAR_GAP`] apart.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use egpu_e2e::v1::egpu_client::EgpuClient;
 use egpu_e2e::v1::{self as pb};
@@ -516,4 +516,108 @@ async fn a_load_sent_while_the_worker_starts_waits_for_it() {
     .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log_text()));
     assert_eq!(info.backend, "tinygrad");
     assert!(daemon.log_count(WORKER_READY) >= 1);
+}
+
+/// Whether process `pid` still exists.
+fn alive(pid: u32) -> bool {
+    rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid as i32).expect("pid"))
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_stuck_on_the_device_thread_is_a_lost_device_not_a_hang() {
+    // The worker's device thread hangs in Unload (a wedged driver) while its gRPC threads,
+    // heartbeats included, keep answering: only the call's own deadline can tell.
+    let daemon = TestDaemon::start_tinygrad_with_env(
+        &dev(),
+        &["--worker-step-timeout", "3s"],
+        &[("EGPU_WORKER_STALL", "Unload")],
+    );
+    assert!(daemon.wait_for_log(WORKER_READY, 1, WORKER_START));
+    let mut client = daemon.client().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = synthetic(dir.path(), "Q8_0");
+    load_on(&mut client, &path, "stuck", "tinygrad", 64, 1, false)
+        .await
+        .expect("load");
+    let pid = tinygrad_backend(&status(&mut client).await).pid;
+    let started = Instant::now();
+    let unload = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.unload(pb::UnloadRequest {
+            name: "stuck".into(),
+            force: false,
+        }),
+    )
+    .await
+    .expect("Unload hung on the stuck device thread");
+    unload.expect("unload");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        daemon.wait_for_log("an unload took longer than", 1, Duration::from_secs(30)),
+        "{}",
+        daemon.log_text()
+    );
+    // The wedged worker is replaced, and the new one serves.
+    assert!(
+        daemon.wait_for_log(WORKER_READY, 2, WORKER_START),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(!alive(pid), "the stuck worker {pid} is still alive");
+    let tg = tinygrad_backend(&status(&mut client).await);
+    assert_eq!(tg.state, "ready");
+    assert_ne!(tg.pid, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_seconds_while_the_device_thread_is_stuck() {
+    // The default step timeout (3 minutes) stays: the exit must not wait for it.
+    let mut daemon =
+        TestDaemon::start_tinygrad_with_env(&dev(), &[], &[("EGPU_WORKER_STALL", "Step")]);
+    assert!(daemon.wait_for_log(WORKER_READY, 1, WORKER_START));
+    let mut client = daemon.client().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = synthetic(dir.path(), "Q8_0");
+    load_on(&mut client, &path, "stuck", "tinygrad", 64, 1, false)
+        .await
+        .expect("load");
+    let pid = tinygrad_backend(&status(&mut client).await).pid;
+    let mut stream_client = daemon.client().await;
+    let stream =
+        tokio::spawn(async move { generate(&mut stream_client, greedy("stuck", "abc", 3)).await });
+    assert!(
+        daemon.wait_for_log(
+            "the device thread hangs in Step",
+            1,
+            Duration::from_secs(60)
+        ),
+        "{}",
+        daemon.log_text()
+    );
+    let started = Instant::now();
+    let exit = daemon.terminate();
+    assert!(exit.success(), "{exit:?}\n{}", daemon.log_text());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
+    // The stream ended (with an error), and the worker went with egpud.
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream)
+        .await
+        .expect("the stream did not end");
+    assert!(ended.unwrap().is_err());
+    let gone = Instant::now();
+    while alive(pid) {
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "the worker {pid} outlived egpud"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -50,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
 
   def on_device(fn, *args):
     return device_thread.submit(fn, *args).result()
+
+  # Fault injection for egpud's tests: EGPU_WORKER_STALL=Unload (or Step, Load; comma-separated)
+  # makes the device thread hang in that call as a wedged driver would, while the gRPC threads
+  # (and so heartbeats) keep answering. egpud must notice by the call's deadline alone.
+  stall_on = set(filter(None, os.environ.get("EGPU_WORKER_STALL", "").split(",")))
+
+  def maybe_stall(call: str) -> None:  # on the device thread
+    if call in stall_on:
+      print(f"egpu-worker: EGPU_WORKER_STALL: the device thread hangs in {call}", file=sys.stderr, flush=True)
+      threading.Event().wait()
 
   def open_device():
     # tinygrad reads DEV and the cache location at import time: import it only now, there.
@@ -123,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
       config = Config.from_engine(json.loads(request.config_json))
 
       def load():
+        maybe_stall("Load")
         model = load_model(request.path, ctx=request.context, slots=request.slots, config=config)
         publish(with_free=True)
         return model
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
       before = model.memory_bytes()
 
       def unload(model):
+        maybe_stall("Unload")
         model.close()
         del model
         gc.collect()
@@ -159,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
       items = [StepItem(slot=i.slot, start_pos=i.start_pos, tokens=list(i.tokens), logits=logits_kind[i.logits])
                for i in request.items]
       def step():
+        maybe_stall("Step")
         out = model.step(items)
         publish(with_free=False)  # the driver's free figure can cost a call; refreshed on load/unload
         return out
@@ -185,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
   # egpud holds our stdin; end of file means it is gone (even if it was SIGKILLed).
   sys.stdin.buffer.read()
   server.stop(grace=None)
-  return 0
+  # Not a normal return: interpreter exit joins the device thread, and a device thread stuck in
+  # the driver would then keep this process, and the device, forever after egpud is gone.
+  sys.stdout.flush(); sys.stderr.flush()
+  os._exit(0)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 
 use super::wire::{
-    LoadedOnWorker, RpcError, RpcFailure, StepItem, StepReply, Unloaded, WorkerDevice, WorkerRpc,
+    LoadedOnWorker, RpcError, RpcFailure, StepItem, StepReply, WorkerDevice, WorkerRpc,
 };
 use crate::error::DaemonError;
 use crate::metrics::Metrics;
@@ -528,28 +528,39 @@ impl WorkerLink {
     }
 
     /// Frees a model on the device and waits until the worker did. Blocks the calling
-    /// thread, or, on a runtime thread, runs in the background.
-    pub fn unload(&self, model_id: u64) {
+    /// thread, or, on a runtime thread, runs in the background. Like every call it has a
+    /// deadline (`--worker-step-timeout`): a device thread stuck in tinygrad must not hold an
+    /// unload, an eviction or a shutdown forever, so a missed deadline is a lost device and
+    /// the worker is replaced (which frees everything it held).
+    pub fn unload(self: &Arc<Self>, model_id: u64) {
         if self.is_lost() {
             return;
         }
-        let rpc = self.rpc.clone();
-        let call = async move { rpc.unload(model_id).await };
-        let report = move |result: Result<Unloaded, RpcError>| match result {
-            Ok(unloaded) => tracing::info!(
-                model_id,
-                freed = unloaded.bytes_freed,
-                allocated = unloaded.allocated_bytes,
-                "worker freed a model"
-            ),
-            Err(err) => {
-                tracing::warn!(model_id, cause = %err.message, "worker unload failed")
+        let link = self.clone();
+        let timeout = self.step_timeout;
+        let call = async move {
+            match tokio::time::timeout(timeout, link.rpc.unload(model_id)).await {
+                Ok(Ok(unloaded)) => tracing::info!(
+                    model_id,
+                    freed = unloaded.bytes_freed,
+                    allocated = unloaded.allocated_bytes,
+                    "worker freed a model"
+                ),
+                Ok(Err(err)) => {
+                    tracing::warn!(model_id, cause = %err.message, "worker unload failed")
+                }
+                Err(_) => {
+                    let lost = link.give_up(format!(
+                        "an unload took longer than {timeout:?} (--worker-step-timeout)"
+                    ));
+                    tracing::error!(model_id, cause = %lost, "worker unload timed out");
+                }
             }
         };
         if Handle::try_current().is_ok() {
-            self.runtime.spawn(async move { report(call.await) });
+            self.runtime.spawn(call);
         } else {
-            report(self.runtime.block_on(call));
+            self.runtime.block_on(call);
         }
     }
 }
