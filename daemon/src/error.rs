@@ -34,6 +34,19 @@ pub enum DaemonError {
         budget: u64,
         holders: String,
     },
+    #[error(
+        "{model}: one sentence at {beams} beams and {length} tokens needs {needed} bytes of \
+         working memory; the model reserved {reserved} at load and the budget has {spare} more \
+         free; lower num_beams or max_tokens, or load {model} with more slots"
+    )]
+    TranslationTooLarge {
+        model: String,
+        beams: usize,
+        length: usize,
+        needed: u64,
+        reserved: u64,
+        spare: u64,
+    },
     #[error("{model}: queue full ({limit} requests waiting); retry later")]
     QueueFull { model: String, limit: usize },
     #[error("{model} is busy ({active} active, {queued} queued); use force to unload anyway")]

@@ -224,7 +224,9 @@ pub fn outcome(err: &DaemonError) -> &'static str {
             "invalid_argument"
         }
         DaemonError::NameTaken { .. } => "name_taken",
-        DaemonError::OverBudget { .. } | DaemonError::DeviceOutOfMemory(_) => "over_budget",
+        DaemonError::OverBudget { .. }
+        | DaemonError::TranslationTooLarge { .. }
+        | DaemonError::DeviceOutOfMemory(_) => "over_budget",
         DaemonError::QueueFull { .. } => "queue_full",
         DaemonError::Busy { .. } => "busy",
         DaemonError::Unloaded(_) => "unloaded",

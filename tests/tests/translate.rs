@@ -389,3 +389,77 @@ async fn a_forced_unload_ends_a_running_translation_at_once() {
         "the translation ran on for {took:?} of a {full:.0} ms job"
     );
 }
+
+/// A request far past the working memory the model reserved at load (its `slots` sentences at
+/// its own settings) runs in passes that fit it, with the same results as one sentence at a
+/// time; a single sentence that needs more than the budget has free is refused up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translation_memory_stays_inside_the_reservation_and_the_budget() {
+    let sources = strings(&reference()["beam"]["sources"]);
+    let texts: Vec<String> = sources.iter().cycle().take(12).cloned().collect();
+    let one_slot = || pb::LoadRequest {
+        slots: 1,
+        ..load_request(fixture("tiny-marian"), "mt", "")
+    };
+    let request = |texts: &[String], beams: u32, max_tokens: u32| pb::TranslateRequest {
+        max_tokens,
+        ..translate_request("mt", texts, beams)
+    };
+
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let mut client = daemon.client().await;
+    let info = load(&mut client, one_slot()).await.unwrap();
+    let reserved = info.bytes_estimated;
+    let together = client
+        .translate(request(&texts, 16, 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        daemon.wait_for_log(
+            "translating in passes",
+            1,
+            std::time::Duration::from_secs(5)
+        ),
+        "{}",
+        daemon.log_text()
+    );
+    for (text, got) in texts.iter().zip(&together.translations) {
+        let alone = client
+            .translate(request(std::slice::from_ref(text), 16, 20))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(alone.translations[0].token_ids, got.token_ids, "{text}");
+        assert_eq!(alone.translations[0].score, got.score, "{text}");
+    }
+    // The borrowed working memory went back once the job ended.
+    let after = status(&mut client).await.models[0].clone();
+    assert!(after.bytes <= reserved, "{} > {reserved}", after.bytes);
+    drop(daemon);
+
+    // A budget with the model's reservation and barely more: 16 beams to the longest output
+    // need more than the model reserved and more than is free.
+    let budget = (reserved + 1000).to_string();
+    let daemon = TestDaemon::start_with_models(models.path(), &["--memory-budget", &budget], &[]);
+    let mut client = daemon.client().await;
+    load(&mut client, one_slot()).await.unwrap();
+    let err = client
+        .translate(request(&texts[..1], 16, 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("working memory"),
+        "{}",
+        err.message()
+    );
+    // The model's own settings still translate, many sentences at once.
+    let fine = client
+        .translate(translate_request("mt", &texts, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fine.translations.len(), texts.len());
+}

@@ -113,6 +113,58 @@ pub fn marian_estimate(file: &GgufFile, batch: u64) -> Result<Estimate, MarianEr
     })
 }
 
+/// What a translation's working memory costs on one Marian model: the caches and scratch
+/// [`batch_memory`] counts, per sentence at a request's beams and length, against what the
+/// model reserved at load (its `slots` sentences at its own generation settings).
+#[derive(Debug, Clone)]
+pub struct TranslationCosts {
+    config: MarianConfig,
+    defaults: SearchSettings,
+    /// Working bytes the load estimate reserved beside the weights.
+    pub reserved: u64,
+}
+
+impl TranslationCosts {
+    pub fn of(file: &GgufFile, batch: u64) -> Result<TranslationCosts, MarianError> {
+        let config = MarianConfig::from_metadata(file.metadata())?;
+        let defaults = SearchSettings::from_metadata(file.metadata(), &config);
+        let (kv_cache, scratch) = batch_memory(&config, &defaults, batch);
+        Ok(TranslationCosts {
+            config,
+            defaults,
+            reserved: kv_cache.saturating_add(scratch),
+        })
+    }
+
+    /// The beams and decoder length a request gets (0 = the model's own), as the search
+    /// will clamp them.
+    pub fn resolve(&self, num_beams: usize, max_tokens: usize) -> (usize, usize) {
+        let beams = if num_beams > 0 {
+            num_beams
+        } else {
+            self.defaults.num_beams
+        };
+        // max_length counts the decoder start token.
+        let length = if max_tokens > 0 {
+            max_tokens.saturating_add(1)
+        } else {
+            self.defaults.max_length
+        };
+        (beams.max(1), length.clamp(2, self.config.max_positions))
+    }
+
+    /// Working bytes of one sentence translated with `beams` beams up to `length` tokens.
+    pub fn per_sentence(&self, beams: usize, length: usize) -> u64 {
+        let settings = SearchSettings {
+            num_beams: beams,
+            max_length: length,
+            ..self.defaults.clone()
+        };
+        let (kv_cache, scratch) = batch_memory(&self.config, &settings, 1);
+        kv_cache.saturating_add(scratch)
+    }
+}
+
 /// Progress of a load, reported as it happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {

@@ -444,16 +444,58 @@ impl Core {
                 )));
             }
         }
+        let (sentences_per_pass, working_memory) =
+            self.translation_memory(&model, req.num_beams as usize, req.max_tokens as usize)?;
         let span = tracing::info_span!("translate", model = %model.name, client = %caller.client.name, texts = sources.len());
         let (reply, response) = oneshot::channel();
         let job = TranslateJob {
             sources,
             num_beams: req.num_beams as usize,
             max_tokens: req.max_tokens as usize,
+            sentences_per_pass,
+            working_memory,
             reply,
         };
         submit(&model, caller, Job::Translate(job), span)?;
         Ok((response, model))
+    }
+
+    /// How a translation's working memory stays inside the budget: sentences go through in
+    /// passes that fit what the model reserved at load (a request of 256 texts at 16 beams is
+    /// far past it); a single sentence that needs more than that borrows the difference from
+    /// the budget's free bytes for the job's length, or is refused when they are not there.
+    fn translation_memory(
+        &self,
+        model: &Arc<Resident>,
+        num_beams: usize,
+        max_tokens: usize,
+    ) -> Result<(usize, Option<Box<dyn std::any::Any + Send>>), DaemonError> {
+        let Some(costs) = &model.translation else {
+            return Err(DaemonError::Internal(format!(
+                "{} has no translation costs",
+                model.name
+            )));
+        };
+        let (beams, length) = costs.resolve(num_beams, max_tokens);
+        let one = costs.per_sentence(beams, length).max(1);
+        if one <= costs.reserved {
+            return Ok(((costs.reserved / one) as usize, None));
+        }
+        let weights = model.estimate.total.saturating_sub(costs.reserved);
+        match self
+            .residency
+            .grow_working(model, weights.saturating_add(one))
+        {
+            Ok(grant) => Ok((1, Some(Box::new(grant)))),
+            Err(spare) => Err(DaemonError::TranslationTooLarge {
+                model: model.name.clone(),
+                beams,
+                length,
+                needed: one,
+                reserved: costs.reserved,
+                spare,
+            }),
+        }
     }
 
     pub async fn tokenize(

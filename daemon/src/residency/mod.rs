@@ -38,7 +38,7 @@ use tokio::sync::{watch, Notify};
 use crate::backend::tinygrad::{Worker, WorkerLink, WorkerPhase};
 use crate::backend::{
     self, BackendKind, ComputeTurns, CpuModel, DecoderModel, Estimate, LoadedModel, MarianCpu,
-    ModelSpec, Progress, TinygradModel,
+    ModelSpec, Progress, TinygradModel, TranslationCosts,
 };
 use crate::error::DaemonError;
 use crate::metrics::{self, LoadLabels, Metrics};
@@ -208,7 +208,22 @@ pub struct Resident {
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
     pub queue: Arc<ModelQueue>,
+    /// For a translation model: what its translations' working memory costs.
+    pub translation: Option<TranslationCosts>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Working memory a job holds beyond its model's reservation; given back on drop.
+#[derive(Debug)]
+pub struct WorkingGrant {
+    queue: Arc<ModelQueue>,
+    before: u64,
+}
+
+impl Drop for WorkingGrant {
+    fn drop(&mut self) {
+        self.queue.set_memory_bytes(self.before);
+    }
 }
 
 impl Resident {
@@ -496,6 +511,33 @@ impl Residency {
                 _ => None,
             })
             .sum()
+    }
+
+    /// Lets `model` hold `holding` bytes in all (weights and working memory) while one job
+    /// runs, if the budget has them free now without evicting anything; the grant gives the
+    /// bytes back when dropped. Checked and counted under the table's lock, so two grants or
+    /// a grant and a load cannot both take the same free bytes. Err carries the bytes free.
+    pub fn grow_working(&self, model: &Arc<Resident>, holding: u64) -> Result<WorkingGrant, u64> {
+        let entries = self.entries.lock();
+        let others: u64 = entries
+            .iter()
+            .filter(|(name, e)| e.backend() == model.backend && **name != model.name)
+            .map(|(name, e)| e.holder(name).reserved)
+            .sum();
+        let mine = model.reserved();
+        // Jobs that grow their working memory (translations) run on the CPU backend only,
+        // whose budget is egpud's own.
+        let budget = self.settings.budget;
+        let spare = budget.saturating_sub(others.saturating_add(mine));
+        if holding > mine && holding - mine > spare {
+            return Err(spare);
+        }
+        let before = model.queue.memory_bytes();
+        model.queue.set_memory_bytes(holding);
+        Ok(WorkingGrant {
+            queue: model.queue.clone(),
+            before,
+        })
     }
 
     /// A ready model by name.
@@ -936,6 +978,17 @@ impl Residency {
             });
         }
 
+        let translation = match kind {
+            ModelKind::Translator => Some(
+                TranslationCosts::of(&header, spec.slots as u64).map_err(|e| {
+                    DaemonError::BadModelFile {
+                        path: spec.path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?,
+            ),
+            ModelKind::Decoder => None,
+        };
         let tokenizer = Arc::new(tokenizer);
         let queue = Arc::new(ModelQueue::new(
             name.clone(),
@@ -961,6 +1014,7 @@ impl Residency {
             tokenizer: tokenizer.clone(),
             template,
             queue: queue.clone(),
+            translation,
             thread: Mutex::new(None),
         });
         let turns = self.turns.clone();

@@ -67,6 +67,12 @@ pub struct TranslateJob {
     pub num_beams: usize,
     /// Most output tokens; 0 = the model's.
     pub max_tokens: usize,
+    /// Sentences translated together in one pass: as many as the working memory the model
+    /// may use allows (the core computes it from the budget).
+    pub sentences_per_pass: usize,
+    /// Held until the job is done: extra working memory counted against the budget, given
+    /// back on drop (the residency manager's grant, opaque down here).
+    pub working_memory: Option<Box<dyn std::any::Any + Send>>,
     pub reply: oneshot::Sender<Result<TranslateResult, DaemonError>>,
 }
 
@@ -246,6 +252,12 @@ impl ModelQueue {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory.load(Ordering::Relaxed)
+    }
+
+    /// Sets what the model holds now (the residency manager grows it for a translation whose
+    /// working memory passes the load's reservation, and shrinks it back after).
+    pub fn set_memory_bytes(&self, bytes: u64) {
+        self.memory.store(bytes, Ordering::Relaxed);
     }
 
     /// Asks the runner to end, unless the model is busy and `force` is false.

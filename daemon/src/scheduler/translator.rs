@@ -103,10 +103,34 @@ fn run_translation(
         }
         !reply.is_closed()
     };
-    // Passing the compute turns lends the thread pool pass by pass (`PoolAccess`).
-    let result = translator
-        .model()
-        .translate(turns, &job.sources, &settings, &mut keep_going);
+    // Passing the compute turns lends the thread pool pass by pass (`PoolAccess`). Sentences
+    // are independent, so passes of `sentences_per_pass` give what one batch would, in the
+    // working memory the core allowed.
+    let per_pass = job.sentences_per_pass.max(1);
+    if job.sources.len() > per_pass {
+        tracing::info!(
+            sentences = job.sources.len(),
+            per_pass,
+            "translating in passes that fit the model's working memory"
+        );
+    }
+    let mut result = Ok(Some(Vec::with_capacity(job.sources.len())));
+    for pass in job.sources.chunks(per_pass) {
+        let done = translator
+            .model()
+            .translate(turns, pass, &settings, &mut keep_going);
+        result = match (result, done) {
+            (Ok(Some(mut all)), Ok(Some(more))) => {
+                all.extend(more);
+                Ok(Some(all))
+            }
+            (_, other) => other,
+        };
+        if !matches!(result, Ok(Some(_))) {
+            break;
+        }
+    }
+    drop(job.working_memory);
     let outcome = match result {
         Ok(Some(hypotheses)) => Ok(TranslateResult {
             translations: hypotheses

@@ -31,6 +31,7 @@ pub fn status(err: DaemonError) -> Status {
         | DaemonError::UnsupportedBackend { .. } => Code::InvalidArgument,
         DaemonError::NameTaken { .. } => Code::AlreadyExists,
         DaemonError::OverBudget { .. }
+        | DaemonError::TranslationTooLarge { .. }
         | DaemonError::QueueFull { .. }
         | DaemonError::DeviceOutOfMemory(_) => Code::ResourceExhausted,
         DaemonError::Busy { .. } => Code::FailedPrecondition,

@@ -85,9 +85,9 @@ impl ApiError {
             DaemonError::NameTaken { .. } => (StatusCode::CONFLICT, "name_taken"),
             DaemonError::Busy { .. } => (StatusCode::CONFLICT, "model_busy"),
             DaemonError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
-            DaemonError::OverBudget { .. } | DaemonError::DeviceOutOfMemory(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "over_budget")
-            }
+            DaemonError::OverBudget { .. }
+            | DaemonError::TranslationTooLarge { .. }
+            | DaemonError::DeviceOutOfMemory(_) => (StatusCode::SERVICE_UNAVAILABLE, "over_budget"),
             DaemonError::Unloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
             DaemonError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_) => {
