@@ -71,6 +71,9 @@ pub struct ModelJson {
     pub backend: String,
     /// `"loading"` or `"ready"`.
     pub state: &'static str,
+    /// Why a waiting model is not loaded yet; absent otherwise.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
     pub quant_mix: Vec<QuantJson>,
 }
 
@@ -224,6 +227,7 @@ pub fn model(info: &ModelInfo) -> ModelJson {
         last_used_unix_ms: info.last_used_unix_ms,
         backend: info.backend.clone(),
         state: model_state(info.state),
+        detail: info.detail.clone(),
         quant_mix: info
             .quant_mix
             .iter()
@@ -241,6 +245,7 @@ pub fn model_state(state: i32) -> &'static str {
     match ModelState::try_from(state) {
         Ok(ModelState::Loading) => "loading",
         Ok(ModelState::Ready) => "ready",
+        Ok(ModelState::Waiting) => "waiting",
         Ok(ModelState::Unspecified) => "unspecified",
         Err(_) => "unknown",
     }
@@ -394,6 +399,7 @@ pub(crate) mod tests {
             parameters: 134_515_008,
             vocab_size: 49152,
             trained_context_length: 8192,
+            detail: String::new(),
         }
     }
 
@@ -494,6 +500,7 @@ pub(crate) mod tests {
     fn state_names() {
         assert_eq!(model_state(ModelState::Loading as i32), "loading");
         assert_eq!(model_state(ModelState::Ready as i32), "ready");
+        assert_eq!(model_state(ModelState::Waiting as i32), "waiting");
         assert_eq!(model_state(99), "unknown");
     }
 

@@ -93,6 +93,14 @@ pub fn render(response: &StatusResponse, now_ms: i64, bold: bool) -> String {
         })
         .collect();
     out.push_str(&format::table(&headers, &rows, bold));
+    for m in &response.models {
+        if m.state == egpu_proto::v1::ModelState::Waiting as i32 {
+            out.push_str(&format!(
+                "{} is waiting (egpud retries it; `egpuctl unload {}` gives it up): {}\n",
+                m.name, m.name, m.detail
+            ));
+        }
+    }
     out
 }
 

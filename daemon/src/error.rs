@@ -47,6 +47,8 @@ pub enum DaemonError {
         reserved: u64,
         spare: u64,
     },
+    #[error("{name} is pinned but not loaded yet ({reason}); egpud keeps retrying, or unload it to give it up")]
+    PinWaiting { name: String, reason: String },
     #[error("{model}: queue full ({limit} requests waiting); retry later")]
     QueueFull { model: String, limit: usize },
     #[error("{model} is busy ({active} active, {queued} queued); use force to unload anyway")]

@@ -211,44 +211,82 @@ async fn truncated_state_file_is_moved_aside() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pinned_model_whose_file_is_gone_is_dropped() {
+async fn a_pinned_model_whose_file_is_missing_waits_and_loads_once_it_is_back() {
     let root = tempfile::tempdir().unwrap();
     let socket = root.path().join("egpud.sock");
     let state_dir = root.path().join("state");
     std::fs::create_dir(&state_dir).unwrap();
-    let missing = root.path().join("deleted.gguf");
+    // A disk not mounted yet, a file being replaced: the pins must survive it.
+    let later = root.path().join("later.gguf");
+    let never = root.path().join("never.gguf");
+    let pin = |name: &str, source: &Path| {
+        serde_json::json!({"name": name, "source": source.display().to_string(),
+            "context_length": 256, "slots": 1, "keep_alive_ms": -1, "backend": "cpu"})
+    };
     let state = serde_json::json!({
         "version": 1,
-        "models": [
-            {"name": "vanished", "source": missing.display().to_string(),
-             "context_length": 256, "slots": 1, "keep_alive_ms": -1, "backend": "cpu"},
-            {"name": "alpha", "source": model_path(SMOLLM2).display().to_string(),
-             "context_length": 256, "slots": 1, "keep_alive_ms": -1, "backend": "cpu"},
-        ],
+        "models": [pin("later", &later), pin("never", &never), pin("alpha", &model_path(SMOLLM2))],
     });
     std::fs::write(state_dir.join("state.json"), state.to_string()).unwrap();
 
     let daemon = TestDaemon::start_with_state(&socket, &state_dir, &[]).expect("egpud starts");
     let mut client = daemon.client().await;
-    let log = wait_for_log(&daemon, "dropping it from the state file");
-    assert!(log.contains("vanished"), "{log}");
-    let start = Instant::now();
-    let ready = |st: &pb::StatusResponse| {
-        st.models.len() == 1
-            && st.models[0].name == "alpha"
-            && st.models[0].state == pb::ModelState::Ready as i32
+    wait_for_log(&daemon, "it stays pinned and egpud retries it");
+    let state_of = |st: &pb::StatusResponse, name: &str| {
+        st.models
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| (m.state, m.detail.clone()))
     };
-    while !ready(&status(&mut client).await) {
+    let st = status(&mut client).await;
+    let (state, detail) = state_of(&st, "later").expect("later listed");
+    assert_eq!(state, pb::ModelState::Waiting as i32);
+    assert!(detail.contains("later.gguf"), "{detail}");
+    // Requests name the wait, not an unknown model.
+    let err = generate(&mut client, greedy("later", "Hi", 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("not loaded yet"),
+        "{}",
+        err.message()
+    );
+    // Still in the state file.
+    let pinned = || {
+        let mut names = state_names(&state_json(&state_dir));
+        names.sort();
+        names
+    };
+    assert_eq!(pinned(), ["alpha", "later", "never"]);
+
+    // The file comes back: the next retry (1 s, 2 s, 4 s after the first failure) loads it.
+    std::fs::copy(tiny_fixture("tiny-llama31.gguf"), &later).unwrap();
+    let start = Instant::now();
+    while state_of(&status(&mut client).await, "later").map(|s| s.0)
+        != Some(pb::ModelState::Ready as i32)
+    {
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < Duration::from_secs(30),
             "{}",
             daemon.log_text()
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(state_names(&state_json(&state_dir)), ["alpha"]);
-    let out = generate(&mut client, greedy("alpha", "Hello", 2))
+    assert!(generate(&mut client, greedy("later", "Hi", 2))
+        .await
+        .unwrap()
+        .done
+        .is_some());
+
+    // Unloading a waiting pin gives it up: gone from Status and from the state file.
+    client
+        .unload(pb::UnloadRequest {
+            name: "never".into(),
+            force: false,
+        })
         .await
         .unwrap();
-    assert!(!out.token_ids.is_empty());
+    assert_eq!(state_of(&status(&mut client).await, "never"), None);
+    assert_eq!(pinned(), ["alpha", "later"]);
 }

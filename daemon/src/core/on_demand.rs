@@ -13,7 +13,7 @@ use super::{Core, GenerationStream};
 use crate::error::DaemonError;
 use crate::residency::catalog::{self, Source};
 use crate::residency::stores::Store;
-use crate::residency::{KeepAlive, LoadOptions, ModelInfo, Resident};
+use crate::residency::{KeepAlive, LoadOptions, ModelInfo, ModelState, Resident};
 
 /// What a request that loads a model on demand may ask of the load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -129,6 +129,8 @@ impl Core {
         let resident = self.residency.snapshot();
         let mut out: Vec<Available> = resident
             .iter()
+            // A waiting pin is not resident; its file, if it is there, is listed below.
+            .filter(|m| m.state != ModelState::Waiting)
             .map(|m| {
                 let file = files.iter().find(|f| f.file.path == m.source);
                 Available {

@@ -157,6 +157,9 @@ pub struct QuantShare {
 pub enum ModelState {
     Loading,
     Ready,
+    /// A pinned model that could not be loaded again (its file missing for now, the budget
+    /// full for now); egpud retries it with backoff until it loads or is unloaded.
+    Waiting,
 }
 
 /// A model as Status and the model lists show it.
@@ -185,6 +188,8 @@ pub struct ModelInfo {
     pub parameters: u64,
     pub vocab_size: usize,
     pub trained_context_length: Option<u64>,
+    /// Why a waiting pin is not loaded yet (the last attempt's error); empty otherwise.
+    pub detail: String,
 }
 
 /// A model that serves requests.
@@ -274,6 +279,7 @@ impl Resident {
             parameters: self.parameters,
             vocab_size: self.tokenizer.vocab_size(),
             trained_context_length: self.summary.context_length,
+            detail: String::new(),
         }
     }
 
@@ -422,6 +428,8 @@ pub struct Residency {
     /// The tinygrad backend's worker, when egpud runs one.
     worker: Option<Arc<Worker>>,
     metrics: Arc<Metrics>,
+    /// Pinned models that failed to load again at start, by name; see [`pins`].
+    waiting: Mutex<BTreeMap<String, pins::WaitingPin>>,
 }
 
 impl Residency {
@@ -440,6 +448,7 @@ impl Residency {
             shutting_down: AtomicBool::new(false),
             state: None,
             worker: None,
+            waiting: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -548,10 +557,16 @@ impl Residency {
             Some(Entry::Loading(_)) => Err(DaemonError::InvalidArgument(format!(
                 "{name} is still loading; wait for its load to finish"
             ))),
-            None => Err(DaemonError::UnknownModel {
-                name: name.to_owned(),
-                resident: list_names(&entries),
-            }),
+            None => match self.waiting.lock().get(name) {
+                Some(pin) => Err(DaemonError::PinWaiting {
+                    name: name.to_owned(),
+                    reason: pin.reason.clone(),
+                }),
+                None => Err(DaemonError::UnknownModel {
+                    name: name.to_owned(),
+                    resident: list_names(&entries),
+                }),
+            },
         }
     }
 
@@ -605,9 +620,17 @@ impl Residency {
                     parameters: 0,
                     vocab_size: 0,
                     trained_context_length: l.summary.context_length,
+                    detail: String::new(),
                 },
             })
             .collect();
+        let waiting = self.waiting.lock();
+        for (name, pin) in waiting.iter() {
+            if entries.contains_key(name) {
+                continue; // its retry is loading it now
+            }
+            models.push(pin.info(name));
+        }
         models.sort_by_key(|m| std::cmp::Reverse(m.last_used));
         models
     }
@@ -1073,10 +1096,19 @@ impl Residency {
                     )))
                 }
                 None => {
+                    // Unloading a waiting pin is how a user gives it up: no more retries, and
+                    // gone from the state file.
+                    if self.waiting.lock().remove(name).is_some() {
+                        if let Some(state) = &self.state {
+                            state.forget(name);
+                        }
+                        tracing::info!(model = %name, "waiting pin unloaded; no more retries");
+                        return Ok((0, 0));
+                    }
                     return Err(DaemonError::UnknownModel {
                         name: name.to_owned(),
                         resident: list_names(&entries),
-                    })
+                    });
                 }
             };
             let aborted = resident.queue.stop(StopReason::Unload, force)?;

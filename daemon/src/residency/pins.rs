@@ -1,9 +1,17 @@
 //! Pinned models across restarts: what the state file records of a resident model, and
 //! bringing the records back as loads when egpud (or the tinygrad worker) starts.
+//!
+//! A pin whose load fails at start is not dropped: the failure may be temporary (a disk not
+//! mounted yet, the budget full for a moment while other pins load, a file being replaced).
+//! It stays in the state file and shows in Status as waiting, with the error as its detail,
+//! and egpud tries again after 1 s, then 2 s, 4 s, ... up to every 5 minutes, until it loads
+//! or a client unloads it (the only way to give a pin up).
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use super::{KeepAlive, LoadOptions, LoadTicket, Residency, Resident};
+use super::{KeepAlive, LoadOptions, LoadTicket, ModelInfo, ModelState, Residency, Resident};
 use crate::backend::BackendKind;
 use crate::error::DaemonError;
 use crate::state::{PinnedModel, StateStore};
@@ -20,6 +28,49 @@ pub fn record(r: &Resident) -> PinnedModel {
             KeepAlive::For(d) => d.as_millis().min(i64::MAX as u128) as i64,
         }),
         backend: r.backend.as_str().into(),
+    }
+}
+
+/// The first wait before a failed pin is tried again; it doubles after each failure.
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between tries.
+pub const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// A pinned model that failed to load again, as Status shows it.
+#[derive(Debug, Clone)]
+pub struct WaitingPin {
+    pub record: PinnedModel,
+    /// The last attempt's error.
+    pub reason: String,
+    pub backend: BackendKind,
+    pub since: SystemTime,
+}
+
+impl WaitingPin {
+    pub fn info(&self, name: &str) -> ModelInfo {
+        ModelInfo {
+            name: name.to_owned(),
+            source: PathBuf::from(&self.record.source),
+            architecture: String::new(),
+            kind: egpu_engine::models::ModelKind::Decoder,
+            quant_mix: Vec::new(),
+            bytes: 0,
+            bytes_estimated: 0,
+            context_length: self.record.context_length as usize,
+            slots: self.record.slots as usize,
+            pinned: true,
+            keep_alive_expires: None,
+            active: 0,
+            queued: 0,
+            requests_served: 0,
+            last_used: self.since,
+            backend: self.backend,
+            state: ModelState::Waiting,
+            parameters: 0,
+            vocab_size: 0,
+            trained_context_length: None,
+            detail: self.reason.clone(),
+        }
     }
 }
 
@@ -78,29 +129,83 @@ pub async fn reload_pinned(
         match residency.start_load(load_options(&model)).await {
             Ok(LoadTicket::Resident(_)) => {}
             Ok(ticket @ LoadTicket::Pending { .. }) => pending.push((model, ticket)),
-            Err(err) => dropped(&store, &model, &err),
+            Err(err) => failed(&residency, model, backend, &err),
         }
     }
     for (model, ticket) in pending {
         match ticket.wait().await {
             Ok(_) => tracing::info!(model = %model.name, "pinned model resident again"),
-            Err(err) => dropped(&store, &model, &err),
+            Err(err) => failed(&residency, model, backend, &err),
         }
     }
 }
 
-fn dropped(store: &StateStore, model: &PinnedModel, err: &DaemonError) {
+/// A pin's load failed: unless egpud or its device is going away (the next start of either
+/// tries again anyway), it waits and is retried.
+fn failed(residency: &Arc<Residency>, model: PinnedModel, backend: BackendKind, err: &DaemonError) {
     if matches!(
         err,
         DaemonError::ShuttingDown | DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_)
     ) {
-        return; // still pinned: the next start (of egpud, or of the worker) tries again
+        return;
     }
     tracing::warn!(
         model = %model.name,
         source = %model.source,
         cause = %err,
-        "cannot reload a pinned model; dropping it from the state file"
+        retry_in = ?FIRST_RETRY,
+        "cannot reload a pinned model; it stays pinned and egpud retries it"
     );
-    store.forget_exactly(model);
+    let name = model.name.clone();
+    let fresh = {
+        let mut waiting = residency.waiting.lock();
+        let fresh = !waiting.contains_key(&name);
+        waiting.insert(
+            name.clone(),
+            WaitingPin {
+                record: model,
+                reason: err.to_string(),
+                backend,
+                since: SystemTime::now(),
+            },
+        );
+        fresh
+    };
+    // One retry loop per waiting name (a worker restart may report the same pin again).
+    if fresh {
+        tokio::spawn(retry(residency.clone(), name));
+    }
+}
+
+/// Tries a waiting pin again with backoff until it loads, is unloaded, or egpud stops.
+async fn retry(residency: Arc<Residency>, name: String) {
+    let mut wait = FIRST_RETRY;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(pin) = residency.waiting.lock().get(&name).cloned() else {
+            return; // unloaded: given up
+        };
+        let result = match residency.start_load(load_options(&pin.record)).await {
+            Ok(LoadTicket::Resident(_)) => Ok(()),
+            Ok(ticket @ LoadTicket::Pending { .. }) => ticket.wait().await.map(|_| ()),
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) => {
+                residency.waiting.lock().remove(&name);
+                tracing::info!(model = %name, "waiting pinned model resident again");
+                return;
+            }
+            Err(DaemonError::ShuttingDown) => return,
+            Err(err) => {
+                wait = (wait * 2).min(MAX_RETRY);
+                tracing::warn!(model = %name, cause = %err, retry_in = ?wait, "pinned model still cannot load");
+                let mut waiting = residency.waiting.lock();
+                match waiting.get_mut(&name) {
+                    Some(pin) => pin.reason = err.to_string(),
+                    None => return,
+                }
+            }
+        }
+    }
 }

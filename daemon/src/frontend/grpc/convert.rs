@@ -38,7 +38,8 @@ pub fn status(err: DaemonError) -> Status {
         DaemonError::Unloaded(_) => Code::Aborted,
         DaemonError::ShuttingDown
         | DaemonError::DeviceLost(_)
-        | DaemonError::DeviceUnavailable(_) => Code::Unavailable,
+        | DaemonError::DeviceUnavailable(_)
+        | DaemonError::PinWaiting { .. } => Code::Unavailable,
         DaemonError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         DaemonError::Internal(_) => Code::Internal,
     };
@@ -157,7 +158,9 @@ pub fn model_info(m: ModelInfo) -> pb::ModelInfo {
         state: match m.state {
             ModelState::Loading => pb::ModelState::Loading,
             ModelState::Ready => pb::ModelState::Ready,
+            ModelState::Waiting => pb::ModelState::Waiting,
         } as i32,
+        detail: m.detail,
         parameters: m.parameters,
         vocab_size: m.vocab_size as u32,
         trained_context_length: m.trained_context_length.unwrap_or(0) as u32,

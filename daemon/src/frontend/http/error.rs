@@ -90,9 +90,9 @@ impl ApiError {
             | DaemonError::DeviceOutOfMemory(_) => (StatusCode::SERVICE_UNAVAILABLE, "over_budget"),
             DaemonError::Unloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
             DaemonError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-            DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "device_lost")
-            }
+            DaemonError::DeviceLost(_)
+            | DaemonError::DeviceUnavailable(_)
+            | DaemonError::PinWaiting { .. } => (StatusCode::SERVICE_UNAVAILABLE, "device_lost"),
             DaemonError::DeadlineExceeded { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded")
             }
