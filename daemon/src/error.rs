@@ -61,6 +61,11 @@ pub enum DaemonError {
     InvalidArgument(String),
     #[error("the model {0} was unloaded while this request was running")]
     Unloaded(String),
+    #[error(
+        "the file of {0} was written in place while it was loaded, so egpud unloaded it; \
+         replace model files by renaming a new file over the old one"
+    )]
+    ModelFileChanged(String),
     #[error("egpud is shutting down")]
     ShuttingDown,
     #[error("deadline exceeded after {generated} generated tokens")]

@@ -229,7 +229,7 @@ pub fn outcome(err: &DaemonError) -> &'static str {
         | DaemonError::DeviceOutOfMemory(_) => "over_budget",
         DaemonError::QueueFull { .. } => "queue_full",
         DaemonError::Busy { .. } => "busy",
-        DaemonError::Unloaded(_) => "unloaded",
+        DaemonError::Unloaded(_) | DaemonError::ModelFileChanged(_) => "unloaded",
         DaemonError::ShuttingDown => "shutting_down",
         DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_) => "device_lost",
         DaemonError::PinWaiting { .. } => "unavailable",

@@ -121,6 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let residency = Arc::new(residency);
     let follow_worker = tokio::spawn(residency.clone().follow_worker());
     let keep_alive = tokio::spawn(residency.clone().run_keep_alive());
+    let watch_files = tokio::spawn(residency.clone().watch_files());
     // In the background: the socket answers while the pinned models load again.
     let reload = tokio::spawn(residency.clone().reload_pinned(BackendKind::Cpu));
     // Chat templates render in copies of this binary (core::templates says why).
@@ -181,6 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     }
     http_server.abort();
     keep_alive.abort();
+    watch_files.abort();
     reload.abort();
     residency.shutdown().await;
     follow_worker.abort();

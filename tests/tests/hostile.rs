@@ -329,3 +329,92 @@ async fn hostile_chat_templates_fail_their_request_and_nothing_else() {
     }
     assert!(daemon.log_count("panicked") == 0, "{}", daemon.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_written_in_place_while_loaded_is_unloaded_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    // SmolLM2: slow enough (hundreds of tokens a second) to be mid-stream when the file goes.
+    let original = std::fs::read(model_path(SMOLLM2)).unwrap();
+    let plain = write_file(dir.path(), "plain.gguf", &original);
+    let pinned = write_file(dir.path(), "pinned.gguf", &original);
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    for (name, path, pin) in [("plain", &plain, false), ("pinned", &pinned, true)] {
+        load(
+            &mut client,
+            pb::LoadRequest {
+                source: path.display().to_string(),
+                name: name.into(),
+                context_length: 1024,
+                slots: 1,
+                pin,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let mut streaming = daemon.client().await;
+    let long = pb::GenerateRequest {
+        stop_at_eos: Some(false),
+        ..greedy("plain", "abc", 900)
+    };
+    let running = tokio::spawn(async move { generate(&mut streaming, long).await });
+    // What `cp new.gguf plain.gguf` does: truncate the loaded file, then write (here only
+    // half of it, as if caught mid-copy). Reads of the lost pages used to raise SIGBUS.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&plain)
+        .unwrap();
+    std::io::Write::write_all(&mut &file, &original[..original.len() / 2]).unwrap();
+    drop(file);
+    let err = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the stream did not end")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains("written in place"),
+        "{}",
+        err.message()
+    );
+    // egpud is alive, and the model is gone rather than serving garbage.
+    let names = resident_names(&mut client).await;
+    assert!(!names.contains(&"plain".to_owned()), "{names:?}");
+
+    // A pinned model's file rewritten in place is loaded again from the new bytes.
+    std::fs::write(&pinned, &original).unwrap();
+    assert!(
+        daemon.wait_for_log(
+            "model file changed while loaded",
+            2,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        daemon.log_text()
+    );
+    let started = Instant::now();
+    loop {
+        let st = status(&mut client).await;
+        if st
+            .models
+            .iter()
+            .any(|m| m.name == "pinned" && m.state == pb::ModelState::Ready as i32)
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(generate(&mut client, greedy("pinned", "abc", 3))
+        .await
+        .unwrap()
+        .done
+        .is_some());
+}

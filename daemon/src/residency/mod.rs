@@ -47,6 +47,9 @@ use crate::state::StateStore;
 use catalog::{Catalog, CatalogFile, Source};
 use eviction::{Holder, Holding};
 
+/// How often the files of CPU models are checked for in-place writes.
+const FILE_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Context used when a load does not ask for one and the model's trained context is larger.
 pub const DEFAULT_CONTEXT: usize = 4096;
 pub const DEFAULT_SLOTS: usize = 4;
@@ -215,6 +218,8 @@ pub struct Resident {
     pub queue: Arc<ModelQueue>,
     /// For a translation model: what its translations' working memory costs.
     pub translation: Option<TranslationCosts>,
+    /// The mapped file a CPU model computes from (watched: see [`Residency::watch_files`]).
+    file: Option<Arc<GgufFile>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -1038,6 +1043,7 @@ impl Residency {
             template,
             queue: queue.clone(),
             translation,
+            file: on_cpu.then(|| header.clone()),
             thread: Mutex::new(None),
         });
         let turns = self.turns.clone();
@@ -1177,6 +1183,60 @@ impl Residency {
                 }
                 None => notified.await,
             }
+        }
+    }
+
+    /// Watches the files CPU models compute from, once a second. A file written in place
+    /// while loaded (`cp new.gguf loaded.gguf` truncates it first) would have crashed egpud
+    /// with SIGBUS; the engine now reads zeros instead (see `egpu_engine::gguf`), and here the
+    /// model is stopped within a second, its requests ended with ABORTED saying why, and a
+    /// pinned one waits to be loaded again from the new file.
+    pub async fn watch_files(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(FILE_WATCH_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            let changed: Vec<(Arc<Resident>, String)> = {
+                let entries = self.entries.lock();
+                entries
+                    .values()
+                    .filter_map(|e| match e {
+                        Entry::Ready(r) => {
+                            let why = r.file.as_ref()?.changed_on_disk()?;
+                            Some((r.clone(), why))
+                        }
+                        Entry::Loading(_) => None,
+                    })
+                    .collect()
+            };
+            for (resident, why) in changed {
+                self.file_changed(resident, why).await;
+            }
+        }
+    }
+
+    async fn file_changed(self: &Arc<Self>, resident: Arc<Resident>, why: String) {
+        {
+            let mut entries = self.entries.lock();
+            match entries.get(&resident.name) {
+                Some(Entry::Ready(r)) if Arc::ptr_eq(r, &resident) => {}
+                _ => return,
+            }
+            let _ = resident.queue.stop(StopReason::FileChanged, true);
+            entries.remove(&resident.name);
+        }
+        tracing::error!(model = %resident.name, cause = %why, "model file changed while loaded; unloading it");
+        join_blocking(resident.clone()).await;
+        self.changed.notify_one();
+        if resident.pinned {
+            let err = DaemonError::BadModelFile {
+                path: resident.source.clone(),
+                reason: format!("{why}; loading it again"),
+            };
+            pins::wait_and_retry(self, pins::record(&resident), resident.backend, &err);
         }
     }
 

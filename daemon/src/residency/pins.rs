@@ -129,20 +129,25 @@ pub async fn reload_pinned(
         match residency.start_load(load_options(&model)).await {
             Ok(LoadTicket::Resident(_)) => {}
             Ok(ticket @ LoadTicket::Pending { .. }) => pending.push((model, ticket)),
-            Err(err) => failed(&residency, model, backend, &err),
+            Err(err) => wait_and_retry(&residency, model, backend, &err),
         }
     }
     for (model, ticket) in pending {
         match ticket.wait().await {
             Ok(_) => tracing::info!(model = %model.name, "pinned model resident again"),
-            Err(err) => failed(&residency, model, backend, &err),
+            Err(err) => wait_and_retry(&residency, model, backend, &err),
         }
     }
 }
 
 /// A pin's load failed: unless egpud or its device is going away (the next start of either
 /// tries again anyway), it waits and is retried.
-fn failed(residency: &Arc<Residency>, model: PinnedModel, backend: BackendKind, err: &DaemonError) {
+pub fn wait_and_retry(
+    residency: &Arc<Residency>,
+    model: PinnedModel,
+    backend: BackendKind,
+    err: &DaemonError,
+) {
     if matches!(
         err,
         DaemonError::ShuttingDown | DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_)

@@ -146,6 +146,8 @@ pub enum StopReason {
     /// The model's device went away (the tinygrad worker died or stopped answering);
     /// running requests end with UNAVAILABLE "device lost".
     DeviceLost,
+    /// The model's file was written in place while loaded; running requests end with ABORTED.
+    FileChanged,
 }
 
 /// Counters Status reads.
@@ -293,6 +295,7 @@ impl ModelQueue {
                 "the batching thread of {} failed; unload and load the model again",
                 self.model
             )),
+            StopReason::FileChanged => DaemonError::ModelFileChanged(self.model.clone()),
             StopReason::DeviceLost => DaemonError::DeviceLost(format!(
                 "{} was on the tinygrad device, whose worker stopped; egpud is restarting it",
                 self.model

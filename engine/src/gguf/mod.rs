@@ -70,6 +70,12 @@ impl Storage {
 #[derive(Debug)]
 struct Shard {
     path: Option<PathBuf>,
+    /// Unregisters the mapping from the SIGBUS guard; declared before `storage` so it drops
+    /// (stops guarding) before the mapping goes.
+    #[cfg(unix)]
+    guard: Option<mmap::faults::Registration>,
+    /// What the file was when it was mapped, to notice it being written in place.
+    identity: Option<FileIdentity>,
     storage: Storage,
     version: u32,
     alignment: u64,
@@ -108,6 +114,9 @@ impl GgufFile {
         Ok(GgufFile {
             shards: vec![Shard {
                 path: None,
+                #[cfg(unix)]
+                guard: None,
+                identity: None,
                 version: header.version,
                 alignment: header.alignment,
                 data_start: header.data_start,
@@ -168,6 +177,35 @@ impl GgufFile {
             metadata,
             tensors,
         })
+    }
+
+    /// Why this model's files can no longer be trusted, if they cannot: a read past the end
+    /// of a file that was truncated under its mapping (answered with zeros instead of a crash,
+    /// see `mmap::faults`), or a file written in place since it was opened (its length or
+    /// modification time changed on the same inode). A file replaced by renaming a new one
+    /// over it is not a change: the mapping keeps the old, intact file.
+    pub fn changed_on_disk(&self) -> Option<String> {
+        for shard in &self.shards {
+            let Some(path) = &shard.path else { continue };
+            #[cfg(unix)]
+            if shard.guard.as_ref().is_some_and(|g| g.faulted()) {
+                return Some(format!(
+                    "{} was truncated while loaded (written in place, e.g. by cp)",
+                    path.display()
+                ));
+            }
+            let (Some(then), Ok(now)) = (&shard.identity, std::fs::metadata(path)) else {
+                continue;
+            };
+            let now = FileIdentity::of(&now);
+            if now.device == then.device && now.inode == then.inode && now != *then {
+                return Some(format!(
+                    "{} was modified in place while loaded",
+                    path.display()
+                ));
+            }
+        }
+        None
     }
 
     pub fn metadata(&self) -> &Metadata {
@@ -291,17 +329,51 @@ fn unsupported(info: &TensorInfo) -> GgufError {
     }
 }
 
+/// A file's identity and shape: writing it in place changes its length or modification time
+/// (replacing it by rename changes the path's inode, and leaves the mapping intact).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileIdentity {
+    fn of(metadata: &std::fs::Metadata) -> FileIdentity {
+        #[cfg(unix)]
+        let (device, inode) = {
+            use std::os::unix::fs::MetadataExt as _;
+            (metadata.dev(), metadata.ino())
+        };
+        #[cfg(not(unix))]
+        let (device, inode) = (0, 0);
+        FileIdentity {
+            device,
+            inode,
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        }
+    }
+}
+
 fn open_shard(path: &Path) -> Result<(Shard, parse::Header), GgufError> {
     let io_err = |source| GgufError::Io {
         path: path.to_owned(),
         source,
     };
     let file = File::open(path).map_err(io_err)?;
+    let identity = file.metadata().ok().map(|m| FileIdentity::of(&m));
     let map = mmap::map_model_file(&file).map_err(io_err)?;
+    #[cfg(unix)]
+    let guard = Some(mmap::faults::register(map.as_ptr(), map.len()));
     let header = parse::parse_header(&map)?;
     Ok((
         Shard {
             path: Some(path.to_owned()),
+            #[cfg(unix)]
+            guard,
+            identity,
             version: header.version,
             alignment: header.alignment,
             data_start: header.data_start,

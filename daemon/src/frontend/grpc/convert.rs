@@ -35,7 +35,7 @@ pub fn status(err: DaemonError) -> Status {
         | DaemonError::QueueFull { .. }
         | DaemonError::DeviceOutOfMemory(_) => Code::ResourceExhausted,
         DaemonError::Busy { .. } => Code::FailedPrecondition,
-        DaemonError::Unloaded(_) => Code::Aborted,
+        DaemonError::Unloaded(_) | DaemonError::ModelFileChanged(_) => Code::Aborted,
         DaemonError::ShuttingDown
         | DaemonError::DeviceLost(_)
         | DaemonError::DeviceUnavailable(_)

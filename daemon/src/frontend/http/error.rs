@@ -88,7 +88,9 @@ impl ApiError {
             DaemonError::OverBudget { .. }
             | DaemonError::TranslationTooLarge { .. }
             | DaemonError::DeviceOutOfMemory(_) => (StatusCode::SERVICE_UNAVAILABLE, "over_budget"),
-            DaemonError::Unloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
+            DaemonError::Unloaded(_) | DaemonError::ModelFileChanged(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded")
+            }
             DaemonError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             DaemonError::DeviceLost(_)
             | DaemonError::DeviceUnavailable(_)
