@@ -869,6 +869,36 @@ async fn seeds_reproduce_and_stop_strings_cut() {
     );
 }
 
+/// A folder uid 65534 can read, holding grpcio (copied from `.pydeps`) and, if asked, the
+/// Python client: the checkout itself may sit in a folder only its owner can enter (a
+/// `mktemp -d` clone is 0700).
+fn readable_by_everyone(with_client: bool) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    // grpc and what importing it needs.
+    let status = std::process::Command::new("cp")
+        .arg("-R")
+        .arg(pydeps().join("grpc"))
+        .arg(pydeps().join("typing_extensions.py"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    if with_client {
+        let client = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../clients/python/egpu_client.py");
+        std::fs::copy(client, dir.path().join("egpu_client.py")).unwrap();
+    }
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_another_uid_is_refused() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -894,10 +924,12 @@ async fn a_peer_with_another_uid_is_refused() {
                 \x20   print('SERVED')\n\
                 except grpc.RpcError as e:\n\
                 \x20   print(e.code().name, e.details())\n";
+    let readable = readable_by_everyone(false);
     let out = std::process::Command::new("python3")
         .args(["-c", call])
         .arg(&daemon.socket)
-        .env("PYTHONPATH", pydeps())
+        .env("PYTHONPATH", readable.path())
+        .current_dir(readable.path())
         .uid(65534)
         .gid(65534)
         .output()
@@ -940,14 +972,14 @@ async fn clients_refuse_a_socket_that_another_user_owns() {
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("belongs to uid 0"), "{err}");
     // The Python client checks the same.
-    let client = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../clients/python/egpu_client.py");
+    let readable = readable_by_everyone(true);
     let out = std::process::Command::new("python3")
-        .arg(&client)
+        .arg(readable.path().join("egpu_client.py"))
         .arg("--socket")
         .arg(&daemon.socket)
         .arg("hello")
-        .env("PYTHONPATH", pydeps())
+        .env("PYTHONPATH", readable.path())
+        .current_dir(readable.path())
         .uid(65534)
         .gid(65534)
         .output()

@@ -306,6 +306,8 @@ async fn another_uid_is_refused_on_the_http_socket() {
     let out = Command::new("python3")
         .args(["-c", client])
         .arg(daemon.http_socket())
+        // The checkout may be closed to other users (a `mktemp -d` clone is 0700).
+        .current_dir("/")
         .uid(65534)
         .gid(65534)
         .output()
