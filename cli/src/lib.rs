@@ -89,6 +89,9 @@ enum Command {
     /// files in the Hugging Face cache.
     #[command(after_help = AFTER_HELP)]
     Models(models::ModelsArgs),
+    /// Remove the GGUF conversions of Hugging Face folders that no resident model uses.
+    #[command(after_help = AFTER_HELP)]
+    Prune(models::PruneArgs),
     /// Describe a GGUF model file without loading it (no daemon needed).
     Inspect(inspect::InspectArgs),
     /// Print the key HTTP clients send over TCP (for OPENAI_API_KEY or OLLAMA_API_KEY).
@@ -153,6 +156,7 @@ async fn run_daemon_command(socket: &Path, command: &Command) -> anyhow::Result<
         Command::Tokenize(args) => tokens::run_tokenize(socket, args).await,
         Command::Detokenize(args) => tokens::run_detokenize(socket, args).await,
         Command::Models(args) => models::run(socket, args).await,
+        Command::Prune(args) => models::run_prune(socket, args).await,
         Command::ApiKey(args) => api_key::run(socket, args).await,
         Command::Service(args) => service::run(socket, args).await,
         Command::Inspect(_) | Command::Doctor(_) | Command::Completions { .. } => {

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use egpu_proto::v1::{ListModelFilesRequest, ListModelFilesResponse};
+use egpu_proto::v1::{ListModelFilesRequest, ListModelFilesResponse, PruneConversionsRequest};
 
 use crate::client::{connect, request};
 use crate::format::{self, bytes_decimal, Align};
@@ -26,6 +26,40 @@ pub async fn run(socket: &Path, args: &ModelsArgs) -> anyhow::Result<ExitCode> {
         format::emit_json(&json::model_files(&response))?;
     } else {
         format::emit(&render(&response, format::use_color()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PruneArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `egpuctl prune`: conversions of HF folders that nothing resident uses, removed by egpud.
+pub async fn run_prune(socket: &Path, args: &PruneArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(socket).await?;
+    let response = client
+        .prune_conversions(request(PruneConversionsRequest {}))
+        .await?
+        .into_inner();
+    if args.json {
+        format::emit_json(&serde_json::json!({
+            "removed": response.removed,
+            "freed_bytes": response.freed_bytes,
+        }))?;
+    } else {
+        let mut out = String::new();
+        for dir in &response.removed {
+            out.push_str(&format!("removed {dir}\n"));
+        }
+        out.push_str(&format!(
+            "{} conversion(s) removed, {} freed\n",
+            response.removed.len(),
+            bytes_decimal(response.freed_bytes)
+        ));
+        format::emit(&out)?;
     }
     Ok(ExitCode::SUCCESS)
 }

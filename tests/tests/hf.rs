@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use egpu_e2e::v1 as pb;
-use egpu_e2e::{generate, greedy, load, status, TestDaemon};
+use egpu_e2e::{binary, generate, greedy, load, status, TestDaemon};
 use serde_json::Value;
 
 fn fixture() -> PathBuf {
@@ -100,7 +100,7 @@ async fn gpt2_folder_loads_scores_and_generates_like_transformers() {
     assert_eq!(got.token_ids, want);
 
     // The conversion is kept: one GGUF under the models folder's hf/, reused by a second load.
-    let converted: Vec<PathBuf> = walk(&models.path().join("hf"));
+    let converted: Vec<PathBuf> = ggufs(&models.path().join("hf"));
     assert_eq!(converted.len(), 1, "{converted:?}");
     assert!(converted[0].ends_with("tiny-gpt2.gguf"));
     let modified = std::fs::metadata(&converted[0])
@@ -122,6 +122,14 @@ async fn gpt2_folder_loads_scores_and_generates_like_transformers() {
             .unwrap(),
         modified
     );
+}
+
+/// The GGUF files under `dir`.
+fn ggufs(dir: &Path) -> Vec<PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect()
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -194,4 +202,126 @@ async fn repo_ids_resolve_offline_from_the_hf_cache() {
         .models
         .iter()
         .any(|m| m.name == "tiny-gpt2"));
+}
+
+/// Converting is coalesced, atomic, checked on reuse, refused early for a bad name, and its
+/// leftovers can be pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversions_are_coalesced_verified_on_reuse_and_prunable() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &[], &[]);
+    let hf = models.path().join("hf");
+
+    // A bad name is refused before anything is converted.
+    let err = load(
+        &mut daemon.client().await,
+        pb::LoadRequest {
+            name: "no spaces allowed".into(),
+            ..source_request(&fixture())
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(ggufs(&hf).is_empty(), "{:?}", walk(&hf));
+
+    // Four loads of one folder at once: one conversion, four models (the second rename of a
+    // shared temporary name used to fail).
+    let mut loads = Vec::new();
+    for i in 0..4 {
+        let mut client = daemon.client().await;
+        loads.push(tokio::spawn(async move {
+            load(
+                &mut client,
+                pb::LoadRequest {
+                    name: format!("gpt2-{i}"),
+                    ..source_request(&fixture())
+                },
+            )
+            .await
+        }));
+    }
+    for l in loads {
+        l.await.unwrap().expect("concurrent load");
+    }
+    let converted = ggufs(&hf);
+    assert_eq!(converted.len(), 1, "{converted:?}");
+    let whole = std::fs::read(&converted[0]).unwrap();
+    // No temporary file is left beside it.
+    assert!(
+        walk(&hf).iter().all(|p| !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".converting-")),
+        "{:?}",
+        walk(&hf)
+    );
+
+    // A conversion cut short (a crash of an older egpud mid-write) is converted again, not
+    // reused for ever. (Damaged with no model mapping it: one that did would be unloaded.)
+    let mut client = daemon.client().await;
+    for i in 0..4 {
+        client
+            .unload(pb::UnloadRequest {
+                name: format!("gpt2-{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    std::fs::write(&converted[0], &whole[..whole.len() / 2]).unwrap();
+    let info = load(
+        &mut client,
+        pb::LoadRequest {
+            name: "gpt2-again".into(),
+            ..source_request(&fixture())
+        },
+    )
+    .await
+    .expect("a damaged conversion is redone");
+    assert!(info.bytes_estimated > 0);
+    assert_eq!(std::fs::read(&converted[0]).unwrap(), whole);
+
+    // Pruning keeps what resident models use, and removes the rest.
+    let prune = |socket: PathBuf| {
+        let out = std::process::Command::new(binary("egpuctl"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["prune", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let kept = prune(daemon.socket.clone());
+    assert_eq!(kept["removed"].as_array().unwrap().len(), 0, "{kept}");
+    assert_eq!(ggufs(&hf).len(), 1);
+    client
+        .unload(pb::UnloadRequest {
+            name: "gpt2-again".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pruned = prune(daemon.socket.clone());
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 1, "{pruned}");
+    assert!(pruned["freed_bytes"].as_u64().unwrap() >= whole.len() as u64);
+    assert!(ggufs(&hf).is_empty(), "{:?}", walk(&hf));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversion_that_does_not_fit_the_budget_is_refused_before_it_runs() {
+    let models = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_models(models.path(), &["--memory-budget", "100KB"], &[]);
+    let err = load(&mut daemon.client().await, source_request(&fixture()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("converting"), "{}", err.message());
+    assert!(ggufs(&models.path().join("hf")).is_empty());
 }

@@ -550,6 +550,15 @@ impl Core {
             .map_err(|e| DaemonError::Internal(e.to_string()))
     }
 
+    /// Removes HF conversions no resident model uses; the folders removed and bytes freed.
+    pub async fn prune_conversions(&self) -> Result<(Vec<PathBuf>, u64), DaemonError> {
+        let residency = self.residency.clone();
+        tokio::task::spawn_blocking(move || residency.prune_conversions())
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .map_err(|e| DaemonError::Internal(format!("pruning conversions: {e}")))
+    }
+
     /// A resident decoder-only model (Generate and Score need one).
     fn decoder(&self, name: &str) -> Result<Arc<Resident>, DaemonError> {
         let model = self.residency.get(name)?;

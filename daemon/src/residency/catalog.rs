@@ -10,9 +10,23 @@
 //! `config.json` and its weights' and tokenizer files' size and modification time, so an
 //! updated snapshot converts again and an unchanged one is reused; f32 and q8_0 conversions
 //! are kept side by side.
+//!
+//! Converting is careful with the disk and with other loads: one conversion per output file
+//! at a time (a second load of the same folder waits for the first and reuses its file); the
+//! GGUF is written to a uniquely named temporary file, flushed to disk and renamed into place,
+//! so a crash or a power loss never leaves a partial file under the final name, and a failed
+//! write (a full disk) removes its temporary file; a cached conversion is opened and checked
+//! (header and every tensor inside the file) before it is reused, and converted again if it
+//! is damaged; a new conversion of a folder removes that folder's older ones (a `source`
+//! file in each key folder names the folder it came from), and `egpuctl prune` removes every
+//! conversion that no resident model uses.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use egpu_engine::convert::hf_cache::{self, HfCacheError, HfEnv, CONFIG_FILE};
 use egpu_engine::convert::{gguf_from_hf_folder, HfModelError, WeightFormat};
@@ -46,7 +60,12 @@ pub struct CatalogFile {
 pub struct Catalog {
     models_dir: PathBuf,
     stores: StoreRoots,
+    /// One lock per conversion output, so concurrent loads of one folder convert it once.
+    converting: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>>,
 }
+
+/// The file in each conversion folder that names the HF folder it was converted from.
+pub const CONVERSION_SOURCE_FILE: &str = "source";
 
 impl Catalog {
     /// The models folder, and the other stores where the environment puts them.
@@ -54,6 +73,7 @@ impl Catalog {
         Catalog {
             models_dir,
             stores: StoreRoots::from_env(&HfEnv::from_process()),
+            converting: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -67,13 +87,63 @@ impl Catalog {
     }
 
     /// The GGUF for an HF folder: converted now, or found from an earlier conversion. Blocking.
+    ///
+    /// `may_convert` is asked, with the memory converting will take at its peak, before a
+    /// conversion starts (not when a cached one is reused): the budget's say.
     pub fn converted_gguf(
         &self,
         folder: &Path,
         name: &str,
         format: WeightFormat,
+        may_convert: &dyn Fn(u64) -> Result<(), DaemonError>,
     ) -> Result<PathBuf, DaemonError> {
-        converted_gguf(&self.models_dir, folder, name, format)
+        let key = conversion_key(folder).map_err(|e| DaemonError::BadModelFile {
+            path: folder.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let out = conversion_path(&self.models_dir, key, name, format);
+        let lock = self
+            .converting
+            .lock()
+            .entry(out.clone())
+            .or_default()
+            .clone();
+        let _converting = lock.lock();
+        let result = converted_gguf(&self.models_dir, folder, &out, format, may_convert);
+        self.converting.lock().remove(&out);
+        result
+    }
+
+    /// Removes the conversion folders under `<models>/hf/` that hold none of `keep`; returns
+    /// the folders removed and the bytes freed. Blocking.
+    pub fn prune_conversions(&self, keep: &[PathBuf]) -> std::io::Result<(Vec<PathBuf>, u64)> {
+        let root = self.models_dir.join("hf");
+        let mut removed = Vec::new();
+        let mut freed = 0u64;
+        let Ok(read) = std::fs::read_dir(&root) else {
+            return Ok((removed, freed));
+        };
+        for entry in read.flatten() {
+            let dir = entry.path();
+            if !dir.is_dir() || self.converting_in(&dir) {
+                continue;
+            }
+            let dir_canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+            if keep
+                .iter()
+                .any(|k| k.starts_with(&dir_canonical) || k.starts_with(&dir))
+            {
+                continue;
+            }
+            freed += folder_bytes(&dir);
+            std::fs::remove_dir_all(&dir)?;
+            removed.push(dir);
+        }
+        Ok((removed, freed))
+    }
+
+    fn converting_in(&self, dir: &Path) -> bool {
+        self.converting.lock().keys().any(|p| p.starts_with(dir))
     }
 
     /// Every model file of the models folder and the other stores, with what their headers
@@ -213,26 +283,39 @@ fn hf_error(e: HfCacheError) -> DaemonError {
     }
 }
 
-/// The GGUF for an HF folder: converted now, or found from an earlier conversion. Blocking.
-fn converted_gguf(
-    models_dir: &Path,
-    folder: &Path,
-    name: &str,
-    format: WeightFormat,
-) -> Result<PathBuf, DaemonError> {
-    let key = conversion_key(folder).map_err(|e| DaemonError::BadModelFile {
-        path: folder.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let dir = models_dir.join("hf").join(format!("{key:016x}"));
+/// Where the conversion of a folder with key `key` is kept.
+fn conversion_path(models_dir: &Path, key: u64, name: &str, format: WeightFormat) -> PathBuf {
     let file_name = match format {
         WeightFormat::F32 => format!("{name}.gguf"),
         other => format!("{name}-{}.gguf", other.name()),
     };
-    let out = dir.join(&file_name);
+    models_dir
+        .join("hf")
+        .join(format!("{key:016x}"))
+        .join(file_name)
+}
+
+/// The GGUF for an HF folder at `out`: found from an earlier conversion and checked, or
+/// converted now. Blocking; the caller holds `out`'s conversion lock.
+fn converted_gguf(
+    models_dir: &Path,
+    folder: &Path,
+    out: &Path,
+    format: WeightFormat,
+    may_convert: &dyn Fn(u64) -> Result<(), DaemonError>,
+) -> Result<PathBuf, DaemonError> {
     if out.is_file() {
-        return Ok(out);
+        // Opening checks the header and that every tensor lies inside the file: an empty or
+        // cut-short file (a crash of an older egpud mid-write) is not reused.
+        match GgufFile::open(out) {
+            Ok(_) => return Ok(out.to_path_buf()),
+            Err(e) => {
+                tracing::warn!(path = %out.display(), cause = %e, "damaged conversion; converting again");
+                let _ = std::fs::remove_file(out);
+            }
+        }
     }
+    may_convert(conversion_memory(folder))?;
     let bytes = gguf_from_hf_folder(folder, format).map_err(|e| match e {
         HfModelError::UnsupportedModelType { .. } | HfModelError::UnsupportedConfig { .. } => {
             DaemonError::InvalidArgument(format!("{}: {e}", folder.display()))
@@ -243,12 +326,77 @@ fn converted_gguf(
         },
     })?;
     let io = |e: std::io::Error| DaemonError::Internal(format!("writing {}: {e}", out.display()));
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    // Written aside and renamed, so a crash never leaves a half GGUF under the final name.
-    let tmp = dir.join(format!(".{file_name}.{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, &out).map_err(io)?;
-    Ok(out)
+    let dir = out.parent().unwrap_or(models_dir);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    // A unique temporary name (two egpuds, or two formats, never share one), removed if
+    // anything below fails (a full disk); flushed before the rename, and the rename flushed
+    // with the folder, so the final name only ever holds a whole file.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".converting-")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(out).map_err(|e| io(e.error))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    let canonical = folder
+        .canonicalize()
+        .unwrap_or_else(|_| folder.to_path_buf());
+    let _ = std::fs::write(
+        dir.join(CONVERSION_SOURCE_FILE),
+        canonical.display().to_string(),
+    );
+    remove_superseded(models_dir, &canonical, dir);
+    Ok(out.to_path_buf())
+}
+
+/// Removes older conversions of the same HF folder (its files changed since): their key
+/// folders name the same source. A resident model converted from one keeps its mapping (the
+/// file is unlinked, not truncated).
+fn remove_superseded(models_dir: &Path, source: &Path, current: &Path) {
+    let Ok(read) = std::fs::read_dir(models_dir.join("hf")) else {
+        return;
+    };
+    for entry in read.flatten() {
+        let dir = entry.path();
+        if dir == current {
+            continue;
+        }
+        let named = std::fs::read_to_string(dir.join(CONVERSION_SOURCE_FILE)).ok();
+        if named.as_deref().map(Path::new) == Some(source) {
+            tracing::info!(old = %dir.display(), "removing a superseded conversion");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// Memory a conversion of `folder` takes at its peak: the converted tensors (f16 or bf16
+/// weights double as f32) and the GGUF image built from them, so three times the weights.
+fn conversion_memory(folder: &Path) -> u64 {
+    let weights: u64 = std::fs::read_dir(folder)
+        .map(|read| {
+            read.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter_map(|e| std::fs::metadata(e.path()).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    weights.saturating_mul(3)
+}
+
+/// Bytes of the files in a folder (one level: conversion folders hold files only).
+fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|read| {
+            read.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn conversion_key(folder: &Path) -> std::io::Result<u64> {

@@ -515,6 +515,28 @@ impl Residency {
         }
     }
 
+    /// Bytes reserved on one backend (each model's `max(estimate, measured)`, loads included).
+    fn reserved_on(&self, backend: BackendKind) -> u64 {
+        let entries = self.entries.lock();
+        entries
+            .iter()
+            .filter(|(_, e)| e.backend() == backend)
+            .map(|(name, e)| e.holder(name).reserved)
+            .sum()
+    }
+
+    /// Removes conversions of HF folders that no resident model uses; see
+    /// [`catalog::Catalog::prune_conversions`]. Blocking.
+    pub fn prune_conversions(&self) -> std::io::Result<(Vec<PathBuf>, u64)> {
+        let keep: Vec<PathBuf> = self
+            .entries
+            .lock()
+            .values()
+            .map(|e| e.source().to_path_buf())
+            .collect();
+        self.catalog.prune_conversions(&keep)
+    }
+
     /// Bytes held by the models of one backend.
     pub fn used_by(&self, backend: BackendKind) -> u64 {
         let entries = self.entries.lock();
@@ -692,8 +714,34 @@ impl Residency {
                         "unknown quantize {quantize:?}: use f32 or q8_0"
                     ))
                 })?;
+                // A bad name is refused before minutes of converting, not after.
+                if let Some(n) = opts
+                    .name
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                {
+                    validate_name(n)?;
+                }
+                let budget = self.settings.budget;
+                let free = budget.saturating_sub(self.reserved_on(BackendKind::Cpu));
+                let converting = folder.display().to_string();
                 let path = tokio::task::spawn_blocking(move || {
-                    catalog.converted_gguf(&folder, &name, format)
+                    let may_convert = |needed: u64| {
+                        if needed > free {
+                            return Err(DaemonError::OverBudget {
+                                name: format!("converting {converting}"),
+                                needed,
+                                available: free,
+                                budget,
+                                holders:
+                                    "the resident models (unload some, or raise --memory-budget)"
+                                        .into(),
+                            });
+                        }
+                        Ok(())
+                    };
+                    catalog.converted_gguf(&folder, &name, format, &may_convert)
                 })
                 .await
                 .map_err(|e| DaemonError::Internal(e.to_string()))??;

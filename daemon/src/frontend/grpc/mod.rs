@@ -238,6 +238,17 @@ impl Egpu for GrpcApi {
             files: files.into_iter().map(convert::model_file).collect(),
         }))
     }
+
+    async fn prune_conversions(
+        &self,
+        _request: Request<pb::PruneConversionsRequest>,
+    ) -> Result<Response<pb::PruneConversionsResponse>, Status> {
+        let (removed, freed) = self.core.prune_conversions().await.map_err(status)?;
+        Ok(Response::new(pb::PruneConversionsResponse {
+            removed: removed.iter().map(|p| p.display().to_string()).collect(),
+            freed_bytes: freed,
+        }))
+    }
 }
 
 /// Who calls and until when: the peer's uid and pid from the socket, the name it gives
