@@ -49,6 +49,10 @@ pub enum DaemonError {
     },
     #[error("{name} is pinned but not loaded yet ({reason}); egpud keeps retrying, or unload it to give it up")]
     PinWaiting { name: String, reason: String },
+    /// A model still loading, asked for where waiting for it is not possible (keep-alive);
+    /// requests wait for the load instead.
+    #[error("{0} is still loading; retry when its load has finished")]
+    StillLoading(String),
     #[error("{model}: queue full ({limit} requests waiting); retry later")]
     QueueFull { model: String, limit: usize },
     #[error("{model} is busy ({active} active, {queued} queued); use force to unload anyway")]

@@ -232,7 +232,7 @@ pub fn outcome(err: &DaemonError) -> &'static str {
         DaemonError::Unloaded(_) | DaemonError::ModelFileChanged(_) => "unloaded",
         DaemonError::ShuttingDown => "shutting_down",
         DaemonError::DeviceLost(_) | DaemonError::DeviceUnavailable(_) => "device_lost",
-        DaemonError::PinWaiting { .. } => "unavailable",
+        DaemonError::PinWaiting { .. } | DaemonError::StillLoading(_) => "unavailable",
         DaemonError::DeadlineExceeded { .. } => "deadline_exceeded",
         DaemonError::Internal(_) => "internal",
     }

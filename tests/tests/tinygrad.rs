@@ -349,6 +349,15 @@ async fn a_killed_worker_ends_its_streams_and_comes_back_with_the_pinned_models(
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("device lost"), "{}", err.message());
 
+    // Until the new worker has it back, the pinned model is not "unknown": a request gets
+    // UNAVAILABLE (the device is being restarted; the model is pinned and coming back), or,
+    // once its reload has begun, waits for it. Before, this window answered NOT_FOUND "load
+    // it first", which tells a client to give up.
+    match generate(&mut client, greedy("pinned-tg", "abc", 3)).await {
+        Ok(out) => assert_eq!(out.token_ids.len(), 3),
+        Err(err) => assert_eq!(err.code(), Code::Unavailable, "{err:?}"),
+    }
+
     // The CPU backend is untouched.
     let cpu = generate(&mut client, greedy("smol-cpu", "Hello", 4))
         .await
@@ -620,4 +629,63 @@ async fn sigterm_exits_within_seconds_while_the_device_thread_is_stuck() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A request for a model that is still loading waits for the load and is then served, as
+/// Ollama's clients expect; before, it failed at once with INVALID_ARGUMENT "still loading".
+/// The worker holds its Load on a named pipe until the test has seen the request waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_a_model_still_loading_waits_for_the_load() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = dir.path().join("hold-load");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&gate)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let daemon = TestDaemon::start_tinygrad_with_env(
+        &dev(),
+        &[],
+        &[("EGPU_WORKER_HOLD_LOAD", gate.to_str().expect("utf-8 path"))],
+    );
+    assert!(daemon.wait_for_log(WORKER_READY, 1, WORKER_START));
+    let path = synthetic(dir.path(), "Q8_0");
+    let mut load_client = daemon.client().await;
+    let loading = tokio::spawn(async move {
+        load_on(&mut load_client, &path, "held", "tinygrad", 64, 1, false).await
+    });
+    assert!(
+        daemon.wait_for_log("Load waits for", 1, Duration::from_secs(60)),
+        "{}",
+        daemon.log_text()
+    );
+    let mut client = daemon.client().await;
+    let request =
+        tokio::spawn(async move { generate(&mut client, greedy("held", "abc", 3)).await });
+    if !daemon.wait_for_log(
+        "a request waits for the model's load to finish",
+        1,
+        Duration::from_secs(60),
+    ) {
+        let outcome = if request.is_finished() {
+            format!("{:?}", request.await)
+        } else {
+            "still running".into()
+        };
+        panic!("no request waited ({outcome})\n{}", daemon.log_text());
+    }
+    // Let the load go on: writing to the pipe unblocks the worker's read.
+    tokio::task::spawn_blocking(move || std::fs::write(&gate, b"go"))
+        .await
+        .expect("join")
+        .expect("write to the pipe");
+    loading
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("load: {e:?}\n{}", daemon.log_text()));
+    let out = request
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("the waiting request: {e:?}\n{}", daemon.log_text()));
+    assert_eq!(out.token_ids.len(), 3);
 }

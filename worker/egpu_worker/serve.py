@@ -62,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
       print(f"egpu-worker: EGPU_WORKER_STALL: the device thread hangs in {call}", file=sys.stderr, flush=True)
       threading.Event().wait()
 
+  # EGPU_WORKER_HOLD_LOAD=<fifo>: Load blocks until the test writes to that named pipe and
+  # closes it, so egpud's tests can hold a model in the loading state as long as they need.
+  hold_load = os.environ.get("EGPU_WORKER_HOLD_LOAD")
+
+  def maybe_hold_load() -> None:  # on the device thread
+    if hold_load:
+      print(f"egpu-worker: EGPU_WORKER_HOLD_LOAD: Load waits for {hold_load}", file=sys.stderr, flush=True)
+      with open(hold_load, "rb") as fifo: fifo.read()
+
   def open_device():
     # tinygrad reads DEV and the cache location at import time: import it only now, there.
     from tinygrad import Device
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
       def load():
         maybe_stall("Load")
+        maybe_hold_load()
         model = load_model(request.path, ctx=request.context, slots=request.slots, config=config)
         publish(with_free=True)
         return model

@@ -253,7 +253,7 @@ impl Core {
         req: GenerateRequest,
         caller: Caller,
     ) -> Result<GenerationStream, DaemonError> {
-        let model = self.decoder(&req.model)?;
+        let model = self.decoder(&req.model).await?;
         let params = req.sampling.validate()?;
         if let Some(input) = &req.input {
             check_input_bytes(input.bytes(), model.context, "the prompt")?;
@@ -333,7 +333,7 @@ impl Core {
         req: ScoreRequest,
         caller: Caller,
     ) -> Result<(Reply<ScoreResult>, Arc<Resident>), DaemonError> {
-        let model = self.decoder(&req.model)?;
+        let model = self.decoder(&req.model).await?;
         if req.top_k > MAX_TOP_LOGPROBS {
             return Err(invalid(format!(
                 "top_k is {}; at most {MAX_TOP_LOGPROBS}",
@@ -399,7 +399,7 @@ impl Core {
         req: TranslateRequest,
         caller: Caller,
     ) -> Result<(Reply<TranslateResult>, Arc<Resident>), DaemonError> {
-        let model = self.residency.get(&req.model)?;
+        let model = self.residency.ready(&req.model).await?;
         if model.kind != ModelKind::Translator {
             return Err(invalid(format!(
                 "{} is a {} model, not a translation model; Translate serves Marian (opus-mt) models",
@@ -505,7 +505,7 @@ impl Core {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Tokenized, DaemonError> {
-        let model = self.residency.get(model)?;
+        let model = self.residency.ready(model).await?;
         check_input_bytes(text.len(), model.context, "the text")?;
         let tokenizer = model.tokenizer.clone();
         tokio::task::spawn_blocking(move || {
@@ -521,7 +521,7 @@ impl Core {
     }
 
     pub async fn detokenize(&self, model: &str, token_ids: &[u32]) -> Result<String, DaemonError> {
-        let model = self.residency.get(model)?;
+        let model = self.residency.ready(model).await?;
         if token_ids.len() > MAX_DETOKENIZE_IDS {
             return Err(invalid(format!(
                 "{} token ids; at most {MAX_DETOKENIZE_IDS}",
@@ -560,8 +560,8 @@ impl Core {
     }
 
     /// A resident decoder-only model (Generate and Score need one).
-    fn decoder(&self, name: &str) -> Result<Arc<Resident>, DaemonError> {
-        let model = self.residency.get(name)?;
+    async fn decoder(&self, name: &str) -> Result<Arc<Resident>, DaemonError> {
+        let model = self.residency.ready(name).await?;
         if model.kind == ModelKind::Translator {
             return Err(invalid(format!(
                 "{} is a translation model (Marian); use Translate (egpuctl translate)",

@@ -330,6 +330,12 @@ struct Loading {
     phase: watch::Receiver<LoadPhase>,
 }
 
+/// What [`Residency::lookup`] found under a name.
+enum Lookup {
+    Ready(Arc<Resident>),
+    Loading(watch::Receiver<LoadPhase>),
+}
+
 #[derive(Debug)]
 enum Entry {
     Loading(Arc<Loading>),
@@ -576,18 +582,61 @@ impl Residency {
         })
     }
 
-    /// A ready model by name.
+    /// A ready model by name, now: a model still loading is an error (see [`Residency::ready`]
+    /// for requests, which wait for it).
     pub fn get(&self, name: &str) -> Result<Arc<Resident>, DaemonError> {
+        match self.lookup(name)? {
+            Lookup::Ready(r) => Ok(r),
+            Lookup::Loading(_) => Err(DaemonError::StillLoading(name.to_owned())),
+        }
+    }
+
+    /// A ready model by name, waiting for it while it loads (its first load, or a pinned model
+    /// coming back after a lost device), as Ollama's clients expect; how long is bounded by
+    /// the request (a client's deadline or disconnect drops this future). A load that fails
+    /// gives the request that load's error.
+    pub async fn ready(&self, name: &str) -> Result<Arc<Resident>, DaemonError> {
+        loop {
+            match self.lookup(name)? {
+                Lookup::Ready(r) => return Ok(r),
+                Lookup::Loading(mut phase) => {
+                    tracing::info!(
+                        model = name,
+                        "a request waits for the model's load to finish"
+                    );
+                    let done = phase
+                        .wait_for(|p| matches!(p, LoadPhase::Done(_)))
+                        .await
+                        .map(|p| match &*p {
+                            LoadPhase::Done(result) => result.clone().map(|_| ()),
+                            LoadPhase::Progress(_) => Ok(()),
+                        });
+                    match done {
+                        // Loaded, or its sender gone: look again (it may be ready, or
+                        // replaced by another load).
+                        Ok(Ok(())) | Err(_) => continue,
+                        Ok(Err(err)) => return Err(err),
+                    }
+                }
+            }
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Result<Lookup, DaemonError> {
         let entries = self.entries.lock();
         match entries.get(name) {
-            Some(Entry::Ready(r)) => Ok(r.clone()),
-            Some(Entry::Loading(_)) => Err(DaemonError::InvalidArgument(format!(
-                "{name} is still loading; wait for its load to finish"
-            ))),
+            Some(Entry::Ready(r)) => Ok(Lookup::Ready(r.clone())),
+            Some(Entry::Loading(l)) => Ok(Lookup::Loading(l.phase.clone())),
             None => match self.waiting.lock().get(name) {
                 Some(pin) => Err(DaemonError::PinWaiting {
                     name: name.to_owned(),
                     reason: pin.reason.clone(),
+                }),
+                // Pinned but in neither table: between a lost device or a restart and the
+                // reload that brings it back. Not "unknown": the client should retry.
+                None if self.is_pinned(name) => Err(DaemonError::PinWaiting {
+                    name: name.to_owned(),
+                    reason: "being loaded again after a restart or a lost device".into(),
                 }),
                 None => Err(DaemonError::UnknownModel {
                     name: name.to_owned(),
@@ -595,6 +644,12 @@ impl Residency {
                 }),
             },
         }
+    }
+
+    fn is_pinned(&self, name: &str) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|state| state.pinned().iter().any(|p| p.name == name))
     }
 
     /// The ready model loaded from `path`, under whatever name.

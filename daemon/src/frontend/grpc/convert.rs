@@ -39,7 +39,8 @@ pub fn status(err: DaemonError) -> Status {
         DaemonError::ShuttingDown
         | DaemonError::DeviceLost(_)
         | DaemonError::DeviceUnavailable(_)
-        | DaemonError::PinWaiting { .. } => Code::Unavailable,
+        | DaemonError::PinWaiting { .. }
+        | DaemonError::StillLoading(_) => Code::Unavailable,
         DaemonError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         DaemonError::Internal(_) => Code::Internal,
     };

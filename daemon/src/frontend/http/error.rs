@@ -95,6 +95,7 @@ impl ApiError {
             DaemonError::DeviceLost(_)
             | DaemonError::DeviceUnavailable(_)
             | DaemonError::PinWaiting { .. } => (StatusCode::SERVICE_UNAVAILABLE, "device_lost"),
+            DaemonError::StillLoading(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_loading"),
             DaemonError::DeadlineExceeded { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded")
             }
