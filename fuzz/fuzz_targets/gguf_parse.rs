@@ -15,8 +15,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(file.tensor_data(t).len() as u64, t.n_bytes);
         // Keep each run cheap: decode only small tensors.
         if can_dequantize(t.ggml_type) && t.n_elements <= 1 << 16 {
-            file.dequantize_f32(&t.name).expect("checked tensor must decode");
-            file.dequantize_f16(&t.name).expect("checked tensor must decode");
+            file.dequantize_f32(&t.name)
+                .expect("checked tensor must decode");
+            file.dequantize_f16(&t.name)
+                .expect("checked tensor must decode");
         }
     }
     let _ = egpu_engine::models::info::estimate_memory(&file, 4096);
