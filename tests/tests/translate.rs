@@ -283,6 +283,17 @@ async fn egpuctl_translate_reads_arguments_or_stdin_lines() {
     );
 }
 
+/// A job big enough to cut short: the reference's sources repeated to `texts` texts.
+fn big_translation(model: &str, texts: usize, num_beams: u32) -> pb::TranslateRequest {
+    let sources = strings(&reference()["beam"]["sources"]);
+    pb::TranslateRequest {
+        model: model.into(),
+        texts: sources.iter().cycle().take(texts).cloned().collect(),
+        num_beams,
+        max_tokens: 60,
+    }
+}
+
 /// A translation whose deadline passes is abandoned between decoder steps, not finished in
 /// the background: the next request does not wait for it, and egpud keeps serving.
 #[tokio::test]
@@ -293,14 +304,7 @@ async fn a_translation_past_its_deadline_is_abandoned() {
     load(&mut client, load_request(fixture("tiny-marian"), "mt", ""))
         .await
         .unwrap();
-    let sources = strings(&reference()["beam"]["sources"]);
-    let big: Vec<String> = sources.iter().cycle().take(64).cloned().collect();
-    let big_request = || pb::TranslateRequest {
-        model: "mt".into(),
-        texts: big.clone(),
-        num_beams: 8,
-        max_tokens: 60,
-    };
+    let big_request = || big_translation("mt", 64, 8);
     // How long the whole job takes here.
     let full = client
         .translate(big_request())
@@ -321,6 +325,7 @@ async fn a_translation_past_its_deadline_is_abandoned() {
         ),
         "{err:?}"
     );
+    let sources = strings(&reference()["beam"]["sources"]);
     let small = client
         .translate(translate_request("mt", &sources[..1], 1))
         .await
@@ -348,14 +353,7 @@ async fn a_forced_unload_ends_a_running_translation_at_once() {
     load(&mut client, load_request(fixture("tiny-marian"), "mt", ""))
         .await
         .unwrap();
-    let sources = strings(&reference()["beam"]["sources"]);
-    let big: Vec<String> = sources.iter().cycle().take(256).cloned().collect();
-    let big_request = || pb::TranslateRequest {
-        model: "mt".into(),
-        texts: big.clone(),
-        num_beams: 16,
-        max_tokens: 60,
-    };
+    let big_request = || big_translation("mt", 256, 16);
     let full = client
         .translate(big_request())
         .await
