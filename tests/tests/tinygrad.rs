@@ -631,61 +631,118 @@ async fn sigterm_exits_within_seconds_while_the_device_thread_is_stuck() {
     }
 }
 
+/// A daemon whose worker holds every Load on a named pipe until [`HeldLoad::release`]: the
+/// model stays in the loading state for as long as a test needs, without timing.
+struct HeldLoad {
+    daemon: TestDaemon,
+    gate: PathBuf,
+    _dir: tempfile::TempDir,
+    loading: tokio::task::JoinHandle<Result<pb::ModelInfo, tonic::Status>>,
+}
+
+impl HeldLoad {
+    /// Starts egpud and a Load of a synthetic model as "held"; returns once the worker holds it.
+    async fn start() -> HeldLoad {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let gate = dir.path().join("hold-load");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&gate)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let daemon = TestDaemon::start_tinygrad_with_env(
+            &dev(),
+            &[],
+            &[("EGPU_WORKER_HOLD_LOAD", gate.to_str().expect("utf-8 path"))],
+        );
+        assert!(daemon.wait_for_log(WORKER_READY, 1, WORKER_START));
+        let path = synthetic(dir.path(), "Q8_0");
+        let mut load_client = daemon.client().await;
+        let loading = tokio::spawn(async move {
+            load_on(&mut load_client, &path, "held", "tinygrad", 64, 1, false).await
+        });
+        assert!(
+            daemon.wait_for_log("Load waits for", 1, Duration::from_secs(60)),
+            "{}",
+            daemon.log_text()
+        );
+        HeldLoad {
+            daemon,
+            gate,
+            _dir: dir,
+            loading,
+        }
+    }
+
+    /// Waits until egpud logs that a call waits for the held load (or fails the test).
+    fn wait_for_a_waiter(&self) {
+        assert!(
+            self.daemon.wait_for_log(
+                "a request waits for the model's load to finish",
+                1,
+                Duration::from_secs(60)
+            ),
+            "no call waited for the load\n{}",
+            self.daemon.log_text()
+        );
+    }
+
+    /// Lets the load go on (writing to the pipe unblocks the worker's read) and waits for it.
+    async fn release(&mut self) {
+        let gate = self.gate.clone();
+        tokio::task::spawn_blocking(move || std::fs::write(&gate, b"go"))
+            .await
+            .expect("join")
+            .expect("write to the pipe");
+        (&mut self.loading)
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("load: {e:?}\n{}", self.daemon.log_text()));
+    }
+}
+
 /// A request for a model that is still loading waits for the load and is then served, as
 /// Ollama's clients expect; before, it failed at once with INVALID_ARGUMENT "still loading".
-/// The worker holds its Load on a named pipe until the test has seen the request waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_for_a_model_still_loading_waits_for_the_load() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let gate = dir.path().join("hold-load");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&gate)
-        .status()
-        .expect("mkfifo");
-    assert!(made.success());
-    let daemon = TestDaemon::start_tinygrad_with_env(
-        &dev(),
-        &[],
-        &[("EGPU_WORKER_HOLD_LOAD", gate.to_str().expect("utf-8 path"))],
-    );
-    assert!(daemon.wait_for_log(WORKER_READY, 1, WORKER_START));
-    let path = synthetic(dir.path(), "Q8_0");
-    let mut load_client = daemon.client().await;
-    let loading = tokio::spawn(async move {
-        load_on(&mut load_client, &path, "held", "tinygrad", 64, 1, false).await
-    });
-    assert!(
-        daemon.wait_for_log("Load waits for", 1, Duration::from_secs(60)),
-        "{}",
-        daemon.log_text()
-    );
-    let mut client = daemon.client().await;
+    let mut held = HeldLoad::start().await;
+    let mut client = held.daemon.client().await;
     let request =
         tokio::spawn(async move { generate(&mut client, greedy("held", "abc", 3)).await });
-    if !daemon.wait_for_log(
-        "a request waits for the model's load to finish",
-        1,
-        Duration::from_secs(60),
-    ) {
-        let outcome = if request.is_finished() {
-            format!("{:?}", request.await)
-        } else {
-            "still running".into()
-        };
-        panic!("no request waited ({outcome})\n{}", daemon.log_text());
-    }
-    // Let the load go on: writing to the pipe unblocks the worker's read.
-    tokio::task::spawn_blocking(move || std::fs::write(&gate, b"go"))
-        .await
-        .expect("join")
-        .expect("write to the pipe");
-    loading
-        .await
-        .expect("join")
-        .unwrap_or_else(|e| panic!("load: {e:?}\n{}", daemon.log_text()));
+    held.wait_for_a_waiter();
+    held.release().await;
     let out = request
         .await
         .expect("join")
-        .unwrap_or_else(|e| panic!("the waiting request: {e:?}\n{}", daemon.log_text()));
+        .unwrap_or_else(|e| panic!("the waiting request: {e:?}\n{}", held.daemon.log_text()));
     assert_eq!(out.token_ids.len(), 3);
+}
+
+/// An Unload sent while its model loads waits for the load and then unloads it; before, it
+/// was refused with INVALID_ARGUMENT (found by the soak test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_sent_while_the_model_loads_unloads_it_once_loaded() {
+    let mut held = HeldLoad::start().await;
+    let mut client = held.daemon.client().await;
+    let unload = tokio::spawn(async move {
+        client
+            .unload(pb::UnloadRequest {
+                name: "held".into(),
+                force: false,
+            })
+            .await
+    });
+    held.wait_for_a_waiter();
+    held.release().await;
+    unload
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("unload: {e:?}\n{}", held.daemon.log_text()));
+    let mut client = held.daemon.client().await;
+    let st = status(&mut client).await;
+    assert!(
+        st.models.iter().all(|m| m.name != "held"),
+        "{:?}",
+        st.models
+    );
 }

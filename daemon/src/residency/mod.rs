@@ -1195,15 +1195,17 @@ impl Residency {
     /// Unloads a model; with `force`, its running and queued requests end with ABORTED.
     /// Returns the bytes freed and the number of requests aborted.
     pub async fn unload(&self, name: &str, force: bool) -> Result<(u64, usize), DaemonError> {
+        // An Unload sent while the model loads waits for the load, then unloads it, as
+        // someone who ran `egpuctl load` and `unload` in a hurry expects.
+        if matches!(self.lookup(name), Ok(Lookup::Loading(_))) {
+            let _ = self.ready(name).await;
+        }
         let (resident, aborted) = {
             let mut entries = self.entries.lock();
             let resident = match entries.get(name) {
                 Some(Entry::Ready(r)) => r.clone(),
-                Some(Entry::Loading(_)) => {
-                    return Err(DaemonError::InvalidArgument(format!(
-                        "{name} is still loading; unload it when its load has finished"
-                    )))
-                }
+                // Loading again already (another Load came in after the wait).
+                Some(Entry::Loading(_)) => return Err(DaemonError::StillLoading(name.to_owned())),
                 None => {
                     // Unloading a waiting pin is how a user gives it up: no more retries, and
                     // gone from the state file.
