@@ -26,3 +26,7 @@ examples="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/examples"
 # The worker takes every model's configuration from the engine (model_config prints it).
 export EGPU_ENGINE_MODEL_CONFIG="$examples/model_config"
 (cd worker && DEV=CPU EGPU_MODELS="${EGPU_MODELS:-$PWD/../models}" "$worker_python" -m pytest -q)
+# The short soak: 16 clients for 75 s against the debug egpud while its tinygrad worker is
+# killed and egpud itself is SIGKILLed and restarted; fails on a lost request, a wrong result,
+# a pinned model that does not come back or the budget exceeded (bench/soak.py).
+PYTHONPATH="$EGPU_PYDEPS" python3 bench/soak.py --short
