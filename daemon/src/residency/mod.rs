@@ -612,10 +612,16 @@ impl Residency {
                             LoadPhase::Progress(_) => Ok(()),
                         });
                     match done {
-                        // Loaded, or its sender gone: look again (it may be ready, or
-                        // replaced by another load).
-                        Ok(Ok(())) | Err(_) => continue,
+                        // Loaded: look again (it may be ready, or already replaced).
+                        Ok(Ok(())) => continue,
                         Ok(Err(err)) => return Err(err),
+                        // The load task ended without a result (it panicked): looking again
+                        // would find the same entry and spin.
+                        Err(_) => {
+                            return Err(DaemonError::Internal(format!(
+                                "the load of {name} ended without a result"
+                            )))
+                        }
                     }
                 }
             }
