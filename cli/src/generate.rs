@@ -164,11 +164,16 @@ pub async fn stream(
     anyhow::bail!("egpud ended the generate stream without a done event")
 }
 
-/// `[12 prompt + 64 completion tokens · prefill 850 tok/s · decode 95.3 tok/s · stop]`.
+/// `[12 prompt + 64 completion tokens · prefill 850 tok/s · decode 95.3 tok/s · stop]`, with
+/// `(N cached)` after the prompt count when part of it came from a slot's cache.
 pub fn stats_line(done: &GenerateDone) -> String {
     let timings = done.timings.unwrap_or_default();
+    let cached = match done.cached_prompt_tokens {
+        0 => String::new(),
+        n => format!(" ({n} cached)"),
+    };
     format!(
-        "[{} prompt + {} completion tokens · prefill {} tok/s · decode {} tok/s · {}]",
+        "[{} prompt{cached} + {} completion tokens · prefill {} tok/s · decode {} tok/s · {}]",
         done.prompt_tokens,
         done.completion_tokens,
         format::rate(timings.prefill_tokens_per_s),
@@ -187,6 +192,7 @@ mod tests {
         let done = GenerateDone {
             finish_reason: FinishReason::Stop as i32,
             prompt_tokens: 12,
+            cached_prompt_tokens: 0,
             completion_tokens: 64,
             timings: Some(Timings {
                 queue_ms: 0.0,

@@ -75,6 +75,15 @@ pub struct ModelJson {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
     pub quant_mix: Vec<QuantJson>,
+    /// Prompt-prefix reuse since the model was loaded.
+    pub prefix_cache: PrefixCacheJson,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PrefixCacheJson {
+    pub lookups: u64,
+    pub hits: u64,
+    pub reused_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -121,6 +130,8 @@ pub struct GenerateJson {
     pub token_logprobs: Vec<f32>,
     pub finish_reason: &'static str,
     pub prompt_tokens: u32,
+    /// Of those, the ones reused from a slot's cache rather than prefilled.
+    pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
@@ -224,6 +235,14 @@ pub fn model(info: &ModelInfo) -> ModelJson {
         slots: info.slots,
         keep_alive_expires_unix_ms: info.keep_alive_expires_unix_ms,
         requests_served: info.requests_served,
+        prefix_cache: {
+            let p = info.prefix_cache.unwrap_or_default();
+            PrefixCacheJson {
+                lookups: p.lookups,
+                hits: p.hits,
+                reused_tokens: p.reused_tokens,
+            }
+        },
         last_used_unix_ms: info.last_used_unix_ms,
         backend: info.backend.clone(),
         state: model_state(info.state),
@@ -305,6 +324,7 @@ impl GenerateJson {
         let timings = done.timings.unwrap_or_default();
         self.finish_reason = finish_reason(done.finish_reason);
         self.prompt_tokens = done.prompt_tokens;
+        self.cached_prompt_tokens = done.cached_prompt_tokens;
         self.completion_tokens = done.completion_tokens;
         self.prefill_tokens_per_s = timings.prefill_tokens_per_s;
         self.decode_tokens_per_s = timings.decode_tokens_per_s;
@@ -400,6 +420,11 @@ pub(crate) mod tests {
             vocab_size: 49152,
             trained_context_length: 8192,
             detail: String::new(),
+            prefix_cache: Some(egpu_proto::v1::PrefixCacheStats {
+                lookups: 6,
+                hits: 4,
+                reused_tokens: 3000,
+            }),
         }
     }
 
@@ -445,7 +470,8 @@ pub(crate) mod tests {
             "quant_mix": [
                 {"type": "Q4_1", "tensors": 210, "bytes": 80_000_000},
                 {"type": "F32", "tensors": 61, "bytes": 400_000}
-            ]
+            ],
+            "prefix_cache": {"lookups": 6, "hits": 4, "reused_tokens": 3000}
         })
     }
 
@@ -552,6 +578,7 @@ pub(crate) mod tests {
         out.finish(&GenerateDone {
             finish_reason: FinishReason::Length as i32,
             prompt_tokens: 12,
+            cached_prompt_tokens: 8,
             completion_tokens: 2,
             timings: Some(Timings {
                 queue_ms: 0.0,
@@ -573,6 +600,7 @@ pub(crate) mod tests {
                 "token_logprobs": [-0.5, -2.0],
                 "finish_reason": "length",
                 "prompt_tokens": 12,
+                "cached_prompt_tokens": 8,
                 "completion_tokens": 2,
                 "prefill_tokens_per_s": 850.0,
                 "decode_tokens_per_s": 95.5
@@ -591,6 +619,7 @@ pub(crate) mod tests {
         out.finish(&GenerateDone {
             finish_reason: FinishReason::StopString as i32,
             prompt_tokens: 3,
+            cached_prompt_tokens: 0,
             completion_tokens: 2,
             timings: None,
         });
@@ -599,7 +628,7 @@ pub(crate) mod tests {
         assert_eq!(value["token_logprobs"], json!([]));
         assert_eq!(value["finish_reason"], json!("stop_string"));
         assert_eq!(value["decode_tokens_per_s"], json!(0.0));
-        assert_eq!(value.as_object().unwrap().len(), 9);
+        assert_eq!(value.as_object().unwrap().len(), 10);
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub prompt_tokens: Family<ModelLabels, Counter>,
     pub generated_tokens: Family<ModelLabels, Counter>,
+    pub prefix_cache_lookups: Family<ModelLabels, Counter>,
+    pub prefix_cache_hits: Family<ModelLabels, Counter>,
+    pub prefix_cache_reused_tokens: Family<ModelLabels, Counter>,
     pub prefill_seconds: Family<ModelLabels, Seconds>,
     pub decode_seconds: Family<ModelLabels, Seconds>,
     pub time_to_first_token: HistogramFamily,
@@ -89,6 +92,24 @@ impl Metrics {
             "prompt_tokens",
             "Prompt tokens fed (prefilled)",
             prompt_tokens.clone(),
+        );
+        let prefix_cache_lookups = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "prefix_cache_lookups",
+            "Generations that looked for their prompt's prefix in a slot cache",
+            prefix_cache_lookups.clone(),
+        );
+        let prefix_cache_hits = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "prefix_cache_hits",
+            "Generations that reused part of their prompt from a slot cache",
+            prefix_cache_hits.clone(),
+        );
+        let prefix_cache_reused_tokens = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "prefix_cache_reused_tokens",
+            "Prompt tokens reused from slot caches instead of prefilled",
+            prefix_cache_reused_tokens.clone(),
         );
         let generated_tokens = Family::<ModelLabels, Counter>::default();
         registry.register(
@@ -171,6 +192,9 @@ impl Metrics {
             requests,
             prompt_tokens,
             generated_tokens,
+            prefix_cache_lookups,
+            prefix_cache_hits,
+            prefix_cache_reused_tokens,
             prefill_seconds,
             decode_seconds,
             time_to_first_token,

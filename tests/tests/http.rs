@@ -733,6 +733,21 @@ async fn metrics_parse_as_prometheus_text_and_count_what_is_served() {
             .as_f64()
             .unwrap_or_else(|| panic!("{k} in {after}"))
     };
+    // The same chat three times: the second and third find all but the prompt's last token
+    // in the slot the first used.
+    let model_label = "{\"model\": \"smollm2\"}";
+    assert_eq!(
+        after[&key("egpu_prefix_cache_lookups_total", model_label)],
+        3.0
+    );
+    assert_eq!(
+        after[&key("egpu_prefix_cache_hits_total", model_label)],
+        2.0
+    );
+    let reused = number(key("egpu_prefix_cache_reused_tokens_total", model_label));
+    let fed = number(key("egpu_prompt_tokens_total", model_label));
+    assert!(reused > 0.0 && (fed + reused) % 3.0 == 0.0, "{after}");
+    assert_eq!(reused, 2.0 * ((fed + reused) / 3.0 - 1.0), "{after}");
     assert!(number(key("egpu_resident_bytes", "{\"model\": \"smollm2\"}")) > 1e6);
     assert!(number(key("egpu_budget_bytes", "{\"backend\": \"cpu\"}")) > 0.0);
     assert_eq!(
@@ -741,6 +756,48 @@ async fn metrics_parse_as_prometheus_text_and_count_what_is_served() {
             "{\"model\": \"smollm2\", \"outcome\": \"ok\"}"
         )],
         1.0
+    );
+}
+
+/// A chat app resending the conversation: its second turn reports the reused prefix in
+/// OpenAI's `usage.prompt_tokens_details.cached_tokens` and answers what a model that never saw
+/// the first turn answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chats_next_turn_over_http_reuses_the_cached_prefix_and_says_so() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    load_smollm2(&mut client, "smollm2", 1024, 2).await;
+    let unix = HttpTarget::unix(&daemon);
+    let chat = |model: &str, messages: Value| {
+        let unix = unix.clone();
+        let body =
+            json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": 20});
+        async move {
+            let reply = chat_over(&unix, None, body).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            reply.json()
+        }
+    };
+    let first = json!([{"role": "user", "content": "Give me a short tip for learning to cook."}]);
+    let one = chat("smollm2", first.clone()).await;
+    assert_eq!(one["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let mut second = first.as_array().unwrap().clone();
+    second.push(json!({"role": "assistant", "content": one["choices"][0]["message"]["content"]}));
+    second.push(json!({"role": "user", "content": "And one for baking?"}));
+    let two = chat("smollm2", Value::Array(second.clone())).await;
+    let cached = two["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("cached_tokens");
+    assert!(
+        cached >= one["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{one}\n{two}"
+    );
+    load_smollm2(&mut client, "fresh", 1024, 1).await;
+    let fresh = chat("fresh", Value::Array(second)).await;
+    assert_eq!(fresh["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        fresh["choices"][0]["message"]["content"],
+        two["choices"][0]["message"]["content"]
     );
 }
 

@@ -72,9 +72,9 @@ impl CpuModel {
         self.caches[slot].capacity()
     }
 
-    /// Empties a slot for the next sequence.
-    pub fn clear_slot(&mut self, slot: usize) {
-        self.caches[slot].clear();
+    /// Keeps the first `len` positions of a slot's cache (0: empties it).
+    pub fn keep_prefix(&mut self, slot: usize, len: usize) {
+        self.caches[slot].truncate(len);
     }
 
     /// One forward pass over several slots. `steps` must name distinct slots in increasing

@@ -242,9 +242,15 @@ impl DecoderModel {
 
     /// Empties a slot for the next sequence.
     pub fn clear_slot(&mut self, slot: usize) {
+        self.keep_prefix(slot, 0);
+    }
+
+    /// Keeps the first `len` positions of a slot's cache and forgets the rest: the next step
+    /// for the slot appends at `len` (a reused prompt prefix).
+    pub fn keep_prefix(&mut self, slot: usize, len: usize) {
         match self {
-            DecoderModel::Cpu(m) => m.clear_slot(slot),
-            DecoderModel::Tinygrad(m) => m.clear_slot(slot),
+            DecoderModel::Cpu(m) => m.keep_prefix(slot, len),
+            DecoderModel::Tinygrad(m) => m.keep_prefix(slot, len),
         }
     }
 

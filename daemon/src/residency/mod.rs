@@ -42,7 +42,7 @@ use crate::backend::{
 };
 use crate::error::DaemonError;
 use crate::metrics::{self, LoadLabels, Metrics};
-use crate::scheduler::{self, ModelQueue, RunnerSettings, StopReason};
+use crate::scheduler::{self, ModelQueue, PrefixStats, RunnerSettings, StopReason};
 use crate::state::StateStore;
 use catalog::{Catalog, CatalogFile, Source};
 use eviction::{Holder, Holding};
@@ -193,6 +193,7 @@ pub struct ModelInfo {
     pub trained_context_length: Option<u64>,
     /// Why a waiting pin is not loaded yet (the last attempt's error); empty otherwise.
     pub detail: String,
+    pub prefix_cache: PrefixStats,
 }
 
 /// A model that serves requests.
@@ -285,6 +286,7 @@ impl Resident {
             vocab_size: self.tokenizer.vocab_size(),
             trained_context_length: self.summary.context_length,
             detail: String::new(),
+            prefix_cache: self.queue.prefix_stats(),
         }
     }
 
@@ -709,6 +711,7 @@ impl Residency {
                     vocab_size: 0,
                     trained_context_length: l.summary.context_length,
                     detail: String::new(),
+                    prefix_cache: PrefixStats::default(),
                 },
             })
             .collect();

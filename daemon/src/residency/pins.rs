@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use super::{KeepAlive, LoadOptions, LoadTicket, ModelInfo, ModelState, Residency, Resident};
 use crate::backend::BackendKind;
 use crate::error::DaemonError;
+use crate::scheduler::PrefixStats;
 use crate::state::{PinnedModel, StateStore};
 
 /// The record of a pinned resident model.
@@ -70,6 +71,7 @@ impl WaitingPin {
             vocab_size: 0,
             trained_context_length: None,
             detail: self.reason.clone(),
+            prefix_cache: PrefixStats::default(),
         }
     }
 }

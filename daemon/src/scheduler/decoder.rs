@@ -3,7 +3,8 @@
 //! Every step, the runner:
 //!
 //! 1. drops sequences whose client went away or whose deadline passed (freeing their slot),
-//! 2. admits waiting requests into free slots ([`super::admission`]),
+//! 2. admits waiting requests into free slots ([`super::admission`]), each into the slot whose
+//!    cache already holds the longest prefix of its input ([`super::prefix`]),
 //! 3. plans one pass ([`super::plan`]): a token for every decoding sequence, then prompt chunks,
 //! 4. takes its compute turn (CPU) or its worker turn (tinygrad) for the forward pass,
 //! 5. samples, detokenizes and streams each sequence's token.
@@ -21,22 +22,25 @@ use super::events::{
     TokenLogprob, TokenLogprobs,
 };
 use super::plan::{plan_step, SlotView, StepPlan, Work};
+use super::prefix::{choose_slot, SlotChoice, SlotHistory};
 use super::{
     ClientKey, GenerateJob, Job, ModelQueue, Request, RunnerSettings, ScoreJob, StopReason,
 };
 use crate::backend::{ComputeTurns, DecoderModel, SlotStep};
 use crate::error::DaemonError;
 use crate::metrics::{self, Metrics};
+use egpu_engine::models::decoder::Logits;
 
 /// Serves the queue until it is stopped.
 pub(super) fn serve(
-    mut model: DecoderModel,
+    model: DecoderModel,
     tokenizer: &Tokenizer,
     queue: &ModelQueue,
     turns: &ComputeTurns,
     settings: RunnerSettings,
 ) {
     let mut slots: Vec<Option<Sequence<'_>>> = (0..model.n_slots()).map(|_| None).collect();
+    let mut model = CachedSlots::new(model);
     let runner = Runner {
         tokenizer,
         queue,
@@ -48,6 +52,64 @@ pub(super) fn serve(
             return;
         }
         runner.step(&mut slots, &mut model, turns);
+    }
+}
+
+/// The model with a record of what each slot's cache holds, kept in step with it: every pass
+/// appends what it fed, a failed pass forgets its slots, and a new sequence keeps only the
+/// prefix it shares with its slot.
+struct CachedSlots {
+    model: DecoderModel,
+    histories: Vec<SlotHistory>,
+    /// Counts passes, for the histories' recency.
+    passes: u64,
+}
+
+impl CachedSlots {
+    fn new(model: DecoderModel) -> CachedSlots {
+        let histories = vec![SlotHistory::default(); model.n_slots()];
+        CachedSlots {
+            model,
+            histories,
+            passes: 0,
+        }
+    }
+
+    /// Places a new sequence with `input` in one of `free`, cutting that slot's cache to the
+    /// prefix it reuses (at most `reusable` tokens).
+    fn place(&mut self, free: &[usize], input: &[u32], reusable: usize) -> SlotChoice {
+        let choice = choose_slot(&self.histories, free, input, reusable);
+        self.model.keep_prefix(choice.slot, choice.reused);
+        self.histories[choice.slot].truncate(choice.reused);
+        choice
+    }
+
+    fn forward(
+        &mut self,
+        turns: &ComputeTurns,
+        steps: &[SlotStep<'_>],
+    ) -> Result<Logits, DaemonError> {
+        self.passes += 1;
+        let result = self.model.forward(turns, steps);
+        for step in steps {
+            let history = &mut self.histories[step.slot];
+            match &result {
+                Ok(_) => history.tokens.extend_from_slice(step.tokens),
+                // What the failed pass left in the cache is unknown: nothing of it is reused.
+                Err(_) => {
+                    history.tokens.clear();
+                    self.model.clear_slot(step.slot);
+                }
+            }
+            history.last_used = self.passes;
+        }
+        result
+    }
+
+    /// Forgets a slot's cache (its sequence ended because the model is going away).
+    fn clear(&mut self, slot: usize) {
+        self.model.clear_slot(slot);
+        self.histories[slot].tokens.clear();
     }
 }
 
@@ -69,6 +131,8 @@ struct Sequence<'t> {
     input: Vec<u32>,
     /// How many of `input` are in the cache.
     fed: usize,
+    /// How many of `input` were in the slot's cache already when it was admitted.
+    reused: usize,
     kind: SeqKind<'t>,
 }
 
@@ -154,7 +218,7 @@ impl<'t> Runner<'t> {
     fn admit(
         &self,
         slots: &mut [Option<Sequence<'t>>],
-        model: &mut DecoderModel,
+        model: &mut CachedSlots,
     ) -> Option<StopReason> {
         let mut st = self.queue.state.lock();
         loop {
@@ -162,14 +226,27 @@ impl<'t> Runner<'t> {
                 return Some(reason);
             }
             self.queue.forget_abandoned(&mut st);
-            while let Some(free) = slots.iter().position(Option::is_none) {
+            loop {
+                let free: Vec<usize> = (0..slots.len()).filter(|&s| slots[s].is_none()).collect();
+                if free.is_empty() {
+                    break;
+                }
                 let Some(req) = st.admission.admit_next() else {
                     break;
                 };
-                match self.start(req, model.slot_capacity(free)) {
-                    Ok(seq) => {
-                        model.clear_slot(free);
-                        slots[free] = Some(seq);
+                match self.start(req, model.model.slot_capacity(free[0])) {
+                    Ok(mut seq) => {
+                        let reusable = match seq.kind {
+                            // The last input token is fed to get the logits it predicts from.
+                            SeqKind::Generate(_) => seq.input.len().saturating_sub(1),
+                            // A scoring needs every position's logits.
+                            SeqKind::Score(_) => 0,
+                        };
+                        let choice = model.place(&free, &seq.input, reusable);
+                        seq.fed = choice.reused;
+                        seq.reused = choice.reused;
+                        self.count_reuse(&seq);
+                        slots[choice.slot] = Some(seq);
                     }
                     Err(req) => {
                         // The core API sends translations only to translation models.
@@ -240,6 +317,7 @@ impl<'t> Runner<'t> {
             span: req.span,
             input,
             fed: 0,
+            reused: 0,
             kind,
         })
     }
@@ -248,7 +326,7 @@ impl<'t> Runner<'t> {
     fn step(
         &self,
         slots: &mut [Option<Sequence<'t>>],
-        model: &mut DecoderModel,
+        model: &mut CachedSlots,
         turns: &ComputeTurns,
     ) {
         self.drop_abandoned(slots);
@@ -317,8 +395,8 @@ impl<'t> Runner<'t> {
         };
         self.queue
             .memory
-            .store(model.memory_bytes(), Ordering::Relaxed);
-        self.take_results(slots, model, &plan, &logits);
+            .store(model.model.memory_bytes(), Ordering::Relaxed);
+        self.take_results(slots, &model.model, &plan, &logits);
     }
 
     /// Gives back the slots of sequences whose client went away or whose deadline passed.
@@ -503,6 +581,33 @@ impl<'t> Runner<'t> {
         &self.queue.metrics
     }
 
+    /// Counts a generation's prefix-cache lookup, and what it reused.
+    fn count_reuse(&self, seq: &Sequence<'t>) {
+        if !matches!(seq.kind, SeqKind::Generate(_)) {
+            return;
+        }
+        self.queue.prefix.lookups.fetch_add(1, Ordering::Relaxed);
+        let model = metrics::model(&self.queue.model);
+        self.metrics()
+            .prefix_cache_lookups
+            .get_or_create(&model)
+            .inc();
+        if seq.reused > 0 {
+            self.queue.prefix.hits.fetch_add(1, Ordering::Relaxed);
+            self.queue
+                .prefix
+                .reused_tokens
+                .fetch_add(seq.reused as u64, Ordering::Relaxed);
+            self.metrics().prefix_cache_hits.get_or_create(&model).inc();
+            self.metrics()
+                .prefix_cache_reused_tokens
+                .get_or_create(&model)
+                .inc_by(seq.reused as u64);
+        }
+        seq.span
+            .in_scope(|| tracing::debug!(reused = seq.reused, "prompt prefix from the slot cache"));
+    }
+
     /// Answers a running sequence with `err`, and counts it.
     fn fail(&self, seq: Sequence<'t>, err: DaemonError) {
         self.record(&seq, metrics::outcome(&err));
@@ -518,7 +623,9 @@ impl<'t> Runner<'t> {
             SeqKind::Score(_) => "score",
         };
         m.request(&self.queue.model, kind, outcome);
-        m.prompt_tokens.get_or_create(&model).inc_by(seq.fed as u64);
+        m.prompt_tokens
+            .get_or_create(&model)
+            .inc_by((seq.fed - seq.reused) as u64);
         let SeqKind::Generate(g) = &seq.kind else {
             return;
         };
@@ -549,13 +656,13 @@ impl<'t> Runner<'t> {
     fn end_all(
         &self,
         slots: &mut [Option<Sequence<'t>>],
-        model: &mut DecoderModel,
+        model: &mut CachedSlots,
         reason: StopReason,
     ) {
         for (slot, seq) in slots.iter_mut().enumerate() {
             if let Some(seq) = seq.take() {
                 self.fail(seq, self.queue.stop_error(reason));
-                model.clear_slot(slot);
+                model.clear(slot);
             }
         }
         let mut st = self.queue.state.lock();
@@ -607,13 +714,14 @@ fn finish_generation(seq: &mut Sequence<'_>, reason: FinishReason, tail: String)
         queue: since(seq.enqueued, Some(seq.admitted)),
         prefill,
         decode,
-        prefill_tokens_per_s: rate(seq.input.len(), prefill),
+        prefill_tokens_per_s: rate(seq.input.len() - seq.reused, prefill),
         decode_tokens_per_s: rate(g.generated.len().saturating_sub(1), decode),
     };
     seq.span.in_scope(|| {
         tracing::info!(
             finish = ?reason,
             prompt_tokens = seq.input.len(),
+            cached_tokens = seq.reused,
             completion_tokens = g.generated.len(),
             prefill_tok_s = format!("{:.1}", timings.prefill_tokens_per_s),
             decode_tok_s = format!("{:.1}", timings.decode_tokens_per_s),
@@ -625,6 +733,7 @@ fn finish_generation(seq: &mut Sequence<'_>, reason: FinishReason, tail: String)
         done: GenerationDone {
             finish_reason: reason,
             prompt_tokens: seq.input.len(),
+            cached_prompt_tokens: seq.reused,
             completion_tokens: g.generated.len(),
             timings,
         },

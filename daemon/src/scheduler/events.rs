@@ -61,6 +61,8 @@ pub struct Timings {
 pub struct GenerationDone {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose cache entries were reused from an earlier request (not prefilled).
+    pub cached_prompt_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
 }

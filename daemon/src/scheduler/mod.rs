@@ -14,6 +14,7 @@ pub mod admission;
 pub mod decoder;
 pub mod events;
 pub mod plan;
+pub mod prefix;
 pub mod translator;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,7 +194,28 @@ pub struct ModelQueue {
     idle: Arc<Notify>,
     /// Bytes the model holds, measured after each step.
     memory: AtomicU64,
+    /// The runner's prompt-prefix reuse, for Status.
+    prefix: PrefixCounters,
     metrics: Arc<Metrics>,
+}
+
+/// How often a model's new generations found part of their prompt in a slot's cache.
+#[derive(Debug, Default)]
+pub struct PrefixCounters {
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    reused_tokens: AtomicU64,
+}
+
+/// A snapshot of [`PrefixCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Generations admitted.
+    pub lookups: u64,
+    /// Of those, the ones that reused at least one cached token.
+    pub hits: u64,
+    /// Prompt tokens taken from slot caches instead of prefilled.
+    pub reused_tokens: u64,
 }
 
 impl ModelQueue {
@@ -217,6 +239,7 @@ impl ModelQueue {
             wake: Condvar::new(),
             idle,
             memory: AtomicU64::new(memory),
+            prefix: PrefixCounters::default(),
             metrics,
         }
     }
@@ -254,6 +277,14 @@ impl ModelQueue {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory.load(Ordering::Relaxed)
+    }
+
+    pub fn prefix_stats(&self) -> PrefixStats {
+        PrefixStats {
+            lookups: self.prefix.lookups.load(Ordering::Relaxed),
+            hits: self.prefix.hits.load(Ordering::Relaxed),
+            reused_tokens: self.prefix.reused_tokens.load(Ordering::Relaxed),
+        }
     }
 
     /// Sets what the model holds now (the residency manager grows it for a translation whose

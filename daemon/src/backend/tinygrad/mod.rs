@@ -84,8 +84,10 @@ impl TinygradModel {
         self.context
     }
 
-    pub fn clear_slot(&mut self, slot: usize) {
-        self.lengths[slot] = 0;
+    /// Keeps the first `len` positions of a slot's cache: the worker is told where each
+    /// chunk starts, and positions past it are overwritten before anything reads them.
+    pub fn keep_prefix(&mut self, slot: usize, len: usize) {
+        self.lengths[slot] = self.lengths[slot].min(len);
     }
 
     pub fn forward(&mut self, steps: &[SlotStep<'_>]) -> Result<Logits, DaemonError> {

@@ -165,6 +165,11 @@ pub fn model_info(m: ModelInfo) -> pb::ModelInfo {
         parameters: m.parameters,
         vocab_size: m.vocab_size as u32,
         trained_context_length: m.trained_context_length.unwrap_or(0) as u32,
+        prefix_cache: Some(pb::PrefixCacheStats {
+            lookups: m.prefix_cache.lookups,
+            hits: m.prefix_cache.hits,
+            reused_tokens: m.prefix_cache.reused_tokens,
+        }),
     }
 }
 
@@ -258,6 +263,7 @@ pub fn done_event(d: GenerationDone) -> pb::GenerateEvent {
         event: Some(pb::generate_event::Event::Done(pb::GenerateDone {
             finish_reason: finish_reason as i32,
             prompt_tokens: d.prompt_tokens as u32,
+            cached_prompt_tokens: d.cached_prompt_tokens as u32,
             completion_tokens: d.completion_tokens as u32,
             timings: Some(pb::Timings {
                 queue_ms: ms(t.queue),

@@ -600,6 +600,7 @@ fn usage(done: &GenerationDone) -> Value {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_prompt_tokens},
     })
 }
 

@@ -1,0 +1,165 @@
+//! Prompt-prefix reuse: which free slot a new sequence takes, and how much of that slot's
+//! cache it keeps.
+//!
+//! A slot's KV cache outlives the sequence that filled it. The runner remembers, per slot,
+//! exactly the tokens whose keys and values are in the cache ([`SlotHistory`]); a new request
+//! whose input starts with some of them keeps that part and prefills only the rest. A chat
+//! app that resends the whole conversation every turn finds its previous turn (prompt and
+//! answer) still in the slot it used, and pays only for the new message.
+//!
+//! Why per slot, not a shared pool of cached blocks: slot caches are reserved in full when a
+//! model loads (a model never needs more memory mid-request, the budget's guarantee), so a
+//! prefix kept in a free slot costs no memory that is not already counted, and dropping it
+//! would free none. The unit that frees memory under pressure stays a whole idle model,
+//! evicted least recently used first, its cached prefixes with it. Sharing one prefix between
+//! slots (several conversations with one long system prompt) would need copy-on-write blocks
+//! in both backends' caches; per-slot matching already serves one app's conversation per slot.
+//!
+//! Exactness: the engine's outputs for a token do not depend on how its sequence was split into
+//! passes (batch invariance, ARCHITECTURE.md), so a reused prefix leaves the same cache bits as
+//! prefilling it again, and the request gets the same logits.
+//!
+//! Pure: a function of the free slots' histories and the new input.
+
+/// What a slot's cache holds now, for matching.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotHistory {
+    /// Every token whose keys and values are in the slot's cache, in order.
+    pub tokens: Vec<u32>,
+    /// When the slot was last fed (a step counter; larger is more recent).
+    pub last_used: u64,
+}
+
+impl SlotHistory {
+    /// Forgets everything past `len` tokens (the cache is cut to match).
+    pub fn truncate(&mut self, len: usize) {
+        self.tokens.truncate(len);
+    }
+}
+
+/// Where a new sequence goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotChoice {
+    pub slot: usize,
+    /// Tokens of the input already in that slot's cache (they are not fed again).
+    pub reused: usize,
+}
+
+/// Tokens `a` and `b` share from the start.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Picks a free slot for `input` among `free` (indices into `histories`; never empty).
+///
+/// - The slot sharing the longest prefix with the input is taken when it keeps at least as many
+///   tokens as it throws away: a 20-token system prompt in common is not worth destroying a
+///   1,500-token conversation another app will resume.
+/// - Otherwise the free slot with the least to lose: an empty one, else the least recently used
+///   (whatever it shares with the input is still kept).
+///
+/// `reusable` caps what may be kept: a sequence must feed at least its last input token to get
+/// the logits it predicts from, and a scoring wants every position's logits (cap 0).
+pub fn choose_slot(
+    histories: &[SlotHistory],
+    free: &[usize],
+    input: &[u32],
+    reusable: usize,
+) -> SlotChoice {
+    let shared = |slot: usize| common_prefix(&histories[slot].tokens, input).min(reusable);
+    let best = free
+        .iter()
+        .map(|&slot| (slot, shared(slot)))
+        // Longest match; among equals, the slot that loses least, then the lowest index.
+        .max_by_key(|&(slot, keep)| {
+            let lost = histories[slot].tokens.len() - keep;
+            (keep, std::cmp::Reverse(lost), std::cmp::Reverse(slot))
+        });
+    if let Some((slot, keep)) = best {
+        if keep > 0 && keep >= histories[slot].tokens.len() - keep {
+            return SlotChoice { slot, reused: keep };
+        }
+    }
+    let slot = *free
+        .iter()
+        .min_by_key(|&&slot| {
+            let h = &histories[slot];
+            (!h.tokens.is_empty(), h.last_used, slot)
+        })
+        .expect("choose_slot needs a free slot");
+    SlotChoice {
+        slot,
+        reused: shared(slot),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn history(tokens: &[u32], last_used: u64) -> SlotHistory {
+        SlotHistory {
+            tokens: tokens.to_vec(),
+            last_used,
+        }
+    }
+
+    #[test]
+    fn the_slot_holding_the_conversation_is_resumed() {
+        let conversation: Vec<u32> = (0..100).collect();
+        let mut next_turn = conversation.clone();
+        next_turn.extend([500, 501, 502]);
+        let histories = [
+            history(&[7, 8, 9], 5),
+            history(&conversation, 1),
+            SlotHistory::default(),
+        ];
+        let choice = choose_slot(&histories, &[0, 1, 2], &next_turn, next_turn.len() - 1);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 1,
+                reused: 100
+            }
+        );
+    }
+
+    #[test]
+    fn a_short_common_prefix_does_not_destroy_a_long_conversation() {
+        let conversation: Vec<u32> = (0..100).collect();
+        let other: Vec<u32> = [0, 1, 2, 900, 901].to_vec();
+        let histories = [history(&conversation, 1), SlotHistory::default()];
+        let choice = choose_slot(&histories, &[0, 1], &other, other.len() - 1);
+        assert_eq!(choice, SlotChoice { slot: 1, reused: 0 });
+        // With no other free slot, the conversation's slot is taken and its prefix still used.
+        let choice = choose_slot(&histories, &[0], &other, other.len() - 1);
+        assert_eq!(choice, SlotChoice { slot: 0, reused: 3 });
+    }
+
+    #[test]
+    fn without_a_match_the_least_recently_used_slot_is_taken() {
+        let histories = [history(&[1, 2], 9), history(&[3, 4], 2), history(&[5], 4)];
+        let choice = choose_slot(&histories, &[0, 1, 2], &[8, 8, 8], 2);
+        assert_eq!(choice, SlotChoice { slot: 1, reused: 0 });
+        // Busy slots are not candidates.
+        let choice = choose_slot(&histories, &[0, 2], &[8, 8, 8], 2);
+        assert_eq!(choice, SlotChoice { slot: 2, reused: 0 });
+    }
+
+    #[test]
+    fn the_last_input_token_is_always_fed_and_scoring_reuses_nothing() {
+        let histories = [history(&[1, 2, 3, 4], 1)];
+        // The same prompt again: all but its last token come from the cache.
+        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 3);
+        assert_eq!(choice, SlotChoice { slot: 0, reused: 3 });
+        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 0);
+        assert_eq!(choice, SlotChoice { slot: 0, reused: 0 });
+    }
+
+    #[test]
+    fn a_longer_match_wins_over_recency() {
+        let histories = [history(&[1, 2, 3, 9], 1), history(&[1, 2, 8], 7)];
+        let choice = choose_slot(&histories, &[0, 1], &[1, 2, 3, 4, 5], 4);
+        assert_eq!(choice, SlotChoice { slot: 0, reused: 3 });
+    }
+}
