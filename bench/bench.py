@@ -18,6 +18,9 @@ reference figures in issue 3.
     cargo build --release -p egpu-engine --example egpu_bench
     .venv/bin/python bench/bench.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --threads 1 2
 
+With `--kernels avx512 avx2` egpu runs once per kernel path in every repetition (a column each,
+and which prefill tile kernel each path chose), so both paths and llama.cpp share one run.
+
 Prints a Markdown table for BENCHMARKS.md. Speed is measured here, never asserted in tests.
 """
 import argparse
@@ -77,12 +80,13 @@ def llama_bench_run(tool: str, model: str, threads: int, n_prompt: int, n_gen: i
 
 
 def egpu_run(binary: Path, model: str, threads: int, n_prompt: int, n_gen: int,
-             decode_from_empty: bool) -> dict:
+             decode_from_empty: bool, kernels: str | None = None) -> dict:
     cmd = [str(binary), "--model", model, "--threads", str(threads),
            "--prompt", str(n_prompt), "--gen", str(n_gen), "--json"]
     if decode_from_empty:
         cmd.append("--decode-from-empty")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = {**os.environ, **({"EGPU_KERNELS": kernels} if kernels else {})}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,7 +100,11 @@ def main() -> None:
     ap.add_argument("--binary", default=str(REPO / "target/release/examples/egpu_bench"))
     ap.add_argument("--llama-bench", metavar="PATH",
                     help="run llama.cpp's llama-bench tool; decode then starts from an empty context")
+    ap.add_argument("--kernels", nargs="+", metavar="PATH",
+                    help="run egpu once per kernel path (EGPU_KERNELS: avx512, avx2, portable, ...) in the "
+                         "same repetitions, a column each; default: the best path only")
     args = ap.parse_args()
+    paths = args.kernels or [None]
 
     if args.llama_bench:
         engine = f"llama-bench {args.llama_bench}, decode from an empty context"
@@ -105,24 +113,35 @@ def main() -> None:
         engine = f"llama-cpp-python {llama_cpp.__version__}, decode after the prompt"
     print(f"<!-- {time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
           f"{os.cpu_count()} CPUs · {engine} -->")
-    print("| model | threads | test | egpu tok/s | llama.cpp tok/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    header = ["model", "threads", "test"]
+    for path in paths:
+        header += [f"egpu{f' ({path})' if path else ''} tok/s", "ratio"]
+    header.append("llama.cpp tok/s")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for model in args.model:
         for threads in args.threads:
-            runs = {"egpu": [], "llama.cpp": []}
+            runs = {"llama.cpp": [], **{path: [] for path in paths}}
             for _ in range(args.reps):
-                runs["egpu"].append(egpu_run(Path(args.binary), model, threads, args.prompt,
-                                             args.gen, decode_from_empty=bool(args.llama_bench)))
+                for path in paths:
+                    runs[path].append(egpu_run(Path(args.binary), model, threads, args.prompt, args.gen,
+                                               decode_from_empty=bool(args.llama_bench), kernels=path))
                 if args.llama_bench:
                     runs["llama.cpp"].append(
                         llama_bench_run(args.llama_bench, model, threads, args.prompt, args.gen))
                 else:
                     runs["llama.cpp"].append(llamacpp_run(model, threads, args.prompt, args.gen))
             for key, label in [("prefill_tok_s", f"pp{args.prompt}"), ("decode_tok_s", f"tg{args.gen}")]:
-                ours = statistics.median(r[key] for r in runs["egpu"])
                 theirs = statistics.median(r[key] for r in runs["llama.cpp"])
-                print(f"| {Path(model).name} | {threads} | {label} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
+                cells = [Path(model).name, str(threads), label]
+                for path in paths:
+                    ours = statistics.median(r[key] for r in runs[path])
+                    cells += [f"{ours:.1f}", f"{ours / theirs:.2f}×"]
+                cells.append(f"{theirs:.1f}")
+                print("| " + " | ".join(cells) + " |")
                 sys.stdout.flush()
+    tiles = {path or "best": r.get("tile", "?") for path in paths for r in runs[path][:1]}
+    print(f"\nprefill tile kernel per path: {tiles}")
 
 
 if __name__ == "__main__":

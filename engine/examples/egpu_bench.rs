@@ -79,7 +79,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let (pp, tg) = (n_prompt as f64 / prefill, n_gen as f64 / decode);
     if json {
-        println!("{{\"prefill_tok_s\": {pp:.3}, \"decode_tok_s\": {tg:.3}}}");
+        let path = egpu_engine::kernels::KernelPath::best();
+        println!(
+            "{{\"prefill_tok_s\": {pp:.3}, \"decode_tok_s\": {tg:.3}, \"kernels\": \"{}\", \"tile\": \"{}\"}}",
+            path.name(),
+            path.tile_kernel()
+        );
     } else {
         println!("prefill {n_prompt} tokens: {pp:.1} tok/s; decode {n_gen} tokens: {tg:.1} tok/s ({threads} threads)");
     }

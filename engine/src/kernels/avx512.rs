@@ -83,8 +83,91 @@ pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
     avx2::matvec_decoded_in_tile_order_with::<NT, Vnni>(w, rows, acts, first_token, store)
 }
 
-/// The mat-mat tile (see [`avx2::tile`] for the contract): two tokens per 512-bit register
-/// when the tile has two, else AVX2's body with [`Vnni`].
+/// How this path runs a tile of two tokens (the prefill tiles' usual width). Both give the same
+/// bits; which is faster depends on the CPU: cores with full-width 512-bit units (Intel's
+/// server cores) gain from two tokens per register (measured on this project's Xeon VMs:
+/// SmolLM2 prefill 625 against 570 tok/s for 256-bit VNNI), while Zen 4 splits a 512-bit
+/// instruction into two 256-bit halves and pays for the broadcasts on top (its prefill was
+/// slower on the AVX-512 path than on AVX2). So it is measured, not assumed: [`pair_tile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairTile {
+    /// Both tokens in one 512-bit register ([`tile_token_pair`]).
+    Zmm,
+    /// AVX2's tile body with 256-bit VNNI.
+    Ymm,
+}
+
+impl PairTile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairTile::Zmm => "avx512-zmm-pair",
+            PairTile::Ymm => "avx512-ymm-vnni",
+        }
+    }
+}
+
+/// The two-token tile this process uses: `$EGPU_AVX512_TILE` (`zmm` or `ymm`) when set, else
+/// the faster of the two on a short timed run of a 4-row tile ([`calibrate`]), decided once.
+/// Only the speed depends on the choice, never the results.
+pub fn pair_tile() -> PairTile {
+    static CHOICE: std::sync::OnceLock<PairTile> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(
+        || match std::env::var("EGPU_AVX512_TILE").as_deref().map(str::trim) {
+            Ok("zmm") => PairTile::Zmm,
+            Ok("ymm") => PairTile::Ymm,
+            _ if available() => calibrate(),
+            _ => PairTile::Ymm,
+        },
+    )
+}
+
+/// Times both two-token tiles on the same synthetic 4-row × 2-token block (64 chunks of Q4_1-
+/// like unsigned quants with offsets, L1-resident like a prefill tile's data) and returns the
+/// faster. Rounds alternate and each variant keeps its best round, so a burst of other work on
+/// the machine slows both rather than deciding alone. About 10 ms.
+fn calibrate() -> PairTile {
+    const NC: usize = 64;
+    const RUNS_PER_ROUND: usize = 200;
+    let mut seed = 0x2545_f491u32;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    };
+    let mut w = vec![DecodedChunk::ZERO; 4 * NC];
+    for chunk in &mut w {
+        chunk.q.iter_mut().for_each(|q| *q = (next() & 15) as u8);
+        chunk.scale = [0.01; 8];
+    }
+    let offsets = vec![[0.5f32, -0.5]; 4 * NC];
+    let mut acts = QuantizedActivations::default();
+    acts.reset(2, NC * super::decoded::CHUNK);
+    acts.q.iter_mut().flatten().for_each(|x| *x = next() as i8);
+    acts.d.iter_mut().for_each(|d| *d = 0.02);
+    let mut best = [std::time::Duration::MAX; 2];
+    let mut out = [[0f32; 2]; 4];
+    for _ in 0..5 {
+        for (variant, best) in [PairTile::Zmm, PairTile::Ymm].into_iter().zip(&mut best) {
+            let start = std::time::Instant::now();
+            for _ in 0..RUNS_PER_ROUND {
+                // SAFETY: `available()` was checked by the caller; the shapes match the
+                // contract (4 rows and 2 tokens of NC chunks, offsets for every chunk).
+                unsafe { tile_as::<4, 2, false, true>(variant, &w, &offsets, &acts, 0, &mut out) };
+                std::hint::black_box(&mut out);
+            }
+            *best = (*best).min(start.elapsed());
+        }
+    }
+    if best[0] <= best[1] {
+        PairTile::Zmm
+    } else {
+        PairTile::Ymm
+    }
+}
+
+/// The mat-mat tile (see [`avx2::tile`] for the contract): a two-token tile as [`pair_tile`]
+/// chose, other widths with AVX2's body and [`Vnni`].
 ///
 /// # Safety
 /// As [`avx2::tile`], and the CPU must pass [`available`].
@@ -101,7 +184,28 @@ pub(crate) unsafe fn tile<
     t0: usize,
     out: &mut [[f32; RN]; RM],
 ) {
-    if RN == 2 {
+    tile_as::<RM, RN, SIGNED, OFFSETS>(pair_tile(), w, offsets, acts, t0, out)
+}
+
+/// [`tile`] with a chosen two-token variant (the test compares them).
+///
+/// # Safety
+/// As [`tile`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn tile_as<
+    const RM: usize,
+    const RN: usize,
+    const SIGNED: bool,
+    const OFFSETS: bool,
+>(
+    pair: PairTile,
+    w: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; RN]; RM],
+) {
+    if RN == 2 && pair == PairTile::Zmm {
         let mut pair = [[0f32; 2]; RM];
         tile_token_pair::<RM, SIGNED, OFFSETS>(w, offsets, acts, t0, &mut pair);
         for (dst, src) in out.iter_mut().zip(&pair) {
@@ -228,5 +332,85 @@ unsafe fn tile_token_pair<const RM: usize, const SIGNED: bool, const OFFSETS: bo
         for ((o, s), t) in out_i.iter_mut().zip(sums).zip(tail_i) {
             *o = s + t;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both two-token tiles give the same bits for every kind of chunk (signed or not, with
+    /// offsets or not) and every row count, so [`pair_tile`]'s timing only changes the speed.
+    #[test]
+    fn both_pair_tiles_give_the_same_bits() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 (F, BW, VL, VNNI)");
+            return;
+        }
+        const NC: usize = 9;
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let mut w = vec![DecodedChunk::ZERO; 4 * NC];
+        for chunk in &mut w {
+            chunk.q.iter_mut().for_each(|q| *q = next() as u8);
+            chunk
+                .scale
+                .iter_mut()
+                .for_each(|s| *s = (next() % 1000) as f32 * 1e-4);
+        }
+        let offsets: Vec<[f32; 2]> = (0..4 * NC)
+            .map(|_| {
+                [
+                    (next() % 100) as f32 * 0.01,
+                    -((next() % 100) as f32) * 0.01,
+                ]
+            })
+            .collect();
+        let mut acts = QuantizedActivations::default();
+        acts.reset(3, NC * super::super::decoded::CHUNK);
+        acts.q.iter_mut().flatten().for_each(|x| *x = next() as i8);
+        acts.d
+            .iter_mut()
+            .for_each(|d| *d = (next() % 1000) as f32 * 1e-3);
+        acts.half_sums
+            .iter_mut()
+            .flatten()
+            .for_each(|s| *s = (next() % 2000) as f32 * 0.01 - 10.0);
+        macro_rules! compare {
+            ($rm:literal, $signed:literal, $offsets:literal) => {
+                for t0 in 0..2 {
+                    let run = |pair| {
+                        let mut out = [[0f32; 2]; $rm];
+                        // SAFETY: AVX-512 checked above; $rm rows and tokens t0, t0 + 1 of NC
+                        // chunks exist, with offsets for every chunk.
+                        unsafe {
+                            tile_as::<$rm, 2, $signed, $offsets>(
+                                pair, &w, &offsets, &acts, t0, &mut out,
+                            )
+                        };
+                        out.map(|row| row.map(f32::to_bits))
+                    };
+                    assert_eq!(
+                        run(PairTile::Zmm),
+                        run(PairTile::Ymm),
+                        "{} rows, signed {}, offsets {}, t0 {t0}",
+                        $rm,
+                        $signed,
+                        $offsets
+                    );
+                }
+            };
+        }
+        compare!(1, false, true);
+        compare!(2, true, false);
+        compare!(3, false, false);
+        compare!(4, false, true);
+        compare!(4, true, false);
+        compare!(4, true, true);
     }
 }

@@ -271,14 +271,31 @@ impl KernelPath {
                     .into_iter()
                     .find(|p| p.name().eq_ignore_ascii_case(name.trim()))
             });
-            match wanted {
+            let path = match wanted {
                 Some(path) if path.is_available() => path,
                 _ => Self::available()
                     .last()
                     .copied()
                     .unwrap_or(KernelPath::Scalar),
+            };
+            // The AVX-512 path times its two-token tiles now, at the first load, rather than in
+            // the first request's prefill.
+            #[cfg(target_arch = "x86_64")]
+            if path == KernelPath::Avx512 {
+                avx512::pair_tile();
             }
+            path
         })
+    }
+
+    /// The prefill tile kernel this path runs, for benchmarks and `egpuctl doctor`: the path's
+    /// name, or on AVX-512 which two-token tile [`avx512::pair_tile`] chose.
+    pub fn tile_kernel(self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if self == KernelPath::Avx512 {
+            return avx512::pair_tile().as_str();
+        }
+        self.name()
     }
 
     /// Lower-case name, as `$EGPU_KERNELS` spells it.
