@@ -201,7 +201,22 @@ class Model:
         # zero rows keep the decode graph's symbolic row slice inside the buffer for any position < ctx
         b = np.concatenate([b, np.zeros(b.size // cfg.context_length * (ctx - cfg.context_length), np.uint8)])
       return Tensor(b, dtype=dtypes.uint8, device=device).realize()
-    self.bufs = {name: upload(name) for name in f.tensors if name != "rope_freqs.weight"}
+    # A layer's Q, K and V projections read the same input: where their types agree they go into one buffer and
+    # one mat-vec (two kernels fewer per layer and step), Q|K|V or, when V has its own type (Q4_K_M gives half
+    # the layers a Q6_K V), Q|K. Files with Q/K/V biases keep three.
+    self.qkv_packs: dict[int, list[tuple[str, int, list[int]]]] = {}
+    for il in range(cfg.n_layer):
+      names = [f"blk.{il}.attn_{x}.weight" for x in "qkv"]
+      if not all(n in f.tensors for n in names) or any(n.replace(".weight", ".bias") in f.tensors for n in names):
+        continue
+      types = [f.tensors[n].ggml_type for n in names]
+      groups = [names] if len(set(types)) == 1 else [names[:2], names[2:]] if types[0] == types[1] else []
+      self.qkv_packs[il] = [("+".join(g), types[names.index(g[0])], [f.tensors[n].shape[1] for n in g]) for g in groups]
+    packed = {n: key for packs in self.qkv_packs.values() for key, _, _ in packs for n in key.split("+")}
+    self.bufs = {name: upload(name) for name in f.tensors if name != "rope_freqs.weight" and name not in packed}
+    for key in dict.fromkeys(packed.values()):
+      parts = [np.ascontiguousarray(f.tensor_bytes(n)) for n in key.split("+")]
+      self.bufs[key] = Tensor(np.concatenate(parts) if len(parts) > 1 else parts[0], dtype=dtypes.uint8, device=device).realize()
     self.device = self.bufs["token_embd.weight"].device
     # SwiGLU/GeGLU's gate is realized on its own where the GPU mat-vec layout applies, so that gate and up are
     # two one-reduction kernels it can lay out (see egpu_worker.matvec); on the CPU they stay fused.
@@ -225,8 +240,12 @@ class Model:
       inv_freq = r.freq_scale * r.freq_base ** (-np.arange(0, r.n_rot, 2, dtype=np.float64) / r.n_rot)
       if factors is not None: inv_freq = inv_freq / factors
       ang = np.arange(ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
-      self.rope_tables.append((Tensor(np.cos(ang).astype(np.float32), device=self.device).realize(),
-                               Tensor(np.sin(ang).astype(np.float32), device=self.device).realize()))
+      cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+      # full width, in the order `rope` pairs elements: each pair's cosine twice, its sine negated for the
+      # element that subtracts (see `rope`)
+      if r.style == "normal": full = (np.repeat(cos, 2, axis=1), np.stack([-sin, sin], axis=2).reshape(ctx, r.n_rot))
+      else: full = (np.concatenate([cos, cos], axis=1), np.concatenate([-sin, sin], axis=1))
+      self.rope_tables.append(tuple(Tensor(t, device=self.device).realize() for t in full))
     # how many positions of each slot hold valid cache entries (a step may not leave a gap)
     self.lengths = [0] * slots
     # symbolic inputs of the decode jit: row i's token, slot and position, and the key count of the batch
@@ -271,6 +290,13 @@ class Model:
     y = x.matmul(self.weight(prefix + ".weight").T)
     return y + self.weight(prefix + ".bias", dtypes.float32) if prefix + ".bias" in self.file.tensors else y
 
+  def linear_packed(self, x: Tensor, key: str, ggml_type: int, rows: list[int]) -> list[Tensor]:
+    """`linear` of matrices packed row after row in one buffer (`qkv_packs`): one mat-vec, split by columns."""
+    cols = self.file.tensors[key.split("+")[0]].shape[0]
+    y = x.matmul(dequantize(self.bufs[key], ggml_type, (sum(rows), cols)).T)
+    edges = [sum(rows[:i]) for i in range(len(rows) + 1)]
+    return [y[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+
   def norm(self, x: Tensor, prefix: str) -> Tensor:
     w = self.weight(prefix + ".weight", dtypes.float32)
     if self.cfg.norm == "rms": return x * (x.square().mean(-1, keepdim=True) + self.cfg.norm_eps).rsqrt() * w
@@ -281,20 +307,19 @@ class Model:
   # ------------------------------------------------------------------ the pass
   @staticmethod
   def rope(x: Tensor, r: Rope, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, T, heads, head_dim), cos/sin: (B, T, n_rot/2). Rotates the first n_rot dimensions of every head:
-    adjacent pairs (ggml's normal RoPE) or the two halves (NeoX); the rest pass through."""
+    """x: (B, T, heads, head_dim), cos/sin: (B, T, n_rot), full width with signed sines (the tables in `__init__`).
+    Rotates the first n_rot dimensions of every head: adjacent pairs (ggml's normal RoPE) or the two halves (NeoX);
+    the rest pass through. A pair (x0, x1) becomes (x0·c − x1·s, x1·c + x0·s): each element times its cosine plus
+    its partner times its signed sine, the partner read through a flipped view. One elementwise expression, so
+    tinygrad fuses it into the kernel that consumes it (stacking the two results took two kernels per tensor)."""
     B, T, H, D = x.shape
-    half = r.n_rot // 2
-    c, s = cos.reshape(B, T, 1, half), sin.reshape(B, T, 1, half)
-    xr = x[..., :r.n_rot]
-    if r.style == "normal":
-      xr = xr.reshape(B, T, H, half, 2)
-      x0, x1 = xr[..., 0], xr[..., 1]
-      out = Tensor.stack(x0 * c - x1 * s, x0 * s + x1 * c, dim=-1).reshape(B, T, H, r.n_rot)
-    else:
-      x0, x1 = xr[..., :half], xr[..., half:]
-      out = Tensor.cat(x0 * c - x1 * s, x0 * s + x1 * c, dim=-1)
-    return out if r.n_rot == D else Tensor.cat(out, x[..., r.n_rot:], dim=-1)
+    n, half = r.n_rot, r.n_rot // 2
+    c, s = cos.reshape(B, T, 1, n), sin.reshape(B, T, 1, n)
+    xr = x[..., :n]
+    if r.style == "normal": partner = xr.reshape(B, T, H, half, 2).flip(-1).reshape(B, T, H, n)
+    else: partner = xr.reshape(B, T, H, 2, half).flip(-2).reshape(B, T, H, n)
+    out = xr * c + partner * s
+    return out if n == D else Tensor.cat(out, x[..., n:], dim=-1)
 
   def qk_norm(self, x: Tensor, name: str) -> Tensor:
     """RMSNorm of each head (last axis) with the layer's per-head-dimension weights."""
@@ -309,6 +334,8 @@ class Model:
     if p + "attn_qkv.weight" in self.file.tensors:  # fused (GPT-2): columns q | k | v
       qkv = self.linear(x, p + "attn_qkv")
       q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + KVH) * D], qkv[:, (H + KVH) * D:]
+    elif il in self.qkv_packs:
+      q, k, v = [part for pack in self.qkv_packs[il] for part in self.linear_packed(x, *pack)]
     else:
       q, k, v = self.linear(x, p + "attn_q"), self.linear(x, p + "attn_k"), self.linear(x, p + "attn_v")
     q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KVH, D), v.reshape(B, T, KVH, D)
@@ -341,7 +368,10 @@ class Model:
     scores = seen.reshape(B, 1, 1, T, L).where(scores, float("-inf"))
     # values past the row's last position are zeroed too, so stale non-finite values could not leak in as 0*inf
     values = (kpos.reshape(1, L, 1, 1) <= rows.qpos[:, -1:].reshape(B, 1, 1, 1)).where(values, 0.0)
-    out = scores.softmax(-1).matmul(values.permute(0, 2, 1, 3).unsqueeze(2))  # (B, KVH, G, T, D)
+    # softmax with its division moved after the weighted sum: the D outputs are divided instead of the L weights,
+    # and the exponentials fuse into the weighted sum's kernel (no kernel writes the normalized weights)
+    e = (scores - scores.max(-1, keepdim=True)).exp()
+    out = e.matmul(values.permute(0, 2, 1, 3).unsqueeze(2)) / e.sum(-1, keepdim=True)  # (B, KVH, G, T, D)
     return self.linear(out.permute(0, 3, 1, 2, 4).reshape(B * T, H * D), p + "attn_output")
 
   @staticmethod

@@ -146,7 +146,7 @@ def test_memory_bytes(model, path):
   f = GGUFFile(path)
   weights = sum(t.nbytes for t in f.tensors.values())
   kv = NL * 2 * 4 * 32 * KVH * D * 2  # layers x (K,V) x slots x ctx x kv heads x head_dim x f16
-  rope = 2 * 32 * (D // 2) * 4
+  rope = 2 * 32 * D * 4  # cos and signed sin, full width (model.rope)
   assert model.memory_bytes() == weights + kv + rope
 
 

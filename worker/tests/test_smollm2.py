@@ -80,7 +80,8 @@ def test_config(model):
   assert (c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab) == (30, 576, 9, 3, 64, 1536, 49152)
   assert c.rope_base == 100000.0 and model.output.name == "token_embd.weight"  # tied LM head
   kv = 30 * 2 * SLOTS * CTX * 3 * 64 * 2
-  assert model.memory_bytes() == 96_576_768 + kv + 2 * CTX * 32 * 4  # quantized tensors + f16 KV + RoPE tables
+  # quantized tensors + f16 KV + RoPE tables (cosines and signed sines, full head width)
+  assert model.memory_bytes() == 96_576_768 + kv + 2 * CTX * 64 * 4
 
 
 def test_greedy_continuation(greedy):
