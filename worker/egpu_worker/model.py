@@ -366,12 +366,15 @@ class Model:
     seen = kpos <= qpos                                                        # (B, T, L)
     if swa: seen = seen & (kpos > qpos - cfg.sliding_window)
     scores = seen.reshape(B, 1, 1, T, L).where(scores, float("-inf"))
-    # values past the row's last position are zeroed too, so stale non-finite values could not leak in as 0*inf
-    values = (kpos.reshape(1, L, 1, 1) <= rows.qpos[:, -1:].reshape(B, 1, 1, 1)).where(values, 0.0)
     # softmax with its division moved after the weighted sum: the D outputs are divided instead of the L weights,
-    # and the exponentials fuse into the weighted sum's kernel (no kernel writes the normalized weights)
+    # and the exponentials fuse into the weighted sum's kernel (no kernel writes the normalized weights). The
+    # weighted sum is written out (products, then a sum over keys) so that the mask applies to each product:
+    # an unseen key's product is an exact 0 even where its cached value is stale and non-finite (0 * inf would
+    # be NaN), and the guard costs no kernel of its own (a masked copy of the values did).
     e = (scores - scores.max(-1, keepdim=True)).exp()
-    out = e.matmul(values.permute(0, 2, 1, 3).unsqueeze(2)) / e.sum(-1, keepdim=True)  # (B, KVH, G, T, D)
+    products = e.unsqueeze(-1) * values.permute(0, 2, 1, 3).reshape(B, KVH, 1, 1, L, D)   # (B, KVH, G, T, L, D)
+    weighted = seen.reshape(B, 1, 1, T, L, 1).where(products, 0.0).sum(-2)                # (B, KVH, G, T, D)
+    out = weighted / e.sum(-1, keepdim=True)
     return self.linear(out.permute(0, 3, 1, 2, 4).reshape(B * T, H * D), p + "attn_output")
 
   @staticmethod

@@ -163,3 +163,31 @@ def test_bad_construction(path):
     load_model(path, ctx=0, slots=1)
   with pytest.raises(ValueError, match="at least 1"):
     load_model(path, ctx=8, slots=0)
+
+
+def test_stale_non_finite_cache_entries_never_reach_the_output(path):
+  """A slot's cache past its sequence holds whatever an earlier sequence left there (egpud reuses slots and keeps
+  prompt prefixes); if a model once overflowed f16 those entries are inf or NaN. A batched decode reads every row's
+  cache up to the batch's last position, so a short row reads such entries; their attention weight is an exact 0,
+  and the mask applies to each weight × value product, so they cannot turn into 0 × inf = NaN. A model whose whole
+  cache starts as NaN gives the clean model's logits, bit for bit, through prefills and batched decode steps of
+  rows at different positions (jitted: replays from the third)."""
+  from tinygrad import Tensor, dtypes
+  from egpu_worker.model import StepItem, load_model
+  long, short = SEQS[0], SEQS[3]
+  outs = []
+  for poisoned in (False, True):
+    m = load_model(path, ctx=32, slots=2)
+    try:
+      if poisoned:
+        m.kv = [Tensor.full(kv.shape, float("nan"), dtype=dtypes.float16, device=m.device).contiguous().realize()
+                for kv in m.kv]
+      logits = [m.step([StepItem(0, 0, long[:6], "last")])[0], m.step([StepItem(1, 0, short[:2], "last")])[0]]
+      for k in range(3):
+        rows = m.step([StepItem(0, 6 + k, [long[6 + k]], "last"), StepItem(1, 2 + k, [short[2 + k]], "last")])
+        logits += list(rows)
+      outs.append(np.stack(logits))
+    finally:
+      m.close()
+  assert np.isfinite(outs[1]).all()
+  np.testing.assert_array_equal(outs[0], outs[1])
