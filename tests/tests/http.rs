@@ -355,11 +355,14 @@ async fn open_stream(target: &HttpTarget, key: &str, body: Value) -> Box<dyn Htt
 async fn a_client_that_disconnects_mid_stream_frees_its_slot_within_a_second() {
     let daemon = TestDaemon::start(&[]);
     let mut client = daemon.client().await;
-    load_smollm2(&mut client, "smollm2", 1024, 1).await;
+    // A stream long enough (4000 tokens, ~20 s) that it is still running when the client goes,
+    // even when 15 tests share 2 cores and this one waits seconds for its turn (a 900-token
+    // stream once finished before the test's Status call in CI).
+    load_smollm2(&mut client, "smollm2", 4096, 1).await;
     let body = json!({
         "model": "smollm2",
         "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
-        "max_tokens": 900,
+        "max_tokens": 4000,
         // Sampled text may end the story early, and a finished request is not active: the
         // stream must still be running when the client goes.
         "ignore_eos": true,

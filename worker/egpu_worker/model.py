@@ -211,7 +211,7 @@ class Model:
         continue
       types = [f.tensors[n].ggml_type for n in names]
       groups = [names] if len(set(types)) == 1 else [names[:2], names[2:]] if types[0] == types[1] else []
-      self.qkv_packs[il] = [("+".join(g), types[names.index(g[0])], [f.tensors[n].shape[1] for n in g]) for g in groups]
+      if groups: self.qkv_packs[il] = [("+".join(g), types[names.index(g[0])], [f.tensors[n].shape[1] for n in g]) for g in groups]
     packed = {n: key for packs in self.qkv_packs.values() for key, _, _ in packs for n in key.split("+")}
     self.bufs = {name: upload(name) for name in f.tensors if name != "rope_freqs.weight" and name not in packed}
     for key in dict.fromkeys(packed.values()):
@@ -594,7 +594,7 @@ class _Rows:
   slots: list          # int or bound Variable per row
   starts: list         # int or bound Variable per row
   n_kv: object         # cache positions every row reads (int or symbolic), >= each row's last position + 1
-  rope: list           # per RoPE table (full attention, sliding window): None or (cos, sin), each (B, T, n_rot/2)
+  rope: list           # per RoPE table (full attention, sliding window): None or (cos, signed sin), each (B, T, n_rot)
   qpos: Tensor         # (B, T) int32 absolute positions
   per_layer: bool = False  # realize layer by layer (prefill) instead of one graph (jitted decode)
   written: list = field(default_factory=list)  # per layer, the cache after this pass's writes (to realize)

@@ -13,7 +13,8 @@ V, E, H, KVH, D, FF, NL = 128, 64, 4, 2, 16, 96, 2
 ROUNDOFF = 1e-4
 
 
-def tiny_llama(path, seed=0, arch="llama", extra=None):
+def tiny_llama(path, seed=0, arch="llama", extra=None, f32=()):
+  """`f32`: suffixes of tensors (e.g. "attn_k.weight") to store as F32 rather than F16, with the same values."""
   rng = np.random.default_rng(seed)
   def mat(o, i): return (rng.standard_normal((o, i)) / np.sqrt(i)).astype(np.float16)
   def norm(n): return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -24,6 +25,7 @@ def tiny_llama(path, seed=0, arch="llama", extra=None):
     t |= {p + "attn_norm.weight": norm(E), p + "attn_q.weight": mat(H * D, E), p + "attn_k.weight": mat(KVH * D, E),
           p + "attn_v.weight": mat(KVH * D, E), p + "attn_output.weight": mat(E, H * D), p + "ffn_norm.weight": norm(E),
           p + "ffn_gate.weight": mat(FF, E), p + "ffn_up.weight": mat(FF, E), p + "ffn_down.weight": mat(E, FF)}
+  t = {name: w.astype(np.float32) if name.endswith(tuple(f32)) and w.dtype == np.float16 else w for name, w in t.items()}
   meta = {"general.architecture": arch, f"{arch}.block_count": NL, f"{arch}.embedding_length": E,
           f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": H, f"{arch}.attention.head_count_kv": KVH,
           f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0,
@@ -191,3 +193,24 @@ def test_stale_non_finite_cache_entries_never_reach_the_output(path):
       m.close()
   assert np.isfinite(outs[1]).all()
   np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("f32", [("attn_k.weight",), ("attn_v.weight",)], ids=["q-k-differ", "v-differs"])
+def test_q_k_v_of_different_types_pack_where_they_can(tmp_path, path, f32):
+  """Q, K and V share one packed mat-vec only where their types agree: all three (the fixture), Q|K with V apart
+  (V of another type, as Q4_K_M gives half the layers), or none (K of another type). The same weights stored as F32
+  instead of F16 give the same logits up to f32 round-off whichever way the layer is split."""
+  from egpu_worker.model import StepItem, load_model
+  mixed = str(tiny_llama(tmp_path / "mixed.gguf", f32=f32))
+  outs = []
+  for p in (path, mixed):
+    m = load_model(p, ctx=32, slots=1)
+    try:
+      want = [["q", "k", "v"]] if p == path else ([["q", "k"], ["v"]] if f32 == ("attn_v.weight",) else None)
+      got = [[n.split(".")[2][-1] for n in key.split("+")] for key, _, _ in m.qkv_packs.get(0, [])] or None
+      assert got == want
+      outs.append(np.stack([m.step([StepItem(0, 0, SEQS[0][:5], "last")])[0],
+                            m.step([StepItem(0, 5, [SEQS[0][5]], "last")])[0]]))
+    finally:
+      m.close()
+  np.testing.assert_allclose(outs[0], outs[1], atol=ROUNDOFF, rtol=0)

@@ -12,6 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use egpu_engine::models::decoder::Logits;
 use egpu_engine::ops::log_softmax;
 use egpu_engine::sampler::{Sampler, StopMatcher, StopStatus};
 use egpu_engine::tokenizer::{StreamDecoder, Tokenizer};
@@ -29,7 +30,6 @@ use super::{
 use crate::backend::{ComputeTurns, DecoderModel, SlotStep};
 use crate::error::DaemonError;
 use crate::metrics::{self, Metrics};
-use egpu_engine::models::decoder::Logits;
 
 /// Serves the queue until it is stopped.
 pub(super) fn serve(
@@ -80,7 +80,9 @@ impl CachedSlots {
     fn place(&mut self, free: &[usize], input: &[u32], reusable: usize) -> SlotChoice {
         let choice = choose_slot(&self.histories, free, input, reusable);
         self.model.keep_prefix(choice.slot, choice.reused);
-        self.histories[choice.slot].truncate(choice.reused);
+        let history = &mut self.histories[choice.slot];
+        history.truncate(choice.reused);
+        history.prompt_len = input.len();
         choice
     }
 
@@ -428,7 +430,7 @@ impl<'t> Runner<'t> {
         slots: &mut [Option<Sequence<'t>>],
         model: &DecoderModel,
         plan: &StepPlan,
-        logits: &egpu_engine::models::decoder::Logits,
+        logits: &Logits,
     ) {
         for (item, p) in plan.slots.iter().enumerate() {
             let outcome = {

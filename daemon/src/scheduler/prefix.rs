@@ -15,9 +15,11 @@
 //! slots (several conversations with one long system prompt) would need copy-on-write blocks
 //! in both backends' caches; per-slot matching already serves one app's conversation per slot.
 //!
-//! Exactness: the engine's outputs for a token do not depend on how its sequence was split into
-//! passes (batch invariance, ARCHITECTURE.md), so a reused prefix leaves the same cache bits as
-//! prefilling it again, and the request gets the same logits.
+//! Exactness (CPU backend): the engine's outputs for a token do not depend on how its sequence
+//! was split into passes (batch invariance, ARCHITECTURE.md), so a reused prefix leaves the same
+//! cache bits as prefilling it again, and the request gets the same logits. On tinygrad the
+//! tokens are the same and the logits agree within a tolerance (its kernels differ per pass
+//! shape).
 //!
 //! Pure: a function of the free slots' histories and the new input.
 
@@ -28,6 +30,9 @@ pub struct SlotHistory {
     pub tokens: Vec<u32>,
     /// When the slot was last fed (a step counter; larger is more recent).
     pub last_used: u64,
+    /// The input length (prompt) of the sequence that last took the slot: `tokens` starts
+    /// with that prompt, then holds what was generated after it.
+    pub prompt_len: usize,
 }
 
 impl SlotHistory {
@@ -53,8 +58,10 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// Picks a free slot for `input` among `free` (indices into `histories`; never empty).
 ///
 /// - The slot sharing the longest prefix with the input is taken when it keeps at least as many
-///   tokens as it throws away: a 20-token system prompt in common is not worth destroying a
-///   1,500-token conversation another app will resume.
+///   tokens as it throws away, or when it keeps the whole prompt of the sequence that filled it
+///   (the same conversation resumed after the template dropped part of the last answer, e.g. a
+///   reasoning block stripped from earlier turns): a 20-token system prompt in common is not
+///   worth destroying a 1,500-token conversation another app will resume.
 /// - Otherwise the free slot with the least to lose: an empty one, else the least recently used
 ///   (whatever it shares with the input is still kept).
 ///
@@ -76,7 +83,9 @@ pub fn choose_slot(
             (keep, std::cmp::Reverse(lost), std::cmp::Reverse(slot))
         });
     if let Some((slot, keep)) = best {
-        if keep > 0 && keep >= histories[slot].tokens.len() - keep {
+        let history = &histories[slot];
+        let lost = history.tokens.len() - keep;
+        if keep > 0 && (keep >= lost || keep >= history.prompt_len) {
             return SlotChoice { slot, reused: keep };
         }
     }
@@ -97,10 +106,12 @@ pub fn choose_slot(
 mod tests {
     use super::*;
 
+    /// A slot holding `tokens`, all of them a prompt (nothing generated yet).
     fn history(tokens: &[u32], last_used: u64) -> SlotHistory {
         SlotHistory {
             tokens: tokens.to_vec(),
             last_used,
+            prompt_len: tokens.len(),
         }
     }
 
@@ -134,6 +145,31 @@ mod tests {
         // With no other free slot, the conversation's slot is taken and its prefix still used.
         let choice = choose_slot(&histories, &[0], &other, other.len() - 1);
         assert_eq!(choice, SlotChoice { slot: 0, reused: 3 });
+    }
+
+    #[test]
+    fn a_conversation_whose_template_dropped_a_long_part_still_resumes() {
+        // Turn 1 left 300 tokens of prompt and 1,000 of reasoning + answer; turn 2's template
+        // keeps the prompt, drops the reasoning and adds 80 tokens.
+        let mut turn_one: Vec<u32> = (0..300).collect();
+        turn_one.extend(5000..6000);
+        let mut next_turn: Vec<u32> = (0..300).collect();
+        next_turn.extend(9000..9080);
+        let histories = [
+            SlotHistory {
+                prompt_len: 300,
+                ..history(&turn_one, 1)
+            },
+            SlotHistory::default(),
+        ];
+        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 0,
+                reused: 300
+            }
+        );
     }
 
     #[test]

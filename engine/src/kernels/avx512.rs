@@ -126,6 +126,9 @@ pub fn pair_tile() -> PairTile {
 /// faster. Rounds alternate and each variant keeps its best round, so a burst of other work on
 /// the machine slows both rather than deciding alone. About 10 ms.
 fn calibrate() -> PairTile {
+    if !available() {
+        return PairTile::Ymm;
+    }
     const NC: usize = 64;
     const RUNS_PER_ROUND: usize = 200;
     let mut seed = 0x2545_f491u32;
@@ -151,8 +154,8 @@ fn calibrate() -> PairTile {
         for (variant, best) in [PairTile::Zmm, PairTile::Ymm].into_iter().zip(&mut best) {
             let start = std::time::Instant::now();
             for _ in 0..RUNS_PER_ROUND {
-                // SAFETY: `available()` was checked by the caller; the shapes match the
-                // contract (4 rows and 2 tokens of NC chunks, offsets for every chunk).
+                // SAFETY: `available()` was checked above; the shapes match the contract (4
+                // rows and 2 tokens of NC chunks, offsets for every chunk).
                 unsafe { tile_as::<4, 2, false, true>(variant, &w, &offsets, &acts, 0, &mut out) };
                 std::hint::black_box(&mut out);
             }

@@ -85,7 +85,8 @@ impl TinygradModel {
     }
 
     /// Keeps the first `len` positions of a slot's cache: the worker is told where each
-    /// chunk starts, and positions past it are overwritten before anything reads them.
+    /// chunk starts. Positions past it keep stale entries until overwritten; a batched pass
+    /// reads them, but their attention weights and weight × value products are masked to 0.
     pub fn keep_prefix(&mut self, slot: usize, len: usize) {
         self.lengths[slot] = self.lengths[slot].min(len);
     }
