@@ -83,18 +83,22 @@ pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
     avx2::matvec_decoded_in_tile_order_with::<NT, Vnni>(w, rows, acts, first_token, store)
 }
 
-/// How this path runs a tile of two tokens (the prefill tiles' usual width). Both give the same
-/// bits; which is faster depends on the CPU: cores with full-width 512-bit units (Intel's
-/// server cores) gain from two tokens per register (measured on this project's Xeon VMs:
-/// SmolLM2 prefill 625 against 570 tok/s for 256-bit VNNI), while Zen 4 splits a 512-bit
-/// instruction into two 256-bit halves and pays for the broadcasts on top (its prefill was
-/// slower on the AVX-512 path than on AVX2). So it is measured, not assumed: [`pair_tile`].
+/// How this path runs its prefill tiles. All give the same bits; which is faster depends on the
+/// CPU: cores with full-width 512-bit units (Intel's server cores) gain from two tokens per
+/// register (measured on this project's Xeon VMs: SmolLM2 prefill 625 against 570 tok/s for
+/// 256-bit VNNI and ~540 for AVX2), while Zen 4 splits a 512-bit instruction into two 256-bit
+/// halves (its prefill was slower on the AVX-512 path than on AVX2), and LLVM's Zen 4 model
+/// (`bench/mca.sh`) even rates AVX2's `maddubs` tile above both AVX-512 tiles there. So it is
+/// measured, not assumed: [`pair_tile`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairTile {
-    /// Both tokens in one 512-bit register ([`tile_token_pair`]).
+    /// Two-token tiles with both tokens in one 512-bit register ([`tile_token_pair`]); other
+    /// widths as [`PairTile::Ymm`].
     Zmm,
     /// AVX2's tile body with 256-bit VNNI.
     Ymm,
+    /// AVX2's own tile (`maddubs`): the AVX-512 path not chosen for prefill.
+    Avx2,
 }
 
 impl PairTile {
@@ -102,28 +106,30 @@ impl PairTile {
         match self {
             PairTile::Zmm => "avx512-zmm-pair",
             PairTile::Ymm => "avx512-ymm-vnni",
+            PairTile::Avx2 => "avx2-maddubs",
         }
     }
 }
 
-/// The two-token tile this process uses: `$EGPU_AVX512_TILE` (`zmm` or `ymm`) when set, else
-/// the faster of the two on a short timed run of a 4-row tile ([`calibrate`]), decided once.
-/// Only the speed depends on the choice, never the results.
+/// The tile this process uses: `$EGPU_AVX512_TILE` (`zmm`, `ymm` or `avx2`) when set, else the
+/// fastest on a short timed run of a 4-row × 2-token tile ([`calibrate`]), decided once. Only
+/// the speed depends on the choice, never the results.
 pub fn pair_tile() -> PairTile {
     static CHOICE: std::sync::OnceLock<PairTile> = std::sync::OnceLock::new();
     *CHOICE.get_or_init(
         || match std::env::var("EGPU_AVX512_TILE").as_deref().map(str::trim) {
             Ok("zmm") => PairTile::Zmm,
             Ok("ymm") => PairTile::Ymm,
+            Ok("avx2") => PairTile::Avx2,
             _ if available() => calibrate(),
             _ => PairTile::Ymm,
         },
     )
 }
 
-/// Times both two-token tiles on the same synthetic 4-row × 2-token block (64 chunks of Q4_1-
-/// like unsigned quants with offsets, L1-resident like a prefill tile's data) and returns the
-/// faster. Rounds alternate and each variant keeps its best round, so a burst of other work on
+/// Times the three tiles on the same synthetic 4-row × 2-token block (64 chunks of Q4_1-like
+/// unsigned quants with offsets, L1-resident like a prefill tile's data) and returns the
+/// fastest. Rounds alternate and each variant keeps its best round, so a burst of other work on
 /// the machine slows both rather than deciding alone. About 10 ms.
 fn calibrate() -> PairTile {
     if !available() {
@@ -148,10 +154,11 @@ fn calibrate() -> PairTile {
     acts.reset(2, NC * super::decoded::CHUNK);
     acts.q.iter_mut().flatten().for_each(|x| *x = next() as i8);
     acts.d.iter_mut().for_each(|d| *d = 0.02);
-    let mut best = [std::time::Duration::MAX; 2];
+    const VARIANTS: [PairTile; 3] = [PairTile::Zmm, PairTile::Ymm, PairTile::Avx2];
+    let mut best = [std::time::Duration::MAX; 3];
     let mut out = [[0f32; 2]; 4];
     for _ in 0..5 {
-        for (variant, best) in [PairTile::Zmm, PairTile::Ymm].into_iter().zip(&mut best) {
+        for (variant, best) in VARIANTS.into_iter().zip(&mut best) {
             let start = std::time::Instant::now();
             for _ in 0..RUNS_PER_ROUND {
                 // SAFETY: `available()` was checked above; the shapes match the contract (4
@@ -162,15 +169,14 @@ fn calibrate() -> PairTile {
             *best = (*best).min(start.elapsed());
         }
     }
-    if best[0] <= best[1] {
-        PairTile::Zmm
-    } else {
-        PairTile::Ymm
-    }
+    // Ties go to the earlier (wider) variant.
+    let fastest = (0..VARIANTS.len())
+        .min_by_key(|&i| (best[i], i))
+        .unwrap_or(0);
+    VARIANTS[fastest]
 }
 
-/// The mat-mat tile (see [`avx2::tile`] for the contract): a two-token tile as [`pair_tile`]
-/// chose, other widths with AVX2's body and [`Vnni`].
+/// The mat-mat tile (see [`avx2::tile`] for the contract), as [`pair_tile`] chose.
 ///
 /// # Safety
 /// As [`avx2::tile`], and the CPU must pass [`available`].
@@ -208,14 +214,18 @@ pub(crate) unsafe fn tile_as<
     t0: usize,
     out: &mut [[f32; RN]; RM],
 ) {
-    if RN == 2 && pair == PairTile::Zmm {
-        let mut pair = [[0f32; 2]; RM];
-        tile_token_pair::<RM, SIGNED, OFFSETS>(w, offsets, acts, t0, &mut pair);
-        for (dst, src) in out.iter_mut().zip(&pair) {
-            dst.copy_from_slice(src);
+    match pair {
+        PairTile::Zmm if RN == 2 => {
+            let mut pair = [[0f32; 2]; RM];
+            tile_token_pair::<RM, SIGNED, OFFSETS>(w, offsets, acts, t0, &mut pair);
+            for (dst, src) in out.iter_mut().zip(&pair) {
+                dst.copy_from_slice(src);
+            }
         }
-    } else {
-        avx2::tile_with::<RM, RN, SIGNED, OFFSETS, Vnni>(w, offsets, acts, t0, out)
+        PairTile::Avx2 => {
+            avx2::tile_with::<RM, RN, SIGNED, OFFSETS, avx2::Maddubs>(w, offsets, acts, t0, out)
+        }
+        _ => avx2::tile_with::<RM, RN, SIGNED, OFFSETS, Vnni>(w, offsets, acts, t0, out),
     }
 }
 
@@ -342,7 +352,7 @@ unsafe fn tile_token_pair<const RM: usize, const SIGNED: bool, const OFFSETS: bo
 mod tests {
     use super::*;
 
-    /// Both two-token tiles give the same bits for every kind of chunk (signed or not, with
+    /// All three tiles give the same bits for every kind of chunk (signed or not, with
     /// offsets or not) and every row count, so [`pair_tile`]'s timing only changes the speed.
     #[test]
     fn both_pair_tiles_give_the_same_bits() {
@@ -358,13 +368,17 @@ mod tests {
             seed ^= seed << 5;
             seed
         };
-        let mut w = vec![DecodedChunk::ZERO; 4 * NC];
-        for chunk in &mut w {
-            chunk.q.iter_mut().for_each(|q| *q = next() as u8);
-            chunk
-                .scale
-                .iter_mut()
-                .for_each(|s| *s = (next() % 1000) as f32 * 1e-4);
+        // Quants and activations within what the decoders and the quantizer produce (at most 5
+        // bits unsigned, ±127 signed, activations ±127), where AVX2's `maddubs` cannot saturate.
+        let mut unsigned = vec![DecodedChunk::ZERO; 4 * NC];
+        let mut signed = vec![DecodedChunk::ZERO; 4 * NC];
+        for (u, s) in unsigned.iter_mut().zip(&mut signed) {
+            u.q.iter_mut().for_each(|q| *q = (next() % 32) as u8);
+            s.q.iter_mut()
+                .for_each(|q| *q = ((next() % 255) as i32 - 127) as i8 as u8);
+            let scale = (next() % 1000) as f32 * 1e-4;
+            u.scale = [scale; 8];
+            s.scale = [scale * 0.5; 8];
         }
         let offsets: Vec<[f32; 2]> = (0..4 * NC)
             .map(|_| {
@@ -376,7 +390,10 @@ mod tests {
             .collect();
         let mut acts = QuantizedActivations::default();
         acts.reset(3, NC * super::super::decoded::CHUNK);
-        acts.q.iter_mut().flatten().for_each(|x| *x = next() as i8);
+        acts.q
+            .iter_mut()
+            .flatten()
+            .for_each(|x| *x = ((next() % 255) as i32 - 127) as i8);
         acts.d
             .iter_mut()
             .for_each(|d| *d = (next() % 1000) as f32 * 1e-3);
@@ -389,15 +406,24 @@ mod tests {
                 for t0 in 0..2 {
                     let run = |pair| {
                         let mut out = [[0f32; 2]; $rm];
+                        let w = if $signed { &signed } else { &unsigned };
                         // SAFETY: AVX-512 checked above; $rm rows and tokens t0, t0 + 1 of NC
                         // chunks exist, with offsets for every chunk.
                         unsafe {
                             tile_as::<$rm, 2, $signed, $offsets>(
-                                pair, &w, &offsets, &acts, t0, &mut out,
+                                pair, w, &offsets, &acts, t0, &mut out,
                             )
                         };
                         out.map(|row| row.map(f32::to_bits))
                     };
+                    assert_eq!(
+                        run(PairTile::Zmm),
+                        run(PairTile::Avx2),
+                        "{} rows, signed {}, offsets {}, t0 {t0}",
+                        $rm,
+                        $signed,
+                        $offsets
+                    );
                     assert_eq!(
                         run(PairTile::Zmm),
                         run(PairTile::Ymm),
