@@ -28,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from local_servers import release, free_port  # bench/ is the script's folder, on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "Name a fruit.",
@@ -43,14 +45,6 @@ KINDS = ["openai-chat-stream", "openai-chat", "openai-completion", "ollama-chat-
 GEN = 16
 
 
-def release(name):
-    return Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release" / name
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid):

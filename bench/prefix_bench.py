@@ -24,14 +24,14 @@ import http.client
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from local_servers import release, free_port, wait_http  # bench/ is the script's folder, on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "clients" / "python"))
@@ -51,29 +51,7 @@ TOPICS = [
 _tags = itertools.count()
 
 
-def release(name):
-    return Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release" / name
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, proc, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    sys.exit(f"{what} did not answer {url}")
 
 
 def conversation(exchanges):
