@@ -16,7 +16,6 @@ Prints markdown tables for BENCHMARKS.md. Speed is measured here, never asserted
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import openai
 
-from local_servers import release, free_port, wait_http  # bench/ is the script's folder, on sys.path
+from local_servers import release, start_egpud, start_llama_server, stop  # bench/ is the script's folder, on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -58,48 +57,22 @@ class Egpud:
     """A release egpud with the model loaded in 8 slots."""
 
     def __init__(self, model, threads, tmp):
-        self.port = free_port()
-        sock = Path(tmp) / "egpud.sock"
-        self.proc = subprocess.Popen(
-            [
-                str(release("egpud")), "--socket", str(sock), "--state-dir", str(Path(tmp) / "state"),
-                "--threads", str(threads), "--http", f"127.0.0.1:{self.port}", "--http-auth", "none",
-            ],
-            stderr=open(Path(tmp) / "egpud.log", "w"),
-            env={**os.environ, "EGPU_LOG": "warn"},
-        )
-        wait_http(f"http://127.0.0.1:{self.port}/api/version", self.proc, "egpud")
-        subprocess.run(
-            [str(release("egpuctl")), "--socket", str(sock), "load", model, "--name", "m",
-             "--slots", str(SLOTS), "--ctx", str(CTX)],
-            check=True, capture_output=True,
-        )
-        self.base = f"http://127.0.0.1:{self.port}/v1"
+        self.proc, port, _ = start_egpud(model, threads, tmp, SLOTS, CTX)
+        self.base = f"http://127.0.0.1:{port}/v1"
         self.model = "m"
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop(self.proc)
 
 
 class LlamaServer:
     def __init__(self, binary, model, threads, tmp):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                binary, "-m", model, "-t", str(threads), "-tb", str(threads),
-                "-np", str(SLOTS), "-c", str(SLOTS * CTX), "--host", "127.0.0.1", "--port", str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(Path(tmp) / "llama-server.log", "w"),
-        )
-        wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, "llama-server")
-        self.base = f"http://127.0.0.1:{self.port}/v1"
+        self.proc, port = start_llama_server(binary, model, threads, tmp, SLOTS, CTX)
+        self.base = f"http://127.0.0.1:{port}/v1"
         self.model = "m"
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop(self.proc)
 
 
 def stream_raw(base, model, prompt, gen):

@@ -23,15 +23,13 @@ import argparse
 import http.client
 import itertools
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from local_servers import release, free_port, wait_http  # bench/ is the script's folder, on sys.path
+from local_servers import start_egpud, start_llama_server, stop  # bench/ is the script's folder, on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "clients" / "python"))
@@ -150,40 +148,23 @@ def measure(client, exchanges, answer_tokens):
 
 class Egpud:
     def __init__(self, model, threads, tmp):
-        self.port = free_port()
-        sock = Path(tmp) / "egpud.sock"
-        self.proc = subprocess.Popen(
-            [str(release("egpud")), "--socket", str(sock), "--state-dir", str(Path(tmp) / "state"),
-             "--threads", str(threads), "--http", f"127.0.0.1:{self.port}", "--http-auth", "none"],
-            stderr=open(Path(tmp) / "egpud.log", "w"), env={**os.environ, "EGPU_LOG": "warn"},
-        )
-        wait_http(f"http://127.0.0.1:{self.port}/api/version", self.proc, "egpud")
-        subprocess.run([str(release("egpuctl")), "--socket", str(sock), "load", model, "--name", "m",
-                        "--slots", str(SLOTS), "--ctx", str(CTX)], check=True, capture_output=True)
+        self.proc, port, sock = start_egpud(model, threads, tmp, SLOTS, CTX)
         self.channel = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.default_authority", "localhost")])
-        self.http = Http(self.port, "m")
+        self.http = Http(port, "m")
         self.grpc = Grpc(pb_grpc.EgpuStub(self.channel), "m")
 
     def stop(self):
         self.channel.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop(self.proc)
 
 
 class LlamaServer:
     def __init__(self, binary, model, threads, tmp):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "-np", str(SLOTS),
-             "-c", str(SLOTS * CTX), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "llama-server.log", "w"),
-        )
-        wait_http(f"http://127.0.0.1:{self.port}/health", self.proc, "llama-server")
-        self.http = Http(self.port, "m")
+        self.proc, port = start_llama_server(binary, model, threads, tmp, SLOTS, CTX)
+        self.http = Http(port, "m")
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop(self.proc)
 
 
 def main():
