@@ -94,21 +94,19 @@ impl CachedSlots {
         self.passes += 1;
         let result = self.model.forward(turns, steps);
         for step in steps {
-            let history = &mut self.histories[step.slot];
             match &result {
-                Ok(_) => history.tokens.extend_from_slice(step.tokens),
+                Ok(_) => self.histories[step.slot]
+                    .tokens
+                    .extend_from_slice(step.tokens),
                 // What the failed pass left in the cache is unknown: nothing of it is reused.
-                Err(_) => {
-                    history.tokens.clear();
-                    self.model.clear_slot(step.slot);
-                }
+                Err(_) => self.clear(step.slot),
             }
-            history.last_used = self.passes;
+            self.histories[step.slot].last_used = self.passes;
         }
         result
     }
 
-    /// Forgets a slot's cache (its sequence ended because the model is going away).
+    /// Forgets a slot's cache and its record.
     fn clear(&mut self, slot: usize) {
         self.model.clear_slot(slot);
         self.histories[slot].tokens.clear();

@@ -278,7 +278,7 @@ impl KernelPath {
                     .copied()
                     .unwrap_or(KernelPath::Scalar),
             };
-            // The AVX-512 path times its two-token tiles now, at the first load, rather than in
+            // The AVX-512 path times its prefill tiles now, at the first load, rather than in
             // the first request's prefill.
             #[cfg(target_arch = "x86_64")]
             if path == KernelPath::Avx512 {
@@ -288,8 +288,8 @@ impl KernelPath {
         })
     }
 
-    /// The prefill tile kernel this path runs, for benchmarks and `egpuctl doctor`: the path's
-    /// name, or on AVX-512 which two-token tile [`avx512::pair_tile`] chose.
+    /// The prefill tile kernel this path runs, for benchmarks (`egpu_bench`): the path's name,
+    /// or on AVX-512 the tile [`avx512::pair_tile`] chose.
     pub fn tile_kernel(self) -> &'static str {
         #[cfg(target_arch = "x86_64")]
         if self == KernelPath::Avx512 {
