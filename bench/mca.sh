@@ -38,7 +38,7 @@
 # models (LLVM 22's Zen 4 model gives `vpdpbusd` a reciprocal throughput of 2 cycles at every
 # width, four times that of `vpmaddubsw`: the Zen 4 VNNI rows stand or fall with it). Compare
 # rows of the same -mcpu only.
-# arm64 (llvm-mca -mcpu=apple-m1) is left out: the engine has no NEON kernels yet.
+# arm64 (llvm-mca -mcpu=apple-m1, the NEON tile against the portable one): bench/mca-arm64.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/mca}"

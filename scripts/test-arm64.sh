@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the engine's tests built for arm64 Linux under qemu-user: the arm64 code paths (the
-# portable kernels that the Mac's CPU backend runs, NEON where the compiler vectorizes) checked
+# Runs the engine's tests built for arm64 Linux under qemu-user: the arm64 code paths (the NEON
+# `sdot` tile that the Mac's CPU backend runs, qemu's CPU having the dot product extension, and
+# the portable kernels it shares the rest with and is checked against bit for bit) checked
 # on this x86-64 machine, with the same real model files and references as the native run.
 # Not part of CI (a cross toolchain and an emulated run take ~30 minutes on 2 cores); run it
 # by hand after kernel changes. Timings under emulation mean nothing; only results do.

@@ -207,6 +207,9 @@ pub fn scores_transposed_f16_with_path(
     scale: f32,
     out: &mut [f32],
 ) {
+    // Only x86 has kernels of its own for this; elsewhere every path runs the loop below.
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    let _ = path;
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
@@ -233,6 +236,9 @@ pub fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[half::f16]) {
 /// [`weighted_sum_f16`] on a chosen path; the scalar twin follows [`weighted_sum`]'s order
 /// per output (rows four at a time, then one at a time).
 pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[half::f16]) {
+    // Only x86 has kernels of its own for this; elsewhere every path runs the loop below.
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    let _ = path;
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
@@ -288,6 +294,9 @@ pub fn scores_transposed_with_path(
     scale: f32,
     out: &mut [f32],
 ) {
+    // Only x86 has kernels of its own for this; elsewhere every path runs the loop below.
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    let _ = path;
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 is available; the body only indexes slices (bounds-checked).
@@ -300,6 +309,9 @@ pub fn scores_transposed_with_path(
 /// Attention's weighted sum of values (see [`weighted_sum`]) on a chosen path;
 /// bit-identical on every path, as [`scores_transposed_with_path`].
 pub fn weighted_sum_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[f32]) {
+    // Only x86 has kernels of its own for this; elsewhere every path runs the loop below.
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    let _ = path;
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 is available; the body only indexes slices (bounds-checked).

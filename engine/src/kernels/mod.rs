@@ -41,10 +41,12 @@
 //!
 //! [`KernelPath`]: `Avx512` (x86-64 with AVX-512 F/BW/VL/VNNI besides AVX2: VNNI byte dot
 //! products, two tokens per 512-bit register in the mat-mat tile; see `avx512`), `Avx2`
-//! (x86-64 with AVX2, FMA, F16C), both chosen at run time with detection cached, `Portable`
+//! (x86-64 with AVX2, FMA, F16C), `Neon` (arm64 with the dot product extension: `sdot` in the
+//! quantized tiles, see `neon`; the portable kernels for the rest, and the portable path's
+//! bits), all chosen at run time with detection cached, `Portable`
 //! (plain Rust with fixed-width lane arrays that the compiler vectorizes for any target, e.g.
 //! NEON on arm64), and `Scalar` (straightforward loops: the twin the others are tested
-//! against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|avx2|avx512`
+//! against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|neon|avx2|avx512`
 //! overrides it (for benchmarks and bisecting numerical differences). The AVX-512 path gives
 //! the AVX2 path's bits exactly and shares its code for everything but the integer work.
 //!
@@ -74,6 +76,8 @@ mod avx512;
 mod decoded;
 mod interleaved;
 pub mod math;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod pool;
 mod portable;
 #[cfg(test)]
@@ -220,6 +224,9 @@ pub enum KernelPath {
     Scalar,
     /// Plain Rust written for the compiler's auto-vectorizer; runs on any target.
     Portable,
+    /// arm64 NEON with the `sdot` byte dot product for the quantized tiles (`neon`), the
+    /// portable kernels for the rest; the portable path's bits exactly.
+    Neon,
     /// x86-64 AVX2 + FMA + F16C intrinsics.
     Avx2,
     /// x86-64 AVX-512 (F, BW, VL, VNNI) for the integer dot products, AVX2 for the rest.
@@ -228,9 +235,10 @@ pub enum KernelPath {
 
 impl KernelPath {
     /// Every path, fastest last.
-    pub const ALL: [KernelPath; 4] = [
+    pub const ALL: [KernelPath; 5] = [
         KernelPath::Scalar,
         KernelPath::Portable,
+        KernelPath::Neon,
         KernelPath::Avx2,
         KernelPath::Avx512,
     ];
@@ -239,6 +247,10 @@ impl KernelPath {
     pub fn is_available(self) -> bool {
         match self {
             KernelPath::Scalar | KernelPath::Portable => true,
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::Neon => neon::available(),
+            #[cfg(not(target_arch = "aarch64"))]
+            KernelPath::Neon => false,
             #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
             KernelPath::Avx2 => avx2::available(),
             #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
@@ -261,7 +273,7 @@ impl KernelPath {
         Self::ALL.into_iter().filter(|p| p.is_available()).collect()
     }
 
-    /// The path [`matmul`] uses: `$EGPU_KERNELS` (`scalar`, `portable`, `avx2` or `avx512`) when set to an
+    /// The path [`matmul`] uses: `$EGPU_KERNELS` (`scalar`, `portable`, `neon`, `avx2` or `avx512`) when set to an
     /// available path, else the fastest available one. Decided once per process.
     pub fn best() -> KernelPath {
         static BEST: OnceLock<KernelPath> = OnceLock::new();
@@ -303,6 +315,7 @@ impl KernelPath {
         match self {
             KernelPath::Scalar => "scalar",
             KernelPath::Portable => "portable",
+            KernelPath::Neon => "neon",
             KernelPath::Avx2 => "avx2",
             KernelPath::Avx512 => "avx512",
         }
@@ -888,6 +901,12 @@ fn quantized_tile(
                     }
                 }
             },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `path` is available; `w`, `offsets` and `acts` hold the tile's rows and
+            // tokens (the driver's tiling guarantees it; `tile` re-checks).
+            KernelPath::Neon => unsafe {
+                neon::tile::<RM, RN>(with_offsets, w, offsets, acts, t0, &mut o)
+            },
             _ => portable::tile_portable::<RM, RN>(
                 signed,
                 with_offsets,
@@ -1051,6 +1070,9 @@ pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
 /// [`widen_f16`] on a chosen path (the test compares them).
 pub fn widen_f16_with_path(path: KernelPath, src: &[half::f16], dst: &mut [f32]) {
     let n = src.len().min(dst.len());
+    // Only x86 has kernels of its own for this; elsewhere every path runs the loop below.
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    let _ = path;
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path.runs_avx2() && path.is_available() {
         // SAFETY: `f16` is two bytes without padding, so the first `n` values are `2n`

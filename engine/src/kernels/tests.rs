@@ -418,6 +418,45 @@ fn avx512_path_gives_the_avx2_bits() {
     }
 }
 
+/// The NEON path gives the portable path's bits exactly (`neon`'s docs say why it can):
+/// every quantized type, with full and partial row and token tiles, one token (decode) and
+/// many (prefill). Runs only on arm64 with the dot product extension
+/// (`scripts/test-arm64.sh` runs it under qemu).
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_path_gives_the_portable_bits() {
+    assert!(
+        KernelPath::Neon.is_available(),
+        "this arm64 CPU has no dot product instructions (qemu's default CPU has them)"
+    );
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(0xa64);
+    for ty in QUANTIZED {
+        let shapes: &[(usize, usize)] = if ty.block_size() == 256 {
+            &[(7, 512), (16, 768)]
+        } else {
+            &[(7, 544), (16, 96), (1, 32)]
+        };
+        for &(rows, cols) in shapes {
+            let data = random_weights(&mut rng, ty, rows, cols);
+            let w = matrix(ty, rows, cols, &data);
+            for n_tokens in [1, 2, 3, 5] {
+                let x = random_activations(&mut rng, n_tokens * cols);
+                let run = |path| {
+                    let mut y = vec![0f32; rows * n_tokens];
+                    matmul_with_path(&pool, &w, &x, n_tokens, &mut y, path).unwrap();
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    run(KernelPath::Portable),
+                    run(KernelPath::Neon),
+                    "{ty} {rows}×{cols}, {n_tokens} tokens"
+                );
+            }
+        }
+    }
+}
+
 /// NaN or infinite activations make the outputs they reach NaN on every path, as in the
 /// exact product (a quantizer that skipped them would hide a broken model).
 #[test]
