@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use egpu_proto::v1::{
-    generate_event, generate_request, GenerateDone, GenerateRequest, SamplingOptions,
+    constraint, generate_event, generate_request, Constraint, GenerateDone, GenerateRequest,
+    SamplingOptions,
 };
 
 use crate::client::{connect, request, Client};
@@ -34,12 +35,55 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "K", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=20))]
     logprobs: u32,
+    #[command(flatten)]
+    constraint: ConstraintArgs,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
     /// Print the token counts and speeds to stderr even when it is not a terminal.
     #[arg(long, short)]
     verbose: bool,
+}
+
+/// What the output must match (at most one), enforced by egpud token by token.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct ConstraintArgs {
+    /// Output JSON valid against the JSON schema in FILE (`-` reads stdin).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<String>,
+    /// Output any JSON object.
+    #[arg(long)]
+    json_object: bool,
+    /// Output text that the regular expression matches as a whole.
+    #[arg(long, value_name = "REGEX")]
+    regex: Option<String>,
+    /// Output text of the Lark grammar in FILE (llguidance's dialect; `-` reads stdin).
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<String>,
+}
+
+impl ConstraintArgs {
+    pub fn to_proto(&self) -> anyhow::Result<Option<Constraint>> {
+        let read = |path: &str| -> anyhow::Result<String> {
+            if path == "-" {
+                return text_argument("-");
+            }
+            std::fs::read_to_string(path).with_context(|| format!("reading {path}"))
+        };
+        let kind = if let Some(path) = &self.json_schema {
+            constraint::Kind::JsonSchema(read(path)?)
+        } else if self.json_object {
+            constraint::Kind::JsonObject(true)
+        } else if let Some(regex) = &self.regex {
+            constraint::Kind::Regex(regex.clone())
+        } else if let Some(path) = &self.grammar {
+            constraint::Kind::LarkGrammar(read(path)?)
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(Constraint { kind: Some(kind) }))
+    }
 }
 
 /// Sampling settings; unset ones take egpud's defaults (greedy).
@@ -111,6 +155,7 @@ pub async fn run(socket: &Path, args: &GenerateArgs) -> anyhow::Result<ExitCode>
         stop: args.stops.clone(),
         top_logprobs: args.logprobs,
         stop_at_eos: None,
+        constraint: args.constraint.to_proto()?,
     };
     let streaming = !args.json;
     let outcome = stream(&mut client, generate, |text| {

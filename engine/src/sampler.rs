@@ -194,7 +194,9 @@ impl Sampler {
                 .iter()
                 .enumerate()
                 .map(|(id, &l)| (id as u32, adjusted(id, l)))
-                .filter(|(_, l)| !l.is_nan()),
+                // −∞ is a token that must not be drawn (a grammar's mask): leaving it out also
+                // keeps the draw's rounding from ever landing on it.
+                .filter(|(_, l)| !l.is_nan() && *l > f32::NEG_INFINITY),
         );
         if c.is_empty() {
             return 0;

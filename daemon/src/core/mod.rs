@@ -29,12 +29,13 @@ use crate::backend::BackendKind;
 use crate::error::DaemonError;
 use crate::metrics;
 use crate::residency::{LoadOptions, LoadTicket, ModelFile, ModelInfo, Residency, Resident};
+use crate::scheduler::constraint::TokenConstraint;
 use crate::scheduler::events::{ScoreResult, TranslateResult};
 use crate::scheduler::{GenerateJob, Job, Request, ScoreJob, TranslateJob};
 use prompt::{encode_with_bos, prompt_tokens};
 use requests::{
-    check_input_bytes, check_stops, Caller, GenerateRequest, ScoreRequest, TranslateRequest,
-    MAX_BEAMS, MAX_DETOKENIZE_IDS, MAX_TOP_LOGPROBS, MAX_TRANSLATE_TEXTS,
+    check_input_bytes, check_stops, Caller, Constraint, GenerateRequest, ScoreRequest,
+    TranslateRequest, MAX_BEAMS, MAX_DETOKENIZE_IDS, MAX_TOP_LOGPROBS, MAX_TRANSLATE_TEXTS,
 };
 pub use stream::GenerationStream;
 use templates::TemplateRenderers;
@@ -297,6 +298,10 @@ impl Core {
             pid = caller.client.pid.unwrap_or(-1),
             prompt_tokens = prompt.len()
         );
+        let constraint = match req.constraint {
+            Some(constraint) => Some(Box::new(compile_constraint(&model, constraint).await?)),
+            None => None,
+        };
         let (events, rx) = mpsc::unbounded_channel();
         let job = GenerateJob {
             prompt,
@@ -305,6 +310,7 @@ impl Core {
             stops: req.stop,
             top_logprobs: req.top_logprobs as usize,
             stop_at_eos: req.stop_at_eos.unwrap_or(true),
+            constraint,
             events,
         };
         submit(&model, caller, Job::Generate(job), span)?;
@@ -595,6 +601,19 @@ async fn reply_of<T>(response: Reply<T>, model: &Resident) -> Result<T, DaemonEr
         Ok(result) => result,
         Err(_) => Err(DaemonError::Unloaded(model.name.clone())),
     }
+}
+
+/// Checks and compiles a generation's constraint for `model`, off the async runtime: the
+/// model's first constrained request builds its vocabulary's trie, and a large schema takes a
+/// while to compile.
+async fn compile_constraint(
+    model: &Resident,
+    constraint: Constraint,
+) -> Result<TokenConstraint, DaemonError> {
+    let grammars = model.grammars.clone();
+    tokio::task::spawn_blocking(move || grammars.compile(&constraint))
+        .await
+        .map_err(|e| DaemonError::Internal(format!("the grammar compiler stopped: {e}")))?
 }
 
 fn invalid(message: String) -> DaemonError {

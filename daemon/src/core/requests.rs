@@ -6,6 +6,7 @@ use egpu_engine::chat::ChatMessage;
 use egpu_engine::sampler::SamplingParams;
 
 use crate::error::DaemonError;
+pub use crate::scheduler::constraint::Constraint;
 use crate::scheduler::ClientKey;
 
 /// Most alternatives a request may ask for per position.
@@ -154,6 +155,8 @@ pub struct GenerateRequest {
     pub top_logprobs: u32,
     /// Whether an end-of-generation token ends the generation (default yes).
     pub stop_at_eos: Option<bool>,
+    /// A JSON schema, regex or grammar the output must match.
+    pub constraint: Option<Constraint>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -42,6 +42,7 @@ use crate::backend::{
 };
 use crate::error::DaemonError;
 use crate::metrics::{self, LoadLabels, Metrics};
+use crate::scheduler::constraint::Grammars;
 use crate::scheduler::{self, ModelQueue, PrefixStats, RunnerSettings, StopReason};
 use crate::state::StateStore;
 use catalog::{Catalog, CatalogFile, Source};
@@ -215,6 +216,8 @@ pub struct Resident {
     /// For a tinygrad model: the generation of the worker that holds it.
     pub worker_generation: Option<u64>,
     pub tokenizer: Arc<Tokenizer>,
+    /// The vocabulary for constrained generation, built at the first request that needs it.
+    pub grammars: Arc<Grammars>,
     pub template: ChatTemplate,
     pub queue: Arc<ModelQueue>,
     /// For a translation model: what its translations' working memory costs.
@@ -1152,6 +1155,7 @@ impl Residency {
             backend,
             worker_generation: worker_link.as_ref().map(|l| l.generation),
             tokenizer: tokenizer.clone(),
+            grammars: Arc::new(Grammars::new(tokenizer.clone())),
             template,
             queue: queue.clone(),
             translation,

@@ -147,6 +147,8 @@ struct Generation<'t> {
     decoder: StreamDecoder<'t>,
     stops: StopMatcher,
     generated: Vec<u32>,
+    /// The logits with the constraint's mask applied (only used by constrained generations).
+    masked: Vec<f32>,
     /// The last sampled token, to be fed in the next step.
     pending: Option<u32>,
     first_token_at: Option<Instant>,
@@ -204,6 +206,8 @@ enum Outcome {
     Finished(Box<LastEvent>),
     /// The client is gone.
     Cancelled,
+    /// The generation cannot go on (its grammar admits nothing more).
+    Failed(DaemonError),
 }
 
 /// A stream's final event and where it goes.
@@ -285,6 +289,7 @@ impl<'t> Runner<'t> {
                     decoder: self.tokenizer.stream_decoder(),
                     stops,
                     generated: Vec::new(),
+                    masked: Vec::new(),
                     pending: None,
                     first_token_at: None,
                     last_token_at: None,
@@ -484,6 +489,13 @@ impl<'t> Runner<'t> {
                         self.release(&seq.client, false);
                     }
                 }
+                Outcome::Failed(err) => {
+                    if let Some(seq) = slots[p.slot].take() {
+                        let client = seq.client.clone();
+                        self.fail(seq, err);
+                        self.release(&client, false);
+                    }
+                }
             }
         }
     }
@@ -493,12 +505,30 @@ impl<'t> Runner<'t> {
         let SeqKind::Generate(g) = &mut seq.kind else {
             unreachable!("generate_token on a score")
         };
+        let token = match g.job.constraint.as_mut() {
+            // The grammar's mask first, then the request's sampling settings over what is left.
+            Some(constraint) => match constraint.mask(row, &mut g.masked) {
+                Ok(()) => g.sampler.sample(&g.masked),
+                Err(err) => return Outcome::Failed(err),
+            },
+            None => g.sampler.sample(row),
+        };
         let now = Instant::now();
-        let token = g.sampler.sample(row);
         g.first_token_at.get_or_insert(now);
         g.last_token_at = Some(now);
-        if g.job.stop_at_eos && self.tokenizer.is_end_of_generation(token) {
+        let ends = match &g.job.constraint {
+            // A grammar allows the end tokens exactly where its output is complete, and they
+            // end it there whatever `stop_at_eos` says (they are not text it could continue).
+            Some(constraint) => constraint.is_end(token),
+            None => g.job.stop_at_eos && self.tokenizer.is_end_of_generation(token),
+        };
+        if ends {
             return finish_generation(seq, FinishReason::Stop, String::new());
+        }
+        if let Some(constraint) = g.job.constraint.as_mut() {
+            if let Err(err) = constraint.accept(token) {
+                return Outcome::Failed(err);
+            }
         }
         let logprobs = if g.job.top_logprobs > 0 {
             vec![token_logprobs(
@@ -527,6 +557,10 @@ impl<'t> Runner<'t> {
         }
         if stopped {
             return finish_generation(seq, FinishReason::StopString, String::new());
+        }
+        if g.job.constraint.as_ref().is_some_and(|c| c.is_complete()) {
+            // Nothing but an end token could follow: end without a pass to sample it.
+            return finish_generation(seq, FinishReason::Stop, String::new());
         }
         if g.job.max_tokens.is_some_and(|m| g.generated.len() >= m) {
             let tail = flush_text(g);

@@ -6,11 +6,13 @@
 //! - [`decoder`]: the runner of decoder-only models (continuous batching, chunked prefill).
 //! - [`translator`]: the runner of translation models (one batch of sentences at a time).
 //! - [`events`]: what the runners send back.
+//! - [`constraint`]: JSON-schema, regex and grammar constraints, as masks on the logits.
 //!
 //! The engine's logits do not depend on what else is in the batch, so a request gets the
 //! same tokens whether it runs alone or beside others.
 
 pub mod admission;
+pub mod constraint;
 pub mod decoder;
 pub mod events;
 pub mod plan;
@@ -49,6 +51,8 @@ pub struct GenerateJob {
     pub stops: Vec<String>,
     pub top_logprobs: usize,
     pub stop_at_eos: bool,
+    /// The grammar the output must match, compiled for this request.
+    pub constraint: Option<Box<constraint::TokenConstraint>>,
     pub events: mpsc::UnboundedSender<GenerationEvent>,
 }
 

@@ -9,7 +9,7 @@ use tonic::{Code, Status};
 
 use crate::backend::device::DeviceInfo;
 use crate::core::requests::{
-    GenerateRequest, PromptInput, SamplingOptions, ScoreRequest, TranslateRequest,
+    Constraint, GenerateRequest, PromptInput, SamplingOptions, ScoreRequest, TranslateRequest,
 };
 use crate::core::{BackendReport, StatusReport};
 use crate::error::DaemonError;
@@ -78,7 +78,19 @@ pub fn generate_request(req: pb::GenerateRequest) -> GenerateRequest {
         stop: req.stop,
         top_logprobs: req.top_logprobs,
         stop_at_eos: req.stop_at_eos,
+        constraint: req.constraint.and_then(|c| c.kind).and_then(constraint),
     }
+}
+
+/// `json_object: false` asks for nothing.
+fn constraint(kind: pb::constraint::Kind) -> Option<Constraint> {
+    Some(match kind {
+        pb::constraint::Kind::JsonSchema(schema) => Constraint::JsonSchema(schema),
+        pb::constraint::Kind::JsonObject(true) => Constraint::JsonObject,
+        pb::constraint::Kind::JsonObject(false) => return None,
+        pb::constraint::Kind::Regex(regex) => Constraint::Regex(regex),
+        pb::constraint::Kind::LarkGrammar(lark) => Constraint::Lark(lark),
+    })
 }
 
 fn sampling(o: pb::SamplingOptions) -> SamplingOptions {

@@ -26,7 +26,7 @@ use super::error::{ApiError, Dialect};
 use super::{caller, check_model_name, json_body, AppState, PeerInfo};
 use crate::backend::BackendKind;
 use crate::core::on_demand::{Available, LoadHints};
-use crate::core::requests::{GenerateRequest, PromptInput, SamplingOptions};
+use crate::core::requests::{Constraint, GenerateRequest, PromptInput, SamplingOptions};
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::residency::stores::Store;
@@ -332,10 +332,20 @@ fn refuse_if(present: bool, what: &'static str, why: &str) -> Result<(), ApiErro
     }
 }
 
-fn has_format(format: &Option<Value>) -> bool {
-    format
-        .as_ref()
-        .is_some_and(|f| !f.is_null() && f.as_str() != Some(""))
+/// Ollama's `format`: `"json"` (any JSON object) or a JSON schema; absent, null or `""` is
+/// free text.
+fn format_constraint(format: Option<Value>) -> Result<Option<Constraint>, ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(Constraint::JsonObject)),
+        Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
+        Some(other) => Err(ApiError::invalid(
+            DIALECT,
+            "format",
+            format!("format must be \"json\" or a JSON schema object, not {other}"),
+        )),
+    }
 }
 
 /// What both endpoints share once parsed.
@@ -344,6 +354,7 @@ struct Plan {
     /// None: load (or unload) the model only.
     input: Option<(PromptInput, bool)>,
     options: Options,
+    constraint: Option<Constraint>,
     keep_alive: Option<KeepAlive>,
     stream: bool,
     chat: bool,
@@ -363,11 +374,7 @@ pub async fn generate(
         "images",
         "egpud's models read text only",
     )?;
-    refuse_if(
-        has_format(&req.format),
-        "format",
-        "structured output is not supported yet",
-    )?;
+    let constraint = format_constraint(req.format)?;
     refuse_if(
         req.context.as_ref().is_some_and(|c| !c.is_empty()),
         "context",
@@ -401,6 +408,7 @@ pub async fn generate(
         model: req.model,
         input,
         options: req.options.unwrap_or_default(),
+        constraint,
         keep_alive: keep_alive(req.keep_alive.as_ref())?,
         stream: req.stream.unwrap_or(true),
         chat: false,
@@ -417,11 +425,7 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let req: ChatBody = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
     check_model_name(&req.model, DIALECT)?;
-    refuse_if(
-        has_format(&req.format),
-        "format",
-        "structured output is not supported yet",
-    )?;
+    let constraint = format_constraint(req.format)?;
     refuse_if(
         req.tools.as_ref().is_some_and(|t| !t.is_empty()),
         "tools",
@@ -446,6 +450,7 @@ pub async fn chat(
         model: req.model,
         input,
         options: req.options.unwrap_or_default(),
+        constraint,
         keep_alive: keep_alive(req.keep_alive.as_ref())?,
         stream: req.stream.unwrap_or(true),
         chat: true,
@@ -508,6 +513,7 @@ async fn run(
         stop: plan.options.stop.clone().unwrap_or_default(),
         top_logprobs: 0,
         stop_at_eos: None,
+        constraint: plan.constraint,
     };
     let caller = caller(peer, headers, None);
     let (events, load) = match state

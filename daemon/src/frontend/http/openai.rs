@@ -1,9 +1,10 @@
 //! OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, with
 //! streaming as Server-Sent Events exactly as OpenAI sends them.
 //!
-//! Unknown fields are ignored; fields egpud cannot honour yet (`n` > 1, images, `tools`,
-//! `response_format` other than text) get a 400 naming the field rather than being dropped
-//! silently.
+//! Unknown fields are ignored; fields egpud cannot honour yet (`n` > 1, images, `tools`) get a
+//! 400 naming the field rather than being dropped silently. `response_format` (`json_object`,
+//! `json_schema`) constrains the output token by token, so it always parses and validates;
+//! `strict` is accepted either way, because the schema is always enforced.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,7 +20,9 @@ use tokio_stream::StreamExt as _;
 use super::error::{ApiError, Dialect};
 use super::{caller, check_model_name, completion_id, json_body, unix_seconds, AppState, PeerInfo};
 use crate::core::on_demand::LoadHints;
-use crate::core::requests::{GenerateRequest, PromptInput, SamplingOptions, MAX_TOP_LOGPROBS};
+use crate::core::requests::{
+    Constraint, GenerateRequest, PromptInput, SamplingOptions, MAX_TOP_LOGPROBS,
+};
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::scheduler::events::{
@@ -203,16 +206,6 @@ fn check_common(c: &Common) -> Result<(), ApiError> {
             "egpud returns one choice per request: n must be 1",
         ));
     }
-    if let Some(format) = &c.response_format {
-        let text = format.is_null() || format.get("type").and_then(Value::as_str) == Some("text");
-        if !text {
-            return Err(ApiError::invalid(
-                DIALECT,
-                "response_format",
-                "structured output (response_format json_object/json_schema) is not supported yet",
-            ));
-        }
-    }
     let non_empty = |v: &Option<Value>| {
         v.as_ref()
             .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
@@ -225,6 +218,29 @@ fn check_common(c: &Common) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// `response_format`: text (or none), `json_object`, or `json_schema` with its `schema`.
+fn response_format(c: &Common) -> Result<Option<Constraint>, ApiError> {
+    let bad = |message: String| ApiError::invalid(DIALECT, "response_format", &message);
+    let Some(format) = c.response_format.as_ref().filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonObject)),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|s| s.get("schema"))
+                .ok_or_else(|| bad("response_format.json_schema.schema is required".into()))?;
+            Ok(Some(Constraint::JsonSchema(schema.to_string())))
+        }
+        Some(other) => Err(bad(format!(
+            "response_format type {other:?} is not one of text, json_object, json_schema"
+        ))),
+        None => Err(bad("response_format needs a type".into())),
+    }
 }
 
 fn sampling(c: &Common) -> SamplingOptions {
@@ -285,6 +301,7 @@ fn plan_chat(req: ChatRequest) -> Result<Plan, ApiError> {
         ));
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let constraint = response_format(&req.common)?;
     let c = req.common;
     Ok(Plan {
         request: GenerateRequest {
@@ -296,6 +313,7 @@ fn plan_chat(req: ChatRequest) -> Result<Plan, ApiError> {
             stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             top_logprobs: logprobs.map_or(0, |k| k.max(1)),
             stop_at_eos: c.ignore_eos.then_some(false),
+            constraint,
         },
         model: c.model,
         stream: c.stream,
@@ -327,6 +345,7 @@ fn plan_completion(req: CompletionRequest) -> Result<Plan, ApiError> {
             ))
         }
     };
+    let constraint = response_format(&req.common)?;
     let c = req.common;
     Ok(Plan {
         request: GenerateRequest {
@@ -338,6 +357,7 @@ fn plan_completion(req: CompletionRequest) -> Result<Plan, ApiError> {
             stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             top_logprobs: req.logprobs.map_or(0, |k| k.max(1)),
             stop_at_eos: c.ignore_eos.then_some(false),
+            constraint,
         },
         model: c.model,
         stream: c.stream,
@@ -693,7 +713,11 @@ mod tests {
         let base = || json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
         let cases = [
             ("n", json!(2)),
-            ("response_format", json!({"type": "json_object"})),
+            ("response_format", json!({"type": "xml"})),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            ),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),
@@ -716,7 +740,21 @@ mod tests {
         let mut fine = base();
         fine["tools"] = json!([]);
         fine["response_format"] = json!({"type": "text"});
-        assert!(chat(fine).is_ok());
+        assert_eq!(chat(fine).unwrap().request.constraint, None);
+        let mut json_object = base();
+        json_object["response_format"] = json!({"type": "json_object"});
+        assert_eq!(
+            chat(json_object).unwrap().request.constraint,
+            Some(Constraint::JsonObject)
+        );
+        let mut schema = base();
+        let wanted = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        schema["response_format"] = json!({"type": "json_schema",
+            "json_schema": {"name": "x", "strict": true, "schema": wanted}});
+        let Some(Constraint::JsonSchema(text)) = chat(schema).unwrap().request.constraint else {
+            panic!("a json_schema response format is a schema constraint");
+        };
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), wanted);
         let mut path = base();
         path["model"] = json!("/etc/passwd");
         assert_eq!(chat(path).err().unwrap().status, StatusCode::NOT_FOUND);
