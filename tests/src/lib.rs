@@ -390,6 +390,25 @@ impl Drop for TestDaemon {
     }
 }
 
+/// Runs a Python script with the test clients on its path (`pydeps`) for at most `limit`;
+/// its stdout's last line is JSON. A failure shows the script's output and egpud's log.
+pub fn run_python_json(
+    daemon: &TestDaemon,
+    mut cmd: Command,
+    limit: Duration,
+) -> serde_json::Value {
+    cmd.env("PYTHONPATH", pydeps());
+    let out = output_within(cmd, limit);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{stdout}\negpud:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("a JSON line")
+}
+
 /// Loads a model and returns its info (the stream's last event).
 pub async fn load(
     client: &mut EgpuClient<Channel>,

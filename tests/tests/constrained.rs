@@ -84,17 +84,8 @@ async fn json_schemas_always_validate_through_the_openai_and_ollama_packages() {
     cmd.arg(script)
         .args(["--base-url", &format!("{}/v1", daemon.http_url())])
         .args(["--key", &daemon.api_key()])
-        .args(["--model", "smollm2", "--model", "gemma3"])
-        .env("PYTHONPATH", pydeps());
-    let out = output_within(cmd, Duration::from_secs(900));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed:\n{}\n{stdout}\negpud:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log_text()
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        .args(["--model", "smollm2", "--model", "gemma3"]);
+    let report = run_python_json(&daemon, cmd, Duration::from_secs(900));
     // 2 models × (5 schemas × (3 settings + 1 stream) + json_object + 2 Ollama) answers.
     assert_eq!(report["total"], 2 * (5 * 4 + 3), "{report}");
     assert_eq!(report["valid"], report["total"], "{report}");

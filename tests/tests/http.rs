@@ -16,18 +16,8 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs a Python script with the test clients on its path; its stdout's last line is JSON.
-fn run_python(daemon: &TestDaemon, mut cmd: Command) -> Value {
-    cmd.env("PYTHONPATH", pydeps());
-    let out = output_within(cmd, Duration::from_secs(240));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed:\n{}\n{stdout}\negpud:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log_text()
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("a JSON line")
+fn run_python(daemon: &TestDaemon, cmd: Command) -> Value {
+    run_python_json(daemon, cmd, Duration::from_secs(240))
 }
 
 /// What `egpuctl generate` answers greedily for a prompt rendered by the chat template.
