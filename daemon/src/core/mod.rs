@@ -15,6 +15,7 @@ pub mod prompt;
 pub mod requests;
 pub mod stream;
 pub mod templates;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use requests::{
 };
 pub use stream::GenerationStream;
 use templates::TemplateRenderers;
+use tools::ToolFormat;
 
 /// The core API over the resident models.
 #[derive(Debug, Clone)]
@@ -276,7 +278,48 @@ impl Core {
             }
             other => other.map(|n| n as usize),
         };
-        let prompt = prompt_tokens(&self.renderers, &model, req.input, req.raw).await?;
+        let tool_format = match &req.tools {
+            Some(tools) => {
+                tools.validate()?;
+                if req.raw && tools.shown() {
+                    return Err(invalid(
+                        "tools reach the model through its chat template: not with raw".into(),
+                    ));
+                }
+                match ToolFormat::of_template(model.template.source()) {
+                    Some(format) => tools.shown().then_some(format),
+                    None if tools.shown() => {
+                        return Err(invalid(format!(
+                            "{}'s chat template does not render tools in a format egpud can \
+                             read calls from (Qwen/Hermes <tool_call> or Llama 3.1 JSON)",
+                            model.name
+                        )))
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let tool_constraint = req
+            .tools
+            .as_ref()
+            .zip(tool_format)
+            .and_then(|(tools, format)| tools.constraint(format));
+        let constraint =
+            match (req.constraint, tool_constraint) {
+                (Some(_), Some(_)) => return Err(invalid(
+                    "a required tool call and a response format cannot both constrain the output"
+                        .into(),
+                )),
+                (own, from_tools) => own.or(from_tools),
+            };
+        let shown_tools = req
+            .tools
+            .as_ref()
+            .filter(|t| t.shown())
+            .map(|t| serde_json::Value::Array(t.list.clone()));
+        let prompt =
+            prompt_tokens(&self.renderers, &model, req.input, req.raw, shown_tools).await?;
         if prompt.is_empty() {
             return Err(invalid(
                 "the prompt has no tokens (the chat template rendered nothing?)".into(),
@@ -298,7 +341,7 @@ impl Core {
             pid = caller.client.pid.unwrap_or(-1),
             prompt_tokens = prompt.len()
         );
-        let constraint = match req.constraint {
+        let constraint = match constraint {
             Some(constraint) => Some(Box::new(compile_constraint(&model, constraint).await?)),
             None => None,
         };
@@ -314,7 +357,7 @@ impl Core {
             events,
         };
         submit(&model, caller, Job::Generate(job), span)?;
-        Ok(GenerationStream::new(rx))
+        Ok(GenerationStream::new(rx, tool_format))
     }
 
     /// The log-probability of every token of a text given the ones before it.

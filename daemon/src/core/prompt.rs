@@ -18,6 +18,7 @@ pub async fn prompt_tokens(
     model: &Resident,
     input: Option<PromptInput>,
     raw: bool,
+    tools: Option<serde_json::Value>,
 ) -> Result<Vec<u32>, DaemonError> {
     let messages = match input {
         None => return Err(invalid("the request has no prompt and no messages")),
@@ -33,7 +34,7 @@ pub async fn prompt_tokens(
     };
     // In a renderer process: the template comes from the model file and may be hostile.
     let text = renderers
-        .render(&model.template, messages, true)
+        .render(&model.template, messages, tools, true)
         .await
         .map_err(|e| match e {
             RenderFailure::Unavailable(_) => DaemonError::Internal(e.to_string()),

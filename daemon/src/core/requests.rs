@@ -5,6 +5,7 @@ use std::time::Instant;
 use egpu_engine::chat::ChatMessage;
 use egpu_engine::sampler::SamplingParams;
 
+pub use super::tools::{ToolChoice, Tools};
 use crate::error::DaemonError;
 pub use crate::scheduler::constraint::Constraint;
 use crate::scheduler::ClientKey;
@@ -157,6 +158,8 @@ pub struct GenerateRequest {
     pub stop_at_eos: Option<bool>,
     /// A JSON schema, regex or grammar the output must match.
     pub constraint: Option<Constraint>,
+    /// Tools the model may call (through its chat template; not with `raw`).
+    pub tools: Option<Tools>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 
+use super::tools::ToolFormat;
 use crate::error::DaemonError;
 use crate::scheduler::events::GenerationEvent;
 
@@ -18,13 +19,19 @@ use crate::scheduler::events::GenerationEvent;
 pub struct GenerationStream {
     events: mpsc::UnboundedReceiver<GenerationEvent>,
     ended: bool,
+    /// Set when the model was shown tools: how to read calls out of its text.
+    pub tool_format: Option<ToolFormat>,
 }
 
 impl GenerationStream {
-    pub(super) fn new(events: mpsc::UnboundedReceiver<GenerationEvent>) -> GenerationStream {
+    pub(super) fn new(
+        events: mpsc::UnboundedReceiver<GenerationEvent>,
+        tool_format: Option<ToolFormat>,
+    ) -> GenerationStream {
         GenerationStream {
             events,
             ended: false,
+            tool_format,
         }
     }
 }

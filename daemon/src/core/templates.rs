@@ -65,6 +65,9 @@ pub struct RenderRequest {
     pub bos_token: String,
     pub eos_token: String,
     pub messages: Vec<ChatMessage>,
+    /// The tools the model may call (OpenAI's / transformers' list), if any.
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
     pub add_generation_prompt: bool,
 }
 
@@ -149,6 +152,7 @@ impl TemplateRenderers {
         &self,
         template: &ChatTemplate,
         messages: Vec<ChatMessage>,
+        tools: Option<serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, RenderFailure> {
         let request = RenderRequest {
@@ -156,6 +160,7 @@ impl TemplateRenderers {
             bos_token: template.bos_token().to_owned(),
             eos_token: template.eos_token().to_owned(),
             messages,
+            tools,
             add_generation_prompt,
         };
         let mut line = serde_json::to_vec(&request)
@@ -336,7 +341,11 @@ fn render_loop() -> std::io::Result<()> {
             }
         };
         let result = match template {
-            Some(template) => template.render(&request.messages, request.add_generation_prompt),
+            Some(template) => template.render_with_tools(
+                &request.messages,
+                request.tools.as_ref(),
+                request.add_generation_prompt,
+            ),
             None => Err(ChatTemplateError::Render("no compiled template".into())),
         };
         reply(&mut output, RenderReply::from(result))?;

@@ -82,7 +82,7 @@ impl Constraint {
 /// structured outputs look. llguidance's default allows any whitespace between tokens, and
 /// small models then fall into runs of spaces and newlines that never end (measured: Gemma 3
 /// 270M ran out of tokens inside whitespace on one of fifteen sampled answers).
-fn with_layout(mut schema: serde_json::Value) -> serde_json::Value {
+pub(crate) fn with_layout(mut schema: serde_json::Value) -> serde_json::Value {
     if let Some(object) = schema.as_object_mut() {
         object.entry("x-guidance").or_insert_with(|| {
             serde_json::json!({
@@ -110,7 +110,7 @@ const MOST_STEPS: f64 = 1e15;
 /// `"price": 1000.0000…`). Every document generated under the bounds is still valid against the
 /// schema as given: they only narrow it. Values inside `const`, `enum`, `default` and
 /// `examples` are data, not schemas, and are left alone.
-fn bound_numbers(schema: &mut serde_json::Value) {
+pub(crate) fn bound_numbers(schema: &mut serde_json::Value) {
     use serde_json::Value;
     match schema {
         Value::Object(map) => {

@@ -8,7 +8,8 @@
 //! - Jinja's `trim_blocks` and `lstrip_blocks` are on (transformers turns both on), and a single
 //!   trailing newline of the template is dropped (Jinja's default).
 //! - The template sees `messages` (a list of maps with `role` and `content`),
-//!   `add_generation_prompt`, `bos_token`, `eos_token`, and `tools` and `documents`, both none.
+//!   `add_generation_prompt`, `bos_token`, `eos_token`, `tools` (none, or the request's tools)
+//!   and `documents` (none).
 //! - `raise_exception(message)` stops rendering with [`ChatTemplateError::Raised`] carrying the
 //!   template's message; templates use it to reject conversations they cannot format, such as
 //!   Gemma's "Conversation roles must alternate user/assistant/user/assistant/...".
@@ -98,13 +99,26 @@ const FALLBACK_SOURCE: &str = "{% for message in messages %}\
 {% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-/// One turn of a conversation, as chat templates see it: `message.role` and `message.content`.
+/// One turn of a conversation, as chat templates see it: `message.role` and `message.content`,
+/// and for tool use transformers' fields: an assistant's `tool_calls` (a list of
+/// `{"type": "function", "function": {"name": …, "arguments": {…}}}`, arguments as a map), and
+/// a tool result's `tool_call_id` and `name` (role `tool`). Absent fields are undefined in the
+/// template, as in transformers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// Who speaks: usually `system`, `user` or `assistant`; templates decide what else they accept.
     pub role: String,
     /// What they say.
     pub content: String,
+    /// The tool calls an assistant turn made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// Which call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The tool's name, on a `tool` message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -113,6 +127,9 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 
@@ -325,6 +342,17 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the tools a model may call, as transformers passes them
+    /// (`tools`: a list of `{"type": "function", "function": {name, description, parameters}}`).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         if messages.is_empty() {
             return Err(ChatTemplateError::EmptyConversation);
         }
@@ -332,14 +360,15 @@ impl ChatTemplate {
             .environment
             .get_template(TEMPLATE_NAME)
             .map_err(|err| ChatTemplateError::Render(describe(&err)))?;
-        // The same variables transformers passes; `tools` and `documents` are none because egpu
-        // does not offer either yet, and templates test them with `is none`/`is not none`.
+        // The same variables transformers passes; `documents` is none because egpu does not
+        // offer it, and templates test it with `is none`/`is not none`; so is `tools` without
+        // tools.
         let context = minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-            tools => Value::from(()),
+            tools => tools.map_or(Value::from(()), Value::from_serialize),
             documents => Value::from(()),
         };
         let mut out = BoundedText::new(MAX_RENDERED_BYTES);

@@ -79,6 +79,7 @@ pub fn generate_request(req: pb::GenerateRequest) -> GenerateRequest {
         top_logprobs: req.top_logprobs,
         stop_at_eos: req.stop_at_eos,
         constraint: req.constraint.and_then(|c| c.kind).and_then(constraint),
+        tools: None,
     }
 }
 

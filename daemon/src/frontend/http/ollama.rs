@@ -26,7 +26,10 @@ use super::error::{ApiError, Dialect};
 use super::{caller, check_model_name, json_body, AppState, PeerInfo};
 use crate::backend::BackendKind;
 use crate::core::on_demand::{Available, LoadHints};
-use crate::core::requests::{Constraint, GenerateRequest, PromptInput, SamplingOptions};
+use crate::core::requests::{
+    Constraint, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
+};
+use crate::core::tools::ToolFormat;
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::residency::stores::Store;
@@ -284,6 +287,12 @@ struct ChatMessageBody {
     content: Option<String>,
     #[serde(default)]
     images: Option<Vec<Value>>,
+    /// An assistant turn's calls: `{"function": {"name", "arguments": {…}}}`.
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    /// The tool a `tool` message answers for.
+    #[serde(default)]
+    tool_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +364,7 @@ struct Plan {
     input: Option<(PromptInput, bool)>,
     options: Options,
     constraint: Option<Constraint>,
+    tools: Option<Tools>,
     keep_alive: Option<KeepAlive>,
     stream: bool,
     chat: bool,
@@ -409,6 +419,7 @@ pub async fn generate(
         input,
         options: req.options.unwrap_or_default(),
         constraint,
+        tools: None,
         keep_alive: keep_alive(req.keep_alive.as_ref())?,
         stream: req.stream.unwrap_or(true),
         chat: false,
@@ -426,11 +437,11 @@ pub async fn chat(
     let req: ChatBody = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
     check_model_name(&req.model, DIALECT)?;
     let constraint = format_constraint(req.format)?;
-    refuse_if(
-        req.tools.as_ref().is_some_and(|t| !t.is_empty()),
-        "tools",
-        "tool calling is not supported yet",
-    )?;
+    // Ollama's tools are OpenAI's list; the model decides whether to call one.
+    let tools = req.tools.filter(|t| !t.is_empty()).map(|list| Tools {
+        list,
+        choice: ToolChoice::Auto,
+    });
     refuse_if(
         req.messages
             .iter()
@@ -442,7 +453,19 @@ pub async fn chat(
         let messages = req
             .messages
             .into_iter()
-            .map(|m| ChatMessage::new(m.role, m.content.unwrap_or_default()))
+            .map(|m| {
+                let mut message = ChatMessage::new(m.role, m.content.unwrap_or_default());
+                message.tool_calls = m.tool_calls.filter(|c| !c.is_empty()).map(|calls| {
+                    Value::Array(
+                        calls
+                            .into_iter()
+                            .map(|c| json!({"type": "function", "function": c["function"]}))
+                            .collect(),
+                    )
+                });
+                message.name = m.tool_name;
+                message
+            })
             .collect();
         (PromptInput::Messages(messages), false)
     });
@@ -451,6 +474,7 @@ pub async fn chat(
         input,
         options: req.options.unwrap_or_default(),
         constraint,
+        tools,
         keep_alive: keep_alive(req.keep_alive.as_ref())?,
         stream: req.stream.unwrap_or(true),
         chat: true,
@@ -514,6 +538,7 @@ async fn run(
         top_logprobs: 0,
         stop_at_eos: None,
         constraint: plan.constraint,
+        tools: plan.tools,
     };
     let caller = caller(peer, headers, None);
     let (events, load) = match state
@@ -529,6 +554,7 @@ async fn run(
         chat: plan.chat,
         started,
         load,
+        tool_format: events.tool_format,
     };
     if plan.stream {
         Ok(stream_response(events, shape))
@@ -543,6 +569,8 @@ struct Shape {
     chat: bool,
     started: Instant,
     load: Duration,
+    /// Set when the model was shown tools: its answer is read for calls, and streamed whole.
+    tool_format: Option<ToolFormat>,
 }
 
 impl Shape {
@@ -562,6 +590,17 @@ impl Shape {
 
     fn last(&self, text: &str, done: &GenerationDone) -> Value {
         let mut v = self.part(text, true);
+        if let Some(format) = self.tool_format {
+            let (content, calls) = format.parse(text);
+            if !calls.is_empty() {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+                    .collect();
+                v["message"] =
+                    json!({"role": "assistant", "content": content, "tool_calls": calls});
+            }
+        }
         v["done_reason"] = json!(match done.finish_reason {
             FinishReason::Stop | FinishReason::StopString => "stop",
             FinishReason::Length | FinishReason::ContextLength => "length",
@@ -599,15 +638,21 @@ async fn whole_response(mut events: GenerationStream, shape: Shape) -> Result<Re
 fn stream_response(mut events: GenerationStream, shape: Shape) -> Response {
     let (tx, rx) = mpsc::channel::<Result<String, std::convert::Infallible>>(64);
     tokio::spawn(async move {
+        // With tools, the answer is held until whole: only then is it known to be calls.
+        let mut held = String::new();
         loop {
             let event = tokio::select! {
                 event = events.next() => event,
                 () = tx.closed() => return,
             };
             let (line, last) = match event {
+                Some(GenerationEvent::Chunk(chunk)) if shape.tool_format.is_some() => {
+                    held.push_str(&chunk.text);
+                    continue;
+                }
                 Some(GenerationEvent::Chunk(chunk)) if chunk.text.is_empty() => continue,
                 Some(GenerationEvent::Chunk(chunk)) => (shape.part(&chunk.text, false), false),
-                Some(GenerationEvent::Done(done)) => (shape.last("", &done), true),
+                Some(GenerationEvent::Done(done)) => (shape.last(&held, &done), true),
                 Some(GenerationEvent::Failed(err)) => (api(err).body(), true),
                 None => return,
             };

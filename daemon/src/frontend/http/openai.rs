@@ -21,8 +21,9 @@ use super::error::{ApiError, Dialect};
 use super::{caller, check_model_name, completion_id, json_body, unix_seconds, AppState, PeerInfo};
 use crate::core::on_demand::LoadHints;
 use crate::core::requests::{
-    Constraint, GenerateRequest, PromptInput, SamplingOptions, MAX_TOP_LOGPROBS,
+    Constraint, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools, MAX_TOP_LOGPROBS,
 };
+use crate::core::tools::{ToolCall, ToolFormat};
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::scheduler::events::{
@@ -122,6 +123,14 @@ struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's calls: `{"id", "type": "function", "function": {"name",
+    /// "arguments": "<JSON text>"}}`.
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -154,6 +163,7 @@ struct Common {
     ignore_eos: bool,
     response_format: Option<Value>,
     tools: Option<Value>,
+    tool_choice: Option<Value>,
     functions: Option<Value>,
 }
 
@@ -210,14 +220,77 @@ fn check_common(c: &Common) -> Result<(), ApiError> {
         v.as_ref()
             .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
     };
-    if non_empty(&c.tools) || non_empty(&c.functions) {
+    if non_empty(&c.functions) {
         return Err(ApiError::invalid(
             DIALECT,
-            "tools",
-            "tool calling is not supported yet",
+            "functions",
+            "the legacy functions field is not supported: send tools",
         ));
     }
     Ok(())
+}
+
+/// `tools` and `tool_choice` (`"none"`, `"auto"`, `"required"` or
+/// `{"type": "function", "function": {"name": …}}`); no tools is None.
+fn tools(c: &Common) -> Result<Option<Tools>, ApiError> {
+    let choice =
+        match &c.tool_choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::invalid(
+                        DIALECT,
+                        "tool_choice",
+                        format!("tool_choice {other:?} is not none, auto, required or a function"),
+                    ))
+                }
+            },
+            Some(named) => match named.pointer("/function/name").and_then(Value::as_str) {
+                Some(name) => ToolChoice::Function(name.to_owned()),
+                None => return Err(ApiError::invalid(
+                    DIALECT,
+                    "tool_choice",
+                    "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": …}}",
+                )),
+            },
+        };
+    let list = match &c.tools {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list.clone(),
+        Some(_) => return Err(ApiError::invalid(DIALECT, "tools", "tools must be a list")),
+    };
+    if list.is_empty() {
+        return match choice {
+            ToolChoice::Required | ToolChoice::Function(_) => Err(ApiError::invalid(
+                DIALECT,
+                "tool_choice",
+                "tool_choice asks for a tool call but no tools were given",
+            )),
+            _ => Ok(None),
+        };
+    }
+    Ok(Some(Tools { list, choice }))
+}
+
+/// An assistant turn's OpenAI tool calls in transformers' form, which templates render: the
+/// arguments as a JSON object rather than the text OpenAI sends.
+fn template_tool_calls(calls: Vec<Value>) -> Value {
+    Value::Array(
+        calls
+            .into_iter()
+            .map(|mut call| {
+                if let Some(args) = call.pointer_mut("/function/arguments") {
+                    if let Some(parsed) = args.as_str().and_then(|t| serde_json::from_str(t).ok()) {
+                        *args = parsed;
+                    }
+                }
+                call
+            })
+            .collect(),
+    )
 }
 
 /// `response_format`: text (or none), `json_object`, or `json_schema` with its `schema`.
@@ -283,7 +356,14 @@ fn messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
                     text
                 }
             };
-            Ok(ChatMessage::new(m.role, content))
+            let mut message = ChatMessage::new(m.role, content);
+            message.tool_calls = m
+                .tool_calls
+                .filter(|c| !c.is_empty())
+                .map(template_tool_calls);
+            message.tool_call_id = m.tool_call_id;
+            message.name = m.name;
+            Ok(message)
         })
         .collect()
 }
@@ -302,6 +382,7 @@ fn plan_chat(req: ChatRequest) -> Result<Plan, ApiError> {
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let constraint = response_format(&req.common)?;
+    let tools = tools(&req.common)?;
     let c = req.common;
     Ok(Plan {
         request: GenerateRequest {
@@ -314,6 +395,7 @@ fn plan_chat(req: ChatRequest) -> Result<Plan, ApiError> {
             top_logprobs: logprobs.map_or(0, |k| k.max(1)),
             stop_at_eos: c.ignore_eos.then_some(false),
             constraint,
+            tools,
         },
         model: c.model,
         stream: c.stream,
@@ -346,6 +428,13 @@ fn plan_completion(req: CompletionRequest) -> Result<Plan, ApiError> {
         }
     };
     let constraint = response_format(&req.common)?;
+    if tools(&req.common)?.is_some() {
+        return Err(ApiError::invalid(
+            DIALECT,
+            "tools",
+            "tools need a chat: send them to /v1/chat/completions",
+        ));
+    }
     let c = req.common;
     Ok(Plan {
         request: GenerateRequest {
@@ -358,6 +447,7 @@ fn plan_completion(req: CompletionRequest) -> Result<Plan, ApiError> {
             top_logprobs: req.logprobs.map_or(0, |k| k.max(1)),
             stop_at_eos: c.ignore_eos.then_some(false),
             constraint,
+            tools: None,
         },
         model: c.model,
         stream: c.stream,
@@ -438,6 +528,36 @@ impl Collected {
     }
 }
 
+/// The calls as OpenAI's `tool_calls` (arguments as JSON text); in a streamed delta each also
+/// carries its `index`.
+fn tool_calls_json(calls: &[ToolCall], indexed: bool) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, call)| {
+                let mut v = json!({
+                    "id": completion_id("call"),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments.to_string()},
+                });
+                if indexed {
+                    v["index"] = json!(i);
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
+/// A chat answer read for tool calls when the model was shown tools: the text and the calls.
+fn read_tool_calls(format: Option<ToolFormat>, text: &str) -> (String, Vec<ToolCall>) {
+    match format {
+        Some(format) => format.parse(text),
+        None => (text.to_owned(), Vec::new()),
+    }
+}
+
 async fn whole_response(mut events: GenerationStream, plan: Plan) -> Result<Response, ApiError> {
     let mut collected = Collected::default();
     let done = loop {
@@ -452,21 +572,35 @@ async fn whole_response(mut events: GenerationStream, plan: Plan) -> Result<Resp
             }
         }
     };
-    let finish = finish_reason(done.finish_reason);
+    let mut finish = finish_reason(done.finish_reason);
     let logprobs = plan
         .logprobs
         .map(|k| logprobs_json(plan.endpoint, &collected.logprobs, k as usize));
     let (id, object, choice) = match plan.endpoint {
-        Endpoint::Chat => (
-            completion_id("chatcmpl"),
-            "chat.completion",
-            json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": collected.text, "refusal": null},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }),
-        ),
+        Endpoint::Chat => {
+            let (content, calls) = read_tool_calls(events.tool_format, &collected.text);
+            let message = if calls.is_empty() {
+                json!({"role": "assistant", "content": content, "refusal": null})
+            } else {
+                finish = "tool_calls";
+                json!({
+                    "role": "assistant",
+                    "content": (!content.is_empty()).then_some(content),
+                    "tool_calls": tool_calls_json(&calls, false),
+                    "refusal": null,
+                })
+            };
+            (
+                completion_id("chatcmpl"),
+                "chat.completion",
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }),
+            )
+        }
         Endpoint::Completion => (
             completion_id("cmpl"),
             "text_completion",
@@ -530,6 +664,10 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
                 "finish_reason": finish,
             }]),
         };
+        // With tools shown, the answer is held back until it is whole: only then is it known
+        // whether it is text or calls.
+        let tool_format = events.tool_format;
+        let mut held = String::new();
         let mut frames = Vec::new();
         if plan.endpoint == Endpoint::Chat {
             frames.push(frame(
@@ -552,6 +690,9 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
                 () = tx.closed() => return,
             };
             match event {
+                Some(GenerationEvent::Chunk(chunk)) if tool_format.is_some() => {
+                    held.push_str(&chunk.text);
+                }
                 Some(GenerationEvent::Chunk(chunk)) => {
                     if chunk.text.is_empty() && chunk.logprobs.is_empty() {
                         continue;
@@ -565,12 +706,29 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
                     ));
                 }
                 Some(GenerationEvent::Done(done)) => {
+                    let mut finish = finish_reason(done.finish_reason);
+                    if tool_format.is_some() {
+                        let (content, calls) = read_tool_calls(tool_format, &held);
+                        if !content.is_empty() {
+                            frames.push(frame(
+                                choice(json!({"content": content}), Value::Null, Value::Null),
+                                Value::Null,
+                            ));
+                        }
+                        if !calls.is_empty() {
+                            finish = "tool_calls";
+                            frames.push(frame(
+                                choice(
+                                    json!({"tool_calls": tool_calls_json(&calls, true)}),
+                                    Value::Null,
+                                    Value::Null,
+                                ),
+                                Value::Null,
+                            ));
+                        }
+                    }
                     frames.push(frame(
-                        choice(
-                            json!({}),
-                            Value::Null,
-                            json!(finish_reason(done.finish_reason)),
-                        ),
+                        choice(json!({}), Value::Null, json!(finish)),
                         Value::Null,
                     ));
                     if plan.include_usage {
@@ -718,9 +876,11 @@ mod tests {
                 "response_format",
                 json!({"type": "json_schema", "json_schema": {"name": "x"}}),
             ),
+            ("tools", json!({"type": "function"})),
+            ("tool_choice", json!("sometimes")),
             (
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
+                "functions",
+                json!([{"name": "f", "parameters": {"type": "object"}}]),
             ),
         ];
         for (field, value) in cases {
@@ -755,6 +915,31 @@ mod tests {
             panic!("a json_schema response format is a schema constraint");
         };
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), wanted);
+        let mut with_tools = base();
+        with_tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+        with_tools["tool_choice"] = json!({"type": "function", "function": {"name": "f"}});
+        assert_eq!(
+            chat(with_tools).unwrap().request.tools,
+            Some(Tools {
+                list: vec![json!({"type": "function", "function": {"name": "f"}})],
+                choice: ToolChoice::Function("f".into()),
+            })
+        );
+        // An assistant turn's calls reach the template with their arguments as a map.
+        let mut history = base();
+        history["messages"] = json!([{"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "2"}]);
+        let Some(PromptInput::Messages(m)) = chat(history).unwrap().request.input else {
+            panic!("a chat is messages");
+        };
+        assert_eq!(
+            m[0].tool_calls,
+            Some(
+                json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}])
+            )
+        );
+        assert_eq!(m[1].tool_call_id.as_deref(), Some("c1"));
         let mut path = base();
         path["model"] = json!("/etc/passwd");
         assert_eq!(chat(path).err().unwrap().status, StatusCode::NOT_FOUND);

@@ -1,0 +1,323 @@
+//! Tool calling: the tools a request offers reach the model through its own chat template
+//! (transformers' `tools` variable), and what the model writes back is read as calls in the
+//! format its family was trained on.
+//!
+//! - [`ToolFormat::Hermes`]: `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, one
+//!   block per call (Qwen 2.5 and 3, Hermes 2 Pro and 3, and the many templates derived from
+//!   them). Recognised by the template's `<tool_call>`.
+//! - [`ToolFormat::LlamaJson`]: the whole answer is `{"name": …, "parameters": {…}}` (Llama 3.1,
+//!   3.2 and 3.3 with custom tools), optionally after `<|python_tag|>`. Recognised by the
+//!   template's `"parameters"` instruction beside its `ipython` role.
+//!
+//! `tool_choice` `required` or a named function makes the call certain: the output is
+//! constrained ([`Constraint::Lark`] with the call's JSON schema embedded) to exactly one call
+//! in the model's format whose arguments match the tool's `parameters` schema. `auto` lets the
+//! model choose and reads calls out of whatever it wrote; `none` renders no tools.
+
+use serde_json::{json, Value};
+
+use crate::error::DaemonError;
+use crate::scheduler::constraint::{bound_numbers, with_layout, Constraint};
+
+/// Most tools one request may offer.
+pub const MAX_TOOLS: usize = 128;
+
+/// Whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// The model answers in text; the tools are not shown to it.
+    None,
+    /// The model decides.
+    #[default]
+    Auto,
+    /// The model calls one of the tools.
+    Required,
+    /// The model calls this tool.
+    Function(String),
+}
+
+/// The tools a request offers, as OpenAI and transformers list them:
+/// `{"type": "function", "function": {"name", "description", "parameters"}}`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tools {
+    pub list: Vec<Value>,
+    pub choice: ToolChoice,
+}
+
+/// How a model family writes tool calls (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    Hermes,
+    LlamaJson,
+}
+
+/// One call the model made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments, a JSON object.
+    pub arguments: Value,
+}
+
+impl ToolFormat {
+    /// The format a chat template teaches its model, if it renders tools at all.
+    pub fn of_template(source: &str) -> Option<ToolFormat> {
+        if !source.contains("tools") {
+            return None;
+        }
+        if source.contains("<tool_call>") {
+            Some(ToolFormat::Hermes)
+        } else if source.contains("\"parameters\"") && source.contains("ipython") {
+            Some(ToolFormat::LlamaJson)
+        } else {
+            None
+        }
+    }
+
+    /// The key the format puts the arguments under.
+    fn arguments_key(self) -> &'static str {
+        match self {
+            ToolFormat::Hermes => "arguments",
+            ToolFormat::LlamaJson => "parameters",
+        }
+    }
+
+    /// Reads the model's answer: the calls it made and the text around them. An answer with a
+    /// call that does not parse is text, not a call.
+    pub fn parse(self, text: &str) -> (String, Vec<ToolCall>) {
+        match self {
+            ToolFormat::Hermes => parse_hermes(text),
+            ToolFormat::LlamaJson => {
+                let body = text.trim();
+                let body = body.strip_prefix("<|python_tag|>").unwrap_or(body).trim();
+                match call_of(body, &["parameters", "arguments"]) {
+                    Some(call) => (String::new(), vec![call]),
+                    None => (text.to_owned(), Vec::new()),
+                }
+            }
+        }
+    }
+}
+
+fn parse_hermes(text: &str) -> (String, Vec<ToolCall>) {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let (mut content, mut calls, mut rest) = (String::new(), Vec::new(), text);
+    while let Some(start) = rest.find(OPEN) {
+        content.push_str(&rest[..start]);
+        let after = &rest[start + OPEN.len()..];
+        let (body, next) = match after.find(CLOSE) {
+            Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
+            None => (after, ""),
+        };
+        match call_of(body.trim(), &["arguments", "parameters"]) {
+            Some(call) => calls.push(call),
+            None => return (text.to_owned(), Vec::new()),
+        }
+        rest = next;
+    }
+    content.push_str(rest);
+    (content.trim().to_owned(), calls)
+}
+
+/// `{"name": "...", <key>: {...}}` (the arguments may also come as a JSON string).
+fn call_of(body: &str, keys: &[&str]) -> Option<ToolCall> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    let name = value.get("name")?.as_str()?.to_owned();
+    let arguments = keys.iter().find_map(|k| value.get(*k)).cloned();
+    let arguments = match arguments {
+        None | Some(Value::Null) => json!({}),
+        Some(Value::String(s)) => serde_json::from_str(&s).ok()?,
+        Some(v) => v,
+    };
+    arguments
+        .is_object()
+        .then_some(ToolCall { name, arguments })
+}
+
+impl Tools {
+    /// Checks the list and the choice; a problem is an INVALID_ARGUMENT naming it.
+    pub fn validate(&self) -> Result<(), DaemonError> {
+        let invalid = |m: String| Err(DaemonError::InvalidArgument(m));
+        if self.list.len() > MAX_TOOLS {
+            return invalid(format!("{} tools; at most {MAX_TOOLS}", self.list.len()));
+        }
+        for (i, tool) in self.list.iter().enumerate() {
+            if tool.get("type").and_then(Value::as_str) != Some("function") {
+                return invalid(format!("tools[{i}]: only tools of type \"function\" exist"));
+            }
+            let Some(name) = tool.pointer("/function/name").and_then(Value::as_str) else {
+                return invalid(format!("tools[{i}]: function.name is missing"));
+            };
+            if name.is_empty() {
+                return invalid(format!("tools[{i}]: function.name is empty"));
+            }
+            match tool.pointer("/function/parameters") {
+                None | Some(Value::Object(_)) => {}
+                Some(_) => {
+                    return invalid(format!(
+                        "tools[{i}] ({name}): parameters must be a JSON schema object"
+                    ))
+                }
+            }
+        }
+        if let ToolChoice::Function(name) = &self.choice {
+            if !self.names().any(|n| n == name) {
+                return invalid(format!(
+                    "tool_choice names {name:?}, which is not among the tools"
+                ));
+            }
+        }
+        if matches!(self.choice, ToolChoice::Required | ToolChoice::Function(_))
+            && self.list.is_empty()
+        {
+            return invalid("tool_choice asks for a call but no tools were given".into());
+        }
+        Ok(())
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.list
+            .iter()
+            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+    }
+
+    /// Whether the model sees the tools at all.
+    pub fn shown(&self) -> bool {
+        self.choice != ToolChoice::None && !self.list.is_empty()
+    }
+
+    /// The constraint that makes a call certain (`required` or a named function), in `format`.
+    pub fn constraint(&self, format: ToolFormat) -> Option<Constraint> {
+        let wanted: Vec<&Value> = match &self.choice {
+            ToolChoice::None | ToolChoice::Auto => return None,
+            ToolChoice::Required => self.list.iter().collect(),
+            ToolChoice::Function(name) => self
+                .list
+                .iter()
+                .filter(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name))
+                .collect(),
+        };
+        let key = format.arguments_key();
+        let calls: Vec<Value> = wanted
+            .iter()
+            .map(|tool| {
+                let function = &tool["function"];
+                let parameters = match function.get("parameters") {
+                    Some(p @ Value::Object(_)) => p.clone(),
+                    _ => json!({"type": "object"}),
+                };
+                json!({
+                    "type": "object",
+                    "properties": {"name": {"const": function["name"]}, key: parameters},
+                    "required": ["name", key],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let mut schema = if calls.len() == 1 {
+            calls.into_iter().next().unwrap_or_default()
+        } else {
+            json!({"anyOf": calls})
+        };
+        bound_numbers(&mut schema);
+        let schema = with_layout(schema);
+        let call = format!("call: %json {schema}\n");
+        Some(Constraint::Lark(match format {
+            ToolFormat::Hermes => {
+                format!("start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\n{call}")
+            }
+            ToolFormat::LlamaJson => format!("start: call\n{call}"),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hermes_calls_are_read_out_of_the_text_around_them() {
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \
+                    \"Oslo\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"time\", \"arguments\": \
+                    \"{}\"}\n</tool_call>";
+        let (content, calls) = ToolFormat::Hermes.parse(text);
+        assert_eq!(content, "Let me check.");
+        assert_eq!(
+            calls,
+            vec![
+                ToolCall {
+                    name: "weather".into(),
+                    arguments: json!({"city": "Oslo"})
+                },
+                ToolCall {
+                    name: "time".into(),
+                    arguments: json!({})
+                },
+            ]
+        );
+        // A block that does not parse makes the whole answer text.
+        let broken = "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\n</tool_call>";
+        assert_eq!(
+            ToolFormat::Hermes.parse(broken),
+            (broken.to_owned(), vec![])
+        );
+        assert_eq!(
+            ToolFormat::Hermes.parse("plain"),
+            ("plain".to_owned(), vec![])
+        );
+    }
+
+    #[test]
+    fn llama_json_calls_are_the_whole_answer() {
+        let (content, calls) = ToolFormat::LlamaJson
+            .parse("<|python_tag|>{\"name\": \"weather\", \"parameters\": {\"city\": \"Oslo\"}}");
+        assert_eq!(content, "");
+        assert_eq!(calls[0].arguments, json!({"city": "Oslo"}));
+        let text = "The weather is {\"fine\"}.";
+        assert_eq!(ToolFormat::LlamaJson.parse(text), (text.to_owned(), vec![]));
+    }
+
+    #[test]
+    fn bad_tool_lists_and_choices_are_invalid_arguments() {
+        let tool = |name: &str| json!({"type": "function", "function": {"name": name}});
+        let ok = Tools {
+            list: vec![tool("a")],
+            choice: ToolChoice::Function("a".into()),
+        };
+        assert!(ok.validate().is_ok());
+        let cases = [
+            Tools {
+                list: vec![json!({"type": "retrieval"})],
+                choice: ToolChoice::Auto,
+            },
+            Tools {
+                list: vec![json!({"type": "function", "function": {}})],
+                choice: ToolChoice::Auto,
+            },
+            Tools {
+                list: vec![tool("a")],
+                choice: ToolChoice::Function("b".into()),
+            },
+            Tools {
+                list: vec![],
+                choice: ToolChoice::Required,
+            },
+        ];
+        for tools in cases {
+            assert!(
+                matches!(tools.validate(), Err(DaemonError::InvalidArgument(_))),
+                "{tools:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn formats_come_from_the_template() {
+        assert_eq!(
+            ToolFormat::of_template("{% if tools %}<tool_call>{% endif %}"),
+            Some(ToolFormat::Hermes)
+        );
+        assert_eq!(ToolFormat::of_template("{{ messages }}"), None);
+    }
+}
