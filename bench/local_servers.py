@@ -55,12 +55,13 @@ def start_egpud(model, threads, tmp, slots, ctx):
     return proc, port, sock
 
 
-def start_llama_server(binary, model, threads, tmp, slots, ctx):
-    """llama.cpp's llama-server with `slots` parallel slots of `ctx` tokens each: (process, port)."""
+def start_llama_server(binary, model, threads, tmp, slots, ctx, extra=()):
+    """llama.cpp's llama-server with `slots` parallel slots of `ctx` tokens each, and `extra`
+    arguments (e.g. --embeddings): (process, port)."""
     port = free_port()
     proc = subprocess.Popen(
         [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "-np", str(slots),
-         "-c", str(slots * ctx), "--host", "127.0.0.1", "--port", str(port)],
+         "-c", str(slots * ctx), "--host", "127.0.0.1", "--port", str(port), *extra],
         stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "llama-server.log", "w"),
     )
     wait_http(f"http://127.0.0.1:{port}/health", proc, "llama-server")

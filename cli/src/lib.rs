@@ -28,6 +28,7 @@ pub mod chat;
 pub mod client;
 pub mod doctor;
 pub mod duration;
+pub mod embed;
 pub mod format;
 pub mod generate;
 pub mod inspect;
@@ -76,6 +77,9 @@ enum Command {
     /// Log-probability of every token of a text.
     #[command(after_help = AFTER_HELP)]
     Score(score::ScoreArgs),
+    /// Embedding vectors of texts (a decoder model on the cpu backend).
+    #[command(after_help = AFTER_HELP)]
+    Embed(embed::EmbedArgs),
     /// Translate sentences with a translation model (text arguments, or stdin lines).
     #[command(after_help = AFTER_HELP)]
     Translate(translate::TranslateArgs),
@@ -152,6 +156,7 @@ async fn run_daemon_command(socket: &Path, command: &Command) -> anyhow::Result<
         Command::Generate(args) => generate::run(socket, args).await,
         Command::Chat(args) => chat::run(socket, args).await,
         Command::Score(args) => score::run(socket, args).await,
+        Command::Embed(args) => embed::run(socket, args).await,
         Command::Translate(args) => translate::run(socket, args).await,
         Command::Tokenize(args) => tokens::run_tokenize(socket, args).await,
         Command::Detokenize(args) => tokens::run_detokenize(socket, args).await,

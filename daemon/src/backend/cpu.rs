@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::models::decoder::{BatchItem, KvCache, Logits, Model, ModelError, Scratch};
+use egpu_engine::models::decoder::{
+    BatchItem, KvCache, Logits, LogitsWanted, Model, ModelError, Scratch,
+};
 use egpu_engine::models::marian::MarianModel;
 
 use super::{ModelSpec, Progress, SlotStep};
@@ -97,6 +99,27 @@ impl CpuModel {
             ));
         }
         self.model.forward(pool, &mut self.scratch, &mut items)
+    }
+}
+
+impl CpuModel {
+    /// The final hidden states of `tokens` run alone through slot `slot`, whose cache is
+    /// emptied before and after (an embedding keeps nothing): the rows `wanted` asks for.
+    pub fn hidden(
+        &mut self,
+        pool: &ThreadPool,
+        slot: usize,
+        tokens: &[u32],
+        wanted: LogitsWanted,
+    ) -> Result<Logits, ModelError> {
+        let cache = &mut self.caches[slot];
+        cache.truncate(0);
+        let mut items = [BatchItem::append(cache, tokens, wanted)];
+        let result = self
+            .model
+            .forward_hidden(pool, &mut self.scratch, &mut items);
+        self.caches[slot].truncate(0);
+        result
     }
 }
 

@@ -254,6 +254,28 @@ impl DecoderModel {
         }
     }
 
+    /// The final hidden states of `tokens` alone in slot `slot` (emptied before and after):
+    /// what embeddings are pooled from. The tinygrad worker returns logits only, so
+    /// embeddings run on the CPU backend.
+    pub fn hidden(
+        &mut self,
+        turns: &ComputeTurns,
+        slot: usize,
+        tokens: &[u32],
+        wanted: LogitsWanted,
+    ) -> Result<Logits, DaemonError> {
+        match self {
+            DecoderModel::Cpu(m) => turns
+                .with_pool(|pool| m.hidden(pool, slot, tokens, wanted))
+                .map_err(|e| DaemonError::Internal(e.to_string())),
+            DecoderModel::Tinygrad(_) => Err(DaemonError::InvalidArgument(
+                "embeddings are computed by the cpu backend only; load the model with \
+                 --backend cpu to embed with it"
+                    .into(),
+            )),
+        }
+    }
+
     /// One batched forward pass. CPU models take their turn on the thread pool; tinygrad
     /// models take turns on their worker.
     pub fn forward(

@@ -31,12 +31,13 @@ use crate::error::DaemonError;
 use crate::metrics;
 use crate::residency::{LoadOptions, LoadTicket, ModelFile, ModelInfo, Residency, Resident};
 use crate::scheduler::constraint::TokenConstraint;
-use crate::scheduler::events::{ScoreResult, TranslateResult};
-use crate::scheduler::{GenerateJob, Job, Request, ScoreJob, TranslateJob};
+use crate::scheduler::events::{EmbedResult, ScoreResult, TranslateResult};
+use crate::scheduler::{EmbedJob, GenerateJob, Job, Request, ScoreJob, TranslateJob};
 use prompt::{encode_with_bos, prompt_tokens};
 use requests::{
-    check_input_bytes, check_stops, Caller, Constraint, GenerateRequest, ScoreRequest,
-    TranslateRequest, MAX_BEAMS, MAX_DETOKENIZE_IDS, MAX_TOP_LOGPROBS, MAX_TRANSLATE_TEXTS,
+    check_input_bytes, check_stops, Caller, Constraint, EmbedRequest, GenerateRequest,
+    ScoreRequest, TranslateRequest, MAX_BEAMS, MAX_DETOKENIZE_IDS, MAX_EMBED_INPUTS,
+    MAX_TOP_LOGPROBS, MAX_TRANSLATE_TEXTS,
 };
 pub use stream::GenerationStream;
 use templates::TemplateRenderers;
@@ -423,6 +424,99 @@ impl Core {
             reply,
         };
         submit(&model, caller, Job::Score(job), span)?;
+        Ok((response, model))
+    }
+
+    /// Embeds texts with a decoder model on the CPU backend: each text's final hidden states,
+    /// pooled as the model file says (last token if it says nothing), unit length unless asked
+    /// otherwise.
+    pub async fn embed(
+        &self,
+        req: EmbedRequest,
+        caller: Caller,
+    ) -> Result<EmbedResult, DaemonError> {
+        let name = req.model.clone();
+        let queued = self.queue_embed(req, caller).await;
+        let (reply, model) = match queued {
+            Ok(queued) => queued,
+            Err(err) => {
+                self.count_refusal(&name, "embed", Some(&err));
+                return Err(err);
+            }
+        };
+        reply_of(reply, &model).await
+    }
+
+    async fn queue_embed(
+        &self,
+        req: EmbedRequest,
+        caller: Caller,
+    ) -> Result<(Reply<EmbedResult>, Arc<Resident>), DaemonError> {
+        let model = self.decoder(&req.model).await?;
+        if req.inputs.is_empty() {
+            return Err(invalid("no input to embed".into()));
+        }
+        if req.inputs.len() > MAX_EMBED_INPUTS {
+            return Err(invalid(format!(
+                "{} inputs; at most {MAX_EMBED_INPUTS} per request",
+                req.inputs.len()
+            )));
+        }
+        let pooling = model.pooling()?;
+        let width = model.summary.embedding_length as usize;
+        let dimensions = match req.dimensions {
+            Some(0) => return Err(invalid("dimensions must be at least 1".into())),
+            Some(d) if d as usize > width => {
+                return Err(invalid(format!(
+                    "dimensions is {d}; {} has {width}",
+                    model.name
+                )))
+            }
+            other => other.map(|d| d as usize),
+        };
+        let total: usize = req.inputs.iter().map(String::len).sum();
+        check_input_bytes(total, model.context * req.inputs.len(), "the inputs")?;
+        let tokenizer = model.tokenizer.clone();
+        let texts = req.inputs;
+        // As llama.cpp embeds a text: special tokens parsed, the model's BOS first and its EOS
+        // last when its vocabulary adds them.
+        let inputs = tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .map(|text| {
+                    let mut ids = encode_with_bos(&tokenizer, text);
+                    if let (true, Some(eos)) = (tokenizer.adds_eos(), tokenizer.eos()) {
+                        ids.push(eos);
+                    }
+                    ids
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        for (i, tokens) in inputs.iter().enumerate() {
+            if tokens.is_empty() {
+                return Err(invalid(format!("input {i} has no tokens")));
+            }
+            if tokens.len() > model.context {
+                return Err(invalid(format!(
+                    "input {i} is {} tokens; {} was loaded with a context of {} tokens",
+                    tokens.len(),
+                    model.name,
+                    model.context
+                )));
+            }
+        }
+        let span = tracing::info_span!("embed", model = %model.name, client = %caller.client.name, inputs = inputs.len());
+        let (reply, response) = oneshot::channel();
+        let job = EmbedJob {
+            inputs,
+            pooling,
+            normalize: req.normalize.unwrap_or(true),
+            dimensions,
+            reply,
+        };
+        submit(&model, caller, Job::Embed(job), span)?;
         Ok((response, model))
     }
 

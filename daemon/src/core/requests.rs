@@ -171,6 +171,20 @@ pub struct ScoreRequest {
 }
 
 #[derive(Debug, Clone, Default)]
+pub struct EmbedRequest {
+    pub model: String,
+    /// The texts, each embedded on its own (no chat template).
+    pub inputs: Vec<String>,
+    /// Keep the first this many dimensions (the model's all if unset).
+    pub dimensions: Option<u32>,
+    /// Scale each vector to unit length (default yes, as OpenAI and Ollama return them).
+    pub normalize: Option<bool>,
+}
+
+/// Most texts one embedding request may carry.
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
+#[derive(Debug, Clone, Default)]
 pub struct TranslateRequest {
     pub model: String,
     pub texts: Vec<String>,

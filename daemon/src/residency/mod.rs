@@ -46,6 +46,7 @@ use crate::scheduler::constraint::Grammars;
 use crate::scheduler::{self, ModelQueue, PrefixStats, RunnerSettings, StopReason};
 use crate::state::StateStore;
 use catalog::{Catalog, CatalogFile, Source};
+use egpu_engine::models::embedding::Pooling;
 use eviction::{Holder, Holding};
 
 /// How often the files of CPU models are checked for in-place writes.
@@ -241,6 +242,20 @@ impl Drop for WorkingGrant {
 }
 
 impl Resident {
+    /// How this model's embeddings are pooled (its file's `<arch>.pooling_type`, else last
+    /// token). Embeddings need the file, so the CPU backend.
+    pub fn pooling(&self) -> Result<Pooling, DaemonError> {
+        let Some(file) = &self.file else {
+            return Err(DaemonError::InvalidArgument(format!(
+                "{} runs on the {} backend; embeddings are computed by the cpu backend only \
+                 (load the model with --backend cpu)",
+                self.name, self.backend
+            )));
+        };
+        Pooling::from_metadata(file.metadata(), &self.summary.architecture)
+            .map_err(DaemonError::InvalidArgument)
+    }
+
     /// Bytes counted against the budget.
     fn reserved(&self) -> u64 {
         self.estimate.total.max(self.queue.memory_bytes())

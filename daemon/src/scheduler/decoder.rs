@@ -13,14 +13,16 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use egpu_engine::models::decoder::Logits;
+use egpu_engine::models::decoder::LogitsWanted;
+use egpu_engine::models::embedding::{self, Pooling};
 use egpu_engine::ops::log_softmax;
 use egpu_engine::sampler::{Sampler, StopMatcher, StopStatus};
 use egpu_engine::tokenizer::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc;
 
 use super::events::{
-    FinishReason, GenerationDone, GenerationEvent, ScorePosition, ScoreResult, Timings, TokenChunk,
-    TokenLogprob, TokenLogprobs,
+    EmbedResult, FinishReason, GenerationDone, GenerationEvent, ScorePosition, ScoreResult,
+    Timings, TokenChunk, TokenLogprob, TokenLogprobs,
 };
 use super::plan::{plan_step, SlotView, StepPlan, Work};
 use super::prefix::{choose_slot, SlotChoice, SlotHistory};
@@ -47,11 +49,21 @@ pub(super) fn serve(
         settings,
     };
     loop {
-        if let Some(reason) = runner.admit(&mut slots, &mut model) {
+        let mut embed = None;
+        if let Some(reason) = runner.admit(&mut slots, &mut model, &mut embed) {
+            if let Some((req, _)) = embed {
+                runner.release(&req.client, false);
+                req.job.fail(queue.stop_error(reason));
+            }
             runner.end_all(&mut slots, &mut model, reason);
             return;
         }
-        runner.step(&mut slots, &mut model, turns);
+        if let Some((req, slot)) = embed {
+            runner.embed(req, slot, &mut model, turns);
+        }
+        if slots.iter().any(Option::is_some) {
+            runner.step(&mut slots, &mut model, turns);
+        }
     }
 }
 
@@ -219,10 +231,13 @@ struct LastEvent {
 impl<'t> Runner<'t> {
     /// Waits until there is work, admitting waiting requests into free slots. Returns the
     /// stop reason when the model must end.
+    /// An embedding request admitted here comes back in `embed` with the free slot it may use
+    /// (one per call: it runs before the next step, outside the batch).
     fn admit(
         &self,
         slots: &mut [Option<Sequence<'t>>],
         model: &mut CachedSlots,
+        embed: &mut Option<(Request, usize)>,
     ) -> Option<StopReason> {
         let mut st = self.queue.state.lock();
         loop {
@@ -238,6 +253,10 @@ impl<'t> Runner<'t> {
                 let Some(req) = st.admission.admit_next() else {
                     break;
                 };
+                if matches!(req.job, Job::Embed(_)) {
+                    *embed = Some((req, free[0]));
+                    return None;
+                }
                 match self.start(req, model.model.slot_capacity(free[0])) {
                     Ok(mut seq) => {
                         let reusable = match seq.kind {
@@ -272,12 +291,12 @@ impl<'t> Runner<'t> {
 
     /// A sequence for a Generate or Score request; other jobs come back.
     fn start(&self, req: Request, capacity: usize) -> Result<Sequence<'t>, Box<Request>> {
-        if matches!(req.job, Job::Translate(_)) {
+        if matches!(req.job, Job::Translate(_) | Job::Embed(_)) {
             return Err(Box::new(req));
         }
         let admitted = Instant::now();
         let (input, kind) = match req.job {
-            Job::Translate(_) => unreachable!("returned above"),
+            Job::Translate(_) | Job::Embed(_) => unreachable!("returned above"),
             Job::Generate(job) => {
                 let mut sampler = Sampler::new(job.params.clone());
                 sampler.accept_all(&job.prompt);
@@ -640,6 +659,71 @@ impl<'t> Runner<'t> {
         }
         seq.span
             .in_scope(|| tracing::debug!(reused = seq.reused, "prompt prefix from the slot cache"));
+    }
+
+    /// Runs an embedding request in `slot` (free), input after input, each alone in one pass
+    /// (a slot's cache holds one sequence), and answers it. The slot keeps nothing.
+    fn embed(&self, req: Request, slot: usize, model: &mut CachedSlots, turns: &ComputeTurns) {
+        let Job::Embed(job) = req.job else {
+            unreachable!("only embeddings come here")
+        };
+        let outcome = (|| {
+            let mut result = EmbedResult {
+                embeddings: Vec::with_capacity(job.inputs.len()),
+                prompt_tokens: 0,
+            };
+            let wanted = if job.pooling.needs_every_token() || job.pooling == Pooling::Cls {
+                LogitsWanted::All
+            } else {
+                LogitsWanted::Last
+            };
+            for tokens in &job.inputs {
+                if job.reply.is_closed() {
+                    return Err(None);
+                }
+                if req.deadline.is_some_and(|d| Instant::now() > d) {
+                    return Err(Some(DaemonError::DeadlineExceeded { generated: 0 }));
+                }
+                model.clear(slot);
+                let states = model
+                    .model
+                    .hidden(turns, slot, tokens, wanted)
+                    .map_err(Some)?;
+                let width = states.n_vocab();
+                let mut vector = job.pooling.pool(states.values(), width);
+                if let Some(d) = job.dimensions {
+                    vector.truncate(d);
+                }
+                if job.normalize {
+                    embedding::normalize(&mut vector);
+                }
+                result.embeddings.push(vector);
+                result.prompt_tokens += tokens.len();
+            }
+            Ok(result)
+        })();
+        model.clear(slot);
+        let m = self.metrics();
+        let name = metrics::model(&self.queue.model);
+        match outcome {
+            Ok(result) => {
+                m.request(&self.queue.model, "embed", "ok");
+                m.prompt_tokens
+                    .get_or_create(&name)
+                    .inc_by(result.prompt_tokens as u64);
+                self.release(&req.client, true);
+                let _ = job.reply.send(Ok(result));
+            }
+            Err(Some(err)) => {
+                m.request(&self.queue.model, "embed", metrics::outcome(&err));
+                self.release(&req.client, false);
+                let _ = job.reply.send(Err(err));
+            }
+            Err(None) => {
+                m.request(&self.queue.model, "embed", "cancelled");
+                self.release(&req.client, false);
+            }
+        }
     }
 
     /// Answers a running sequence with `err`, and counts it.

@@ -106,3 +106,11 @@ pub struct TranslateResult {
     pub queued: Duration,
     pub translating: Duration,
 }
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedResult {
+    /// One vector per input, in order.
+    pub embeddings: Vec<Vec<f32>>,
+    /// Tokens read, all inputs together.
+    pub prompt_tokens: usize,
+}

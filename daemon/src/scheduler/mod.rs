@@ -32,7 +32,7 @@ use crate::backend::{ComputeTurns, LoadedModel};
 use crate::error::DaemonError;
 use crate::metrics::Metrics;
 use admission::{Admission, Queued};
-use events::{GenerationEvent, ScoreResult, TranslateResult};
+use events::{EmbedResult, GenerationEvent, ScoreResult, TranslateResult};
 
 /// Who sent a request: fairness is shared out between these.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -81,11 +81,24 @@ pub struct TranslateJob {
     pub reply: oneshot::Sender<Result<TranslateResult, DaemonError>>,
 }
 
+/// Embedding texts: each input's final hidden states, pooled (and scaled to unit length).
+#[derive(Debug)]
+pub struct EmbedJob {
+    /// Each input's tokens.
+    pub inputs: Vec<Vec<u32>>,
+    pub pooling: egpu_engine::models::embedding::Pooling,
+    pub normalize: bool,
+    /// Keep the first this many dimensions (None: all), before normalizing.
+    pub dimensions: Option<usize>,
+    pub reply: oneshot::Sender<Result<EmbedResult, DaemonError>>,
+}
+
 #[derive(Debug)]
 pub enum Job {
     Generate(GenerateJob),
     Score(ScoreJob),
     Translate(TranslateJob),
+    Embed(EmbedJob),
 }
 
 impl Job {
@@ -95,6 +108,7 @@ impl Job {
             Job::Generate(_) => "generate",
             Job::Score(_) => "score",
             Job::Translate(_) => "translate",
+            Job::Embed(_) => "embed",
         }
     }
 
@@ -104,6 +118,7 @@ impl Job {
             Job::Generate(g) => g.events.is_closed(),
             Job::Score(s) => s.reply.is_closed(),
             Job::Translate(t) => t.reply.is_closed(),
+            Job::Embed(e) => e.reply.is_closed(),
         }
     }
 
@@ -118,6 +133,9 @@ impl Job {
             }
             Job::Translate(t) => {
                 let _ = t.reply.send(Err(err));
+            }
+            Job::Embed(e) => {
+                let _ = e.reply.send(Err(err));
             }
         }
     }

@@ -4,8 +4,10 @@
 //!   forward pass configured by flags, KV caches outside the model, batched steps.
 //! - [`marian`]: the Marian encoder-decoder (opus-mt), greedy and beam-search translation.
 //! - [`info`]: hyper-parameters and memory estimates from metadata alone.
+//! - [`embedding`]: pooling final hidden states into text embeddings.
 
 pub mod decoder;
+pub mod embedding;
 pub mod info;
 pub mod marian;
 

@@ -22,7 +22,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use crate::core::requests::Caller;
+use crate::core::requests::{Caller, EmbedRequest};
 use crate::core::Core;
 use crate::error::DaemonError;
 use crate::residency::{LoadPhase, LoadTicket};
@@ -187,6 +187,29 @@ impl Egpu for GrpcApi {
         let req = convert::score_request(request.into_inner());
         let result = self.core.score(req, caller).await.map_err(status)?;
         Ok(Response::new(convert::score_response(result)))
+    }
+
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let caller = caller(&request);
+        let req = request.into_inner();
+        let req = EmbedRequest {
+            model: req.model,
+            inputs: req.inputs,
+            dimensions: req.dimensions,
+            normalize: req.normalize,
+        };
+        let result = self.core.embed(req, caller).await.map_err(status)?;
+        Ok(Response::new(pb::EmbedResponse {
+            embeddings: result
+                .embeddings
+                .into_iter()
+                .map(|values| pb::Embedding { values })
+                .collect(),
+            prompt_tokens: result.prompt_tokens as u32,
+        }))
     }
 
     async fn translate(

@@ -96,13 +96,13 @@ pub fn router(core: Core, settings: Arc<HttpSettings>) -> Router {
             "/api/delete",
             axum::routing::delete(ollama::never_downloads).post(ollama::never_downloads),
         )
-        .route("/api/embed", post(ollama::embeddings_later))
-        .route("/api/embeddings", post(ollama::embeddings_later))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings_legacy))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{*model}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
-        .route("/v1/embeddings", post(openai::embeddings_later))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
@@ -190,6 +190,28 @@ pub fn unix_seconds() -> u64 {
 }
 
 /// An id for a completion: the time and a counter, unique within this egpud.
+/// Standard base64 (with padding) of `bytes`: OpenAI's `encoding_format: "base64"`.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [
+            group[0],
+            *group.get(1).unwrap_or(&0),
+            *group.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(ALPHABET[(n >> shift & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 pub fn completion_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -27,7 +27,7 @@ use super::{caller, check_model_name, json_body, AppState, PeerInfo};
 use crate::backend::BackendKind;
 use crate::core::on_demand::{Available, LoadHints};
 use crate::core::requests::{
-    Constraint, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
+    Constraint, EmbedRequest, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
 };
 use crate::core::tools::ToolFormat;
 use crate::core::GenerationStream;
@@ -63,12 +63,112 @@ pub async fn never_downloads() -> ApiError {
     )
 }
 
-pub async fn embeddings_later() -> ApiError {
-    ApiError::new(
-        DIALECT,
-        StatusCode::NOT_IMPLEMENTED,
-        "embeddings are not served yet (they come with structured output)",
-    )
+#[derive(Debug, Deserialize)]
+struct EmbedBody {
+    model: String,
+    #[serde(default)]
+    input: Option<Value>,
+    /// The legacy `/api/embeddings`' one text.
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    options: Option<Options>,
+}
+
+/// Embeds for both endpoints: (the vectors, prompt tokens, load time).
+async fn embed_texts(
+    state: &AppState,
+    peer: &PeerInfo,
+    headers: &HeaderMap,
+    body: EmbedBody,
+    inputs: Vec<String>,
+    normalize: bool,
+) -> Result<(Vec<Vec<f32>>, usize, Duration), ApiError> {
+    check_model_name(&body.model, DIALECT)?;
+    let hints = LoadHints {
+        context: body
+            .options
+            .as_ref()
+            .and_then(|o| o.num_ctx)
+            .map(|n| n as usize),
+        keep_alive: keep_alive(body.keep_alive.as_ref())?,
+    };
+    let started = Instant::now();
+    let model = match state.core.resident_or_load(&body.model, hints).await {
+        Ok(model) => model,
+        Err(e) => return Err(super::model_error(state, &body.model, e, DIALECT).await),
+    };
+    let load = started.elapsed();
+    let request = EmbedRequest {
+        model: model.name.clone(),
+        inputs,
+        dimensions: body.dimensions,
+        normalize: Some(normalize),
+    };
+    let result = state
+        .core
+        .embed(request, caller(peer, headers, None))
+        .await
+        .map_err(api)?;
+    Ok((result.embeddings, result.prompt_tokens, load))
+}
+
+/// `POST /api/embed`: `input` a string or a list of strings; unit-length vectors.
+pub async fn embed(
+    State(state): State<AppState>,
+    peer: PeerInfo,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let mut body: EmbedBody = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
+    let bad = || {
+        ApiError::invalid(
+            DIALECT,
+            "input",
+            "input must be a string or a list of strings",
+        )
+    };
+    let inputs = match body.input.take() {
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(bad))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(bad()),
+    };
+    let model = body.model.clone();
+    let (embeddings, tokens, load) =
+        embed_texts(&state, &peer, &headers, body, inputs, true).await?;
+    Ok(Json(json!({
+        "model": model,
+        "embeddings": embeddings,
+        "total_duration": nanos(started.elapsed()),
+        "load_duration": nanos(load),
+        "prompt_eval_count": tokens,
+    }))
+    .into_response())
+}
+
+/// `POST /api/embeddings` (Ollama's older endpoint): one `prompt`, its vector as the model
+/// gives it (not scaled to unit length, as Ollama returns it there).
+pub async fn embeddings_legacy(
+    State(state): State<AppState>,
+    peer: PeerInfo,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut body: EmbedBody = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
+    let Some(prompt) = body.prompt.take() else {
+        return Err(ApiError::invalid(DIALECT, "prompt", "prompt is required"));
+    };
+    let (mut embeddings, _, _) =
+        embed_texts(&state, &peer, &headers, body, vec![prompt], false).await?;
+    Ok(Json(json!({"embedding": embeddings.pop().unwrap_or_default()})).into_response())
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -21,7 +21,8 @@ use super::error::{ApiError, Dialect};
 use super::{caller, check_model_name, completion_id, json_body, unix_seconds, AppState, PeerInfo};
 use crate::core::on_demand::LoadHints;
 use crate::core::requests::{
-    Constraint, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools, MAX_TOP_LOGPROBS,
+    Constraint, EmbedRequest, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
+    MAX_TOP_LOGPROBS,
 };
 use crate::core::tools::{ToolCall, ToolFormat};
 use crate::core::GenerationStream;
@@ -79,12 +80,91 @@ pub async fn model(
     })))
 }
 
-pub async fn embeddings_later() -> ApiError {
-    ApiError::new(
-        DIALECT,
-        StatusCode::NOT_IMPLEMENTED,
-        "embeddings are not served yet (they come with structured output)",
-    )
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: Value,
+    encoding_format: Option<String>,
+    dimensions: Option<u32>,
+    user: Option<String>,
+}
+
+/// `POST /v1/embeddings`: a string or a list of strings; `encoding_format` `float` (default)
+/// or `base64` (little-endian f32s); `dimensions` keeps that many leading dimensions.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    peer: PeerInfo,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: EmbeddingsRequest = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
+    check_model_name(&req.model, DIALECT)?;
+    let not_texts = || {
+        ApiError::invalid(
+            DIALECT,
+            "input",
+            "input must be a string or a list of strings (token arrays are not supported)",
+        )
+    };
+    let inputs = match req.input {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(not_texts()),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(not_texts()),
+    };
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                DIALECT,
+                "encoding_format",
+                format!("encoding_format {other:?} is not float or base64"),
+            ))
+        }
+    };
+    let model = match state
+        .core
+        .resident_or_load(&req.model, LoadHints::default())
+        .await
+    {
+        Ok(model) => model,
+        Err(e) => return Err(super::model_error(&state, &req.model, e, DIALECT).await),
+    };
+    let caller = caller(&peer, &headers, req.user.as_deref());
+    let request = EmbedRequest {
+        model: model.name.clone(),
+        inputs,
+        dimensions: req.dimensions,
+        normalize: None,
+    };
+    let result = state.core.embed(request, caller).await.map_err(api)?;
+    let data: Vec<Value> = result
+        .embeddings
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(super::base64(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]

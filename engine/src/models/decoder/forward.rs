@@ -66,6 +66,15 @@ impl Scratch {
     }
 }
 
+/// What a pass returns for its wanted rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// The next-token logits.
+    Logits,
+    /// The final hidden states (embeddings).
+    Hidden,
+}
+
 /// `buf[..len]`, growing `buf` first if it is shorter.
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
@@ -86,6 +95,29 @@ impl Model {
         pool: &ThreadPool,
         scratch: &mut Scratch,
         batch: &mut [BatchItem],
+    ) -> Result<Logits, ModelError> {
+        self.forward_to(pool, scratch, batch, Output::Logits)
+    }
+
+    /// As [`Model::forward`], but each wanted row is the token's final hidden state (after the
+    /// output norm, before the output projection: what llama.cpp returns as a token's
+    /// embedding), `n_embd` values per row where `forward` gives `n_vocab` (so
+    /// [`Logits::n_vocab`] is `n_embd` here).
+    pub fn forward_hidden(
+        &self,
+        pool: &ThreadPool,
+        scratch: &mut Scratch,
+        batch: &mut [BatchItem],
+    ) -> Result<Logits, ModelError> {
+        self.forward_to(pool, scratch, batch, Output::Hidden)
+    }
+
+    fn forward_to(
+        &self,
+        pool: &ThreadPool,
+        scratch: &mut Scratch,
+        batch: &mut [BatchItem],
+        output: Output,
     ) -> Result<Logits, ModelError> {
         let cfg = &self.config;
         self.check_batch(batch)?;
@@ -115,13 +147,16 @@ impl Model {
         for il in 0..cfg.n_layer {
             self.layer(pool, scratch, batch, il, n_tokens)?;
         }
-        let values = self.output(pool, scratch)?;
+        let values = self.output(pool, scratch, output)?;
 
         for item in batch.iter_mut() {
             item.cache.set_len(item.start_pos + item.tokens.len());
         }
         Ok(Logits {
-            n_vocab: cfg.n_vocab,
+            n_vocab: match output {
+                Output::Logits => cfg.n_vocab,
+                Output::Hidden => cfg.n_embd,
+            },
             values,
             items,
         })
@@ -349,7 +384,12 @@ impl Model {
     }
 
     /// Final norm and LM head for the tokens that want logits.
-    fn output(&self, pool: &ThreadPool, scratch: &mut Scratch) -> Result<Vec<f32>, ModelError> {
+    fn output(
+        &self,
+        pool: &ThreadPool,
+        scratch: &mut Scratch,
+        output: Output,
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let n_out = scratch.out_tokens.len();
         if n_out == 0 {
@@ -362,6 +402,9 @@ impl Model {
         }
         let normed = sized(&mut scratch.xn, n_out * embd);
         normalize_rows(cfg, &self.weights.output_norm, gathered, normed);
+        if output == Output::Hidden {
+            return Ok(normed.to_vec());
+        }
         let mut logits = vec![0f32; n_out * cfg.n_vocab];
         self.linear(pool, &self.weights.output, normed, n_out, &mut logits)?;
         Ok(logits)
