@@ -17,7 +17,8 @@ const GEMMA3_COSINE: f64 = 0.997;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_agree_with_llama_cpp_through_the_openai_and_ollama_packages() {
-    let daemon = TestDaemon::start(&[]);
+    // Passes of at most 8 tokens: the longer texts are fed in chunks, the shortest in one.
+    let daemon = TestDaemon::start(&["--batch-tokens", "8"]);
     let mut client = daemon.client().await;
     load_smollm2(&mut client, "smollm2", 512, 1).await;
     load(

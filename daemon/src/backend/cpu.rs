@@ -103,23 +103,21 @@ impl CpuModel {
 }
 
 impl CpuModel {
-    /// The final hidden states of `tokens` run alone through slot `slot`, whose cache is
-    /// emptied before and after (an embedding keeps nothing): the rows `wanted` asks for.
+    /// The final hidden states of `tokens` fed to slot `slot` at `start_pos` (its cache cut
+    /// there first): the rows `wanted` asks for. An embedding feeds its text chunk by chunk.
     pub fn hidden(
         &mut self,
         pool: &ThreadPool,
         slot: usize,
         tokens: &[u32],
+        start_pos: usize,
         wanted: LogitsWanted,
     ) -> Result<Logits, ModelError> {
         let cache = &mut self.caches[slot];
-        cache.truncate(0);
-        let mut items = [BatchItem::append(cache, tokens, wanted)];
-        let result = self
-            .model
-            .forward_hidden(pool, &mut self.scratch, &mut items);
-        self.caches[slot].truncate(0);
-        result
+        cache.truncate(start_pos);
+        let mut items = [BatchItem::new(cache, tokens, start_pos, wanted)];
+        self.model
+            .forward_hidden(pool, &mut self.scratch, &mut items)
     }
 }
 

@@ -254,19 +254,20 @@ impl DecoderModel {
         }
     }
 
-    /// The final hidden states of `tokens` alone in slot `slot` (emptied before and after):
-    /// what embeddings are pooled from. The tinygrad worker returns logits only, so
-    /// embeddings run on the CPU backend.
+    /// The final hidden states of `tokens` fed to slot `slot` at `start_pos`: what embeddings
+    /// are pooled from. The tinygrad worker returns logits only, so embeddings run on the CPU
+    /// backend.
     pub fn hidden(
         &mut self,
         turns: &ComputeTurns,
         slot: usize,
         tokens: &[u32],
+        start_pos: usize,
         wanted: LogitsWanted,
     ) -> Result<Logits, DaemonError> {
         match self {
             DecoderModel::Cpu(m) => turns
-                .with_pool(|pool| m.hidden(pool, slot, tokens, wanted))
+                .with_pool(|pool| m.hidden(pool, slot, tokens, start_pos, wanted))
                 .map_err(|e| DaemonError::Internal(e.to_string())),
             DecoderModel::Tinygrad(_) => Err(DaemonError::InvalidArgument(
                 "embeddings are computed by the cpu backend only; load the model with \

@@ -41,7 +41,7 @@ use requests::{
 };
 pub use stream::GenerationStream;
 use templates::TemplateRenderers;
-use tools::ToolFormat;
+use tools::{ToolFormat, ToolReader};
 
 /// The core API over the resident models.
 #[derive(Debug, Clone)]
@@ -306,6 +306,13 @@ impl Core {
             .as_ref()
             .zip(tool_format)
             .and_then(|(tools, format)| tools.constraint(format));
+        // An answer shaped by a response format is that document, never a call.
+        let reader = match (&req.tools, tool_format) {
+            (Some(tools), Some(format)) if req.constraint.is_none() => {
+                Some(ToolReader::new(format, tools))
+            }
+            _ => None,
+        };
         let constraint =
             match (req.constraint, tool_constraint) {
                 (Some(_), Some(_)) => return Err(invalid(
@@ -358,7 +365,7 @@ impl Core {
             events,
         };
         submit(&model, caller, Job::Generate(job), span)?;
-        Ok(GenerationStream::new(rx, tool_format))
+        Ok(GenerationStream::new(rx, reader))
     }
 
     /// The log-probability of every token of a text given the ones before it.

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 
-use super::tools::ToolFormat;
+use super::tools::ToolReader;
 use crate::error::DaemonError;
 use crate::scheduler::events::GenerationEvent;
 
@@ -20,18 +20,18 @@ pub struct GenerationStream {
     events: mpsc::UnboundedReceiver<GenerationEvent>,
     ended: bool,
     /// Set when the model was shown tools: how to read calls out of its text.
-    pub tool_format: Option<ToolFormat>,
+    pub tools: Option<ToolReader>,
 }
 
 impl GenerationStream {
     pub(super) fn new(
         events: mpsc::UnboundedReceiver<GenerationEvent>,
-        tool_format: Option<ToolFormat>,
+        tools: Option<ToolReader>,
     ) -> GenerationStream {
         GenerationStream {
             events,
             ended: false,
-            tool_format,
+            tools,
         }
     }
 }

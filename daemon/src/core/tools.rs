@@ -99,6 +99,33 @@ impl ToolFormat {
     }
 }
 
+/// How a front end reads an answer given tools: in the model's format, and only as calls to
+/// the tools it was offered (anything else is text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolReader {
+    pub format: ToolFormat,
+    pub names: Vec<String>,
+}
+
+impl ToolReader {
+    pub fn new(format: ToolFormat, tools: &Tools) -> ToolReader {
+        ToolReader {
+            format,
+            names: tools.names().map(str::to_owned).collect(),
+        }
+    }
+
+    /// The answer's text and calls; an answer calling a tool that was not offered is text.
+    pub fn read(&self, text: &str) -> (String, Vec<ToolCall>) {
+        let (content, calls) = self.format.parse(text);
+        if calls.iter().all(|c| self.names.contains(&c.name)) {
+            (content, calls)
+        } else {
+            (text.to_owned(), Vec::new())
+        }
+    }
+}
+
 fn parse_hermes(text: &str) -> (String, Vec<ToolCall>) {
     const OPEN: &str = "<tool_call>";
     const CLOSE: &str = "</tool_call>";
@@ -116,19 +143,23 @@ fn parse_hermes(text: &str) -> (String, Vec<ToolCall>) {
         }
         rest = next;
     }
+    if calls.is_empty() {
+        return (text.to_owned(), calls);
+    }
     content.push_str(rest);
     (content.trim().to_owned(), calls)
 }
 
-/// `{"name": "...", <key>: {...}}` (the arguments may also come as a JSON string).
+/// `{"name": "...", <key>: {...}}` (the arguments may also come as a JSON string; without
+/// them it is not a call: plain JSON output with a `name` field is not mistaken for one).
 fn call_of(body: &str, keys: &[&str]) -> Option<ToolCall> {
     let value: Value = serde_json::from_str(body).ok()?;
     let name = value.get("name")?.as_str()?.to_owned();
-    let arguments = keys.iter().find_map(|k| value.get(*k)).cloned();
+    let arguments = keys.iter().find_map(|k| value.get(*k)).cloned()?;
     let arguments = match arguments {
-        None | Some(Value::Null) => json!({}),
-        Some(Value::String(s)) => serde_json::from_str(&s).ok()?,
-        Some(v) => v,
+        Value::Null => json!({}),
+        Value::String(s) => serde_json::from_str(&s).ok()?,
+        v => v,
     };
     arguments
         .is_object()
@@ -276,6 +307,12 @@ mod tests {
         assert_eq!(calls[0].arguments, json!({"city": "Oslo"}));
         let text = "The weather is {\"fine\"}.";
         assert_eq!(ToolFormat::LlamaJson.parse(text), (text.to_owned(), vec![]));
+        // JSON with a name but no arguments is an answer, not a call.
+        let person = "{\"name\": \"Bob\", \"age\": 3}";
+        assert_eq!(
+            ToolFormat::LlamaJson.parse(person),
+            (person.to_owned(), vec![])
+        );
     }
 
     #[test]

@@ -121,11 +121,19 @@ pub(crate) fn bound_numbers(schema: &mut serde_json::Value) {
             };
             let (number, integer) = (has_type("number"), has_type("integer"));
             if number || integer {
-                if !map.contains_key("maximum") && !map.contains_key("exclusiveMaximum") {
-                    map.insert("maximum".into(), NUMBER_BOUND.into());
+                let bound = |keys: [&str; 2]| keys.iter().find_map(|k| map.get(*k)?.as_f64());
+                let lower = bound(["minimum", "exclusiveMinimum"]);
+                let upper = bound(["maximum", "exclusiveMaximum"]);
+                // A default bound sits beyond the schema's own opposite one, so that it never
+                // empties the range (`minimum: 1.7e12` gets `maximum: 1.7e12 + 1e9`).
+                if upper.is_none() {
+                    let max = lower.map_or(NUMBER_BOUND, |l| (l + NUMBER_BOUND).max(NUMBER_BOUND));
+                    map.insert("maximum".into(), max.into());
                 }
-                if !map.contains_key("minimum") && !map.contains_key("exclusiveMinimum") {
-                    map.insert("minimum".into(), (-NUMBER_BOUND).into());
+                if lower.is_none() {
+                    let min =
+                        upper.map_or(-NUMBER_BOUND, |u| (u - NUMBER_BOUND).min(-NUMBER_BOUND));
+                    map.insert("minimum".into(), min.into());
                 }
             }
             if number && !map.contains_key("multipleOf") {
@@ -221,13 +229,14 @@ impl std::fmt::Debug for TokenConstraint {
 impl TokenConstraint {
     /// Copies `logits` into `masked` with every token the grammar forbids next at −∞, so that
     /// any sampler picks an allowed one. End-of-generation tokens stay only where the grammar
-    /// may end. An error means the grammar can go no further (a bug or a grammar that admits
-    /// nothing): the generation must fail rather than leave its language.
+    /// may end. An error means the grammar can go no further (one that admits nothing this
+    /// vocabulary can write, or past llguidance's limits): the generation fails, as the
+    /// client's INVALID_ARGUMENT, rather than leave its language.
     pub fn mask(&mut self, logits: &[f32], masked: &mut Vec<f32>) -> Result<(), DaemonError> {
         let allowed = self
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| DaemonError::Internal(format!("constrained generation failed: {e}")))?;
+            .map_err(|e| DaemonError::InvalidArgument(format!("the constraint failed: {e}")))?;
         masked.clear();
         masked.resize(logits.len(), f32::NEG_INFINITY);
         let words = allowed.as_slice();
@@ -249,9 +258,8 @@ impl TokenConstraint {
             }
         }
         if !masked.iter().any(|v| *v > f32::NEG_INFINITY) {
-            return Err(DaemonError::Internal(
-                "constrained generation failed: the grammar allows no token of this model here"
-                    .into(),
+            return Err(DaemonError::InvalidArgument(
+                "the constraint allows no token of this model's vocabulary here".into(),
             ));
         }
         Ok(())
@@ -261,7 +269,7 @@ impl TokenConstraint {
     pub fn accept(&mut self, token: u32) -> Result<(), DaemonError> {
         self.matcher
             .consume_token(token)
-            .map_err(|e| DaemonError::Internal(format!("constrained generation failed: {e}")))
+            .map_err(|e| DaemonError::InvalidArgument(format!("the constraint failed: {e}")))
     }
 
     /// The grammar is complete and admits nothing more: the generation ends here.
@@ -360,6 +368,7 @@ mod tests {
                 "stepped": {"type": "number", "multipleOf": 0.5},
                 "count": {"type": "integer", "exclusiveMinimum": 0},
                 "huge": {"type": "number", "maximum": 1e20},
+                "stamp": {"type": "integer", "minimum": 1.7e12},
                 "fixed": {"const": {"type": "number"}, "enum": [{"type": "number"}]},
             },
         });
@@ -381,10 +390,15 @@ mod tests {
             p["count"],
             json!({"type": "integer", "exclusiveMinimum": 0, "maximum": 1e9})
         );
-        // A range too wide for a step in 64-bit integers keeps its fractional digits free.
+        // A range too wide for a step in 64-bit integers keeps its fractional digits free,
+        // and a default bound never empties the range.
         assert_eq!(
             p["huge"],
             json!({"type": "number", "maximum": 1e20, "minimum": -1e9})
+        );
+        assert_eq!(
+            p["stamp"],
+            json!({"type": "integer", "minimum": 1.7e12, "maximum": 1.7e12 + 1e9})
         );
         assert_eq!(
             p["fixed"],

@@ -27,7 +27,8 @@ use super::events::{
 use super::plan::{plan_step, SlotView, StepPlan, Work};
 use super::prefix::{choose_slot, SlotChoice, SlotHistory};
 use super::{
-    ClientKey, GenerateJob, Job, ModelQueue, Request, RunnerSettings, ScoreJob, StopReason,
+    ClientKey, EmbedJob, GenerateJob, Job, ModelQueue, Request, RunnerSettings, ScoreJob,
+    StopReason,
 };
 use crate::backend::{ComputeTurns, DecoderModel, SlotStep};
 use crate::error::DaemonError;
@@ -48,23 +49,41 @@ pub(super) fn serve(
         queue,
         settings,
     };
+    let mut embeds = Embeds::default();
     loop {
-        let mut embed = None;
-        if let Some(reason) = runner.admit(&mut slots, &mut model, &mut embed) {
-            if let Some((req, _)) = embed {
-                runner.release(&req.client, false);
-                req.job.fail(queue.stop_error(reason));
-            }
+        if let Some(reason) = runner.admit(&mut slots, &mut model, &mut embeds) {
+            runner.end_embeds(&mut embeds, &mut model, reason);
             runner.end_all(&mut slots, &mut model, reason);
             return;
         }
-        if let Some((req, slot)) = embed {
-            runner.embed(req, slot, &mut model, turns);
-        }
+        runner.advance_embedding(&mut embeds, &slots, &mut model, turns);
         if slots.iter().any(Option::is_some) {
             runner.step(&mut slots, &mut model, turns);
         }
     }
+}
+
+/// Embedding requests: one runs at a time in a free slot it holds, a chunk of at most
+/// `batch_tokens` per runner iteration between the batched steps (so streams keep flowing and
+/// its scratch stays within what the model was budgeted); one more may wait for it.
+#[derive(Default)]
+struct Embeds {
+    running: Option<Embedding>,
+    waiting: Option<Request>,
+}
+
+struct Embedding {
+    client: ClientKey,
+    deadline: Option<Instant>,
+    job: EmbedJob,
+    slot: usize,
+    /// The input being embedded, and how many of its tokens are in the slot's cache.
+    input: usize,
+    fed: usize,
+    /// Mean pooling's running sum; CLS's first row; last-token pooling's last row.
+    sum: Vec<f64>,
+    picked: Vec<f32>,
+    result: EmbedResult,
 }
 
 /// The model with a record of what each slot's cache holds, kept in step with it: every pass
@@ -233,12 +252,15 @@ impl<'t> Runner<'t> {
     /// stop reason when the model must end.
     /// An embedding request admitted here comes back in `embed` with the free slot it may use
     /// (one per call: it runs before the next step, outside the batch).
+    /// An embedding request admitted here waits in `embeds` for a free slot (one at a time:
+    /// while one waits, nothing more is admitted); the running one's slot is not free.
     fn admit(
         &self,
         slots: &mut [Option<Sequence<'t>>],
         model: &mut CachedSlots,
-        embed: &mut Option<(Request, usize)>,
+        embeds: &mut Embeds,
     ) -> Option<StopReason> {
+        let held = embeds.running.as_ref().map(|e| e.slot);
         let mut st = self.queue.state.lock();
         loop {
             if let Some(reason) = st.stop {
@@ -246,16 +268,18 @@ impl<'t> Runner<'t> {
             }
             self.queue.forget_abandoned(&mut st);
             loop {
-                let free: Vec<usize> = (0..slots.len()).filter(|&s| slots[s].is_none()).collect();
-                if free.is_empty() {
+                let free: Vec<usize> = (0..slots.len())
+                    .filter(|&s| slots[s].is_none() && held != Some(s))
+                    .collect();
+                if free.is_empty() || embeds.waiting.is_some() {
                     break;
                 }
                 let Some(req) = st.admission.admit_next() else {
                     break;
                 };
                 if matches!(req.job, Job::Embed(_)) {
-                    *embed = Some((req, free[0]));
-                    return None;
+                    embeds.waiting = Some(req);
+                    break;
                 }
                 match self.start(req, model.model.slot_capacity(free[0])) {
                     Ok(mut seq) => {
@@ -512,7 +536,7 @@ impl<'t> Runner<'t> {
                     if let Some(seq) = slots[p.slot].take() {
                         let client = seq.client.clone();
                         self.fail(seq, err);
-                        self.release(&client, false);
+                        self.release(&client, true);
                     }
                 }
             }
@@ -661,68 +685,153 @@ impl<'t> Runner<'t> {
             .in_scope(|| tracing::debug!(reused = seq.reused, "prompt prefix from the slot cache"));
     }
 
-    /// Runs an embedding request in `slot` (free), input after input, each alone in one pass
-    /// (a slot's cache holds one sequence), and answers it. The slot keeps nothing.
-    fn embed(&self, req: Request, slot: usize, model: &mut CachedSlots, turns: &ComputeTurns) {
-        let Job::Embed(job) = req.job else {
-            unreachable!("only embeddings come here")
-        };
-        let outcome = (|| {
-            let mut result = EmbedResult {
-                embeddings: Vec::with_capacity(job.inputs.len()),
-                prompt_tokens: 0,
-            };
-            let wanted = if job.pooling.needs_every_token() || job.pooling == Pooling::Cls {
-                LogitsWanted::All
-            } else {
-                LogitsWanted::Last
-            };
-            for tokens in &job.inputs {
-                if job.reply.is_closed() {
-                    return Err(None);
-                }
-                if req.deadline.is_some_and(|d| Instant::now() > d) {
-                    return Err(Some(DaemonError::DeadlineExceeded { generated: 0 }));
-                }
+    /// Starts the waiting embedding in a free slot if none runs, then feeds the running one
+    /// its next chunk; answers it when its last input is pooled.
+    fn advance_embedding(
+        &self,
+        embeds: &mut Embeds,
+        slots: &[Option<Sequence<'t>>],
+        model: &mut CachedSlots,
+        turns: &ComputeTurns,
+    ) {
+        if embeds.running.is_none() {
+            let free = (0..slots.len()).find(|&s| slots[s].is_none());
+            if let (Some(slot), Some(req)) = (free, embeds.waiting.take()) {
+                let Job::Embed(job) = req.job else {
+                    unreachable!("only embeddings wait here")
+                };
                 model.clear(slot);
-                let states = model
-                    .model
-                    .hidden(turns, slot, tokens, wanted)
-                    .map_err(Some)?;
-                let width = states.n_vocab();
-                let mut vector = job.pooling.pool(states.values(), width);
-                if let Some(d) = job.dimensions {
-                    vector.truncate(d);
-                }
-                if job.normalize {
-                    embedding::normalize(&mut vector);
-                }
-                result.embeddings.push(vector);
-                result.prompt_tokens += tokens.len();
+                embeds.running = Some(Embedding {
+                    client: req.client,
+                    deadline: req.deadline,
+                    result: EmbedResult {
+                        embeddings: Vec::with_capacity(job.inputs.len()),
+                        prompt_tokens: 0,
+                    },
+                    job,
+                    slot,
+                    input: 0,
+                    fed: 0,
+                    sum: Vec::new(),
+                    picked: Vec::new(),
+                });
             }
-            Ok(result)
-        })();
-        model.clear(slot);
+        }
+        let Some(mut e) = embeds.running.take() else {
+            return;
+        };
+        let outcome = if e.job.reply.is_closed() {
+            Some(Err(None))
+        } else if e.deadline.is_some_and(|d| Instant::now() > d) {
+            Some(Err(Some(DaemonError::DeadlineExceeded { generated: 0 })))
+        } else {
+            match self.embed_chunk(&mut e, model, turns) {
+                Ok(true) => Some(Ok(())),
+                Ok(false) => None,
+                Err(err) => Some(Err(Some(err))),
+            }
+        };
+        match outcome {
+            None => embeds.running = Some(e),
+            Some(outcome) => {
+                model.clear(e.slot);
+                self.answer_embedding(e, outcome);
+            }
+        }
+    }
+
+    /// Feeds the running embedding's next chunk; true once every input is pooled.
+    fn embed_chunk(
+        &self,
+        e: &mut Embedding,
+        model: &mut CachedSlots,
+        turns: &ComputeTurns,
+    ) -> Result<bool, DaemonError> {
+        let tokens = &e.job.inputs[e.input];
+        let end = (e.fed + self.settings.batch_tokens.max(1)).min(tokens.len());
+        let last_chunk = end == tokens.len();
+        let pooling = e.job.pooling;
+        let wanted = match pooling {
+            Pooling::Mean => LogitsWanted::All,
+            Pooling::Cls if e.fed == 0 => LogitsWanted::All,
+            Pooling::Last if last_chunk => LogitsWanted::Last,
+            _ => LogitsWanted::None,
+        };
+        let states = model
+            .model
+            .hidden(turns, e.slot, &tokens[e.fed..end], e.fed, wanted)?;
+        let width = states.n_vocab();
+        let rows = states.values();
+        match pooling {
+            Pooling::Mean => {
+                e.sum.resize(width, 0.0);
+                for row in rows.chunks_exact(width) {
+                    for (s, &v) in e.sum.iter_mut().zip(row) {
+                        *s += f64::from(v);
+                    }
+                }
+            }
+            Pooling::Cls if e.fed == 0 => e.picked = Pooling::Cls.pool(rows, width),
+            Pooling::Last if last_chunk => e.picked = Pooling::Last.pool(rows, width),
+            _ => {}
+        }
+        e.fed = end;
+        if !last_chunk {
+            return Ok(false);
+        }
+        let n = tokens.len();
+        let mut vector = match pooling {
+            Pooling::Mean => e.sum.iter().map(|s| (s / n as f64) as f32).collect(),
+            _ => std::mem::take(&mut e.picked),
+        };
+        if let Some(d) = e.job.dimensions {
+            vector.truncate(d);
+        }
+        if e.job.normalize {
+            embedding::normalize(&mut vector);
+        }
+        e.result.embeddings.push(vector);
+        e.result.prompt_tokens += n;
+        e.sum.clear();
+        (e.input, e.fed) = (e.input + 1, 0);
+        model.clear(e.slot);
+        Ok(e.input == e.job.inputs.len())
+    }
+
+    /// Sends an embedding's answer (None: its client left) and counts it.
+    fn answer_embedding(&self, e: Embedding, outcome: Result<(), Option<DaemonError>>) {
         let m = self.metrics();
         let name = metrics::model(&self.queue.model);
+        m.prompt_tokens
+            .get_or_create(&name)
+            .inc_by(e.result.prompt_tokens as u64);
         match outcome {
-            Ok(result) => {
+            Ok(()) => {
                 m.request(&self.queue.model, "embed", "ok");
-                m.prompt_tokens
-                    .get_or_create(&name)
-                    .inc_by(result.prompt_tokens as u64);
-                self.release(&req.client, true);
-                let _ = job.reply.send(Ok(result));
+                self.release(&e.client, true);
+                let _ = e.job.reply.send(Ok(e.result));
             }
             Err(Some(err)) => {
                 m.request(&self.queue.model, "embed", metrics::outcome(&err));
-                self.release(&req.client, false);
-                let _ = job.reply.send(Err(err));
+                self.release(&e.client, true);
+                let _ = e.job.reply.send(Err(err));
             }
             Err(None) => {
                 m.request(&self.queue.model, "embed", "cancelled");
-                self.release(&req.client, false);
+                self.release(&e.client, false);
             }
+        }
+    }
+
+    /// Ends the running and waiting embeddings because the model is going away.
+    fn end_embeds(&self, embeds: &mut Embeds, model: &mut CachedSlots, reason: StopReason) {
+        if let Some(e) = embeds.running.take() {
+            model.clear(e.slot);
+            self.answer_embedding(e, Err(Some(self.queue.stop_error(reason))));
+        }
+        if let Some(req) = embeds.waiting.take() {
+            self.release(&req.client, true);
+            req.job.fail(self.queue.stop_error(reason));
         }
     }
 

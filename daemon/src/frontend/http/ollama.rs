@@ -29,7 +29,7 @@ use crate::core::on_demand::{Available, LoadHints};
 use crate::core::requests::{
     Constraint, EmbedRequest, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
 };
-use crate::core::tools::ToolFormat;
+use crate::core::tools::ToolReader;
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::residency::stores::Store;
@@ -654,7 +654,7 @@ async fn run(
         chat: plan.chat,
         started,
         load,
-        tool_format: events.tool_format,
+        tools: events.tools.clone(),
     };
     if plan.stream {
         Ok(stream_response(events, shape))
@@ -670,7 +670,7 @@ struct Shape {
     started: Instant,
     load: Duration,
     /// Set when the model was shown tools: its answer is read for calls, and streamed whole.
-    tool_format: Option<ToolFormat>,
+    tools: Option<ToolReader>,
 }
 
 impl Shape {
@@ -690,8 +690,8 @@ impl Shape {
 
     fn last(&self, text: &str, done: &GenerationDone) -> Value {
         let mut v = self.part(text, true);
-        if let Some(format) = self.tool_format {
-            let (content, calls) = format.parse(text);
+        if let Some(reader) = &self.tools {
+            let (content, calls) = reader.read(text);
             if !calls.is_empty() {
                 let calls: Vec<Value> = calls
                     .iter()
@@ -746,7 +746,7 @@ fn stream_response(mut events: GenerationStream, shape: Shape) -> Response {
                 () = tx.closed() => return,
             };
             let (line, last) = match event {
-                Some(GenerationEvent::Chunk(chunk)) if shape.tool_format.is_some() => {
+                Some(GenerationEvent::Chunk(chunk)) if shape.tools.is_some() => {
                     held.push_str(&chunk.text);
                     continue;
                 }

@@ -24,7 +24,7 @@ use crate::core::requests::{
     Constraint, EmbedRequest, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
     MAX_TOP_LOGPROBS,
 };
-use crate::core::tools::{ToolCall, ToolFormat};
+use crate::core::tools::{ToolCall, ToolReader};
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::scheduler::events::{
@@ -631,9 +631,9 @@ fn tool_calls_json(calls: &[ToolCall], indexed: bool) -> Value {
 }
 
 /// A chat answer read for tool calls when the model was shown tools: the text and the calls.
-fn read_tool_calls(format: Option<ToolFormat>, text: &str) -> (String, Vec<ToolCall>) {
-    match format {
-        Some(format) => format.parse(text),
+fn read_tool_calls(tools: Option<&ToolReader>, text: &str) -> (String, Vec<ToolCall>) {
+    match tools {
+        Some(reader) => reader.read(text),
         None => (text.to_owned(), Vec::new()),
     }
 }
@@ -658,7 +658,7 @@ async fn whole_response(mut events: GenerationStream, plan: Plan) -> Result<Resp
         .map(|k| logprobs_json(plan.endpoint, &collected.logprobs, k as usize));
     let (id, object, choice) = match plan.endpoint {
         Endpoint::Chat => {
-            let (content, calls) = read_tool_calls(events.tool_format, &collected.text);
+            let (content, calls) = read_tool_calls(events.tools.as_ref(), &collected.text);
             let message = if calls.is_empty() {
                 json!({"role": "assistant", "content": content, "refusal": null})
             } else {
@@ -746,8 +746,9 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
         };
         // With tools shown, the answer is held back until it is whole: only then is it known
         // whether it is text or calls.
-        let tool_format = events.tool_format;
+        let tools = events.tools.clone();
         let mut held = String::new();
+        let mut held_logprobs = Vec::new();
         let mut frames = Vec::new();
         if plan.endpoint == Endpoint::Chat {
             frames.push(frame(
@@ -770,8 +771,9 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
                 () = tx.closed() => return,
             };
             match event {
-                Some(GenerationEvent::Chunk(chunk)) if tool_format.is_some() => {
+                Some(GenerationEvent::Chunk(chunk)) if tools.is_some() => {
                     held.push_str(&chunk.text);
+                    held_logprobs.extend(chunk.logprobs);
                 }
                 Some(GenerationEvent::Chunk(chunk)) => {
                     if chunk.text.is_empty() && chunk.logprobs.is_empty() {
@@ -787,11 +789,14 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
                 }
                 Some(GenerationEvent::Done(done)) => {
                     let mut finish = finish_reason(done.finish_reason);
-                    if tool_format.is_some() {
-                        let (content, calls) = read_tool_calls(tool_format, &held);
-                        if !content.is_empty() {
+                    if tools.is_some() {
+                        let (content, calls) = read_tool_calls(tools.as_ref(), &held);
+                        let logprobs = plan.logprobs.map_or(Value::Null, |k| {
+                            logprobs_json(plan.endpoint, &held_logprobs, k as usize)
+                        });
+                        if !content.is_empty() || !held_logprobs.is_empty() {
                             frames.push(frame(
-                                choice(json!({"content": content}), Value::Null, Value::Null),
+                                choice(json!({"content": content}), logprobs, Value::Null),
                                 Value::Null,
                             ));
                         }
