@@ -13,8 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use egpu_engine::models::decoder::Logits;
-use egpu_engine::models::decoder::LogitsWanted;
-use egpu_engine::models::embedding::{self, Pooling};
+use egpu_engine::models::embedding::{self, Pooled};
 use egpu_engine::ops::log_softmax;
 use egpu_engine::sampler::{Sampler, StopMatcher, StopStatus};
 use egpu_engine::tokenizer::{StreamDecoder, Tokenizer};
@@ -80,9 +79,8 @@ struct Embedding {
     /// The input being embedded, and how many of its tokens are in the slot's cache.
     input: usize,
     fed: usize,
-    /// Mean pooling's running sum; CLS's first row; last-token pooling's last row.
-    sum: Vec<f64>,
-    picked: Vec<f32>,
+    /// The current text's pooling so far.
+    pooled: Pooled,
     result: EmbedResult,
 }
 
@@ -701,6 +699,7 @@ impl<'t> Runner<'t> {
                     unreachable!("only embeddings wait here")
                 };
                 model.clear(slot);
+                let pooled = Pooled::new(job.pooling);
                 embeds.running = Some(Embedding {
                     client: req.client,
                     deadline: req.deadline,
@@ -712,8 +711,7 @@ impl<'t> Runner<'t> {
                     slot,
                     input: 0,
                     fed: 0,
-                    sum: Vec::new(),
-                    picked: Vec::new(),
+                    pooled,
                 });
             }
         }
@@ -749,41 +747,19 @@ impl<'t> Runner<'t> {
     ) -> Result<bool, DaemonError> {
         let tokens = &e.job.inputs[e.input];
         let end = (e.fed + self.settings.batch_tokens.max(1)).min(tokens.len());
-        let last_chunk = end == tokens.len();
-        let pooling = e.job.pooling;
-        let wanted = match pooling {
-            Pooling::Mean => LogitsWanted::All,
-            Pooling::Cls if e.fed == 0 => LogitsWanted::All,
-            Pooling::Last if last_chunk => LogitsWanted::Last,
-            _ => LogitsWanted::None,
-        };
+        let (first_chunk, last_chunk) = (e.fed == 0, end == tokens.len());
+        let wanted = e.job.pooling.rows_wanted(first_chunk, last_chunk);
         let states = model
             .model
             .hidden(turns, e.slot, &tokens[e.fed..end], e.fed, wanted)?;
-        let width = states.n_vocab();
-        let rows = states.values();
-        match pooling {
-            Pooling::Mean => {
-                e.sum.resize(width, 0.0);
-                for row in rows.chunks_exact(width) {
-                    for (s, &v) in e.sum.iter_mut().zip(row) {
-                        *s += f64::from(v);
-                    }
-                }
-            }
-            Pooling::Cls if e.fed == 0 => e.picked = Pooling::Cls.pool(rows, width),
-            Pooling::Last if last_chunk => e.picked = Pooling::Last.pool(rows, width),
-            _ => {}
-        }
+        e.pooled
+            .add(states.values(), states.n_vocab(), first_chunk, last_chunk);
         e.fed = end;
         if !last_chunk {
             return Ok(false);
         }
         let n = tokens.len();
-        let mut vector = match pooling {
-            Pooling::Mean => e.sum.iter().map(|s| (s / n as f64) as f32).collect(),
-            _ => std::mem::take(&mut e.picked),
-        };
+        let mut vector = e.pooled.finish();
         if let Some(d) = e.job.dimensions {
             vector.truncate(d);
         }
@@ -792,7 +768,6 @@ impl<'t> Runner<'t> {
         }
         e.result.embeddings.push(vector);
         e.result.prompt_tokens += n;
-        e.sum.clear();
         (e.input, e.fed) = (e.input + 1, 0);
         model.clear(e.slot);
         Ok(e.input == e.job.inputs.len())

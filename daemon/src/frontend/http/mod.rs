@@ -190,6 +190,23 @@ pub fn unix_seconds() -> u64 {
 }
 
 /// An id for a completion: the time and a counter, unique within this egpud.
+/// The texts an embedding request's input names: a string, or a list of strings (None for
+/// anything else, e.g. token arrays).
+pub fn input_texts(input: serde_json::Value) -> Option<Vec<String>> {
+    use serde_json::Value;
+    match input {
+        Value::String(s) => Some(vec![s]),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
 /// Standard base64 (with padding) of `bytes`: OpenAI's `encoding_format: "base64"`.
 pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

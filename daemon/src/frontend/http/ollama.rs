@@ -126,21 +126,17 @@ pub async fn embed(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let mut body: EmbedBody = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
-    let bad = || {
-        ApiError::invalid(
-            DIALECT,
-            "input",
-            "input must be a string or a list of strings",
-        )
-    };
-    let inputs = match body.input.take() {
-        Some(Value::String(s)) => vec![s],
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(bad))
-            .collect::<Result<Vec<_>, _>>()?,
-        _ => return Err(bad()),
-    };
+    let inputs = body
+        .input
+        .take()
+        .and_then(super::input_texts)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                DIALECT,
+                "input",
+                "input must be a string or a list of strings",
+            )
+        })?;
     let model = body.model.clone();
     let (embeddings, tokens, load) =
         embed_texts(&state, &peer, &headers, body, inputs, true).await?;

@@ -99,24 +99,13 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let req: EmbeddingsRequest = json_body(body, state.settings.max_body_bytes, DIALECT).await?;
     check_model_name(&req.model, DIALECT)?;
-    let not_texts = || {
+    let inputs = super::input_texts(req.input).ok_or_else(|| {
         ApiError::invalid(
             DIALECT,
             "input",
             "input must be a string or a list of strings (token arrays are not supported)",
         )
-    };
-    let inputs = match req.input {
-        Value::String(s) => vec![s],
-        Value::Array(items) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err(not_texts()),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        _ => return Err(not_texts()),
-    };
+    })?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
