@@ -34,19 +34,6 @@ impl Pooling {
         }
     }
 
-    /// Which token states the pooling reads: all of them (mean) or one.
-    pub fn needs_every_token(self) -> bool {
-        self == Pooling::Mean
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Pooling::Mean => "mean",
-            Pooling::Cls => "cls",
-            Pooling::Last => "last",
-        }
-    }
-
     /// Which rows of a chunk of a text's tokens the pooling reads: every row (mean), the first
     /// chunk's (CLS), the last chunk's last (last token), or none.
     pub fn rows_wanted(self, first_chunk: bool, last_chunk: bool) -> LogitsWanted {
