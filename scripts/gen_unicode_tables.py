@@ -1,6 +1,6 @@
 """Generate engine/src/tokenizer/unicode_tables.rs: the Unicode general-category classes the
 tokenizer's pre-tokenizers need (letter, number, punctuation, symbol, mark, other), as sorted
-ranges of code points.
+ranges of code points, and the nonspacing marks (Mn) that BERT's accent stripping drops.
 
 llama.cpp classifies code points with tables generated from Unicode 15.1 (checked by comparing
 its `unicode-data.cpp` with Python 3.13's `unicodedata`, which is also 15.1: zero differences).
@@ -54,6 +54,20 @@ def main() -> None:
     out.write(f"pub static CLASS_RUNS: [(u32, CharClass); {len(ranges)}] = [\n")
     for cp, cls in ranges:
         out.write(f"    (0x{cp:06X}, {cls}),\n")
+    out.write("];\n")
+    marks = []
+    for cp in range(0x110000):
+        if unicodedata.category(chr(cp)) == "Mn":
+            if marks and marks[-1][1] == cp - 1:
+                marks[-1][1] = cp
+            else:
+                marks.append([cp, cp])
+    out.write("\n/// Nonspacing marks (`Mn`) as inclusive `(first, last)` ranges: what BERT's accent\n")
+    out.write("/// stripping removes after NFD.\n")
+    out.write("#[rustfmt::skip]\n")
+    out.write(f"pub static NONSPACING_MARK_RANGES: [(u32, u32); {len(marks)}] = [\n")
+    for first, last in marks:
+        out.write(f"    (0x{first:06X}, 0x{last:06X}),\n")
     out.write("];\n")
 
 

@@ -43,7 +43,7 @@ fn append_piece(vocab: &Vocab, id: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(text.as_bytes());
     } else if attrs.intersects(TokenAttrs::NORMAL) {
         match vocab.algorithm {
-            Algorithm::SentencePiece | Algorithm::Unigram => {
+            Algorithm::SentencePiece | Algorithm::Unigram | Algorithm::WordPiece => {
                 out.extend_from_slice(text.replace('▁', " ").as_bytes())
             }
             Algorithm::BytePairGpt2 => append_byte_level(text, out),

@@ -44,6 +44,7 @@ mod unicode;
 mod unicode_tables;
 pub mod unigram;
 mod vocab;
+mod wordpiece;
 
 use std::fmt;
 
@@ -59,6 +60,7 @@ pub use decode::StreamDecoder;
 pub use pretokenize::{PreTokenizer, PreTokenizerConfig};
 pub use unicode_tables::UNICODE_VERSION;
 pub use vocab::{token_type, SpecialIdSpec, SpecialIds, TokenAttrs, VocabSpec};
+pub use wordpiece::Normalizer;
 
 /// Why a tokenizer could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,8 @@ pub enum TokenizerKind {
     /// A SentencePiece Unigram model whose pieces map to the vocab by text
     /// (`tokenizer.ggml.model = marian`).
     Unigram,
+    /// BERT's WordPiece (`tokenizer.ggml.model = bert`).
+    WordPiece(Normalizer),
 }
 
 impl fmt::Display for TokenizerKind {
@@ -134,6 +138,16 @@ impl fmt::Display for TokenizerKind {
             }
             TokenizerKind::SentencePiece => f.write_str("llama SentencePiece"),
             TokenizerKind::Unigram => f.write_str("SentencePiece Unigram (marian)"),
+            TokenizerKind::WordPiece(n) => write!(
+                f,
+                "bert WordPiece{}",
+                match (n.lowercase, n.strip_accents) {
+                    (true, true) => " (uncased)",
+                    (true, false) => " (lowercased, accents kept)",
+                    (false, true) => " (accents stripped)",
+                    (false, false) => " (cased)",
+                }
+            ),
         }
     }
 }
@@ -150,6 +164,10 @@ enum Encoder {
         /// Vocab id of each of the model's pieces (the unknown id where the vocab lacks it).
         to_vocab: Vec<u32>,
         /// The vocab's unknown id.
+        unknown: u32,
+    },
+    WordPiece {
+        model: wordpiece::WordPiece,
         unknown: u32,
     },
 }
@@ -244,6 +262,23 @@ impl Tokenizer {
                     },
                 )
             }
+            (Algorithm::WordPiece, _) => {
+                let lowercase = spec.lowercase.unwrap_or(true);
+                let normalizer = Normalizer {
+                    lowercase,
+                    strip_accents: spec.strip_accents.unwrap_or(lowercase),
+                };
+                let unknown = vocab.special.unk.ok_or(TokenizerError::MissingKey(
+                    "tokenizer.ggml.unknown_token_id",
+                ))?;
+                (
+                    TokenizerKind::WordPiece(normalizer),
+                    Encoder::WordPiece {
+                        model: wordpiece::WordPiece::new(&vocab.texts, normalizer),
+                        unknown,
+                    },
+                )
+            }
             _ => (
                 TokenizerKind::SentencePiece,
                 Encoder::Spm(SpmModel::new(&vocab)),
@@ -267,7 +302,10 @@ impl Tokenizer {
         let vocab = &self.vocab;
         let fragments = self.specials.partition(vocab, text, parse_special);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
-        if add_special && vocab.add_bos {
+        // WordPiece always frames a text as [CLS] … [SEP] (llama.cpp's WPM does too, whatever
+        // add_bos/add_eos say: converted files set add_eos with EOS = [SEP]).
+        let wordpiece = matches!(self.encoder, Encoder::WordPiece { .. });
+        if add_special && (vocab.add_bos || wordpiece) {
             out.extend(vocab.special.bos);
         }
         match &self.encoder {
@@ -334,8 +372,20 @@ impl Tokenizer {
                     }
                 }
             }
+            Encoder::WordPiece { model, unknown } => {
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Token(id) => out.push(id),
+                        Fragment::Text(text) => {
+                            model.encode(text, &vocab.ids_by_text, *unknown, &mut out)
+                        }
+                    }
+                }
+            }
         }
-        if add_special && vocab.add_eos {
+        if add_special && wordpiece {
+            out.extend(vocab.special.sep.or(vocab.special.eos));
+        } else if add_special && vocab.add_eos {
             out.extend(vocab.special.eos);
         }
         out
@@ -532,6 +582,8 @@ impl VocabSpec {
                 Some(crate::gguf::MetaArray::U8(bytes)) => Some(bytes.clone()),
                 _ => None,
             },
+            lowercase: meta.get_bool("tokenizer.ggml.normalizer.lowercase"),
+            strip_accents: meta.get_bool("tokenizer.ggml.normalizer.strip_accents"),
         })
     }
 }

@@ -130,6 +130,10 @@ pub struct VocabSpec {
     /// `tokenizer.marian.source_spm`: the serialized SentencePiece Unigram model that segments
     /// text for a `marian` vocab (its pieces map to `tokens` by text).
     pub unigram_model: Option<Vec<u8>>,
+    /// `tokenizer.ggml.normalizer.lowercase` (WordPiece; absent means true, as in llama.cpp).
+    pub lowercase: Option<bool>,
+    /// `tokenizer.ggml.normalizer.strip_accents` (WordPiece; absent means as `lowercase`).
+    pub strip_accents: Option<bool>,
 }
 
 /// Special token ids as a GGUF file may store them; `None` when the key is absent.
@@ -208,6 +212,8 @@ pub(crate) enum Algorithm {
     /// A SentencePiece Unigram model segments the text and each piece maps to the vocab by
     /// text (`tokenizer.ggml.model = marian`, Marian's `source.spm` + `vocab.json`).
     Unigram,
+    /// BERT's WordPiece over a phantom-space vocab (`tokenizer.ggml.model = bert`).
+    WordPiece,
 }
 
 /// The vocabulary, resolved: what the encoder and decoder consult.
@@ -328,6 +334,7 @@ impl Vocab {
             "gpt2" => Algorithm::BytePairGpt2,
             "llama" => Algorithm::SentencePiece,
             "marian" => Algorithm::Unigram,
+            "bert" => Algorithm::WordPiece,
             other => return Err(TokenizerError::UnsupportedModel(other.to_owned())),
         };
         let n = spec.tokens.len();
@@ -364,6 +371,19 @@ impl Vocab {
                 // MarianTokenizer: no BOS, `</s>` appended; spaces are the model's business.
                 add_bos = false;
                 add_eos = true;
+                add_space_prefix = false;
+            }
+            Algorithm::WordPiece => {
+                // llama.cpp's defaults, those of the original BERT vocabularies: [CLS] 101
+                // starts a text, [SEP] 102 ends it, [UNK] 100, [PAD] 0, [MASK] 103. Converted
+                // files name their own.
+                special.bos = Some(101);
+                special.unk = Some(100);
+                special.sep = Some(102);
+                special.pad = Some(0);
+                special.mask = Some(103);
+                add_bos = true;
+                add_eos = false;
                 add_space_prefix = false;
             }
             Algorithm::BytePairGpt2 => {

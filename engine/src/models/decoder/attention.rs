@@ -1,4 +1,5 @@
-//! Causal (and, on sliding-window layers, windowed) grouped-query attention of a batch's
+//! Causal (and, on sliding-window layers, windowed) or, for encoders, bidirectional
+//! grouped-query attention of a batch's
 //! tokens against their own sequences' f16 caches, in f32.
 //!
 //! Work is split into units of (KV head, sequence, tile of up to [`QUERY_TILE`] consecutive
@@ -32,6 +33,9 @@ const PARALLEL_MIN_MACS: usize = 1 << 17;
 pub(super) struct Slot {
     pub item: usize,
     pub pos: usize,
+    /// One past the last key position the token sees: `pos + 1` in causal attention, the
+    /// end of its item's tokens in an encoder's bidirectional attention.
+    pub end: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +107,7 @@ fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// The key positions token `slot` attends to on a layer with this window.
 fn key_range(slot: Slot, window: Option<usize>) -> std::ops::Range<usize> {
-    let end = slot.pos + 1;
+    let end = slot.end;
     window.map_or(0, |w| end.saturating_sub(w))..end
 }
 
@@ -294,7 +298,7 @@ fn attend_unit(
         .map(|&s| key_range(s, window).start)
         .min()
         .unwrap_or(0);
-    let hi = tile.iter().map(|s| s.pos + 1).max().unwrap_or(0);
+    let hi = tile.iter().map(|s| s.end).max().unwrap_or(0);
 
     out.fill(0.0);
     let ThreadBuffers {

@@ -13,7 +13,15 @@ use super::ModelError;
 pub const MAX_LAYERS: usize = 1 << 12;
 
 /// The architectures this engine runs (`general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "gpt2"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "gpt2",
+    "bert",
+    "nomic-bert",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -29,6 +37,14 @@ pub enum Arch {
     Gemma3,
     /// GPT-2: LayerNorm, learned positions, fused QKV with biases, GELU MLP.
     Gpt2,
+    /// BERT encoders (bge, MiniLM, e5 …): bidirectional attention, LayerNorm after each
+    /// residual add, learned positions and token types, exact-GELU MLP; no LM head, so they
+    /// embed only.
+    Bert,
+    /// Nomic's BERT (nomic-embed-text): BERT's post-norm encoder with NeoX RoPE instead of
+    /// learned positions, fused QKV and a SwiGLU MLP, all without biases.
+    #[serde(rename = "nomic-bert")]
+    NomicBert,
 }
 
 impl Arch {
@@ -39,6 +55,8 @@ impl Arch {
             "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
             "gpt2" => Arch::Gpt2,
+            "bert" => Arch::Bert,
+            "nomic-bert" => Arch::NomicBert,
             _ => return None,
         })
     }
@@ -50,7 +68,14 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
             Arch::Gpt2 => "gpt2",
+            Arch::Bert => "bert",
+            Arch::NomicBert => "nomic-bert",
         }
+    }
+
+    /// The BERT family: encoders that read the whole text at once and embed it.
+    pub fn is_encoder(self) -> bool {
+        matches!(self, Arch::Bert | Arch::NomicBert)
     }
 }
 
@@ -70,8 +95,10 @@ pub enum FfnKind {
     SwiGlu,
     /// `down(gelu(gate(x)) · up(x))`.
     GeGlu,
-    /// `down(gelu(up(x)))`.
+    /// `down(gelu(up(x)))`, GELU's tanh approximation (GPT-2's `gelu_new`).
     Gelu,
+    /// `down(gelu(up(x)))` with the exact, erf-based GELU (BERT's `gelu`).
+    GeluErf,
 }
 
 /// Rotary embedding parameters of one kind of layer.
@@ -123,6 +150,15 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Normalise the attention and FFN outputs before adding them to the residual (Gemma).
     pub post_norms: bool,
+    /// Each token attends only to itself and earlier tokens. False for the BERT family, whose
+    /// tokens see the whole text: such a text must be fed in one pass.
+    pub causal: bool,
+    /// LayerNorm the residual after each block's add (BERT's post-LN) instead of normalising
+    /// each block's input (pre-LN); the embeddings are normalised too, and there is no
+    /// output norm.
+    pub norm_after_residual: bool,
+    /// The model has an LM head and so can continue text; the BERT family only embeds.
+    pub has_lm_head: bool,
 }
 
 impl ModelConfig {
@@ -207,7 +243,9 @@ impl ModelConfig {
         }
 
         let (norm, eps_key) = match arch {
-            Arch::Gpt2 => (NormKind::Layer, "attention.layer_norm_epsilon"),
+            Arch::Gpt2 | Arch::Bert | Arch::NomicBert => {
+                (NormKind::Layer, "attention.layer_norm_epsilon")
+            }
             _ => (NormKind::Rms, "attention.layer_norm_rms_epsilon"),
         };
         let norm_eps = meta
@@ -218,8 +256,8 @@ impl ModelConfig {
         // none for GPT-2 (learned positions).
         let rope_style = match arch {
             Arch::Llama => Some(RopeStyle::Normal),
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => Some(RopeStyle::Neox),
-            Arch::Gpt2 => None,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::NomicBert => Some(RopeStyle::Neox),
+            Arch::Gpt2 | Arch::Bert => None,
         };
         let n_rot = meta
             .arch_u64("rope.dimension_count")
@@ -280,7 +318,21 @@ impl ModelConfig {
                 };
                 embedding_scale = Some((n_embd as f32).sqrt());
             }
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Gpt2 => {}
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gpt2 | Arch::Bert | Arch::NomicBert => {}
+        }
+        let encoder = arch.is_encoder();
+        // Converters write `{arch}.attention.causal = false` for encoders; a file that claims
+        // otherwise for an architecture this engine runs one way is refused, not half-obeyed.
+        if let Some(causal) = meta
+            .arch_get("attention.causal")
+            .and_then(MetaValue::as_bool)
+        {
+            if causal == encoder {
+                return Err(invalid(
+                    &key("attention.causal"),
+                    &format!("{causal}, but {arch_name} attention is always the other way"),
+                ));
+            }
         }
 
         Ok(ModelConfig {
@@ -299,6 +351,9 @@ impl ModelConfig {
             ffn: match arch {
                 Arch::Gemma3 => FfnKind::GeGlu,
                 Arch::Gpt2 => FfnKind::Gelu,
+                // transformers' BERT uses the exact GELU (llama.cpp its tanh approximation,
+                // which differs by up to ~5e-4 per activation).
+                Arch::Bert => FfnKind::GeluErf,
                 _ => FfnKind::SwiGlu,
             },
             rope,
@@ -309,6 +364,9 @@ impl ModelConfig {
             embedding_scale,
             qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             post_norms: arch == Arch::Gemma3,
+            causal: !encoder,
+            norm_after_residual: encoder,
+            has_lm_head: !encoder,
         })
     }
 

@@ -121,15 +121,27 @@ impl Model {
     ) -> Result<Logits, ModelError> {
         let cfg = &self.config;
         self.check_batch(batch)?;
+        if output == Output::Logits && !cfg.has_lm_head {
+            return Err(ModelError::Unsupported(format!(
+                "{} models have no LM head: they embed text, they do not continue it",
+                cfg.arch.name()
+            )));
+        }
 
         scratch.slots.clear();
         scratch.out_tokens.clear();
         let mut items = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
             let first = scratch.slots.len();
+            let item_end = item.start_pos + item.tokens.len();
             scratch.slots.extend((0..item.tokens.len()).map(|j| Slot {
                 item: i,
                 pos: item.start_pos + j,
+                end: if cfg.causal {
+                    item.start_pos + j + 1
+                } else {
+                    item_end
+                },
             }));
             let last = scratch.slots.len();
             let first_row = scratch.out_tokens.len();
@@ -176,6 +188,15 @@ impl Model {
             if item.tokens.is_empty() {
                 return Err(ModelError::InvalidBatch(format!("item {i} has no tokens")));
             }
+            if !cfg.causal && item.start_pos != 0 {
+                // Every token of an encoder's text sees every other: a text fed in pieces
+                // would leave the earlier pieces blind to the later ones.
+                return Err(ModelError::InvalidBatch(format!(
+                    "item {i} starts at position {}: a {} model reads a whole text in one pass",
+                    item.start_pos,
+                    cfg.arch.name()
+                )));
+            }
             if item.start_pos > item.cache.len() {
                 return Err(ModelError::InvalidBatch(format!(
                     "item {i} starts at position {} but its cache holds only {}",
@@ -207,8 +228,8 @@ impl Model {
         Ok(())
     }
 
-    /// Token embeddings (one row looked up per token), scaled and with learned positions
-    /// added where the architecture says so.
+    /// Token embeddings (one row looked up per token), scaled and with learned positions and
+    /// BERT's token type added, then normalised, where the architecture says so.
     fn embed(&self, batch: &[BatchItem], scratch: &mut Scratch) -> Result<(), ModelError> {
         let cfg = &self.config;
         let n_tokens = scratch.slots.len();
@@ -230,6 +251,12 @@ impl Model {
                 positions.dequantize_row(slot.pos, staged)?;
                 ops::add_assign(row, staged);
             }
+            if let Some(token_type) = &self.weights.token_type0 {
+                ops::add_assign(row, token_type);
+            }
+        }
+        if let Some(norm) = &self.weights.embedding_norm {
+            normalize_rows_in_place(cfg, norm, x);
         }
         Ok(())
     }
@@ -261,10 +288,15 @@ impl Model {
         let embd = cfg.n_embd;
         let (q_dim, k_dim, v_dim) = (cfg.q_dim(), cfg.k_dim(), cfg.v_dim());
 
-        // Attention block.
+        // Attention block. Pre-LN models project the normalised residual; post-LN encoders
+        // project the residual itself and normalise after the add.
         let x = sized(&mut scratch.x, n_tokens * embd);
         let xn = sized(&mut scratch.xn, n_tokens * embd);
-        normalize_rows(cfg, &w.attn_norm, x, xn);
+        if cfg.norm_after_residual {
+            xn.copy_from_slice(x);
+        } else {
+            normalize_rows(cfg, &w.attn_norm, x, xn);
+        }
 
         let q = sized(&mut scratch.q, n_tokens * q_dim);
         let k = sized(&mut scratch.k, n_tokens * k_dim);
@@ -347,12 +379,21 @@ impl Model {
             normalize_rows_in_place(cfg, post, proj);
         }
         ops::add_assign(x, proj);
-
-        // Feed-forward block.
-        normalize_rows(cfg, &w.ffn_norm, x, xn);
+        if cfg.norm_after_residual {
+            normalize_rows_in_place(cfg, &w.attn_norm, x);
+            xn.copy_from_slice(x);
+        } else {
+            // Feed-forward block.
+            normalize_rows(cfg, &w.ffn_norm, x, xn);
+        }
         let ff = cfg.n_ff;
         let up = sized(&mut scratch.up, n_tokens * ff);
         let hidden: &[f32] = match (cfg.ffn, &w.ffn_gate) {
+            (FfnKind::GeluErf, _) => {
+                self.linear(pool, &w.ffn_up, xn, n_tokens, up)?;
+                up.iter_mut().for_each(|v| *v = ops::gelu_erf(*v));
+                up
+            }
             (FfnKind::Gelu, _) | (_, None) => {
                 self.linear(pool, &w.ffn_up, xn, n_tokens, up)?;
                 ops::gelu_in_place(up);
@@ -380,6 +421,9 @@ impl Model {
             normalize_rows_in_place(cfg, post, proj);
         }
         ops::add_assign(x, proj);
+        if cfg.norm_after_residual {
+            normalize_rows_in_place(cfg, &w.ffn_norm, x);
+        }
         Ok(())
     }
 
@@ -400,13 +444,22 @@ impl Model {
         for (dst, &t) in gathered.chunks_exact_mut(embd).zip(&scratch.out_tokens) {
             dst.copy_from_slice(&scratch.x[t * embd..][..embd]);
         }
-        let normed = sized(&mut scratch.xn, n_out * embd);
-        normalize_rows(cfg, &self.weights.output_norm, gathered, normed);
-        if output == Output::Hidden {
-            return Ok(normed.to_vec());
-        }
+        let normed: &[f32] = match &self.weights.output_norm {
+            Some(norm) => {
+                let normed = sized(&mut scratch.xn, n_out * embd);
+                normalize_rows(cfg, norm, gathered, normed);
+                normed
+            }
+            None => gathered,
+        };
+        let head = match (output, &self.weights.output) {
+            (Output::Hidden, _) => return Ok(normed.to_vec()),
+            (Output::Logits, Some(head)) => head,
+            // Refused before the pass, in `forward_to`.
+            (Output::Logits, None) => return Ok(Vec::new()),
+        };
         let mut logits = vec![0f32; n_out * cfg.n_vocab];
-        self.linear(pool, &self.weights.output, normed, n_out, &mut logits)?;
+        self.linear(pool, head, normed, n_out, &mut logits)?;
         Ok(logits)
     }
 }
@@ -486,7 +539,7 @@ fn normalize_rows_in_place(cfg: &ModelConfig, norm: &Norm, x: &mut [f32]) {
         match cfg.norm {
             NormKind::Rms => ops::rms_norm_in_place(row, &norm.weight, cfg.norm_eps),
             NormKind::Layer => {
-                // Not used by any supported architecture (post-norms are Gemma's, RMS).
+                // BERT's post-LN norms; one row copy is small beside the layer's matmuls.
                 let copy = row.to_vec();
                 ops::layer_norm(&copy, &norm.weight, norm.bias.as_deref(), cfg.norm_eps, row)
             }

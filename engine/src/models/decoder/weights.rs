@@ -70,12 +70,15 @@ pub(crate) enum QkvWeights {
 
 #[derive(Debug, Clone)]
 pub(crate) struct LayerWeights {
+    /// Normalises the attention block's input, or, where the config says
+    /// `norm_after_residual` (BERT's `attn_output_norm`), the residual after its add.
     pub attn_norm: Norm,
     pub qkv: QkvWeights,
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
     pub attn_out: Linear,
     pub post_attn_norm: Option<Norm>,
+    /// As `attn_norm`, for the FFN block (BERT's `layer_output_norm`).
     pub ffn_norm: Norm,
     pub ffn_gate: Option<Linear>,
     pub ffn_up: Linear,
@@ -86,11 +89,18 @@ pub(crate) struct LayerWeights {
 #[derive(Debug, Clone)]
 pub(crate) struct Weights {
     pub token_embd: TensorInfo,
-    /// Learned absolute positions (GPT-2), one row per position.
+    /// Learned absolute positions (GPT-2, BERT), one row per position.
     pub position_embd: Option<TensorInfo>,
-    pub output_norm: Norm,
-    /// The LM head: `output.weight`, or the token embeddings when they are tied.
-    pub output: Linear,
+    /// BERT's embedding of token type 0 ("sentence A"), added to every token.
+    pub token_type0: Option<Vec<f32>>,
+    /// BERT's LayerNorm of the summed embeddings (`token_embd_norm`).
+    pub embedding_norm: Option<Norm>,
+    /// The final norm before the LM head (absent in post-LN encoders, whose last layer ends
+    /// in a norm).
+    pub output_norm: Option<Norm>,
+    /// The LM head: `output.weight`, or the token embeddings when they are tied; none for
+    /// models that only embed.
+    pub output: Option<Linear>,
     /// LLaMA 3.1's per-frequency RoPE divisors (`rope_freqs.weight`).
     pub rope_freqs: Option<Vec<f32>>,
     pub layers: Vec<LayerWeights>,
@@ -108,7 +118,7 @@ impl Weights {
                 .chain([&mut l.attn_out, &mut l.ffn_up, &mut l.ffn_down])
                 .chain(l.ffn_gate.as_mut())
         });
-        layers.chain(std::iter::once(&mut self.output))
+        layers.chain(self.output.as_mut())
     }
 
     /// Moves the weight matrices out of the file mapping into one [`HugePageArena`], each
@@ -176,8 +186,10 @@ impl Weights {
         &'a self,
         file: &'a GgufFile,
     ) -> Result<WeightMatrix<'a>, crate::kernels::KernelError> {
-        if self.output.weight.name == self.token_embd.name && self.output.in_arena.is_some() {
-            return Ok(self.output.matrix(file));
+        if let Some(output) = &self.output {
+            if output.weight.name == self.token_embd.name && output.in_arena.is_some() {
+                return Ok(output.matrix(file));
+            }
         }
         WeightMatrix::from_tensor(file, &self.token_embd)
     }
@@ -247,6 +259,25 @@ impl Loader<'_> {
         Ok(Some(values))
     }
 
+    /// Row 0 of `token_types.weight` (`[n_embd, n_types]`), if the file has the table:
+    /// egpu, like llama.cpp, embeds every token as "sentence A".
+    fn token_type0(&self, n_embd: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        const NAME: &str = "token_types.weight";
+        let Some(info) = self.info(NAME) else {
+            return Ok(None);
+        };
+        if info.dims.len() != 2 || info.dims[0] != n_embd as u64 || info.dims[1] == 0 {
+            return Err(ModelError::TensorShape {
+                name: NAME.to_owned(),
+                expected: format!("[{n_embd}, n_types]"),
+                found: info.dims.clone(),
+            });
+        }
+        let mut row = vec![0f32; n_embd];
+        WeightMatrix::from_tensor(self.file, info)?.dequantize_row(0, &mut row)?;
+        Ok(Some(row))
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         self.optional_vector(name, len)?
             .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))
@@ -276,14 +307,26 @@ impl Weights {
         let (token_embd, _) = token_embedding(file)?;
         let token_embd = l.matrix(&token_embd.name, cfg.n_embd, cfg.n_vocab)?;
         let position_embd = match cfg.arch {
-            Arch::Gpt2 => Some(l.matrix("position_embd.weight", cfg.n_embd, cfg.context_length)?),
+            Arch::Gpt2 | Arch::Bert => {
+                Some(l.matrix("position_embd.weight", cfg.n_embd, cfg.context_length)?)
+            }
             _ => None,
         };
-        let output = if l.info("output.weight").is_some() {
-            l.linear("output", cfg.n_embd, cfg.n_vocab)?
+        let output = if !cfg.has_lm_head {
+            None
+        } else if l.info("output.weight").is_some() {
+            Some(l.linear("output", cfg.n_embd, cfg.n_vocab)?)
         } else {
             // Tied embeddings: the LM head is the token embedding table.
-            Linear::new(token_embd.clone(), None)
+            Some(Linear::new(token_embd.clone(), None))
+        };
+        let (token_type0, embedding_norm) = if cfg.arch.is_encoder() {
+            (
+                l.token_type0(cfg.n_embd)?,
+                Some(l.norm("token_embd_norm", cfg.n_embd, cfg.norm)?),
+            )
+        } else {
+            (None, None)
         };
         let rope_freqs = match &cfg.rope {
             Some(rope) => l.optional_vector("rope_freqs.weight", rope.n_rot / 2)?,
@@ -292,10 +335,17 @@ impl Weights {
         let layers = (0..cfg.n_layer)
             .map(|il| Self::layer(&l, cfg, il))
             .collect::<Result<_, _>>()?;
+        let output_norm = if cfg.norm_after_residual {
+            None
+        } else {
+            Some(l.norm("output_norm", cfg.n_embd, cfg.norm)?)
+        };
         Ok(Weights {
-            output_norm: l.norm("output_norm", cfg.n_embd, cfg.norm)?,
+            output_norm,
             token_embd,
             position_embd,
+            token_type0,
+            embedding_norm,
             output,
             rope_freqs,
             layers,
@@ -336,16 +386,21 @@ impl Weights {
         };
         let ffn_gate = match cfg.ffn {
             FfnKind::SwiGlu | FfnKind::GeGlu => Some(l.linear(&p("ffn_gate"), embd, ff)?),
-            FfnKind::Gelu => None,
+            FfnKind::Gelu | FfnKind::GeluErf => None,
+        };
+        let (attn_norm, ffn_norm) = if cfg.norm_after_residual {
+            ("attn_output_norm", "layer_output_norm")
+        } else {
+            ("attn_norm", "ffn_norm")
         };
         Ok(LayerWeights {
-            attn_norm: l.norm(&p("attn_norm"), embd, cfg.norm)?,
+            attn_norm: l.norm(&p(attn_norm), embd, cfg.norm)?,
             qkv,
             q_norm,
             k_norm,
             attn_out: l.linear(&p("attn_output"), cfg.attn_out_dim(), embd)?,
             post_attn_norm,
-            ffn_norm: l.norm(&p("ffn_norm"), embd, cfg.norm)?,
+            ffn_norm: l.norm(&p(ffn_norm), embd, cfg.norm)?,
             ffn_gate,
             ffn_up: l.linear(&p("ffn_up"), embd, ff)?,
             ffn_down: l.linear(&p("ffn_down"), ff, embd)?,
