@@ -1,6 +1,6 @@
 """A tiny random BERT embedding model as GGUF, and its sentence-transformers references.
 
-  /work/venv-ref/bin/python scripts/gen_tiny_bert.py [--llama-server PATH]
+  /work/venv-ref/bin/python scripts/gen_tiny_bert.py --llama-server PATH
 
 (a venv with torch, transformers, sentence-transformers and gguf from PyPI.)
 
@@ -18,9 +18,15 @@ Writes engine/tests/fixtures/models/:
                            with mean and with CLS pooling, float64 run of the model whose
                            weights are exactly the GGUF's (F16 matrices widened)
       hidden_first_text    transformers' last_hidden_state of the first text, every token
-    and, with --llama-server, `llama_cpp_mean`: llama.cpp's own embeddings of the same file
-    (llama-server --embeddings --pooling mean), a check that the GGUF is laid out as llama.cpp
-    reads it, with the measured max |difference| to sentence-transformers.
+    and `llama_cpp_mean`: llama.cpp's own embeddings of the same file (llama-server
+    --embeddings --pooling mean), a check that the GGUF is laid out as llama.cpp reads it,
+    with the measured max |difference| to sentence-transformers.
+  tiny-nomic-bert.gguf  arch `nomic-bert` (nomic-embed-text's layout): the same vocabulary and
+                      sizes, NeoX RoPE (base 1000) instead of learned positions, fused attn_qkv,
+                      SwiGLU FFN, no biases but the norms'; random numpy weights (transformers
+                      runs nomic-bert only as remote code, which cannot be fetched here).
+  tiny-nomic-bert.ref.json  llama.cpp's token ids and mean-pooled embeddings of TEXTS: the only
+                      outside reference there is for this architecture.
 
 Weights are random (BERT's init, std 0.02, with LayerNorm weights and biases also randomized so
 that every parameter matters); the model means nothing, the numbers are exact.
@@ -99,18 +105,7 @@ def build_model(vocab: list[str], folder: Path) -> tf.BertModel:
   return model
 
 
-def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
-  w = GGUFWriter(str(path), "bert")
-  w.add_name("tiny-bert (random weights, egpu test fixture)")
-  w.add_context_length(POSITIONS)
-  w.add_embedding_length(HIDDEN)
-  w.add_feed_forward_length(FF)
-  w.add_block_count(LAYERS)
-  w.add_head_count(HEADS)
-  w.add_layer_norm_eps(EPS)
-  w.add_causal_attention(False)
-  w.add_pooling_type(PoolingType.MEAN)
-  w.add_token_type_count(TYPES)
+def add_vocab(w: GGUFWriter, vocab: list[str]) -> None:
   w.add_tokenizer_model("bert")
   w.add_tokenizer_pre("default")
   special = {t: vocab.index(t) for t in SPECIALS}
@@ -134,6 +129,21 @@ def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
   w.add_mask_token_id(special["[MASK]"])
   w.add_add_bos_token(True)
   w.add_add_eos_token(True)
+
+
+def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
+  w = GGUFWriter(str(path), "bert")
+  w.add_name("tiny-bert (random weights, egpu test fixture)")
+  w.add_context_length(POSITIONS)
+  w.add_embedding_length(HIDDEN)
+  w.add_feed_forward_length(FF)
+  w.add_block_count(LAYERS)
+  w.add_head_count(HEADS)
+  w.add_layer_norm_eps(EPS)
+  w.add_causal_attention(False)
+  w.add_pooling_type(PoolingType.MEAN)
+  w.add_token_type_count(TYPES)
+  add_vocab(w, vocab)
 
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
@@ -164,6 +174,46 @@ def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
   w.close()
 
 
+def write_nomic_gguf(path: Path, vocab: list[str]) -> None:
+  rng = np.random.default_rng(11)
+  w = GGUFWriter(str(path), "nomic-bert")
+  w.add_name("tiny-nomic-bert (random weights, egpu test fixture)")
+  w.add_context_length(POSITIONS)
+  w.add_embedding_length(HIDDEN)
+  w.add_feed_forward_length(FF)
+  w.add_block_count(LAYERS)
+  w.add_head_count(HEADS)
+  w.add_layer_norm_eps(EPS)
+  w.add_causal_attention(False)
+  w.add_pooling_type(PoolingType.MEAN)
+  w.add_token_type_count(TYPES)
+  w.add_rope_freq_base(1000.0)
+  add_vocab(w, vocab)
+
+  def matrix(rows: int, cols: int) -> np.ndarray:
+    return (0.12 * rng.standard_normal((rows, cols))).astype(np.float16)
+
+  def norm(name: str) -> None:
+    w.add_tensor(name + ".weight", (1.0 + 0.2 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    w.add_tensor(name + ".bias", (0.05 * rng.standard_normal(HIDDEN)).astype(np.float32))
+
+  w.add_tensor("token_embd.weight", matrix(len(vocab), HIDDEN))
+  w.add_tensor("token_types.weight", (0.12 * rng.standard_normal((TYPES, HIDDEN))).astype(np.float32))
+  norm("token_embd_norm")
+  for i in range(LAYERS):
+    w.add_tensor(f"blk.{i}.attn_qkv.weight", matrix(3 * HIDDEN, HIDDEN))
+    w.add_tensor(f"blk.{i}.attn_output.weight", matrix(HIDDEN, HIDDEN))
+    norm(f"blk.{i}.attn_output_norm")
+    w.add_tensor(f"blk.{i}.ffn_up.weight", matrix(FF, HIDDEN))
+    w.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(FF, HIDDEN))
+    w.add_tensor(f"blk.{i}.ffn_down.weight", matrix(HIDDEN, FF))
+    norm(f"blk.{i}.layer_output_norm")
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
 def sentence_embeddings(folder: Path, pooling: str) -> list[list[float]]:
   transformer = models.Transformer(str(folder), max_seq_length=POSITIONS)
   transformer.auto_model.double()
@@ -173,7 +223,7 @@ def sentence_embeddings(folder: Path, pooling: str) -> list[list[float]]:
                    precision="float32").astype(np.float64).tolist()
 
 
-def llama_server_embeddings(server: str, gguf: Path) -> list[list[float]]:
+def llama_server_embeddings(server: str, gguf: Path) -> tuple[list[list[float]], list[list[int]]]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -190,14 +240,18 @@ def llama_server_embeddings(server: str, gguf: Path) -> list[list[float]]:
             break
       except OSError:
         time.sleep(0.1)
-    out = []
+    out, ids = [], []
     for text in TEXTS:
       body = json.dumps({"input": text}).encode()
       req = urllib.request.Request(url + "/v1/embeddings", body,
                                    {"Content-Type": "application/json"})
       with urllib.request.urlopen(req) as r:
         out.append(json.load(r)["data"][0]["embedding"])
-    return out
+      body = json.dumps({"content": text, "add_special": True}).encode()
+      req = urllib.request.Request(url + "/tokenize", body, {"Content-Type": "application/json"})
+      with urllib.request.urlopen(req) as r:
+        ids.append(json.load(r)["tokens"])
+    return out, ids
   finally:
     proc.terminate()
     proc.wait()
@@ -205,7 +259,7 @@ def llama_server_embeddings(server: str, gguf: Path) -> list[list[float]]:
 
 def main() -> int:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--llama-server", help="llama.cpp's llama-server, for a second reference")
+  ap.add_argument("--llama-server", required=True, help="llama.cpp's llama-server")
   args = ap.parse_args()
   lines = (DATA / "multilingual.txt").read_text(encoding="utf-8").splitlines() + TEXTS[:3]
   vocab = train_vocab(lines)
@@ -229,14 +283,19 @@ def main() -> int:
       "hidden_first_text": hidden,
       "versions": {"transformers": tf.__version__, "torch": torch.__version__},
     }
-  if args.llama_server:
-    theirs = np.array(llama_server_embeddings(args.llama_server, gguf_path))
-    ours = np.array(ref["mean"])
-    ref["llama_cpp_mean"] = theirs.tolist()
-    ref["max_abs_diff_llama_cpp_vs_sentence_transformers"] = float(np.abs(theirs - ours).max())
-    print("llama.cpp vs sentence-transformers, max |diff|:",
-          ref["max_abs_diff_llama_cpp_vs_sentence_transformers"])
+  theirs, their_ids = llama_server_embeddings(args.llama_server, gguf_path)
+  assert their_ids == ids, (their_ids, ids)
+  ref["llama_cpp_mean"] = theirs
+  diff = float(np.abs(np.array(theirs) - np.array(ref["mean"])).max())
+  ref["max_abs_diff_llama_cpp_vs_sentence_transformers"] = diff
+  print("llama.cpp vs sentence-transformers, max |diff|:", diff)
   (OUT / "tiny-bert.ref.json").write_text(json.dumps(ref) + "\n", encoding="utf-8")
+  nomic_path = OUT / "tiny-nomic-bert.gguf"
+  write_nomic_gguf(nomic_path, vocab)
+  nomic, nomic_ids = llama_server_embeddings(args.llama_server, nomic_path)
+  assert nomic_ids == ids, "one vocabulary, one tokenization"
+  (OUT / "tiny-nomic-bert.ref.json").write_text(json.dumps(
+    {"texts": TEXTS, "input_ids": nomic_ids, "llama_cpp_mean": nomic}) + "\n", encoding="utf-8")
   print(f"wrote {gguf_path} ({gguf_path.stat().st_size} bytes), vocab {len(vocab)}")
   for t, i in zip(TEXTS, ids):
     print(len(i), t[:40])

@@ -191,3 +191,37 @@ fn a_text_in_a_batch_embeds_as_it_does_alone() {
     assert_eq!(rows(1, b.len()), alone_b);
     assert_eq!(alone_a.len(), a.len() * width);
 }
+
+/// nomic-bert against llama.cpp (transformers runs it only as remote code): token ids exact,
+/// embeddings within what llama.cpp's own F16 rounding of activations allows (on the BERT file
+/// llama.cpp is 9e-5 from sentence-transformers).
+#[test]
+fn tiny_nomic_bert_matches_llama_cpp() {
+    let path = common::fixture("models/tiny-nomic-bert.gguf");
+    let file = Arc::new(GgufFile::open(&path).unwrap());
+    let tokenizer = Tokenizer::from_gguf(file.metadata()).expect("tokenizer");
+    let model = Model::load(Arc::clone(&file)).expect("model");
+    let width = model.config().n_embd;
+    let pool = ThreadPool::new(2);
+    let text = std::fs::read_to_string(common::fixture("models/tiny-nomic-bert.ref.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let mut worst = 0f32;
+    for (i, text) in reference["texts"].as_array().unwrap().iter().enumerate() {
+        let text = text.as_str().unwrap();
+        let ids = tokenizer.encode(text, true, false);
+        let want: Vec<u32> = reference["input_ids"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, want, "token ids of {text:?}");
+        let rows = hidden_states(&model, &pool, &ids);
+        let mut vector = Pooling::Mean.pool(&rows, width);
+        normalize(&mut vector);
+        let diff = max_abs_diff(&vector, &floats(&reference["llama_cpp_mean"][i]));
+        worst = worst.max(diff);
+        assert!(diff < 5e-4, "embedding of {text:?} differs by {diff}");
+    }
+    eprintln!("tiny nomic-bert vs llama.cpp: max |Δ| {worst:.2e}");
+}

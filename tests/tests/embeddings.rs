@@ -125,3 +125,85 @@ async fn embeddings_agree_with_llama_cpp_through_the_openai_and_ollama_packages(
         "{errors}"
     );
 }
+
+/// Most any vector component may differ from sentence-transformers': the engine's test holds
+/// the same file to 3e-4 (measured 3.7e-5).
+const BERT_MAX_ABS_DIFF: f64 = 3e-4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bert_model_embeds_as_sentence_transformers_does_and_only_embeds() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let fixture = root.join("../engine/tests/fixtures/models/tiny-bert.gguf");
+    let info = load(
+        &mut client,
+        pb::LoadRequest {
+            source: fixture.display().to_string(),
+            name: "tiny-bert".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("loading the tiny BERT");
+    // Its learned positions bound the context.
+    assert_eq!(info.context_length, 128, "{info:?}");
+
+    let mut cmd = Command::new("python3");
+    cmd.arg(root.join("python/bert_check.py"))
+        .args(["--base-url", &format!("{}/v1", daemon.http_url())])
+        .args(["--key", &daemon.api_key()])
+        .arg("--ref")
+        .arg(fixture.with_extension("ref.json"))
+        .args(["--model", "tiny-bert"]);
+    let out = run_python_json(&daemon, cmd, Duration::from_secs(120));
+    eprintln!("bert: {out}");
+    for key in ["openai_max_abs_diff", "ollama_max_abs_diff"] {
+        let diff = out[key].as_f64().unwrap_or(f64::INFINITY);
+        assert!(diff < BERT_MAX_ABS_DIFF, "{key}: {diff}");
+    }
+    assert_eq!(out["capabilities"], serde_json::json!(["embedding"]));
+    let said = |key: &str| out[key].as_str().unwrap_or("").to_owned();
+    assert!(said("openai_too_long").contains("128"), "{out}");
+    assert!(said("ollama_no_truncate").contains("128"), "{out}");
+    assert_eq!(out["ollama_truncated"]["vectors"], 1, "{out}");
+    assert_eq!(out["ollama_truncated"]["tokens"], 128, "{out}");
+    assert!(said("chat").contains("embedding model"), "{out}");
+
+    // gRPC: Generate is refused with the reason, Embed (egpuctl embed) works.
+    let err = generate(&mut client, greedy("tiny-bert", "hello", 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("embedding model"), "{err:?}");
+    let mut cmd = Command::new(binary("egpuctl"));
+    cmd.arg("--socket").arg(&daemon.socket).args([
+        "embed",
+        "tiny-bert",
+        "--json",
+        "The quick brown fox jumps over the lazy dog.",
+    ]);
+    let cli = output_within(cmd, Duration::from_secs(60));
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.with_extension("ref.json")).unwrap())
+            .unwrap();
+    let diff = cli["embeddings"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["mean"][0].as_array().unwrap())
+        .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < BERT_MAX_ABS_DIFF, "egpuctl embed: {diff}");
+    // The daemon still serves.
+    assert_eq!(
+        resident_names(&mut client).await,
+        vec!["tiny-bert".to_owned()]
+    );
+}

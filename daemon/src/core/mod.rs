@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egpu_engine::models::ModelKind;
+use egpu_engine::tokenizer::TokenizerKind;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::device::{cpu_device, DeviceInfo};
@@ -434,9 +435,9 @@ impl Core {
         Ok((response, model))
     }
 
-    /// Embeds texts with a decoder model on the CPU backend: each text's final hidden states,
-    /// pooled as the model file says (last token if it says nothing), unit length unless asked
-    /// otherwise.
+    /// Embeds texts with a decoder or a BERT-family model on the CPU backend: each text's final
+    /// hidden states, pooled as the model file says (last token if it says nothing), unit
+    /// length unless asked otherwise.
     pub async fn embed(
         &self,
         req: EmbedRequest,
@@ -459,7 +460,13 @@ impl Core {
         req: EmbedRequest,
         caller: Caller,
     ) -> Result<(Reply<EmbedResult>, Arc<Resident>), DaemonError> {
-        let model = self.decoder(&req.model).await?;
+        let model = self.residency.ready(&req.model).await?;
+        if model.kind == ModelKind::Translator {
+            return Err(invalid(format!(
+                "{} is a translation model (Marian); it does not embed text",
+                model.name
+            )));
+        }
         if req.inputs.is_empty() {
             return Err(invalid("no input to embed".into()));
         }
@@ -484,6 +491,17 @@ impl Core {
         let total: usize = req.inputs.iter().map(String::len).sum();
         check_input_bytes(total, model.context * req.inputs.len(), "the inputs")?;
         let tokenizer = model.tokenizer.clone();
+        let tokenizer_end = match model.tokenizer.kind() {
+            TokenizerKind::WordPiece(_) => {
+                let special = model.tokenizer.special_ids();
+                special.sep.or(special.eos)
+            }
+            _ => model
+                .tokenizer
+                .adds_eos()
+                .then(|| model.tokenizer.eos())
+                .flatten(),
+        };
         let texts = req.inputs;
         // As llama.cpp embeds a text: special tokens parsed, the model's BOS first and its EOS
         // last when its vocabulary adds them.
@@ -491,6 +509,10 @@ impl Core {
             texts
                 .iter()
                 .map(|text| {
+                    if matches!(tokenizer.kind(), TokenizerKind::WordPiece(_)) {
+                        // BERT frames every text as [CLS] … [SEP].
+                        return tokenizer.encode(text, true, true);
+                    }
                     let mut ids = encode_with_bos(&tokenizer, text);
                     if let (true, Some(eos)) = (tokenizer.adds_eos(), tokenizer.eos()) {
                         ids.push(eos);
@@ -501,9 +523,19 @@ impl Core {
         })
         .await
         .map_err(|e| DaemonError::Internal(e.to_string()))?;
-        for (i, tokens) in inputs.iter().enumerate() {
+        let mut inputs = inputs;
+        for (i, tokens) in inputs.iter_mut().enumerate() {
             if tokens.is_empty() {
                 return Err(invalid(format!("input {i} has no tokens")));
+            }
+            if req.truncate && tokens.len() > model.context {
+                // Keep the end-of-text token the tokenizer framed the text with.
+                let last = tokens[tokens.len() - 1];
+                let framed = tokenizer_end.is_some_and(|end| end == last);
+                tokens.truncate(model.context);
+                if framed {
+                    tokens[model.context - 1] = last;
+                }
             }
             if tokens.len() > model.context {
                 return Err(invalid(format!(
@@ -521,6 +553,7 @@ impl Core {
             pooling,
             normalize: req.normalize.unwrap_or(true),
             dimensions,
+            whole_texts: model.kind == ModelKind::Embedder,
             reply,
         };
         submit(&model, caller, Job::Embed(job), span)?;
@@ -712,13 +745,18 @@ impl Core {
     /// A resident decoder-only model (Generate and Score need one).
     async fn decoder(&self, name: &str) -> Result<Arc<Resident>, DaemonError> {
         let model = self.residency.ready(name).await?;
-        if model.kind == ModelKind::Translator {
-            return Err(invalid(format!(
+        match model.kind {
+            ModelKind::Decoder => Ok(model),
+            ModelKind::Translator => Err(invalid(format!(
                 "{} is a translation model (Marian); use Translate (egpuctl translate)",
                 model.name
-            )));
+            ))),
+            ModelKind::Embedder => Err(invalid(format!(
+                "{} is an embedding model ({}): it has no LM head to generate or score with; \
+                 use Embed (egpuctl embed, /v1/embeddings, /api/embed)",
+                model.name, model.summary.architecture
+            ))),
         }
-        Ok(model)
     }
 }
 

@@ -179,6 +179,9 @@ pub struct EmbedRequest {
     pub dimensions: Option<u32>,
     /// Scale each vector to unit length (default yes, as OpenAI and Ollama return them).
     pub normalize: Option<bool>,
+    /// Cut an input longer than the model's context to fit (Ollama's `truncate`, its
+    /// default) instead of refusing it; the end-of-text token ([SEP]) stays last.
+    pub truncate: bool,
 }
 
 /// Most texts one embedding request may carry.

@@ -861,8 +861,9 @@ impl Residency {
             }
             Some(c) => c,
         };
-        // Learned absolute positions (GPT-2) end at the trained context.
-        if let (true, Some(t)) = (summary.architecture == "gpt2", trained) {
+        // Learned absolute positions (GPT-2, BERT) end at the trained context.
+        let learned_positions = matches!(summary.architecture.as_str(), "gpt2" | "bert");
+        if let (true, Some(t)) = (learned_positions, trained) {
             if context > t {
                 return Err(DaemonError::InvalidArgument(format!(
                     "{} has learned positions for {t} tokens; the context can be at most {t}",
@@ -879,15 +880,31 @@ impl Residency {
             }
             Some(s) => s,
         };
+        // An encoder reads each text in one pass (its tokens all see each other), so its
+        // passes, and the scratch budgeted for them, can be a whole context long.
+        let whole_text = if kind == ModelKind::Embedder {
+            context
+        } else {
+            0
+        };
         let spec = ModelSpec {
             path: path.clone(),
             context,
             slots,
-            batch_tokens: self.settings.batch_tokens.max(slots),
+            batch_tokens: self.settings.batch_tokens.max(slots).max(whole_text),
         };
         if kind == ModelKind::Translator && backend != BackendKind::Cpu {
             return Err(DaemonError::UnsupportedBackend {
                 name: format!("{backend} (Marian translation models run on the cpu backend only)"),
+                available: "cpu".into(),
+            });
+        }
+        if kind == ModelKind::Embedder && backend != BackendKind::Cpu {
+            return Err(DaemonError::UnsupportedBackend {
+                name: format!(
+                    "{backend} ({} embedding models run on the cpu backend only)",
+                    summary.architecture
+                ),
                 available: "cpu".into(),
             });
         }
@@ -901,7 +918,7 @@ impl Residency {
                     }
                 })?
             }
-            ModelKind::Decoder => backend::estimate(&file, &summary, &spec),
+            ModelKind::Decoder | ModelKind::Embedder => backend::estimate(&file, &summary, &spec),
         };
         let keep_alive = opts.keep_alive.unwrap_or(self.settings.default_keep_alive);
 
@@ -1095,9 +1112,9 @@ impl Residency {
                 (true, ModelKind::Translator) => Some(LoadedModel::Translator(Box::new(
                     MarianCpu::load(file, &load_spec, &mut report)?,
                 ))),
-                (true, ModelKind::Decoder) => Some(LoadedModel::Decoder(DecoderModel::Cpu(
-                    Box::new(CpuModel::load(file, &load_spec, &mut report)?),
-                ))),
+                (true, ModelKind::Decoder | ModelKind::Embedder) => Some(LoadedModel::Decoder(
+                    DecoderModel::Cpu(Box::new(CpuModel::load(file, &load_spec, &mut report)?)),
+                )),
             };
             Ok::<_, DaemonError>((model, tokenizer, template, quant_mix, parameters))
         })
@@ -1145,7 +1162,7 @@ impl Residency {
                     }
                 })?,
             ),
-            ModelKind::Decoder => None,
+            ModelKind::Decoder | ModelKind::Embedder => None,
         };
         let tokenizer = Arc::new(tokenizer);
         let queue = Arc::new(ModelQueue::new(

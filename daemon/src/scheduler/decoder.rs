@@ -746,7 +746,11 @@ impl<'t> Runner<'t> {
         turns: &ComputeTurns,
     ) -> Result<bool, DaemonError> {
         let tokens = &e.job.inputs[e.input];
-        let end = (e.fed + self.settings.batch_tokens.max(1)).min(tokens.len());
+        let end = if e.job.whole_texts {
+            tokens.len()
+        } else {
+            (e.fed + self.settings.batch_tokens.max(1)).min(tokens.len())
+        };
         let (first_chunk, last_chunk) = (e.fed == 0, end == tokens.len());
         let wanted = e.job.pooling.rows_wanted(first_chunk, last_chunk);
         let states = model

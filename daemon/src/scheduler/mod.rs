@@ -90,6 +90,9 @@ pub struct EmbedJob {
     pub normalize: bool,
     /// Keep the first this many dimensions (None: all), before normalizing.
     pub dimensions: Option<usize>,
+    /// Feed each input in one pass (an encoder's tokens all see each other) rather than in
+    /// chunks of `batch_tokens`.
+    pub whole_texts: bool,
     pub reply: oneshot::Sender<Result<EmbedResult, DaemonError>>,
 }
 

@@ -200,6 +200,7 @@ impl Egpu for GrpcApi {
             inputs: req.inputs,
             dimensions: req.dimensions,
             normalize: req.normalize,
+            truncate: false,
         };
         let result = self.core.embed(req, caller).await.map_err(status)?;
         Ok(Response::new(pb::EmbedResponse {

@@ -6,6 +6,7 @@
 //! egpud never downloads: `pull`, `push`, `create`, `copy` and `delete` say so and how to add a
 //! model file instead.
 
+use egpu_engine::models::ModelKind;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -73,6 +74,9 @@ struct EmbedBody {
     prompt: Option<String>,
     #[serde(default)]
     dimensions: Option<u32>,
+    /// Cut inputs longer than the context (Ollama's default) rather than refuse them.
+    #[serde(default)]
+    truncate: Option<bool>,
     #[serde(default)]
     keep_alive: Option<Value>,
     #[serde(default)]
@@ -108,6 +112,7 @@ async fn embed_texts(
         inputs,
         dimensions: body.dimensions,
         normalize: Some(normalize),
+        truncate: body.truncate.unwrap_or(true),
     };
     let result = state
         .core
@@ -303,7 +308,10 @@ pub async fn show(State(state): State<AppState>, body: Body) -> Result<Json<Valu
         "template": d.chat_template.unwrap_or_default(),
         "details": details(&arch, d.parameters, &d.quantization),
         "model_info": info,
-        "capabilities": ["completion"],
+        "capabilities": match ModelKind::of_architecture(&arch) {
+            ModelKind::Embedder => ["embedding"],
+            _ => ["completion"],
+        },
         "modified_at": rfc3339(d.modified.unwrap_or(SystemTime::UNIX_EPOCH)),
     })))
 }

@@ -131,6 +131,8 @@ pub async fn embeddings(
         inputs,
         dimensions: req.dimensions,
         normalize: None,
+        // OpenAI refuses an input over the model's limit.
+        truncate: false,
     };
     let result = state.core.embed(request, caller).await.map_err(api)?;
     let data: Vec<Value> = result
