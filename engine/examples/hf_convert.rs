@@ -1,4 +1,4 @@
-//! Converts a Hugging Face model folder (GPT-2 family, Marian) to the GGUF egpud would make of it,
+//! Converts a Hugging Face model folder (GPT-2 family, Marian, BERT) to the GGUF egpud would make of it,
 //! for benchmarks that run llama.cpp on the same file.
 //!
 //! ```text

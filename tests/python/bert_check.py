@@ -37,6 +37,10 @@ def main():
   assert batch.usage.prompt_tokens == sum(len(ids) for ids in ref["input_ids"]), batch.usage
   out["openai_max_abs_diff"] = max(
     max_abs_diff(d.embedding, r) for d, r in zip(batch.data, ref["mean"]))
+  # The request's texts shared passes; each is bit for bit what it is alone.
+  alone = [client.embeddings.create(model=name, input=t, encoding_format="float").data[0].embedding
+           for t in texts]
+  out["batch_equals_alone"] = alone == [d.embedding for d in batch.data]
   e = o.embed(model=name, input=texts)
   out["ollama_max_abs_diff"] = max(max_abs_diff(v, r) for v, r in zip(e.embeddings, ref["mean"]))
   out["capabilities"] = o.show(name).capabilities

@@ -30,11 +30,12 @@ pub fn models_dir() -> PathBuf {
     }
 }
 
-/// The absolute path of a real model file; fails with instructions when it is missing.
+/// The absolute path of a real model file (or model folder); fails with instructions when it
+/// is missing.
 pub fn model_path(file: &str) -> PathBuf {
     let path = models_dir().join(file);
     assert!(
-        path.is_file(),
+        path.is_file() || path.join("config.json").is_file(),
         "model file {} is missing: run scripts/fetch-models.sh (CI does) or set EGPU_MODELS",
         path.display()
     );

@@ -162,6 +162,7 @@ async fn a_bert_model_embeds_as_sentence_transformers_does_and_only_embeds() {
         let diff = out[key].as_f64().unwrap_or(f64::INFINITY);
         assert!(diff < BERT_MAX_ABS_DIFF, "{key}: {diff}");
     }
+    assert_eq!(out["batch_equals_alone"], true, "{out}");
     assert_eq!(out["capabilities"], serde_json::json!(["embedding"]));
     let said = |key: &str| out[key].as_str().unwrap_or("").to_owned();
     assert!(said("openai_too_long").contains("128"), "{out}");
@@ -206,4 +207,62 @@ async fn a_bert_model_embeds_as_sentence_transformers_does_and_only_embeds() {
         resident_names(&mut client).await,
         vec!["tiny-bert".to_owned()]
     );
+}
+
+/// The real all-MiniLM-L6-v2, loaded as the sentence-transformers folder it ships as (egpud
+/// converts it to GGUF), against sentence-transformers' own vectors of the same texts
+/// (`tests/fixtures/minilm.ref.json`, `scripts/gen_minilm_refs.py`; llama.cpp's embeddings of
+/// the same conversion are there too, 2.8e-4 from sentence-transformers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_minilm_l6_v2_from_its_folder_embeds_as_sentence_transformers_does() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    let info = load(
+        &mut client,
+        pb::LoadRequest {
+            source: model_path("all-MiniLM-L6-v2").display().to_string(),
+            name: "minilm".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("loading all-MiniLM-L6-v2 from its folder");
+    assert_eq!(info.context_length, 512, "{info:?}");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("fixtures/minilm.ref.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<String> = reference["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    let reply = client
+        .embed(pb::EmbedRequest {
+            model: "minilm".into(),
+            inputs: texts.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("embed")
+        .into_inner();
+    let want_tokens: usize = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ids| ids.as_array().unwrap().len())
+        .sum();
+    assert_eq!(reply.prompt_tokens as usize, want_tokens, "the same tokens");
+    let mut worst = 0f64;
+    for (i, e) in reply.embeddings.iter().enumerate() {
+        let want = reference["sentence_transformers"][i].as_array().unwrap();
+        assert_eq!(e.values.len(), 384);
+        for (a, b) in e.values.iter().zip(want) {
+            worst = worst.max((f64::from(*a) - b.as_f64().unwrap()).abs());
+        }
+    }
+    eprintln!("all-MiniLM-L6-v2 vs sentence-transformers: max |Δ| {worst:.2e}");
+    assert!(worst < BERT_MAX_ABS_DIFF, "max |Δ| {worst}");
 }

@@ -892,3 +892,90 @@ async fn constrained_generation_holds_on_tinygrad_like_on_the_cpu() {
         );
     }
 }
+
+/// Embeddings on tinygrad: the worker returns final hidden states (StepRequest.hidden), pooled
+/// and scaled by egpud as on the CPU. Compared with llama.cpp's vectors of the same texts
+/// (tests/fixtures/embeddings.ref.json) and with the CPU backend's; a BERT model is refused
+/// there with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_on_tinygrad_agree_with_llama_cpp_and_the_cpu() {
+    // Passes of at most 16 tokens: the longer texts go to the worker in chunks.
+    let daemon = start(&["--batch-tokens", "16"]);
+    let mut client = daemon.client().await;
+    let smol = model_path(SMOLLM2);
+    load_on(&mut client, &smol, "smol-cpu", "cpu", 256, 1, false)
+        .await
+        .expect("cpu load");
+    load_on(&mut client, &smol, "smol-tg", "tinygrad", 256, 1, false)
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("fixtures/embeddings.ref.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<String> = reference["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    let embed = |model: &str| pb::EmbedRequest {
+        model: model.into(),
+        inputs: texts.clone(),
+        ..Default::default()
+    };
+    let cpu = client
+        .embed(embed("smol-cpu"))
+        .await
+        .expect("cpu")
+        .into_inner();
+    let tg = client
+        .embed(embed("smol-tg"))
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad embed: {e}\n{}", daemon.log_text()))
+        .into_inner();
+    assert_eq!(tg.embeddings.len(), texts.len());
+    assert_eq!(tg.prompt_tokens, cpu.prompt_tokens);
+    let cosine = |a: &[f32], b: &[f64]| -> f64 {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * y).sum();
+        let na = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let nb = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+        dot / (na * nb)
+    };
+    let llama: Vec<Vec<f64>> = reference["models"][SMOLLM2]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    for (i, (t, c)) in tg.embeddings.iter().zip(&cpu.embeddings).enumerate() {
+        let to_llama = cosine(&t.values, &llama[i]);
+        let c64: Vec<f64> = c.values.iter().map(|x| f64::from(*x)).collect();
+        let to_cpu = cosine(&t.values, &c64);
+        eprintln!("text {i}: tinygrad·llama.cpp {to_llama:.5}, tinygrad·cpu {to_cpu:.5}");
+        assert!(
+            to_llama >= 0.999,
+            "text {i}: cosine to llama.cpp {to_llama}"
+        );
+        assert!(
+            to_cpu >= 0.999,
+            "text {i}: cosine to the cpu backend {to_cpu}"
+        );
+    }
+    let bert = root.join("../engine/tests/fixtures/models/tiny-bert.gguf");
+    let err = load_on(&mut client, &bert, "bert-tg", "tinygrad", 0, 1, false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("cpu backend only"),
+        "{}",
+        err.message()
+    );
+}

@@ -474,16 +474,17 @@ class Model:
       off += n
     return pieces
 
-  def _prefill(self, it: StepItem) -> np.ndarray | None:
+  def _prefill(self, it: StepItem, hidden: bool = False) -> np.ndarray | None:
     pieces = self._prefill_pieces(int(it.start_pos), len(it.tokens))
     outs = []
     for k, (off, n, R) in enumerate(pieces):
       kind = it.logits if k == len(pieces) - 1 or it.logits == "all" else "none"
-      outs.append(self._prefill_pass(int(it.slot), int(it.start_pos) + off, it.tokens[off:off + n], R, kind))
+      outs.append(self._prefill_pass(int(it.slot), int(it.start_pos) + off, it.tokens[off:off + n], R, kind, hidden))
     if it.logits == "none": return None
     return np.concatenate(outs) if it.logits == "all" and len(outs) > 1 else outs[-1]
 
-  def _prefill_pass(self, slot: int, start_pos: int, tokens: list[int], R: int, logits: str) -> np.ndarray | None:
+  def _prefill_pass(self, slot: int, start_pos: int, tokens: list[int], R: int, logits: str,
+                    hidden: bool = False) -> np.ndarray | None:
     """One pass of R >= len(tokens) rows: the tokens, then pad tokens written to the cache after them (never read,
     see the module docstring). Jitted per (R, logits kind): the token rows of the embedding table are the input
     tensor, slot, start and the last real row are bound Variables, so a replay serves every prompt of the bucket
@@ -496,14 +497,18 @@ class Model:
             self.v_pslot.bind(slot), Variable(f"start_T{R}", 0, self.ctx - R).bind(start_pos)]
     # the last real row, picked by a bound Variable: one head kernel per R, whatever T is
     if logits == "last" and R > 1: args.append(Variable(f"last_T{R}", 0, R - 1).bind(T - 1))
-    jit = self._prefill_jits.get((R, logits))
-    if jit is None: jit = self._prefill_jits[(R, logits)] = TinyJit(functools.partial(self._prefill_graph, R=R, logits=logits))
+    # hidden states and logits differ only in the head, and only where rows are returned
+    key = (R, logits, hidden and logits != "none")
+    jit = self._prefill_jits.get(key)
+    if jit is None:
+      jit = self._prefill_jits[key] = TinyJit(functools.partial(self._prefill_graph, R=R, logits=logits, hidden=key[2]))
     out = jit(*args)
     if out is None: return None
     out = out.numpy()  # a copy: the jit reuses its output buffer
     return out[0] if logits == "last" else out[:T]
 
-  def _prefill_graph(self, raw: Tensor, slot: UOp, start: UOp, *last: UOp, R: int, logits: str) -> Tensor | None:
+  def _prefill_graph(self, raw: Tensor, slot: UOp, start: UOp, *last: UOp, R: int, logits: str,
+                     hidden: bool = False) -> Tensor | None:
     rows = self._rows([slot], [start], R, start + R)
     rows.per_layer = True
     h = self.forward(self._embed_finish(self._table_rows(self.tok_embd.name, raw, R), start, R), rows)
@@ -511,7 +516,7 @@ class Model:
       self._realize(rows)
       return None
     if last: h = h[last[0]:last[0] + 1]
-    out = self.head(h)
+    out = self.norm(h, "output_norm") if hidden else self.head(h)
     self._realize(rows, out)
     return out
 
@@ -538,12 +543,14 @@ class Model:
       bad = [t for t in it.tokens if not _is_int(t) or not 0 <= t < self.cfg.n_vocab]
       if bad: raise ValueError(f"item {i}: token id {bad[0]} out of range (n_vocab {self.cfg.n_vocab})")
 
-  def step(self, items: list[StepItem]) -> list[np.ndarray | None]:
+  def step(self, items: list[StepItem], hidden: bool = False) -> list[np.ndarray | None]:
     """Feeds every item's tokens to its slot and returns, per item, None ("none"), the f32 logits of its last
-    token (n_vocab,) ("last") or of every token (len(tokens), n_vocab) ("all")."""
+    token (n_vocab,) ("last") or of every token (len(tokens), n_vocab) ("all"). With `hidden`, each row is the
+    token's final hidden state instead (after the output norm, before the LM head: n_embd values), what
+    embeddings are pooled from; every item then takes the prefill path (embeddings are not decode steps)."""
     self.validate(items)
     out: list[np.ndarray | None] = [None] * len(items)
-    dec = [i for i, it in enumerate(items) if len(it.tokens) == 1]
+    dec = [] if hidden else [i for i, it in enumerate(items) if len(it.tokens) == 1]
     if dec:
       B = len(dec)
       jit = self._decode_jits.get(B)
@@ -558,7 +565,7 @@ class Model:
         kind = items[i].logits
         out[i] = None if kind == "none" else logits[j] if kind == "last" else logits[j:j + 1]
     for i, it in enumerate(items):
-      if len(it.tokens) > 1: out[i] = self._prefill(it)
+      if i not in dec: out[i] = self._prefill(it, hidden)
     for it in items: self.lengths[it.slot] = int(it.start_pos) + len(it.tokens)
     return out
 

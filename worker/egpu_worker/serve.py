@@ -28,7 +28,7 @@ from concurrent import futures
 
 from .env import default_cache_env
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_MESSAGE = 1 << 30  # a Score over a long text returns every position's logits
 
 
@@ -183,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                for i in request.items]
       def step():
         maybe_stall("Step")
-        out = model.step(items)
+        out = model.step(items, hidden=request.hidden)
         publish(with_free=False)  # the driver's free figure can cost a call; refreshed on load/unload
         return out
       out = on_device(step)
-      reply = pb.StepResponse(n_vocab=model.cfg.n_vocab)
+      reply = pb.StepResponse(n_vocab=model.cfg.n_embd if request.hidden else model.cfg.n_vocab)
       for arr in out:
         if arr is None:
           reply.items.add(rows=0)

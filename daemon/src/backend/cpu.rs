@@ -121,6 +121,37 @@ impl CpuModel {
     }
 }
 
+impl CpuModel {
+    /// The final hidden states of several whole texts in one pass, the rows `wanted` asks for
+    /// of each: the first text in slot `slot`'s cache (cut to nothing first), the others in
+    /// caches made for this pass and dropped after it (the pass's working memory, which the
+    /// load estimate counts with its scratch). Each text's rows are those it would get alone.
+    pub fn hidden_texts(
+        &mut self,
+        pool: &ThreadPool,
+        slot: usize,
+        texts: &[&[u32]],
+        wanted: LogitsWanted,
+    ) -> Result<Logits, ModelError> {
+        let Some((first, rest)) = texts.split_first() else {
+            return Err(ModelError::InvalidBatch("no texts".into()));
+        };
+        let mut caches = rest
+            .iter()
+            .map(|t| self.model.new_kv_cache(t.len().max(1)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let slot_cache = &mut self.caches[slot];
+        slot_cache.truncate(0);
+        let mut items = Vec::with_capacity(texts.len());
+        items.push(BatchItem::new(slot_cache, first, 0, wanted));
+        for (cache, text) in caches.iter_mut().zip(rest) {
+            items.push(BatchItem::new(cache, text, 0, wanted));
+        }
+        self.model
+            .forward_hidden(pool, &mut self.scratch, &mut items)
+    }
+}
+
 /// A Marian (opus-mt) translation model on the CPU backend. It holds no per-slot caches: a
 /// translation's decoder caches live only while it runs.
 #[derive(Debug)]

@@ -255,8 +255,7 @@ impl DecoderModel {
     }
 
     /// The final hidden states of `tokens` fed to slot `slot` at `start_pos`: what embeddings
-    /// are pooled from. The tinygrad worker returns logits only, so embeddings run on the CPU
-    /// backend.
+    /// are pooled from, on either backend.
     pub fn hidden(
         &mut self,
         turns: &ComputeTurns,
@@ -269,11 +268,38 @@ impl DecoderModel {
             DecoderModel::Cpu(m) => turns
                 .with_pool(|pool| m.hidden(pool, slot, tokens, start_pos, wanted))
                 .map_err(|e| DaemonError::Internal(e.to_string())),
-            DecoderModel::Tinygrad(_) => Err(DaemonError::InvalidArgument(
-                "embeddings are computed by the cpu backend only; load the model with \
-                 --backend cpu to embed with it"
-                    .into(),
-            )),
+            DecoderModel::Tinygrad(m) => m.hidden(slot, tokens, start_pos, wanted),
+        }
+    }
+
+    /// The final hidden states of several whole texts, item by item (the rows `wanted` asks
+    /// for of each): one pass on the CPU backend; one pass per text through the held slot on
+    /// tinygrad, whose worker has no caches beyond its slots.
+    pub fn hidden_texts(
+        &mut self,
+        turns: &ComputeTurns,
+        slot: usize,
+        texts: &[&[u32]],
+        wanted: LogitsWanted,
+    ) -> Result<Logits, DaemonError> {
+        match self {
+            DecoderModel::Cpu(m) => turns
+                .with_pool(|pool| m.hidden_texts(pool, slot, texts, wanted))
+                .map_err(|e| DaemonError::Internal(e.to_string())),
+            DecoderModel::Tinygrad(m) => {
+                let mut values = Vec::new();
+                let mut rows = Vec::with_capacity(texts.len());
+                let mut width = 0;
+                for text in texts {
+                    let one = m.hidden(slot, text, 0, wanted)?;
+                    width = one.n_vocab();
+                    rows.push(one.n_rows(0));
+                    values.extend_from_slice(one.item(0));
+                }
+                Logits::from_rows(width, values, &rows).ok_or_else(|| {
+                    DaemonError::Internal("tinygrad worker: hidden rows do not add up".into())
+                })
+            }
         }
     }
 

@@ -225,6 +225,8 @@ pub struct Resident {
     pub translation: Option<TranslationCosts>,
     /// The mapped file a CPU model computes from (watched: see [`Residency::watch_files`]).
     file: Option<Arc<GgufFile>>,
+    /// How embeddings are pooled, from the file's header at load (or why they cannot be).
+    pooling: Result<Pooling, String>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -243,17 +245,9 @@ impl Drop for WorkingGrant {
 
 impl Resident {
     /// How this model's embeddings are pooled (its file's `<arch>.pooling_type`, else last
-    /// token). Embeddings need the file, so the CPU backend.
+    /// token), on either backend.
     pub fn pooling(&self) -> Result<Pooling, DaemonError> {
-        let Some(file) = &self.file else {
-            return Err(DaemonError::InvalidArgument(format!(
-                "{} runs on the {} backend; embeddings are computed by the cpu backend only \
-                 (load the model with --backend cpu)",
-                self.name, self.backend
-            )));
-        };
-        Pooling::from_metadata(file.metadata(), &self.summary.architecture)
-            .map_err(DaemonError::InvalidArgument)
+        self.pooling.clone().map_err(DaemonError::InvalidArgument)
     }
 
     /// Bytes counted against the budget.
@@ -1172,6 +1166,7 @@ impl Residency {
             model.memory_bytes(),
             self.metrics.clone(),
         ));
+        let pooling = Pooling::from_metadata(header.metadata(), &summary.architecture);
         let resident = Arc::new(Resident {
             name: name.clone(),
             source: spec.path.clone(),
@@ -1192,6 +1187,7 @@ impl Residency {
             queue: queue.clone(),
             translation,
             file: on_cpu.then(|| header.clone()),
+            pooling,
             thread: Mutex::new(None),
         });
         let turns = self.turns.clone();

@@ -738,13 +738,40 @@ impl<'t> Runner<'t> {
         }
     }
 
-    /// Feeds the running embedding's next chunk; true once every input is pooled.
+    /// Feeds the running embedding's next chunk; true once every input is pooled. Texts that
+    /// fit in one pass together (at most `batch_tokens` tokens in all) share it; a longer text
+    /// goes alone, in chunks (one pass for an encoder, which must see it whole).
     fn embed_chunk(
         &self,
         e: &mut Embedding,
         model: &mut CachedSlots,
         turns: &ComputeTurns,
     ) -> Result<bool, DaemonError> {
+        if e.fed == 0 {
+            let inputs = &e.job.inputs;
+            let budget = self.settings.batch_tokens.max(1);
+            let (mut end, mut used) = (e.input, 0);
+            while end < inputs.len()
+                && end - e.input < MAX_TEXTS_PER_PASS
+                && used + inputs[end].len() <= budget
+            {
+                used += inputs[end].len();
+                end += 1;
+            }
+            if end - e.input >= 2 {
+                let texts: Vec<&[u32]> = inputs[e.input..end].iter().map(Vec::as_slice).collect();
+                let wanted = e.job.pooling.rows_wanted(true, true);
+                let states = model.model.hidden_texts(turns, e.slot, &texts, wanted)?;
+                model.clear(e.slot);
+                let lengths: Vec<usize> = texts.iter().map(|t| t.len()).collect();
+                for (i, n_tokens) in lengths.into_iter().enumerate() {
+                    e.pooled.add(states.item(i), states.n_vocab(), true, true);
+                    finish_text(e, n_tokens);
+                }
+                e.input = end;
+                return Ok(e.input == e.job.inputs.len());
+            }
+        }
         let tokens = &e.job.inputs[e.input];
         let end = if e.job.whole_texts {
             tokens.len()
@@ -762,16 +789,7 @@ impl<'t> Runner<'t> {
         if !last_chunk {
             return Ok(false);
         }
-        let n = tokens.len();
-        let mut vector = e.pooled.finish();
-        if let Some(d) = e.job.dimensions {
-            vector.truncate(d);
-        }
-        if e.job.normalize {
-            embedding::normalize(&mut vector);
-        }
-        e.result.embeddings.push(vector);
-        e.result.prompt_tokens += n;
+        finish_text(e, tokens.len());
         (e.input, e.fed) = (e.input + 1, 0);
         model.clear(e.slot);
         Ok(e.input == e.job.inputs.len())
@@ -985,4 +1003,21 @@ fn score_position(tokenizer: &Tokenizer, row: &[f32], target: u32, k: usize) -> 
         logprob: lp.get(target as usize).map(|&v| v as f32),
         top: top_k(tokenizer, &lp, k),
     }
+}
+
+/// Most texts one embedding pass carries: each brings its own small cache and output rows.
+const MAX_TEXTS_PER_PASS: usize = 64;
+
+/// Ends the running embedding's current text: its pooled vector, cut to the dimensions asked
+/// for and scaled to unit length if asked, joins the answer.
+fn finish_text(e: &mut Embedding, n_tokens: usize) {
+    let mut vector = e.pooled.finish();
+    if let Some(d) = e.job.dimensions {
+        vector.truncate(d);
+    }
+    if e.job.normalize {
+        embedding::normalize(&mut vector);
+    }
+    e.result.embeddings.push(vector);
+    e.result.prompt_tokens += n_tokens;
 }

@@ -162,7 +162,9 @@ pub fn estimate_from_summary(s: &ModelSummary, weights: u64, context: u64) -> Me
 }
 
 /// Scratch bytes per token of a forward pass (the formula of [`estimate_memory`] without the
-/// batch factor): a scheduler that feeds at most `B` tokens per pass needs `B ×` this.
+/// batch factor): a scheduler that feeds at most `B` tokens per pass needs `B ×` this. It
+/// includes the token's f16 keys and values once: a pass that embeds several texts together
+/// keeps all but the first in caches made for that pass.
 pub fn scratch_bytes_per_token(s: &ModelSummary, context: u64) -> u64 {
     let max_kv_heads = s.head_count_kv.iter().copied().max().unwrap_or(0);
     // Saturating throughout: every input comes from untrusted metadata.
@@ -175,6 +177,8 @@ pub fn scratch_bytes_per_token(s: &ModelSummary, context: u64) -> u64 {
         s.feed_forward_length.saturating_mul(2),
         s.head_count.saturating_mul(context),
         s.vocab_size,
+        // f16 keys and values of every layer: half of `kv` f32s each.
+        s.kv_elements_per_token() / 2,
     ]
     .into_iter()
     .fold(0u64, u64::saturating_add);

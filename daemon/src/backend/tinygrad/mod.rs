@@ -25,6 +25,8 @@ pub struct TinygradModel {
     link: Arc<WorkerLink>,
     id: u64,
     n_vocab: usize,
+    /// Width of a hidden state (an embedding row).
+    n_embd: usize,
     context: usize,
     lengths: Vec<usize>,
     bytes: u64,
@@ -52,6 +54,7 @@ impl TinygradModel {
             link,
             id: loaded.model_id,
             n_vocab: loaded.n_vocab,
+            n_embd: config.n_embd,
             context: spec.context,
             lengths: vec![0; spec.slots],
             bytes: loaded.bytes,
@@ -92,6 +95,37 @@ impl TinygradModel {
     }
 
     pub fn forward(&mut self, steps: &[SlotStep<'_>]) -> Result<Logits, DaemonError> {
+        self.step(steps, false)
+    }
+
+    /// The final hidden states of `tokens` fed to `slot` at `start_pos` (its cache cut there
+    /// first), the rows `wanted` asks for: what the CPU backend's `hidden` gives.
+    pub fn hidden(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        start_pos: usize,
+        wanted: LogitsWanted,
+    ) -> Result<Logits, DaemonError> {
+        self.keep_prefix(slot, start_pos);
+        if self.lengths[slot] != start_pos {
+            return Err(DaemonError::Internal(format!(
+                "slot {slot} holds {} positions, the chunk starts at {start_pos}",
+                self.lengths[slot]
+            )));
+        }
+        self.step(
+            &[SlotStep {
+                slot,
+                tokens,
+                logits: wanted,
+            }],
+            true,
+        )
+    }
+
+    fn step(&mut self, steps: &[SlotStep<'_>], hidden: bool) -> Result<Logits, DaemonError> {
+        let width = if hidden { self.n_embd } else { self.n_vocab };
         let mut items = Vec::with_capacity(steps.len());
         for step in steps {
             let start = self.lengths[step.slot];
@@ -112,19 +146,18 @@ impl TinygradModel {
         }
         let reply = {
             let _turn = self.link.turns.lock();
-            self.link.step_blocking(self.id, items)?
+            self.link.step_blocking(self.id, items, hidden)?
         };
         for step in steps {
             self.lengths[step.slot] += step.tokens.len();
         }
         let bad = |why: String| DaemonError::Internal(format!("tinygrad worker reply: {why}"));
-        if reply.items.len() != steps.len() || reply.n_vocab != self.n_vocab {
+        if reply.items.len() != steps.len() || reply.n_vocab != width {
             return Err(bad(format!(
-                "{} items of {} logits for {} asked of {}",
+                "{} items of {} values for {} asked of {width}",
                 reply.items.len(),
                 reply.n_vocab,
                 steps.len(),
-                self.n_vocab
             )));
         }
         let mut rows = Vec::with_capacity(steps.len());
@@ -135,7 +168,7 @@ impl TinygradModel {
                 LogitsWanted::Last => 1,
                 LogitsWanted::All => step.tokens.len(),
             };
-            if item.rows != expected || item.values.len() != expected * self.n_vocab {
+            if item.rows != expected || item.values.len() != expected * width {
                 return Err(bad(format!(
                     "{} rows ({} values) where {expected} rows were asked",
                     item.rows,
@@ -145,8 +178,7 @@ impl TinygradModel {
             values.extend(item.values);
             rows.push(expected);
         }
-        Logits::from_rows(self.n_vocab, values, &rows)
-            .ok_or_else(|| bad("row count mismatch".into()))
+        Logits::from_rows(width, values, &rows).ok_or_else(|| bad("row count mismatch".into()))
     }
 }
 

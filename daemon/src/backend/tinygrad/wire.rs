@@ -194,9 +194,16 @@ impl WorkerRpc {
         })
     }
 
-    pub async fn step(&self, model_id: u64, items: Vec<StepItem>) -> Result<StepReply, RpcError> {
+    /// One forward pass; `hidden` asks for final hidden states instead of logits.
+    pub async fn step(
+        &self,
+        model_id: u64,
+        items: Vec<StepItem>,
+        hidden: bool,
+    ) -> Result<StepReply, RpcError> {
         let request = wp::StepRequest {
             model_id,
+            hidden,
             items: items
                 .into_iter()
                 .map(|item| wp::StepItem {

@@ -34,7 +34,7 @@ use crate::error::DaemonError;
 use crate::metrics::Metrics;
 
 /// The worker protocol version this egpud speaks (`HelloResponse.protocol_version`).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long before failing was healthy: the next restart is immediate-ish.
@@ -511,9 +511,10 @@ impl WorkerLink {
         &self,
         model_id: u64,
         items: Vec<StepItem>,
+        hidden: bool,
     ) -> Result<StepReply, DaemonError> {
         self.check()?;
-        let call = self.rpc.step(model_id, items);
+        let call = self.rpc.step(model_id, items, hidden);
         let timeout = self.step_timeout;
         match self
             .runtime

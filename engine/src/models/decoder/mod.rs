@@ -169,6 +169,13 @@ impl Logits {
         (row < n).then(|| &self.values[(first + row) * self.n_vocab..][..self.n_vocab])
     }
 
+    /// Every row of batch item `item`, one after another.
+    pub fn item(&self, item: usize) -> &[f32] {
+        self.items.get(item).map_or(&[][..], |&(first, n)| {
+            &self.values[first * self.n_vocab..(first + n) * self.n_vocab]
+        })
+    }
+
     /// The last row of batch item `item` (the next-token logits).
     pub fn last(&self, item: usize) -> Option<&[f32]> {
         self.row(item, self.n_rows(item).checked_sub(1)?)
