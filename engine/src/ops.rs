@@ -114,6 +114,28 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: Option<&[f32]>, eps: f32, out
     }
 }
 
+/// [`layer_norm`] of `x` into itself (the same operations, so the same bits).
+pub fn layer_norm_in_place(x: &mut [f32], weight: &[f32], bias: Option<&[f32]>, eps: f32) {
+    debug_assert!(x.len() == weight.len());
+    let n = x.len() as f64;
+    let mean = (x.iter().map(|&v| f64::from(v)).sum::<f64>() / n) as f32;
+    let var: f64 = x
+        .iter()
+        .map(|&v| {
+            let d = f64::from(v - mean);
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    let inv = 1.0 / (var as f32 + eps).sqrt();
+    for (v, &w) in x.iter_mut().zip(weight) {
+        *v = (*v - mean) * inv * w;
+    }
+    if let Some(b) = bias {
+        add_assign(x, b);
+    }
+}
+
 /// How rotary embeddings pair up the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -334,6 +356,12 @@ mod tests {
         assert!(close(mean, 0.5, 1e-6));
         let var: f32 = out.iter().map(|v| (v - 0.5) * (v - 0.5)).sum::<f32>() / 4.0;
         assert!(close(var, 1.0, 1e-5));
+        // In place: the same bits.
+        let mut inplace = [0.3f32, -1.7, 2.9, 4.0];
+        let mut copy = [0f32; 4];
+        layer_norm(&inplace, &[0.9, 1.1, 1.0, 0.5], Some(&b), 1e-5, &mut copy);
+        layer_norm_in_place(&mut inplace, &[0.9, 1.1, 1.0, 0.5], Some(&b), 1e-5);
+        assert_eq!(inplace, copy);
     }
 
     #[test]

@@ -1127,7 +1127,42 @@ fn run_float(
                     let dst = &mut scratch.floats[k * cols..(k + 1) * cols];
                     widen_row(path, w.ty, w.row(r0 + k), dst);
                 }
-                for t0 in (0..n_tokens).step_by(TILE_TOKENS) {
+                // AVX-512: eight tokens at a time, two per register (the AVX2 tile's bits);
+                // the tokens left over go through the AVX2 tile.
+                #[allow(unused_mut)]
+                let mut first_token = 0;
+                #[cfg(target_arch = "x86_64")]
+                if path == KernelPath::Avx512 {
+                    const T: usize = avx512::F32_TILE_TOKENS;
+                    let wf = &scratch.floats[..];
+                    while n_tokens - first_token >= T {
+                        let t0 = first_token;
+                        let mut tile = [[0f32; T]; TILE_ROWS];
+                        macro_rules! run {
+                            ($rm:literal) => {{
+                                let mut o = [[0f32; T]; $rm];
+                                // SAFETY: the CPU has AVX-512 (`path`); `wf` holds $rm rows
+                                // and `x` tokens t0..t0 + T (`tile_f32` re-checks).
+                                unsafe { avx512::tile_f32::<$rm>(wf, x, cols, t0, &mut o) };
+                                tile[..$rm].copy_from_slice(&o);
+                            }};
+                        }
+                        match rm {
+                            1 => run!(1),
+                            2 => run!(2),
+                            3 => run!(3),
+                            _ => run!(4),
+                        }
+                        for (k, tile_row) in tile.iter().enumerate().take(rm) {
+                            for (j, &value) in tile_row.iter().enumerate() {
+                                // SAFETY: rows r0..r0 + rm belong to this part's units alone.
+                                unsafe { out.write((t0 + j) * rows + r0 + k, value) };
+                            }
+                        }
+                        first_token += T;
+                    }
+                }
+                for t0 in (first_token..n_tokens).step_by(TILE_TOKENS) {
                     let rn = TILE_TOKENS.min(n_tokens - t0);
                     let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
                     let wf = &scratch.floats[..];

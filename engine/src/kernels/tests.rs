@@ -418,6 +418,39 @@ fn avx512_path_gives_the_avx2_bits() {
     }
 }
 
+/// The AVX-512 float tile (two tokens per register) gives the AVX2 tile's bits: F32, F16 and
+/// BF16 weights, full and partial row tiles, token counts below, at and past its eight, and
+/// columns that are and are not a multiple of eight.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_float_tile_gives_the_avx2_bits() {
+    if !KernelPath::Avx512.is_available() {
+        eprintln!("skipped: this CPU has no AVX-512 (F, BW, VL, VNNI)");
+        return;
+    }
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(0xf512);
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        for &(rows, cols) in &[(7, 64), (16, 100), (5, 8)] {
+            let data = random_weights(&mut rng, ty, rows, cols);
+            let w = matrix(ty, rows, cols, &data);
+            for n_tokens in [1, 7, 8, 9, 16, 19] {
+                let x = random_activations(&mut rng, n_tokens * cols);
+                let run = |path| {
+                    let mut y = vec![0f32; rows * n_tokens];
+                    matmul_with_path(&pool, &w, &x, n_tokens, &mut y, path).unwrap();
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    run(KernelPath::Avx2),
+                    run(KernelPath::Avx512),
+                    "{ty} {rows}×{cols}, {n_tokens} tokens"
+                );
+            }
+        }
+    }
+}
+
 /// The NEON path gives the portable path's bits exactly (`neon`'s docs say why it can):
 /// every quantized type, with full and partial row and token tiles, one token (decode) and
 /// many (prefill). Runs only on arm64 with the dot product extension

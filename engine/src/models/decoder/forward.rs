@@ -539,9 +539,7 @@ fn normalize_rows_in_place(cfg: &ModelConfig, norm: &Norm, x: &mut [f32]) {
         match cfg.norm {
             NormKind::Rms => ops::rms_norm_in_place(row, &norm.weight, cfg.norm_eps),
             NormKind::Layer => {
-                // BERT's post-LN norms; one row copy is small beside the layer's matmuls.
-                let copy = row.to_vec();
-                ops::layer_norm(&copy, &norm.weight, norm.bias.as_deref(), cfg.norm_eps, row)
+                ops::layer_norm_in_place(row, &norm.weight, norm.bias.as_deref(), cfg.norm_eps)
             }
         }
     }
