@@ -1105,6 +1105,11 @@ fn widen_row(path: KernelPath, ty: GgmlType, row: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Float weights (F32, F16, BF16) by f32 activations. A part's rows are widened to f32 a
+/// chunk at a time (at most [`FLOAT_CHUNK_ROWS`], so the chunk stays in L2), and the chunk meets
+/// the tokens a block at a time (as many as keep the block's activations in L1), so that
+/// neither the widened weights nor the activations stream from further away once per row tile.
+/// Every output is one tile's dot product whatever the blocking, so the bits do not depend on it.
 fn run_float(
     pool: &ThreadPool,
     path: KernelPath,
@@ -1117,87 +1122,121 @@ fn run_float(
     let units = rows.div_ceil(TILE_ROWS);
     let n_parts = parts_for(pool, rows * cols * n_tokens, units);
     let out = SharedOutput::new(y);
+    let chunk_units = (FLOAT_CHUNK_ROWS / TILE_ROWS).max(1);
+    // A multiple of eight (the AVX-512 tile), at least eight.
+    let token_block = (FLOAT_BLOCK_BYTES / (4 * cols.max(1)) / 8 * 8).max(8);
     pool.run_parts(n_parts, &|part, n_parts| {
         with_scratch(&SCRATCH, |scratch| {
-            scratch.floats.resize(TILE_ROWS * cols, 0.0);
-            for unit in split(units, n_parts, part) {
-                let r0 = unit * TILE_ROWS;
-                let rm = TILE_ROWS.min(rows - r0);
-                for k in 0..rm {
+            let part_units = split(units, n_parts, part);
+            let mut first = part_units.start;
+            while first < part_units.end {
+                let last = (first + chunk_units).min(part_units.end);
+                let r0 = first * TILE_ROWS;
+                let chunk_rows = (last * TILE_ROWS).min(rows) - r0;
+                scratch.floats.resize(chunk_rows * cols, 0.0);
+                for k in 0..chunk_rows {
                     let dst = &mut scratch.floats[k * cols..(k + 1) * cols];
                     widen_row(path, w.ty, w.row(r0 + k), dst);
                 }
-                // AVX-512: eight tokens at a time, two per register (the AVX2 tile's bits);
-                // the tokens left over go through the AVX2 tile.
-                #[allow(unused_mut)]
-                let mut first_token = 0;
-                #[cfg(target_arch = "x86_64")]
-                if path == KernelPath::Avx512 {
-                    const T: usize = avx512::F32_TILE_TOKENS;
-                    let wf = &scratch.floats[..];
-                    while n_tokens - first_token >= T {
-                        let t0 = first_token;
-                        let mut tile = [[0f32; T]; TILE_ROWS];
-                        macro_rules! run {
-                            ($rm:literal) => {{
-                                let mut o = [[0f32; T]; $rm];
-                                // SAFETY: the CPU has AVX-512 (`path`); `wf` holds $rm rows
-                                // and `x` tokens t0..t0 + T (`tile_f32` re-checks).
-                                unsafe { avx512::tile_f32::<$rm>(wf, x, cols, t0, &mut o) };
-                                tile[..$rm].copy_from_slice(&o);
-                            }};
-                        }
-                        match rm {
-                            1 => run!(1),
-                            2 => run!(2),
-                            3 => run!(3),
-                            _ => run!(4),
-                        }
-                        for (k, tile_row) in tile.iter().enumerate().take(rm) {
-                            for (j, &value) in tile_row.iter().enumerate() {
-                                // SAFETY: rows r0..r0 + rm belong to this part's units alone.
-                                unsafe { out.write((t0 + j) * rows + r0 + k, value) };
-                            }
-                        }
-                        first_token += T;
+                for t_first in (0..n_tokens).step_by(token_block) {
+                    let t_end = (t_first + token_block).min(n_tokens);
+                    for unit in first..last {
+                        let u0 = unit * TILE_ROWS;
+                        let rm = TILE_ROWS.min(rows - u0);
+                        let wf = &scratch.floats[(u0 - r0) * cols..(u0 - r0 + rm) * cols];
+                        float_unit(path, wf, x, cols, rows, u0, rm, t_first..t_end, &out);
                     }
                 }
-                for t0 in (first_token..n_tokens).step_by(TILE_TOKENS) {
-                    let rn = TILE_TOKENS.min(n_tokens - t0);
-                    let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
-                    let wf = &scratch.floats[..];
-                    for_tile_shape!(rm, rn, |RM, RN| {
-                        let mut o = [[0f32; RN]; RM];
-                        match path {
-                            KernelPath::Scalar => {
-                                for (k, o_row) in o.iter_mut().enumerate() {
-                                    for (j, v) in o_row.iter_mut().enumerate() {
-                                        let xt = &x[(t0 + j) * cols..(t0 + j + 1) * cols];
-                                        let wr = &wf[k * cols..(k + 1) * cols];
-                                        *v = portable::dot_f32_scalar(wr, xt);
-                                    }
-                                }
-                            }
-                            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-                            // SAFETY: `path` is available; `wf` holds RM rows and `x` tokens
-                            // t0..t0 + RN (`tile_f32` re-checks).
-                            KernelPath::Avx2 | KernelPath::Avx512 => unsafe {
-                                avx2::tile_f32::<RM, RN>(wf, x, cols, t0, &mut o)
-                            },
-                            _ => portable::tile_f32_portable::<RM, RN>(wf, x, cols, t0, &mut o),
-                        }
-                        for (dst, src) in tile.iter_mut().zip(&o) {
-                            dst[..RN].copy_from_slice(src);
-                        }
-                    });
-                    for (k, tile_row) in tile.iter().enumerate().take(rm) {
-                        for (j, &value) in tile_row.iter().enumerate().take(rn) {
-                            // SAFETY: rows r0..r0 + rm belong to this part's units alone.
-                            unsafe { out.write((t0 + j) * rows + r0 + k, value) };
-                        }
-                    }
-                }
+                first = last;
             }
         });
     });
+}
+
+/// Rows a float matmul widens at a time (see [`run_float`]).
+const FLOAT_CHUNK_ROWS: usize = 64;
+/// Activation bytes a float matmul's token block holds (see [`run_float`]): well inside L1.
+const FLOAT_BLOCK_BYTES: usize = 24 << 10;
+
+/// One row tile of a float matmul (`rm` widened rows `wf`, output rows `u0..u0 + rm`) by
+/// tokens `tokens`: the AVX-512 tile eight tokens at a time where it runs, then the two-token
+/// tile of the path.
+#[allow(clippy::too_many_arguments)]
+fn float_unit(
+    path: KernelPath,
+    wf: &[f32],
+    x: &[f32],
+    cols: usize,
+    rows: usize,
+    u0: usize,
+    rm: usize,
+    tokens: std::ops::Range<usize>,
+    out: &SharedOutput,
+) {
+    #[allow(unused_mut)]
+    let mut first_token = tokens.start;
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx512 {
+        const T: usize = avx512::F32_TILE_TOKENS;
+        while tokens.end - first_token >= T {
+            let t0 = first_token;
+            let mut tile = [[0f32; T]; TILE_ROWS];
+            macro_rules! run {
+                ($rm:literal) => {{
+                    let mut o = [[0f32; T]; $rm];
+                    // SAFETY: the CPU has AVX-512 (`path`); `wf` holds $rm rows and `x` tokens
+                    // t0..t0 + T (`tile_f32` re-checks).
+                    unsafe { avx512::tile_f32::<$rm>(wf, x, cols, t0, &mut o) };
+                    tile[..$rm].copy_from_slice(&o);
+                }};
+            }
+            match rm {
+                1 => run!(1),
+                2 => run!(2),
+                3 => run!(3),
+                _ => run!(4),
+            }
+            for (k, tile_row) in tile.iter().enumerate().take(rm) {
+                for (j, &value) in tile_row.iter().enumerate() {
+                    // SAFETY: rows u0..u0 + rm belong to this part alone.
+                    unsafe { out.write((t0 + j) * rows + u0 + k, value) };
+                }
+            }
+            first_token += T;
+        }
+    }
+    for t0 in (first_token..tokens.end).step_by(TILE_TOKENS) {
+        let rn = TILE_TOKENS.min(tokens.end - t0);
+        let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
+        for_tile_shape!(rm, rn, |RM, RN| {
+            let mut o = [[0f32; RN]; RM];
+            match path {
+                KernelPath::Scalar => {
+                    for (k, o_row) in o.iter_mut().enumerate() {
+                        for (j, v) in o_row.iter_mut().enumerate() {
+                            let xt = &x[(t0 + j) * cols..(t0 + j + 1) * cols];
+                            let wr = &wf[k * cols..(k + 1) * cols];
+                            *v = portable::dot_f32_scalar(wr, xt);
+                        }
+                    }
+                }
+                #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+                // SAFETY: `path` is available; `wf` holds RM rows and `x` tokens t0..t0 + RN
+                // (`tile_f32` re-checks).
+                KernelPath::Avx2 | KernelPath::Avx512 => unsafe {
+                    avx2::tile_f32::<RM, RN>(wf, x, cols, t0, &mut o)
+                },
+                _ => portable::tile_f32_portable::<RM, RN>(wf, x, cols, t0, &mut o),
+            }
+            for (dst, src) in tile.iter_mut().zip(&o) {
+                dst[..RN].copy_from_slice(src);
+            }
+        });
+        for (k, tile_row) in tile.iter().enumerate().take(rm) {
+            for (j, &value) in tile_row.iter().enumerate().take(rn) {
+                // SAFETY: rows u0..u0 + rm belong to this part alone.
+                unsafe { out.write((t0 + j) * rows + u0 + k, value) };
+            }
+        }
+    }
 }

@@ -451,6 +451,36 @@ fn avx512_float_tile_gives_the_avx2_bits() {
     }
 }
 
+/// A float matmul blocked into row chunks and token blocks gives each token the bits it gets
+/// alone, on one thread or two: rows past one chunk, tokens past one block.
+#[test]
+fn float_matmul_blocking_keeps_each_tokens_bits() {
+    let mut rng = Rng(0xb10c);
+    let (rows, cols, n_tokens) = (200, 1024, 21);
+    for ty in [GgmlType::F32, GgmlType::F16] {
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        let x = random_activations(&mut rng, n_tokens * cols);
+        for threads in [1, 2] {
+            let pool = ThreadPool::new(threads);
+            let mut all = vec![0f32; rows * n_tokens];
+            matmul(&pool, &w, &x, n_tokens, &mut all).unwrap();
+            for t in 0..n_tokens {
+                let mut one = vec![0f32; rows];
+                matmul(&pool, &w, &x[t * cols..(t + 1) * cols], 1, &mut one).unwrap();
+                assert_eq!(
+                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    all[t * rows..(t + 1) * rows]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "{ty}, token {t}, {threads} threads"
+                );
+            }
+        }
+    }
+}
+
 /// The NEON path gives the portable path's bits exactly (`neon`'s docs say why it can):
 /// every quantized type, with full and partial row and token tiles, one token (decode) and
 /// many (prefill). Runs only on arm64 with the dot product extension
