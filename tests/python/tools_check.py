@@ -1,6 +1,7 @@
 """Tool calling through egpud as apps do it, with the official `openai` and `ollama` packages:
 a call forced by `tool_choice` (required, or a named function), streamed and not, whose
-arguments must validate against the tool's schema (`jsonschema`); the tool's result sent back
+arguments must validate against the tool's schema (`jsonschema`); `auto` streamed and not, the
+same answer both ways; the tool's result sent back
 in a `tool` message and an answer; and the errors for bad tool requests. The models are random
 as far as tools go (SmolLM2 wearing another family's template), so this checks the protocol,
 not the model's judgement.
@@ -136,6 +137,39 @@ def main():
             assert c.function.name in SCHEMAS, c
         out[f"{family}_auto"] = auto.finish_reason
 
+        # Streamed with auto: text streams as it is written (several content deltas before the
+        # end), a call arrives whole; either way the same answer as the whole response.
+        for messages in (QUESTION, history):
+            whole = client.chat.completions.create(
+                model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=48,
+            ).choices[0]
+            deltas, calls, finishes = [], {}, []
+            for chunk in client.chat.completions.create(
+                model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=48,
+                stream=True,
+            ):
+                for c in chunk.choices:
+                    if c.delta.content:
+                        deltas.append(c.delta.content)
+                    for d in c.delta.tool_calls or []:
+                        entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                        entry["name"] += d.function.name or ""
+                        entry["arguments"] += d.function.arguments or ""
+                    if c.finish_reason:
+                        finishes.append(c.finish_reason)
+            assert finishes == [whole.finish_reason], (finishes, whole)
+            assert "".join(deltas).strip() == (whole.message.content or "").strip(), (deltas, whole)
+            expected = [
+                {"name": c.function.name, "arguments": json.loads(c.function.arguments)}
+                for c in whole.message.tool_calls or []
+            ]
+            got = [{"name": c["name"], "arguments": json.loads(c["arguments"])} for c in calls.values()]
+            assert got == expected, (got, expected)
+            kind = "calls" if expected else "text"
+            out.setdefault("streamed_auto", []).append(
+                {"family": family, "kind": kind, "content_deltas": len(deltas)}
+            )
+
     # Ollama's tools on /api/chat: the same tools and a tool result in Ollama's shapes.
     host = args.base_url.removesuffix("/v1")
     o = ollama.Client(host=host, headers={"Authorization": f"Bearer {args.key}"})
@@ -152,6 +186,23 @@ def main():
                    options={"temperature": 0, "num_predict": 24})
     assert isinstance(reply.message.content, str), reply
     out["ollama"] = reply.done_reason
+
+    # Streamed on /api/chat with tools: the same answer as unstreamed, text as it comes.
+    for messages in (QUESTION, history):
+        options = {"temperature": 0, "num_predict": 48}
+        whole = o.chat(model=args.hermes, messages=messages, tools=TOOLS, options=options)
+        parts, calls = [], []
+        for part in o.chat(model=args.hermes, messages=messages, tools=TOOLS, options=options,
+                           stream=True):
+            if part.message.content:
+                parts.append(part.message.content)
+            calls += [(c.function.name, dict(c.function.arguments)) for c in part.message.tool_calls or []]
+        assert "".join(parts).strip() == whole.message.content.strip(), (parts, whole)
+        expected = [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls or []]
+        assert calls == expected, (calls, expected)
+        out.setdefault("ollama_streamed", []).append(
+            {"kind": "calls" if expected else "text", "content_parts": len(parts)}
+        )
 
     # Errors that name the problem.
     errors = {}

@@ -84,4 +84,20 @@ async fn a_tool_calling_round_trip_through_the_openai_and_ollama_packages() {
     );
     assert!(error("bad_choice").contains("tool_choice"), "{errors}");
     assert_ne!(out["ollama"], Value::Null);
+    // With tools shown and `auto`, a text answer streams as it is written (before, it was held
+    // back whole): the script checked each streamed answer against the unstreamed one.
+    let streamed: Vec<&Value> = ["streamed_auto", "ollama_streamed"]
+        .iter()
+        .flat_map(|k| out[*k].as_array().into_iter().flatten())
+        .collect();
+    assert_eq!(streamed.len(), 6, "{out}");
+    let texts: Vec<&&Value> = streamed.iter().filter(|s| s["kind"] == "text").collect();
+    assert!(!texts.is_empty(), "no streamed answer was text: {out}");
+    for s in texts {
+        let pieces = s["content_deltas"]
+            .as_u64()
+            .or(s["content_parts"].as_u64())
+            .unwrap_or(0);
+        assert!(pieces > 1, "a text answer came in one piece: {s}");
+    }
 }

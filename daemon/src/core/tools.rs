@@ -126,6 +126,94 @@ impl ToolReader {
     }
 }
 
+/// Reads a streamed answer given tools: passes on at once the text that cannot turn out to be
+/// part of a call, and holds back the rest until the answer is whole, so that a text answer
+/// streams as it is written and a call arrives whole.
+///
+/// - Hermes: everything before a `<tool_call>` is text. Held back: from the first
+///   `<tool_call>` on, a tail that may be the start of one, and trailing whitespace (dropped if a
+///   call follows, as [`ToolReader::read`] trims the text around calls).
+/// - Llama JSON: the answer is a call only if it is one whole JSON object, so an answer whose
+///   first visible character is neither `{` nor `<` (for `<|python_tag|>`) is text from there.
+///
+/// What [`ToolStream::push`] returns and then [`ToolStream::finish`]'s text, joined, are
+/// [`ToolReader::read`]'s text for the whole answer (except whitespace at the very start of an
+/// answer that turns out to hold calls, which was already sent), and the calls are its calls.
+#[derive(Debug, Clone)]
+pub struct ToolStream {
+    reader: ToolReader,
+    /// The whole answer so far.
+    answer: String,
+    /// How much of `answer` has been passed on.
+    sent: usize,
+    /// Set once the rest of the answer is held back to the end.
+    holding: bool,
+}
+
+impl ToolStream {
+    pub fn new(reader: ToolReader) -> ToolStream {
+        ToolStream {
+            reader,
+            answer: String::new(),
+            sent: 0,
+            holding: false,
+        }
+    }
+
+    /// Takes the next piece of the answer; returns the text that can be passed on now.
+    pub fn push(&mut self, text: &str) -> String {
+        self.answer.push_str(text);
+        if self.holding {
+            return String::new();
+        }
+        let unsent = &self.answer[self.sent..];
+        let passable = match self.reader.format {
+            ToolFormat::Hermes => {
+                const OPEN: &str = "<tool_call>";
+                if let Some(start) = unsent.find(OPEN) {
+                    self.holding = true;
+                    unsent[..start].trim_end().len()
+                } else {
+                    // Hold back a tail that could be the start of `<tool_call>`, and whitespace.
+                    let tail = (1..OPEN.len().min(unsent.len() + 1))
+                        .rev()
+                        .find(|&n| {
+                            unsent.is_char_boundary(unsent.len() - n)
+                                && OPEN.starts_with(&unsent[unsent.len() - n..])
+                        })
+                        .unwrap_or(0);
+                    unsent[..unsent.len() - tail].trim_end().len()
+                }
+            }
+            ToolFormat::LlamaJson => match unsent.trim_start().chars().next() {
+                None => 0,
+                Some('{' | '<') if self.sent == 0 => {
+                    self.holding = true;
+                    0
+                }
+                Some(_) => unsent.len(),
+            },
+        };
+        let out = unsent[..passable].to_owned();
+        self.sent += passable;
+        out
+    }
+
+    /// At the end of the answer: the text not yet passed on, and the calls.
+    pub fn finish(self) -> (String, Vec<ToolCall>) {
+        let (content, calls) = self.reader.read(&self.answer);
+        let sent = &self.answer[..self.sent];
+        // `read` gives the whole answer back as text when there is no call, and otherwise the
+        // text around the calls trimmed, which starts with what was sent less its leading
+        // whitespace.
+        let rest = content
+            .strip_prefix(sent)
+            .or_else(|| content.strip_prefix(sent.trim_start()))
+            .unwrap_or(&content);
+        (rest.to_owned(), calls)
+    }
+}
+
 fn parse_hermes(text: &str) -> (String, Vec<ToolCall>) {
     const OPEN: &str = "<tool_call>";
     const CLOSE: &str = "</tool_call>";
@@ -313,6 +401,74 @@ mod tests {
             ToolFormat::LlamaJson.parse(person),
             (person.to_owned(), vec![])
         );
+    }
+
+    /// Streams `pieces` and checks that what was passed on plus the rest is `read`'s text and
+    /// the calls are its calls; returns what was passed on before the end.
+    fn stream(format: ToolFormat, pieces: &[&str]) -> (String, String, Vec<ToolCall>) {
+        let reader = ToolReader {
+            format,
+            names: vec!["weather".into()],
+        };
+        let whole: String = pieces.concat();
+        let (content, calls) = reader.read(&whole);
+        let mut stream = ToolStream::new(reader);
+        let early: String = pieces.iter().map(|p| stream.push(p)).collect();
+        let (rest, streamed_calls) = stream.finish();
+        assert_eq!(streamed_calls, calls, "{pieces:?}");
+        let joined = format!("{early}{rest}");
+        assert!(
+            joined == content || joined.trim_start() == content,
+            "{pieces:?}: {joined:?} against {content:?}"
+        );
+        (early, rest, calls)
+    }
+
+    #[test]
+    fn streamed_answers_pass_text_on_and_hold_calls() {
+        use ToolFormat::{Hermes, LlamaJson};
+        // Text streams as it comes, except a tail that could open a call.
+        let (early, rest, calls) = stream(Hermes, &["The weather", " is fine <tool", "ing> ok"]);
+        assert_eq!(
+            (early.as_str(), rest.as_str()),
+            ("The weather is fine <tooling> ok", "")
+        );
+        assert!(calls.is_empty());
+        let (early, _, _) = stream(Hermes, &["Sunny ", "<tool_"]);
+        assert_eq!(early, "Sunny");
+        // Text, then a call: the text before it streams; the call comes whole at the end.
+        let call = "<tool_call>\n{\"name\": \"weather\", \"arguments\": {}}\n</tool_call>";
+        let (early, rest, calls) = stream(
+            Hermes,
+            &["Let me ", "check.\n", &call[..7], &call[7..], " Done."],
+        );
+        assert_eq!(
+            (early.as_str(), rest.as_str()),
+            ("Let me check.", "\n Done.")
+        );
+        assert_eq!(calls.len(), 1);
+        // A call to a tool that was not offered, or one that does not parse, is text after all.
+        stream(
+            Hermes,
+            &[
+                "Hi ",
+                "<tool_call>{\"name\": \"time\", \"arguments\": {}}</tool_call>",
+            ],
+        );
+        stream(Hermes, &["<tool_call>{\"name\": ", "\"weather\""]);
+        // Multi-byte text next to a partial tag.
+        stream(Hermes, &["Grüße <", "tool_c", "é"]);
+        // Llama: an answer that starts as JSON is held; one that does not streams.
+        let (early, rest, calls) = stream(
+            LlamaJson,
+            &[" ", "{\"name\": \"weather\",", " \"parameters\": {}}"],
+        );
+        assert_eq!((early.as_str(), rest.as_str(), calls.len()), ("", "", 1));
+        let (early, rest, _) = stream(LlamaJson, &["  ", "It is", " {sunny}"]);
+        assert_eq!((early.as_str(), rest.as_str()), ("  It is {sunny}", ""));
+        let (early, rest, calls) = stream(LlamaJson, &["{\"name\": \"Bob\"}"]);
+        assert_eq!((early.as_str(), rest.as_str()), ("", "{\"name\": \"Bob\"}"));
+        assert!(calls.is_empty());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::core::on_demand::{Available, LoadHints};
 use crate::core::requests::{
     Constraint, EmbedRequest, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
 };
-use crate::core::tools::ToolReader;
+use crate::core::tools::{ToolCall, ToolReader, ToolStream};
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::residency::stores::Store;
@@ -673,7 +673,8 @@ struct Shape {
     chat: bool,
     started: Instant,
     load: Duration,
-    /// Set when the model was shown tools: its answer is read for calls, and streamed whole.
+    /// Set when the model was shown tools: its answer is read for calls (streamed: the text
+    /// that cannot be part of one streams, calls come at the end).
     tools: Option<ToolReader>,
 }
 
@@ -692,18 +693,15 @@ impl Shape {
         v
     }
 
-    fn last(&self, text: &str, done: &GenerationDone) -> Value {
+    /// The last object: `text` (with tools, the answer's text less its calls) and the calls.
+    fn last(&self, text: &str, calls: &[ToolCall], done: &GenerationDone) -> Value {
         let mut v = self.part(text, true);
-        if let Some(reader) = &self.tools {
-            let (content, calls) = reader.read(text);
-            if !calls.is_empty() {
-                let calls: Vec<Value> = calls
-                    .iter()
-                    .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
-                    .collect();
-                v["message"] =
-                    json!({"role": "assistant", "content": content, "tool_calls": calls});
-            }
+        if !calls.is_empty() {
+            let calls: Vec<Value> = calls
+                .iter()
+                .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+            v["message"] = json!({"role": "assistant", "content": text, "tool_calls": calls});
         }
         v["done_reason"] = json!(match done.finish_reason {
             FinishReason::Stop | FinishReason::StopString => "stop",
@@ -725,7 +723,11 @@ async fn whole_response(mut events: GenerationStream, shape: Shape) -> Result<Re
         match events.next().await {
             Some(GenerationEvent::Chunk(chunk)) => text.push_str(&chunk.text),
             Some(GenerationEvent::Done(done)) => {
-                return Ok(Json(shape.last(&text, &done)).into_response())
+                let (text, calls) = match &shape.tools {
+                    Some(reader) => reader.read(&text),
+                    None => (text, Vec::new()),
+                };
+                return Ok(Json(shape.last(&text, &calls, &done)).into_response());
             }
             Some(GenerationEvent::Failed(err)) => return Err(api(err)),
             None => {
@@ -742,21 +744,32 @@ async fn whole_response(mut events: GenerationStream, shape: Shape) -> Result<Re
 fn stream_response(mut events: GenerationStream, shape: Shape) -> Response {
     let (tx, rx) = mpsc::channel::<Result<String, std::convert::Infallible>>(64);
     tokio::spawn(async move {
-        // With tools, the answer is held until whole: only then is it known to be calls.
-        let mut held = String::new();
+        // With tools, the text that cannot be part of a call streams; calls are held back
+        // until the answer is whole (`ToolStream`).
+        let mut tool_stream = shape.tools.clone().map(ToolStream::new);
         loop {
             let event = tokio::select! {
                 event = events.next() => event,
                 () = tx.closed() => return,
             };
             let (line, last) = match event {
-                Some(GenerationEvent::Chunk(chunk)) if shape.tools.is_some() => {
-                    held.push_str(&chunk.text);
-                    continue;
+                Some(GenerationEvent::Chunk(chunk)) => {
+                    let text = match tool_stream.as_mut() {
+                        Some(stream) => stream.push(&chunk.text),
+                        None => chunk.text,
+                    };
+                    if text.is_empty() {
+                        continue;
+                    }
+                    (shape.part(&text, false), false)
                 }
-                Some(GenerationEvent::Chunk(chunk)) if chunk.text.is_empty() => continue,
-                Some(GenerationEvent::Chunk(chunk)) => (shape.part(&chunk.text, false), false),
-                Some(GenerationEvent::Done(done)) => (shape.last(&held, &done), true),
+                Some(GenerationEvent::Done(done)) => {
+                    let (rest, calls) = match tool_stream.take() {
+                        Some(stream) => stream.finish(),
+                        None => (String::new(), Vec::new()),
+                    };
+                    (shape.last(&rest, &calls, &done), true)
+                }
                 Some(GenerationEvent::Failed(err)) => (api(err).body(), true),
                 None => return,
             };

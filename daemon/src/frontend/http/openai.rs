@@ -24,7 +24,7 @@ use crate::core::requests::{
     Constraint, EmbedRequest, GenerateRequest, PromptInput, SamplingOptions, ToolChoice, Tools,
     MAX_TOP_LOGPROBS,
 };
-use crate::core::tools::{ToolCall, ToolReader};
+use crate::core::tools::{ToolCall, ToolReader, ToolStream};
 use crate::core::GenerationStream;
 use crate::error::DaemonError;
 use crate::scheduler::events::{
@@ -735,10 +735,9 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
                 "finish_reason": finish,
             }]),
         };
-        // With tools shown, the answer is held back until it is whole: only then is it known
-        // whether it is text or calls.
-        let tools = events.tools.clone();
-        let mut held = String::new();
+        // With tools shown, the text that cannot be part of a call streams; a call is held back
+        // until the answer is whole (`ToolStream`).
+        let mut tool_stream = events.tools.clone().map(ToolStream::new);
         let mut held_logprobs = Vec::new();
         let mut frames = Vec::new();
         if plan.endpoint == Endpoint::Chat {
@@ -762,26 +761,34 @@ fn stream_response(mut events: GenerationStream, plan: Plan) -> Response {
                 () = tx.closed() => return,
             };
             match event {
-                Some(GenerationEvent::Chunk(chunk)) if tools.is_some() => {
-                    held.push_str(&chunk.text);
-                    held_logprobs.extend(chunk.logprobs);
-                }
                 Some(GenerationEvent::Chunk(chunk)) => {
-                    if chunk.text.is_empty() && chunk.logprobs.is_empty() {
+                    let (text, chunk_logprobs) = match tool_stream.as_mut() {
+                        Some(stream) => {
+                            // Held text's logprobs go out with the next text passed on.
+                            held_logprobs.extend(chunk.logprobs);
+                            let text = stream.push(&chunk.text);
+                            if text.is_empty() {
+                                continue;
+                            }
+                            (text, std::mem::take(&mut held_logprobs))
+                        }
+                        None => (chunk.text, chunk.logprobs),
+                    };
+                    if text.is_empty() && chunk_logprobs.is_empty() {
                         continue;
                     }
                     let logprobs = plan.logprobs.map_or(Value::Null, |k| {
-                        logprobs_json(plan.endpoint, &chunk.logprobs, k as usize)
+                        logprobs_json(plan.endpoint, &chunk_logprobs, k as usize)
                     });
                     frames.push(frame(
-                        choice(json!({"content": chunk.text}), logprobs, Value::Null),
+                        choice(json!({"content": text}), logprobs, Value::Null),
                         Value::Null,
                     ));
                 }
                 Some(GenerationEvent::Done(done)) => {
                     let mut finish = finish_reason(done.finish_reason);
-                    if tools.is_some() {
-                        let (content, calls) = read_tool_calls(tools.as_ref(), &held);
+                    if let Some(stream) = tool_stream.take() {
+                        let (content, calls) = stream.finish();
                         let logprobs = plan.logprobs.map_or(Value::Null, |k| {
                             logprobs_json(plan.endpoint, &held_logprobs, k as usize)
                         });
