@@ -42,7 +42,7 @@ use requests::{
 };
 pub use stream::GenerationStream;
 use templates::TemplateRenderers;
-use tools::{ToolFormat, ToolReader};
+use tools::{ToolChoice, ToolFormat, ToolReader};
 
 /// The core API over the resident models.
 #[derive(Debug, Clone)]
@@ -302,10 +302,13 @@ impl Core {
             }
             None => None,
         };
+        // With `auto` and a response format, the answer is that document (`reader` below), so
+        // the format alone constrains it.
         let tool_constraint = req
             .tools
             .as_ref()
             .zip(tool_format)
+            .filter(|(tools, _)| req.constraint.is_none() || tools.choice != ToolChoice::Auto)
             .and_then(|(tools, format)| tools.constraint(format));
         // An answer shaped by a response format is that document, never a call.
         let reader = match (&req.tools, tool_format) {

@@ -12,7 +12,9 @@
 //! `tool_choice` `required` or a named function makes the call certain: the output is
 //! constrained ([`Constraint::Lark`] with the call's JSON schema embedded) to exactly one call
 //! in the model's format whose arguments match the tool's `parameters` schema. `auto` lets the
-//! model choose and reads calls out of whatever it wrote; `none` renders no tools.
+//! model choose: any text, but once it starts a call (`<tool_call>`, or `{` opening a Llama
+//! answer) the call is constrained the same way, so a call it makes always parses and matches
+//! its tool's schema. `none` renders no tools.
 
 use serde_json::{json, Value};
 
@@ -306,11 +308,14 @@ impl Tools {
         self.choice != ToolChoice::None && !self.list.is_empty()
     }
 
-    /// The constraint that makes a call certain (`required` or a named function), in `format`.
+    /// The constraint on the answer, in `format`: for `required` or a named function, exactly
+    /// one call; for `auto`, any text, but a call once one starts (a lazy grammar, as llama.cpp
+    /// does it: free text until the model writes `<tool_call>`, or begins with `{` in the Llama
+    /// format, then a call to one of the tools with arguments that match its schema).
     pub fn constraint(&self, format: ToolFormat) -> Option<Constraint> {
         let wanted: Vec<&Value> = match &self.choice {
-            ToolChoice::None | ToolChoice::Auto => return None,
-            ToolChoice::Required => self.list.iter().collect(),
+            ToolChoice::None => return None,
+            ToolChoice::Required | ToolChoice::Auto => self.list.iter().collect(),
             ToolChoice::Function(name) => self
                 .list
                 .iter()
@@ -342,10 +347,23 @@ impl Tools {
         bound_numbers(&mut schema);
         let schema = with_layout(schema);
         let call = format!("call: %json {schema}\n");
+        let auto = self.choice == ToolChoice::Auto;
         Some(Constraint::Lark(match format {
+            ToolFormat::Hermes if auto => format!(
+                // `head` is lazy: it ends at the first `<tool_call>`, and a call must follow.
+                "start: (head \"\\n\" call \"\\n</tool_call>\")* TEXT\n\
+                 head[lazy]: TEXT \"<tool_call>\"\n\
+                 TEXT: /(.|\\n)*/\n{call}"
+            ),
             ToolFormat::Hermes => {
                 format!("start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\n{call}")
             }
+            // A Llama answer is a call when it is one JSON object, so text may not start with `{`.
+            ToolFormat::LlamaJson if auto => format!(
+                "start: (TEXT | WS? call | WS)?\n\
+                 TEXT: /\\s*[^{{\\s](.|\\n)*/\n\
+                 WS: /\\s+/\n{call}"
+            ),
             ToolFormat::LlamaJson => format!("start: call\n{call}"),
         }))
     }
@@ -469,6 +487,117 @@ mod tests {
         let (early, rest, calls) = stream(LlamaJson, &["{\"name\": \"Bob\"}"]);
         assert_eq!((early.as_str(), rest.as_str()), ("", "{\"name\": \"Bob\"}"));
         assert!(calls.is_empty());
+    }
+
+    /// Whether `constraint` lets a model write `text` (in a SentencePiece vocabulary of `▁`, the
+    /// 256 bytes and an end token, so every text is spelled one way) and then, if `end`, stop.
+    fn allows(constraint: &Constraint, text: &str, end: bool) -> bool {
+        use crate::scheduler::constraint::Grammars;
+        use egpu_engine::tokenizer::{token_type, SpecialIdSpec, Tokenizer, VocabSpec};
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>", "▁"].map(String::from).to_vec();
+        let mut types = vec![
+            token_type::UNKNOWN,
+            token_type::CONTROL,
+            token_type::CONTROL,
+            token_type::NORMAL,
+        ];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(token_type::BYTE);
+        }
+        let spec = VocabSpec {
+            model: "llama".into(),
+            scores: Some(vec![0.0; tokens.len()]),
+            tokens,
+            token_types: Some(types),
+            special_ids: SpecialIdSpec {
+                bos: Some(1),
+                eos: Some(2),
+                unk: Some(0),
+                ..SpecialIdSpec::default()
+            },
+            ..VocabSpec::default()
+        };
+        let tokenizer = std::sync::Arc::new(Tokenizer::from_spec(&spec).unwrap());
+        let n = tokenizer.vocab_size();
+        let ids = tokenizer.encode_continuation(text);
+        let mut matcher = Grammars::new(tokenizer).compile(constraint).unwrap();
+        let (logits, mut masked) = (vec![0.0f32; n], Vec::new());
+        for id in ids.into_iter().chain(end.then_some(2)) {
+            if matcher.mask(&logits, &mut masked).is_err() || masked[id as usize].is_infinite() {
+                return false;
+            }
+            if id != 2 {
+                matcher.accept(id).unwrap();
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn auto_leaves_text_free_and_constrains_a_call_once_it_starts() {
+        let tools = Tools {
+            list: vec![json!({"type": "function", "function": {"name": "weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                               "required": ["city"], "additionalProperties": false}}})],
+            choice: ToolChoice::Auto,
+        };
+        let hermes = tools.constraint(ToolFormat::Hermes).unwrap();
+        let call = "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+        for (text, end, allowed) in [
+            ("Sunny, {probably} <b>warm</b>.\nBye", true, true),
+            ("", true, true),
+            (&format!("Let me look.\n{call}"), true, true),
+            (&format!("{call}\nAnd again: {call} done"), true, true),
+            ("<tool_call>\nhello", false, false),
+            ("<tool_call>\n{\"name\": \"time\"", false, false),
+            (
+                "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"town\"",
+                false,
+                false,
+            ),
+            ("<tool_call>\n{\"name\": \"weather\"", true, false),
+        ] {
+            assert_eq!(allows(&hermes, text, end), allowed, "hermes {text:?}");
+        }
+        let llama = tools.constraint(ToolFormat::LlamaJson).unwrap();
+        for (text, end, allowed) in [
+            ("It is sunny {today}.", true, true),
+            ("", true, true),
+            (
+                "{\"name\": \"weather\", \"parameters\": {\"city\": \"Oslo\"}}",
+                true,
+                true,
+            ),
+            (
+                "\n{\"name\": \"weather\", \"parameters\": {\"city\": \"Oslo\"}}",
+                true,
+                true,
+            ),
+            ("{\"name\": \"Bob\"", false, false),
+            (" {oops", false, false),
+            (
+                "{\"name\": \"weather\", \"parameters\": {\"city\": \"Oslo\"}} more",
+                false,
+                false,
+            ),
+        ] {
+            assert_eq!(allows(&llama, text, end), allowed, "llama {text:?}");
+        }
+        // `required`: the call and nothing else.
+        let required = Tools {
+            choice: ToolChoice::Required,
+            ..tools.clone()
+        };
+        let required = required.constraint(ToolFormat::Hermes).unwrap();
+        assert!(allows(&required, call, true));
+        assert!(!allows(&required, "Sunny", false));
+        // `none` shows no tools and constrains nothing.
+        let none = Tools {
+            choice: ToolChoice::None,
+            ..tools
+        };
+        assert_eq!(none.constraint(ToolFormat::Hermes), None);
     }
 
     #[test]

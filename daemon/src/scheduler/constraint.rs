@@ -347,7 +347,8 @@ impl TokenizerEnv for VocabEnv {
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
         match std::str::from_utf8(s) {
-            Ok(text) => self.tokenizer.encode(text, false, false),
+            // Forced text continues what the model wrote: no SentencePiece space prefix.
+            Ok(text) => self.tokenizer.encode_continuation(text),
             Err(_) => self.trie.greedy_tokenize(s),
         }
     }

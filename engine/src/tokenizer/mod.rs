@@ -299,6 +299,23 @@ impl Tokenizer {
     /// `add_eos_token`); `parse_special` turns control-token text such as `<|im_start|>` into
     /// that token instead of tokenizing it as characters.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        self.encode_from(text, add_special, parse_special, true)
+    }
+
+    /// Text that continues a longer text, such as the literal part of a grammar written after
+    /// the model's own tokens: as [`Tokenizer::encode`] without special tokens, but without the
+    /// space SentencePiece vocabs prepend to the start of a text.
+    pub fn encode_continuation(&self, text: &str) -> Vec<u32> {
+        self.encode_from(text, false, false, false)
+    }
+
+    fn encode_from(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        at_start: bool,
+    ) -> Vec<u32> {
         let vocab = &self.vocab;
         let fragments = self.specials.partition(vocab, text, parse_special);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
@@ -327,7 +344,7 @@ impl Tokenizer {
             }
             Encoder::Spm(model) => {
                 // A space is prepended to text at the start and after each special token.
-                let mut after_special = true;
+                let mut after_special = at_start;
                 let mut escaped = String::new();
                 for fragment in fragments {
                     match fragment {
@@ -803,6 +820,9 @@ mod tests {
     #[test]
     fn sentencepiece_prefixes_a_space_and_falls_back_to_bytes() {
         let t = Tokenizer::from_spec(&spm_spec(true)).unwrap();
+        // A continuation gets no space prefix.
+        assert_eq!(t.encode_continuation("hi"), [id(&t, "hi")]);
+        assert_eq!(t.encode("hi", false, false), [id(&t, "▁hi")]);
         assert_eq!(t.kind(), &TokenizerKind::SentencePiece);
         assert_eq!(
             (t.bos(), t.eos(), t.special_ids().unk),
