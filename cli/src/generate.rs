@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use egpu_proto::v1::{
     constraint, generate_event, generate_request, Constraint, GenerateDone, GenerateRequest,
-    SamplingOptions,
+    SamplingOptions, Tools,
 };
 
 use crate::client::{connect, request, Client};
@@ -37,6 +37,8 @@ pub struct GenerateArgs {
     logprobs: u32,
     #[command(flatten)]
     constraint: ConstraintArgs,
+    #[command(flatten)]
+    tools: ToolArgs,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -83,6 +85,47 @@ impl ConstraintArgs {
             return Ok(None);
         };
         Ok(Some(Constraint { kind: Some(kind) }))
+    }
+}
+
+/// Tools the model may call, shown to it through its chat template.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ToolArgs {
+    /// The tools, a JSON array in OpenAI's shape (`[{"type": "function", "function": {"name",
+    /// "description", "parameters"}}]`) in FILE (`-` reads stdin). The calls the model makes
+    /// are printed after its text, one `tool call: NAME ARGUMENTS` line each.
+    #[arg(long, value_name = "FILE")]
+    tools: Option<String>,
+    /// auto (the model decides; a call it starts matches the tool's schema), none, required
+    /// (exactly one call), or the name of the function it must call.
+    #[arg(
+        long,
+        value_name = "CHOICE",
+        requires = "tools",
+        default_value = "auto"
+    )]
+    tool_choice: String,
+}
+
+impl ToolArgs {
+    pub fn to_proto(&self) -> anyhow::Result<Option<Tools>> {
+        let Some(path) = &self.tools else {
+            return Ok(None);
+        };
+        let json = if path == "-" {
+            text_argument("-")?
+        } else {
+            std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+        };
+        let (choice, function) = match self.tool_choice.as_str() {
+            "auto" | "none" | "required" => (self.tool_choice.clone(), String::new()),
+            name => (String::new(), name.to_owned()),
+        };
+        Ok(Some(Tools {
+            json,
+            choice,
+            function,
+        }))
     }
 }
 
@@ -156,6 +199,7 @@ pub async fn run(socket: &Path, args: &GenerateArgs) -> anyhow::Result<ExitCode>
         top_logprobs: args.logprobs,
         stop_at_eos: None,
         constraint: args.constraint.to_proto()?,
+        tools: args.tools.to_proto()?,
     };
     let streaming = !args.json;
     let outcome = stream(&mut client, generate, |text| {
@@ -174,6 +218,12 @@ pub async fn run(socket: &Path, args: &GenerateArgs) -> anyhow::Result<ExitCode>
         format::emit_json(&result)?;
     } else {
         format::emit("\n")?;
+        for call in &done.tool_calls {
+            format::emit(&format!(
+                "tool call: {} {}\n",
+                call.name, call.arguments_json
+            ))?;
+        }
         if args.verbose || std::io::stderr().is_terminal() {
             eprintln!("{}", stats_line(&done));
         }
@@ -239,6 +289,7 @@ mod tests {
             prompt_tokens: 12,
             cached_prompt_tokens: 0,
             completion_tokens: 64,
+            tool_calls: Vec::new(),
             timings: Some(Timings {
                 queue_ms: 0.0,
                 prefill_ms: 14.1,

@@ -135,6 +135,17 @@ pub struct GenerateJson {
     pub completion_tokens: u32,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
+    /// With `--tools`: the calls the model made (their text is not in `text`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallJson>,
+}
+
+/// A tool call in `generate --json`: the arguments as a JSON object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCallJson {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 /// `score --json`.
@@ -328,6 +339,16 @@ impl GenerateJson {
         self.completion_tokens = done.completion_tokens;
         self.prefill_tokens_per_s = timings.prefill_tokens_per_s;
         self.decode_tokens_per_s = timings.decode_tokens_per_s;
+        self.tool_calls = done
+            .tool_calls
+            .iter()
+            .map(|c| ToolCallJson {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                arguments: serde_json::from_str(&c.arguments_json)
+                    .unwrap_or_else(|_| serde_json::Value::String(c.arguments_json.clone())),
+            })
+            .collect();
     }
 }
 
@@ -580,6 +601,7 @@ pub(crate) mod tests {
             prompt_tokens: 12,
             cached_prompt_tokens: 8,
             completion_tokens: 2,
+            tool_calls: Vec::new(),
             timings: Some(Timings {
                 queue_ms: 0.0,
                 prefill_ms: 14.0,
@@ -621,6 +643,7 @@ pub(crate) mod tests {
             prompt_tokens: 3,
             cached_prompt_tokens: 0,
             completion_tokens: 2,
+            tool_calls: Vec::new(),
             timings: None,
         });
         let value = serde_json::to_value(&out).unwrap();

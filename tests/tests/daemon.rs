@@ -142,6 +142,7 @@ async fn chat_logprobs_score_and_tokenize() {
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: "What is 2+2?".into(),
+                ..Default::default()
             }],
         })),
         max_tokens: Some(8),

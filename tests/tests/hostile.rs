@@ -249,6 +249,7 @@ fn chat(model: &str) -> pb::GenerateRequest {
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: "Hi".into(),
+                ..Default::default()
             }],
         })),
         max_tokens: Some(2),

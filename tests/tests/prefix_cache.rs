@@ -12,6 +12,7 @@ fn message(role: &str, content: &str) -> pb::ChatMessage {
     pb::ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 

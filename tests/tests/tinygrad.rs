@@ -779,6 +779,7 @@ async fn a_chats_next_turn_on_tinygrad_reuses_its_slot_like_a_fresh_prefill() {
                     .map(|(role, content)| pb::ChatMessage {
                         role: role.into(),
                         content,
+                        ..Default::default()
                     })
                     .collect(),
             })),

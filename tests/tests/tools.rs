@@ -101,3 +101,219 @@ async fn a_tool_calling_round_trip_through_the_openai_and_ollama_packages() {
         assert!(pieces > 1, "a text answer came in one piece: {s}");
     }
 }
+
+/// The tools of `tools_check.py`, as the gRPC `Tools.json` and egpuctl's `--tools` file take them.
+const TOOLS_JSON: &str = r#"[
+  {"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city.",
+   "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+     "required": ["city", "unit"], "additionalProperties": false}}},
+  {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone.",
+   "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
+     "required": ["zone"], "additionalProperties": false}}}
+]"#;
+
+/// A call's arguments hold exactly what its tool's schema asks for.
+fn check_arguments(name: &str, arguments: &Value) {
+    let object = arguments.as_object().expect("arguments are an object");
+    let string = |key: &str| {
+        let value = object[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key} in {arguments}"));
+        assert!(value.chars().count() <= 30, "{arguments}");
+        value
+    };
+    match name {
+        "get_weather" => {
+            assert_eq!(object.len(), 2, "{arguments}");
+            string("city");
+            assert!(
+                ["celsius", "fahrenheit"].contains(&string("unit")),
+                "{arguments}"
+            );
+        }
+        "get_time" => {
+            assert_eq!(object.len(), 1, "{arguments}");
+            string("zone");
+        }
+        other => panic!("a call to {other}, which was not offered"),
+    }
+}
+
+fn asking(
+    model: &str,
+    messages: Vec<pb::ChatMessage>,
+    choice: &str,
+    function: &str,
+) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: model.into(),
+        input: Some(pb::generate_request::Input::Messages(pb::ChatMessages {
+            messages,
+        })),
+        max_tokens: Some(96),
+        tools: Some(pb::Tools {
+            json: TOOLS_JSON.into(),
+            choice: choice.into(),
+            function: function.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn user(content: &str) -> pb::ChatMessage {
+    pb::ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_over_grpc_and_egpuctl() {
+    let daemon = TestDaemon::start(&[]);
+    let mut client = daemon.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let template = std::fs::read_to_string(
+        models_dir()
+            .join("templates")
+            .join("Qwen-Qwen2.5-7B-Instruct.jinja"),
+    )
+    .expect("the Qwen 2.5 template (scripts/fetch-models.sh fetches it)");
+    let hermes = with_chat_template(
+        &model_path(SMOLLM2),
+        &template,
+        &dir.path().join("smol-qwen-template.gguf"),
+    );
+    load_as(&mut client, &hermes, "hermes").await;
+    let question = vec![user("What is the weather in Paris?")];
+
+    // Required: one call in GenerateDone, whose arguments match its tool; no call text in the
+    // chunks.
+    let required = generate(
+        &mut client,
+        asking("hermes", question.clone(), "required", ""),
+    )
+    .await
+    .expect("a required call");
+    let done = required.done.expect("a done event");
+    assert_eq!(done.finish_reason, pb::FinishReason::Stop as i32);
+    let [call] = done.tool_calls.as_slice() else {
+        panic!("one call: {done:?}");
+    };
+    let arguments: Value = serde_json::from_str(&call.arguments_json).unwrap();
+    check_arguments(&call.name, &arguments);
+    assert!(call.id.starts_with("call-"), "{call:?}");
+    assert!(
+        !required.text.contains("<tool_call>"),
+        "{:?}",
+        required.text
+    );
+
+    // A named function, sampled: that function whatever the seed.
+    for seed in [1, 2] {
+        let mut request = asking("hermes", question.clone(), "", "get_time");
+        request.sampling = Some(pb::SamplingOptions {
+            temperature: 1.2,
+            seed: Some(seed),
+            ..Default::default()
+        });
+        let done = generate(&mut client, request).await.unwrap().done.unwrap();
+        let [call] = done.tool_calls.as_slice() else {
+            panic!("one call: {done:?}");
+        };
+        assert_eq!(call.name, "get_time");
+        check_arguments(
+            &call.name,
+            &serde_json::from_str(&call.arguments_json).unwrap(),
+        );
+    }
+
+    // The round trip: the call goes back in the assistant's turn, the tool's result after it,
+    // and the model answers in text.
+    let mut history = question.clone();
+    history.push(pb::ChatMessage {
+        role: "assistant".into(),
+        tool_calls: vec![call.clone()],
+        ..Default::default()
+    });
+    history.push(pb::ChatMessage {
+        role: "tool".into(),
+        content: r#"{"temperature": 18}"#.into(),
+        tool_call_id: call.id.clone(),
+        name: call.name.clone(),
+        ..Default::default()
+    });
+    let answer = generate(&mut client, asking("hermes", history.clone(), "none", ""))
+        .await
+        .unwrap();
+    assert!(answer.done.as_ref().unwrap().tool_calls.is_empty());
+    assert!(!answer.text.trim().is_empty(), "{answer:?}");
+    // Auto: text or calls, each call well formed.
+    let auto = generate(&mut client, asking("hermes", history, "auto", ""))
+        .await
+        .unwrap();
+    for call in &auto.done.as_ref().unwrap().tool_calls {
+        check_arguments(
+            &call.name,
+            &serde_json::from_str(&call.arguments_json).unwrap(),
+        );
+    }
+
+    // Bad tool requests are INVALID_ARGUMENT naming the problem.
+    for (request, expected) in [
+        (
+            pb::GenerateRequest {
+                tools: Some(pb::Tools {
+                    json: "[{".into(),
+                    ..Default::default()
+                }),
+                ..asking("hermes", question.clone(), "", "")
+            },
+            "tools.json",
+        ),
+        (
+            asking("hermes", question.clone(), "sometimes", ""),
+            "tools.choice",
+        ),
+        (
+            asking("hermes", question.clone(), "", "nope"),
+            "not among the tools",
+        ),
+    ] {
+        let err = generate(&mut client, request).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(expected), "{err:?}");
+    }
+
+    // egpuctl generate --tools: the calls after the text, or in --json.
+    let tools_file = dir.path().join("tools.json");
+    std::fs::write(&tools_file, TOOLS_JSON).unwrap();
+    let egpuctl = |extra: &[&str]| {
+        let mut cmd = Command::new(binary("egpuctl"));
+        cmd.arg("--socket").arg(&daemon.socket);
+        cmd.args([
+            "generate",
+            "hermes",
+            "What is the weather in Paris?",
+            "--tools",
+        ])
+        .arg(&tools_file)
+        .args(["--tool-choice", "required", "--max-tokens", "96"])
+        .args(extra);
+        let out = output_within(cmd, Duration::from_secs(120));
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let printed = egpuctl(&[]);
+    let line = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("tool call: "))
+        .unwrap_or_else(|| panic!("no call printed: {printed:?}"));
+    let (name, arguments) = line.split_once(' ').unwrap();
+    check_arguments(name, &serde_json::from_str(arguments).unwrap());
+    let json: Value = serde_json::from_str(&egpuctl(&["--json"])).unwrap();
+    let calls = json["tool_calls"].as_array().expect("tool_calls in --json");
+    assert_eq!(calls.len(), 1, "{json}");
+    check_arguments(calls[0]["name"].as_str().unwrap(), &calls[0]["arguments"]);
+}

@@ -7,3 +7,16 @@
 
 pub mod grpc;
 pub mod http;
+
+/// A fresh id for a completion or a tool call, `{prefix}-{hex}`: the clock's nanoseconds and a
+/// process-wide counter, so ids do not repeat within a run.
+pub fn completion_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{prefix}-{nanos:x}{n:04x}")
+}

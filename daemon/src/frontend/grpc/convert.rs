@@ -11,6 +11,7 @@ use crate::backend::device::DeviceInfo;
 use crate::core::requests::{
     Constraint, GenerateRequest, PromptInput, SamplingOptions, ScoreRequest, TranslateRequest,
 };
+use crate::core::tools::{ToolCall, ToolChoice, Tools};
 use crate::core::{BackendReport, StatusReport};
 use crate::error::DaemonError;
 use crate::residency::{KeepAlive, LoadOptions, LoadProgress, ModelFile, ModelInfo, ModelState};
@@ -60,17 +61,14 @@ pub fn load_options(req: pb::LoadRequest) -> LoadOptions {
     }
 }
 
-pub fn generate_request(req: pb::GenerateRequest) -> GenerateRequest {
-    GenerateRequest {
+pub fn generate_request(req: pb::GenerateRequest) -> Result<GenerateRequest, DaemonError> {
+    Ok(GenerateRequest {
         model: req.model,
         input: req.input.map(|input| match input {
             Input::Prompt(p) => PromptInput::Text(p),
-            Input::Messages(m) => PromptInput::Messages(
-                m.messages
-                    .into_iter()
-                    .map(|m| ChatMessage::new(m.role, m.content))
-                    .collect(),
-            ),
+            Input::Messages(m) => {
+                PromptInput::Messages(m.messages.into_iter().map(chat_message).collect())
+            }
         }),
         raw: req.raw,
         sampling: req.sampling.map(sampling).unwrap_or_default(),
@@ -79,8 +77,66 @@ pub fn generate_request(req: pb::GenerateRequest) -> GenerateRequest {
         top_logprobs: req.top_logprobs,
         stop_at_eos: req.stop_at_eos,
         constraint: req.constraint.and_then(|c| c.kind).and_then(constraint),
-        tools: None,
+        tools: req.tools.map(tools).transpose()?,
+    })
+}
+
+/// A message, with an assistant turn's calls in the form templates render (transformers':
+/// arguments as a JSON object).
+fn chat_message(m: pb::ChatMessage) -> ChatMessage {
+    let mut message = ChatMessage::new(m.role, m.content);
+    if !m.tool_calls.is_empty() {
+        let calls = m.tool_calls.into_iter().map(|c| {
+            let arguments = serde_json::from_str(&c.arguments_json)
+                .unwrap_or(serde_json::Value::String(c.arguments_json));
+            serde_json::json!({
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": arguments},
+            })
+        });
+        message.tool_calls = Some(serde_json::Value::Array(calls.collect()));
     }
+    message.tool_call_id = Some(m.tool_call_id).filter(|id| !id.is_empty());
+    message.name = Some(m.name).filter(|name| !name.is_empty());
+    message
+}
+
+fn tools(t: pb::Tools) -> Result<Tools, DaemonError> {
+    let invalid = |m: String| Err(DaemonError::InvalidArgument(m));
+    let list = match serde_json::from_str(&t.json) {
+        Ok(serde_json::Value::Array(list)) => list,
+        Ok(_) => return invalid("tools.json must be a JSON array of tools".into()),
+        Err(e) => return invalid(format!("tools.json is not JSON: {e}")),
+    };
+    let choice = if !t.function.is_empty() {
+        ToolChoice::Function(t.function)
+    } else {
+        match t.choice.as_str() {
+            "" | "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return invalid(format!(
+                    "tools.choice {other:?} is not auto, none or required (tools.function \
+                     names a function)"
+                ))
+            }
+        }
+    };
+    Ok(Tools { list, choice })
+}
+
+/// The calls a model made, with fresh ids.
+pub fn tool_calls(calls: Vec<ToolCall>) -> Vec<pb::ToolCall> {
+    calls
+        .into_iter()
+        .map(|c| pb::ToolCall {
+            id: crate::frontend::completion_id("call"),
+            name: c.name,
+            arguments_json: c.arguments.to_string(),
+        })
+        .collect()
 }
 
 /// `json_object: false` asks for nothing.
@@ -264,7 +320,17 @@ pub fn chunk_event(c: TokenChunk) -> pb::GenerateEvent {
     }
 }
 
-pub fn done_event(d: GenerationDone) -> pb::GenerateEvent {
+/// A chunk of text alone (no tokens: the text of tokens already reported).
+pub fn text_event(text: String) -> pb::GenerateEvent {
+    pb::GenerateEvent {
+        event: Some(pb::generate_event::Event::Chunk(pb::GenerateChunk {
+            text,
+            ..pb::GenerateChunk::default()
+        })),
+    }
+}
+
+pub fn done_event(d: GenerationDone, tool_calls: Vec<pb::ToolCall>) -> pb::GenerateEvent {
     let finish_reason = match d.finish_reason {
         FinishReason::Stop => pb::FinishReason::Stop,
         FinishReason::Length => pb::FinishReason::Length,
@@ -278,6 +344,7 @@ pub fn done_event(d: GenerationDone) -> pb::GenerateEvent {
             prompt_tokens: d.prompt_tokens as u32,
             cached_prompt_tokens: d.cached_prompt_tokens as u32,
             completion_tokens: d.completion_tokens as u32,
+            tool_calls,
             timings: Some(pb::Timings {
                 queue_ms: ms(t.queue),
                 prefill_ms: ms(t.prefill),

@@ -16,13 +16,15 @@ use egpu_proto::CLIENT_NAME_HEADER;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::{Stream, StreamExt as _};
+use tokio_stream::Stream;
 use tonic::service::InterceptorLayer;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::core::requests::{Caller, EmbedRequest};
+use crate::core::stream::GenerationStream;
+use crate::core::tools::ToolStream;
 use crate::core::Core;
 use crate::error::DaemonError;
 use crate::residency::{LoadPhase, LoadTicket};
@@ -169,14 +171,9 @@ impl Egpu for GrpcApi {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let caller = caller(&request);
-        let req = convert::generate_request(request.into_inner());
+        let req = convert::generate_request(request.into_inner()).map_err(status)?;
         let events = self.core.generate(req, caller).await.map_err(status)?;
-        let stream = events.map(|event| match event {
-            GenerationEvent::Chunk(chunk) => Ok(convert::chunk_event(chunk)),
-            GenerationEvent::Done(done) => Ok(convert::done_event(done)),
-            GenerationEvent::Failed(err) => Err(status(err)),
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(GenerateEvents::new(events))))
     }
 
     async fn score(
@@ -342,6 +339,68 @@ pub fn check_peer(request: Request<()>) -> Result<Request<()>, Status> {
         None => Err(Status::permission_denied(
             "egpud could not read the peer's credentials",
         )),
+    }
+}
+
+/// A generation's events as `GenerateEvent`s. Given tools, each chunk carries only the text that
+/// cannot be part of a call (`ToolStream`), and at the end the rest of the text comes as one
+/// more chunk and the calls in `GenerateDone`. Dropping it drops the generation's stream, which
+/// cancels the generation.
+struct GenerateEvents {
+    events: GenerationStream,
+    tools: Option<ToolStream>,
+    /// The done event, after the last chunk it had to wait for.
+    done: Option<pb::GenerateEvent>,
+}
+
+impl GenerateEvents {
+    fn new(events: GenerationStream) -> GenerateEvents {
+        GenerateEvents {
+            tools: events.tools.clone().map(ToolStream::new),
+            events,
+            done: None,
+        }
+    }
+}
+
+impl Stream for GenerateEvents {
+    type Item = Result<pb::GenerateEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if let Some(done) = self.done.take() {
+            return Poll::Ready(Some(Ok(done)));
+        }
+        let event = match Pin::new(&mut self.events).poll_next(cx) {
+            Poll::Ready(Some(event)) => event,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        Poll::Ready(Some(match event {
+            GenerationEvent::Chunk(mut chunk) => {
+                if let Some(tools) = self.tools.as_mut() {
+                    chunk.text = tools.push(&chunk.text);
+                }
+                Ok(convert::chunk_event(chunk))
+            }
+            GenerationEvent::Done(done) => match self.tools.take() {
+                Some(tools) => {
+                    let (rest, calls) = tools.finish();
+                    let done = convert::done_event(done, convert::tool_calls(calls));
+                    if rest.is_empty() {
+                        Ok(done)
+                    } else {
+                        self.done = Some(done);
+                        Ok(convert::text_event(rest))
+                    }
+                }
+                None => Ok(convert::done_event(done, Vec::new())),
+            },
+            GenerationEvent::Failed(err) => Err(status(err)),
+        }))
     }
 }
 

@@ -229,15 +229,7 @@ pub fn base64(bytes: &[u8]) -> String {
     out
 }
 
-pub fn completion_id(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{prefix}-{nanos:x}{n:04x}")
-}
+pub use super::completion_id;
 
 /// Model names over HTTP name models, never files: a path would let any key holder make egpud
 /// read any file its user can.
