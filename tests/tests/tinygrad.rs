@@ -896,8 +896,8 @@ async fn constrained_generation_holds_on_tinygrad_like_on_the_cpu() {
 
 /// Embeddings on tinygrad: the worker returns final hidden states (StepRequest.hidden), pooled
 /// and scaled by egpud as on the CPU. Compared with llama.cpp's vectors of the same texts
-/// (tests/fixtures/embeddings.ref.json) and with the CPU backend's; a BERT model is refused
-/// there with the reason.
+/// (tests/fixtures/embeddings.ref.json) and with the CPU backend's; a nomic-bert model is
+/// refused there with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_on_tinygrad_agree_with_llama_cpp_and_the_cpu() {
     // Passes of at most 16 tokens: the longer texts go to the worker in chunks.
@@ -970,8 +970,9 @@ async fn embeddings_on_tinygrad_agree_with_llama_cpp_and_the_cpu() {
             "text {i}: cosine to the cpu backend {to_cpu}"
         );
     }
-    let bert = root.join("../engine/tests/fixtures/models/tiny-bert.gguf");
-    let err = load_on(&mut client, &bert, "bert-tg", "tinygrad", 0, 1, false)
+    // nomic-bert runs on the CPU engine only: refused with the reason.
+    let nomic = root.join("../engine/tests/fixtures/models/tiny-nomic-bert.gguf");
+    let err = load_on(&mut client, &nomic, "nomic-tg", "tinygrad", 0, 1, false)
         .await
         .unwrap_err();
     assert!(
@@ -979,4 +980,69 @@ async fn embeddings_on_tinygrad_agree_with_llama_cpp_and_the_cpu() {
         "{}",
         err.message()
     );
+}
+
+/// BERT on tinygrad: the real all-MiniLM-L6-v2 from its sentence-transformers folder (egpud
+/// converts it), each text one bidirectional pass in the worker, against sentence-transformers'
+/// own vectors (tests/fixtures/minilm.ref.json) and the CPU backend's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_minilm_l6_v2_embeds_on_tinygrad_as_on_the_cpu() {
+    const MAX_ABS_DIFF: f64 = 3e-4;
+    let daemon = start(&[]);
+    let mut client = daemon.client().await;
+    let folder = model_path("all-MiniLM-L6-v2");
+    load_on(&mut client, &folder, "minilm-cpu", "cpu", 0, 1, false)
+        .await
+        .expect("cpu load");
+    load_on(&mut client, &folder, "minilm-tg", "tinygrad", 0, 1, false)
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("fixtures/minilm.ref.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<String> = reference["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    let embed = |model: &str| pb::EmbedRequest {
+        model: model.into(),
+        inputs: texts.clone(),
+        ..Default::default()
+    };
+    let cpu = client
+        .embed(embed("minilm-cpu"))
+        .await
+        .expect("cpu")
+        .into_inner();
+    let tg = client
+        .embed(embed("minilm-tg"))
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad embed: {e}\n{}", daemon.log_text()))
+        .into_inner();
+    assert_eq!(tg.embeddings.len(), texts.len());
+    assert_eq!(tg.prompt_tokens, cpu.prompt_tokens);
+    let (mut to_reference, mut to_cpu) = (0f64, 0f64);
+    for (i, (t, c)) in tg.embeddings.iter().zip(&cpu.embeddings).enumerate() {
+        let want = reference["sentence_transformers"][i].as_array().unwrap();
+        assert_eq!(t.values.len(), 384);
+        for ((a, b), w) in t.values.iter().zip(&c.values).zip(want) {
+            to_reference = to_reference.max((f64::from(*a) - w.as_f64().unwrap()).abs());
+            to_cpu = to_cpu.max((a - b).abs().into());
+        }
+    }
+    eprintln!("all-MiniLM-L6-v2 on tinygrad: max |Δ| {to_reference:.2e} to sentence-transformers, {to_cpu:.2e} to the cpu backend");
+    assert!(
+        to_reference < MAX_ABS_DIFF,
+        "to sentence-transformers: {to_reference}"
+    );
+    assert!(to_cpu < MAX_ABS_DIFF, "to the cpu backend: {to_cpu}");
+    // An encoder has no LM head: generation is refused as on the CPU.
+    let err = generate(&mut client, greedy("minilm-tg", "hello", 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 }

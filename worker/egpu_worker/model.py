@@ -10,6 +10,9 @@ Architectures (general.architecture) and their semantics follow egpu's native en
           5 of every 6 layers with a sliding window and their own RoPE base (rope.freq_base_swa, default 1e4),
           norm weights used as stored (the GGUF converter has already added Gemma's +1), no logit softcap
   gpt2    LayerNorm with bias, learned absolute positions, fused attn_qkv with bias, GELU MLP, biased linears
+  bert    an encoder (embeddings only, for egpud's Embed): learned positions plus token type 0, LayerNorm of the
+          embeddings, bidirectional attention over the whole text, LayerNorm after each residual add (post-LN),
+          exact (erf) GELU MLP, biased linears, no LM head; a text is one pass from position 0
 Common: theta_i = pos * freq_scale * base^(-2i/n_rot) / factor_i from f64; grouped-query attention (query head h
 reads KV head h // (n_head / n_head_kv)); any linear with a `.bias` tensor adds it; the LM head is tied to the
 token embeddings when the file has no `output.weight`.
@@ -69,7 +72,7 @@ from .gguf import GGUFFile, TensorInfo
 from . import matvec
 from .quant import SUPPORTED_TYPES, dequantize
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "bert")
 LOGITS_KINDS = ("none", "last", "all")
 # The lengths prefill kernels are compiled for. Powers of two: at most 10 kernel sets ever, and padding at most
 # doubles a chunk's work (egpud cuts prompts into chunks of --batch-tokens, default 128, itself a bucket). Longer
@@ -121,7 +124,10 @@ class Config:
   embd_scale: float | None       # multiplies token embeddings (Gemma: sqrt(n_embd))
   qk_norm: bool                  # RMS-normalise each query and key head before RoPE (Qwen3, Gemma 3)
   post_norms: bool               # normalise attention and FFN outputs before the residual add (Gemma 3)
-  learned_pos: bool              # position_embd.weight added to the token embeddings (GPT-2)
+  learned_pos: bool              # position_embd.weight added to the token embeddings (GPT-2, BERT)
+  causal: bool = True            # False: every token of a text attends to every other (BERT)
+  norm_after_residual: bool = False  # post-LN: normalise after each residual add, no pre-norms (BERT)
+  has_lm_head: bool = True       # False: an encoder, asked only for hidden states (BERT)
 
   @property
   def rope_style(self) -> str | None:
@@ -151,7 +157,8 @@ class Config:
       norm_eps=float(c["norm_eps"]), ffn=c["ffn"], rope=rope(c["rope"]), rope_swa=rope(c["rope_swa"]),
       attn_scale=float(c["attention_scale"]), sliding_window=c["sliding_window"], swa_layers=tuple(c["swa_layers"]),
       embd_scale=None if c["embedding_scale"] is None else float(c["embedding_scale"]), qk_norm=c["qk_norm"],
-      post_norms=c["post_norms"], learned_pos=arch == "gpt2")
+      post_norms=c["post_norms"], learned_pos=arch in ("gpt2", "bert"), causal=c.get("causal", True),
+      norm_after_residual=c.get("norm_after_residual", False), has_lm_head=c.get("has_lm_head", True))
 
 
 def engine_binary() -> str:
@@ -264,6 +271,13 @@ class Model:
 
   def _needed_tensors(self) -> list[str]:
     cfg = self.cfg
+    if cfg.norm_after_residual:  # BERT's names
+      names = ["token_embd.weight", "position_embd.weight", "token_types.weight", "token_embd_norm.weight"]
+      for il in range(cfg.n_layer):
+        p = f"blk.{il}."
+        names += [p + n + ".weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_output_norm",
+                                              "ffn_up", "ffn_down", "layer_output_norm")]
+      return names
     names = ["token_embd.weight", "output_norm.weight"] + (["position_embd.weight"] if cfg.learned_pos else [])
     for il in range(cfg.n_layer):
       p = f"blk.{il}."
@@ -363,7 +377,8 @@ class Model:
     # sequences' history in this slot, or zeros) get -inf and an exact 0 weight.
     kpos = Tensor.arange(L).to(self.device).reshape(1, 1, L)
     qpos = rows.qpos.reshape(B, T, 1)
-    seen = kpos <= qpos                                                        # (B, T, L)
+    # an encoder's text is one pass from position 0: every query sees every real key (not the pad rows after them)
+    seen = kpos <= qpos if cfg.causal else (kpos < rows.n_real) & (qpos >= 0)  # (B, T, L)
     if swa: seen = seen & (kpos > qpos - cfg.sliding_window)
     scores = seen.reshape(B, 1, 1, T, L).where(scores, float("-inf"))
     # softmax with its division moved after the weighted sum: the D outputs are divided instead of the L weights,
@@ -382,10 +397,22 @@ class Model:
     """The tanh approximation (ggml_gelu, the engine's ops::gelu)."""
     return 0.5 * x * (1.0 + (0.7978845608028654 * x * (1.0 + 0.044715 * x * x)).tanh())
 
+  @staticmethod
+  def gelu_erf(x: Tensor) -> Tensor:
+    """The exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)) (BERT; the engine's ops::gelu_erf). erf by Abramowitz and
+    Stegun 7.1.26 (|error| <= 1.5e-7), elementwise so that it fuses into the kernel around it."""
+    z = x * 0.7071067811865476
+    a = z.abs()
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf_abs = 1.0 - poly * (-a * a).exp()
+    return 0.5 * x * (1.0 + z.sign() * erf_abs)
+
   def ffn(self, il: int, x: Tensor) -> Tensor:
     p = f"blk.{il}."
     up = self.linear(x, p + "ffn_up")
     if self.cfg.ffn == "gelu": return self.linear(self.gelu(up), p + "ffn_down")
+    if self.cfg.ffn == "geluerf": return self.linear(self.gelu_erf(up), p + "ffn_down")
     gate = self.linear(x, p + "ffn_gate")
     if self.split_gate: gate = gate.contiguous()
     return self.linear((gate.silu() if self.cfg.ffn == "swiglu" else self.gelu(gate)) * up, p + "ffn_down")
@@ -396,10 +423,14 @@ class Model:
     post = self.cfg.post_norms
     for il in range(self.cfg.n_layer):
       p = f"blk.{il}."
-      a = self.attention(il, self.norm(h, p + "attn_norm"), rows)
-      h = h + (self.norm(a, p + "post_attention_norm") if post else a)
-      f = self.ffn(il, self.norm(h, p + "ffn_norm"))
-      h = h + (self.norm(f, p + "post_ffw_norm") if post else f)
+      if self.cfg.norm_after_residual:  # post-LN (BERT)
+        h = self.norm(h + self.attention(il, h, rows), p + "attn_output_norm")
+        h = self.norm(h + self.ffn(il, h), p + "layer_output_norm")
+      else:
+        a = self.attention(il, self.norm(h, p + "attn_norm"), rows)
+        h = h + (self.norm(a, p + "post_attention_norm") if post else a)
+        f = self.ffn(il, self.norm(h, p + "ffn_norm"))
+        h = h + (self.norm(f, p + "post_ffw_norm") if post else f)
       if rows.per_layer:
         # prefill: one schedule per layer (for the jit's first two calls; it replays after that). Every layer has the same graph up to its buffers, so
         # tinygrad's schedule cache serves layers 1.. from layer 0's: SmolLM2's first 5-token prefill took 19 s
@@ -428,18 +459,23 @@ class Model:
       pe = self.bufs["position_embd.weight"]
       x = x + self._table_rows("position_embd.weight", pe.reshape(self.ctx if self.ctx > self.cfg.context_length else
                                                                    self.cfg.context_length, -1)[start:start + T], T)
+    if "token_types.weight" in self.file.tensors:  # BERT: every token is of type 0; then the embeddings' LayerNorm
+      tt = self.file.tensors["token_types.weight"]
+      x = x + self._table_rows(tt.name, self.bufs[tt.name].reshape(tt.shape[1], -1)[0:1], 1)
+      x = self.norm(x, "token_embd_norm")
     return x
 
   def _realize(self, rows: "_Rows", *outs: Tensor) -> None:
     # the cache writes go with the outputs, in one schedule (with logits "none" they are all there is to run)
     Tensor.realize(*outs, *rows.written)
 
-  def _rows(self, slots: list, starts: list, T: int, n_kv) -> "_Rows":
+  def _rows(self, slots: list, starts: list, T: int, n_kv, n_real=None) -> "_Rows":
     B = len(slots)
     rope = [None if tab is None else tuple(Tensor.stack(*[c[p:p + T] for p in starts]) for c in tab) for tab in self.rope_tables]
     start_t = Tensor.stack(*[Tensor(p, device=self.device).cast(dtypes.int32) for p in starts]).reshape(B, 1)
     qpos = start_t + Tensor.arange(T, dtype=dtypes.int32).to(self.device).reshape(1, T)  # (B, T)
-    return _Rows(B, T, slots, starts, n_kv, rope, qpos)
+    real = Tensor(T if n_real is None else n_real, device=self.device).cast(dtypes.int32).reshape(1, 1, 1)
+    return _Rows(B, T, slots, starts, n_kv, rope, qpos, n_real=real)
 
   def _decode(self, *args: UOp) -> Tensor:
     """The jitted batched decode: args = B tokens, B slots, B positions, the last position (all bound Variables)."""
@@ -465,6 +501,9 @@ class Model:
     length is compiled even at the end of the context."""
     bk = self.prefill_buckets
     if not bk: return [(0, T, T)]
+    if not self.cfg.causal:  # an encoder's text is one pass (validate keeps it within the positions)
+      R = next((b for b in bk if b >= T), T)
+      return [(0, T, R if start + R <= self._pos_limit() else T)]
     limit, pieces, off = self._pos_limit(), [], 0
     while off < T:
       n = min(T - off, bk[-1])
@@ -497,6 +536,8 @@ class Model:
             self.v_pslot.bind(slot), Variable(f"start_T{R}", 0, self.ctx - R).bind(start_pos)]
     # the last real row, picked by a bound Variable: one head kernel per R, whatever T is
     if logits == "last" and R > 1: args.append(Variable(f"last_T{R}", 0, R - 1).bind(T - 1))
+    # an encoder's real rows, which every query attends to (the pad rows after them are masked)
+    if not self.cfg.causal: args.append(Variable(f"real_T{R}", 1, R).bind(T))
     # hidden states and logits differ only in the head, and only where rows are returned
     key = (R, logits, hidden and logits != "none")
     jit = self._prefill_jits.get(key)
@@ -507,16 +548,20 @@ class Model:
     out = out.numpy()  # a copy: the jit reuses its output buffer
     return out[0] if logits == "last" else out[:T]
 
-  def _prefill_graph(self, raw: Tensor, slot: UOp, start: UOp, *last: UOp, R: int, logits: str,
+  def _prefill_graph(self, raw: Tensor, slot: UOp, start: UOp, *rest: UOp, R: int, logits: str,
                      hidden: bool = False) -> Tensor | None:
-    rows = self._rows([slot], [start], R, start + R)
+    # rest: the last real row (logits "last", R > 1), then the real row count (encoders)
+    real = rest[-1] if not self.cfg.causal else None
+    last = rest[:1] if logits == "last" and R > 1 else ()
+    rows = self._rows([slot], [start], R, start + R, n_real=real)
     rows.per_layer = True
     h = self.forward(self._embed_finish(self._table_rows(self.tok_embd.name, raw, R), start, R), rows)
     if logits == "none":
       self._realize(rows)
       return None
     if last: h = h[last[0]:last[0] + 1]
-    out = self.norm(h, "output_norm") if hidden else self.head(h)
+    # an encoder's last layer ends in its own LayerNorm: its hidden states are the output
+    out = (h if self.cfg.norm_after_residual else self.norm(h, "output_norm")) if hidden else self.head(h)
     self._realize(rows, out)
     return out
 
@@ -540,6 +585,8 @@ class Model:
                          f"{self.cfg.context_length} learned positions")
       if it.start_pos > self.lengths[it.slot]:
         raise ValueError(f"item {i}: start_pos {it.start_pos} leaves a gap: slot {it.slot} holds {self.lengths[it.slot]} positions")
+      if not self.cfg.causal and it.start_pos != 0:
+        raise ValueError(f"item {i}: an encoder takes a whole text from position 0, not from {it.start_pos}")
       bad = [t for t in it.tokens if not _is_int(t) or not 0 <= t < self.cfg.n_vocab]
       if bad: raise ValueError(f"item {i}: token id {bad[0]} out of range (n_vocab {self.cfg.n_vocab})")
 
@@ -549,6 +596,8 @@ class Model:
     token's final hidden state instead (after the output norm, before the LM head: n_embd values), what
     embeddings are pooled from; every item then takes the prefill path (embeddings are not decode steps)."""
     self.validate(items)
+    if not self.cfg.has_lm_head and not hidden:
+      raise ValueError(f"{self.cfg.arch} has no LM head: ask it for hidden states (embeddings)")
     out: list[np.ndarray | None] = [None] * len(items)
     dec = [] if hidden else [i for i, it in enumerate(items) if len(it.tokens) == 1]
     if dec:
@@ -603,6 +652,7 @@ class _Rows:
   n_kv: object         # cache positions every row reads (int or symbolic), >= each row's last position + 1
   rope: list           # per RoPE table (full attention, sliding window): None or (cos, signed sin), each (B, T, n_rot)
   qpos: Tensor         # (B, T) int32 absolute positions
+  n_real: Tensor | None = None  # (1, 1, 1) an encoder pass's real tokens: the keys past them are pad rows
   per_layer: bool = False  # realize layer by layer (prefill) instead of one graph (jitted decode)
   written: list = field(default_factory=list)  # per layer, the cache after this pass's writes (to realize)
 

@@ -893,7 +893,11 @@ impl Residency {
                 available: "cpu".into(),
             });
         }
-        if kind == ModelKind::Embedder && backend != BackendKind::Cpu {
+        // The tinygrad worker runs BERT itself; nomic-bert (RoPE, SwiGLU) only on the CPU engine.
+        if kind == ModelKind::Embedder
+            && backend != BackendKind::Cpu
+            && summary.architecture != "bert"
+        {
             return Err(DaemonError::UnsupportedBackend {
                 name: format!(
                     "{backend} ({} embedding models run on the cpu backend only)",
