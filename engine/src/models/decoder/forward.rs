@@ -391,7 +391,7 @@ impl Model {
         let hidden: &[f32] = match (cfg.ffn, &w.ffn_gate) {
             (FfnKind::GeluErf, _) => {
                 self.linear(pool, &w.ffn_up, xn, n_tokens, up)?;
-                up.iter_mut().for_each(|v| *v = ops::gelu_erf(*v));
+                ops::gelu_erf_in_place(up);
                 up
             }
             (FfnKind::Gelu, _) | (_, None) => {
