@@ -14,19 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let file = GgufFile::open(source)?;
     let template = std::fs::read_to_string(template)?;
-    let mut writer = GgufWriter::new();
-    for (key, value) in file.metadata().iter() {
-        writer = writer.set_kv(key, value.clone());
-    }
-    writer = writer.set_kv("tokenizer.chat_template", MetaValue::String(template));
-    for info in file.tensors() {
-        writer = writer.tensor(
-            info.name.clone(),
-            &info.dims,
-            info.ggml_type,
-            file.tensor_data(info).to_vec(),
-        );
-    }
+    let writer =
+        GgufWriter::copy_of(&file).set_kv("tokenizer.chat_template", MetaValue::String(template));
     std::fs::write(dest, writer.to_bytes())?;
     Ok(())
 }

@@ -204,6 +204,37 @@ fn custom_alignment_is_honoured() {
     assert_eq!(file.tensor_data(b), 9f32.to_le_bytes());
 }
 
+/// A copy (`GgufWriter::copy_of`) with one key changed keeps every other key, the tensors'
+/// bytes and the alignment.
+#[test]
+fn a_copy_with_one_key_changed_keeps_the_rest() {
+    let source = every_value_type()
+        .alignment(64)
+        .tensor_f32("a", &[3], &[1., 2., 3.])
+        .tensor_f32("b", &[1], &[9.])
+        .to_bytes();
+    let source = GgufFile::from_bytes(source).unwrap();
+    let copy = GgufWriter::copy_of(&source)
+        .set_kv(
+            "tokenizer.chat_template",
+            MetaValue::String("{{ x }}".into()),
+        )
+        .to_bytes();
+    let copy = GgufFile::from_bytes(copy).unwrap();
+    assert_eq!(copy.alignment(), 64);
+    assert_eq!(
+        copy.metadata().get_str("tokenizer.chat_template"),
+        Some("{{ x }}")
+    );
+    for (key, value) in source.metadata().iter() {
+        assert_eq!(copy.metadata().get(key), Some(value), "{key}");
+    }
+    for info in source.tensors() {
+        let theirs = copy.tensor(&info.name).unwrap();
+        assert_eq!(copy.tensor_data(theirs), source.tensor_data(info));
+    }
+}
+
 #[test]
 fn split_files_open_as_one_model() {
     let dir = std::env::temp_dir().join(format!("egpu-split-{}", std::process::id()));

@@ -59,6 +59,23 @@ def check_call(name, arguments_text):
     return {"name": name, "arguments": arguments}
 
 
+def stream_chat(client, **request):
+    """A streamed chat completion read to its end: its content deltas, its calls assembled from
+    their deltas (index -> name and arguments text) and its finish reasons."""
+    deltas, calls, finishes = [], {}, []
+    for chunk in client.chat.completions.create(stream=True, **request):
+        for c in chunk.choices:
+            if c.delta.content:
+                deltas.append(c.delta.content)
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+            if c.finish_reason:
+                finishes.append(c.finish_reason)
+    return deltas, calls, finishes
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
@@ -94,19 +111,10 @@ def main():
             check_call(call.function.name, call.function.arguments)
 
         # Streamed: the call arrives as tool_calls deltas, then finish_reason tool_calls.
-        calls, finishes, text = {}, [], ""
-        for chunk in client.chat.completions.create(
-            model=model, messages=QUESTION, tools=TOOLS, tool_choice="required",
-            temperature=0, max_tokens=96, stream=True,
-        ):
-            for c in chunk.choices:
-                text += c.delta.content or ""
-                for d in c.delta.tool_calls or []:
-                    entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                    entry["name"] += d.function.name or ""
-                    entry["arguments"] += d.function.arguments or ""
-                if c.finish_reason:
-                    finishes.append(c.finish_reason)
+        _, calls, finishes = stream_chat(
+            client, model=model, messages=QUESTION, tools=TOOLS, tool_choice="required",
+            temperature=0, max_tokens=96,
+        )
         assert finishes == ["tool_calls"], finishes
         assert list(calls) == [0], calls
         streamed = check_call(calls[0]["name"], calls[0]["arguments"])
@@ -143,20 +151,9 @@ def main():
             whole = client.chat.completions.create(
                 model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=48,
             ).choices[0]
-            deltas, calls, finishes = [], {}, []
-            for chunk in client.chat.completions.create(
-                model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=48,
-                stream=True,
-            ):
-                for c in chunk.choices:
-                    if c.delta.content:
-                        deltas.append(c.delta.content)
-                    for d in c.delta.tool_calls or []:
-                        entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                        entry["name"] += d.function.name or ""
-                        entry["arguments"] += d.function.arguments or ""
-                    if c.finish_reason:
-                        finishes.append(c.finish_reason)
+            deltas, calls, finishes = stream_chat(
+                client, model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=48,
+            )
             assert finishes == [whole.finish_reason], (finishes, whole)
             assert "".join(deltas).strip() == (whole.message.content or "").strip(), (deltas, whole)
             expected = [

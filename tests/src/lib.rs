@@ -736,24 +736,29 @@ pub fn with_chat_template(source: &Path, template: &str, dest: &Path) -> PathBuf
     use egpu_engine::gguf::write::GgufWriter;
     use egpu_engine::gguf::{GgufFile, MetaValue};
     let file = GgufFile::open(source).expect("source GGUF");
-    let mut writer = GgufWriter::new();
-    for (key, value) in file.metadata().iter() {
-        writer = writer.set_kv(key, value.clone());
-    }
-    writer = writer.set_kv(
+    let writer = GgufWriter::copy_of(&file).set_kv(
         "tokenizer.chat_template",
         MetaValue::String(template.to_owned()),
     );
-    for info in file.tensors() {
-        writer = writer.tensor(
-            info.name.clone(),
-            &info.dims,
-            info.ggml_type,
-            file.tensor_data(info).to_vec(),
-        );
-    }
     std::fs::write(dest, writer.to_bytes()).expect("write the GGUF");
     dest.to_owned()
+}
+
+/// A reference file of `tests/fixtures/` (each written by a script in `scripts/`) and its
+/// `texts`, the inputs its vectors belong to.
+pub fn embedding_reference(file: &str) -> (serde_json::Value, Vec<String>) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reference: serde_json::Value = serde_json::from_str(&text).expect("reference JSON");
+    let texts = reference["texts"]
+        .as_array()
+        .expect("texts")
+        .iter()
+        .map(|t| t.as_str().expect("a text").to_owned())
+        .collect();
+    (reference, texts)
 }
 
 /// A tiny model fixture of the engine (`engine/tests/fixtures/models/`).

@@ -60,16 +60,7 @@ async fn embeddings_agree_with_llama_cpp_through_the_openai_and_ollama_packages(
         }
     }
     // egpuctl embed (gRPC Embed): the same vectors llama.cpp gives, and --dimensions.
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("fixtures/embeddings.ref.json")).unwrap(),
-    )
-    .unwrap();
-    let texts: Vec<&str> = reference["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let (reference, texts) = embedding_reference("embeddings.ref.json");
     let mut cmd = Command::new(binary("egpuctl"));
     cmd.arg("--socket")
         .arg(&daemon.socket)
@@ -228,17 +219,7 @@ async fn all_minilm_l6_v2_from_its_folder_embeds_as_sentence_transformers_does()
     .await
     .expect("loading all-MiniLM-L6-v2 from its folder");
     assert_eq!(info.context_length, 512, "{info:?}");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("fixtures/minilm.ref.json")).unwrap(),
-    )
-    .unwrap();
-    let texts: Vec<String> = reference["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_owned())
-        .collect();
+    let (reference, texts) = embedding_reference("minilm.ref.json");
     let reply = client
         .embed(pb::EmbedRequest {
             model: "minilm".into(),

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use egpu_e2e::v1::egpu_client::EgpuClient;
 use egpu_e2e::v1::{self as pb};
 use egpu_e2e::{
-    collect, generate, greedy, load, model_path, status, worker_python, TestDaemon, SMOLLM2,
+    collect, embedding_reference, generate, greedy, load, model_path, status, worker_python,
+    TestDaemon, SMOLLM2,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -894,6 +895,43 @@ async fn constrained_generation_holds_on_tinygrad_like_on_the_cpu() {
     }
 }
 
+/// `source` loaded on each backend (as `{name}-cpu` and `{name}-tg`, its own context, one
+/// slot) and `texts` embedded by both: (cpu, tinygrad), the same number of vectors and tokens.
+async fn embed_on_both(
+    daemon: &TestDaemon,
+    client: &mut EgpuClient<Channel>,
+    source: &Path,
+    name: &str,
+    context: u32,
+    texts: &[String],
+) -> (pb::EmbedResponse, pb::EmbedResponse) {
+    let (cpu_name, tg_name) = (format!("{name}-cpu"), format!("{name}-tg"));
+    load_on(client, source, &cpu_name, "cpu", context, 1, false)
+        .await
+        .expect("cpu load");
+    load_on(client, source, &tg_name, "tinygrad", context, 1, false)
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
+    let embed = |model: &str| pb::EmbedRequest {
+        model: model.into(),
+        inputs: texts.to_vec(),
+        ..Default::default()
+    };
+    let cpu = client
+        .embed(embed(&cpu_name))
+        .await
+        .expect("cpu")
+        .into_inner();
+    let tg = client
+        .embed(embed(&tg_name))
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad embed: {e}\n{}", daemon.log_text()))
+        .into_inner();
+    assert_eq!(tg.embeddings.len(), texts.len());
+    assert_eq!(tg.prompt_tokens, cpu.prompt_tokens);
+    (cpu, tg)
+}
+
 /// Embeddings on tinygrad: the worker returns final hidden states (StepRequest.hidden), pooled
 /// and scaled by egpud as on the CPU. Compared with llama.cpp's vectors of the same texts
 /// (tests/fixtures/embeddings.ref.json) and with the CPU backend's; a nomic-bert model is
@@ -903,41 +941,10 @@ async fn embeddings_on_tinygrad_agree_with_llama_cpp_and_the_cpu() {
     // Passes of at most 16 tokens: the longer texts go to the worker in chunks.
     let daemon = start(&["--batch-tokens", "16"]);
     let mut client = daemon.client().await;
-    let smol = model_path(SMOLLM2);
-    load_on(&mut client, &smol, "smol-cpu", "cpu", 256, 1, false)
-        .await
-        .expect("cpu load");
-    load_on(&mut client, &smol, "smol-tg", "tinygrad", 256, 1, false)
-        .await
-        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("fixtures/embeddings.ref.json")).unwrap(),
-    )
-    .unwrap();
-    let texts: Vec<String> = reference["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_owned())
-        .collect();
-    let embed = |model: &str| pb::EmbedRequest {
-        model: model.into(),
-        inputs: texts.clone(),
-        ..Default::default()
-    };
-    let cpu = client
-        .embed(embed("smol-cpu"))
-        .await
-        .expect("cpu")
-        .into_inner();
-    let tg = client
-        .embed(embed("smol-tg"))
-        .await
-        .unwrap_or_else(|e| panic!("tinygrad embed: {e}\n{}", daemon.log_text()))
-        .into_inner();
-    assert_eq!(tg.embeddings.len(), texts.len());
-    assert_eq!(tg.prompt_tokens, cpu.prompt_tokens);
+    let (reference, texts) = embedding_reference("embeddings.ref.json");
+    let smol = model_path(SMOLLM2);
+    let (cpu, tg) = embed_on_both(&daemon, &mut client, &smol, "smol", 256, &texts).await;
     let cosine = |a: &[f32], b: &[f64]| -> f64 {
         let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * y).sum();
         let na = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
@@ -990,41 +997,9 @@ async fn all_minilm_l6_v2_embeds_on_tinygrad_as_on_the_cpu() {
     const MAX_ABS_DIFF: f64 = 3e-4;
     let daemon = start(&[]);
     let mut client = daemon.client().await;
+    let (reference, texts) = embedding_reference("minilm.ref.json");
     let folder = model_path("all-MiniLM-L6-v2");
-    load_on(&mut client, &folder, "minilm-cpu", "cpu", 0, 1, false)
-        .await
-        .expect("cpu load");
-    load_on(&mut client, &folder, "minilm-tg", "tinygrad", 0, 1, false)
-        .await
-        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("fixtures/minilm.ref.json")).unwrap(),
-    )
-    .unwrap();
-    let texts: Vec<String> = reference["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_owned())
-        .collect();
-    let embed = |model: &str| pb::EmbedRequest {
-        model: model.into(),
-        inputs: texts.clone(),
-        ..Default::default()
-    };
-    let cpu = client
-        .embed(embed("minilm-cpu"))
-        .await
-        .expect("cpu")
-        .into_inner();
-    let tg = client
-        .embed(embed("minilm-tg"))
-        .await
-        .unwrap_or_else(|e| panic!("tinygrad embed: {e}\n{}", daemon.log_text()))
-        .into_inner();
-    assert_eq!(tg.embeddings.len(), texts.len());
-    assert_eq!(tg.prompt_tokens, cpu.prompt_tokens);
+    let (cpu, tg) = embed_on_both(&daemon, &mut client, &folder, "minilm", 0, &texts).await;
     let (mut to_reference, mut to_cpu) = (0f64, 0f64);
     for (i, (t, c)) in tg.embeddings.iter().zip(&cpu.embeddings).enumerate() {
         let want = reference["sentence_transformers"][i].as_array().unwrap();

@@ -52,6 +52,28 @@ impl GgufWriter {
         }
     }
 
+    /// A writer holding all of `file`: its metadata and its tensors' bytes (a copy to change,
+    /// e.g. a model under another chat template with [`GgufWriter::set_kv`]).
+    pub fn copy_of(file: &super::GgufFile) -> Self {
+        let mut writer = GgufWriter::new();
+        for (key, value) in file.metadata().iter() {
+            writer = match (key, value) {
+                // The data must be laid out at the alignment the key declares.
+                ("general.alignment", MetaValue::U32(a)) => writer.alignment(*a),
+                _ => writer.set_kv(key, value.clone()),
+            };
+        }
+        for info in file.tensors() {
+            writer = writer.tensor(
+                info.name.clone(),
+                &info.dims,
+                info.ggml_type,
+                file.tensor_data(info).to_vec(),
+            );
+        }
+        writer
+    }
+
     pub fn version(mut self, version: u32) -> Self {
         self.version = version;
         self
