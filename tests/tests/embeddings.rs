@@ -11,7 +11,8 @@ use egpu_proto::v1 as pb;
 
 /// Cosine to llama.cpp's vectors. Both engines round activations to 8 bits, each its own
 /// way; on SmolLM2 the two agree to 0.9996 and better (measured), on Gemma 3, whose large
-/// activations magnify that rounding (see engine/tests/agreement_llamacpp.rs), to 0.9977–0.9985.
+/// activations magnify that rounding, to 0.9977–0.9985, egpu being the closer of the two to
+/// exact arithmetic (engine/tests/embedding_rounding.rs).
 const SMOLLM2_COSINE: f64 = 0.999;
 const GEMMA3_COSINE: f64 = 0.997;
 
