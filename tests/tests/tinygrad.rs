@@ -822,8 +822,9 @@ async fn a_chats_next_turn_on_tinygrad_reuses_its_slot_like_a_fresh_prefill() {
 }
 
 /// Constrained generation is egpud's mask over whatever logits the backend returns, so it holds
-/// on tinygrad as on the CPU engine: JSON that parses with the schema's keys and types, and
-/// sampled answers that match a regular expression whole. (The two greedy documents may differ
+/// on tinygrad as on the CPU engine: JSON that parses with the schema's keys and types (SmolLM2
+/// on both backends, Gemma 3 on tinygrad greedy and sampled), and sampled answers that match a
+/// regular expression whole. (The two greedy documents may differ
 /// where the backends' logits nearly tie: measured, `"Ava"` on the CPU and `"Mara"` on tinygrad
 /// for the name, the rest equal.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -855,15 +856,27 @@ async fn constrained_generation_holds_on_tinygrad_like_on_the_cpu() {
         constraint: Some(pb::Constraint { kind: Some(kind) }),
         ..Default::default()
     };
-    for model in ["smol-cpu", "smol-tg"] {
+    // Gemma 3 too (262k vocabulary, K-quants), on tinygrad: greedy and sampled.
+    let gemma = model_path("gemma-3-270m-q4_k_m.gguf");
+    load_on(&mut client, &gemma, "gemma-tg", "tinygrad", 256, 2, false)
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
+    let runs = [
+        ("smol-cpu", None),
+        ("smol-tg", None),
+        ("gemma-tg", None),
+        ("gemma-tg", Some(1)),
+        ("gemma-tg", Some(2)),
+    ];
+    for (model, seed) in runs {
         let out = generate(
             &mut client,
-            request(model, Kind::JsonSchema(schema.into()), None),
+            request(model, Kind::JsonSchema(schema.into()), seed),
         )
         .await
         .unwrap_or_else(|e| panic!("{model}: {e}\n{}", daemon.log_text()));
         let value: serde_json::Value = serde_json::from_str(&out.text)
-            .unwrap_or_else(|e| panic!("{model}: {e}: {}", out.text));
+            .unwrap_or_else(|e| panic!("{model} seed {seed:?}: {e}: {}", out.text));
         let object = value.as_object().expect("an object");
         assert_eq!(object.len(), 2, "{model}: {value}");
         assert!(object["name"]
@@ -873,12 +886,17 @@ async fn constrained_generation_holds_on_tinygrad_like_on_the_cpu() {
         assert_eq!(
             out.done.unwrap().finish_reason(),
             pb::FinishReason::Stop,
-            "{model}"
+            "{model} seed {seed:?}"
         );
     }
-    for seed in 0..3 {
+    for (model, seed) in [
+        ("smol-tg", 0),
+        ("smol-tg", 1),
+        ("smol-tg", 2),
+        ("gemma-tg", 0),
+    ] {
         let date = Kind::Regex("[0-9]{4}-[0-9]{2}-[0-9]{2}".into());
-        let out = generate(&mut client, request("smol-tg", date, Some(seed)))
+        let out = generate(&mut client, request(model, date, Some(seed)))
             .await
             .expect("tinygrad");
         let b = out.text.as_bytes();
@@ -889,7 +907,7 @@ async fn constrained_generation_holds_on_tinygrad_like_on_the_cpu() {
                 } else {
                     c.is_ascii_digit()
                 }),
-            "seed {seed}: {:?}",
+            "{model} seed {seed}: {:?}",
             out.text
         );
     }
