@@ -131,9 +131,10 @@ def add_vocab(w: GGUFWriter, vocab: list[str]) -> None:
   w.add_add_eos_token(True)
 
 
-def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
-  w = GGUFWriter(str(path), "bert")
-  w.add_name("tiny-bert (random weights, egpu test fixture)")
+def encoder_writer(path: Path, arch: str) -> GGUFWriter:
+  """A GGUF writer for a tiny `arch` encoder with the hyper-parameters both fixtures share."""
+  w = GGUFWriter(str(path), arch)
+  w.add_name(f"tiny-{arch} (random weights, egpu test fixture)")
   w.add_context_length(POSITIONS)
   w.add_embedding_length(HIDDEN)
   w.add_feed_forward_length(FF)
@@ -143,6 +144,11 @@ def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
   w.add_causal_attention(False)
   w.add_pooling_type(PoolingType.MEAN)
   w.add_token_type_count(TYPES)
+  return w
+
+
+def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
+  w = encoder_writer(path, "bert")
   add_vocab(w, vocab)
 
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -176,17 +182,7 @@ def write_gguf(path: Path, model: tf.BertModel, vocab: list[str]) -> None:
 
 def write_nomic_gguf(path: Path, vocab: list[str]) -> None:
   rng = np.random.default_rng(11)
-  w = GGUFWriter(str(path), "nomic-bert")
-  w.add_name("tiny-nomic-bert (random weights, egpu test fixture)")
-  w.add_context_length(POSITIONS)
-  w.add_embedding_length(HIDDEN)
-  w.add_feed_forward_length(FF)
-  w.add_block_count(LAYERS)
-  w.add_head_count(HEADS)
-  w.add_layer_norm_eps(EPS)
-  w.add_causal_attention(False)
-  w.add_pooling_type(PoolingType.MEAN)
-  w.add_token_type_count(TYPES)
+  w = encoder_writer(path, "nomic-bert")
   w.add_rope_freq_base(1000.0)
   add_vocab(w, vocab)
 

@@ -46,16 +46,21 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Every token's final hidden state for one text, in one pass.
 fn hidden_states(model: &Model, pool: &ThreadPool, ids: &[u32]) -> Vec<f32> {
-    let mut scratch = model.new_scratch();
-    let mut cache = model.new_kv_cache(ids.len()).unwrap();
-    let rows = model
-        .forward_hidden(
-            pool,
-            &mut scratch,
-            &mut [BatchItem::new(&mut cache, ids, 0, LogitsWanted::All)],
-        )
-        .expect("forward");
-    rows.values().to_vec()
+    common::hidden_states(model, pool, ids, LogitsWanted::All)
+}
+
+/// Text `i` of `reference`, tokenized, after checking its ids against the reference's.
+fn reference_ids<'a>(tokenizer: &Tokenizer, reference: &'a Value, i: usize) -> (&'a str, Vec<u32>) {
+    let text = reference["texts"][i].as_str().expect("a text");
+    let ids = tokenizer.encode(text, true, false);
+    let want: Vec<u32> = reference["input_ids"][i]
+        .as_array()
+        .expect("input_ids")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want, "token ids of {text:?}");
+    (text, ids)
 }
 
 #[test]
@@ -73,16 +78,8 @@ fn tiny_bert_matches_sentence_transformers() {
 
     let texts = reference["texts"].as_array().unwrap();
     let mut worst = (0f32, 0f32);
-    for (i, text) in texts.iter().enumerate() {
-        let text = text.as_str().unwrap();
-        let ids = tokenizer.encode(text, true, false);
-        let want: Vec<u32> = reference["input_ids"][i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(ids, want, "token ids of {text:?}");
+    for i in 0..texts.len() {
+        let (text, ids) = reference_ids(&tokenizer, &reference, i);
 
         let rows = hidden_states(&model, &pool, &ids);
         if i == 0 {
@@ -206,16 +203,8 @@ fn tiny_nomic_bert_matches_llama_cpp() {
     let text = std::fs::read_to_string(common::fixture("models/tiny-nomic-bert.ref.json")).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
     let mut worst = 0f32;
-    for (i, text) in reference["texts"].as_array().unwrap().iter().enumerate() {
-        let text = text.as_str().unwrap();
-        let ids = tokenizer.encode(text, true, false);
-        let want: Vec<u32> = reference["input_ids"][i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(ids, want, "token ids of {text:?}");
+    for i in 0..reference["texts"].as_array().unwrap().len() {
+        let (text, ids) = reference_ids(&tokenizer, &reference, i);
         let rows = hidden_states(&model, &pool, &ids);
         let mut vector = Pooling::Mean.pool(&rows, width);
         normalize(&mut vector);

@@ -22,23 +22,15 @@ use std::sync::Arc;
 
 use egpu_engine::gguf::GgufFile;
 use egpu_engine::kernels::ThreadPool;
-use egpu_engine::models::decoder::{BatchItem, LogitsWanted, Model};
+use egpu_engine::models::decoder::{LogitsWanted, Model};
 use egpu_engine::models::embedding::{normalize, Pooling};
 use egpu_engine::tokenizer::Tokenizer;
 use serde_json::Value;
 
 /// A text's last-token embedding, unit length, as egpud computes it for these models.
 fn embed(model: &Model, pool: &ThreadPool, ids: &[u32]) -> Vec<f32> {
-    let mut scratch = model.new_scratch();
-    let mut cache = model.new_kv_cache(ids.len()).unwrap();
-    let rows = model
-        .forward_hidden(
-            pool,
-            &mut scratch,
-            &mut [BatchItem::new(&mut cache, ids, 0, LogitsWanted::Last)],
-        )
-        .expect("forward");
-    let mut v = Pooling::Last.pool(rows.values(), model.config().n_embd);
+    let last = common::hidden_states(model, pool, ids, LogitsWanted::Last);
+    let mut v = Pooling::Last.pool(&last, model.config().n_embd);
     normalize(&mut v);
     v
 }

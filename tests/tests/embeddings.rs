@@ -16,6 +16,22 @@ use egpu_proto::v1 as pb;
 const SMOLLM2_COSINE: f64 = 0.999;
 const GEMMA3_COSINE: f64 = 0.997;
 
+/// `egpuctl embed MODEL TEXTS… --json` (gRPC Embed), which must succeed: its JSON.
+fn egpuctl_embed_json(daemon: &TestDaemon, model: &str, texts: &[String]) -> serde_json::Value {
+    let mut cmd = Command::new(binary("egpuctl"));
+    cmd.arg("--socket")
+        .arg(&daemon.socket)
+        .args(["embed", model, "--json"])
+        .args(texts);
+    let cli = output_within(cmd, Duration::from_secs(60));
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    serde_json::from_slice(&cli.stdout).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_agree_with_llama_cpp_through_the_openai_and_ollama_packages() {
     // Passes of at most 8 tokens: the longer texts are fed in chunks, the shortest in one.
@@ -62,18 +78,7 @@ async fn embeddings_agree_with_llama_cpp_through_the_openai_and_ollama_packages(
     }
     // egpuctl embed (gRPC Embed): the same vectors llama.cpp gives, and --dimensions.
     let (reference, texts) = embedding_reference("embeddings.ref.json");
-    let mut cmd = Command::new(binary("egpuctl"));
-    cmd.arg("--socket")
-        .arg(&daemon.socket)
-        .args(["embed", "smollm2", "--json"])
-        .args(&texts);
-    let cli = output_within(cmd, Duration::from_secs(60));
-    assert!(
-        cli.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cli.stderr)
-    );
-    let cli: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let cli = egpuctl_embed_json(&daemon, "smollm2", &texts);
     let vectors = cli["embeddings"].as_array().unwrap();
     assert_eq!(vectors.len(), texts.len());
     for (v, r) in vectors
@@ -169,20 +174,11 @@ async fn a_bert_model_embeds_as_sentence_transformers_does_and_only_embeds() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("embedding model"), "{err:?}");
-    let mut cmd = Command::new(binary("egpuctl"));
-    cmd.arg("--socket").arg(&daemon.socket).args([
-        "embed",
+    let cli = egpuctl_embed_json(
+        &daemon,
         "tiny-bert",
-        "--json",
-        "The quick brown fox jumps over the lazy dog.",
-    ]);
-    let cli = output_within(cmd, Duration::from_secs(60));
-    assert!(
-        cli.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cli.stderr)
+        &["The quick brown fox jumps over the lazy dog.".to_owned()],
     );
-    let cli: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.with_extension("ref.json")).unwrap())
             .unwrap();

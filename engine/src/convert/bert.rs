@@ -13,7 +13,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::convert::common::{positive_int, read_json, HfModelError, WeightFormat};
+use crate::convert::common::{
+    heads_divide, one_of, positive_int, read_json, HfModelError, WeightFormat,
+};
 use crate::convert::hf_cache::CONFIG_FILE;
 use crate::convert::safetensors::SafetensorsSet;
 use crate::gguf::write::GgufWriter;
@@ -43,31 +45,26 @@ impl BertConfig {
         let int = |key: &str| positive_int(config, key, path);
         let n_embd = int("hidden_size")?;
         let n_head = int("num_attention_heads")?;
-        if n_embd % n_head != 0 {
-            return Err(HfModelError::UnsupportedConfig {
-                key: "num_attention_heads",
-                found: n_head.to_string(),
-                why: "hidden_size must be a multiple of it",
-            });
-        }
-        let act = config["hidden_act"].as_str().unwrap_or("gelu");
-        if act != "gelu" {
-            return Err(HfModelError::UnsupportedConfig {
-                key: "hidden_act",
-                found: act.to_string(),
-                why: "only gelu (the exact, erf-based GELU) is implemented",
-            });
-        }
-        let positions = config["position_embedding_type"]
-            .as_str()
-            .unwrap_or("absolute");
-        if positions != "absolute" {
-            return Err(HfModelError::UnsupportedConfig {
-                key: "position_embedding_type",
-                found: positions.to_string(),
-                why: "only absolute (learned) positions are implemented",
-            });
-        }
+        heads_divide(
+            n_embd,
+            n_head,
+            "num_attention_heads",
+            "hidden_size must be a multiple of it",
+        )?;
+        one_of(
+            config,
+            "hidden_act",
+            "gelu",
+            &["gelu"],
+            "only gelu (the exact, erf-based GELU) is implemented",
+        )?;
+        one_of(
+            config,
+            "position_embedding_type",
+            "absolute",
+            &["absolute"],
+            "only absolute (learned) positions are implemented",
+        )?;
         Ok(BertConfig {
             n_vocab: int("vocab_size")?,
             n_ctx: int("max_position_embeddings")?,

@@ -50,6 +50,44 @@ pub(crate) fn positive_int(config: &Value, key: &str, path: &Path) -> Result<u64
         })
 }
 
+/// A string setting that must be one of `allowed` (`default` when the config leaves it out).
+pub(crate) fn one_of<'a>(
+    config: &'a Value,
+    key: &'static str,
+    default: &'a str,
+    allowed: &[&str],
+    why: &'static str,
+) -> Result<&'a str, HfModelError> {
+    let value = config[key].as_str().unwrap_or(default);
+    if allowed.contains(&value) {
+        Ok(value)
+    } else {
+        Err(HfModelError::UnsupportedConfig {
+            key,
+            found: value.to_string(),
+            why,
+        })
+    }
+}
+
+/// A width split into `heads` equal parts: `heads` (read from `key`) must divide it.
+pub(crate) fn heads_divide(
+    width: u64,
+    heads: u64,
+    key: &'static str,
+    why: &'static str,
+) -> Result<(), HfModelError> {
+    if width.is_multiple_of(heads) {
+        Ok(())
+    } else {
+        Err(HfModelError::UnsupportedConfig {
+            key,
+            found: heads.to_string(),
+            why,
+        })
+    }
+}
+
 pub(crate) fn read_json(path: &Path) -> Result<Value, HfModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| HfModelError::Io {
         path: path.to_path_buf(),

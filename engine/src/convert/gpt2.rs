@@ -16,7 +16,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::convert::common::{positive_int, read_json, HfModelError, WeightFormat};
+use crate::convert::common::{
+    heads_divide, one_of, positive_int, read_json, HfModelError, WeightFormat,
+};
 use crate::convert::hf_cache::CONFIG_FILE;
 use crate::convert::safetensors::SafetensorsSet;
 use crate::gguf::write::GgufWriter;
@@ -51,22 +53,15 @@ impl Gpt2Config {
         let int = |key: &str| positive_int(config, key, path);
         let n_embd = int("n_embd")?;
         let n_head = int("n_head")?;
-        if n_embd % n_head != 0 {
-            return Err(HfModelError::UnsupportedConfig {
-                key: "n_head",
-                found: n_head.to_string(),
-                why: "n_embd must be a multiple of it",
-            });
-        }
+        heads_divide(n_embd, n_head, "n_head", "n_embd must be a multiple of it")?;
         // the engine's GPT-2 uses the tanh GELU, which is what "gelu_new" (every GPT-2 checkpoint) is
-        let act = config["activation_function"].as_str().unwrap_or("gelu_new");
-        if act != "gelu_new" {
-            return Err(HfModelError::UnsupportedConfig {
-                key: "activation_function",
-                found: act.to_string(),
-                why: "only gelu_new (the tanh approximation) is implemented",
-            });
-        }
+        one_of(
+            config,
+            "activation_function",
+            "gelu_new",
+            &["gelu_new"],
+            "only gelu_new (the tanh approximation) is implemented",
+        )?;
         for (key, why) in [
             (
                 "scale_attn_by_inverse_layer_idx",

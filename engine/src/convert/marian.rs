@@ -23,7 +23,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::convert::common::{positive_int, read_json, HfModelError, WeightFormat};
+use crate::convert::common::{
+    heads_divide, one_of, positive_int, read_json, HfModelError, WeightFormat,
+};
 use crate::convert::hf_cache::CONFIG_FILE;
 use crate::convert::safetensors::SafetensorsSet;
 use crate::gguf::write::GgufWriter;
@@ -65,22 +67,20 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
     let dec_ffn = int("decoder_ffn_dim")?;
     let max_positions = int("max_position_embeddings")?;
     for heads in [enc_heads, dec_heads] {
-        if d_model % heads != 0 {
-            return Err(HfModelError::UnsupportedConfig {
-                key: "attention_heads",
-                found: heads.to_string(),
-                why: "d_model must be a multiple of it",
-            });
-        }
+        heads_divide(
+            d_model,
+            heads,
+            "attention_heads",
+            "d_model must be a multiple of it",
+        )?;
     }
-    let activation = config["activation_function"].as_str().unwrap_or("swish");
-    if !ACTIVATIONS.contains(&activation) {
-        return Err(HfModelError::UnsupportedConfig {
-            key: "activation_function",
-            found: activation.into(),
-            why: "implemented: swish, silu, relu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast",
-        });
-    }
+    let activation = one_of(
+        &config,
+        "activation_function",
+        "swish",
+        ACTIVATIONS,
+        "implemented: swish, silu, relu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast",
+    )?;
     for (key, unsupported, why) in [
         (
             "normalize_before",

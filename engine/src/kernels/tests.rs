@@ -121,6 +121,23 @@ fn bounds(w: &WeightMatrix, x: &[f32], n_tokens: usize) -> Vec<(f32, f32)> {
     out
 }
 
+/// The bits of `w` × `n_tokens` tokens of `x` on `path`: what the bit-identity tests compare.
+fn output_bits(
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    path: KernelPath,
+) -> Vec<u32> {
+    let mut y = vec![0f32; w.rows * n_tokens];
+    matmul_with_path(pool, w, x, n_tokens, &mut y, path).unwrap();
+    bits(&y)
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
 fn matrix(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> WeightMatrix<'_> {
     WeightMatrix::rows(ty, rows, cols, data)
 }
@@ -219,11 +236,7 @@ fn thread_counts_give_bit_identical_results() {
         for path in KernelPath::available() {
             let results: Vec<Vec<u32>> = pools
                 .iter()
-                .map(|pool| {
-                    let mut y = vec![0f32; rows * n_tokens];
-                    matmul_with_path(pool, &w, &x, n_tokens, &mut y, path).unwrap();
-                    y.iter().map(|v| v.to_bits()).collect()
-                })
+                .map(|pool| output_bits(pool, &w, &x, n_tokens, path))
                 .collect();
             assert_eq!(results[0], results[1], "{ty} {path:?}: 1 vs 2 threads");
             assert_eq!(results[0], results[2], "{ty} {path:?}: 1 vs 3 threads");
@@ -293,7 +306,6 @@ fn cache_blocks_cover_every_output() {
                     y
                 })
                 .collect();
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&results[0]), bits(&results[1]), "{ty} {path:?}");
             for (i, &(quant, sum)) in bound.iter().enumerate() {
                 let err = (results[0][i] - exact[i]).abs();
@@ -401,11 +413,7 @@ fn avx512_path_gives_the_avx2_bits() {
             for n_tokens in [1, 2, 3, 4, 5, 8, 9] {
                 let x = random_activations(&mut rng, n_tokens * cols);
                 for m in &layouts {
-                    let run = |path| {
-                        let mut y = vec![0f32; rows * n_tokens];
-                        matmul_with_path(&pool, m, &x, n_tokens, &mut y, path).unwrap();
-                        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                    };
+                    let run = |path| output_bits(&pool, m, &x, n_tokens, path);
                     assert_eq!(
                         run(KernelPath::Avx2),
                         run(KernelPath::Avx512),
@@ -436,11 +444,7 @@ fn avx512_float_tile_gives_the_avx2_bits() {
             let w = matrix(ty, rows, cols, &data);
             for n_tokens in [1, 7, 8, 9, 16, 19] {
                 let x = random_activations(&mut rng, n_tokens * cols);
-                let run = |path| {
-                    let mut y = vec![0f32; rows * n_tokens];
-                    matmul_with_path(&pool, &w, &x, n_tokens, &mut y, path).unwrap();
-                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                };
+                let run = |path| output_bits(&pool, &w, &x, n_tokens, path);
                 assert_eq!(
                     run(KernelPath::Avx2),
                     run(KernelPath::Avx512),
@@ -469,11 +473,8 @@ fn float_matmul_blocking_keeps_each_tokens_bits() {
                 let mut one = vec![0f32; rows];
                 matmul(&pool, &w, &x[t * cols..(t + 1) * cols], 1, &mut one).unwrap();
                 assert_eq!(
-                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    all[t * rows..(t + 1) * rows]
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
+                    bits(&one),
+                    bits(&all[t * rows..(t + 1) * rows]),
                     "{ty}, token {t}, {threads} threads"
                 );
             }
@@ -505,11 +506,7 @@ fn neon_path_gives_the_portable_bits() {
             let w = matrix(ty, rows, cols, &data);
             for n_tokens in [1, 2, 3, 5] {
                 let x = random_activations(&mut rng, n_tokens * cols);
-                let run = |path| {
-                    let mut y = vec![0f32; rows * n_tokens];
-                    matmul_with_path(&pool, &w, &x, n_tokens, &mut y, path).unwrap();
-                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                };
+                let run = |path| output_bits(&pool, &w, &x, n_tokens, path);
                 assert_eq!(
                     run(KernelPath::Portable),
                     run(KernelPath::Neon),
@@ -788,11 +785,7 @@ fn interleaved_layout_gives_bit_identical_results_on_every_path() {
             for n_tokens in [1, 2, 3, 4, 5, 8, 9, 20] {
                 let x = random_activations(&mut rng, n_tokens * cols);
                 for path in KernelPath::available() {
-                    let run = |m: &WeightMatrix| {
-                        let mut y = vec![0f32; rows * n_tokens];
-                        matmul_with_path(&pool, m, &x, n_tokens, &mut y, path).unwrap();
-                        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                    };
+                    let run = |m: &WeightMatrix| output_bits(&pool, m, &x, n_tokens, path);
                     assert_eq!(
                         run(&w),
                         run(&packed.matrix()),
@@ -848,7 +841,6 @@ fn f16_attention_kernels_equal_widening_first() {
         let start = random_activations(&mut rng, dim);
         let mut want_sum = start.clone();
         super::attention::weighted_sum_body(&mut want_sum, &weights, &values);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for path in KernelPath::available() {
             let mut scores = vec![0f32; rows * n];
             scores_transposed_f16_with_path(

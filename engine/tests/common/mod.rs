@@ -32,3 +32,24 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 pub mod synthetic;
+
+/// The final hidden states of `ids` fed as one pass from position 0 to a fresh cache: every
+/// token's (`LogitsWanted::All`) or the last one's (`Last`).
+pub fn hidden_states(
+    model: &egpu_engine::models::decoder::Model,
+    pool: &egpu_engine::kernels::ThreadPool,
+    ids: &[u32],
+    wanted: egpu_engine::models::decoder::LogitsWanted,
+) -> Vec<f32> {
+    use egpu_engine::models::decoder::BatchItem;
+    let mut scratch = model.new_scratch();
+    let mut cache = model.new_kv_cache(ids.len()).unwrap();
+    let rows = model
+        .forward_hidden(
+            pool,
+            &mut scratch,
+            &mut [BatchItem::new(&mut cache, ids, 0, wanted)],
+        )
+        .expect("forward");
+    rows.values().to_vec()
+}
