@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::convert::safetensors::SafetensorsError;
+use crate::convert::safetensors::{SafetensorsError, SafetensorsSet};
 use crate::gguf::write::GgufWriter;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,23 @@ pub(crate) fn heads_divide(
             why,
         })
     }
+}
+
+/// Tensor `name` of `weights` in f32, which must have `shape` (checked before converting).
+pub(crate) fn tensor_f32(
+    weights: &SafetensorsSet,
+    name: &str,
+    shape: &[u64],
+) -> Result<Vec<f32>, HfModelError> {
+    let t = weights.tensor(name)?;
+    if t.shape != shape {
+        return Err(HfModelError::Shape {
+            name: t.name.clone(),
+            found: t.shape.clone(),
+            expected: shape.to_vec(),
+        });
+    }
+    Ok(weights.to_f32(t)?)
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value, HfModelError> {

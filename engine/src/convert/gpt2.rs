@@ -17,7 +17,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::convert::common::{
-    heads_divide, one_of, positive_int, read_json, HfModelError, WeightFormat,
+    heads_divide, one_of, positive_int, read_json, tensor_f32, HfModelError, WeightFormat,
 };
 use crate::convert::hf_cache::CONFIG_FILE;
 use crate::convert::safetensors::SafetensorsSet;
@@ -239,17 +239,7 @@ pub fn gguf_from_hf_gpt2_as(dir: &Path, format: WeightFormat) -> Result<Vec<u8>,
     } else {
         ""
     };
-    let get = |name: &str, shape: &[u64]| -> Result<Vec<f32>, HfModelError> {
-        let t = weights.tensor(&format!("{prefix}{name}"))?;
-        if t.shape != shape {
-            return Err(HfModelError::Shape {
-                name: t.name.clone(),
-                found: t.shape.clone(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(weights.to_f32(t)?)
-    };
+    let get = |name: &str, shape: &[u64]| tensor_f32(&weights, &format!("{prefix}{name}"), shape);
     let (e, f, v, c) = (cfg.n_embd, cfg.n_ff, cfg.n_vocab, cfg.n_ctx);
 
     let mut w = GgufWriter::new()

@@ -24,7 +24,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::convert::common::{
-    heads_divide, one_of, positive_int, read_json, HfModelError, WeightFormat,
+    heads_divide, one_of, positive_int, read_json, tensor_f32, HfModelError, WeightFormat,
 };
 use crate::convert::hf_cache::CONFIG_FILE;
 use crate::convert::safetensors::SafetensorsSet;
@@ -165,17 +165,7 @@ pub fn gguf_from_hf_marian(dir: &Path, format: WeightFormat) -> Result<Vec<u8>, 
     } else {
         ""
     };
-    let get = |name: &str, shape: &[u64]| -> Result<Vec<f32>, HfModelError> {
-        let t = weights.tensor(name)?;
-        if t.shape != shape {
-            return Err(HfModelError::Shape {
-                name: t.name.clone(),
-                found: t.shape.clone(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(weights.to_f32(t)?)
-    };
+    let get = |name: &str, shape: &[u64]| tensor_f32(&weights, name, shape);
     let shared = format!("{prefix}shared.weight");
     let embeddings = [format!("{prefix}encoder.embed_tokens.weight")]
         .into_iter()
