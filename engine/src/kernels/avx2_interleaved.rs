@@ -218,7 +218,11 @@ unsafe fn prefetch_record(record: *const u8, bytes: usize, ahead: usize) {
 /// # Safety
 /// `sums` must point at the token's `offsets.len()` half sums.
 #[inline(always)]
-unsafe fn add_offset_terms(acc: &mut [__m256; 8], offsets: &[__m256], sums: *const f32) -> __m256 {
+pub(super) unsafe fn add_offset_terms(
+    acc: &mut [__m256; 8],
+    offsets: &[__m256],
+    sums: *const f32,
+) -> __m256 {
     let full = offsets.len() / 8 * 8;
     for (k, run) in offsets[..full].chunks_exact(8).enumerate() {
         for (j, (acc_j, offset)) in acc.iter_mut().zip(run).enumerate() {
@@ -603,3 +607,180 @@ unsafe fn matvec_records<K: RecordKernel, D: ByteDot>(
         }
     }
 }
+
+/// Bytes of one chunk of eight decoded rows in [`tile_decoded`]'s layout: eight element groups
+/// of 32 bytes, row `r`'s four quants of group `j` at `32j + 4r`.
+pub(crate) const DECODED_GROUP_BYTES: usize = 8 * 32;
+
+/// Eight f32 lanes (one per row of a group), aligned as a 256-bit vector.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(32))]
+pub(crate) struct Lanes8(pub [f32; GROUP_ROWS]);
+
+/// Writes row `r` (< 8) of an eight-row group, decoded (`chunks`, `offsets`: one entry per
+/// chunk, as `decoded::decode_row_scalar` writes them), into [`tile_decoded`]'s layout: `q`
+/// holds [`DECODED_GROUP_BYTES`] per chunk, `scales` and `offsets_out` eight lanes (rows) per
+/// half-chunk.
+pub(crate) fn scatter_decoded_row(
+    r: usize,
+    chunks: &[super::decoded::DecodedChunk],
+    offsets: &[[f32; 2]],
+    q: &mut [u8],
+    scales: &mut [Lanes8],
+    offsets_out: &mut [Lanes8],
+) {
+    for (c, (chunk, offset)) in chunks.iter().zip(offsets).enumerate() {
+        let q = &mut q[c * DECODED_GROUP_BYTES..(c + 1) * DECODED_GROUP_BYTES];
+        for j in 0..8 {
+            q[32 * j + 4 * r..32 * j + 4 * r + 4].copy_from_slice(&chunk.q[4 * j..4 * j + 4]);
+        }
+        for h in 0..2 {
+            scales[2 * c + h].0[r] = chunk.scale[4 * h];
+            offsets_out[2 * c + h].0[r] = offset[h];
+        }
+    }
+}
+
+/// Eight decoded rows (in [`scatter_decoded_row`]'s layout) × `NT` tokens from `t0`: the
+/// prefill tile for rows in lanes. Each chunk's eight element groups are loaded once for the
+/// `NT` tokens, and a token's factor `scale · dx` is one multiply for all eight rows (the
+/// row-major tile multiplies per row). Every output sees the operations of the interleaved
+/// mat-vec, which are those of the row-major tile: the same bits as both.
+///
+/// # Safety
+/// The CPU must support `D`'s instructions and AVX2/FMA. `q` must hold `acts.n_chunks` chunks
+/// of [`DECODED_GROUP_BYTES`], `scales` and `offsets` `2 · acts.n_chunks` halves, and `acts`
+/// tokens `t0..t0 + NT`.
+#[inline(always)]
+pub(crate) unsafe fn tile_decoded<
+    D: ByteDot,
+    const NT: usize,
+    const SIGNED: bool,
+    const OFFSETS: bool,
+>(
+    q: &[u8],
+    scales: &[Lanes8],
+    offsets: &[Lanes8],
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; GROUP_ROWS]; NT],
+) {
+    let nc = acts.n_chunks;
+    assert!(
+        q.len() >= nc * DECODED_GROUP_BYTES
+            && scales.len() >= 2 * nc
+            && (!OFFSETS || offsets.len() >= 2 * nc)
+            && acts.q.len() >= (t0 + NT) * nc
+            && acts.d.len() >= (t0 + NT) * nc
+            && acts.half_sums.len() >= (t0 + NT) * nc
+    );
+    let zero = _mm256_setzero_ps();
+    let mut acc = [[zero; 8]; NT];
+    let (qp, sp) = (q.as_ptr(), scales.as_ptr());
+    for c in 0..nc {
+        // SAFETY: chunk c's groups and both halves' scales exist (checked above).
+        let s0 = _mm256_load_ps(sp.add(2 * c).cast());
+        let s1 = _mm256_load_ps(sp.add(2 * c + 1).cast());
+        let mut w = [_mm256_setzero_si256(); 8];
+        for (j, w) in w.iter_mut().enumerate() {
+            *w = _mm256_loadu_si256(qp.add(c * DECODED_GROUP_BYTES + 32 * j).cast());
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let at = (t0 + t) * nc + c;
+            // SAFETY: chunk `at` exists (checked above).
+            let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at));
+            let factors = [_mm256_mul_ps(s0, xd), _mm256_mul_ps(s1, xd)];
+            let x = acts.q.as_ptr().add(at).cast::<i32>();
+            for (j, (acc_j, &q)) in acc.iter_mut().zip(&w).enumerate() {
+                if SIGNED {
+                    // As `Legacy::accumulate`: |q| · (x · sign q).
+                    // SAFETY: word j < 8 of the chunk.
+                    let xj = _mm256_sign_epi8(_mm256_set1_epi32(x.add(j).read_unaligned()), q);
+                    let sums = D::dot(_mm256_abs_epi8(q), xj);
+                    *acc_j = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factors[j / 4], *acc_j);
+                } else {
+                    add_group::<D>(acc_j, q, x, j, factors[j / 4]);
+                }
+            }
+        }
+    }
+    let offset_lanes: &[__m256] = if OFFSETS {
+        // SAFETY: `Lanes8` has __m256's size and alignment; 2·nc halves exist (checked).
+        std::slice::from_raw_parts(offsets.as_ptr().cast::<__m256>(), 2 * nc)
+    } else {
+        &[]
+    };
+    for (t, (acc, out)) in acc.iter_mut().zip(out.iter_mut()).enumerate() {
+        // SAFETY: the token's half sums start at (t0 + t) · nc pairs (checked).
+        let sums = acts.half_sums[(t0 + t) * nc..].as_flattened().as_ptr();
+        let tail = add_offset_terms(acc, offset_lanes, sums);
+        let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
+        let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
+        let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
+        // SAFETY: `out` is 8 writable f32.
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
+    }
+}
+
+/// [`tile_decoded`] over tokens `tokens` of `acts`, two at a time (the last alone when their
+/// count is odd): `out[t - tokens.start]` gets token `t`'s eight rows. One call per group and
+/// token block, so the call's fixed costs are not paid per pair.
+///
+/// # Safety
+/// As [`tile_decoded`] for every token in `tokens`; `out.len() >= tokens.len()`.
+#[inline(always)]
+unsafe fn tile_decoded_tokens<D: ByteDot, const SIGNED: bool, const OFFSETS: bool>(
+    q: &[u8],
+    scales: &[Lanes8],
+    offsets: &[Lanes8],
+    acts: &QuantizedActivations,
+    tokens: std::ops::Range<usize>,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    let (first, n) = (tokens.start, tokens.len());
+    let (pairs, rest) = out[..n].as_chunks_mut::<2>();
+    for (p, pair) in pairs.iter_mut().enumerate() {
+        tile_decoded::<D, 2, SIGNED, OFFSETS>(q, scales, offsets, acts, first + 2 * p, pair);
+    }
+    if let [last] = rest {
+        let last: &mut [[f32; GROUP_ROWS]; 1] =
+            std::slice::from_mut(last).try_into().expect("one token");
+        tile_decoded::<D, 1, SIGNED, OFFSETS>(q, scales, offsets, acts, first + n - 1, last);
+    }
+}
+
+/// Defines an entry point `$name` of [`tile_decoded_tokens`] for one instruction set.
+macro_rules! tile_decoded_entry {
+    ($(#[$doc:meta])* $name:ident, $dot:ty, $features:literal) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(
+            signed: bool,
+            with_offsets: bool,
+            (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
+            acts: &QuantizedActivations,
+            tokens: std::ops::Range<usize>,
+            out: &mut [[f32; GROUP_ROWS]],
+        ) {
+            let (a, t, o) = (acts, tokens, out);
+            match (signed, with_offsets) {
+                (true, true) => tile_decoded_tokens::<$dot, true, true>(q, scales, offsets, a, t, o),
+                (true, false) => tile_decoded_tokens::<$dot, true, false>(q, scales, offsets, a, t, o),
+                (false, true) => tile_decoded_tokens::<$dot, false, true>(q, scales, offsets, a, t, o),
+                (false, false) => tile_decoded_tokens::<$dot, false, false>(q, scales, offsets, a, t, o),
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+tile_decoded_entry!(
+    /// [`tile_decoded`] over a token range with AVX-512 VNNI's byte dot product on 256-bit
+    /// registers.
+    ///
+    /// # Safety
+    /// As [`tile_decoded_tokens`]; the CPU must pass `super::avx512::available`.
+    tile_decoded_vnni,
+    super::avx512::Vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);

@@ -426,6 +426,49 @@ fn avx512_path_gives_the_avx2_bits() {
     }
 }
 
+/// The rows-in-lanes prefill tile (`avx2_interleaved::tile_decoded`, which the AVX-512 path
+/// runs where it times fastest) gives the row-major tiles' bits: every quantized type, both
+/// weight layouts, a partial last group of rows, odd and even token counts, one and several
+/// cache blocks of rows and tokens, on one thread and two. Checked whatever the calibration
+/// chose on this CPU; runs only where the CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn rows_in_lanes_tile_gives_the_row_tile_bits() {
+    if !KernelPath::Avx512.is_available() {
+        eprintln!("skipped: this CPU has no AVX-512 (F, BW, VL, VNNI)");
+        return;
+    }
+    let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    let mut rng = Rng(0x1a9e5);
+    for ty in QUANTIZED {
+        let shapes: &[(usize, usize, usize)] = if ty.block_size() == 256 {
+            &[(13, 512, 9), (16, 8192, 37)]
+        } else {
+            &[(7, 544, 10), (24, 96, 9), (21, 8192, 37)]
+        };
+        for &(rows, cols, n_tokens) in shapes {
+            let data = random_weights(&mut rng, ty, rows, cols);
+            let w = matrix(ty, rows, cols, &data);
+            let packed = ArenaWeights::interleaved(&w, |_| {});
+            let mut layouts = vec![w];
+            layouts.extend(packed.as_ref().map(|p| p.matrix()));
+            let x = random_activations(&mut rng, n_tokens * cols);
+            for m in &layouts {
+                let want = output_bits(&pools[0], m, &x, n_tokens, KernelPath::Avx2);
+                for pool in &pools {
+                    assert_eq!(
+                        bits(&super::matmul_in_lanes(pool, m, &x, n_tokens)),
+                        want,
+                        "{ty} {rows}×{cols} {:?}, {n_tokens} tokens, {} threads",
+                        m.layout,
+                        pool.n_threads()
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The AVX-512 float tile (two tokens per register) gives the AVX2 tile's bits: F32, F16 and
 /// BF16 weights, full and partial row tiles, token counts below, at and past its eight, and
 /// columns that are and are not a multiple of eight.
