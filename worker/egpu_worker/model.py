@@ -386,10 +386,13 @@ class Model:
     # weighted sum is written out (products, then a sum over keys) so that the mask applies to each product:
     # an unseen key's product is an exact 0 even where its cached value is stale and non-finite (0 * inf would
     # be NaN), and the guard costs no kernel of its own (a masked copy of the values did).
+    # The softmax's denominator comes out of the same reduction as a column of ones after the values: the sum of
+    # the exponentials is the weighted sum of ones, so it costs no kernel of its own (it was one per layer).
     e = (scores - scores.max(-1, keepdim=True)).exp()
-    products = e.unsqueeze(-1) * values.permute(0, 2, 1, 3).reshape(B, KVH, 1, 1, L, D)   # (B, KVH, G, T, L, D)
-    weighted = seen.reshape(B, 1, 1, T, L, 1).where(products, 0.0).sum(-2)                # (B, KVH, G, T, D)
-    out = weighted / e.sum(-1, keepdim=True)
+    values1 = values.pad((None, None, None, (0, 1)), value=1.0)                                  # (B, L, KVH, D+1)
+    products = e.unsqueeze(-1) * values1.permute(0, 2, 1, 3).reshape(B, KVH, 1, 1, L, D + 1)  # (B, KVH, G, T, L, D+1)
+    weighted = seen.reshape(B, 1, 1, T, L, 1).where(products, 0.0).sum(-2)                    # (B, KVH, G, T, D+1)
+    out = weighted[..., :D] / weighted[..., D:]
     return self.linear(out.permute(0, 3, 1, 2, 4).reshape(B * T, H * D), p + "attn_output")
 
   @staticmethod
