@@ -240,8 +240,7 @@ pub(super) unsafe fn add_offset_terms(
     tail
 }
 
-/// Reduces one token's eight accumulators of group `g` as `sum_lanes` reduces a row-major
-/// accumulator, `((j0+j4)+(j2+j6))+((j1+j5)+(j3+j7))`, adds the tail, and stores the rows.
+/// Stores one token's outputs of group `g` ([`group_outputs`]).
 #[inline(always)]
 unsafe fn store_group(
     acc: &[__m256; 8],
@@ -250,15 +249,22 @@ unsafe fn store_group(
     t: usize,
     store: &mut impl FnMut(usize, usize, f32),
 ) {
+    for (r, y) in group_outputs(acc, tail).into_iter().enumerate() {
+        store(t, g * GROUP_ROWS + r, y);
+    }
+}
+
+/// One token's eight row outputs from its eight accumulators: reduced as `sum_lanes` reduces a
+/// row-major accumulator, `((j0+j4)+(j2+j6))+((j1+j5)+(j3+j7))`, plus the offset tail.
+#[inline(always)]
+unsafe fn group_outputs(acc: &[__m256; 8], tail: __m256) -> [f32; GROUP_ROWS] {
     let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
     let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
     let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
     let mut out = [0f32; GROUP_ROWS];
     // SAFETY: `out` is 8 writable f32.
     _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
-    for (r, &y) in out.iter().enumerate() {
-        store(t, g * GROUP_ROWS + r, y);
-    }
+    out
 }
 
 /// Defines an entry point `$name` of the interleaved mat-vec for one instruction set: the
@@ -714,11 +720,7 @@ pub(crate) unsafe fn tile_decoded<
         // SAFETY: the token's half sums start at (t0 + t) · nc pairs (checked).
         let sums = acts.half_sums[(t0 + t) * nc..].as_flattened().as_ptr();
         let tail = add_offset_terms(acc, offset_lanes, sums);
-        let (p0, p1) = (_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5]));
-        let (p2, p3) = (_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7]));
-        let sum = _mm256_add_ps(_mm256_add_ps(p0, p2), _mm256_add_ps(p1, p3));
-        // SAFETY: `out` is 8 writable f32.
-        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(sum, tail));
+        *out = group_outputs(acc, tail);
     }
 }
 

@@ -1138,11 +1138,14 @@ fn run_quantized_in_lanes(
             tile.resize(tokens_per_block.min(n_tokens), [0.0; G]);
             for first_unit in part_units.clone().step_by(block_units) {
                 let block = first_unit..(first_unit + block_units).min(part_units.end);
+                // Group k of the block: its quants, and its halves' scales and offsets.
+                let q_at =
+                    |k: usize| k * nc * DECODED_GROUP_BYTES..(k + 1) * nc * DECODED_GROUP_BYTES;
+                let halves_at = |k: usize| k * 2 * nc..(k + 1) * 2 * nc;
                 for (k, g) in block.clone().enumerate() {
-                    let q =
-                        &mut q[k * nc * DECODED_GROUP_BYTES..(k + 1) * nc * DECODED_GROUP_BYTES];
-                    let scales = &mut scales[k * 2 * nc..(k + 1) * 2 * nc];
-                    let offsets = &mut offsets[k * 2 * nc..(k + 1) * 2 * nc];
+                    let q = &mut q[q_at(k)];
+                    let scales = &mut scales[halves_at(k)];
+                    let offsets = &mut offsets[halves_at(k)];
                     for r in 0..G {
                         if g * G + r < rows {
                             let row = w.row_blocks(g * G + r, row_blocks);
@@ -1164,12 +1167,8 @@ fn run_quantized_in_lanes(
                 for tb in (0..n_tokens).step_by(tokens_per_block) {
                     let tokens = tb..(tb + tokens_per_block).min(n_tokens);
                     for (k, g) in block.clone().enumerate() {
-                        let q =
-                            &q[k * nc * DECODED_GROUP_BYTES..(k + 1) * nc * DECODED_GROUP_BYTES];
-                        let scales = &scales[k * 2 * nc..(k + 1) * 2 * nc];
-                        let offsets = &offsets[k * 2 * nc..(k + 1) * 2 * nc];
                         let tile = &mut tile[..tokens.len()];
-                        let group = (q, scales, offsets);
+                        let group = (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
                         // SAFETY: `path` is AVX-512 and available (the caller's); the group
                         // holds nc chunks and `acts` the block's tokens.
                         unsafe {
