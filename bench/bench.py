@@ -87,12 +87,7 @@ def egpu_run(binary: Path, model: str, threads: int, n_prompt: int, n_gen: int,
         cmd.append("--decode-from-empty")
     env = dict(os.environ)
     if kernels:
-        # "avx512:lanes" also forces the AVX-512 path's prefill tile (EGPU_AVX512_TILE), so that
-        # tiles can be compared in one run.
-        path, _, tile = kernels.partition(":")
-        env["EGPU_KERNELS"] = path
-        if tile:
-            env["EGPU_AVX512_TILE"] = tile
+        env["EGPU_KERNELS"] = kernels
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -108,9 +103,8 @@ def main() -> None:
     ap.add_argument("--llama-bench", metavar="PATH",
                     help="run llama.cpp's llama-bench tool; decode then starts from an empty context")
     ap.add_argument("--kernels", nargs="+", metavar="PATH",
-                    help="run egpu once per kernel path (EGPU_KERNELS: avx512, avx2, portable, ...; "
-                         "avx512:TILE also sets EGPU_AVX512_TILE to zmm, ymm, avx2 or lanes) in the "
-                         "same repetitions, a column each; default: the best path only")
+                    help="run egpu once per kernel path (EGPU_KERNELS: avx512, avx2, portable, ...) "
+                         "in the same repetitions, a column each; default: the best path only")
     args = ap.parse_args()
     paths = args.kernels or [None]
 

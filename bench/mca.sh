@@ -96,17 +96,27 @@ def chunk_loop(loops):
     return [loop for loop in loops if macs(loop[0]) == best]
 
 
-def zmm_pair(loops):
-    """The AVX-512 two-token tile with both tokens in one register (`PairTile::Zmm`): its dot
-    products are `vpdpbusd` on zmm."""
-    return [loop for loop in loops if any(width(ins) == 64 for ins in dots(loop[0]))]
-
-
-def ymm_pair(loops):
-    """The AVX-512 path's other two-token tile (`PairTile::Ymm`): AVX2's body with `vpdpbusd`
-    on ymm."""
-    return [loop for loop in loops if any(ins.startswith("vpdpbusd") and width(ins) == 32
-                                          for ins in dots(loop[0]))]
+def lanes_tile(signed):
+    """The AVX-512 rows-in-lanes prefill tile (`avx512::tile_decoded`), four-token sweep, one
+    kind of chunk: the loops with 32 `vpdpbusd` on ymm (eight per token: the four-token sweeps;
+    the compiler unrolls some narrower sweeps to other counts), then `vpsignb` for signed quants
+    (Q8_0, IQ4), or for unsigned quants with one scale per chunk and offsets (Q4_0/1, Q5, Q4_K,
+    Q5_K) four conversions (one per token) and eight FMAs (a product and an offset term per
+    token)."""
+    def pick(loops):
+        wide = [loop for loop in loops if macs(loop[0]) == 32 * 32]
+        if signed:
+            mine = [loop for loop in wide if any(i.startswith("vpsignb") for i in loop[0])]
+        else:
+            mine = [loop for loop in wide
+                    if not any(i.startswith("vpsignb") for i in loop[0])
+                    and sum(i.startswith("vcvtdq2ps") for i in loop[0]) == 4
+                    and sum(i.startswith("vfmadd") for i in loop[0]) == 8]
+        # The instance for kinds no decoder produces tests its flags inside the loop, so its
+        # loop is longer than the specialised one.
+        shortest = min((len(body) for body, _ in mine), default=None)
+        return [loop for loop in mine if len(loop[0]) == shortest]
+    return pick
 
 
 def q4_1_record(loops):
@@ -116,35 +126,41 @@ def q4_1_record(loops):
     return [loop for loop in loops if any(re.match(r"addq\s+\$160,", ins) for ins in loop[0])]
 
 
+def one_token(picker):
+    """`picker`'s loops, then the one-token sweep among them (the fewest multiply-adds: the
+    AVX-512 mat-vec has a loop per sweep width)."""
+    def pick(loops):
+        mine = picker(loops)
+        fewest = min((macs(body) for body, _ in mine), default=None)
+        return [loop for loop in mine if macs(loop[0]) == fewest]
+    return pick
+
+
 def q4_k_chunks(loops):
     """The Q4_K loop over a super-block's chunks: the only one that widens unsigned scale bytes
     (`byte_lanes`, `vpmovzxbd`; Q6_K's scales are signed, `vpmovsxbd`)."""
     return [loop for loop in loops if any(ins.startswith("vpmovzxbd") for ins in loop[0])]
 
 
-TILE, MATVEC = (4, 2), (8, 1)  # rows × tokens that one chunk's dot products cover
+TILE, LANES_TILE, MATVEC = (4, 2), (8, 4), (8, 1)  # rows × tokens one chunk's dots cover
 # kernel, ISA, demangled name (regex), loop picker, shape, -mcpu list
 KERNELS = [
-    ("prefill tile 4×2, unsigned + offsets (Q4_0/1, Q5, K-quants)", "AVX2",
+    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX2 4×2 row tile",
      r"::avx2::tile::<4, 2, false, true>", chunk_loop, TILE, AVX2_CPUS),
-    ("prefill tile 4×2, unsigned + offsets (Q4_0/1, Q5, K-quants)", "AVX-512 zmm pair",
-     r"::avx512::tile(_as)?::<4, 2, false, true>", zmm_pair, TILE, AVX512_CPUS),
-    ("prefill tile 4×2, unsigned + offsets (Q4_0/1, Q5, K-quants)", "AVX-512 ymm VNNI",
-     r"::avx512::tile(_as)?::<4, 2, false, true>", ymm_pair, TILE, AVX512_CPUS),
-    ("prefill tile 4×2, signed (Q8_0, IQ4)", "AVX2",
+    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX-512 8×4 rows in lanes",
+     r"::avx512::tile_decoded$", lanes_tile(False), LANES_TILE, AVX512_CPUS),
+    ("prefill tile, signed (Q8_0, IQ4)", "AVX2 4×2 row tile",
      r"::avx2::tile::<4, 2, true, false>", chunk_loop, TILE, AVX2_CPUS),
-    ("prefill tile 4×2, signed (Q8_0, IQ4)", "AVX-512 zmm pair",
-     r"::avx512::tile(_as)?::<4, 2, true, false>", zmm_pair, TILE, AVX512_CPUS),
-    ("prefill tile 4×2, signed (Q8_0, IQ4)", "AVX-512 ymm VNNI",
-     r"::avx512::tile(_as)?::<4, 2, true, false>", ymm_pair, TILE, AVX512_CPUS),
+    ("prefill tile, signed (Q8_0, IQ4)", "AVX-512 8×4 rows in lanes",
+     r"::avx512::tile_decoded$", lanes_tile(True), LANES_TILE, AVX512_CPUS),
     ("decode mat-vec Q4_1 (interleaved)", "AVX2",
      r"::avx2_interleaved::matvec::<", q4_1_record, MATVEC, AVX2_CPUS),
-    ("decode mat-vec Q4_1 (interleaved)", "AVX-512 ymm VNNI",
-     r"::avx2_interleaved::matvec_vnni::<", q4_1_record, MATVEC, AVX512_CPUS),
+    ("decode mat-vec Q4_1 (interleaved)", "AVX-512",
+     r"::avx512::matvec::<", one_token(q4_1_record), MATVEC, AVX512_CPUS),
     ("decode mat-vec Q4_K (interleaved)", "AVX2",
      r"::avx2_interleaved::matvec::<", q4_k_chunks, MATVEC, AVX2_CPUS),
-    ("decode mat-vec Q4_K (interleaved)", "AVX-512 ymm VNNI",
-     r"::avx2_interleaved::matvec_vnni::<", q4_k_chunks, MATVEC, AVX512_CPUS),
+    ("decode mat-vec Q4_K (interleaved)", "AVX-512",
+     r"::avx512::matvec::<", one_token(q4_k_chunks), MATVEC, AVX512_CPUS),
 ]
 
 

@@ -80,12 +80,11 @@ pub(crate) fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// Sums of four `u8 × i8` products per 32-bit lane: how every integer kernel multiplies a
-/// chunk's quants (unsigned bytes) by its activations (signed bytes). The implementations give
-/// the same bits, because the products never saturate `maddubs` (see the module docs): AVX2's
-/// `maddubs` + `madd` ([`Maddubs`]) and AVX-512 VNNI's single `vpdpbusd`
-/// (`super::avx512::Vnni`). The kernels are written once over this trait and compiled for
-/// each instruction set by thin entry points with the matching `target_feature`s.
+/// Sums of four `u8 × i8` products per 32-bit lane: how the AVX2 integer kernels multiply a
+/// chunk's quants (unsigned bytes) by its activations (signed bytes). Implemented by AVX2's
+/// `maddubs` + `madd` ([`Maddubs`]); the kernels are written over this trait so that another
+/// instruction set's byte dot product giving the same sums (`vpdpbusd`, which the AVX-512
+/// path's own kernels in `super::avx512` use directly) could be plugged in.
 pub(crate) trait ByteDot {
     /// Lane `i`: `Σ_{k<4} unsigned[4i + k] · signed[4i + k]`.
     ///

@@ -27,10 +27,10 @@ use crate::quant::GgmlType;
 
 /// How far ahead of the record in use the weights are prefetched: the records are consumed in
 /// address order, so this keeps a few hundred nanoseconds of loads in flight.
-const PREFETCH_AHEAD: usize = 1024;
+pub(super) const PREFETCH_AHEAD: usize = 1024;
 
 /// One interleaved type's record: where its quants, scales and offsets are.
-trait Record {
+pub(super) trait Record {
     /// Bytes per record (eight rows' blocks).
     const BYTES: usize;
     /// Quants are signed bytes (Q8_0), multiplied as `|q| · (x · sign q)`.
@@ -46,7 +46,7 @@ trait Record {
 
 /// The rows' f16 values at `record + at` (eight of them), widened.
 #[inline(always)]
-unsafe fn halves_at(record: *const u8, at: usize) -> __m256 {
+pub(super) unsafe fn halves_at(record: *const u8, at: usize) -> __m256 {
     // SAFETY: the caller's record holds 16 bytes at `at`; `loadu` needs no alignment.
     _mm256_cvtph_ps(_mm_loadu_si128(record.add(at).cast()))
 }
@@ -81,11 +81,11 @@ unsafe fn fifth_bit(high: __m256i, j: usize) -> __m256i {
     _mm256_and_si256(moved, _mm256_set1_epi8(16))
 }
 
-struct Q4_0;
-struct Q4_1;
-struct Q5_0;
-struct Q5_1;
-struct Q8_0;
+pub(super) struct Q4_0;
+pub(super) struct Q4_1;
+pub(super) struct Q5_0;
+pub(super) struct Q5_1;
+pub(super) struct Q8_0;
 
 impl Record for Q4_0 {
     const BYTES: usize = 144;
@@ -176,7 +176,7 @@ impl Record for Q8_0 {
 /// Panics unless `w` is an interleaved matrix of `record_bytes`-byte records of
 /// `chunks_per_record` chunks each, `groups` lie within it, and `acts` holds the tokens up to
 /// `tokens` of `w.cols` values (a failure is a caller's bug).
-fn check_inputs(
+pub(super) fn check_inputs(
     w: &super::WeightMatrix,
     groups: &std::ops::Range<usize>,
     acts: &QuantizedActivations,
@@ -202,7 +202,7 @@ fn check_inputs(
 /// are consumed in address order, so this keeps loads in flight. A prefetch never faults, even
 /// past the end of the matrix (`wrapping_add` keeps the address computation defined).
 #[inline(always)]
-unsafe fn prefetch_record(record: *const u8, bytes: usize, ahead: usize) {
+pub(super) unsafe fn prefetch_record(record: *const u8, bytes: usize, ahead: usize) {
     let ahead = record.wrapping_add(ahead);
     let mut line = 0;
     while line < bytes {
@@ -312,18 +312,6 @@ matvec_entry!(
     "avx2,fma,f16c"
 );
 
-#[cfg(target_arch = "x86_64")]
-matvec_entry!(
-    /// [`matvec`] with AVX-512 VNNI's byte dot product (`vpdpbusd` on 256-bit registers):
-    /// the same bits, half the integer instructions.
-    ///
-    /// # Safety
-    /// As [`matvec`], and the CPU must pass `super::avx512::available`.
-    matvec_vnni,
-    super::avx512::Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
-);
-
 /// What [`matvec_records`] needs of an interleaved record type.
 trait RecordKernel {
     /// Bytes per record (eight rows' blocks).
@@ -413,7 +401,7 @@ impl<R: Record> RecordKernel for Legacy<R> {
 /// `get_scale_min_k4` on eight rows at once. Shifts move whole 64-bit words, so each mask keeps
 /// only bits that came from the same byte.
 #[inline(always)]
-fn q4_k_scale_min(p: &[u64; 12], c: usize) -> (u64, u64) {
+pub(super) fn q4_k_scale_min(p: &[u64; 12], c: usize) -> (u64, u64) {
     const LOW6: u64 = 0x3F3F_3F3F_3F3F_3F3F;
     const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
     const BITS45: u64 = 0x3030_3030_3030_3030;
@@ -429,7 +417,7 @@ fn q4_k_scale_min(p: &[u64; 12], c: usize) -> (u64, u64) {
 
 /// Eight bytes (one per row) widened to f32 lanes.
 #[inline(always)]
-unsafe fn byte_lanes(v: u64) -> __m256 {
+pub(super) unsafe fn byte_lanes(v: u64) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)))
 }
 
@@ -491,7 +479,7 @@ impl RecordKernel for Q4K {
 
 /// Eight signed bytes (one per row) widened to f32 lanes.
 #[inline(always)]
-unsafe fn signed_byte_lanes(v: u64) -> __m256 {
+pub(super) unsafe fn signed_byte_lanes(v: u64) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v as i64)))
 }
 
@@ -614,7 +602,7 @@ unsafe fn matvec_records<K: RecordKernel, D: ByteDot>(
     }
 }
 
-/// Bytes of one chunk of eight decoded rows in [`tile_decoded`]'s layout: eight element groups
+/// Bytes of one chunk of eight decoded rows in `super::avx512::tile_decoded`'s layout: eight element groups
 /// of 32 bytes, row `r`'s four quants of group `j` at `32j + 4r`.
 pub(crate) const DECODED_GROUP_BYTES: usize = 8 * 32;
 
@@ -624,7 +612,8 @@ pub(crate) const DECODED_GROUP_BYTES: usize = 8 * 32;
 pub(crate) struct Lanes8(pub [f32; GROUP_ROWS]);
 
 /// Writes row `r` (< 8) of an eight-row group, decoded (`chunks`, `offsets`: one entry per
-/// chunk, as `decoded::decode_row_scalar` writes them), into [`tile_decoded`]'s layout: `q`
+/// chunk, as `decoded::decode_row_scalar` writes them), into `super::avx512::tile_decoded`'s
+/// layout: `q`
 /// holds [`DECODED_GROUP_BYTES`] per chunk, `scales` and `offsets_out` eight lanes (rows) per
 /// half-chunk.
 pub(crate) fn scatter_decoded_row(
@@ -646,143 +635,3 @@ pub(crate) fn scatter_decoded_row(
         }
     }
 }
-
-/// Eight decoded rows (in [`scatter_decoded_row`]'s layout) × `NT` tokens from `t0`: the
-/// prefill tile for rows in lanes. Each chunk's eight element groups are loaded once for the
-/// `NT` tokens, and a token's factor `scale · dx` is one multiply for all eight rows (the
-/// row-major tile multiplies per row). Every output sees the operations of the interleaved
-/// mat-vec, which are those of the row-major tile: the same bits as both.
-///
-/// # Safety
-/// The CPU must support `D`'s instructions and AVX2/FMA. `q` must hold `acts.n_chunks` chunks
-/// of [`DECODED_GROUP_BYTES`], `scales` and `offsets` `2 · acts.n_chunks` halves, and `acts`
-/// tokens `t0..t0 + NT`.
-#[inline(always)]
-pub(crate) unsafe fn tile_decoded<
-    D: ByteDot,
-    const NT: usize,
-    const SIGNED: bool,
-    const OFFSETS: bool,
->(
-    q: &[u8],
-    scales: &[Lanes8],
-    offsets: &[Lanes8],
-    acts: &QuantizedActivations,
-    t0: usize,
-    out: &mut [[f32; GROUP_ROWS]; NT],
-) {
-    let nc = acts.n_chunks;
-    assert!(
-        q.len() >= nc * DECODED_GROUP_BYTES
-            && scales.len() >= 2 * nc
-            && (!OFFSETS || offsets.len() >= 2 * nc)
-            && acts.q.len() >= (t0 + NT) * nc
-            && acts.d.len() >= (t0 + NT) * nc
-            && acts.half_sums.len() >= (t0 + NT) * nc
-    );
-    let zero = _mm256_setzero_ps();
-    let mut acc = [[zero; 8]; NT];
-    let (qp, sp) = (q.as_ptr(), scales.as_ptr());
-    for c in 0..nc {
-        // SAFETY: chunk c's groups and both halves' scales exist (checked above).
-        let s0 = _mm256_load_ps(sp.add(2 * c).cast());
-        let s1 = _mm256_load_ps(sp.add(2 * c + 1).cast());
-        let mut w = [_mm256_setzero_si256(); 8];
-        for (j, w) in w.iter_mut().enumerate() {
-            *w = _mm256_loadu_si256(qp.add(c * DECODED_GROUP_BYTES + 32 * j).cast());
-        }
-        for (t, acc) in acc.iter_mut().enumerate() {
-            let at = (t0 + t) * nc + c;
-            // SAFETY: chunk `at` exists (checked above).
-            let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(at));
-            let factors = [_mm256_mul_ps(s0, xd), _mm256_mul_ps(s1, xd)];
-            let x = acts.q.as_ptr().add(at).cast::<i32>();
-            for (j, (acc_j, &q)) in acc.iter_mut().zip(&w).enumerate() {
-                if SIGNED {
-                    // As `Legacy::accumulate`: |q| · (x · sign q).
-                    // SAFETY: word j < 8 of the chunk.
-                    let xj = _mm256_sign_epi8(_mm256_set1_epi32(x.add(j).read_unaligned()), q);
-                    let sums = D::dot(_mm256_abs_epi8(q), xj);
-                    *acc_j = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factors[j / 4], *acc_j);
-                } else {
-                    add_group::<D>(acc_j, q, x, j, factors[j / 4]);
-                }
-            }
-        }
-    }
-    let offset_lanes: &[__m256] = if OFFSETS {
-        // SAFETY: `Lanes8` has __m256's size and alignment; 2·nc halves exist (checked).
-        std::slice::from_raw_parts(offsets.as_ptr().cast::<__m256>(), 2 * nc)
-    } else {
-        &[]
-    };
-    for (t, (acc, out)) in acc.iter_mut().zip(out.iter_mut()).enumerate() {
-        // SAFETY: the token's half sums start at (t0 + t) · nc pairs (checked).
-        let sums = acts.half_sums[(t0 + t) * nc..].as_flattened().as_ptr();
-        let tail = add_offset_terms(acc, offset_lanes, sums);
-        *out = group_outputs(acc, tail);
-    }
-}
-
-/// [`tile_decoded`] over tokens `tokens` of `acts`, two at a time (the last alone when their
-/// count is odd): `out[t - tokens.start]` gets token `t`'s eight rows. One call per group and
-/// token block, so the call's fixed costs are not paid per pair.
-///
-/// # Safety
-/// As [`tile_decoded`] for every token in `tokens`; `out.len() >= tokens.len()`.
-#[inline(always)]
-unsafe fn tile_decoded_tokens<D: ByteDot, const SIGNED: bool, const OFFSETS: bool>(
-    q: &[u8],
-    scales: &[Lanes8],
-    offsets: &[Lanes8],
-    acts: &QuantizedActivations,
-    tokens: std::ops::Range<usize>,
-    out: &mut [[f32; GROUP_ROWS]],
-) {
-    let (first, n) = (tokens.start, tokens.len());
-    let (pairs, rest) = out[..n].as_chunks_mut::<2>();
-    for (p, pair) in pairs.iter_mut().enumerate() {
-        tile_decoded::<D, 2, SIGNED, OFFSETS>(q, scales, offsets, acts, first + 2 * p, pair);
-    }
-    if let [last] = rest {
-        let last: &mut [[f32; GROUP_ROWS]; 1] =
-            std::slice::from_mut(last).try_into().expect("one token");
-        tile_decoded::<D, 1, SIGNED, OFFSETS>(q, scales, offsets, acts, first + n - 1, last);
-    }
-}
-
-/// Defines an entry point `$name` of [`tile_decoded_tokens`] for one instruction set.
-macro_rules! tile_decoded_entry {
-    ($(#[$doc:meta])* $name:ident, $dot:ty, $features:literal) => {
-        $(#[$doc])*
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $name(
-            signed: bool,
-            with_offsets: bool,
-            (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
-            acts: &QuantizedActivations,
-            tokens: std::ops::Range<usize>,
-            out: &mut [[f32; GROUP_ROWS]],
-        ) {
-            let (a, t, o) = (acts, tokens, out);
-            match (signed, with_offsets) {
-                (true, true) => tile_decoded_tokens::<$dot, true, true>(q, scales, offsets, a, t, o),
-                (true, false) => tile_decoded_tokens::<$dot, true, false>(q, scales, offsets, a, t, o),
-                (false, true) => tile_decoded_tokens::<$dot, false, true>(q, scales, offsets, a, t, o),
-                (false, false) => tile_decoded_tokens::<$dot, false, false>(q, scales, offsets, a, t, o),
-            }
-        }
-    };
-}
-
-#[cfg(target_arch = "x86_64")]
-tile_decoded_entry!(
-    /// [`tile_decoded`] over a token range with AVX-512 VNNI's byte dot product on 256-bit
-    /// registers.
-    ///
-    /// # Safety
-    /// As [`tile_decoded_tokens`]; the CPU must pass `super::avx512::available`.
-    tile_decoded_vnni,
-    super::avx512::Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
-);

@@ -1,38 +1,47 @@
-//! x86-64 AVX-512 kernels (F, BW, VL and VNNI): the integer work of the quantized kernels.
+//! x86-64 AVX-512 kernels (F, BW, VL and VNNI): the AVX-512 path's quantized mat-vecs and
+//! mat-mats, and its float tile.
 //!
-//! Everything that is not an integer dot product (decoding blocks, quantizing activations,
-//! float weights, attention) runs the AVX2 code, which every AVX-512 CPU also executes. What
-//! changes:
+//! Decoding blocks, quantizing activations and attention run the AVX2 code, which every
+//! AVX-512 CPU also executes. The quantized kernels are this path's own, and so is their order
+//! of operations:
 //!
-//! - **VNNI** (`vpdpbusd`): one instruction for the sums of four `u8 × i8` products per 32-bit
-//!   lane, where AVX2 needs `maddubs` then `madd` by ones. Every mat-vec (decode) uses it on
-//!   256-bit registers ([`Vnni`] plugged into the AVX2 kernels' bodies), so the eight-rows-per-
-//!   register interleaved layout and its order of operations stay as they are.
-//! - **512-bit registers** in the mat-mat tile (prefill, where the integer work, not memory,
-//!   sets the speed): [`tile`] puts a tile's two tokens in the two halves of one register, so
-//!   each row's weight chunk, loaded once and broadcast to both halves, meets both tokens'
-//!   activations in one `vpdpbusd`, one conversion and one FMA instead of two of each.
+//! - **Rows in lanes.** Every quantized kernel works on eight rows at once, row `r` in lane `r`
+//!   of 256-bit registers: the interleaved decode mat-vec ([`matvec`], records unpacked in
+//!   registers) and the prefill tile ([`tile_decoded`], over groups unpacked once per call by
+//!   the kernels' `run_quantized_in_lanes`: from the interleaved records by [`unpack_group`],
+//!   or decoded row by row from GGUF's layout). A token's factor `scale · dx` is then one
+//!   multiply for eight rows.
+//! - **Per-block integer sums.** `vpdpbusd` accumulates in 32-bit integers, so each chunk's
+//!   eight element groups are chained into one integer sum per row (per 16-element half for the
+//!   types with 16-element sub-blocks, `decoded::has_half_scales`) and converted and scaled
+//!   once: one conversion and one FMA per 32 elements instead of one per four. The AVX2 kernels
+//!   scale every four-element group, because `maddubs` + `madd` cost two instructions per group
+//!   either way and their row-major tiles hold four-element partial sums in their lanes. Here
+//!   that work was the limit: a standalone measurement of the two orders on the rows-in-lanes
+//!   loop (`bench/accumulation_order`) gave 1.5–1.6× for chaining on a Zen 4.
 //!
-//! **Same bits as the AVX2 path.** Every lane of every register sees the operations AVX2's
-//! lanes see, in the same order: the byte dot products are exact integers either way (the
-//! module docs of `super::avx2` show `maddubs` never saturates, so both compute the true sums),
-//! the conversion to f32 is exact, and the f32 multiplies and FMAs are the same per lane. So the
-//! results are bit-identical to the AVX2 path's (a test checks it on every type and shape), and
-//! everything proven about that path (batch invariance, the error bounds against the exact
-//! reference) carries over.
-//!
-//! These instructions run only under emulation on the development machines (their hypervisor
-//! exposes no AVX-512): `scripts/test-avx512.sh` runs the kernel tests inside Bochs with an
-//! AVX-512 CPU model.
+//! **Bits.** The integer sums are exact, so only the f32 operations decide the bits, and every
+//! kernel here performs, per output, the operations of the scalar twin
+//! `portable::dot_block_sums_scalar`: a token's result is the same whichever kernel and batch
+//! computed it (a test checks every type, layout, token count and thread count against the
+//! twin). They are not the AVX2 path's bits (which sums in a different order); the two paths
+//! agree within the summation-error bound, as every path does with the exact reference.
 //!
 //! Every function here is `unsafe` because it must only run where [`available`] is true.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
-use super::avx2::{self, ByteDot};
-use super::avx2_interleaved;
-use super::decoded::{DecodedChunk, QuantizedActivations};
+use super::avx2;
+use super::avx2_interleaved::{
+    byte_lanes, check_inputs, halves_at, prefetch_record, q4_k_scale_min, signed_byte_lanes,
+    Lanes8, Record, DECODED_GROUP_BYTES, PREFETCH_AHEAD,
+};
+use super::decoded::QuantizedActivations;
+use super::interleaved::{
+    GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
+};
+use crate::quant::GgmlType;
 
 /// Whether this CPU runs the AVX-512 path: the AVX2 path's features (its decoders and float
 /// kernels are shared) plus AVX-512 F, BW, VL and VNNI. Detected once by the standard library.
@@ -44,359 +53,569 @@ pub(crate) fn available() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// AVX-512 VNNI's byte dot product: `vpdpbusd` into a zero accumulator, on 256-bit registers.
-pub(crate) struct Vnni;
+/// Most tokens one sweep of [`matvec`] or [`tile_decoded`] accumulates at once: two
+/// accumulators each beside a chunk's eight weight registers fit AVX-512's 32 vector registers.
+const SWEEP_TOKENS: usize = 4;
 
-impl ByteDot for Vnni {
-    #[inline(always)]
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
+/// One 32-element chunk of eight rows in registers: element group `j` (elements `4j..4j+4`) of
+/// row `r` at bytes `4r..4r+4` of `q[j]`; the rows' scales and offsets of each half (equal for
+/// both halves unless the type `has_half_scales`).
+struct LaneChunk {
+    q: [__m256i; 8],
+    scale: [__m256; 2],
+    offset: [__m256; 2],
+}
+
+/// What the kernels need to know of a chunk's type, as constants once inlined.
+#[derive(Clone, Copy)]
+struct ChunkKind {
+    /// Quants are signed bytes, multiplied as the unsigned `q + 128` (`vpdpbusd` takes unsigned
+    /// by signed bytes), with `128 · Σx` taken back off the chunk's exact integer sum (so never
+    /// together with `split`).
+    signed: bool,
+    /// Each half has its own scale and offset (`decoded::has_half_scales`).
+    split: bool,
+    /// Chunks have offset terms.
+    offsets: bool,
+}
+
+/// Adds one chunk's products with `NT` tokens to their accumulators: token `t`'s chunk is
+/// `at + t · nc` in `acts`. Per token and half (or whole chunk) `h`, as the scalar twin:
+/// `acc[h] = fma(isum, scale[h] · dx, acc[h])`, then `acc[h] = fma(offset[h], x_sum, acc[h])`.
+///
+/// # Safety
+/// `acts` must hold chunk `at + t · nc` for every `t < NT` (the callers check).
+#[inline(always)]
+unsafe fn accumulate_chunk<const NT: usize>(
+    kind: ChunkKind,
+    chunk: &LaneChunk,
+    acts: &QuantizedActivations,
+    at: usize,
+    nc: usize,
+    acc: &mut [[__m256; 2]; NT],
+) {
+    let mut unsigned = chunk.q;
+    if kind.signed {
+        // q + 128 as an unsigned byte: the sign bit flipped.
+        for u in &mut unsigned {
+            *u = _mm256_xor_si256(*u, _mm256_set1_epi8(i8::MIN));
+        }
     }
-}
-
-/// [`avx2::matvec_in_tile_order`] with [`Vnni`].
-///
-/// # Safety
-/// As [`avx2::matvec_in_tile_order`], and the CPU must pass [`available`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
-    w: &super::WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    store: impl FnMut(usize, usize, f32),
-) {
-    avx2::matvec_in_tile_order_with::<NT, Vnni>(w, rows, acts, first_token, store)
-}
-
-/// [`avx2::matvec_decoded_in_tile_order`] with [`Vnni`].
-///
-/// # Safety
-/// As [`avx2::matvec_in_tile_order`], and the CPU must pass [`available`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
-    w: &super::WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    store: impl FnMut(usize, usize, f32),
-) {
-    avx2::matvec_decoded_in_tile_order_with::<NT, Vnni>(w, rows, acts, first_token, store)
-}
-
-/// How this path runs its prefill tiles. All give the same bits; which is faster depends on the
-/// CPU: cores with full-width 512-bit units (Intel's server cores) gain from two tokens per
-/// register (measured on this project's Xeon VMs: SmolLM2 prefill 625 against 570 tok/s for
-/// 256-bit VNNI and ~540 for AVX2), while Zen 4 splits a 512-bit instruction into two 256-bit
-/// halves (its prefill was slower on the AVX-512 path than on AVX2), and LLVM's Zen 4 model
-/// (`bench/mca.sh`) even rates AVX2's `maddubs` tile above both AVX-512 tiles there. So it is
-/// measured, not assumed: [`pair_tile`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PairTile {
-    /// Two-token tiles with both tokens in one 512-bit register ([`tile_token_pair`]); other
-    /// widths as [`PairTile::Ymm`].
-    Zmm,
-    /// AVX2's tile body with 256-bit VNNI.
-    Ymm,
-    /// AVX2's own tile (`maddubs`): the AVX-512 path not chosen for prefill.
-    Avx2,
-    /// Rows in lanes (`avx2_interleaved::tile_decoded` with 256-bit VNNI, driven by the
-    /// kernels' `run_quantized_in_lanes`): eight decoded rows per register, so a token's factor
-    /// `scale · dx` is one multiply for eight rows instead of one per row. On this project's
-    /// Zen 4 VMs, whose 512-bit instructions take two 256-bit passes, it is the fastest
-    /// (prefill +8–18% over the 256-bit row tile, medians of five alternating runs).
-    Lanes,
-}
-
-impl PairTile {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PairTile::Zmm => "avx512-zmm-pair",
-            PairTile::Ymm => "avx512-ymm-vnni",
-            PairTile::Avx2 => "avx2-maddubs",
-            PairTile::Lanes => "avx512-rows-in-lanes",
+    for (t, acc) in acc.iter_mut().enumerate() {
+        let i = at + t * nc;
+        // SAFETY: chunk i exists (the caller's contract); its eight words are 32 bytes.
+        let x = acts.q.as_ptr().add(i).cast::<i32>();
+        let mut sums = [_mm256_setzero_si256(); 2];
+        if kind.signed {
+            // Σ (q + 128)·x = Σ q·x + 128·Σx: start from −128·Σx. (Signed types share one
+            // scale over the chunk, so the halves are added before any float work.)
+            // SAFETY: chunk i's integer sum exists (the caller's contract).
+            sums[0] = _mm256_set1_epi32(-128 * *acts.chunk_q_sums.as_ptr().add(i));
+        }
+        for (j, &u) in unsigned.iter().enumerate() {
+            let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
+            sums[j / 4] = _mm256_dpbusd_epi32(sums[j / 4], u, xj);
+        }
+        let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(i));
+        if kind.split {
+            for h in 0..2 {
+                let factor = _mm256_mul_ps(chunk.scale[h], xd);
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[h]), factor, acc[h]);
+                if kind.offsets {
+                    let x_sum =
+                        _mm256_broadcast_ss(&*acts.half_sums.as_ptr().add(i).cast::<f32>().add(h));
+                    acc[h] = _mm256_fmadd_ps(chunk.offset[h], x_sum, acc[h]);
+                }
+            }
+        } else {
+            let factor = _mm256_mul_ps(chunk.scale[0], xd);
+            let sum = _mm256_add_epi32(sums[0], sums[1]);
+            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), factor, acc[0]);
+            if kind.offsets {
+                let x_sum = _mm256_broadcast_ss(&*acts.chunk_sums.as_ptr().add(i));
+                acc[0] = _mm256_fmadd_ps(chunk.offset[0], x_sum, acc[0]);
+            }
         }
     }
 }
 
-/// The tile this process uses: `$EGPU_AVX512_TILE` (`zmm`, `ymm`, `avx2` or `lanes`) when set, else the
-/// fastest on a short timed run of a 4-row × 2-token tile ([`calibrate`]), decided once. Only
-/// the speed depends on the choice, never the results.
-pub fn pair_tile() -> PairTile {
-    static CHOICE: std::sync::OnceLock<PairTile> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(
-        || match std::env::var("EGPU_AVX512_TILE").as_deref().map(str::trim) {
-            Ok("zmm") => PairTile::Zmm,
-            Ok("ymm") => PairTile::Ymm,
-            Ok("avx2") => PairTile::Avx2,
-            Ok("lanes") => PairTile::Lanes,
-            _ if available() => calibrate(),
-            _ => PairTile::Ymm,
-        },
-    )
-}
-
-/// Times the four tiles on the same synthetic 4-row × 2-token block (64 chunks of Q4_1-like
-/// unsigned quants with offsets, L1-resident like a prefill tile's data; for rows in lanes,
-/// those four rows twice as one eight-row group, half as many calls) and returns the fastest.
-/// Rounds alternate and each variant keeps its best round, so a burst of other work on the
-/// machine slows all rather than deciding alone. About 15 ms.
-fn calibrate() -> PairTile {
-    if !available() {
-        return PairTile::Ymm;
-    }
-    const NC: usize = 64;
-    const RUNS_PER_ROUND: usize = 200;
-    let mut seed = 0x2545_f491u32;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        seed
+/// A token's eight row outputs from its accumulators (`acc[0] + acc[1]` where halves are
+/// split, else `acc[0]`: adding a zero would turn −0 into +0).
+#[inline(always)]
+unsafe fn lane_outputs(kind: ChunkKind, acc: &[__m256; 2]) -> [f32; GROUP_ROWS] {
+    let sum = if kind.split {
+        _mm256_add_ps(acc[0], acc[1])
+    } else {
+        acc[0]
     };
-    let mut w = vec![DecodedChunk::ZERO; 4 * NC];
-    for chunk in &mut w {
-        chunk.q.iter_mut().for_each(|q| *q = (next() & 15) as u8);
-        chunk.scale = [0.01; 8];
+    let mut out = [0f32; GROUP_ROWS];
+    // SAFETY: `out` is 8 writable f32.
+    _mm256_storeu_ps(out.as_mut_ptr(), sum);
+    out
+}
+
+/// Panics unless `acts` holds tokens up to `tokens` with their chunk sums (a caller's bug).
+fn check_chunk_sums(acts: &QuantizedActivations, tokens: usize) {
+    let n = tokens * acts.n_chunks;
+    assert!(acts.chunk_sums.len() >= n && acts.chunk_q_sums.len() >= n);
+}
+
+/// An interleaved type's records (see `super::interleaved`), unpacked chunk by chunk.
+trait LaneRecord {
+    /// Bytes per record (eight rows' blocks).
+    const BYTES: usize;
+    /// 32-element chunks per record: 1 for the legacy types, 8 for a K-quant super-block.
+    const CHUNKS: usize;
+    const KIND: ChunkKind;
+    /// How far ahead of the record in use to prefetch.
+    const AHEAD: usize;
+    /// What a record's chunks share, unpacked once per record.
+    type Shared;
+    /// # Safety
+    /// `record` must be a whole record.
+    unsafe fn shared(record: *const u8) -> Self::Shared;
+    /// Chunk `c` (< `CHUNKS`) of the record.
+    ///
+    /// # Safety
+    /// `record` must be a whole record and `shared` its own.
+    unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk;
+}
+
+/// A legacy (32-element block) type's records: one chunk each, one scale and offset per row.
+struct Legacy<R>(std::marker::PhantomData<R>);
+
+impl<R: Record> LaneRecord for Legacy<R> {
+    const BYTES: usize = R::BYTES;
+    const CHUNKS: usize = 1;
+    const KIND: ChunkKind = ChunkKind {
+        signed: R::SIGNED,
+        split: false,
+        offsets: R::OFFSET,
+    };
+    const AHEAD: usize = PREFETCH_AHEAD;
+    type Shared = ();
+    #[inline(always)]
+    unsafe fn shared(_: *const u8) {}
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, _: &(), _: usize) -> LaneChunk {
+        let mut q = [_mm256_setzero_si256(); 8];
+        for k in 0..4 {
+            (q[k], q[k + 4]) = R::groups(record, k);
+        }
+        let scale = halves_at(record, 0);
+        let offset = R::offsets(record);
+        LaneChunk {
+            q,
+            scale: [scale; 2],
+            offset: [offset; 2],
+        }
     }
-    let offsets = vec![[0.5f32, -0.5]; 4 * NC];
-    let mut acts = QuantizedActivations::default();
-    acts.reset(2, NC * super::decoded::CHUNK);
-    acts.q.iter_mut().flatten().for_each(|x| *x = next() as i8);
-    acts.d.iter_mut().for_each(|d| *d = 0.02);
-    // The same four rows twice, as one eight-row group in lanes.
-    let mut lanes_q = vec![0u8; NC * avx2_interleaved::DECODED_GROUP_BYTES];
-    let mut lanes_scales = vec![avx2_interleaved::Lanes8::default(); 2 * NC];
-    let mut lanes_offsets = lanes_scales.clone();
-    for r in 0..8 {
-        let at = (r % 4) * NC..(r % 4 + 1) * NC;
-        avx2_interleaved::scatter_decoded_row(
-            r,
-            &w[at.clone()],
-            &offsets[at],
-            &mut lanes_q,
-            &mut lanes_scales,
-            &mut lanes_offsets,
-        );
+}
+
+/// Q4_K records: one super-block of eight chunks; per chunk the scale is `d · sc` and the
+/// offset `−(dmin · m)`, computed exactly as the row-major decoder does.
+struct Q4K;
+
+impl LaneRecord for Q4K {
+    const BYTES: usize = 8 * 144;
+    const CHUNKS: usize = 8;
+    const KIND: ChunkKind = ChunkKind {
+        signed: false,
+        split: false,
+        offsets: true,
+    };
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    /// `d`, `dmin` and the transposed packed scale bytes.
+    type Shared = (__m256, __m256, [u64; 12]);
+    #[inline(always)]
+    unsafe fn shared(record: *const u8) -> Self::Shared {
+        let mut packed = [0u64; 12];
+        for (j, p) in packed.iter_mut().enumerate() {
+            // SAFETY: the record holds 96 scale bytes at Q4_K_SCALES.
+            *p = record
+                .add(Q4_K_SCALES + 8 * j)
+                .cast::<u64>()
+                .read_unaligned();
+        }
+        (halves_at(record, 0), halves_at(record, Q4_K_DMIN), packed)
     }
-    const VARIANTS: [PairTile; 4] = [
-        PairTile::Zmm,
-        PairTile::Ymm,
-        PairTile::Avx2,
-        PairTile::Lanes,
-    ];
-    let mut best = [std::time::Duration::MAX; 4];
-    let mut out = [[0f32; 2]; 4];
-    let mut lanes_out = [[0f32; 8]; 2];
-    for _ in 0..5 {
-        for (variant, best) in VARIANTS.into_iter().zip(&mut best) {
-            let start = std::time::Instant::now();
-            if variant == PairTile::Lanes {
-                // Eight rows a call: the others' work in half the calls.
-                for _ in 0..RUNS_PER_ROUND / 2 {
-                    // SAFETY: `available()` was checked above; one group of NC chunks with
-                    // both halves' scales and offsets, and 2 tokens of activations.
-                    unsafe {
-                        avx2_interleaved::tile_decoded_vnni(
-                            false,
-                            true,
-                            (&lanes_q, &lanes_scales, &lanes_offsets),
-                            &acts,
-                            0..2,
-                            &mut lanes_out,
-                        )
-                    };
-                    std::hint::black_box(&mut lanes_out);
-                }
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
+        let (d, dmin, packed) = shared;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (j, q) in q.iter_mut().enumerate() {
+            // SAFETY: the record holds 1024 bytes of nibbles at Q4_K_QS; run c / 2 holds chunk
+            // c's groups (low nibbles for even c, high for odd).
+            let v = _mm256_loadu_si256(record.add(Q4_K_QS + 32 * (8 * (c / 2) + j)).cast());
+            let v = if c.is_multiple_of(2) {
+                v
             } else {
-                for _ in 0..RUNS_PER_ROUND {
-                    // SAFETY: `available()` was checked above; the shapes match the contract
-                    // (4 rows and 2 tokens of NC chunks, offsets for every chunk).
-                    unsafe {
-                        tile_as::<4, 2, false, true>(variant, &w, &offsets, &acts, 0, &mut out)
-                    };
-                    std::hint::black_box(&mut out);
-                }
-            }
-            *best = (*best).min(start.elapsed());
+                _mm256_srli_epi16(v, 4)
+            };
+            *q = _mm256_and_si256(v, m4);
+        }
+        let (sc, m) = q4_k_scale_min(packed, c);
+        let scale = _mm256_mul_ps(*d, byte_lanes(sc));
+        // −(dmin·m), negated by the sign bit as `-x` is (not 0 − x, which turns −0 into +0).
+        let offset = _mm256_xor_ps(_mm256_mul_ps(*dmin, byte_lanes(m)), _mm256_set1_ps(-0.0));
+        LaneChunk {
+            q,
+            scale: [scale; 2],
+            offset: [offset; 2],
         }
     }
-    // Ties go to the earlier (wider) variant.
-    let fastest = (0..VARIANTS.len())
-        .min_by_key(|&i| (best[i], i))
-        .unwrap_or(0);
-    VARIANTS[fastest]
 }
 
-/// The mat-mat tile (see [`avx2::tile`] for the contract), as [`pair_tile`] chose.
-///
-/// # Safety
-/// As [`avx2::tile`], and the CPU must pass [`available`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn tile<
-    const RM: usize,
-    const RN: usize,
-    const SIGNED: bool,
-    const OFFSETS: bool,
->(
-    w: &[DecodedChunk],
-    offsets: &[[f32; 2]],
-    acts: &QuantizedActivations,
-    t0: usize,
-    out: &mut [[f32; RN]; RM],
-) {
-    tile_as::<RM, RN, SIGNED, OFFSETS>(pair_tile(), w, offsets, acts, t0, out)
-}
+/// Q6_K records: one super-block of eight chunks, each half with its own scale `d · sc` and
+/// offset `−32` times that. Chunk `c` lies in half `c / 4` of the super-block: nibble
+/// `(c % 4) / 2` of `ql` run `2·(c / 4) + c % 2`, and bits `2·(c % 4)` of `qh` run `c / 4`.
+struct Q6K;
 
-/// [`tile`] with a chosen two-token variant (the test compares them).
-///
-/// # Safety
-/// As [`tile`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn tile_as<
-    const RM: usize,
-    const RN: usize,
-    const SIGNED: bool,
-    const OFFSETS: bool,
->(
-    pair: PairTile,
-    w: &[DecodedChunk],
-    offsets: &[[f32; 2]],
-    acts: &QuantizedActivations,
-    t0: usize,
-    out: &mut [[f32; RN]; RM],
-) {
-    match pair {
-        PairTile::Zmm if RN == 2 => {
-            let mut pair = [[0f32; 2]; RM];
-            tile_token_pair::<RM, SIGNED, OFFSETS>(w, offsets, acts, t0, &mut pair);
-            for (dst, src) in out.iter_mut().zip(&pair) {
-                dst.copy_from_slice(src);
-            }
+impl LaneRecord for Q6K {
+    const BYTES: usize = 8 * 210;
+    const CHUNKS: usize = 8;
+    const KIND: ChunkKind = ChunkKind {
+        signed: false,
+        split: true,
+        offsets: true,
+    };
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    type Shared = __m256;
+    #[inline(always)]
+    unsafe fn shared(record: *const u8) -> __m256 {
+        halves_at(record, 0)
+    }
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, d: &__m256, c: usize) -> LaneChunk {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        let (half, k) = (c / 4, c % 4);
+        let low_shift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
+        let high_shift = _mm_cvtsi32_si128(2 * k as i32);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (j, q) in q.iter_mut().enumerate() {
+            // SAFETY: the record's ql holds 32 words and qh 16 words per row.
+            let ql = _mm256_loadu_si256(
+                record
+                    .add(Q6_K_QL + 32 * (16 * half + 8 * (k % 2) + j))
+                    .cast(),
+            );
+            let qh = _mm256_loadu_si256(record.add(Q6_K_QH + 32 * (8 * half + j)).cast());
+            let low = _mm256_and_si256(_mm256_srl_epi16(ql, low_shift), m4);
+            let high = _mm256_and_si256(_mm256_srl_epi16(qh, high_shift), m2);
+            *q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
         }
-        PairTile::Avx2 => {
-            avx2::tile_with::<RM, RN, SIGNED, OFFSETS, avx2::Maddubs>(w, offsets, acts, t0, out)
+        let mut scale = [_mm256_setzero_ps(); 2];
+        let mut offset = [_mm256_setzero_ps(); 2];
+        for i in 0..2 {
+            // SAFETY: the record holds 16 × 8 scale bytes at Q6_K_SCALES.
+            let sc = record.add(Q6_K_SCALES + 8 * (2 * c + i)).cast::<u64>();
+            scale[i] = _mm256_mul_ps(*d, signed_byte_lanes(sc.read_unaligned()));
+            offset[i] = _mm256_mul_ps(_mm256_set1_ps(-32.0), scale[i]);
         }
-        _ => avx2::tile_with::<RM, RN, SIGNED, OFFSETS, Vnni>(w, offsets, acts, t0, out),
+        LaneChunk { q, scale, offset }
     }
 }
 
-/// Eight f32 (32 bytes at `p`) in both halves of a 512-bit register.
-#[inline(always)]
-unsafe fn broadcast_8_floats(p: *const f32) -> __m512 {
-    // SAFETY: the caller's `p` points at 8 readable f32; `loadu` needs no alignment.
-    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
-}
-
-/// Eight f32 at `low` in the low half and eight at `high` in the high half.
-#[inline(always)]
-unsafe fn two_8_floats(low: *const f32, high: *const f32) -> __m512 {
-    // SAFETY: the caller's pointers each point at 8 readable f32.
-    let low = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(low)));
-    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-        low,
-        _mm256_castps_pd(_mm256_loadu_ps(high)),
-    ))
-}
-
-/// The sum of each half's eight lanes, in `avx2::sum_lanes`' order.
-#[inline(always)]
-unsafe fn sum_halves(v: __m512) -> [f32; 2] {
-    let high = _mm512_castpd_ps(_mm512_castpd256_pd512(_mm512_extractf64x4_pd::<1>(
-        _mm512_castps_pd(v),
-    )));
-    [
-        avx2::sum_lanes(_mm512_castps512_ps256(v)),
-        avx2::sum_lanes(_mm512_castps512_ps256(high)),
-    ]
-}
-
-/// `RM` decoded rows × tokens `t0` and `t0 + 1`: lanes 0–7 of row `i`'s accumulator are what
-/// AVX2's accumulator of (row `i`, token `t0`) holds, lanes 8–15 those of (row `i`, token
-/// `t0 + 1`), with the same operations per lane (see the module docs).
+/// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups `groups` of
+/// the interleaved matrix `w`; calls `store(t, r, y)` for every output, `t` counted in `acts`.
+/// The decode mat-vec: records are unpacked in registers, once per [`SWEEP_TOKENS`] tokens.
 ///
 /// # Safety
-/// As [`tile`] with `RN == 2` (the shapes are checked; a failure is a caller's bug and panics).
+/// The CPU must pass [`available`]. `w` must be interleaved (`super::Layout`) with consistent
+/// shape and a type `interleaved::has_interleaved_form` accepts, and `acts` must hold
+/// `first_token + n_tokens` tokens of `w.cols` values (checked; failing is a caller's bug and
+/// panics).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn matvec(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    use super::avx2_interleaved as records;
+    let (g, a, t, n, s) = (groups, acts, first_token, n_tokens, &mut store);
+    match w.ty {
+        GgmlType::Q4_0 => matvec_records::<Legacy<records::Q4_0>>(w, g, a, t, n, s),
+        GgmlType::Q4_1 => matvec_records::<Legacy<records::Q4_1>>(w, g, a, t, n, s),
+        GgmlType::Q5_0 => matvec_records::<Legacy<records::Q5_0>>(w, g, a, t, n, s),
+        GgmlType::Q5_1 => matvec_records::<Legacy<records::Q5_1>>(w, g, a, t, n, s),
+        GgmlType::Q8_0 => matvec_records::<Legacy<records::Q8_0>>(w, g, a, t, n, s),
+        GgmlType::Q4_K => matvec_records::<Q4K>(w, g, a, t, n, s),
+        GgmlType::Q6_K => matvec_records::<Q6K>(w, g, a, t, n, s),
+        other => panic!("no interleaved form for {other}"),
+    }
+}
+
+/// [`matvec`] for one record type: per group, tokens in sweeps of up to [`SWEEP_TOKENS`].
 #[inline(always)]
-unsafe fn tile_token_pair<const RM: usize, const SIGNED: bool, const OFFSETS: bool>(
-    w: &[DecodedChunk],
-    offsets: &[[f32; 2]],
+unsafe fn matvec_records<K: LaneRecord>(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let n_records = nc / K::CHUNKS;
+    let end = first_token + n_tokens;
+    check_inputs(w, &groups, acts, end, K::BYTES, K::CHUNKS);
+    check_chunk_sums(acts, end);
+    for g in groups {
+        let group = w.data[g * n_records * K::BYTES..].as_ptr();
+        let mut t = first_token;
+        while t < end {
+            let prefetch = t == first_token;
+            // SAFETY: the group holds `n_records` records and `acts` tokens up to `end`
+            // (checked above).
+            match end - t {
+                1 => matvec_sweep::<K, 1>(group, n_records, acts, t, prefetch, g, store),
+                2 => matvec_sweep::<K, 2>(group, n_records, acts, t, prefetch, g, store),
+                3 => matvec_sweep::<K, 3>(group, n_records, acts, t, prefetch, g, store),
+                _ => matvec_sweep::<K, SWEEP_TOKENS>(group, n_records, acts, t, prefetch, g, store),
+            }
+            t += (end - t).min(SWEEP_TOKENS);
+        }
+    }
+}
+
+/// Tokens `t0..t0 + NT` through group `g`'s `n_records` records at `group`.
+///
+/// # Safety
+/// As [`matvec_records`]' checks guarantee.
+#[inline(always)]
+unsafe fn matvec_sweep<K: LaneRecord, const NT: usize>(
+    group: *const u8,
+    n_records: usize,
     acts: &QuantizedActivations,
     t0: usize,
-    out: &mut [[f32; 2]; RM],
+    prefetch: bool,
+    g: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+    for i in 0..n_records {
+        let record = group.add(i * K::BYTES);
+        if prefetch {
+            prefetch_record(record, K::BYTES, K::AHEAD);
+        }
+        let shared = K::shared(record);
+        for c in 0..K::CHUNKS {
+            let chunk = K::chunk(record, &shared, c);
+            accumulate_chunk(
+                K::KIND,
+                &chunk,
+                acts,
+                t0 * nc + i * K::CHUNKS + c,
+                nc,
+                &mut acc,
+            );
+        }
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        for (r, y) in lane_outputs(K::KIND, acc).into_iter().enumerate() {
+            store(t0 + t, g * GROUP_ROWS + r, y);
+        }
+    }
+}
+
+/// Unpacks group `g` of the interleaved matrix `w` into [`tile_decoded`]'s layout (`q`: one
+/// [`DECODED_GROUP_BYTES`] run per chunk; `scales`, `offsets`: eight rows per half-chunk),
+/// straight from its records: the values `decoded::decode_row_scalar` gives each row, without
+/// gathering rows back into GGUF form first.
+///
+/// # Safety
+/// The CPU must pass [`available`]. `w` must be interleaved with a type
+/// `interleaved::has_interleaved_form` accepts and `g` one of its groups; the buffers must hold
+/// `w.cols / 32` chunks (checked; failing is a caller's bug and panics).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn unpack_group(
+    w: &super::WeightMatrix,
+    g: usize,
+    (q, scales, offsets): (&mut [u8], &mut [Lanes8], &mut [Lanes8]),
+) {
+    use super::avx2_interleaved as records;
+    let out = (q, scales, offsets);
+    match w.ty {
+        GgmlType::Q4_0 => unpack_records::<Legacy<records::Q4_0>>(w, g, out),
+        GgmlType::Q4_1 => unpack_records::<Legacy<records::Q4_1>>(w, g, out),
+        GgmlType::Q5_0 => unpack_records::<Legacy<records::Q5_0>>(w, g, out),
+        GgmlType::Q5_1 => unpack_records::<Legacy<records::Q5_1>>(w, g, out),
+        GgmlType::Q8_0 => unpack_records::<Legacy<records::Q8_0>>(w, g, out),
+        GgmlType::Q4_K => unpack_records::<Q4K>(w, g, out),
+        GgmlType::Q6_K => unpack_records::<Q6K>(w, g, out),
+        other => panic!("no interleaved form for {other}"),
+    }
+}
+
+/// [`unpack_group`] for one record type.
+#[inline(always)]
+unsafe fn unpack_records<K: LaneRecord>(
+    w: &super::WeightMatrix,
+    g: usize,
+    (q, scales, offsets): (&mut [u8], &mut [Lanes8], &mut [Lanes8]),
+) {
+    let nc = w.cols / super::decoded::CHUNK;
+    let n_records = nc / K::CHUNKS;
+    assert!(
+        w.layout == super::Layout::Interleaved8
+            && nc.is_multiple_of(K::CHUNKS)
+            && w.data.len() >= (g + 1) * n_records * K::BYTES
+            && q.len() >= nc * DECODED_GROUP_BYTES
+            && scales.len() >= 2 * nc
+            && offsets.len() >= 2 * nc
+    );
+    let group = w.data[g * n_records * K::BYTES..].as_ptr();
+    let (qp, sp, op) = (q.as_mut_ptr(), scales.as_mut_ptr(), offsets.as_mut_ptr());
+    for i in 0..n_records {
+        // SAFETY: the group holds `n_records` records (checked).
+        let record = group.add(i * K::BYTES);
+        let shared = K::shared(record);
+        for c in 0..K::CHUNKS {
+            let chunk = K::chunk(record, &shared, c);
+            let at = i * K::CHUNKS + c;
+            for (j, &group) in chunk.q.iter().enumerate() {
+                // SAFETY: chunk `at` < nc has its DECODED_GROUP_BYTES in `q` (checked).
+                _mm256_storeu_si256(qp.add(at * DECODED_GROUP_BYTES + 32 * j).cast(), group);
+            }
+            for h in 0..2 {
+                // SAFETY: half 2·at + h < 2·nc of both (checked); `Lanes8` is 32-byte aligned.
+                _mm256_store_ps(sp.add(2 * at + h).cast(), chunk.scale[h]);
+                let offset = if K::KIND.offsets {
+                    chunk.offset[h]
+                } else {
+                    _mm256_setzero_ps()
+                };
+                _mm256_store_ps(op.add(2 * at + h).cast(), offset);
+            }
+        }
+    }
+}
+
+/// Eight decoded rows (in `avx2_interleaved::scatter_decoded_row`'s layout: `q` holds
+/// [`DECODED_GROUP_BYTES`] per chunk, `scales` and `offsets` eight rows per half-chunk) × the
+/// tokens `tokens` of `acts`, in sweeps of up to [`SWEEP_TOKENS`]: the prefill tile.
+/// `out[t - tokens.start]` gets token `t`'s eight rows. Each chunk's eight element groups are
+/// loaded once per sweep.
+///
+/// # Safety
+/// The CPU must pass [`available`]. The group must hold `acts.n_chunks` chunks (`offsets` too
+/// when `with_offsets`), `acts` the tokens, and `out` at least `tokens.len()` entries (checked;
+/// failing is a caller's bug and panics).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn tile_decoded(
+    (signed, split, with_offsets): (bool, bool, bool),
+    (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
+    acts: &QuantizedActivations,
+    tokens: std::ops::Range<usize>,
+    out: &mut [[f32; GROUP_ROWS]],
 ) {
     let nc = acts.n_chunks;
     assert!(
-        w.len() >= RM * nc
-            && (!OFFSETS || offsets.len() >= RM * nc)
-            && acts.q.len() >= (t0 + 2) * nc
-            && acts.d.len() == acts.q.len()
-            && acts.half_sums.len() == acts.q.len()
+        q.len() >= nc * DECODED_GROUP_BYTES
+            && scales.len() >= 2 * nc
+            && (!with_offsets || offsets.len() >= 2 * nc)
+            && acts.q.len() >= tokens.end * nc
+            && acts.d.len() >= tokens.end * nc
+            && acts.half_sums.len() >= tokens.end * nc
+            && out.len() >= tokens.len()
     );
-    let mut acc = [_mm512_setzero_ps(); RM];
-    let wp = w.as_ptr();
-    let xq = acts.q.as_ptr().add(t0 * nc);
-    let xd = acts.d.as_ptr().add(t0 * nc);
-    for c in 0..nc {
-        // SAFETY: chunks c and nc + c of the two tokens exist (checked above).
-        let x0 = _mm256_loadu_si256(xq.add(c).cast());
-        let x = _mm512_inserti64x4::<1>(
-            _mm512_castsi256_si512(x0),
-            _mm256_loadu_si256(xq.add(nc + c).cast()),
-        );
-        let dx = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(*xd.add(c)),
-            _mm512_set1_ps(*xd.add(nc + c)),
-        );
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            // SAFETY: i * nc + c < RM * nc <= w.len(); chunks are 32-byte aligned.
-            let chunk = &*wp.add(i * nc + c);
-            let q = _mm512_broadcast_i64x4(_mm256_load_si256(chunk.q.as_ptr().cast()));
-            let (magnitude, x) = if SIGNED {
-                // |q| · (x · sign q), as AVX2's `sign`, which has no 512-bit form: x negated
-                // where q < 0. Where q = 0 the magnitude is 0, so x is left as it is.
-                let negative = _mm512_movepi8_mask(q);
-                let x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
-                (_mm512_abs_epi8(q), x)
-            } else {
-                (q, x)
+    check_chunk_sums(acts, tokens.end);
+    let group = (q, scales, offsets);
+    // One instance per kind of chunk the decoders produce, so that its tests fold away.
+    macro_rules! sweeps {
+        ($signed:literal, $split:literal, $offsets:literal) => {{
+            const KIND: ChunkKind = ChunkKind {
+                signed: $signed,
+                split: $split,
+                offsets: $offsets,
             };
-            let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, x);
-            let factor = _mm512_mul_ps(broadcast_8_floats(chunk.scale.as_ptr()), dx);
-            *acc_i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), factor, *acc_i);
-        }
+            tile_sweeps(KIND, group, acts, tokens, out)
+        }};
     }
-    let mut tail = [[0f32; 2]; RM];
-    if OFFSETS {
-        // Σ_h offset[r][h] · half_sum[t][h] over the 2·nc halves: eight at a time, then the
-        // rest in order, as `avx2::tile` adds them.
-        let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
-        let op = offsets.as_flattened().as_ptr();
-        let sp = acts.half_sums.as_flattened().as_ptr().add(2 * t0 * nc);
-        let mut k = 0;
-        while k < full {
-            // SAFETY: halves + k + 8 <= 2 · 2 · nc, the two tokens' half sums checked above.
-            let s = two_8_floats(sp.add(k), sp.add(halves + k));
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                // SAFETY: i * halves + k + 8 <= RM * 2 * nc, the offsets checked above.
-                let o = broadcast_8_floats(op.add(i * halves + k));
-                *acc_i = _mm512_fmadd_ps(o, s, *acc_i);
-            }
-            k += 8;
-        }
-        for (i, tail_i) in tail.iter_mut().enumerate() {
-            for (j, t) in tail_i.iter_mut().enumerate() {
-                // SAFETY: as above, for the halves full..halves of row i and token j.
-                *t = avx2::offset_tail(op.add(i * halves), sp.add(j * halves), full..halves);
-            }
-        }
+    // Signed quants take `128 · Σx` off the whole chunk's sum, so they cannot have per-half
+    // scales; no type has both (`decoded::is_signed`, `decoded::has_half_scales`).
+    assert!(!(signed && split), "signed quants with per-half scales");
+    match (signed, split, with_offsets) {
+        (true, _, false) => sweeps!(true, false, false),
+        (true, _, true) => sweeps!(true, false, true),
+        (false, false, true) => sweeps!(false, false, true),
+        (false, true, true) => sweeps!(false, true, true),
+        (false, false, false) => sweeps!(false, false, false),
+        (false, true, false) => sweeps!(false, true, false),
     }
-    for ((out_i, acc_i), tail_i) in out.iter_mut().zip(&acc).zip(&tail) {
-        let sums = sum_halves(*acc_i);
-        for ((o, s), t) in out_i.iter_mut().zip(sums).zip(tail_i) {
-            *o = s + t;
+}
+
+/// [`tile_decoded`]'s sweeps for one kind of chunk.
+///
+/// # Safety
+/// As [`tile_decoded`], whose checks it relies on.
+#[inline(always)]
+unsafe fn tile_sweeps(
+    kind: ChunkKind,
+    group: (&[u8], &[Lanes8], &[Lanes8]),
+    acts: &QuantizedActivations,
+    tokens: std::ops::Range<usize>,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    let mut t = tokens.start;
+    while t < tokens.end {
+        let out = &mut out[t - tokens.start..];
+        match tokens.end - t {
+            1 => tile_sweep::<1>(kind, group, acts, t, out),
+            2 => tile_sweep::<2>(kind, group, acts, t, out),
+            3 => tile_sweep::<3>(kind, group, acts, t, out),
+            _ => tile_sweep::<SWEEP_TOKENS>(kind, group, acts, t, out),
         }
+        t += (tokens.end - t).min(SWEEP_TOKENS);
+    }
+}
+
+/// Tokens `t0..t0 + NT` through one decoded group, into `out[..NT]`.
+///
+/// # Safety
+/// As [`tile_decoded`], whose checks it relies on.
+#[inline(always)]
+unsafe fn tile_sweep<const NT: usize>(
+    kind: ChunkKind,
+    (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    let nc = acts.n_chunks;
+    let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+    let (qp, sp, op) = (q.as_ptr(), scales.as_ptr(), offsets.as_ptr());
+    for c in 0..nc {
+        let mut chunk = LaneChunk {
+            q: [_mm256_setzero_si256(); 8],
+            // SAFETY: both halves' scales of chunk c exist (checked by the caller).
+            scale: [
+                _mm256_load_ps(sp.add(2 * c).cast()),
+                _mm256_load_ps(sp.add(2 * c + 1).cast()),
+            ],
+            offset: [_mm256_setzero_ps(); 2],
+        };
+        if kind.offsets {
+            // SAFETY: as the scales, when the group has offsets.
+            chunk.offset = [
+                _mm256_load_ps(op.add(2 * c).cast()),
+                _mm256_load_ps(op.add(2 * c + 1).cast()),
+            ];
+        }
+        for (j, group) in chunk.q.iter_mut().enumerate() {
+            // SAFETY: chunk c's eight groups of 32 bytes exist (checked by the caller).
+            *group = _mm256_loadu_si256(qp.add(c * DECODED_GROUP_BYTES + 32 * j).cast());
+        }
+        accumulate_chunk(kind, &chunk, acts, t0 * nc + c, nc, &mut acc);
+    }
+    for (acc, out) in acc.iter().zip(out.iter_mut()) {
+        *out = lane_outputs(kind, acc);
     }
 }
 
@@ -464,101 +683,5 @@ pub(crate) unsafe fn tile_f32<const RM: usize>(
                 out_row[j] = sum;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// All three tiles give the same bits for every kind of chunk (signed or not, with
-    /// offsets or not) and every row count, so [`pair_tile`]'s timing only changes the speed.
-    #[test]
-    fn both_pair_tiles_give_the_same_bits() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 (F, BW, VL, VNNI)");
-            return;
-        }
-        const NC: usize = 9;
-        let mut seed = 0x9e37_79b9u32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
-        // Quants and activations within what the decoders and the quantizer produce (at most 5
-        // bits unsigned, ±127 signed, activations ±127), where AVX2's `maddubs` cannot saturate.
-        let mut unsigned = vec![DecodedChunk::ZERO; 4 * NC];
-        let mut signed = vec![DecodedChunk::ZERO; 4 * NC];
-        for (u, s) in unsigned.iter_mut().zip(&mut signed) {
-            u.q.iter_mut().for_each(|q| *q = (next() % 32) as u8);
-            s.q.iter_mut()
-                .for_each(|q| *q = ((next() % 255) as i32 - 127) as i8 as u8);
-            let scale = (next() % 1000) as f32 * 1e-4;
-            u.scale = [scale; 8];
-            s.scale = [scale * 0.5; 8];
-        }
-        let offsets: Vec<[f32; 2]> = (0..4 * NC)
-            .map(|_| {
-                [
-                    (next() % 100) as f32 * 0.01,
-                    -((next() % 100) as f32) * 0.01,
-                ]
-            })
-            .collect();
-        let mut acts = QuantizedActivations::default();
-        acts.reset(3, NC * super::super::decoded::CHUNK);
-        acts.q
-            .iter_mut()
-            .flatten()
-            .for_each(|x| *x = ((next() % 255) as i32 - 127) as i8);
-        acts.d
-            .iter_mut()
-            .for_each(|d| *d = (next() % 1000) as f32 * 1e-3);
-        acts.half_sums
-            .iter_mut()
-            .flatten()
-            .for_each(|s| *s = (next() % 2000) as f32 * 0.01 - 10.0);
-        macro_rules! compare {
-            ($rm:literal, $signed:literal, $offsets:literal) => {
-                for t0 in 0..2 {
-                    let run = |pair| {
-                        let mut out = [[0f32; 2]; $rm];
-                        let w = if $signed { &signed } else { &unsigned };
-                        // SAFETY: AVX-512 checked above; $rm rows and tokens t0, t0 + 1 of NC
-                        // chunks exist, with offsets for every chunk.
-                        unsafe {
-                            tile_as::<$rm, 2, $signed, $offsets>(
-                                pair, w, &offsets, &acts, t0, &mut out,
-                            )
-                        };
-                        out.map(|row| row.map(f32::to_bits))
-                    };
-                    assert_eq!(
-                        run(PairTile::Zmm),
-                        run(PairTile::Avx2),
-                        "{} rows, signed {}, offsets {}, t0 {t0}",
-                        $rm,
-                        $signed,
-                        $offsets
-                    );
-                    assert_eq!(
-                        run(PairTile::Zmm),
-                        run(PairTile::Ymm),
-                        "{} rows, signed {}, offsets {}, t0 {t0}",
-                        $rm,
-                        $signed,
-                        $offsets
-                    );
-                }
-            };
-        }
-        compare!(1, false, true);
-        compare!(2, true, false);
-        compare!(3, false, false);
-        compare!(4, false, true);
-        compare!(4, true, false);
-        compare!(4, true, true);
     }
 }

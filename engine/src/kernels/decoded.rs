@@ -69,6 +69,13 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
     !is_signed(ty)
 }
 
+/// Whether the two 16-element halves of `ty`'s chunks have their own scales and offsets (the
+/// K-quants with 16-element sub-blocks). For every other type both halves share them, and the
+/// AVX-512 kernels sum a whole chunk in integers before scaling it.
+pub(crate) fn has_half_scales(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
+}
+
 /// Whether the integer kernels handle `ty`: every block-quantized type that has a dequantizer
 /// (the plain float types go through the f32 tiles instead).
 pub(crate) fn is_block_quantized(ty: GgmlType) -> bool {
@@ -307,6 +314,9 @@ pub(crate) struct QuantizedActivations {
     pub half_sums: Vec<[f32; 2]>,
     /// The two half sums added, for types whose offset is the same over a whole chunk.
     pub chunk_sums: Vec<f32>,
+    /// `Σ q` over each chunk, in integers: the AVX-512 kernels multiply signed weights `w` as
+    /// the unsigned bytes `w + 128` and take `128 · Σ q` back off.
+    pub chunk_q_sums: Vec<i32>,
 }
 
 impl QuantizedActivations {
@@ -318,12 +328,16 @@ impl QuantizedActivations {
         self.d.resize(n, 0.0);
         self.half_sums.resize(n, [0.0; 2]);
         self.chunk_sums.resize(n, 0.0);
+        self.chunk_q_sums.resize(n, 0);
     }
 
-    /// Fills `chunk_sums` from `half_sums`.
+    /// Fills `chunk_sums` from `half_sums`, and `chunk_q_sums` from `q`.
     pub fn sum_halves(&mut self) {
         for (sum, halves) in self.chunk_sums.iter_mut().zip(&self.half_sums) {
             *sum = halves[0] + halves[1];
+        }
+        for (sum, q) in self.chunk_q_sums.iter_mut().zip(&self.q) {
+            *sum = q.iter().map(|&v| i32::from(v)).sum();
         }
     }
 }

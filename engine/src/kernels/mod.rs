@@ -40,15 +40,19 @@
 //! # Paths
 //!
 //! [`KernelPath`]: `Avx512` (x86-64 with AVX-512 F/BW/VL/VNNI besides AVX2: VNNI byte dot
-//! products, two tokens per 512-bit register in the mat-mat tile; see `avx512`), `Avx2`
+//! products chained over each block in 32-bit integers, eight rows per register in every
+//! quantized kernel; see `avx512`), `Avx2`
 //! (x86-64 with AVX2, FMA, F16C), `Neon` (arm64 with the dot product extension: `sdot` in the
 //! quantized tiles, see `neon`; the portable kernels for the rest, and the portable path's
 //! bits), all chosen at run time with detection cached, `Portable`
 //! (plain Rust with fixed-width lane arrays that the compiler vectorizes for any target, e.g.
 //! NEON on arm64), and `Scalar` (straightforward loops: the twin the others are tested
 //! against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|neon|avx2|avx512`
-//! overrides it (for benchmarks and bisecting numerical differences). The AVX-512 path gives
-//! the AVX2 path's bits exactly and shares its code for everything but the integer work.
+//! overrides it (for benchmarks and bisecting numerical differences). The AVX-512 path shares
+//! the AVX2 code for everything but the quantized products, whose order of operations is its
+//! own (one conversion and FMA per block, not per four elements), so its bits are its own too:
+//! every kernel within a path gives the same bits for a token (batch invariance), and paths
+//! agree with each other within the summation-error bound.
 //!
 //! # Threads
 //!
@@ -290,24 +294,16 @@ impl KernelPath {
                     .copied()
                     .unwrap_or(KernelPath::Scalar),
             };
-            // The AVX-512 path times its prefill tiles now, at the first load, rather than in
-            // the first request's prefill.
-            #[cfg(target_arch = "x86_64")]
-            if path == KernelPath::Avx512 {
-                avx512::pair_tile();
-            }
             path
         })
     }
 
-    /// The prefill tile kernel this path runs, for benchmarks (`egpu_bench`): the path's name,
-    /// or on AVX-512 the tile [`avx512::pair_tile`] chose.
+    /// The prefill tile kernel this path runs, for benchmarks (`egpu_bench`).
     pub fn tile_kernel(self) -> &'static str {
-        #[cfg(target_arch = "x86_64")]
-        if self == KernelPath::Avx512 {
-            return avx512::pair_tile().as_str();
+        match self {
+            KernelPath::Avx512 => "avx512-rows-in-lanes-block-sums",
+            _ => self.name(),
         }
-        self.name()
     }
 
     /// Lower-case name, as `$EGPU_KERNELS` spells it.
@@ -507,7 +503,7 @@ unsafe fn interleaved_matvec(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512 is available (the caller's contract); the rest is the caller's too.
         KernelPath::Avx512 => unsafe {
-            avx2_interleaved::matvec_vnni(w, groups, acts, first_token, n_tokens, store)
+            avx512::matvec(w, groups, acts, first_token, n_tokens, store)
         },
         // SAFETY: AVX2 is available (the caller's contract); the rest is the caller's too.
         _ => unsafe { avx2_interleaved::matvec(w, groups, acts, first_token, n_tokens, store) },
@@ -535,22 +531,6 @@ unsafe fn rows_matvec(
     // shapes are the caller's too (and checked inside).
     unsafe {
         match (path, n_tokens) {
-            #[cfg(target_arch = "x86_64")]
-            (KernelPath::Avx512, 1) => {
-                avx512::matvec_in_tile_order::<1>(w, rows, acts, first, store)
-            }
-            #[cfg(target_arch = "x86_64")]
-            (KernelPath::Avx512, 2) => {
-                avx512::matvec_decoded_in_tile_order::<2>(w, rows, acts, first, store)
-            }
-            #[cfg(target_arch = "x86_64")]
-            (KernelPath::Avx512, 3) => {
-                avx512::matvec_decoded_in_tile_order::<3>(w, rows, acts, first, store)
-            }
-            #[cfg(target_arch = "x86_64")]
-            (KernelPath::Avx512, _) => {
-                avx512::matvec_in_tile_order::<4>(w, rows, acts, first, store)
-            }
             (_, 1) => avx2::matvec_in_tile_order::<1>(w, rows, acts, first, store),
             (_, 2) => avx2::matvec_decoded_in_tile_order::<2>(w, rows, acts, first, store),
             (_, 3) => avx2::matvec_decoded_in_tile_order::<3>(w, rows, acts, first, store),
@@ -663,7 +643,7 @@ struct Scratch {
 #[cfg(target_arch = "x86_64")]
 #[derive(Default)]
 struct LanesScratch {
-    /// The block's groups in `avx2_interleaved::tile_decoded`'s layout.
+    /// The block's groups in `avx512::tile_decoded`'s layout.
     q: Vec<u8>,
     scales: Vec<avx2_interleaved::Lanes8>,
     offsets: Vec<avx2_interleaved::Lanes8>,
@@ -749,6 +729,25 @@ impl SharedOutput {
         assert!(index < self.len, "output index {index} out of {}", self.len);
         // SAFETY: in bounds (checked), and exclusive to this thread per the contract above.
         unsafe { self.ptr.add(index).write(value) };
+    }
+
+    /// Stores `values` at `index..index + values.len()` (bounds-checked), as [`Self::write`]
+    /// does one value.
+    ///
+    /// # Safety
+    /// As [`Self::write`], for every index of the run.
+    unsafe fn write_run(&self, index: usize, values: &[f32]) {
+        assert!(
+            index <= self.len && values.len() <= self.len - index,
+            "output run {index}..+{} out of {}",
+            values.len(),
+            self.len
+        );
+        // SAFETY: in bounds (checked), exclusive to this thread per the contract above, and
+        // `values` (a shared borrow) cannot overlap the exclusively borrowed output.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(index), values.len())
+        };
     }
 }
 
@@ -905,24 +904,9 @@ fn quantized_tile(
                     }
                 }
             },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as for AVX2, with AVX-512 available.
-            KernelPath::Avx512 => unsafe {
-                match (signed, with_offsets) {
-                    (true, false) => {
-                        avx512::tile::<RM, RN, true, false>(w, offsets, acts, t0, &mut o)
-                    }
-                    (true, true) => {
-                        avx512::tile::<RM, RN, true, true>(w, offsets, acts, t0, &mut o)
-                    }
-                    (false, false) => {
-                        avx512::tile::<RM, RN, false, false>(w, offsets, acts, t0, &mut o)
-                    }
-                    (false, true) => {
-                        avx512::tile::<RM, RN, false, true>(w, offsets, acts, t0, &mut o)
-                    }
-                }
-            },
+            // `run_quantized` sends the AVX-512 path to `run_quantized_in_lanes` before any
+            // row-major tile: this path's bits are its own (see `avx512`).
+            KernelPath::Avx512 => unreachable!("the AVX-512 path has no row-major tile"),
             #[cfg(target_arch = "aarch64")]
             // SAFETY: `path` is available; `w`, `offsets` and `acts` hold the tile's rows and
             // tokens (the driver's tiling guarantees it; `tile` re-checks).
@@ -977,7 +961,7 @@ fn run_quantized(
         return;
     }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path.runs_avx2() && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
+    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
         pool.run_parts(n_parts, &|part, n_parts| {
             let units = split(units, n_parts, part);
             let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
@@ -1001,9 +985,11 @@ fn run_quantized(
         });
         return;
     }
+    // The AVX-512 path's other products (prefill, and any token count on GGUF's layout) run
+    // with rows in lanes too, for its order of operations.
     #[cfg(target_arch = "x86_64")]
-    if path == KernelPath::Avx512 && avx512::pair_tile() == avx512::PairTile::Lanes {
-        run_quantized_in_lanes(pool, path, w, acts, n_tokens, y);
+    if path == KernelPath::Avx512 {
+        run_quantized_in_lanes(pool, w, acts, n_tokens, y);
         return;
     }
     // Cache blocking: a block of rows is decoded once into the buffer, then token blocks sweep
@@ -1087,17 +1073,16 @@ fn run_quantized(
     });
 }
 
-/// [`run_quantized`]'s mat-mat with rows in lanes: blocks of eight-row groups are decoded once
-/// into `avx2_interleaved::tile_decoded`'s layout, then token pairs sweep across them. The
-/// same bits as the row-major tiles (the tile's docs say why), with the factor `scale · dx`
-/// multiplied once per eight rows instead of once per row. A last group past the matrix's
-/// rows is padded with zero rows, whose outputs are dropped. The AVX-512 path only: with AVX2's
-/// `maddubs` (two instructions per byte dot product) it measured no faster than the row-major
-/// tile on this project's Zen 4 VMs, so AVX2 keeps that.
+/// [`run_quantized`] on the AVX-512 path, wherever its interleaved mat-vec does not apply:
+/// blocks of eight-row groups are decoded once into `avx512::tile_decoded`'s layout, then
+/// sweeps of up to four tokens cross them, with the path's per-block integer sums (the same
+/// bits as its mat-vec, see `avx512`). A last group past the matrix's rows is padded with zero
+/// rows, whose outputs are dropped. The AVX-512 path only: with AVX2's `maddubs` (two
+/// instructions per byte dot product) rows in lanes measured no faster than the row-major tile
+/// on this project's Zen 4 VMs, so AVX2 keeps that.
 #[cfg(target_arch = "x86_64")]
 fn run_quantized_in_lanes(
     pool: &ThreadPool,
-    path: KernelPath,
     w: &WeightMatrix,
     acts: &QuantizedActivations,
     n_tokens: usize,
@@ -1106,8 +1091,11 @@ fn run_quantized_in_lanes(
     use avx2_interleaved::{Lanes8, DECODED_GROUP_BYTES};
     const G: usize = interleaved::GROUP_ROWS;
     let (rows, nc) = (w.rows, acts.n_chunks);
-    let signed = decoded::is_signed(w.ty);
-    let with_offsets = decoded::has_offset(w.ty);
+    let kind = (
+        decoded::is_signed(w.ty),
+        decoded::has_half_scales(w.ty),
+        decoded::has_offset(w.ty),
+    );
     let units = rows.div_ceil(G);
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
@@ -1146,10 +1134,16 @@ fn run_quantized_in_lanes(
                     let q = &mut q[q_at(k)];
                     let scales = &mut scales[halves_at(k)];
                     let offsets = &mut offsets[halves_at(k)];
+                    if w.layout == Layout::Interleaved8 {
+                        // SAFETY: the AVX-512 path is available (the caller's contract); `w`
+                        // is interleaved (so its rows are whole groups) and `g` one of them.
+                        unsafe { avx512::unpack_group(w, g, (q, scales, offsets)) };
+                        continue;
+                    }
                     for r in 0..G {
                         if g * G + r < rows {
                             let row = w.row_blocks(g * G + r, row_blocks);
-                            decode_row(path, w.ty, row, row_chunks, row_offsets);
+                            decode_row(KernelPath::Avx512, w.ty, row, row_chunks, row_offsets);
                         } else {
                             row_chunks.fill(DecodedChunk::ZERO);
                             row_offsets.fill([0.0; 2]);
@@ -1169,52 +1163,22 @@ fn run_quantized_in_lanes(
                     for (k, g) in block.clone().enumerate() {
                         let tile = &mut tile[..tokens.len()];
                         let group = (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
-                        // SAFETY: `path` is AVX-512 and available (the caller's); the group
-                        // holds nc chunks and `acts` the block's tokens.
-                        unsafe {
-                            avx2_interleaved::tile_decoded_vnni(
-                                signed,
-                                with_offsets,
-                                group,
-                                acts,
-                                tokens.clone(),
-                                tile,
-                            )
-                        };
+                        // SAFETY: the AVX-512 path is available (the caller's contract); the
+                        // group holds nc chunks and `acts` the block's tokens.
+                        unsafe { avx512::tile_decoded(kind, group, acts, tokens.clone(), tile) };
+                        // The group's rows that exist (a last group may be padded).
+                        let n_rows = G.min(rows - g * G);
                         for (j, tile_row) in tile.iter().enumerate() {
-                            for (r, &value) in tile_row.iter().enumerate() {
-                                if g * G + r < rows {
-                                    // SAFETY: the rows of this part's groups belong to it
-                                    // alone (`split` is a partition).
-                                    unsafe {
-                                        out.write((tokens.start + j) * rows + g * G + r, value)
-                                    };
-                                }
-                            }
+                            let at = (tokens.start + j) * rows + g * G;
+                            // SAFETY: the rows of this part's groups belong to it alone
+                            // (`split` is a partition).
+                            unsafe { out.write_run(at, &tile_row[..n_rows]) };
                         }
                     }
                 }
             }
         });
     });
-}
-
-/// [`run_quantized_in_lanes`] on the AVX-512 path whatever [`avx512::pair_tile`] chose, for
-/// the test that compares it with the row-major tiles bit for bit.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(crate) fn matmul_in_lanes(
-    pool: &ThreadPool,
-    w: &WeightMatrix,
-    x: &[f32],
-    n_tokens: usize,
-) -> Vec<f32> {
-    let path = KernelPath::Avx512;
-    assert!(path.is_available() && decoded::is_block_quantized(w.ty));
-    let mut y = vec![f32::NAN; w.rows * n_tokens];
-    let mut acts = QuantizedActivations::default();
-    quantize_activations(pool, path, x, n_tokens, w.cols, &mut acts);
-    run_quantized_in_lanes(pool, path, w, &acts, n_tokens, &mut y);
-    y
 }
 
 /// Widens f16 values (the KV cache) to f32: `dst[i] = src[i]` for `i < min(len)`, exactly, on

@@ -36,6 +36,67 @@ pub(crate) fn dot_scalar(
     acc
 }
 
+/// Scalar twin of the AVX-512 path's quantized kernels (`super::avx512`), which sum each block
+/// in integers before any float work: for one decoded row against one token, per chunk `c`
+/// (and per half `h` where `split`, the types with 16-element sub-blocks)
+///
+/// ```text
+/// acc[h] = fma(isum[c][h] as f32, scale[c][h] · dx[c], acc[h])
+/// acc[h] = fma(offset[c][h], x_sum[c][h], acc[h])          (types with offsets)
+/// ```
+///
+/// with `isum` the exact integer dot product of the half (or of the whole chunk, `h = 0`, when
+/// both halves share a scale and an offset) and `x_sum` the activations' half (or chunk) sum;
+/// the result is `acc[0] + acc[1]` (`split`) or `acc[0]`. The SIMD kernels give these bits
+/// exactly.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_block_sums_scalar(
+    signed: bool,
+    split: bool,
+    with_offsets: bool,
+    chunks: &[DecodedChunk],
+    offsets: &[[f32; 2]],
+    xq: &[[i8; CHUNK]],
+    xd: &[f32],
+    x_half_sums: &[[f32; 2]],
+    x_chunk_sums: &[f32],
+) -> f32 {
+    let mut acc = [0f32; 2];
+    for c in 0..chunks.len() {
+        let mut halves = [0i32; 2];
+        for i in 0..CHUNK {
+            let raw = chunks[c].q[i];
+            let w = if signed {
+                i32::from(raw as i8)
+            } else {
+                i32::from(raw)
+            };
+            halves[i / 16] += w * i32::from(xq[c][i]);
+        }
+        if split {
+            for h in 0..2 {
+                let factor = chunks[c].scale[4 * h] * xd[c];
+                acc[h] = (halves[h] as f32).mul_add(factor, acc[h]);
+                if with_offsets {
+                    acc[h] = offsets[c][h].mul_add(x_half_sums[c][h], acc[h]);
+                }
+            }
+        } else {
+            let factor = chunks[c].scale[0] * xd[c];
+            acc[0] = ((halves[0] + halves[1]) as f32).mul_add(factor, acc[0]);
+            if with_offsets {
+                acc[0] = offsets[c][0].mul_add(x_chunk_sums[c], acc[0]);
+            }
+        }
+    }
+    if split {
+        acc[0] + acc[1]
+    } else {
+        acc[0]
+    }
+}
+
 /// Portable tile: `RM` decoded rows × `RN` tokens, written as plain reductions that the
 /// compiler vectorizes (offsets as a separate f32 product). `w` and `offsets` hold the rows back to back (`nc` chunks each); token `j`'s
 /// chunks start at `acts` index `(t0 + j) * nc`.
