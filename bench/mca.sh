@@ -89,33 +89,29 @@ def macs(body):
     return sum(width(ins) for ins in dots(body))
 
 
-def chunk_loop(loops):
-    """A tile's loop over chunks: the innermost loop with the most int8 multiply-adds (the
-    offset loop after it has none)."""
-    best = max((macs(body) for body, _ in loops), default=None)
-    return [loop for loop in loops if macs(loop[0]) == best]
+def signed_quants(body):
+    """Whether a lanes tile loop is for signed quants: AVX2 moves their sign onto the
+    activations (`vpsignb`); VNNI flips their sign bits (eight `vpxor`s that are not zero
+    idioms)."""
+    flips = [m for ins in body if (m := re.match(r"vpxor\s+(\S+),\s*(\S+),\s*(\S+)", ins))
+             and len(set(m.groups())) > 1]
+    return any(ins.startswith("vpsignb") for ins in body) or len(flips) >= 8
 
 
-def lanes_tile(signed):
-    """The AVX-512 rows-in-lanes prefill tile (`avx512::tile_decoded`), four-token sweep, one
-    kind of chunk: the loops with 32 `vpdpbusd` on ymm (eight per token: the four-token sweeps;
-    the compiler unrolls some narrower sweeps to other counts), then `vpsignb` for signed quants
-    (Q8_0, IQ4), or for unsigned quants with one scale per chunk and offsets (Q4_0/1, Q5, Q4_K,
-    Q5_K) four conversions (one per token) and eight FMAs (a product and an offset term per
-    token)."""
+def lanes_tile(signed, tokens):
+    """The rows-in-lanes prefill tile (`lanes::tile_decoded_*`) for one sweep width and one kind
+    of chunk: the loops whose byte dot products cover `tokens` tokens (eight `vpdpbusd` or
+    eight `vpmaddubsw` on ymm per token; the compiler unrolls some narrower sweeps to other
+    counts), signed quants (Q8_0, IQ4: one conversion and one FMA per token) or unsigned ones
+    with one scale per chunk and offsets (Q4_0/1, Q5, Q4_K, Q5_K: one conversion and two FMAs,
+    a product and an offset term, per token)."""
     def pick(loops):
-        wide = [loop for loop in loops if macs(loop[0]) == 32 * 32]
-        if signed:
-            mine = [loop for loop in wide if any(i.startswith("vpsignb") for i in loop[0])]
-        else:
-            mine = [loop for loop in wide
-                    if not any(i.startswith("vpsignb") for i in loop[0])
-                    and sum(i.startswith("vcvtdq2ps") for i in loop[0]) == 4
-                    and sum(i.startswith("vfmadd") for i in loop[0]) == 8]
-        # The instance for kinds no decoder produces tests its flags inside the loop, so its
-        # loop is longer than the specialised one.
-        shortest = min((len(body) for body, _ in mine), default=None)
-        return [loop for loop in mine if len(loop[0]) == shortest]
+        cvts = lambda body: sum(i.startswith("vcvtdq2ps") for i in body)
+        fmas = lambda body: sum(i.startswith("vfmadd") for i in body)
+        want_fmas = tokens if signed else 2 * tokens
+        return [loop for loop in loops
+                if macs(loop[0]) == tokens * 8 * 32 and signed_quants(loop[0]) == signed
+                and cvts(loop[0]) == tokens and fmas(loop[0]) == want_fmas]
     return pick
 
 
@@ -142,25 +138,25 @@ def q4_k_chunks(loops):
     return [loop for loop in loops if any(ins.startswith("vpmovzxbd") for ins in loop[0])]
 
 
-TILE, LANES_TILE, MATVEC = (4, 2), (8, 4), (8, 1)  # rows × tokens one chunk's dots cover
+AVX2_TILE, VNNI_TILE, MATVEC = (8, 2), (8, 4), (8, 1)  # rows × tokens one loop iteration covers
 # kernel, ISA, demangled name (regex), loop picker, shape, -mcpu list
 KERNELS = [
-    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX2 4×2 row tile",
-     r"::avx2::tile::<4, 2, false, true>", chunk_loop, TILE, AVX2_CPUS),
-    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX-512 8×4 rows in lanes",
-     r"::avx512::tile_decoded$", lanes_tile(False), LANES_TILE, AVX512_CPUS),
-    ("prefill tile, signed (Q8_0, IQ4)", "AVX2 4×2 row tile",
-     r"::avx2::tile::<4, 2, true, false>", chunk_loop, TILE, AVX2_CPUS),
-    ("prefill tile, signed (Q8_0, IQ4)", "AVX-512 8×4 rows in lanes",
-     r"::avx512::tile_decoded$", lanes_tile(True), LANES_TILE, AVX512_CPUS),
+    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX2 8×2",
+     r"::lanes::tile_decoded_avx2$", lanes_tile(False, 2), AVX2_TILE, AVX2_CPUS),
+    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX-512 VNNI 8×4",
+     r"::lanes::tile_decoded_vnni$", lanes_tile(False, 4), VNNI_TILE, AVX512_CPUS),
+    ("prefill tile, signed (Q8_0, IQ4)", "AVX2 8×2",
+     r"::lanes::tile_decoded_avx2$", lanes_tile(True, 2), AVX2_TILE, AVX2_CPUS),
+    ("prefill tile, signed (Q8_0, IQ4)", "AVX-512 VNNI 8×4",
+     r"::lanes::tile_decoded_vnni$", lanes_tile(True, 4), VNNI_TILE, AVX512_CPUS),
     ("decode mat-vec Q4_1 (interleaved)", "AVX2",
-     r"::avx2_interleaved::matvec::<", q4_1_record, MATVEC, AVX2_CPUS),
-    ("decode mat-vec Q4_1 (interleaved)", "AVX-512",
-     r"::avx512::matvec::<", one_token(q4_1_record), MATVEC, AVX512_CPUS),
+     r"::lanes::matvec_avx2::<", one_token(q4_1_record), MATVEC, AVX2_CPUS),
+    ("decode mat-vec Q4_1 (interleaved)", "AVX-512 VNNI",
+     r"::lanes::matvec_vnni::<", one_token(q4_1_record), MATVEC, AVX512_CPUS),
     ("decode mat-vec Q4_K (interleaved)", "AVX2",
-     r"::avx2_interleaved::matvec::<", q4_k_chunks, MATVEC, AVX2_CPUS),
-    ("decode mat-vec Q4_K (interleaved)", "AVX-512",
-     r"::avx512::matvec::<", one_token(q4_k_chunks), MATVEC, AVX512_CPUS),
+     r"::lanes::matvec_avx2::<", one_token(q4_k_chunks), MATVEC, AVX2_CPUS),
+    ("decode mat-vec Q4_K (interleaved)", "AVX-512 VNNI",
+     r"::lanes::matvec_vnni::<", one_token(q4_k_chunks), MATVEC, AVX512_CPUS),
 ]
 
 

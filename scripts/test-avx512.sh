@@ -6,7 +6,7 @@
 # The tests are built as static binaries and run inside Bochs (scripts/run-under-bochs.sh),
 # whose `tigerlake` CPU model has AVX-512 F/BW/VL/VNNI. There `KernelPath::best()` is the
 # AVX-512 path, so every test runs on it:
-#   - the engine's unit tests, among them `avx512_path_gives_its_scalar_twins_bits` (every
+#   - the engine's unit tests, among them `x86_paths_give_their_scalar_twins_bits` (every
 #     AVX-512 quantized kernel against its scalar twin bit for bit, every quantized type, token
 #     count and both weight layouts) and the agreement of every path with the exact reference;
 #   - `tests/kernels.rs`: real SmolLM2 and Gemma 3 tensors through every path;
@@ -79,7 +79,7 @@ lib_tests=$(printf '%s\n' "${stripped[@]}" | grep '/egpu_engine-[0-9a-f]*\.strip
 log="$CARGO_TARGET_DIR/avx512-haswell.log"
 scripts/run-under-bochs.sh --cpu corei7_haswell_4770 "$lib_tests" --test-threads 1 \
     --nocapture kernels::tests::unavailable_paths_are_refused \
-    kernels::tests::avx512_path_gives_its_scalar_twins_bits | tee "$log"
+    kernels::tests::x86_paths_give_their_scalar_twins_bits | tee "$log"
 grep -q 'skipped: this CPU has no AVX-512' "$log" || {
     echo "test-avx512: the Haswell guest should have no AVX-512 path" >&2
     exit 1

@@ -1,24 +1,13 @@
-//! x86-64 AVX2 (+FMA, F16C) kernels.
+//! x86-64 AVX2 (+FMA, F16C) kernels: everything of the x86 paths but the quantized products
+//! (which are `super::lanes`', rows in lanes, for AVX2 and AVX-512 alike).
 //!
 //! - `for_each_chunk` decodes each type's blocks, in registers, into the decoded form of
 //!   [`super::decoded`] with a few shuffles and masks per 32 elements; `decode_row` stores that
 //!   form (checked equal to `decode_row_scalar`, byte for byte).
-//! - Mat-mat: the `tile` kernel multiplies `RM` decoded rows by `RN` tokens of 8-bit
-//!   activations: per chunk `maddubs` (u8 × i8 → pairs of i16), `madd` by ones (→ eight i32 sums
-//!   of four products), conversion to f32 and one FMA by `scale · dx`. Weights held in
-//!   registers are reused across the `RN` tokens, activations across the `RM` rows.
-//! - Mat-vec and batches of up to four tokens: `matvec_in_tile_order` decodes each block in
-//!   registers and consumes it at once (no buffer round trip), accumulating each output in
-//!   exactly `tile`'s order so results do not depend on how many tokens share a call.
 //! - Float weights: `widen_row` and `tile_f32`; activations: `quantize_tokens`, bit-identical to
 //!   the scalar quantizer.
 //! - Attention: `scores_transposed` and `weighted_sum` are the portable bodies of `attention.rs`
 //!   compiled with AVX2 enabled, bit-identical to them.
-//!
-//! Integer ranges: unsigned quants are at most 63 and activations at most 127 in magnitude, so a
-//! `maddubs` pair is at most 2·63·127 = 16002; signed quants go through |q| ≤ 128 with the sign
-//! moved to the activation, at most 2·128·127 = 32512 < 32767: `maddubs` never saturates. The
-//! i32 lane sums are below 2^24 and convert to f32 exactly.
 //!
 //! Every function here is `unsafe` because it must only run where [`available`] is true.
 #![allow(unsafe_code)]
@@ -28,7 +17,7 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::decoded::{DecodedChunk, QuantizedActivations, CHUNK};
+use super::decoded::{DecodedChunk, CHUNK};
 use crate::quant::{k4_scales_mins, q3_k_scales, GgmlType, IQ4_NL_VALUES};
 
 /// Attention scores with 256-bit registers: the portable body, compiled for AVX2.
@@ -78,29 +67,6 @@ pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
-}
-
-/// Sums of four `u8 × i8` products per 32-bit lane: how the AVX2 integer kernels multiply a
-/// chunk's quants (unsigned bytes) by its activations (signed bytes). Implemented by AVX2's
-/// `maddubs` + `madd` ([`Maddubs`]); the kernels are written over this trait so that another
-/// instruction set's byte dot product giving the same sums (`vpdpbusd`, which the AVX-512
-/// path's own kernels in `super::avx512` use directly) could be plugged in.
-pub(crate) trait ByteDot {
-    /// Lane `i`: `Σ_{k<4} unsigned[4i + k] · signed[4i + k]`.
-    ///
-    /// # Safety
-    /// The CPU must support the implementation's instructions.
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i;
-}
-
-/// AVX2's byte dot product: `maddubs` (pairs into i16), then `madd` by ones (pairs into i32).
-pub(crate) struct Maddubs;
-
-impl ByteDot for Maddubs {
-    #[inline(always)]
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
-    }
 }
 
 /// Widens the little-endian f16 at `p[0..2]`.
@@ -173,22 +139,6 @@ unsafe fn iq4_table() -> __m256i {
     _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast()))
 }
 
-/// With `PREFETCH`, asks for the cache lines `PREFETCH_AHEAD` bytes past the `SIZE`-byte block
-/// at `b`. Decoding spends many instructions per cache line, so out-of-order execution alone
-/// keeps too few misses in flight. A prefetch never faults, so running past the matrix end is
-/// harmless (`wrapping_add` keeps the address computation itself defined).
-#[inline(always)]
-unsafe fn prefetch_block<const PREFETCH: bool, const SIZE: usize>(b: &[u8]) {
-    if PREFETCH {
-        let ahead = b.as_ptr().wrapping_add(PREFETCH_AHEAD);
-        let mut line = 0;
-        while line < SIZE {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-            line += 64;
-        }
-    }
-}
-
 /// Eight lanes: `first` in lanes 0..4 (elements 0..16 of a chunk), `second` in lanes 4..8.
 #[inline(always)]
 unsafe fn half_scales(first: f32, second: f32) -> __m256 {
@@ -204,7 +154,7 @@ unsafe fn half_scales(first: f32, second: f32) -> __m256 {
 /// The CPU must support AVX2, FMA and F16C ([`available`]); `row` must be whole blocks of `ty`,
 /// a type `decoded::is_block_quantized` accepts (others emit nothing).
 #[inline(always)]
-unsafe fn for_each_chunk<const PREFETCH: bool>(
+unsafe fn for_each_chunk(
     ty: GgmlType,
     row: &[u8],
     mut emit: impl FnMut(usize, __m256i, __m256, [f32; 2]),
@@ -213,21 +163,18 @@ unsafe fn for_each_chunk<const PREFETCH: bool>(
     match ty {
         GgmlType::Q4_0 => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 18>(b);
                 let d = f16_at(b);
                 emit(i, nibbles(load16(b, 2)), _mm256_set1_ps(d), [-8.0 * d; 2]);
             }
         }
         GgmlType::Q4_1 => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 20>(b);
                 let (d, m) = (f16_at(b), f16_at(&b[2..]));
                 emit(i, nibbles(load16(b, 4)), _mm256_set1_ps(d), [m; 2]);
             }
         }
         GgmlType::Q5_0 => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 22>(b);
                 let d = f16_at(b);
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
@@ -237,7 +184,6 @@ unsafe fn for_each_chunk<const PREFETCH: bool>(
         }
         GgmlType::Q5_1 => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 24>(b);
                 let (d, m) = (f16_at(b), f16_at(&b[2..]));
                 let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
                 let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
@@ -247,21 +193,18 @@ unsafe fn for_each_chunk<const PREFETCH: bool>(
         }
         GgmlType::Q8_0 => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 34>(b);
                 emit(i, load32(b, 2), _mm256_set1_ps(f16_at(b)), [0.0; 2]);
             }
         }
         GgmlType::IQ4_NL => {
             let table = iq4_table();
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 18>(b);
                 let q = _mm256_shuffle_epi8(table, nibbles(load16(b, 2)));
                 emit(i, q, _mm256_set1_ps(f16_at(b)), [0.0; 2]);
             }
         }
         GgmlType::Q2_K => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 84>(b);
                 let (d, dmin) = (f16_at(&b[80..]), f16_at(&b[82..]));
                 for half in 0..2 {
                     let qs = load32(b, 16 + 32 * half);
@@ -278,7 +221,6 @@ unsafe fn for_each_chunk<const PREFETCH: bool>(
         }
         GgmlType::Q3_K => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 110>(b);
                 let d = f16_at(&b[108..]);
                 let scales = q3_k_scales(&std::array::from_fn(|k| b[96 + k]));
                 let hmask = load32(b, 0);
@@ -300,11 +242,6 @@ unsafe fn for_each_chunk<const PREFETCH: bool>(
             let qs_at = if five { 48 } else { 16 };
             let m4 = _mm256_set1_epi8(0x0F);
             for (i, b) in blocks {
-                if five {
-                    prefetch_block::<PREFETCH, 176>(b);
-                } else {
-                    prefetch_block::<PREFETCH, 144>(b);
-                }
                 let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
                 let (sc, mins) = k4_scales_mins(&std::array::from_fn(|k| b[4 + k]));
                 let qh = if five {
@@ -330,7 +267,6 @@ unsafe fn for_each_chunk<const PREFETCH: bool>(
         }
         GgmlType::Q6_K => {
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 210>(b);
                 let d = f16_at(&b[208..]);
                 for half in 0..2 {
                     let qh = load32(b, 128 + 32 * half);
@@ -351,7 +287,6 @@ unsafe fn for_each_chunk<const PREFETCH: bool>(
         GgmlType::IQ4_XS => {
             let table = iq4_table();
             for (i, b) in blocks {
-                prefetch_block::<PREFETCH, 136>(b);
                 let d = f16_at(b);
                 let scales_h = u16::from_le_bytes([b[2], b[3]]);
                 for c in 0..8 {
@@ -382,7 +317,7 @@ pub(crate) unsafe fn decode_row(
     if !super::decoded::is_block_quantized(ty) {
         return super::decoded::decode_row_scalar(ty, row, chunks, offsets);
     }
-    for_each_chunk::<false>(ty, row, |c, q, scale, off| {
+    for_each_chunk(ty, row, |c, q, scale, off| {
         let chunk = &mut chunks[c];
         // SAFETY: `chunk.q` and `chunk.scale` are 32 writable bytes each, 32-byte aligned by
         // `DecodedChunk`'s `repr`.
@@ -392,133 +327,12 @@ pub(crate) unsafe fn decode_row(
     });
 }
 
-/// How far ahead of the block being decoded [`matvec_in_tile_order`] prefetches weights, in bytes.
-const PREFETCH_AHEAD: usize = 1024;
-
-/// The most tokens one mat-vec sweep takes: [`matvec_decoded_in_tile_order`] has four named
-/// accumulators (more would not fit the 16 vector registers beside its temporaries), and the
-/// fused [`matvec_in_tile_order`] is instantiated for 1 and 4.
-pub(crate) const MAX_BATCHED_TOKENS: usize = 4;
-/// The most tokens `run_quantized` sends through the mat-vecs, as two sweeps over the same
-/// rows (the second finds them in cache); beyond, the tiled mat-mat reuses decoded blocks
-/// better than decoding them again per group of tokens.
-pub(crate) const MAX_MATVEC_TOKENS: usize = 2 * MAX_BATCHED_TOKENS;
-
 /// Horizontal sum of eight lanes, pairing lanes as `portable::sum_lanes` does.
 #[inline(always)]
 pub(crate) unsafe fn sum_lanes(v: __m256) -> f32 {
     let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let p = _mm_add_ps(q, _mm_movehl_ps(q, q));
     _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)))
-}
-
-/// `RM` decoded rows × `RN` tokens (see the module docs): `w` and `offsets` hold the rows back
-/// to back, `acts.n_chunks` chunks each; token `j` is token `t0 + j` of `acts`.
-///
-/// Activations are read from memory inside the innermost loop rather than held in registers:
-/// L1 loads are nearly free (and fold into `maddubs`/`mul`), while the `RM × RN` accumulators
-/// need every register they can get. The offset terms are a small f32 product of the rows'
-/// offsets and the tokens' half sums, eight halves (four chunks) per step.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA. `w.len() >= RM * acts.n_chunks`, likewise `offsets` when
-/// `OFFSETS`, and `acts` must hold at least `t0 + RN` tokens (checked; the check failing is a bug
-/// in the caller and panics).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile<
-    const RM: usize,
-    const RN: usize,
-    const SIGNED: bool,
-    const OFFSETS: bool,
->(
-    w: &[DecodedChunk],
-    offsets: &[[f32; 2]],
-    acts: &QuantizedActivations,
-    t0: usize,
-    out: &mut [[f32; RN]; RM],
-) {
-    tile_with::<RM, RN, SIGNED, OFFSETS, Maddubs>(w, offsets, acts, t0, out)
-}
-
-/// [`tile`]'s body with the byte dot product `D`, inlined into each instruction set's entry
-/// point (`super::avx512` has the other).
-///
-/// # Safety
-/// As [`tile`], and the CPU must support `D`'s instructions.
-#[inline(always)]
-pub(crate) unsafe fn tile_with<
-    const RM: usize,
-    const RN: usize,
-    const SIGNED: bool,
-    const OFFSETS: bool,
-    D: ByteDot,
->(
-    w: &[DecodedChunk],
-    offsets: &[[f32; 2]],
-    acts: &QuantizedActivations,
-    t0: usize,
-    out: &mut [[f32; RN]; RM],
-) {
-    let nc = acts.n_chunks;
-    assert!(
-        w.len() >= RM * nc
-            && (!OFFSETS || offsets.len() >= RM * nc)
-            && acts.q.len() >= (t0 + RN) * nc
-            && acts.d.len() == acts.q.len()
-            && acts.half_sums.len() == acts.q.len()
-    );
-    let mut acc = [[_mm256_setzero_ps(); RN]; RM];
-    let wp = w.as_ptr();
-    let xq = acts.q.as_ptr().add(t0 * nc);
-    let xd = acts.d.as_ptr().add(t0 * nc);
-    for c in 0..nc {
-        for (i, acc_row) in acc.iter_mut().enumerate() {
-            // SAFETY: i * nc + c < RM * nc <= w.len(); chunks are 32-byte aligned.
-            let chunk = &*wp.add(i * nc + c);
-            let q = _mm256_load_si256(chunk.q.as_ptr().cast());
-            let scale = _mm256_load_ps(chunk.scale.as_ptr());
-            let magnitude = if SIGNED { _mm256_abs_epi8(q) } else { q };
-            for (j, acc_rt) in acc_row.iter_mut().enumerate() {
-                // SAFETY: j * nc + c < RN * nc, within the tokens checked above.
-                let x = _mm256_loadu_si256(xq.add(j * nc + c).cast());
-                let x = if SIGNED { _mm256_sign_epi8(x, q) } else { x };
-                let sums = D::dot(magnitude, x);
-                let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(j * nc + c)));
-                *acc_rt = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_rt);
-            }
-        }
-    }
-    let mut tail = [[0f32; RN]; RM];
-    if OFFSETS {
-        // Σ_h offset[r][h] · half_sum[t][h] over the 2·nc halves: eight at a time, then the rest.
-        let (halves, full) = (2 * nc, 2 * nc / 8 * 8);
-        let op = offsets.as_flattened().as_ptr();
-        let sp = acts.half_sums.as_flattened().as_ptr().add(2 * t0 * nc);
-        let mut k = 0;
-        while k < full {
-            for (i, acc_row) in acc.iter_mut().enumerate() {
-                // SAFETY: i * halves + k + 8 <= RM * 2 * nc, the offsets checked above.
-                let o = _mm256_loadu_ps(op.add(i * halves + k));
-                for (j, acc_rt) in acc_row.iter_mut().enumerate() {
-                    // SAFETY: j * halves + k + 8 <= RN * 2 * nc, the tokens checked above.
-                    let s = _mm256_loadu_ps(sp.add(j * halves + k));
-                    *acc_rt = _mm256_fmadd_ps(o, s, *acc_rt);
-                }
-            }
-            k += 8;
-        }
-        for (i, tail_row) in tail.iter_mut().enumerate() {
-            for (j, t) in tail_row.iter_mut().enumerate() {
-                // SAFETY: as above, for the halves full..halves of row i and token j.
-                *t = offset_tail(op.add(i * halves), sp.add(j * halves), full..halves);
-            }
-        }
-    }
-    for ((out_row, acc_row), tail_row) in out.iter_mut().zip(&acc).zip(&tail) {
-        for ((o, &v), &t) in out_row.iter_mut().zip(acc_row).zip(tail_row) {
-            *o = sum_lanes(v) + t;
-        }
-    }
 }
 
 /// Float-weight tile: `RM` f32 rows (`cols` each, back to back) × `RN` tokens of `x` from `t0`.
@@ -675,275 +489,4 @@ unsafe fn round_half_away(a: __m256, half: __m256) -> __m256 {
     );
     let too_big = _mm256_cmp_ps(_mm256_sub_ps(t, half), a, _CMP_GT_OQ);
     _mm256_sub_ps(t, _mm256_and_ps(too_big, _mm256_set1_ps(1.0)))
-}
-
-/// The offset terms the 8-wide loop leaves over, `Σ_k offsets[k] · half_sums[k]` for `k` in
-/// `range`, summed in order. The tiles and the row-major mat-vecs all add them here (and the
-/// interleaved mat-vec in the same order, eight rows at a time), so every path agrees.
-///
-/// # Safety
-/// `offsets` and `half_sums` must be readable at every index of `range`.
-#[inline(always)]
-pub(crate) unsafe fn offset_tail(
-    offsets: *const f32,
-    half_sums: *const f32,
-    range: std::ops::Range<usize>,
-) -> f32 {
-    let mut sum = 0f32;
-    for k in range {
-        // SAFETY: the caller guarantees `k` is in bounds of both.
-        sum += *offsets.add(k) * *half_sums.add(k);
-    }
-    sum
-}
-
-/// What both mat-vecs read: the activations of tokens `first_token..first_token + NT` as raw
-/// pointers (checked once here), and the weight type's traits.
-struct MatvecInputs {
-    nc: usize,
-    ty: GgmlType,
-    signed: bool,
-    with_offsets: bool,
-    xq: *const [i8; CHUNK],
-    xd: *const f32,
-    sp: *const f32,
-    /// Offset terms per token (two per chunk), and how many of them the 8-wide loop takes.
-    halves: usize,
-    full: usize,
-}
-
-impl MatvecInputs {
-    /// Panics when `w`, `rows` and `acts` do not fit together: a bug in the caller.
-    fn new<const NT: usize>(
-        w: &super::WeightMatrix,
-        rows: &std::ops::Range<usize>,
-        acts: &QuantizedActivations,
-        first_token: usize,
-    ) -> MatvecInputs {
-        use super::decoded::{has_offset, is_signed};
-        let nc = acts.n_chunks;
-        let ty = w.ty;
-        let tokens = first_token + NT;
-        assert!(
-            w.cols / CHUNK == nc
-                && w.cols.is_multiple_of(ty.block_size())
-                && rows.end <= w.rows
-                && acts.q.len() >= tokens * nc
-                && acts.d.len() >= tokens * nc
-                && acts.half_sums.len() >= tokens * nc
-        );
-        let skip = first_token * nc;
-        MatvecInputs {
-            nc,
-            ty,
-            signed: is_signed(ty),
-            with_offsets: has_offset(ty),
-            xq: acts.q[skip..].as_ptr(),
-            xd: acts.d[skip..].as_ptr(),
-            sp: acts.half_sums[skip..].as_flattened().as_ptr(),
-            halves: 2 * nc,
-            full: 2 * nc / 8 * 8,
-        }
-    }
-}
-
-/// `NT` tokens through rows `rows` of `w` (`run_quantized` uses it for one token, and
-/// [`matvec_decoded_in_tile_order`] for 2 to 4), decoding each block in registers as
-/// [`decode_row`] would and consuming it at once, with **the same operation
-/// order per output as [`tile`]**: one accumulator per output, chunks in order, then the offset
-/// terms eight halves at a time and the remaining halves in a scalar tail. So a token's result
-/// is bit-identical whether it goes through here (decode steps of 1–4 tokens) or through the
-/// tiles (prefill chunks): a sequence's logits cannot depend on what else is in its batch.
-/// Takes tokens `first_token..first_token + NT` of `acts`; calls `store(t, r, y)` with `t`
-/// counted in `acts`.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C. `w` must be block-quantized with consistent shape,
-/// `rows` within it, and `acts` hold `first_token + NT` tokens of `w.cols` values (checked; the check failing
-/// is a bug in the caller and panics).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn matvec_in_tile_order<const NT: usize>(
-    w: &super::WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    store: impl FnMut(usize, usize, f32),
-) {
-    matvec_in_tile_order_with::<NT, Maddubs>(w, rows, acts, first_token, store)
-}
-
-/// [`matvec_in_tile_order`]'s body with the byte dot product `D`.
-///
-/// # Safety
-/// As [`matvec_in_tile_order`], and the CPU must support `D`'s instructions.
-#[inline(always)]
-pub(crate) unsafe fn matvec_in_tile_order_with<const NT: usize, D: ByteDot>(
-    w: &super::WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    mut store: impl FnMut(usize, usize, f32),
-) {
-    let MatvecInputs {
-        nc,
-        ty,
-        signed,
-        with_offsets,
-        xq,
-        xd,
-        sp,
-        halves,
-        full,
-    } = MatvecInputs::new::<NT>(w, &rows, acts, first_token);
-    let mut offsets = vec![[0f32; 2]; nc];
-    for r in rows {
-        let mut acc = [_mm256_setzero_ps(); NT];
-        for_each_chunk::<true>(ty, w.row(r), |c, q, scale, off| {
-            let magnitude = if signed { _mm256_abs_epi8(q) } else { q };
-            for (t, acc_t) in acc.iter_mut().enumerate() {
-                let at = t * nc + c;
-                // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
-                let x = _mm256_loadu_si256(xq.add(at).cast());
-                let x = if signed { _mm256_sign_epi8(x, q) } else { x };
-                let sums = D::dot(magnitude, x);
-                let factor = _mm256_mul_ps(scale, _mm256_broadcast_ss(&*xd.add(at)));
-                *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, *acc_t);
-            }
-            offsets[c] = off;
-        });
-        let mut tail = [0f32; NT];
-        if with_offsets {
-            let op = offsets.as_flattened().as_ptr();
-            let mut k = 0;
-            while k < full {
-                // SAFETY: k + 8 <= 2 · nc, the length of `offsets` flattened.
-                let o = _mm256_loadu_ps(op.add(k));
-                for (t, acc_t) in acc.iter_mut().enumerate() {
-                    // SAFETY: t · halves + k + 8 <= NT · 2 · nc, the tokens checked above.
-                    let s = _mm256_loadu_ps(sp.add(t * halves + k));
-                    *acc_t = _mm256_fmadd_ps(o, s, *acc_t);
-                }
-                k += 8;
-            }
-            for (t, tail_t) in tail.iter_mut().enumerate() {
-                // SAFETY: `op` holds `halves` offsets and `sp` the tokens' half sums (above).
-                *tail_t = offset_tail(op, sp.add(t * halves), full..halves);
-            }
-        }
-        for t in 0..NT {
-            store(first_token + t, r, sum_lanes(acc[t]) + tail[t]);
-        }
-    }
-}
-
-/// [`matvec_in_tile_order`] for 2 to 4 tokens, with the same operation order per output (so
-/// the same bits): each weight row is first decoded into a small buffer, then consumed by a
-/// plain loop that keeps one accumulator register per token. (With the token work inside
-/// the decoding closure, LLVM did not inline that closure into its many call sites for
-/// NT > 1 and kept the accumulators on the stack: a 2-token step cost as much as a 4-token
-/// one, twice a 1-token step.)
-///
-/// # Safety
-/// As [`matvec_in_tile_order`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn matvec_decoded_in_tile_order<const NT: usize>(
-    w: &super::WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    store: impl FnMut(usize, usize, f32),
-) {
-    matvec_decoded_in_tile_order_with::<NT, Maddubs>(w, rows, acts, first_token, store)
-}
-
-/// [`matvec_decoded_in_tile_order`]'s body with the byte dot product `D`.
-///
-/// # Safety
-/// As [`matvec_in_tile_order`], and the CPU must support `D`'s instructions.
-#[inline(always)]
-pub(crate) unsafe fn matvec_decoded_in_tile_order_with<const NT: usize, D: ByteDot>(
-    w: &super::WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first_token: usize,
-    mut store: impl FnMut(usize, usize, f32),
-) {
-    const { assert!(NT >= 2 && NT <= MAX_BATCHED_TOKENS) };
-    let MatvecInputs {
-        nc,
-        ty,
-        signed,
-        with_offsets,
-        xq,
-        xd,
-        sp,
-        halves,
-        full,
-    } = MatvecInputs::new::<NT>(w, &rows, acts, first_token);
-    let mut offsets = vec![[0f32; 2]; nc];
-    let mut decoded = vec![DecodedChunk::ZERO; nc];
-    macro_rules! token_step {
-        ($acc:ident, $t:expr, $c:expr, $q:expr, $magnitude:expr, $scale:expr) => {{
-            let at = $t * nc + $c;
-            // SAFETY: the row has `nc` chunks (checked above), so at < NT · nc.
-            let x = _mm256_loadu_si256(xq.add(at).cast());
-            let x = if signed { _mm256_sign_epi8(x, $q) } else { x };
-            let sums = D::dot($magnitude, x);
-            let factor = _mm256_mul_ps($scale, _mm256_broadcast_ss(&*xd.add(at)));
-            $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, $acc);
-        }};
-    }
-    for r in rows {
-        for_each_chunk::<true>(ty, w.row(r), |c, q, scale, off| {
-            let chunk = &mut decoded[c];
-            // SAFETY: `q` and `scale` are 32 writable bytes each, 32-byte aligned by
-            // `DecodedChunk`'s `repr`.
-            _mm256_store_si256(chunk.q.as_mut_ptr().cast(), q);
-            _mm256_store_ps(chunk.scale.as_mut_ptr(), scale);
-            offsets[c] = off;
-        });
-        let zero = _mm256_setzero_ps();
-        let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
-        for (c, chunk) in decoded.iter().enumerate() {
-            // SAFETY: aligned as above, and written by the decoding just done.
-            let q = _mm256_load_si256(chunk.q.as_ptr().cast());
-            let scale = _mm256_load_ps(chunk.scale.as_ptr());
-            let magnitude = if signed { _mm256_abs_epi8(q) } else { q };
-            token_step!(a0, 0, c, q, magnitude, scale);
-            token_step!(a1, 1, c, q, magnitude, scale);
-            if NT > 2 {
-                token_step!(a2, 2, c, q, magnitude, scale);
-            }
-            if NT > 3 {
-                token_step!(a3, 3, c, q, magnitude, scale);
-            }
-        }
-        let mut tail = [0f32; NT];
-        if with_offsets {
-            let op = offsets.as_flattened().as_ptr();
-            let mut k = 0;
-            while k < full {
-                // SAFETY: k + 8 <= 2 · nc, the length of `offsets` flattened; and
-                // t · halves + k + 8 <= NT · 2 · nc, the tokens checked above.
-                let o = _mm256_loadu_ps(op.add(k));
-                a0 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(k)), a0);
-                a1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(halves + k)), a1);
-                if NT > 2 {
-                    a2 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(2 * halves + k)), a2);
-                }
-                if NT > 3 {
-                    a3 = _mm256_fmadd_ps(o, _mm256_loadu_ps(sp.add(3 * halves + k)), a3);
-                }
-                k += 8;
-            }
-            for (t, tail_t) in tail.iter_mut().enumerate() {
-                // SAFETY: `op` holds `halves` offsets and `sp` the tokens' half sums (above).
-                *tail_t = offset_tail(op, sp.add(t * halves), full..halves);
-            }
-        }
-        let acc = [a0, a1, a2, a3];
-        for t in 0..NT {
-            store(first_token + t, r, sum_lanes(acc[t]) + tail[t]);
-        }
-    }
 }

@@ -10,24 +10,25 @@
 //!
 //! Like ggml, the activations are quantized once per call to 8 bits per 32 values (an f32
 //! scale per chunk, see `decoded::QuantizedActivations`) and every weight block is used in place
-//! as small integers: integer dot products (`maddubs`/`madd` on AVX2) do the bulk of the work,
+//! as small integers: integer dot products (`vpdpbusd`, `maddubs`, `sdot`) do the bulk of the work,
 //! which is what makes prefill compute-bound rather than float-bound. Each weight type only has
 //! to *decode* its blocks into one common form (`decoded`: 32 small integers with per-16 scales
 //! and offsets), so one integer kernel serves all twelve block types:
 //!
 //! - **Mat-mat** (`n_tokens > 1`): a block of rows (~192 KB decoded) is decoded once into a
-//!   per-thread buffer, then L2-sized blocks of tokens sweep across it, and a 4-row × 2-token
-//!   tile kernel reuses each decoded chunk held in a register for both tokens and each
-//!   activation chunk for four rows. The decode is paid once per weight per call.
+//!   per-thread buffer, then L2-sized blocks of tokens sweep across it. On x86 (`lanes`) eight
+//!   rows share each register, row `r` in lane `r`, and sweeps of up to four tokens reuse each
+//!   decoded chunk; each chunk's products are summed in integers and scaled once. The portable
+//!   and NEON paths run a 4-row × 2-token tile over row-major decoded chunks. The decode is paid
+//!   once per weight per call.
 //! - **Mat-vec** (`n_tokens` ≤ 8: decode steps of one or a few sequences): nothing is reused,
-//!   so on AVX2 each chunk is decoded in registers and consumed at once, with software
-//!   prefetch, streaming the weights once — accumulating every output in exactly the tiles'
-//!   order, so a token's result is bit-identical whichever kernel computed it and a sequence's
-//!   logits cannot depend on what else is in its batch. Models keep the legacy types (Q4_0,
-//!   Q4_1, Q5_0, Q5_1, Q8_0) in an interleaved layout ([`ArenaWeights`]: eight rows per
-//!   register, a third of the instructions, so decode is bound by memory bandwidth), with the
-//!   same per-output order. (The portable and scalar paths use the mat-mat loops for every
-//!   token count.)
+//!   so on x86 models keep the block types that have one (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+//!   Q6_K) in an interleaved layout ([`ArenaWeights`]: eight rows' blocks side by side), whose
+//!   records are unpacked in registers and consumed at once, with software prefetch, streaming
+//!   the weights once — accumulating every output in exactly the tile's order, so a token's
+//!   result is bit-identical whichever kernel computed it and a sequence's logits cannot depend
+//!   on what else is in its batch. (Other types, and the portable and scalar paths, use the
+//!   mat-mat loops for every token count.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
@@ -39,20 +40,19 @@
 //!
 //! # Paths
 //!
-//! [`KernelPath`]: `Avx512` (x86-64 with AVX-512 F/BW/VL/VNNI besides AVX2: VNNI byte dot
-//! products chained over each block in 32-bit integers, eight rows per register in every
-//! quantized kernel; see `avx512`), `Avx2`
-//! (x86-64 with AVX2, FMA, F16C), `Neon` (arm64 with the dot product extension: `sdot` in the
+//! [`KernelPath`]: `Avx512` (x86-64 with AVX-512 F/BW/VL/VNNI besides AVX2: VNNI's
+//! `vpdpbusd` in the quantized kernels of `lanes`, a two-tokens-per-register float tile; see
+//! `avx512`), `Avx2` (x86-64 with AVX2, FMA, F16C: `maddubs` in the same `lanes` kernels), `Neon` (arm64 with the dot product extension: `sdot` in the
 //! quantized tiles, see `neon`; the portable kernels for the rest, and the portable path's
 //! bits), all chosen at run time with detection cached, `Portable`
 //! (plain Rust with fixed-width lane arrays that the compiler vectorizes for any target, e.g.
 //! NEON on arm64), and `Scalar` (straightforward loops: the twin the others are tested
 //! against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|neon|avx2|avx512`
-//! overrides it (for benchmarks and bisecting numerical differences). The AVX-512 path shares
-//! the AVX2 code for everything but the quantized products, whose order of operations is its
-//! own (one conversion and FMA per block, not per four elements), so its bits are its own too:
-//! every kernel within a path gives the same bits for a token (batch invariance), and paths
-//! agree with each other within the summation-error bound.
+//! overrides it (for benchmarks and bisecting numerical differences). The two x86 paths give
+//! the same bits (their integer sums are exact, their float operations the same). The x86
+//! quantized kernels sum each block in integers before scaling it, the portable ones scale
+//! each half, so x86 and the other paths agree within the summation-error bound, not bit for
+//! bit; within a path every kernel gives the same bits for a token (batch invariance).
 //!
 //! # Threads
 //!
@@ -73,12 +73,14 @@ pub mod attention;
 mod avx2;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2_attention;
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[cfg(target_arch = "x86_64")]
 mod avx2_interleaved;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod decoded;
 mod interleaved;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 pub mod math;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -233,7 +235,8 @@ pub enum KernelPath {
     Neon,
     /// x86-64 AVX2 + FMA + F16C intrinsics.
     Avx2,
-    /// x86-64 AVX-512 (F, BW, VL, VNNI) for the integer dot products, AVX2 for the rest.
+    /// x86-64 AVX-512 (F, BW, VL, VNNI) for the integer dot products and the float tile, AVX2
+    /// for the rest.
     Avx512,
 }
 
@@ -255,9 +258,9 @@ impl KernelPath {
             KernelPath::Neon => neon::available(),
             #[cfg(not(target_arch = "aarch64"))]
             KernelPath::Neon => false,
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => avx2::available(),
-            #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+            #[cfg(not(target_arch = "x86_64"))]
             KernelPath::Avx2 => false,
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx512 => avx512::available(),
@@ -301,7 +304,8 @@ impl KernelPath {
     /// The prefill tile kernel this path runs, for benchmarks (`egpu_bench`).
     pub fn tile_kernel(self) -> &'static str {
         match self {
-            KernelPath::Avx512 => "avx512-rows-in-lanes-block-sums",
+            KernelPath::Avx2 => "avx2-rows-in-lanes",
+            KernelPath::Avx512 => "avx512-rows-in-lanes",
             _ => self.name(),
         }
     }
@@ -421,9 +425,9 @@ pub fn matmul_shared_input(
         if any_quantized {
             quantize_activations(pool, path, x, n_tokens, cols, acts);
         }
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        #[cfg(target_arch = "x86_64")]
         if path.runs_avx2()
-            && n_tokens <= avx2::MAX_MATVEC_TOKENS
+            && n_tokens <= MAX_MATVEC_TOKENS
             && ws.iter().all(|w| w.layout == Layout::Interleaved8)
         {
             run_interleaved_together(pool, path, ws, acts, n_tokens, ys);
@@ -447,7 +451,7 @@ pub fn matmul_shared_input(
 /// parts span all their row groups: a small matrix (a K or V projection) then shares the
 /// threads instead of running on one while the others wait, and the pool is handed one job
 /// instead of several. Each output is computed exactly as by a separate call.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[cfg(target_arch = "x86_64")]
 fn run_interleaved_together(
     pool: &ThreadPool,
     path: KernelPath,
@@ -484,12 +488,12 @@ fn run_interleaved_together(
     });
 }
 
-/// The interleaved mat-vec of `path`'s instruction set.
+/// The interleaved mat-vec of `path`'s instruction set (`lanes`).
 ///
 /// # Safety
 /// `path` must be available and run AVX2 ([`KernelPath::runs_avx2`]); otherwise as
-/// `avx2_interleaved::matvec`.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+/// `lanes::matvec_avx2`.
+#[cfg(target_arch = "x86_64")]
 unsafe fn interleaved_matvec(
     path: KernelPath,
     w: &WeightMatrix,
@@ -499,43 +503,12 @@ unsafe fn interleaved_matvec(
     n_tokens: usize,
     store: impl FnMut(usize, usize, f32),
 ) {
+    let (t, n) = (first_token, n_tokens);
     match path {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512 is available (the caller's contract); the rest is the caller's too.
-        KernelPath::Avx512 => unsafe {
-            avx512::matvec(w, groups, acts, first_token, n_tokens, store)
-        },
+        KernelPath::Avx512 => unsafe { lanes::matvec_vnni(w, groups, acts, t, n, store) },
         // SAFETY: AVX2 is available (the caller's contract); the rest is the caller's too.
-        _ => unsafe { avx2_interleaved::matvec(w, groups, acts, first_token, n_tokens, store) },
-    }
-}
-
-/// The row-major mat-vec sweep of `path`'s instruction set over `NT` tokens (1 to 4) from
-/// `first` ([`avx2::matvec_in_tile_order`] for one token and for four, where four independent
-/// accumulator chains hide the latency that the fused form pays for keeping them in memory;
-/// [`avx2::matvec_decoded_in_tile_order`] for two and three).
-///
-/// # Safety
-/// `path` must be available and run AVX2; otherwise as `avx2::matvec_in_tile_order`.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-unsafe fn rows_matvec(
-    path: KernelPath,
-    n_tokens: usize,
-    w: &WeightMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActivations,
-    first: usize,
-    store: impl FnMut(usize, usize, f32),
-) {
-    // SAFETY (all arms): the path's instructions are available (the caller's contract), the
-    // shapes are the caller's too (and checked inside).
-    unsafe {
-        match (path, n_tokens) {
-            (_, 1) => avx2::matvec_in_tile_order::<1>(w, rows, acts, first, store),
-            (_, 2) => avx2::matvec_decoded_in_tile_order::<2>(w, rows, acts, first, store),
-            (_, 3) => avx2::matvec_decoded_in_tile_order::<3>(w, rows, acts, first, store),
-            _ => avx2::matvec_in_tile_order::<4>(w, rows, acts, first, store),
-        }
+        _ => unsafe { lanes::matvec_avx2(w, groups, acts, t, n, store) },
     }
 }
 
@@ -616,8 +589,8 @@ fn check_shapes(
 /// Rows per tile: decoded together, so each activation chunk loaded serves this many rows.
 const TILE_ROWS: usize = 4;
 /// Tokens per tile: each decoded weight chunk held in a register serves this many tokens.
-/// 4 × 2 keeps the eight accumulators and the operands within AVX2's sixteen registers (a
-/// taller or wider tile spills accumulators to the stack).
+/// 4 × 2 keeps the eight accumulators and the operands within sixteen vector registers (NEON
+/// has 32, but the portable loops are written for the narrowest target).
 const TILE_TOKENS: usize = 2;
 // `for_tile_shape!` lists the shapes up to 4 × 2.
 const _: () = assert!(TILE_ROWS == 4 && TILE_TOKENS == 2);
@@ -626,6 +599,11 @@ const MIN_WORK_PER_THREAD: usize = 64 * 1024;
 /// Bytes of decoded weights, and separately of quantized activations, that a mat-mat keeps
 /// hot at a time (see `run_quantized`): two of these fit a 1 MB L2 with room to spare.
 const L2_BLOCK_BYTES: usize = 192 * 1024;
+/// The most tokens the x86 paths send through the interleaved mat-vec (decode steps of up to
+/// eight sequences, in sweeps of four or two over records unpacked in registers); beyond, the
+/// prefill tile over groups unpacked once per call costs less.
+#[cfg(target_arch = "x86_64")]
+const MAX_MATVEC_TOKENS: usize = 8;
 /// Parts per thread a shared matmul is split into.
 const PARTS_PER_THREAD: usize = 4;
 
@@ -643,7 +621,7 @@ struct Scratch {
 #[cfg(target_arch = "x86_64")]
 #[derive(Default)]
 struct LanesScratch {
-    /// The block's groups in `avx512::tile_decoded`'s layout.
+    /// The block's groups in the layout of `lanes`' prefill tile.
     q: Vec<u8>,
     scales: Vec<avx2_interleaved::Lanes8>,
     offsets: Vec<avx2_interleaved::Lanes8>,
@@ -887,26 +865,11 @@ fn quantized_tile(
     for_tile_shape!(rm, rn, |RM, RN| {
         let mut o = [[0f32; RN]; RM];
         match path {
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            // SAFETY: `path` is available; `w` holds RM rows and `acts` tokens t0..t0 + RN
-            // (the driver's tiling guarantees both; `tile` re-checks).
-            KernelPath::Avx2 => unsafe {
-                match (signed, with_offsets) {
-                    (true, false) => {
-                        avx2::tile::<RM, RN, true, false>(w, offsets, acts, t0, &mut o)
-                    }
-                    (true, true) => avx2::tile::<RM, RN, true, true>(w, offsets, acts, t0, &mut o),
-                    (false, false) => {
-                        avx2::tile::<RM, RN, false, false>(w, offsets, acts, t0, &mut o)
-                    }
-                    (false, true) => {
-                        avx2::tile::<RM, RN, false, true>(w, offsets, acts, t0, &mut o)
-                    }
-                }
-            },
-            // `run_quantized` sends the AVX-512 path to `run_quantized_in_lanes` before any
-            // row-major tile: this path's bits are its own (see `avx512`).
-            KernelPath::Avx512 => unreachable!("the AVX-512 path has no row-major tile"),
+            // `run_quantized` sends the x86 paths to `run_quantized_in_lanes` before any
+            // row-major tile: their order of operations is `lanes`'.
+            KernelPath::Avx2 | KernelPath::Avx512 => {
+                unreachable!("the x86 paths have no row-major tile")
+            }
             #[cfg(target_arch = "aarch64")]
             // SAFETY: `path` is available; `w`, `offsets` and `acts` hold the tile's rows and
             // tokens (the driver's tiling guarantees it; `tile` re-checks).
@@ -943,8 +906,8 @@ fn run_quantized(
     let units = rows.div_ceil(TILE_ROWS);
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path.runs_avx2() && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Interleaved8 {
+    #[cfg(target_arch = "x86_64")]
+    if path.runs_avx2() && n_tokens <= MAX_MATVEC_TOKENS && w.layout == Layout::Interleaved8 {
         let groups = rows / interleaved::GROUP_ROWS;
         let n_parts = parts_for(pool, rows * w.cols * n_tokens, groups);
         pool.run_parts(n_parts, &|part, n_parts| {
@@ -960,36 +923,11 @@ fn run_quantized(
         });
         return;
     }
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if path == KernelPath::Avx2 && n_tokens <= avx2::MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
-        pool.run_parts(n_parts, &|part, n_parts| {
-            let units = split(units, n_parts, part);
-            let rows = units.start * TILE_ROWS..(units.end * TILE_ROWS).min(rows);
-            // SAFETY: only row r's outputs are written, and rows of different parts are
-            // disjoint (`split` is a partition).
-            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
-            // SAFETY: `path` is available; `w` has consistent shape (`check_shapes`) and `acts`
-            // holds the `n_tokens` tokens of `w.cols` values.
-            unsafe {
-                let sweep = |first: usize, n: usize, rows: std::ops::Range<usize>| {
-                    rows_matvec(path, n, w, rows, acts, first, store)
-                };
-                // Five to eight tokens: two sweeps over the part's rows, the second while
-                // they are still in cache.
-                let first_sweep = n_tokens.min(avx2::MAX_BATCHED_TOKENS);
-                sweep(0, first_sweep, rows.clone());
-                if n_tokens > first_sweep {
-                    sweep(first_sweep, n_tokens - first_sweep, rows);
-                }
-            }
-        });
-        return;
-    }
-    // The AVX-512 path's other products (prefill, and any token count on GGUF's layout) run
-    // with rows in lanes too, for its order of operations.
+    // The x86 paths' other products (prefill, and any token count on GGUF's layout) run with
+    // rows in lanes too, for their order of operations.
     #[cfg(target_arch = "x86_64")]
-    if path == KernelPath::Avx512 {
-        run_quantized_in_lanes(pool, w, acts, n_tokens, y);
+    if path.runs_avx2() {
+        run_quantized_in_lanes(pool, path, w, acts, n_tokens, y);
         return;
     }
     // Cache blocking: a block of rows is decoded once into the buffer, then token blocks sweep
@@ -1073,16 +1011,15 @@ fn run_quantized(
     });
 }
 
-/// [`run_quantized`] on the AVX-512 path, wherever its interleaved mat-vec does not apply:
-/// blocks of eight-row groups are decoded once into `avx512::tile_decoded`'s layout, then
-/// sweeps of up to four tokens cross them, with the path's per-block integer sums (the same
-/// bits as its mat-vec, see `avx512`). A last group past the matrix's rows is padded with zero
-/// rows, whose outputs are dropped. The AVX-512 path only: with AVX2's `maddubs` (two
-/// instructions per byte dot product) rows in lanes measured no faster than the row-major tile
-/// on this project's Zen 4 VMs, so AVX2 keeps that.
+/// [`run_quantized`] on the x86 paths, wherever the interleaved mat-vec does not apply: blocks
+/// of eight-row groups are unpacked once into the layout of `lanes`' prefill tile (from the
+/// interleaved records, or decoded row by row from GGUF's layout), then sweeps of tokens cross
+/// them with per-block integer sums (the same bits as the mat-vec, see `lanes`). A last group
+/// past the matrix's rows is padded with zero rows, whose outputs are dropped.
 #[cfg(target_arch = "x86_64")]
 fn run_quantized_in_lanes(
     pool: &ThreadPool,
+    path: KernelPath,
     w: &WeightMatrix,
     acts: &QuantizedActivations,
     n_tokens: usize,
@@ -1135,15 +1072,15 @@ fn run_quantized_in_lanes(
                     let scales = &mut scales[halves_at(k)];
                     let offsets = &mut offsets[halves_at(k)];
                     if w.layout == Layout::Interleaved8 {
-                        // SAFETY: the AVX-512 path is available (the caller's contract); `w`
-                        // is interleaved (so its rows are whole groups) and `g` one of them.
-                        unsafe { avx512::unpack_group(w, g, (q, scales, offsets)) };
+                        // SAFETY: an x86 path is available (the caller's contract); `w` is
+                        // interleaved (so its rows are whole groups) and `g` one of them.
+                        unsafe { lanes::unpack_group(w, g, (q, scales, offsets)) };
                         continue;
                     }
                     for r in 0..G {
                         if g * G + r < rows {
                             let row = w.row_blocks(g * G + r, row_blocks);
-                            decode_row(KernelPath::Avx512, w.ty, row, row_chunks, row_offsets);
+                            decode_row(path, w.ty, row, row_chunks, row_offsets);
                         } else {
                             row_chunks.fill(DecodedChunk::ZERO);
                             row_offsets.fill([0.0; 2]);
@@ -1163,9 +1100,17 @@ fn run_quantized_in_lanes(
                     for (k, g) in block.clone().enumerate() {
                         let tile = &mut tile[..tokens.len()];
                         let group = (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
-                        // SAFETY: the AVX-512 path is available (the caller's contract); the
-                        // group holds nc chunks and `acts` the block's tokens.
-                        unsafe { avx512::tile_decoded(kind, group, acts, tokens.clone(), tile) };
+                        let t = tokens.clone();
+                        // SAFETY: `path` is available and runs AVX2 (the caller's contract);
+                        // the group holds nc chunks and `acts` the block's tokens.
+                        unsafe {
+                            match path {
+                                KernelPath::Avx512 => {
+                                    lanes::tile_decoded_vnni(kind, group, acts, t, tile)
+                                }
+                                _ => lanes::tile_decoded_avx2(kind, group, acts, t, tile),
+                            }
+                        };
                         // The group's rows that exist (a last group may be padded).
                         let n_rows = G.min(rows - g * G);
                         for (j, tile_row) in tile.iter().enumerate() {

@@ -384,19 +384,23 @@ mod avx2_twins {
     }
 }
 
-/// The AVX-512 path's quantized kernels (the interleaved mat-vec in sweeps of one to four
-/// tokens, and the rows-in-lanes tile over decoded groups) give, for every output, the bits of
-/// their scalar twin `portable::dot_block_sums_scalar`: every quantized type, both weight
-/// layouts, partial last groups of rows (7, 13, 21 rows), token counts that are and are not
-/// multiples of a sweep, one and several cache blocks of rows and tokens (8192 columns), on one
-/// thread and two. So a token's result cannot depend on the kernel or batch that computed it.
-/// Runs only where the CPU has AVX-512.
+/// The x86 paths' quantized kernels (`lanes`: the interleaved mat-vec in sweeps of one to four
+/// tokens, and the rows-in-lanes tile over groups unpacked from either layout) give, for every
+/// output, the bits of their scalar twin `portable::dot_block_sums_scalar`, on AVX2 and on
+/// AVX-512: every quantized type, both weight layouts, partial last groups of rows (7, 13, 21
+/// rows), token counts that are and are not multiples of a sweep, one and several cache blocks
+/// of rows and tokens (8192 columns), on one thread and two. So a token's result cannot depend
+/// on the kernel, batch or x86 path that computed it. AVX-512 is checked only where the CPU
+/// has it.
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn avx512_path_gives_its_scalar_twins_bits() {
+fn x86_paths_give_their_scalar_twins_bits() {
+    let paths: Vec<KernelPath> = [KernelPath::Avx2, KernelPath::Avx512]
+        .into_iter()
+        .filter(|p| p.is_available())
+        .collect();
     if !KernelPath::Avx512.is_available() {
         eprintln!("skipped: this CPU has no AVX-512 (F, BW, VL, VNNI)");
-        return;
     }
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
     let mut rng = Rng(0x512);
@@ -443,13 +447,15 @@ fn avx512_path_gives_its_scalar_twins_bits() {
                 }
                 for m in &layouts {
                     for pool in &pools {
-                        assert_eq!(
-                            output_bits(pool, m, &x, n_tokens, KernelPath::Avx512),
-                            want,
-                            "{ty} {rows}×{cols} {:?}, {n_tokens} tokens, {} threads",
-                            m.layout,
-                            pool.n_threads()
-                        );
+                        for &path in &paths {
+                            assert_eq!(
+                                output_bits(pool, m, &x, n_tokens, path),
+                                want,
+                                "{ty} {rows}×{cols} {:?}, {n_tokens} tokens, {} threads, {path:?}",
+                                m.layout,
+                                pool.n_threads()
+                            );
+                        }
                     }
                 }
             }

@@ -1,0 +1,748 @@
+//! The quantized kernels of both x86-64 paths, rows in lanes with per-block integer sums.
+//!
+//! - **Rows in lanes.** Every quantized kernel works on eight rows at once, row `r` in lane `r`
+//!   of 256-bit registers: the interleaved decode mat-vec ([`matvec_vnni`], [`matvec_avx2`]:
+//!   records unpacked in registers) and the prefill tile ([`tile_decoded_vnni`],
+//!   [`tile_decoded_avx2`]: over groups unpacked once per call by the kernels'
+//!   `run_quantized_in_lanes`, from the interleaved records by [`unpack_group`] or decoded row
+//!   by row from GGUF's layout). A token's factor `scale · dx` is one multiply for eight rows,
+//!   and no lane reduction is needed.
+//! - **Per-block integer sums.** Each chunk's eight element groups are summed into one 32-bit
+//!   integer per row (per 16-element half for the types with 16-element sub-blocks,
+//!   `decoded::has_half_scales`) and converted and scaled once: one conversion and one FMA per
+//!   32 elements, where scaling every four-element group took eight. That float work, not the
+//!   byte products, was the limit: a standalone measurement of the two orders on this loop
+//!   (`bench/accumulation_order`) gave 1.5–1.6× for summing in integers on a Zen 4.
+//! - **Byte dot products** ([`LaneDot`]): AVX-512 VNNI's `vpdpbusd` accumulates four
+//!   `u8 × i8` products per lane straight into the integer sum ([`Vnni`]; signed quants as the
+//!   unsigned `q + 128`, with `128 · Σx` taken back off); AVX2 adds two groups' `maddubs` pairs
+//!   in 16 bits before one `madd` ([`Maddubs`]; the bound is in its docs).
+//!
+//! **Bits.** The integer sums are exact whichever instructions form them, so only the f32
+//! operations decide the bits, and every kernel here performs, per output, the operations of
+//! the scalar twin `portable::dot_block_sums_scalar`: a token's result is the same whichever
+//! kernel, batch, thread count or x86 path computed it (a test checks every type, layout,
+//! token count and thread count against the twin on both paths).
+//!
+//! Every function here is `unsafe` because it must only run where its instruction set is
+//! available (`avx2::available`, and `avx512::available` for the VNNI entry points).
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use super::avx2_interleaved::{
+    byte_lanes, check_inputs, halves_at, prefetch_record, q4_k_scale_min, signed_byte_lanes,
+    Lanes8, Record, DECODED_GROUP_BYTES, PREFETCH_AHEAD,
+};
+use super::decoded::QuantizedActivations;
+use super::interleaved::{
+    GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
+};
+use crate::quant::GgmlType;
+
+/// How a chunk's byte products reach its integer sums, per instruction set.
+pub(crate) trait LaneDot {
+    /// Whether a sweep takes up to four tokens (with AVX-512's 32 vector registers: two
+    /// accumulators per token beside a chunk's eight weight registers) or two (AVX2's 16).
+    const WIDE_SWEEPS: bool;
+    /// The chunk's weight groups as this instruction set multiplies them (for signed quants:
+    /// `q + 128` for VNNI, `|q|` for AVX2), once per chunk for all tokens of a sweep.
+    unsafe fn prepare(signed: bool, q: &[__m256i; 8]) -> [__m256i; 8];
+    /// One token's exact integer sums of the chunk's products, per half (elements 0..16 in
+    /// `[0]`): `prepared` from [`LaneDot::prepare`], `q` the raw groups, `x` the token's eight
+    /// activation words and `q_sum` their sum `Σx`.
+    ///
+    /// # Safety
+    /// `x` must point at 8 readable words.
+    unsafe fn sums(
+        signed: bool,
+        prepared: &[__m256i; 8],
+        q: &[__m256i; 8],
+        x: *const i32,
+        q_sum: i32,
+    ) -> [__m256i; 2];
+}
+
+/// AVX-512 VNNI: `vpdpbusd` chained over each half's four groups.
+pub(crate) struct Vnni;
+
+impl LaneDot for Vnni {
+    const WIDE_SWEEPS: bool = true;
+    #[inline(always)]
+    unsafe fn prepare(signed: bool, q: &[__m256i; 8]) -> [__m256i; 8] {
+        let mut prepared = *q;
+        if signed {
+            // q + 128 as an unsigned byte: the sign bit flipped.
+            for g in &mut prepared {
+                *g = _mm256_xor_si256(*g, _mm256_set1_epi8(i8::MIN));
+            }
+        }
+        prepared
+    }
+    #[inline(always)]
+    unsafe fn sums(
+        signed: bool,
+        prepared: &[__m256i; 8],
+        _: &[__m256i; 8],
+        x: *const i32,
+        q_sum: i32,
+    ) -> [__m256i; 2] {
+        let mut sums = [_mm256_setzero_si256(); 2];
+        if signed {
+            // Σ (q + 128)·x = Σ q·x + 128·Σx: start from −128·Σx. (Signed types share one
+            // scale over the chunk, so only the chunk's total is used.)
+            sums[0] = _mm256_set1_epi32(-128 * q_sum);
+        }
+        for (j, &u) in prepared.iter().enumerate() {
+            sums[j / 4] = _mm256_dpbusd_epi32(sums[j / 4], u, word(x, j));
+        }
+        sums
+    }
+}
+
+/// AVX2: `maddubs` (pairs of products into 16 bits), then `madd` by ones (into 32). Unsigned
+/// quants are at most 63 and activations at most 127 in magnitude, so a `maddubs` pair is at
+/// most 16002 and two groups' pairs add in 16 bits (32004 < 32767) before one `madd`. Signed
+/// quants (at most 128 in magnitude, as `|q| · (x · sign q)`) make pairs up to 32512, so each
+/// group has its own `madd`.
+pub(crate) struct Maddubs;
+
+impl LaneDot for Maddubs {
+    const WIDE_SWEEPS: bool = false;
+    #[inline(always)]
+    unsafe fn prepare(signed: bool, q: &[__m256i; 8]) -> [__m256i; 8] {
+        let mut prepared = *q;
+        if signed {
+            for g in &mut prepared {
+                *g = _mm256_abs_epi8(*g);
+            }
+        }
+        prepared
+    }
+    #[inline(always)]
+    unsafe fn sums(
+        signed: bool,
+        prepared: &[__m256i; 8],
+        q: &[__m256i; 8],
+        x: *const i32,
+        _: i32,
+    ) -> [__m256i; 2] {
+        let ones = _mm256_set1_epi16(1);
+        let mut sums = [_mm256_setzero_si256(); 2];
+        if signed {
+            for j in 0..8 {
+                let pairs = _mm256_maddubs_epi16(prepared[j], _mm256_sign_epi8(word(x, j), q[j]));
+                sums[j / 4] = _mm256_add_epi32(sums[j / 4], _mm256_madd_epi16(pairs, ones));
+            }
+        } else {
+            for k in 0..4 {
+                let (a, b) = (2 * k, 2 * k + 1);
+                let pairs = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(prepared[a], word(x, a)),
+                    _mm256_maddubs_epi16(prepared[b], word(x, b)),
+                );
+                sums[k / 2] = _mm256_add_epi32(sums[k / 2], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        sums
+    }
+}
+
+/// Activation word `j` (elements `4j..4j+4`) of the chunk at `x`, in every lane.
+///
+/// # Safety
+/// `x` must point at 8 readable words and `j < 8`.
+#[inline(always)]
+unsafe fn word(x: *const i32, j: usize) -> __m256i {
+    _mm256_set1_epi32(x.add(j).read_unaligned())
+}
+
+/// One 32-element chunk of eight rows in registers: element group `j` (elements `4j..4j+4`) of
+/// row `r` at bytes `4r..4r+4` of `q[j]`; the rows' scales and offsets of each half (equal for
+/// both halves unless the type `has_half_scales`).
+struct LaneChunk {
+    q: [__m256i; 8],
+    scale: [__m256; 2],
+    offset: [__m256; 2],
+}
+
+/// What the kernels need to know of a chunk's type, as constants once inlined.
+#[derive(Clone, Copy)]
+struct ChunkKind {
+    /// Quants are signed bytes (never together with `split`: VNNI takes `128 · Σx` off the
+    /// chunk's whole sum, see [`LaneDot`]).
+    signed: bool,
+    /// Each half has its own scale and offset (`decoded::has_half_scales`).
+    split: bool,
+    /// Chunks have offset terms.
+    offsets: bool,
+}
+
+/// Adds one chunk's products with `NT` tokens to their accumulators: token `t`'s chunk is
+/// `at + t · nc` in `acts`. Per token and half (or whole chunk) `h`, as the scalar twin:
+/// `acc[h] = fma(isum, scale[h] · dx, acc[h])`, then `acc[h] = fma(offset[h], x_sum, acc[h])`.
+///
+/// # Safety
+/// `acts` must hold chunk `at + t · nc` for every `t < NT` (the callers check).
+#[inline(always)]
+unsafe fn accumulate_chunk<D: LaneDot, const NT: usize>(
+    kind: ChunkKind,
+    chunk: &LaneChunk,
+    acts: &QuantizedActivations,
+    at: usize,
+    nc: usize,
+    acc: &mut [[__m256; 2]; NT],
+) {
+    let prepared = D::prepare(kind.signed, &chunk.q);
+    for (t, acc) in acc.iter_mut().enumerate() {
+        let i = at + t * nc;
+        // SAFETY: chunk i and its sums exist (the caller's contract); its words are 32 bytes.
+        let x = acts.q.as_ptr().add(i).cast::<i32>();
+        let q_sum = *acts.chunk_q_sums.as_ptr().add(i);
+        let sums = D::sums(kind.signed, &prepared, &chunk.q, x, q_sum);
+        let xd = _mm256_broadcast_ss(&*acts.d.as_ptr().add(i));
+        if kind.split {
+            for h in 0..2 {
+                let factor = _mm256_mul_ps(chunk.scale[h], xd);
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[h]), factor, acc[h]);
+                if kind.offsets {
+                    let x_sum =
+                        _mm256_broadcast_ss(&*acts.half_sums.as_ptr().add(i).cast::<f32>().add(h));
+                    acc[h] = _mm256_fmadd_ps(chunk.offset[h], x_sum, acc[h]);
+                }
+            }
+        } else {
+            let factor = _mm256_mul_ps(chunk.scale[0], xd);
+            let sum = _mm256_add_epi32(sums[0], sums[1]);
+            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), factor, acc[0]);
+            if kind.offsets {
+                let x_sum = _mm256_broadcast_ss(&*acts.chunk_sums.as_ptr().add(i));
+                acc[0] = _mm256_fmadd_ps(chunk.offset[0], x_sum, acc[0]);
+            }
+        }
+    }
+}
+
+/// A token's eight row outputs from its accumulators (`acc[0] + acc[1]` where halves are
+/// split, else `acc[0]`: adding a zero would turn −0 into +0).
+#[inline(always)]
+unsafe fn lane_outputs(kind: ChunkKind, acc: &[__m256; 2]) -> [f32; GROUP_ROWS] {
+    let sum = if kind.split {
+        _mm256_add_ps(acc[0], acc[1])
+    } else {
+        acc[0]
+    };
+    let mut out = [0f32; GROUP_ROWS];
+    // SAFETY: `out` is 8 writable f32.
+    _mm256_storeu_ps(out.as_mut_ptr(), sum);
+    out
+}
+
+/// Panics unless `acts` holds tokens up to `tokens` with their chunk sums (a caller's bug).
+fn check_chunk_sums(acts: &QuantizedActivations, tokens: usize) {
+    let n = tokens * acts.n_chunks;
+    assert!(acts.chunk_sums.len() >= n && acts.chunk_q_sums.len() >= n);
+}
+
+/// An interleaved type's records (see `super::interleaved`), unpacked chunk by chunk.
+trait LaneRecord {
+    /// Bytes per record (eight rows' blocks).
+    const BYTES: usize;
+    /// 32-element chunks per record: 1 for the legacy types, 8 for a K-quant super-block.
+    const CHUNKS: usize;
+    const KIND: ChunkKind;
+    /// How far ahead of the record in use to prefetch.
+    const AHEAD: usize;
+    /// What a record's chunks share, unpacked once per record.
+    type Shared;
+    /// # Safety
+    /// `record` must be a whole record.
+    unsafe fn shared(record: *const u8) -> Self::Shared;
+    /// Chunk `c` (< `CHUNKS`) of the record.
+    ///
+    /// # Safety
+    /// `record` must be a whole record and `shared` its own.
+    unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk;
+}
+
+/// A legacy (32-element block) type's records: one chunk each, one scale and offset per row.
+struct Legacy<R>(std::marker::PhantomData<R>);
+
+impl<R: Record> LaneRecord for Legacy<R> {
+    const BYTES: usize = R::BYTES;
+    const CHUNKS: usize = 1;
+    const KIND: ChunkKind = ChunkKind {
+        signed: R::SIGNED,
+        split: false,
+        offsets: R::OFFSET,
+    };
+    const AHEAD: usize = PREFETCH_AHEAD;
+    type Shared = ();
+    #[inline(always)]
+    unsafe fn shared(_: *const u8) {}
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, _: &(), _: usize) -> LaneChunk {
+        let mut q = [_mm256_setzero_si256(); 8];
+        for k in 0..4 {
+            (q[k], q[k + 4]) = R::groups(record, k);
+        }
+        let scale = halves_at(record, 0);
+        let offset = R::offsets(record);
+        LaneChunk {
+            q,
+            scale: [scale; 2],
+            offset: [offset; 2],
+        }
+    }
+}
+
+/// Q4_K records: one super-block of eight chunks; per chunk the scale is `d · sc` and the
+/// offset `−(dmin · m)`, computed exactly as the row-major decoder does.
+struct Q4K;
+
+impl LaneRecord for Q4K {
+    const BYTES: usize = 8 * 144;
+    const CHUNKS: usize = 8;
+    const KIND: ChunkKind = ChunkKind {
+        signed: false,
+        split: false,
+        offsets: true,
+    };
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    /// `d`, `dmin` and the transposed packed scale bytes.
+    type Shared = (__m256, __m256, [u64; 12]);
+    #[inline(always)]
+    unsafe fn shared(record: *const u8) -> Self::Shared {
+        let mut packed = [0u64; 12];
+        for (j, p) in packed.iter_mut().enumerate() {
+            // SAFETY: the record holds 96 scale bytes at Q4_K_SCALES.
+            *p = record
+                .add(Q4_K_SCALES + 8 * j)
+                .cast::<u64>()
+                .read_unaligned();
+        }
+        (halves_at(record, 0), halves_at(record, Q4_K_DMIN), packed)
+    }
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
+        let (d, dmin, packed) = shared;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (j, q) in q.iter_mut().enumerate() {
+            // SAFETY: the record holds 1024 bytes of nibbles at Q4_K_QS; run c / 2 holds chunk
+            // c's groups (low nibbles for even c, high for odd).
+            let v = _mm256_loadu_si256(record.add(Q4_K_QS + 32 * (8 * (c / 2) + j)).cast());
+            let v = if c.is_multiple_of(2) {
+                v
+            } else {
+                _mm256_srli_epi16(v, 4)
+            };
+            *q = _mm256_and_si256(v, m4);
+        }
+        let (sc, m) = q4_k_scale_min(packed, c);
+        let scale = _mm256_mul_ps(*d, byte_lanes(sc));
+        // −(dmin·m), negated by the sign bit as `-x` is (not 0 − x, which turns −0 into +0).
+        let offset = _mm256_xor_ps(_mm256_mul_ps(*dmin, byte_lanes(m)), _mm256_set1_ps(-0.0));
+        LaneChunk {
+            q,
+            scale: [scale; 2],
+            offset: [offset; 2],
+        }
+    }
+}
+
+/// Q6_K records: one super-block of eight chunks, each half with its own scale `d · sc` and
+/// offset `−32` times that. Chunk `c` lies in half `c / 4` of the super-block: nibble
+/// `(c % 4) / 2` of `ql` run `2·(c / 4) + c % 2`, and bits `2·(c % 4)` of `qh` run `c / 4`.
+struct Q6K;
+
+impl LaneRecord for Q6K {
+    const BYTES: usize = 8 * 210;
+    const CHUNKS: usize = 8;
+    const KIND: ChunkKind = ChunkKind {
+        signed: false,
+        split: true,
+        offsets: true,
+    };
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    type Shared = __m256;
+    #[inline(always)]
+    unsafe fn shared(record: *const u8) -> __m256 {
+        halves_at(record, 0)
+    }
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, d: &__m256, c: usize) -> LaneChunk {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        let (half, k) = (c / 4, c % 4);
+        let low_shift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
+        let high_shift = _mm_cvtsi32_si128(2 * k as i32);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (j, q) in q.iter_mut().enumerate() {
+            // SAFETY: the record's ql holds 32 words and qh 16 words per row.
+            let ql = _mm256_loadu_si256(
+                record
+                    .add(Q6_K_QL + 32 * (16 * half + 8 * (k % 2) + j))
+                    .cast(),
+            );
+            let qh = _mm256_loadu_si256(record.add(Q6_K_QH + 32 * (8 * half + j)).cast());
+            let low = _mm256_and_si256(_mm256_srl_epi16(ql, low_shift), m4);
+            let high = _mm256_and_si256(_mm256_srl_epi16(qh, high_shift), m2);
+            *q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+        }
+        let mut scale = [_mm256_setzero_ps(); 2];
+        let mut offset = [_mm256_setzero_ps(); 2];
+        for i in 0..2 {
+            // SAFETY: the record holds 16 × 8 scale bytes at Q6_K_SCALES.
+            let sc = record.add(Q6_K_SCALES + 8 * (2 * c + i)).cast::<u64>();
+            scale[i] = _mm256_mul_ps(*d, signed_byte_lanes(sc.read_unaligned()));
+            offset[i] = _mm256_mul_ps(_mm256_set1_ps(-32.0), scale[i]);
+        }
+        LaneChunk { q, scale, offset }
+    }
+}
+
+/// Defines the entry points of one instruction set: `$matvec`, the interleaved decode mat-vec,
+/// and `$tile`, the prefill tile over decoded groups, with the byte dot product `$dot` and the
+/// `target_feature`s it needs.
+macro_rules! lane_entries {
+    ($isa:literal, $matvec:ident, $tile:ident, $dot:ty, $features:literal) => {
+        /// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups
+        /// `groups` of the interleaved matrix `w`; calls `store(t, r, y)` for every output, `t`
+        /// counted in `acts`. The decode mat-vec: records are unpacked in registers, once per
+        /// sweep of tokens.
+        ///
+        /// # Safety
+        #[doc = concat!("The CPU must support ", $isa, ".")]
+        /// `w` must be interleaved (`super::Layout`) with consistent shape and a type
+        /// `interleaved::has_interleaved_form` accepts, and `acts` must hold
+        /// `first_token + n_tokens` tokens of `w.cols` values (checked; failing is a caller's
+        /// bug and panics).
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $matvec(
+            w: &super::WeightMatrix,
+            groups: std::ops::Range<usize>,
+            acts: &QuantizedActivations,
+            first_token: usize,
+            n_tokens: usize,
+            mut store: impl FnMut(usize, usize, f32),
+        ) {
+            use super::avx2_interleaved as records;
+            let (g, a, t, n, s) = (groups, acts, first_token, n_tokens, &mut store);
+            match w.ty {
+                GgmlType::Q4_0 => matvec_records::<Legacy<records::Q4_0>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q4_1 => matvec_records::<Legacy<records::Q4_1>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q5_0 => matvec_records::<Legacy<records::Q5_0>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q5_1 => matvec_records::<Legacy<records::Q5_1>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q8_0 => matvec_records::<Legacy<records::Q8_0>, $dot>(w, g, a, t, n, s),
+                GgmlType::Q4_K => matvec_records::<Q4K, $dot>(w, g, a, t, n, s),
+                GgmlType::Q6_K => matvec_records::<Q6K, $dot>(w, g, a, t, n, s),
+                other => panic!("no interleaved form for {other}"),
+            }
+        }
+
+        /// Eight decoded rows (in `avx2_interleaved::scatter_decoded_row`'s layout: `q` holds
+        /// [`DECODED_GROUP_BYTES`] per chunk, `scales` and `offsets` eight rows per half-chunk)
+        /// × the tokens `tokens` of `acts`: the prefill tile. `out[t - tokens.start]` gets
+        /// token `t`'s eight rows. Each chunk's eight element groups are loaded once per sweep
+        /// of tokens. `kind` is the type's (`is_signed`, `has_half_scales`, `has_offset`).
+        ///
+        /// # Safety
+        #[doc = concat!("The CPU must support ", $isa, ".")]
+        /// The group must hold `acts.n_chunks` chunks (`offsets` too when the type has
+        /// offsets), `acts` the tokens, and `out` at least `tokens.len()` entries (checked;
+        /// failing is a caller's bug and panics).
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $tile(
+            kind: (bool, bool, bool),
+            group: (&[u8], &[Lanes8], &[Lanes8]),
+            acts: &QuantizedActivations,
+            tokens: std::ops::Range<usize>,
+            out: &mut [[f32; GROUP_ROWS]],
+        ) {
+            tile_decoded::<$dot>(kind, group, acts, tokens, out)
+        }
+    };
+}
+
+lane_entries!(
+    "AVX2, FMA and F16C",
+    matvec_avx2,
+    tile_decoded_avx2,
+    Maddubs,
+    "avx2,fma,f16c"
+);
+
+lane_entries!(
+    "AVX-512 F/BW/VL/VNNI besides AVX2 (`avx512::available`)",
+    matvec_vnni,
+    tile_decoded_vnni,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
+
+/// The mat-vec for one record type: per group, tokens in sweeps of up to four (two on AVX2).
+#[inline(always)]
+unsafe fn matvec_records<K: LaneRecord, D: LaneDot>(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let n_records = nc / K::CHUNKS;
+    let end = first_token + n_tokens;
+    check_inputs(w, &groups, acts, end, K::BYTES, K::CHUNKS);
+    check_chunk_sums(acts, end);
+    for g in groups {
+        let group = w.data[g * n_records * K::BYTES..].as_ptr();
+        let mut t = first_token;
+        while t < end {
+            let prefetch = t == first_token;
+            // SAFETY: the group holds `n_records` records and `acts` tokens up to `end`
+            // (checked above).
+            let n = sweep_tokens::<D>(end - t);
+            match n {
+                1 => matvec_sweep::<K, D, 1>(group, n_records, acts, t, prefetch, g, store),
+                2 => matvec_sweep::<K, D, 2>(group, n_records, acts, t, prefetch, g, store),
+                3 => matvec_sweep::<K, D, 3>(group, n_records, acts, t, prefetch, g, store),
+                _ => matvec_sweep::<K, D, 4>(group, n_records, acts, t, prefetch, g, store),
+            }
+            t += n;
+        }
+    }
+}
+
+/// Tokens `t0..t0 + NT` through group `g`'s `n_records` records at `group`.
+///
+/// # Safety
+/// As [`matvec_records`]' checks guarantee.
+#[inline(always)]
+unsafe fn matvec_sweep<K: LaneRecord, D: LaneDot, const NT: usize>(
+    group: *const u8,
+    n_records: usize,
+    acts: &QuantizedActivations,
+    t0: usize,
+    prefetch: bool,
+    g: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    let nc = acts.n_chunks;
+    let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+    for i in 0..n_records {
+        let record = group.add(i * K::BYTES);
+        if prefetch {
+            prefetch_record(record, K::BYTES, K::AHEAD);
+        }
+        let shared = K::shared(record);
+        for c in 0..K::CHUNKS {
+            let chunk = K::chunk(record, &shared, c);
+            let at = t0 * nc + i * K::CHUNKS + c;
+            accumulate_chunk::<D, NT>(K::KIND, &chunk, acts, at, nc, &mut acc);
+        }
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        for (r, y) in lane_outputs(K::KIND, acc).into_iter().enumerate() {
+            store(t0 + t, g * GROUP_ROWS + r, y);
+        }
+    }
+}
+
+/// Unpacks group `g` of the interleaved matrix `w` into [`tile_decoded`]'s layout (`q`: one
+/// [`DECODED_GROUP_BYTES`] run per chunk; `scales`, `offsets`: eight rows per half-chunk),
+/// straight from its records: the values `decoded::decode_row_scalar` gives each row, without
+/// gathering rows back into GGUF form first.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. `w` must be interleaved with a type
+/// `interleaved::has_interleaved_form` accepts and `g` one of its groups; the buffers must hold
+/// `w.cols / 32` chunks (checked; failing is a caller's bug and panics).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn unpack_group(
+    w: &super::WeightMatrix,
+    g: usize,
+    (q, scales, offsets): (&mut [u8], &mut [Lanes8], &mut [Lanes8]),
+) {
+    use super::avx2_interleaved as records;
+    let out = (q, scales, offsets);
+    match w.ty {
+        GgmlType::Q4_0 => unpack_records::<Legacy<records::Q4_0>>(w, g, out),
+        GgmlType::Q4_1 => unpack_records::<Legacy<records::Q4_1>>(w, g, out),
+        GgmlType::Q5_0 => unpack_records::<Legacy<records::Q5_0>>(w, g, out),
+        GgmlType::Q5_1 => unpack_records::<Legacy<records::Q5_1>>(w, g, out),
+        GgmlType::Q8_0 => unpack_records::<Legacy<records::Q8_0>>(w, g, out),
+        GgmlType::Q4_K => unpack_records::<Q4K>(w, g, out),
+        GgmlType::Q6_K => unpack_records::<Q6K>(w, g, out),
+        other => panic!("no interleaved form for {other}"),
+    }
+}
+
+/// [`unpack_group`] for one record type.
+#[inline(always)]
+unsafe fn unpack_records<K: LaneRecord>(
+    w: &super::WeightMatrix,
+    g: usize,
+    (q, scales, offsets): (&mut [u8], &mut [Lanes8], &mut [Lanes8]),
+) {
+    let nc = w.cols / super::decoded::CHUNK;
+    let n_records = nc / K::CHUNKS;
+    assert!(
+        w.layout == super::Layout::Interleaved8
+            && nc.is_multiple_of(K::CHUNKS)
+            && w.data.len() >= (g + 1) * n_records * K::BYTES
+            && q.len() >= nc * DECODED_GROUP_BYTES
+            && scales.len() >= 2 * nc
+            && offsets.len() >= 2 * nc
+    );
+    let group = w.data[g * n_records * K::BYTES..].as_ptr();
+    let (qp, sp, op) = (q.as_mut_ptr(), scales.as_mut_ptr(), offsets.as_mut_ptr());
+    for i in 0..n_records {
+        // SAFETY: the group holds `n_records` records (checked).
+        let record = group.add(i * K::BYTES);
+        let shared = K::shared(record);
+        for c in 0..K::CHUNKS {
+            let chunk = K::chunk(record, &shared, c);
+            let at = i * K::CHUNKS + c;
+            for (j, &group) in chunk.q.iter().enumerate() {
+                // SAFETY: chunk `at` < nc has its DECODED_GROUP_BYTES in `q` (checked).
+                _mm256_storeu_si256(qp.add(at * DECODED_GROUP_BYTES + 32 * j).cast(), group);
+            }
+            for h in 0..2 {
+                // SAFETY: half 2·at + h < 2·nc of both (checked); `Lanes8` is 32-byte aligned.
+                _mm256_store_ps(sp.add(2 * at + h).cast(), chunk.scale[h]);
+                let offset = if K::KIND.offsets {
+                    chunk.offset[h]
+                } else {
+                    _mm256_setzero_ps()
+                };
+                _mm256_store_ps(op.add(2 * at + h).cast(), offset);
+            }
+        }
+    }
+}
+
+/// The prefill tile (see `lane_entries!`) for one instruction set.
+///
+/// # Safety
+/// As the entry points'.
+#[inline(always)]
+unsafe fn tile_decoded<D: LaneDot>(
+    (signed, split, with_offsets): (bool, bool, bool),
+    (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
+    acts: &QuantizedActivations,
+    tokens: std::ops::Range<usize>,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    let nc = acts.n_chunks;
+    assert!(
+        q.len() >= nc * DECODED_GROUP_BYTES
+            && scales.len() >= 2 * nc
+            && (!with_offsets || offsets.len() >= 2 * nc)
+            && acts.q.len() >= tokens.end * nc
+            && acts.d.len() >= tokens.end * nc
+            && acts.half_sums.len() >= tokens.end * nc
+            && out.len() >= tokens.len()
+    );
+    check_chunk_sums(acts, tokens.end);
+    let group = (q, scales, offsets);
+    // One instance per kind of chunk the decoders produce, so that its tests fold away.
+    macro_rules! sweeps {
+        ($signed:literal, $split:literal, $offsets:literal) => {{
+            const KIND: ChunkKind = ChunkKind {
+                signed: $signed,
+                split: $split,
+                offsets: $offsets,
+            };
+            tile_sweeps::<D>(KIND, group, acts, tokens, out)
+        }};
+    }
+    // Signed quants take `128 · Σx` off the whole chunk's sum, so they cannot have per-half
+    // scales; no type has both (`decoded::is_signed`, `decoded::has_half_scales`).
+    assert!(!(signed && split), "signed quants with per-half scales");
+    match (signed, split, with_offsets) {
+        (true, _, false) => sweeps!(true, false, false),
+        (true, _, true) => sweeps!(true, false, true),
+        (false, false, true) => sweeps!(false, false, true),
+        (false, true, true) => sweeps!(false, true, true),
+        (false, false, false) => sweeps!(false, false, false),
+        (false, true, false) => sweeps!(false, true, false),
+    }
+}
+
+/// The tile's sweeps for one kind of chunk.
+///
+/// # Safety
+/// As the tile entry points', whose checks it relies on.
+#[inline(always)]
+unsafe fn tile_sweeps<D: LaneDot>(
+    kind: ChunkKind,
+    group: (&[u8], &[Lanes8], &[Lanes8]),
+    acts: &QuantizedActivations,
+    tokens: std::ops::Range<usize>,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    let mut t = tokens.start;
+    while t < tokens.end {
+        let out = &mut out[t - tokens.start..];
+        let n = sweep_tokens::<D>(tokens.end - t);
+        match n {
+            1 => tile_sweep::<D, 1>(kind, group, acts, t, out),
+            2 => tile_sweep::<D, 2>(kind, group, acts, t, out),
+            3 => tile_sweep::<D, 3>(kind, group, acts, t, out),
+            _ => tile_sweep::<D, 4>(kind, group, acts, t, out),
+        }
+        t += n;
+    }
+}
+
+/// Tokens `t0..t0 + NT` through one decoded group, into `out[..NT]`.
+///
+/// # Safety
+/// As the tile entry points', whose checks it relies on.
+#[inline(always)]
+unsafe fn tile_sweep<D: LaneDot, const NT: usize>(
+    kind: ChunkKind,
+    (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
+    acts: &QuantizedActivations,
+    t0: usize,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    let nc = acts.n_chunks;
+    let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+    let (qp, sp, op) = (q.as_ptr(), scales.as_ptr(), offsets.as_ptr());
+    for c in 0..nc {
+        let mut chunk = LaneChunk {
+            q: [_mm256_setzero_si256(); 8],
+            // SAFETY: both halves' scales of chunk c exist (checked by the caller).
+            scale: [
+                _mm256_load_ps(sp.add(2 * c).cast()),
+                _mm256_load_ps(sp.add(2 * c + 1).cast()),
+            ],
+            offset: [_mm256_setzero_ps(); 2],
+        };
+        if kind.offsets {
+            // SAFETY: as the scales, when the group has offsets.
+            chunk.offset = [
+                _mm256_load_ps(op.add(2 * c).cast()),
+                _mm256_load_ps(op.add(2 * c + 1).cast()),
+            ];
+        }
+        for (j, group) in chunk.q.iter_mut().enumerate() {
+            // SAFETY: chunk c's eight groups of 32 bytes exist (checked by the caller).
+            *group = _mm256_loadu_si256(qp.add(c * DECODED_GROUP_BYTES + 32 * j).cast());
+        }
+        accumulate_chunk::<D, NT>(kind, &chunk, acts, t0 * nc + c, nc, &mut acc);
+    }
+    for (acc, out) in acc.iter().zip(out.iter_mut()) {
+        *out = lane_outputs(kind, acc);
+    }
+}
+
+/// How many of `left` tokens the next sweep takes: up to four with [`LaneDot::WIDE_SWEEPS`],
+/// else up to two.
+#[inline(always)]
+fn sweep_tokens<D: LaneDot>(left: usize) -> usize {
+    left.min(if D::WIDE_SWEEPS { 4 } else { 2 })
+}
