@@ -34,7 +34,7 @@ use super::avx2_interleaved::{
     byte_lanes, check_inputs, halves_at, prefetch_record, q4_k_scale_min, signed_byte_lanes,
     Lanes8, Record, DECODED_GROUP_BYTES, PREFETCH_AHEAD,
 };
-use super::decoded::QuantizedActivations;
+use super::decoded::{QuantizedActivations, CHUNK};
 use super::interleaved::{
     GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
 };
@@ -403,10 +403,10 @@ impl LaneRecord for Q6K {
 }
 
 /// Defines the entry points of one instruction set: `$matvec`, the interleaved decode mat-vec,
-/// and `$tile`, the prefill tile over decoded groups, with the byte dot product `$dot` and the
-/// `target_feature`s it needs.
+/// `$tile`, the prefill tile over decoded groups, and `$rows`, the decode mat-vec over GGUF's
+/// layout, with the byte dot product `$dot` and the `target_feature`s it needs.
 macro_rules! lane_entries {
-    ($isa:literal, $matvec:ident, $tile:ident, $dot:ty, $features:literal) => {
+    ($isa:literal, $matvec:ident, $tile:ident, $rows:ident, $dot:ty, $features:literal) => {
         /// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups
         /// `groups` of the interleaved matrix `w`; calls `store(t, r, y)` for every output, `t`
         /// counted in `acts`. The decode mat-vec: records are unpacked in registers, once per
@@ -462,6 +462,30 @@ macro_rules! lane_entries {
         ) {
             tile_decoded::<$dot>(kind, group, acts, tokens, out)
         }
+
+        /// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups
+        /// `groups` of `w` in GGUF's layout (a last group may be partial); calls
+        /// `store(t, r, y)` for every output. The decode mat-vec for the types without an
+        /// interleaved form: each block of the group's rows is decoded into a few kilobytes
+        /// that stay in L1 and transposed into lanes in registers, so the weights are read once
+        /// per sweep of tokens and never written back out.
+        ///
+        /// # Safety
+        #[doc = concat!("The CPU must support ", $isa, ".")]
+        /// `w` must be block-quantized in GGUF's layout with consistent shape, `groups` within
+        /// its rows, and `acts` must hold `first_token + n_tokens` tokens of `w.cols` values
+        /// (checked; failing is a caller's bug and panics).
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $rows(
+            w: &super::WeightMatrix,
+            groups: std::ops::Range<usize>,
+            acts: &QuantizedActivations,
+            first_token: usize,
+            n_tokens: usize,
+            mut store: impl FnMut(usize, usize, f32),
+        ) {
+            matvec_rows::<$dot>(w, groups, acts, first_token, n_tokens, &mut store)
+        }
     };
 }
 
@@ -469,6 +493,7 @@ lane_entries!(
     "AVX2, FMA and F16C",
     matvec_avx2,
     tile_decoded_avx2,
+    matvec_rows_avx2,
     Maddubs,
     "avx2,fma,f16c"
 );
@@ -477,6 +502,7 @@ lane_entries!(
     "AVX-512 F/BW/VL/VNNI besides AVX2 (`avx512::available`)",
     matvec_vnni,
     tile_decoded_vnni,
+    matvec_rows_vnni,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
@@ -745,4 +771,267 @@ unsafe fn tile_sweep<D: LaneDot, const NT: usize>(
 #[inline(always)]
 fn sweep_tokens<D: LaneDot>(left: usize) -> usize {
     left.min(if D::WIDE_SWEEPS { 4 } else { 2 })
+}
+
+/// The rows-layout mat-vec (see `lane_entries!`) for one instruction set: per group and sweep
+/// of tokens, block by block, the group's rows decoded (`avx2::decode_row`) into `decoded`
+/// and transposed into lanes ([`transpose_rows`]).
+///
+/// # Safety
+/// As the entry points'.
+#[inline(always)]
+unsafe fn matvec_rows<D: LaneDot>(
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    n_tokens: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    use super::decoded::{has_half_scales, has_offset, is_block_quantized, is_signed};
+    let nc = acts.n_chunks;
+    let end = first_token + n_tokens;
+    let per_block = w.ty.block_size() / CHUNK;
+    assert!(
+        is_block_quantized(w.ty)
+            && w.layout == super::Layout::Rows
+            && w.cols == nc * CHUNK
+            && w.cols.is_multiple_of(w.ty.block_size())
+            && groups.end * GROUP_ROWS < w.rows + GROUP_ROWS
+            && acts.q.len() >= end * nc
+            && acts.d.len() >= end * nc
+            && acts.half_sums.len() >= end * nc
+    );
+    check_chunk_sums(acts, end);
+    let kind = (is_signed(w.ty), has_half_scales(w.ty), has_offset(w.ty));
+    assert!(!(kind.0 && kind.1), "signed quants with per-half scales");
+    // One instance per kind of chunk the decoders produce, so that its tests fold away.
+    macro_rules! with_kind {
+        ($signed:literal, $split:literal, $offsets:literal) => {{
+            const KIND: ChunkKind = ChunkKind {
+                signed: $signed,
+                split: $split,
+                offsets: $offsets,
+            };
+            rows_groups::<D>(KIND, w, groups, acts, first_token, end, per_block, store)
+        }};
+    }
+    match kind {
+        (true, _, false) => with_kind!(true, false, false),
+        (true, _, true) => with_kind!(true, false, true),
+        (false, false, true) => with_kind!(false, false, true),
+        (false, true, true) => with_kind!(false, true, true),
+        (false, false, false) => with_kind!(false, false, false),
+        (false, true, false) => with_kind!(false, true, false),
+    }
+}
+
+/// [`matvec_rows`] for one kind of chunk.
+///
+/// # Safety
+/// As [`matvec_rows`], whose checks it relies on.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_groups<D: LaneDot>(
+    kind: ChunkKind,
+    w: &super::WeightMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    first_token: usize,
+    end: usize,
+    per_block: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    for g in groups {
+        let rows = g * GROUP_ROWS..(g * GROUP_ROWS + GROUP_ROWS).min(w.rows);
+        let mut t = first_token;
+        while t < end {
+            let n = sweep_tokens::<D>(end - t);
+            match n {
+                1 => rows_sweep::<D, 1>(
+                    kind,
+                    w,
+                    rows.clone(),
+                    acts,
+                    (first_token, t),
+                    per_block,
+                    store,
+                ),
+                2 => rows_sweep::<D, 2>(
+                    kind,
+                    w,
+                    rows.clone(),
+                    acts,
+                    (first_token, t),
+                    per_block,
+                    store,
+                ),
+                3 => rows_sweep::<D, 3>(
+                    kind,
+                    w,
+                    rows.clone(),
+                    acts,
+                    (first_token, t),
+                    per_block,
+                    store,
+                ),
+                _ => rows_sweep::<D, 4>(
+                    kind,
+                    w,
+                    rows.clone(),
+                    acts,
+                    (first_token, t),
+                    per_block,
+                    store,
+                ),
+            }
+            t += n;
+        }
+    }
+}
+
+/// The most chunks in one block of any type (a K-quant super-block or IQ4_XS block), and the
+/// chunks [`rows_sweep`] decodes per row at a time.
+const MAX_BLOCK_CHUNKS: usize = 8;
+
+/// Tokens `t0..t0 + NT` through the rows `rows` (at most eight) of `w`; the sweep that starts
+/// at `first_token` prefetches.
+///
+/// # Safety
+/// As [`matvec_rows`], whose checks it relies on.
+#[inline(always)]
+unsafe fn rows_sweep<D: LaneDot, const NT: usize>(
+    kind: ChunkKind,
+    w: &super::WeightMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActivations,
+    (first_token, t0): (usize, usize),
+    per_block: usize,
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    use super::decoded::DecodedChunk;
+    let nc = acts.n_chunks;
+    let type_size = w.ty.type_size();
+    let n_rows = rows.len();
+    // Row r's chunks of the block in use at `r * MAX_BLOCK_CHUNKS..`; rows past the matrix stay
+    // zero (their outputs are not stored).
+    let mut decoded = [DecodedChunk::ZERO; GROUP_ROWS * MAX_BLOCK_CHUNKS];
+    let mut offsets = [[0f32; 2]; GROUP_ROWS * MAX_BLOCK_CHUNKS];
+    let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+    let row_data: [&[u8]; GROUP_ROWS] = std::array::from_fn(|k| {
+        if k < n_rows {
+            w.row(rows.start + k)
+        } else {
+            &[]
+        }
+    });
+    // Spans of whole blocks, up to MAX_BLOCK_CHUNKS chunks: one K-quant block, or up to eight
+    // 32-element blocks per decode call.
+    let mut c0 = 0;
+    while c0 < nc {
+        let span = MAX_BLOCK_CHUNKS.min(nc - c0) / per_block * per_block;
+        let bytes = c0 / per_block * type_size..(c0 + span) / per_block * type_size;
+        for (k, row) in row_data.iter().enumerate().take(n_rows) {
+            // Eight rows are eight streams, more than the hardware prefetcher follows well:
+            // ask for this row's bytes a little ahead (the first sweep of tokens only).
+            if t0 == first_token {
+                prefetch_record(
+                    row.as_ptr().wrapping_add(bytes.start),
+                    bytes.len(),
+                    PREFETCH_AHEAD,
+                );
+            }
+            let at = k * MAX_BLOCK_CHUNKS..k * MAX_BLOCK_CHUNKS + span;
+            // SAFETY: AVX2, FMA and F16C are enabled in every caller; whole blocks, and a
+            // chunk and an offset per 32 of their elements.
+            super::avx2::decode_row(
+                w.ty,
+                &row[bytes.clone()],
+                &mut decoded[at.clone()],
+                &mut offsets[at],
+            );
+        }
+        for c in 0..span {
+            let chunk = transpose_rows(&decoded, &offsets, c, n_rows);
+            accumulate_chunk::<D, NT>(kind, &chunk, acts, t0 * nc + c0 + c, nc, &mut acc);
+        }
+        c0 += span;
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        for (k, y) in lane_outputs(kind, acc).into_iter().take(n_rows).enumerate() {
+            store(t0 + t, rows.start + k, y);
+        }
+    }
+}
+
+/// Chunk `c` of eight decoded rows (row `k` at `decoded[k * MAX_BLOCK_CHUNKS + c]`, rows from
+/// `n_rows` on zero) as a [`LaneChunk`]: the rows' 32-byte quants transposed as an 8 × 8 matrix
+/// of 32-bit words (word `j` of row `k` to lane `k` of group `j`), their half scales and
+/// offsets gathered into lanes.
+#[inline(always)]
+unsafe fn transpose_rows(
+    decoded: &[super::decoded::DecodedChunk; GROUP_ROWS * MAX_BLOCK_CHUNKS],
+    offsets: &[[f32; 2]; GROUP_ROWS * MAX_BLOCK_CHUNKS],
+    c: usize,
+    n_rows: usize,
+) -> LaneChunk {
+    let at = |k: usize| k * MAX_BLOCK_CHUNKS + c;
+    let mut a = [_mm256_setzero_si256(); GROUP_ROWS];
+    for (k, a) in a.iter_mut().enumerate().take(n_rows) {
+        // SAFETY: a decoded chunk's 32 quant bytes, 32-byte aligned by `DecodedChunk`'s repr.
+        *a = _mm256_load_si256(decoded[at(k)].q.as_ptr().cast());
+    }
+    let t = [
+        _mm256_unpacklo_epi32(a[0], a[1]),
+        _mm256_unpackhi_epi32(a[0], a[1]),
+        _mm256_unpacklo_epi32(a[2], a[3]),
+        _mm256_unpackhi_epi32(a[2], a[3]),
+        _mm256_unpacklo_epi32(a[4], a[5]),
+        _mm256_unpackhi_epi32(a[4], a[5]),
+        _mm256_unpacklo_epi32(a[6], a[7]),
+        _mm256_unpackhi_epi32(a[6], a[7]),
+    ];
+    // u[i]: words i and i + 4 of rows 0..4 (low half: word i, high half: word i + 4), and of
+    // rows 4..8 in u[4 + i].
+    let u = [
+        _mm256_unpacklo_epi64(t[0], t[2]),
+        _mm256_unpackhi_epi64(t[0], t[2]),
+        _mm256_unpacklo_epi64(t[1], t[3]),
+        _mm256_unpackhi_epi64(t[1], t[3]),
+        _mm256_unpacklo_epi64(t[4], t[6]),
+        _mm256_unpackhi_epi64(t[4], t[6]),
+        _mm256_unpacklo_epi64(t[5], t[7]),
+        _mm256_unpackhi_epi64(t[5], t[7]),
+    ];
+    let q = [
+        _mm256_permute2x128_si256::<0x20>(u[0], u[4]),
+        _mm256_permute2x128_si256::<0x20>(u[1], u[5]),
+        _mm256_permute2x128_si256::<0x20>(u[2], u[6]),
+        _mm256_permute2x128_si256::<0x20>(u[3], u[7]),
+        _mm256_permute2x128_si256::<0x31>(u[0], u[4]),
+        _mm256_permute2x128_si256::<0x31>(u[1], u[5]),
+        _mm256_permute2x128_si256::<0x31>(u[2], u[6]),
+        _mm256_permute2x128_si256::<0x31>(u[3], u[7]),
+    ];
+    let mut scale = [Lanes8::default(); 2];
+    let mut offset = [Lanes8::default(); 2];
+    for k in 0..n_rows {
+        for h in 0..2 {
+            scale[h].0[k] = decoded[at(k)].scale[4 * h];
+            offset[h].0[k] = offsets[at(k)][h];
+        }
+    }
+    // SAFETY: `Lanes8` is eight f32, 32-byte aligned.
+    let lanes = |l: &Lanes8| l.0.as_ptr();
+    LaneChunk {
+        q,
+        scale: [
+            _mm256_load_ps(lanes(&scale[0])),
+            _mm256_load_ps(lanes(&scale[1])),
+        ],
+        offset: [
+            _mm256_load_ps(lanes(&offset[0])),
+            _mm256_load_ps(lanes(&offset[1])),
+        ],
+    }
 }

@@ -923,8 +923,28 @@ fn run_quantized(
         });
         return;
     }
-    // The x86 paths' other products (prefill, and any token count on GGUF's layout) run with
-    // rows in lanes too, for their order of operations.
+    #[cfg(target_arch = "x86_64")]
+    if path.runs_avx2() && n_tokens <= MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
+        let groups = rows.div_ceil(interleaved::GROUP_ROWS);
+        let n_parts = parts_for(pool, rows * w.cols * n_tokens, groups);
+        pool.run_parts(n_parts, &|part, n_parts| {
+            // SAFETY: only the rows of this part's groups are written, and the groups of
+            // different parts are disjoint (`split` is a partition).
+            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
+            let (groups, n) = (split(groups, n_parts, part), n_tokens);
+            // SAFETY: `path` is available and runs AVX2; `w` is block-quantized in GGUF's
+            // layout with consistent shape (`check_shapes`), `acts` holds the tokens.
+            unsafe {
+                match path {
+                    KernelPath::Avx512 => lanes::matvec_rows_vnni(w, groups, acts, 0, n, store),
+                    _ => lanes::matvec_rows_avx2(w, groups, acts, 0, n, store),
+                }
+            };
+        });
+        return;
+    }
+    // The x86 paths' other products (prefill) run with rows in lanes too, for their order of
+    // operations.
     #[cfg(target_arch = "x86_64")]
     if path.runs_avx2() {
         run_quantized_in_lanes(pool, path, w, acts, n_tokens, y);
