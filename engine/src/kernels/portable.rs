@@ -7,6 +7,21 @@
 
 use super::decoded::{DecodedChunk, QuantizedActivations, CHUNK};
 
+/// The exact integer sums `Σ q·x` of a decoded chunk and a chunk of activations, per 16-element
+/// half.
+fn half_products(signed: bool, chunk: &DecodedChunk, x: &[i8; CHUNK]) -> [i32; 2] {
+    let mut halves = [0i32; 2];
+    for (i, (&raw, &x)) in chunk.q.iter().zip(x).enumerate() {
+        let w = if signed {
+            i32::from(raw as i8)
+        } else {
+            i32::from(raw)
+        };
+        halves[i / 16] += w * i32::from(x);
+    }
+    halves
+}
+
 /// Scalar twin: `Σ w·x` for one decoded weight row against one token's quantized activations,
 /// the integer sums taken per 16-element half exactly as the decoded form defines them.
 pub(crate) fn dot_scalar(
@@ -19,16 +34,7 @@ pub(crate) fn dot_scalar(
 ) -> f32 {
     let mut acc = 0f32;
     for c in 0..chunks.len() {
-        let mut halves = [0i32; 2];
-        for i in 0..CHUNK {
-            let raw = chunks[c].q[i];
-            let w = if signed {
-                i32::from(raw as i8)
-            } else {
-                i32::from(raw)
-            };
-            halves[i / 16] += w * i32::from(xq[c][i]);
-        }
+        let halves = half_products(signed, &chunks[c], &xq[c]);
         let scaled = chunks[c].scale[0] * halves[0] as f32 + chunks[c].scale[4] * halves[1] as f32;
         acc +=
             xd[c] * scaled + offsets[c][0] * x_half_sums[c][0] + offsets[c][1] * x_half_sums[c][1];
@@ -64,16 +70,7 @@ pub(crate) fn dot_block_sums_scalar(
 ) -> f32 {
     let mut acc = [0f32; 2];
     for c in 0..chunks.len() {
-        let mut halves = [0i32; 2];
-        for i in 0..CHUNK {
-            let raw = chunks[c].q[i];
-            let w = if signed {
-                i32::from(raw as i8)
-            } else {
-                i32::from(raw)
-            };
-            halves[i / 16] += w * i32::from(xq[c][i]);
-        }
+        let halves = half_products(signed, &chunks[c], &xq[c]);
         if split {
             for h in 0..2 {
                 let factor = chunks[c].scale[4 * h] * xd[c];
