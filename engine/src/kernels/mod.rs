@@ -42,12 +42,12 @@
 //!
 //! [`KernelPath`]: `Avx512` (x86-64 with AVX-512 F/BW/VL/VNNI besides AVX2: VNNI's
 //! `vpdpbusd` in the quantized kernels of `lanes`, a two-tokens-per-register float tile; see
-//! `avx512`), `Avx2` (x86-64 with AVX2, FMA, F16C: `maddubs` in the same `lanes` kernels), `Neon` (arm64 with the dot product extension: `sdot` in the
-//! quantized tiles, see `neon`; the portable kernels for the rest, and the portable path's
-//! bits), all chosen at run time with detection cached, `Portable`
-//! (plain Rust with fixed-width lane arrays that the compiler vectorizes for any target, e.g.
-//! NEON on arm64), and `Scalar` (straightforward loops: the twin the others are tested
-//! against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|neon|avx2|avx512`
+//! `avx512`), `Avx2` (x86-64 with AVX2, FMA, F16C: `maddubs` in the same `lanes` kernels),
+//! `Neon` (arm64 with the dot product extension: `sdot` in the quantized tiles, see `neon`;
+//! the portable kernels for the rest, and the portable path's bits), all chosen at run time
+//! with detection cached, `Portable` (plain Rust with fixed-width lane arrays that the compiler
+//! vectorizes for any target, e.g. NEON on arm64), and `Scalar` (straightforward loops: the
+//! twin the others are tested against). [`matmul`] uses [`KernelPath::best`]; `EGPU_KERNELS=scalar|portable|neon|avx2|avx512`
 //! overrides it (for benchmarks and bisecting numerical differences). The two x86 paths give
 //! the same bits (their integer sums are exact, their float operations the same). The x86
 //! quantized kernels sum each block in integers before scaling it, the portable ones scale
