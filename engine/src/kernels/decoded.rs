@@ -71,7 +71,7 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
 
 /// Whether the two 16-element halves of `ty`'s chunks have their own scales and offsets (the
 /// K-quants with 16-element sub-blocks). For every other type both halves share them, and the
-/// AVX-512 kernels sum a whole chunk in integers before scaling it.
+/// x86 kernels (`lanes`) sum a whole chunk in integers before scaling it.
 pub(crate) fn has_half_scales(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
 }

@@ -178,6 +178,34 @@ struct ChunkKind {
     offsets: bool,
 }
 
+/// Runs `$body` with `$kind` bound as a constant [`ChunkKind`] for a type's
+/// `(is_signed, has_half_scales, has_offset)`: one instance per kind, so that the kernels'
+/// tests of it fold away. Signed quants take `128 · Σx` off the whole chunk's sum (VNNI), so
+/// they cannot have per-half scales; no type has both, and asking for it panics.
+macro_rules! with_chunk_kind {
+    ($flags:expr, |$kind:ident| $body:expr) => {{
+        macro_rules! instance {
+            ($signed:literal, $split:literal, $offsets:literal) => {{
+                const $kind: ChunkKind = ChunkKind {
+                    signed: $signed,
+                    split: $split,
+                    offsets: $offsets,
+                };
+                $body
+            }};
+        }
+        match $flags {
+            (true, true, _) => panic!("signed quants with per-half scales"),
+            (true, false, false) => instance!(true, false, false),
+            (true, false, true) => instance!(true, false, true),
+            (false, false, true) => instance!(false, false, true),
+            (false, true, true) => instance!(false, true, true),
+            (false, false, false) => instance!(false, false, false),
+            (false, true, false) => instance!(false, true, false),
+        }
+    }};
+}
+
 /// Adds one chunk's products with `NT` tokens to their accumulators: token `t`'s chunk is
 /// `at + t · nc` in `acts`. Per token and half (or whole chunk) `h`, as the scalar twin:
 /// `acc[h] = fma(isum, scale[h] · dx, acc[h])`, then `acc[h] = fma(offset[h], x_sum, acc[h])`.
@@ -673,28 +701,9 @@ unsafe fn tile_decoded<D: LaneDot>(
     );
     check_chunk_sums(acts, tokens.end);
     let group = (q, scales, offsets);
-    // One instance per kind of chunk the decoders produce, so that its tests fold away.
-    macro_rules! sweeps {
-        ($signed:literal, $split:literal, $offsets:literal) => {{
-            const KIND: ChunkKind = ChunkKind {
-                signed: $signed,
-                split: $split,
-                offsets: $offsets,
-            };
-            tile_sweeps::<D>(KIND, group, acts, tokens, out)
-        }};
-    }
-    // Signed quants take `128 · Σx` off the whole chunk's sum, so they cannot have per-half
-    // scales; no type has both (`decoded::is_signed`, `decoded::has_half_scales`).
-    assert!(!(signed && split), "signed quants with per-half scales");
-    match (signed, split, with_offsets) {
-        (true, _, false) => sweeps!(true, false, false),
-        (true, _, true) => sweeps!(true, false, true),
-        (false, false, true) => sweeps!(false, false, true),
-        (false, true, true) => sweeps!(false, true, true),
-        (false, false, false) => sweeps!(false, false, false),
-        (false, true, false) => sweeps!(false, true, false),
-    }
+    with_chunk_kind!((signed, split, with_offsets), |KIND| {
+        tile_sweeps::<D>(KIND, group, acts, tokens, out)
+    })
 }
 
 /// The tile's sweeps for one kind of chunk.
@@ -804,26 +813,9 @@ unsafe fn matvec_rows<D: LaneDot>(
     );
     check_chunk_sums(acts, end);
     let kind = (is_signed(w.ty), has_half_scales(w.ty), has_offset(w.ty));
-    assert!(!(kind.0 && kind.1), "signed quants with per-half scales");
-    // One instance per kind of chunk the decoders produce, so that its tests fold away.
-    macro_rules! with_kind {
-        ($signed:literal, $split:literal, $offsets:literal) => {{
-            const KIND: ChunkKind = ChunkKind {
-                signed: $signed,
-                split: $split,
-                offsets: $offsets,
-            };
-            rows_groups::<D>(KIND, w, groups, acts, first_token, end, per_block, store)
-        }};
-    }
-    match kind {
-        (true, _, false) => with_kind!(true, false, false),
-        (true, _, true) => with_kind!(true, false, true),
-        (false, false, true) => with_kind!(false, false, true),
-        (false, true, true) => with_kind!(false, true, true),
-        (false, false, false) => with_kind!(false, false, false),
-        (false, true, false) => with_kind!(false, true, false),
-    }
+    with_chunk_kind!(kind, |KIND| {
+        rows_groups::<D>(KIND, w, groups, acts, first_token, end, per_block, store)
+    })
 }
 
 /// [`matvec_rows`] for one kind of chunk.

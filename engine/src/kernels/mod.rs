@@ -483,32 +483,39 @@ fn run_interleaved_together(
             let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
             // SAFETY: `path` is available and runs AVX2 (the caller checked); `w` is
             // interleaved with consistent shape (`check_shapes`), `acts` holds the tokens.
-            unsafe { interleaved_matvec(path, w, start - lo..end - lo, acts, 0, n_tokens, store) };
+            unsafe { lanes_matvec(path, w, start - lo..end - lo, acts, n_tokens, store) };
         }
     });
 }
 
-/// The interleaved mat-vec of `path`'s instruction set (`lanes`).
+/// The decode mat-vec of `path`'s instruction set (`lanes`) over the eight-row groups `groups`
+/// of `w`, for tokens `0..n_tokens` of `acts`: from the records where `w` is interleaved,
+/// else decoding GGUF's blocks as it goes.
 ///
 /// # Safety
 /// `path` must be available and run AVX2 ([`KernelPath::runs_avx2`]); otherwise as
-/// `lanes::matvec_avx2`.
+/// `lanes::matvec_avx2` or `lanes::matvec_rows_avx2`, by layout.
 #[cfg(target_arch = "x86_64")]
-unsafe fn interleaved_matvec(
+unsafe fn lanes_matvec(
     path: KernelPath,
     w: &WeightMatrix,
     groups: std::ops::Range<usize>,
     acts: &QuantizedActivations,
-    first_token: usize,
     n_tokens: usize,
     store: impl FnMut(usize, usize, f32),
 ) {
-    let (t, n) = (first_token, n_tokens);
-    match path {
-        // SAFETY: AVX-512 is available (the caller's contract); the rest is the caller's too.
-        KernelPath::Avx512 => unsafe { lanes::matvec_vnni(w, groups, acts, t, n, store) },
-        // SAFETY: AVX2 is available (the caller's contract); the rest is the caller's too.
-        _ => unsafe { lanes::matvec_avx2(w, groups, acts, t, n, store) },
+    let (g, n) = (groups, n_tokens);
+    // SAFETY (every arm): the instruction set is available (the caller's contract); the rest
+    // is the caller's too.
+    unsafe {
+        match (path, w.layout) {
+            (KernelPath::Avx512, Layout::Interleaved8) => {
+                lanes::matvec_vnni(w, g, acts, 0, n, store)
+            }
+            (KernelPath::Avx512, Layout::Rows) => lanes::matvec_rows_vnni(w, g, acts, 0, n, store),
+            (_, Layout::Interleaved8) => lanes::matvec_avx2(w, g, acts, 0, n, store),
+            (_, Layout::Rows) => lanes::matvec_rows_avx2(w, g, acts, 0, n, store),
+        }
     }
 }
 
@@ -907,38 +914,19 @@ fn run_quantized(
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     #[cfg(target_arch = "x86_64")]
-    if path.runs_avx2() && n_tokens <= MAX_MATVEC_TOKENS && w.layout == Layout::Interleaved8 {
-        let groups = rows / interleaved::GROUP_ROWS;
-        let n_parts = parts_for(pool, rows * w.cols * n_tokens, groups);
-        pool.run_parts(n_parts, &|part, n_parts| {
-            // SAFETY: only the rows of this part's groups are written, and the groups of
-            // different parts are disjoint (`split` is a partition).
-            let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
-            // SAFETY: `path` is available; `w` is interleaved with consistent shape (built by
-            // `ArenaWeights`, checked by `check_shapes`), `acts` holds the tokens.
-            unsafe {
-                let groups = split(groups, n_parts, part);
-                interleaved_matvec(path, w, groups, acts, 0, n_tokens, store)
-            };
-        });
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if path.runs_avx2() && n_tokens <= MAX_MATVEC_TOKENS && w.layout == Layout::Rows {
+    if path.runs_avx2() && n_tokens <= MAX_MATVEC_TOKENS {
         let groups = rows.div_ceil(interleaved::GROUP_ROWS);
         let n_parts = parts_for(pool, rows * w.cols * n_tokens, groups);
         pool.run_parts(n_parts, &|part, n_parts| {
             // SAFETY: only the rows of this part's groups are written, and the groups of
             // different parts are disjoint (`split` is a partition).
             let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * w.rows + r, v) };
-            let (groups, n) = (split(groups, n_parts, part), n_tokens);
-            // SAFETY: `path` is available and runs AVX2; `w` is block-quantized in GGUF's
-            // layout with consistent shape (`check_shapes`), `acts` holds the tokens.
+            // SAFETY: `path` is available and runs AVX2; `w` is block-quantized with
+            // consistent shape (`check_shapes`; interleaved ones built by `ArenaWeights`),
+            // `acts` holds the tokens.
             unsafe {
-                match path {
-                    KernelPath::Avx512 => lanes::matvec_rows_vnni(w, groups, acts, 0, n, store),
-                    _ => lanes::matvec_rows_avx2(w, groups, acts, 0, n, store),
-                }
+                let groups = split(groups, n_parts, part);
+                lanes_matvec(path, w, groups, acts, n_tokens, store)
             };
         });
         return;
