@@ -36,6 +36,11 @@ pub fn scores_transposed(
 }
 
 /// The body of [`scores_transposed`], inlined into each instruction-set variant.
+///
+/// Keys go eight at a time in the outer loop and query rows, up to eight at a time, in the
+/// inner one: a strip of eight keys (`dim × 32` bytes, 8 KiB at `dim` 256) stays in L1 while
+/// every row reads it, where a block of keys (64 KiB) would not. Eight rows keep eight
+/// independent sums in flight, enough to hide the adds' latency.
 #[inline(always)]
 pub(crate) fn scores_transposed_body(
     q: &[f32],
@@ -46,66 +51,75 @@ pub(crate) fn scores_transposed_body(
     scale: f32,
     out: &mut [f32],
 ) {
-    let rows = q.len() / dim;
+    let rows = q.len() / dim.max(1);
     let n = cols.len();
     debug_assert_eq!(out.len(), rows * n);
-    let mut r0 = 0;
-    while r0 < rows {
-        let nr = (rows - r0).min(4);
-        let q = &q[r0 * dim..(r0 + nr) * dim];
-        let out = &mut out[r0 * n..(r0 + nr) * n];
-        match nr {
-            1 => score_rows::<1>(q, dim, kt, stride, cols.clone(), scale, out),
-            2 => score_rows::<2>(q, dim, kt, stride, cols.clone(), scale, out),
-            3 => score_rows::<3>(q, dim, kt, stride, cols.clone(), scale, out),
-            _ => score_rows::<4>(q, dim, kt, stride, cols.clone(), scale, out),
-        }
-        r0 += nr;
-    }
-}
-
-/// [`scores_transposed`] for exactly `R` query rows.
-#[inline(always)]
-fn score_rows<const R: usize>(
-    q: &[f32],
-    dim: usize,
-    kt: &[f32],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    const J: usize = 8;
-    let n = cols.len();
-    let q: [&[f32]; R] = std::array::from_fn(|r| &q[r * dim..(r + 1) * dim]);
     let mut j = 0;
-    while j + J <= n {
-        let mut acc = [[0f32; J]; R];
-        for d in 0..dim {
-            let k: &[f32; J] = kt[d * stride + cols.start + j..][..J]
-                .try_into()
-                .expect("J keys");
-            for (acc, q) in acc.iter_mut().zip(q) {
-                let qd = q[d];
-                for i in 0..J {
-                    acc[i] += qd * k[i];
-                }
+    while j + SCORE_KEYS <= n {
+        let keys = cols.start + j;
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(8);
+            let q = &q[r0 * dim..(r0 + nr) * dim];
+            let out = &mut out[r0 * n..];
+            match nr {
+                1 => score_strip::<1>(q, dim, kt, stride, keys, scale, out, n, j),
+                2 => score_strip::<2>(q, dim, kt, stride, keys, scale, out, n, j),
+                3 => score_strip::<3>(q, dim, kt, stride, keys, scale, out, n, j),
+                4 => score_strip::<4>(q, dim, kt, stride, keys, scale, out, n, j),
+                5 => score_strip::<5>(q, dim, kt, stride, keys, scale, out, n, j),
+                6 => score_strip::<6>(q, dim, kt, stride, keys, scale, out, n, j),
+                7 => score_strip::<7>(q, dim, kt, stride, keys, scale, out, n, j),
+                _ => score_strip::<8>(q, dim, kt, stride, keys, scale, out, n, j),
             }
+            r0 += nr;
         }
-        for (r, acc) in acc.iter().enumerate() {
-            for (o, a) in out[r * n + j..][..J].iter_mut().zip(acc) {
-                *o = a * scale;
-            }
-        }
-        j += J;
+        j += SCORE_KEYS;
     }
     for j in j..n {
-        for (r, q) in q.iter().enumerate() {
+        for (r, q) in q.chunks_exact(dim.max(1)).enumerate() {
             let mut acc = 0f32;
             for (d, &qd) in q.iter().enumerate() {
                 acc += qd * kt[d * stride + cols.start + j];
             }
             out[r * n + j] = acc * scale;
+        }
+    }
+}
+
+/// Keys per strip of [`scores_transposed_body`]: one 256-bit register of f32.
+const SCORE_KEYS: usize = 8;
+
+/// Scores of exactly `R` query rows against the [`SCORE_KEYS`] keys from column `keys` of
+/// `kt`, written to `out[r * n + j..]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn score_strip<const R: usize>(
+    q: &[f32],
+    dim: usize,
+    kt: &[f32],
+    stride: usize,
+    keys: usize,
+    scale: f32,
+    out: &mut [f32],
+    n: usize,
+    j: usize,
+) {
+    const J: usize = SCORE_KEYS;
+    let q: [&[f32]; R] = std::array::from_fn(|r| &q[r * dim..(r + 1) * dim]);
+    let mut acc = [[0f32; J]; R];
+    for d in 0..dim {
+        let k: &[f32; J] = kt[d * stride + keys..][..J].try_into().expect("J keys");
+        for (acc, q) in acc.iter_mut().zip(q) {
+            let qd = q[d];
+            for i in 0..J {
+                acc[i] += qd * k[i];
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (o, a) in out[r * n + j..][..J].iter_mut().zip(acc) {
+            *o = a * scale;
         }
     }
 }
@@ -139,6 +153,112 @@ pub(crate) fn weighted_sum_body(y: &mut [f32], w: &[f32], xs: &[f32]) {
     }
     for (&w, x) in tail_w.iter().zip(tail_x.chunks_exact(dim)) {
         super::math::axpy(y, w, x);
+    }
+}
+
+/// `ys[r] += Σ_j ws[r][j] · x_j` for each row `r` of `ys` (runs of `dim` values), where `ws`
+/// holds each row's `n` weights and `xs` the `n` values `x_j` of `dim` each: the rows of the
+/// query heads and tokens that attend to the same keys. Every output gets [`weighted_sum`]'s
+/// operations in its order, so the same bits as one row at a time. Runs as
+/// [`weighted_sum_rows_with_path`] compiles it for this CPU.
+pub fn weighted_sum_rows(ys: &mut [f32], ws: &[f32], xs: &[f32], dim: usize) {
+    weighted_sum_rows_with_path(KernelPath::best(), ys, ws, xs, dim);
+}
+
+/// The body of [`weighted_sum_rows`], inlined into each instruction-set variant.
+///
+/// Columns go eight at a time in the outer loop and rows, four at a time, in the inner one:
+/// a strip of eight columns of the values (`n × 32` bytes, 2 KiB for a block of 64 keys)
+/// stays in L1 while every row reads it, and each load of values serves four rows, where one
+/// row at a time re-reads the whole block (64 KiB at `dim` 256) from L2 per row.
+#[inline(always)]
+pub(crate) fn weighted_sum_rows_body(ys: &mut [f32], ws: &[f32], xs: &[f32], dim: usize) {
+    let rows = ys.len() / dim.max(1);
+    if rows == 0 {
+        return;
+    }
+    let n = ws.len() / rows;
+    debug_assert_eq!(ys.len(), rows * dim);
+    debug_assert_eq!(ws.len(), rows * n);
+    debug_assert_eq!(xs.len(), n * dim);
+    let mut c = 0;
+    while c + SUM_COLS <= dim {
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(4);
+            let ys = &mut ys[r0 * dim..(r0 + nr) * dim];
+            let ws = &ws[r0 * n..(r0 + nr) * n];
+            match nr {
+                1 => sum_strip::<1>(ys, ws, xs, dim, n, c),
+                2 => sum_strip::<2>(ys, ws, xs, dim, n, c),
+                3 => sum_strip::<3>(ys, ws, xs, dim, n, c),
+                _ => sum_strip::<4>(ys, ws, xs, dim, n, c),
+            }
+            r0 += nr;
+        }
+        c += SUM_COLS;
+    }
+    let fours = n / 4 * 4;
+    for i in c..dim {
+        for (y, w) in ys.chunks_exact_mut(dim).zip(ws.chunks_exact(n.max(1))) {
+            let y = &mut y[i];
+            for j in (0..fours).step_by(4) {
+                *y += w[j] * xs[j * dim + i]
+                    + w[j + 1] * xs[(j + 1) * dim + i]
+                    + w[j + 2] * xs[(j + 2) * dim + i]
+                    + w[j + 3] * xs[(j + 3) * dim + i];
+            }
+            for (j, &wj) in w.iter().enumerate().skip(fours) {
+                *y += wj * xs[j * dim + i];
+            }
+        }
+    }
+}
+
+/// Columns per strip of [`weighted_sum_rows_body`]: one 256-bit register of f32.
+const SUM_COLS: usize = 8;
+
+/// [`weighted_sum_rows_body`] for exactly `R` rows and the [`SUM_COLS`] columns from `c`.
+#[inline(always)]
+fn sum_strip<const R: usize>(
+    ys: &mut [f32],
+    ws: &[f32],
+    xs: &[f32],
+    dim: usize,
+    n: usize,
+    c: usize,
+) {
+    const C: usize = SUM_COLS;
+    let w: [&[f32]; R] = std::array::from_fn(|r| &ws[r * n..(r + 1) * n]);
+    let mut y: [[f32; C]; R] =
+        std::array::from_fn(|r| ys[r * dim + c..][..C].try_into().expect("C outputs"));
+    let fours = n / 4 * 4;
+    let mut j = 0;
+    while j < fours {
+        let a: &[f32; C] = xs[j * dim + c..][..C].try_into().expect("C values");
+        let b: &[f32; C] = xs[(j + 1) * dim + c..][..C].try_into().expect("C values");
+        let cc: &[f32; C] = xs[(j + 2) * dim + c..][..C].try_into().expect("C values");
+        let d: &[f32; C] = xs[(j + 3) * dim + c..][..C].try_into().expect("C values");
+        for (y, w) in y.iter_mut().zip(w) {
+            let (w0, w1, w2, w3) = (w[j], w[j + 1], w[j + 2], w[j + 3]);
+            for i in 0..C {
+                y[i] += w0 * a[i] + w1 * b[i] + w2 * cc[i] + w3 * d[i];
+            }
+        }
+        j += 4;
+    }
+    while j < n {
+        let x: &[f32; C] = xs[j * dim + c..][..C].try_into().expect("C values");
+        for (y, w) in y.iter_mut().zip(w) {
+            let wj = w[j];
+            for i in 0..C {
+                y[i] += wj * x[i];
+            }
+        }
+        j += 1;
+    }
+    for (r, y) in y.iter().enumerate() {
+        ys[r * dim + c..][..C].copy_from_slice(y);
     }
 }
 
@@ -261,6 +381,36 @@ pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs
     }
 }
 
+/// [`weighted_sum_rows`] with values still in f16: the same bits as widening first.
+pub fn weighted_sum_rows_f16(ys: &mut [f32], ws: &[f32], xs: &[half::f16], dim: usize) {
+    weighted_sum_rows_f16_with_path(KernelPath::best(), ys, ws, xs, dim);
+}
+
+/// [`weighted_sum_rows_f16`] on a chosen path; the scalar twin is [`weighted_sum_f16`]'s
+/// row by row.
+pub fn weighted_sum_rows_f16_with_path(
+    path: KernelPath,
+    ys: &mut [f32],
+    ws: &[f32],
+    xs: &[half::f16],
+    dim: usize,
+) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if path.runs_avx2() && path.is_available() {
+        // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
+        unsafe { avx2_attention::weighted_sum_rows_f16(ys, ws, xs, dim) };
+        return;
+    }
+    let rows = ys.len() / dim.max(1);
+    if rows == 0 {
+        return;
+    }
+    let n = ws.len() / rows;
+    for (y, w) in ys.chunks_exact_mut(dim).zip(ws.chunks_exact(n.max(1))) {
+        weighted_sum_f16_with_path(path, y, w, xs);
+    }
+}
+
 /// One block of attention's online softmax for one query row (see
 /// [`online_softmax_step_body`]), compiled with AVX2 where the CPU has it: the same
 /// arithmetic (no FMA contraction, sums in order), so the same bits, eight exponentials at a
@@ -321,6 +471,27 @@ pub fn weighted_sum_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs: &[
     weighted_sum_body(y, w, xs);
 }
 
+/// Attention's weighted sum of several rows (see [`weighted_sum_rows`]) on a chosen path;
+/// bit-identical on every path, and to [`weighted_sum`] row by row.
+pub fn weighted_sum_rows_with_path(
+    path: KernelPath,
+    ys: &mut [f32],
+    ws: &[f32],
+    xs: &[f32],
+    dim: usize,
+) {
+    // Only x86 has kernels of its own for this; elsewhere every path runs the loop below.
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    let _ = path;
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if path.runs_avx2() && path.is_available() {
+        // SAFETY: AVX2 is available; the body only indexes slices (bounds-checked).
+        unsafe { avx2::weighted_sum_rows(ys, ws, xs, dim) };
+        return;
+    }
+    weighted_sum_rows_body(ys, ws, xs, dim);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,7 +522,7 @@ mod tests {
                 let stride = n_keys + 3;
                 let mut kt = vec![0f32; dim * stride];
                 transpose_into(&keys, dim, &mut kt, stride);
-                for rows in 1..=6 {
+                for rows in [1, 2, 3, 4, 5, 6, 8, 9, 13] {
                     let q: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.3).sin()).collect();
                     let cols = 1.min(n_keys - 1)..n_keys;
                     let mut out = vec![0f32; rows * cols.len()];

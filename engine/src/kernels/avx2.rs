@@ -6,7 +6,7 @@
 //!   form (checked equal to `decode_row_scalar`, byte for byte).
 //! - Float weights: `widen_row` and `tile_f32`; activations: `quantize_tokens`, bit-identical to
 //!   the scalar quantizer.
-//! - Attention: `scores_transposed` and `weighted_sum` are the portable bodies of `attention.rs`
+//! - Attention: `scores_transposed`, `weighted_sum` and `weighted_sum_rows` are the portable bodies of `attention.rs`
 //!   compiled with AVX2 enabled, bit-identical to them.
 //!
 //! Every function here is `unsafe` because it must only run where [`available`] is true.
@@ -45,6 +45,16 @@ pub(crate) unsafe fn scores_transposed(
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn weighted_sum(y: &mut [f32], w: &[f32], xs: &[f32]) {
     super::attention::weighted_sum_body(y, w, xs);
+}
+
+/// Attention's weighted sum of several rows with 256-bit registers: the portable body,
+/// compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn weighted_sum_rows(ys: &mut [f32], ws: &[f32], xs: &[f32], dim: usize) {
+    super::attention::weighted_sum_rows_body(ys, ws, xs, dim);
 }
 
 /// Attention's online softmax step with 256-bit registers: the portable body, compiled for

@@ -53,47 +53,55 @@ pub(crate) unsafe fn scores_transposed_f16(
             && q.len() == rows * dim
             && (dim == 0 || (dim - 1) * stride + cols.end <= kt.len())
     );
+    // Each score is a chain of `dim` dependent adds; several runs of keys at once give the CPU
+    // independent chains to overlap (as many as the sixteen registers hold).
+    let mut j = 0;
+    let args = (q, dim, kt, stride, cols.start, scale);
+    match rows {
+        0 => {}
+        1 => score_rows::<1, 4>(args, out, n, &mut j),
+        2 => score_rows::<2, 4>(args, out, n, &mut j),
+        3 => score_rows::<3, 3>(args, out, n, &mut j),
+        4 => score_rows::<4, 2>(args, out, n, &mut j),
+        // A prompt's rows: keys in the outer loop and rows, four at a time, in the inner one,
+        // so that every row reads each strip of keys (`dim × 32` bytes) while it is in L1.
+        _ => {
+            while j + 16 <= n {
+                let mut r0 = 0;
+                while r0 < rows {
+                    let nr = (rows - r0).min(4);
+                    let q = &q[r0 * dim..(r0 + nr) * dim];
+                    let (args, out) = ((q, dim, kt, stride, cols.start, scale), &mut out[r0 * n..]);
+                    match nr {
+                        1 => score_run::<1, 2>(args, out, n, j),
+                        2 => score_run::<2, 2>(args, out, n, j),
+                        3 => score_run::<3, 2>(args, out, n, j),
+                        _ => score_run::<4, 2>(args, out, n, j),
+                    }
+                    r0 += nr;
+                }
+                j += 16;
+            }
+        }
+    }
+    // What is left of the keys: runs of 8, then one key at a time.
     let mut r0 = 0;
     while r0 < rows {
         let nr = (rows - r0).min(4);
-        let (q, out) = (
-            &q[r0 * dim..(r0 + nr) * dim],
-            &mut out[r0 * n..(r0 + nr) * n],
-        );
+        let q = &q[r0 * dim..(r0 + nr) * dim];
+        let (args, out) = ((q, dim, kt, stride, cols.start, scale), &mut out[r0 * n..]);
+        let mut jr = j;
         match nr {
-            1 => score_rows::<1>(q, dim, kt, stride, cols.clone(), scale, out),
-            2 => score_rows::<2>(q, dim, kt, stride, cols.clone(), scale, out),
-            3 => score_rows::<3>(q, dim, kt, stride, cols.clone(), scale, out),
-            _ => score_rows::<4>(q, dim, kt, stride, cols.clone(), scale, out),
+            1 => score_rows::<1, 1>(args, out, n, &mut jr),
+            2 => score_rows::<2, 1>(args, out, n, &mut jr),
+            3 => score_rows::<3, 1>(args, out, n, &mut jr),
+            _ => score_rows::<4, 1>(args, out, n, &mut jr),
         }
         r0 += nr;
     }
-}
-
-/// [`scores_transposed_f16`] for exactly `R` query rows (bounds checked by the caller): runs of
-/// `8·KB` keys while they last, then of 8, then single keys.
-#[inline(always)]
-unsafe fn score_rows<const R: usize>(
-    q: &[f32],
-    dim: usize,
-    kt: &[f16],
-    stride: usize,
-    cols: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let n = cols.len();
-    let mut j = 0;
-    // Each score is a chain of `dim` dependent adds; several runs of keys at once give the CPU
-    // independent chains to overlap (as many as the sixteen registers hold).
-    match R {
-        1 | 2 => score_run::<R, 4>(q, dim, kt, stride, cols.start, scale, out, n, &mut j),
-        3 => score_run::<R, 3>(q, dim, kt, stride, cols.start, scale, out, n, &mut j),
-        _ => score_run::<R, 2>(q, dim, kt, stride, cols.start, scale, out, n, &mut j),
-    }
-    score_run::<R, 1>(q, dim, kt, stride, cols.start, scale, out, n, &mut j);
+    j += (n - j) / 8 * 8;
     for j in j..n {
-        for r in 0..R {
+        for r in 0..rows {
             let mut acc = 0f32;
             for d in 0..dim {
                 acc += q[r * dim + d] * widen1(kt[d * stride + cols.start + j]);
@@ -103,47 +111,57 @@ unsafe fn score_rows<const R: usize>(
     }
 }
 
-/// Scores of runs of `8·KB` keys from `*j` while whole runs remain, advancing `*j`: each
-/// score summed over `d` in order, one product at a time, as the f32 body does.
+/// A score kernel's inputs: the query rows, `dim`, the f16 keys, their stride, the first key's
+/// column and the scale.
+type ScoreArgs<'a> = (&'a [f32], usize, &'a [f16], usize, usize, f32);
+
+/// Runs of `8·KB` keys from `*j` while whole runs remain, advancing `*j`, for exactly `R` rows
+/// (bounds checked by the caller).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn score_run<const R: usize, const KB: usize>(
-    q: &[f32],
-    dim: usize,
-    kt: &[f16],
-    stride: usize,
-    first_col: usize,
-    scale: f32,
+unsafe fn score_rows<const R: usize, const KB: usize>(
+    args: ScoreArgs<'_>,
     out: &mut [f32],
     n: usize,
     j: &mut usize,
 ) {
-    let (qp, kp) = (q.as_ptr(), kt.as_ptr());
     while *j + 8 * KB <= n {
-        let mut acc = [[_mm256_setzero_ps(); KB]; R];
-        for d in 0..dim {
-            let base = kp.add(d * stride + first_col + *j);
-            let mut k = [_mm256_setzero_ps(); KB];
-            for (b, k) in k.iter_mut().enumerate() {
-                // SAFETY: d · stride + first_col + j + 8·KB <= kt.len() (checked by the caller).
-                *k = widen8(base.add(8 * b));
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: r · dim + d < q.len().
-                let qd = _mm256_broadcast_ss(&*qp.add(r * dim + d));
-                for (acc, k) in acc.iter_mut().zip(&k) {
-                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qd, *k));
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (b, acc) in acc.iter().enumerate() {
-                let dst = out[r * n + *j + 8 * b..][..8].as_mut_ptr();
-                // SAFETY: `dst` is 8 writable f32.
-                _mm256_storeu_ps(dst, _mm256_mul_ps(*acc, _mm256_set1_ps(scale)));
-            }
-        }
+        score_run::<R, KB>(args, out, n, *j);
         *j += 8 * KB;
+    }
+}
+
+/// Scores of `R` rows against the `8·KB` keys from `j`: each score summed over `d` in order,
+/// one product at a time, as the f32 body does.
+#[inline(always)]
+unsafe fn score_run<const R: usize, const KB: usize>(
+    (q, dim, kt, stride, first_col, scale): ScoreArgs<'_>,
+    out: &mut [f32],
+    n: usize,
+    j: usize,
+) {
+    let (qp, kp) = (q.as_ptr(), kt.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); KB]; R];
+    for d in 0..dim {
+        let base = kp.add(d * stride + first_col + j);
+        let mut k = [_mm256_setzero_ps(); KB];
+        for (b, k) in k.iter_mut().enumerate() {
+            // SAFETY: d · stride + first_col + j + 8·KB <= kt.len() (checked by the caller).
+            *k = widen8(base.add(8 * b));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: r · dim + d < q.len().
+            let qd = _mm256_broadcast_ss(&*qp.add(r * dim + d));
+            for (acc, k) in acc.iter_mut().zip(&k) {
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qd, *k));
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (b, acc) in acc.iter().enumerate() {
+            let dst = out[r * n + j + 8 * b..][..8].as_mut_ptr();
+            // SAFETY: `dst` is 8 writable f32.
+            _mm256_storeu_ps(dst, _mm256_mul_ps(*acc, _mm256_set1_ps(scale)));
+        }
     }
 }
 
@@ -225,5 +243,104 @@ unsafe fn weighted_run<const IB: usize>(
             _mm256_storeu_ps(yp.add(8 * b), *acc);
         }
         *i += 8 * IB;
+    }
+}
+
+/// `ys[r] += Σ_j ws[r][j] · x_j` for each row `r` of `ys` (runs of `dim` values) over f16 rows
+/// `x_j`, as `attention::weighted_sum_rows` computes it (each output with `weighted_sum`'s
+/// operations in its order). Eight columns at a time in the outer loop and rows, four at a
+/// time, in the inner one: each widened load of values serves four rows, and a strip of eight
+/// columns (`n × 16` bytes) stays in L1 while every row reads it.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C. Shapes are checked (a mismatch panics).
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn weighted_sum_rows_f16(ys: &mut [f32], ws: &[f32], xs: &[f16], dim: usize) {
+    let rows = ys.len() / dim.max(1);
+    if rows == 0 {
+        return;
+    }
+    let n = ws.len() / rows;
+    assert!(ys.len() == rows * dim && ws.len() == rows * n && xs.len() == n * dim);
+    let mut c = 0;
+    while c + 8 <= dim {
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(4);
+            let (ys, ws) = (&mut ys[r0 * dim..], &ws[r0 * n..(r0 + nr) * n]);
+            match nr {
+                1 => sum_strip::<1>(ys, ws, xs, dim, n, c),
+                2 => sum_strip::<2>(ys, ws, xs, dim, n, c),
+                3 => sum_strip::<3>(ys, ws, xs, dim, n, c),
+                _ => sum_strip::<4>(ys, ws, xs, dim, n, c),
+            }
+            r0 += nr;
+        }
+        c += 8;
+    }
+    let fours = n / 4 * 4;
+    for i in c..dim {
+        for (y, w) in ys.chunks_exact_mut(dim).zip(ws.chunks_exact(n.max(1))) {
+            let y = &mut y[i];
+            let mut j = 0;
+            while j < fours {
+                let (a, b) = (widen1(xs[j * dim + i]), widen1(xs[(j + 1) * dim + i]));
+                let (c, d) = (widen1(xs[(j + 2) * dim + i]), widen1(xs[(j + 3) * dim + i]));
+                *y += w[j] * a + w[j + 1] * b + w[j + 2] * c + w[j + 3] * d;
+                j += 4;
+            }
+            for (j, &wj) in w.iter().enumerate().skip(fours) {
+                *y += wj * widen1(xs[j * dim + i]);
+            }
+        }
+    }
+}
+
+/// [`weighted_sum_rows_f16`] for exactly `R` rows (`ws` holds their `n` weights each) and the
+/// eight columns from `c` (bounds checked by the caller).
+#[inline(always)]
+unsafe fn sum_strip<const R: usize>(
+    ys: &mut [f32],
+    ws: &[f32],
+    xs: &[f16],
+    dim: usize,
+    n: usize,
+    c: usize,
+) {
+    let (yp, wp, xp) = (ys.as_mut_ptr(), ws.as_ptr(), xs.as_ptr().add(c));
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (r, acc) in acc.iter_mut().enumerate() {
+        // SAFETY: row r's outputs c..c + 8 lie within `ys`.
+        *acc = _mm256_loadu_ps(yp.add(r * dim + c));
+    }
+    // SAFETY (all loads below): value row j has `dim` values from `j · dim`, `c + 8 <= dim` and
+    // j < n, so every load is within `xs`; weight (r, j) is at r · n + j < ws.len().
+    let fours = n / 4 * 4;
+    let mut j = 0;
+    while j < fours {
+        let at = xp.add(j * dim);
+        let (a, b) = (widen8(at), widen8(at.add(dim)));
+        let (x2, x3) = (widen8(at.add(2 * dim)), widen8(at.add(3 * dim)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let w = wp.add(r * n + j);
+            let mut t = _mm256_mul_ps(_mm256_broadcast_ss(&*w), a);
+            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_broadcast_ss(&*w.add(1)), b));
+            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_broadcast_ss(&*w.add(2)), x2));
+            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_broadcast_ss(&*w.add(3)), x3));
+            *acc = _mm256_add_ps(*acc, t);
+        }
+        j += 4;
+    }
+    while j < n {
+        let x = widen8(xp.add(j * dim));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let wj = _mm256_broadcast_ss(&*wp.add(r * n + j));
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wj, x));
+        }
+        j += 1;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: as the loads above.
+        _mm256_storeu_ps(yp.add(r * dim + c), *acc);
     }
 }

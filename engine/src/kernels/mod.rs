@@ -97,9 +97,10 @@ use crate::quant::{dequantize_to_f32, GgmlType};
 pub(crate) use arena::copy_rows_into;
 pub use arena::{arena_layout, copy_to_arena_at_load, ArenaWeights, HugePageArena};
 pub use attention::{
-    has_f16_attention_kernels, online_softmax_step, scores_transposed_f16,
+    has_f16_attention_kernels, online_softmax_step, scores_transposed, scores_transposed_f16,
     scores_transposed_f16_with_path, scores_transposed_with_path, weighted_sum_f16,
-    weighted_sum_f16_with_path, weighted_sum_with_path,
+    weighted_sum_f16_with_path, weighted_sum_rows, weighted_sum_rows_f16,
+    weighted_sum_rows_f16_with_path, weighted_sum_rows_with_path, weighted_sum_with_path,
 };
 use decoded::{DecodedChunk, QuantizedActivations, CHUNK};
 pub(crate) use interleaved::{can_interleave, interleave_into};

@@ -727,7 +727,14 @@ fn widen_f16_paths_are_exact_for_every_value() {
 #[test]
 fn attention_kernels_are_bit_identical_on_every_path() {
     let mut rng = Rng(7);
-    for (rows, dim, n) in [(3, 64, 64), (1, 64, 1), (5, 48, 19), (4, 128, 37)] {
+    for (rows, dim, n) in [
+        (3, 64, 64),
+        (1, 64, 1),
+        (5, 48, 19),
+        (4, 128, 37),
+        (11, 32, 24),
+        (16, 256, 64),
+    ] {
         let q = random_activations(&mut rng, rows * dim);
         let stride = n + 5;
         let kt = random_activations(&mut rng, dim * stride);
@@ -763,6 +770,38 @@ fn attention_kernels_are_bit_identical_on_every_path() {
                     .zip(&want_sum)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{path:?} weighted sum ({dim}, {n})"
+            );
+        }
+    }
+}
+
+/// The weighted sums of several rows at once (a prompt's query heads and tokens that see the
+/// same keys) give each row the bits of summing it alone, on every path, with f32 and with f16
+/// values: row counts that leave partial groups of four, widths that leave columns past the
+/// last eight, key counts that leave a tail past the last four.
+#[test]
+fn weighted_sums_of_many_rows_equal_one_row_at_a_time() {
+    let mut rng = Rng(9);
+    for (rows, dim, n) in [(1, 8, 4), (4, 256, 64), (7, 36, 13), (12, 64, 3), (9, 5, 9)] {
+        let half = |v: Vec<f32>| v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>();
+        let values16 = half(random_activations(&mut rng, n * dim));
+        let values: Vec<f32> = values16.iter().map(|x| x.to_f32()).collect();
+        let weights = random_activations(&mut rng, rows * n);
+        let start = random_activations(&mut rng, rows * dim);
+        let mut want = start.clone();
+        for (y, w) in want.chunks_exact_mut(dim).zip(weights.chunks_exact(n)) {
+            super::attention::weighted_sum_body(y, w, &values);
+        }
+        for path in KernelPath::available() {
+            let mut got = start.clone();
+            weighted_sum_rows_with_path(path, &mut got, &weights, &values, dim);
+            assert_eq!(bits(&got), bits(&want), "{path:?} f32 ({rows}, {dim}, {n})");
+            let mut got16 = start.clone();
+            weighted_sum_rows_f16_with_path(path, &mut got16, &weights, &values16, dim);
+            assert_eq!(
+                bits(&got16),
+                bits(&want),
+                "{path:?} f16 ({rows}, {dim}, {n})"
             );
         }
     }
@@ -862,6 +901,8 @@ fn f16_attention_kernels_equal_widening_first() {
         (5, 48, 19),
         (4, 128, 37),
         (2, 20, 11),
+        (9, 256, 64),
+        (13, 36, 29),
     ] {
         let q = random_activations(&mut rng, rows * dim);
         let stride = n + 5;

@@ -72,7 +72,8 @@ impl AttentionScratch {
                 .iter()
                 .map(|t| {
                     let t = lock(t);
-                    t.keys_t.capacity()
+                    t.queries.capacity()
+                        + t.keys_t.capacity()
                         + t.values.capacity()
                         + t.scores.capacity()
                         + t.max.capacity()
@@ -85,6 +86,9 @@ impl AttentionScratch {
 
 #[derive(Debug, Default)]
 struct ThreadBuffers {
+    /// The unit's queries, `[tile token][head][head_dim_k]`: a prompt's tokens' rows side by
+    /// side, so that tokens seeing the same keys go through the kernels as one block of rows.
+    queries: Vec<f32>,
     /// The key block, widened: `[head_dim][KEY_BLOCK]`, as the cache stores it.
     keys_t: Vec<f32>,
     values: Vec<f32>,
@@ -302,6 +306,7 @@ fn attend_unit(
 
     out.fill(0.0);
     let ThreadBuffers {
+        queries,
         keys_t,
         values,
         scores,
@@ -314,11 +319,15 @@ fn attend_unit(
     sum.fill(0.0);
     let values = grow(values, KEY_BLOCK * dv);
     let keys_t = grow(keys_t, dk * KEY_BLOCK);
-    let scores = grow(scores, heads * KEY_BLOCK);
+    let scores = grow(scores, rows * KEY_BLOCK);
 
-    // A decode step (one token) reads the f16 cache directly where a kernel can; a prompt's
-    // tokens share each widened block.
-    let read_f16 = tile.len() == 1 && kernels::has_f16_attention_kernels();
+    // Where the CPU has kernels that widen the f16 cache as they read it, they read it
+    // directly; elsewhere each block is widened once for the unit's tokens.
+    let read_f16 = kernels::has_f16_attention_kernels();
+    let queries = grow(queries, rows * dk);
+    for (t, dst) in (unit.t0..unit.t1).zip(queries.chunks_exact_mut(heads * dk)) {
+        dst.copy_from_slice(&q[t * q_dim + first_head * dk..][..heads * dk]);
+    }
     let mut block_start = lo / KEY_BLOCK * KEY_BLOCK;
     while block_start < hi {
         let b0 = block_start.max(lo);
@@ -327,74 +336,74 @@ fn attend_unit(
         block_start += KEY_BLOCK;
         let block = cache.key_block(il, unit.kv_head, block_origin / KEY_BLOCK);
         let block_values_f16 = cache.values(il, unit.kv_head, b0..b1);
-        if read_f16 {
-            // One token: its query heads read the f16 block directly (same bits as below).
-            let slot = tile[0];
-            let own = key_range(slot, window);
-            let (r0, r1) = (b0.max(own.start), b1.min(own.end));
-            if r0 < r1 {
-                let t = unit.t0;
-                let q_group = &q[t * q_dim + first_head * dk..][..heads * dk];
-                let n = r1 - r0;
-                let scores = &mut scores[..heads * n];
-                kernels::scores_transposed_f16(
-                    q_group,
-                    dk,
-                    block,
-                    KEY_BLOCK,
-                    r0 - block_origin..r1 - block_origin,
-                    cfg.attention_scale,
-                    scores,
-                );
-                let block_values = &block_values_f16[(r0 - b0) * dv..(r1 - b0) * dv];
-                for (row, s) in scores.chunks_exact_mut(n).enumerate() {
-                    let oh = &mut out[row * dv..(row + 1) * dv];
-                    let s = kernels::online_softmax_step(s, &mut max[row], &mut sum[row], oh);
-                    kernels::weighted_sum_f16(oh, s, block_values);
+        if !read_f16 {
+            // Only the columns up to the last position used, rounded up to eight so that the
+            // conversion runs in whole 8-wide steps: decode's last block is often nearly empty.
+            let used = (b1 - block_origin).div_ceil(8) * 8;
+            if used >= KEY_BLOCK {
+                ops::f16_to_f32(block, keys_t);
+            } else {
+                for (src, dst) in block
+                    .chunks_exact(KEY_BLOCK)
+                    .zip(keys_t.chunks_exact_mut(KEY_BLOCK))
+                {
+                    ops::f16_to_f32(&src[..used], &mut dst[..used]);
                 }
             }
-            continue;
+            ops::f16_to_f32(block_values_f16, &mut values[..(b1 - b0) * dv]);
         }
-        // Only the columns up to the last position used, rounded up to eight so that the
-        // conversion runs in whole 8-wide steps: decode's last block is often nearly empty.
-        let used = (b1 - block_origin).div_ceil(8) * 8;
-        if used >= KEY_BLOCK {
-            ops::f16_to_f32(block, keys_t);
-        } else {
-            for (src, dst) in block
-                .chunks_exact(KEY_BLOCK)
-                .zip(keys_t.chunks_exact_mut(KEY_BLOCK))
-            {
-                ops::f16_to_f32(&src[..used], &mut dst[..used]);
-            }
-        }
-        ops::f16_to_f32(block_values_f16, &mut values[..(b1 - b0) * dv]);
-        for (ti, &slot) in tile.iter().enumerate() {
+        // Consecutive tokens that see the same keys of this block (all of them, but in the
+        // block holding the tile's own positions) go through the kernels together: their
+        // rows share each load of keys and values. Every score and output still gets the
+        // operations it gets alone, so the bits do not depend on the grouping.
+        let block_range = |slot: Slot| {
             let own = key_range(slot, window);
-            let (r0, r1) = (b0.max(own.start), b1.min(own.end));
+            (b0.max(own.start), b1.min(own.end))
+        };
+        let mut run_start = 0;
+        while run_start < tile.len() {
+            let (r0, r1) = block_range(tile[run_start]);
+            let mut run_end = run_start + 1;
+            while run_end < tile.len() && block_range(tile[run_end]) == (r0, r1) {
+                run_end += 1;
+            }
+            let (first_row, rows) = (run_start * heads, (run_end - run_start) * heads);
+            run_start = run_end;
             if r0 >= r1 {
                 continue;
             }
-            let block_values = &values[(r0 - b0) * dv..(r1 - b0) * dv];
-            let t = unit.t0 + ti;
-            // The group's query heads are adjacent in `q` and share this token's key range.
-            let q_group = &q[t * q_dim + first_head * dk..][..heads * dk];
             let n = r1 - r0;
-            let scores = &mut scores[..heads * n];
-            crate::kernels::attention::scores_transposed(
-                q_group,
-                dk,
-                keys_t,
-                KEY_BLOCK,
-                r0 - block_origin..r1 - block_origin,
-                cfg.attention_scale,
-                scores,
-            );
-            for (j, s) in scores.chunks_exact_mut(n).enumerate() {
-                let row = ti * heads + j;
-                let oh = &mut out[row * dv..(row + 1) * dv];
-                let s = kernels::online_softmax_step(s, &mut max[row], &mut sum[row], oh);
-                crate::kernels::attention::weighted_sum(oh, s, block_values);
+            let scores = &mut scores[..rows * n];
+            let queries = &queries[first_row * dk..(first_row + rows) * dk];
+            let cols = r0 - block_origin..r1 - block_origin;
+            let scale = cfg.attention_scale;
+            if read_f16 {
+                kernels::scores_transposed_f16(queries, dk, block, KEY_BLOCK, cols, scale, scores);
+            } else {
+                kernels::scores_transposed(queries, dk, keys_t, KEY_BLOCK, cols, scale, scores);
+            }
+            let out_rows = &mut out[first_row * dv..(first_row + rows) * dv];
+            for (row, (s, oh)) in scores
+                .chunks_exact_mut(n)
+                .zip(out_rows.chunks_exact_mut(dv))
+                .enumerate()
+            {
+                let row = first_row + row;
+                kernels::online_softmax_step(s, &mut max[row], &mut sum[row], oh);
+            }
+            // `scores` now holds each row's weights. One token's few rows (decode) go one at
+            // a time, each with several runs of outputs in flight; a prompt's many rows share
+            // each load of values.
+            let (v0, v1) = ((r0 - b0) * dv, (r1 - b0) * dv);
+            if read_f16 && rows == heads {
+                let values = &block_values_f16[v0..v1];
+                for (oh, w) in out_rows.chunks_exact_mut(dv).zip(scores.chunks_exact(n)) {
+                    kernels::weighted_sum_f16(oh, w, values);
+                }
+            } else if read_f16 {
+                kernels::weighted_sum_rows_f16(out_rows, scores, &block_values_f16[v0..v1], dv);
+            } else {
+                kernels::weighted_sum_rows(out_rows, scores, &values[v0..v1], dv);
             }
         }
     }
