@@ -238,6 +238,9 @@ SHAPES = {
   "tiny": SynthConfig(),
   # SmolLM2-135M: 30 thin layers, 49152-token vocabulary
   "smollm2": SynthConfig(n_embd=576, n_ff=1536, n_layer=30, n_head=9, n_head_kv=3, n_vocab=49152, context_length=2048),
+  # LLaMA 3.2 1B: every width a multiple of 256, so every matrix can take a K-quant type
+  "llama1b": SynthConfig(n_embd=2048, n_ff=8192, n_layer=16, n_head=32, n_head_kv=8, n_vocab=128256,
+                         context_length=8192, rope_base=500000.0),
   # LLaMA 3.1 8B: what the blog ran on the 7900 XTX
   "llama8b": SynthConfig(n_embd=4096, n_ff=14336, n_layer=32, n_head=32, n_head_kv=8, n_vocab=128256,
                          context_length=8192, rope_base=500000.0),

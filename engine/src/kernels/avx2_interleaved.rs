@@ -1,6 +1,6 @@
 //! The interleaved records (see `super::interleaved` for the layout and why) as AVX2 registers,
 //! for the rows-in-lanes kernels of `super::lanes`: each legacy type's element groups and
-//! offsets ([`Record`]), Q4_K's and Q6_K's scale unpacking, and the layout those kernels' prefill
+//! offsets ([`Record`]), Q4_K's (and Q5_K's) and Q6_K's scale unpacking, and the layout those kernels' prefill
 //! tile reads decoded rows in ([`scatter_decoded_row`]).
 //!
 //! Lane `r` of every register belongs to row `r` of an eight-row group: one 32-byte load of

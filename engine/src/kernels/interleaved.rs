@@ -32,6 +32,7 @@
 //! Q5_1  d[8]  m[8]  high[32]  nibbles[128]
 //! Q8_0  d[8]            quants[256]
 //! Q4_K  d[8]  dmin[8]  scales[96]  nibbles[1024]     (one record per 256-element super-block)
+//! Q5_K  d[8]  dmin[8]  scales[96]  qh[256]  nibbles[1024]          (likewise)
 //! Q6_K  d[8]  scales[128]  ql[1024]  qh[512]           (one record per 256-element super-block)
 //! ```
 //!
@@ -47,6 +48,9 @@
 //! eight rows' scales of a chunk with a few 64-bit operations; its `qs` words are transposed as
 //! above within each 32-byte run `k` (word `j` of run `k` of row `r` at word `64k + 8j + r`), so
 //! one load gives element group `j` of chunk `2k` (low nibbles) and of chunk `2k + 1` (high).
+//! Q5_K's records are Q4_K's with the fifth bits added: its `qh` words transposed as the
+//! legacy quants (word `j` of row `r` at word `8j + r`), so one load gives, for element group
+//! `j` of every chunk of all eight rows, the fifth bits (bit `c` of each byte for chunk `c`).
 //! Q6_K's sixteen i8 scales are transposed the same way (byte `i` of row `r` at `8i + r`), and
 //! its `ql` (32 words) and `qh` (16 words) words as the legacy quants (word `w` of row `r` at
 //! word `8w + r`).
@@ -74,6 +78,7 @@ pub(crate) fn has_interleaved_form(ty: GgmlType) -> bool {
             | GgmlType::Q5_1
             | GgmlType::Q8_0
             | GgmlType::Q4_K
+            | GgmlType::Q5_K
             | GgmlType::Q6_K
     )
 }
@@ -138,7 +143,8 @@ pub(crate) fn interleave_into(
             {
                 match (RecordShape::of(w.ty), w.ty) {
                     (Some(shape), _) => scatter_block(&shape, r, block, record),
-                    (None, GgmlType::Q4_K) => scatter_q4_k(r, block, record),
+                    (None, GgmlType::Q4_K) => scatter_k4(r, block, record, false),
+                    (None, GgmlType::Q5_K) => scatter_k4(r, block, record, true),
                     _ => scatter_q6_k(r, block, record),
                 }
             }
@@ -163,7 +169,8 @@ pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_blocks: usize, r: usize, o
     {
         match (RecordShape::of(ty), ty) {
             (Some(shape), _) => gather_block(&shape, lane, record, block),
-            (None, GgmlType::Q4_K) => gather_q4_k(lane, record, block),
+            (None, GgmlType::Q4_K) => gather_k4(lane, record, block, false),
+            (None, GgmlType::Q5_K) => gather_k4(lane, record, block, true),
             _ => gather_q6_k(lane, record, block),
         }
     }
@@ -173,36 +180,61 @@ pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_blocks: usize, r: usize, o
 pub(crate) const Q4_K_DMIN: usize = 16;
 pub(crate) const Q4_K_SCALES: usize = 32;
 pub(crate) const Q4_K_QS: usize = 128;
+/// Byte offsets in a Q5_K record, which is a Q4_K record with the transposed `qh` words
+/// between the scales and the `qs` (d, dmin and the scales sit where Q4_K's do).
+pub(crate) const Q5_K_QH: usize = 128;
+pub(crate) const Q5_K_QS: usize = 384;
 
-/// Where row `r`'s `qs` word `w` (bytes `4w..4w+4` of its 128) goes in a Q4_K record.
-fn q4_k_word(r: usize, w: usize) -> usize {
+/// Where row `r`'s `qs` word `w` (bytes `4w..4w+4` of its 128) goes in a Q4_K (`high` false)
+/// or Q5_K (`high` true) record.
+fn k4_word(r: usize, w: usize, high: bool) -> usize {
     let (k, j) = (w / 8, w % 8);
-    Q4_K_QS + 4 * (64 * k + 8 * j + r)
+    let qs = if high { Q5_K_QS } else { Q4_K_QS };
+    qs + 4 * (64 * k + 8 * j + r)
 }
 
-/// Row `r`'s Q4_K block (d, dmin, scales[12], qs[128]) into its places in `record`.
-fn scatter_q4_k(r: usize, block: &[u8], record: &mut [u8]) {
+/// Row `r`'s Q4_K block (d, dmin, scales[12], qs[128]) or, with `high`, Q5_K block (d, dmin,
+/// scales[12], qh[32], qs[128]) into its places in `record`.
+fn scatter_k4(r: usize, block: &[u8], record: &mut [u8], high: bool) {
     record[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
     record[Q4_K_DMIN + 2 * r..Q4_K_DMIN + 2 * r + 2].copy_from_slice(&block[2..4]);
     for j in 0..12 {
         record[Q4_K_SCALES + 8 * j + r] = block[4 + j];
     }
+    let qs = if high {
+        for w in 0..8 {
+            let at = Q5_K_QH + 4 * (8 * w + r);
+            record[at..at + 4].copy_from_slice(&block[16 + 4 * w..16 + 4 * w + 4]);
+        }
+        48
+    } else {
+        16
+    };
     for w in 0..32 {
-        let at = q4_k_word(r, w);
-        record[at..at + 4].copy_from_slice(&block[16 + 4 * w..16 + 4 * w + 4]);
+        let at = k4_word(r, w, high);
+        record[at..at + 4].copy_from_slice(&block[qs + 4 * w..qs + 4 * w + 4]);
     }
 }
 
-/// The inverse of [`scatter_q4_k`].
-fn gather_q4_k(r: usize, record: &[u8], block: &mut [u8]) {
+/// The inverse of [`scatter_k4`].
+fn gather_k4(r: usize, record: &[u8], block: &mut [u8], high: bool) {
     block[..2].copy_from_slice(&record[2 * r..2 * r + 2]);
     block[2..4].copy_from_slice(&record[Q4_K_DMIN + 2 * r..Q4_K_DMIN + 2 * r + 2]);
     for j in 0..12 {
         block[4 + j] = record[Q4_K_SCALES + 8 * j + r];
     }
+    let qs = if high {
+        for w in 0..8 {
+            let at = Q5_K_QH + 4 * (8 * w + r);
+            block[16 + 4 * w..16 + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
+        }
+        48
+    } else {
+        16
+    };
     for w in 0..32 {
-        let at = q4_k_word(r, w);
-        block[16 + 4 * w..16 + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
+        let at = k4_word(r, w, high);
+        block[qs + 4 * w..qs + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
     }
 }
 

@@ -36,7 +36,7 @@ use super::avx2_interleaved::{
 };
 use super::decoded::{QuantizedActivations, CHUNK};
 use super::interleaved::{
-    GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
+    GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q5_K_QH, Q5_K_QS, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
 };
 use crate::quant::GgmlType;
 
@@ -324,12 +324,15 @@ impl<R: Record> LaneRecord for Legacy<R> {
     }
 }
 
-/// Q4_K records: one super-block of eight chunks; per chunk the scale is `d · sc` and the
-/// offset `−(dmin · m)`, computed exactly as the row-major decoder does.
-struct Q4K;
+/// Q4_K records (`FIFTH` false) and Q5_K records (`FIFTH` true): one super-block of eight
+/// chunks; per chunk the scale is `d · sc` and the offset `−(dmin · m)`, computed exactly as the
+/// row-major decoder does. Q5_K's quant is the nibble plus 16 times its fifth bit.
+struct KQuant<const FIFTH: bool>;
+type Q4K = KQuant<false>;
+type Q5K = KQuant<true>;
 
-impl LaneRecord for Q4K {
-    const BYTES: usize = 8 * 144;
+impl<const FIFTH: bool> LaneRecord for KQuant<FIFTH> {
+    const BYTES: usize = 8 * if FIFTH { 176 } else { 144 };
     const CHUNKS: usize = 8;
     const KIND: ChunkKind = ChunkKind {
         signed: false,
@@ -355,17 +358,27 @@ impl LaneRecord for Q4K {
     unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
         let (d, dmin, packed) = shared;
         let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(0x01);
+        let fifth_shift = _mm_cvtsi32_si128(c as i32);
+        let qs = if FIFTH { Q5_K_QS } else { Q4_K_QS };
         let mut q = [_mm256_setzero_si256(); 8];
         for (j, q) in q.iter_mut().enumerate() {
-            // SAFETY: the record holds 1024 bytes of nibbles at Q4_K_QS; run c / 2 holds chunk
+            // SAFETY: the record holds 1024 bytes of nibbles at `qs`; run c / 2 holds chunk
             // c's groups (low nibbles for even c, high for odd).
-            let v = _mm256_loadu_si256(record.add(Q4_K_QS + 32 * (8 * (c / 2) + j)).cast());
+            let v = _mm256_loadu_si256(record.add(qs + 32 * (8 * (c / 2) + j)).cast());
             let v = if c.is_multiple_of(2) {
                 v
             } else {
                 _mm256_srli_epi16(v, 4)
             };
             *q = _mm256_and_si256(v, m4);
+            if FIFTH {
+                // SAFETY: a Q5_K record holds 8 words of fifth bits per row at Q5_K_QH. Bit c
+                // of each byte is chunk c's; a 16-bit shift then a byte mask keeps exactly it.
+                let qh = _mm256_loadu_si256(record.add(Q5_K_QH + 32 * j).cast());
+                let fifth = _mm256_and_si256(_mm256_srl_epi16(qh, fifth_shift), one);
+                *q = _mm256_or_si256(*q, _mm256_slli_epi16(fifth, 4));
+            }
         }
         let (sc, m) = q4_k_scale_min(packed, c);
         let scale = _mm256_mul_ps(*d, byte_lanes(sc));
@@ -464,6 +477,7 @@ macro_rules! lane_entries {
                 GgmlType::Q5_1 => matvec_records::<Legacy<records::Q5_1>, $dot>(w, g, a, t, n, s),
                 GgmlType::Q8_0 => matvec_records::<Legacy<records::Q8_0>, $dot>(w, g, a, t, n, s),
                 GgmlType::Q4_K => matvec_records::<Q4K, $dot>(w, g, a, t, n, s),
+                GgmlType::Q5_K => matvec_records::<Q5K, $dot>(w, g, a, t, n, s),
                 GgmlType::Q6_K => matvec_records::<Q6K, $dot>(w, g, a, t, n, s),
                 other => panic!("no interleaved form for {other}"),
             }
@@ -628,6 +642,7 @@ pub(crate) unsafe fn unpack_group(
         GgmlType::Q5_1 => unpack_records::<Legacy<records::Q5_1>>(w, g, out),
         GgmlType::Q8_0 => unpack_records::<Legacy<records::Q8_0>>(w, g, out),
         GgmlType::Q4_K => unpack_records::<Q4K>(w, g, out),
+        GgmlType::Q5_K => unpack_records::<Q5K>(w, g, out),
         GgmlType::Q6_K => unpack_records::<Q6K>(w, g, out),
         other => panic!("no interleaved form for {other}"),
     }
