@@ -16,6 +16,7 @@ use std::arch::x86_64::*;
 
 use super::decoded::{QuantizedActivations, CHUNK};
 use super::interleaved::GROUP_ROWS;
+use crate::quant::IQ4_NL_VALUES;
 
 /// How far ahead of the record in use the weights are prefetched: the records are consumed in
 /// address order, so this keeps a few hundred nanoseconds of loads in flight.
@@ -25,7 +26,8 @@ pub(super) const PREFETCH_AHEAD: usize = 1024;
 pub(super) trait Record {
     /// Bytes per record (eight rows' blocks).
     const BYTES: usize;
-    /// Quants are signed bytes (Q8_0), multiplied as `|q| · (x · sign q)`.
+    /// Quants are signed bytes (Q8_0, IQ4_NL's table values), multiplied as `|q| · (x · sign q)`
+    /// on AVX2.
     const SIGNED: bool;
     /// Chunks have an offset term (`offset · Σx` per half).
     const OFFSET: bool;
@@ -45,7 +47,7 @@ pub(super) unsafe fn halves_at(record: *const u8, at: usize) -> __m256 {
 
 /// Low and high nibbles of the 32 bytes at `at + 32k`: element groups `k` and `k + 4`.
 #[inline(always)]
-unsafe fn nibble_groups(record: *const u8, at: usize, k: usize) -> (__m256i, __m256i) {
+pub(super) unsafe fn nibble_groups(record: *const u8, at: usize, k: usize) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0x0F);
     // SAFETY: the caller's record holds 128 bytes of nibbles at `at`.
     let v = _mm256_loadu_si256(record.add(at + 32 * k).cast());
@@ -78,6 +80,16 @@ pub(super) struct Q4_1;
 pub(super) struct Q5_0;
 pub(super) struct Q5_1;
 pub(super) struct Q8_0;
+pub(super) struct Iq4Nl;
+
+/// IQ4_NL's (and IQ4_XS's) values for the nibbles in each byte of `nibbles`: a byte shuffle of
+/// the 16-entry table in each 128-bit half.
+#[inline(always)]
+pub(super) unsafe fn iq4_values(nibbles: __m256i) -> __m256i {
+    // SAFETY: the table is 16 readable bytes.
+    let table = _mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast());
+    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table), nibbles)
+}
 
 impl Record for Q4_0 {
     const BYTES: usize = 144;
@@ -158,6 +170,21 @@ impl Record for Q8_0 {
             _mm256_loadu_si256(record.add(16 + 32 * k).cast()),
             _mm256_loadu_si256(record.add(16 + 32 * (k + 4)).cast()),
         )
+    }
+    #[inline(always)]
+    unsafe fn offsets(_: *const u8) -> __m256 {
+        _mm256_setzero_ps()
+    }
+}
+
+impl Record for Iq4Nl {
+    const BYTES: usize = 144;
+    const SIGNED: bool = true;
+    const OFFSET: bool = false;
+    #[inline(always)]
+    unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = nibble_groups(record, 16, k);
+        (iq4_values(lo), iq4_values(hi))
     }
     #[inline(always)]
     unsafe fn offsets(_: *const u8) -> __m256 {

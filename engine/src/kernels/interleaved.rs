@@ -31,9 +31,11 @@
 //! Q5_0  d[8]  high[32]  nibbles[128]
 //! Q5_1  d[8]  m[8]  high[32]  nibbles[128]
 //! Q8_0  d[8]            quants[256]
+//! IQ4_NL d[8]           nibbles[128]                 (Q4_0's layout; nibbles index a table)
 //! Q4_K  d[8]  dmin[8]  scales[96]  nibbles[1024]     (one record per 256-element super-block)
 //! Q5_K  d[8]  dmin[8]  scales[96]  qh[256]  nibbles[1024]          (likewise)
 //! Q6_K  d[8]  scales[128]  ql[1024]  qh[512]           (one record per 256-element super-block)
+//! IQ4_XS d[8]  scales_h[16]  scales_l[32]  nibbles[1024]   (likewise)
 //! ```
 //!
 //! `d` and `m` are the rows' f16 scale and minimum, row `r` at index `r`. The quants are a
@@ -51,6 +53,8 @@
 //! Q5_K's records are Q4_K's with the fifth bits added: its `qh` words transposed as the
 //! legacy quants (word `j` of row `r` at word `8j + r`), so one load gives, for element group
 //! `j` of every chunk of all eight rows, the fifth bits (bit `c` of each byte for chunk `c`).
+//! IQ4_XS's scale bytes are transposed the same way, and its `qs` words as the legacy quants',
+//! so chunk `c` is a 128-byte run laid out as an IQ4_NL record's nibbles.
 //! Q6_K's sixteen i8 scales are transposed the same way (byte `i` of row `r` at `8i + r`), and
 //! its `ql` (32 words) and `qh` (16 words) words as the legacy quants (word `w` of row `r` at
 //! word `8w + r`).
@@ -80,6 +84,8 @@ pub(crate) fn has_interleaved_form(ty: GgmlType) -> bool {
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
+            | GgmlType::IQ4_NL
+            | GgmlType::IQ4_XS
     )
 }
 
@@ -104,6 +110,7 @@ impl RecordShape {
             GgmlType::Q5_0 => (None, Some((2, 16)), (6, 48, 4)),
             GgmlType::Q5_1 => (Some((2, 16)), Some((4, 32)), (8, 64, 4)),
             GgmlType::Q8_0 => (None, None, (2, 16, 8)),
+            GgmlType::IQ4_NL => (None, None, (2, 16, 4)),
             _ => return None,
         };
         Some(RecordShape { min, high, quants })
@@ -145,6 +152,7 @@ pub(crate) fn interleave_into(
                     (Some(shape), _) => scatter_block(&shape, r, block, record),
                     (None, GgmlType::Q4_K) => scatter_k4(r, block, record, false),
                     (None, GgmlType::Q5_K) => scatter_k4(r, block, record, true),
+                    (None, GgmlType::IQ4_XS) => scatter_iq4_xs(r, block, record),
                     _ => scatter_q6_k(r, block, record),
                 }
             }
@@ -171,6 +179,7 @@ pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_blocks: usize, r: usize, o
             (Some(shape), _) => gather_block(&shape, lane, record, block),
             (None, GgmlType::Q4_K) => gather_k4(lane, record, block, false),
             (None, GgmlType::Q5_K) => gather_k4(lane, record, block, true),
+            (None, GgmlType::IQ4_XS) => gather_iq4_xs(lane, record, block),
             _ => gather_q6_k(lane, record, block),
         }
     }
@@ -286,6 +295,44 @@ fn gather_block(shape: &RecordShape, r: usize, record: &[u8], block: &mut [u8]) 
     for k in 0..words {
         let src = to + 4 * (GROUP_ROWS * k + r);
         block[from + 4 * k..from + 4 * k + 4].copy_from_slice(&record[src..src + 4]);
+    }
+}
+
+/// Byte offsets in an IQ4_XS record: d, the transposed `scales_h` and `scales_l` bytes, the
+/// transposed `qs` words.
+pub(crate) const IQ4_XS_SCALES_H: usize = 16;
+pub(crate) const IQ4_XS_SCALES_L: usize = 32;
+pub(crate) const IQ4_XS_QS: usize = 64;
+
+/// Row `r`'s IQ4_XS block (d, scales_h[2], scales_l[4], qs[128]) into its places in `record`:
+/// scale bytes transposed (byte `i` of row `r` at `8i + r`), `qs` words as the legacy quants'
+/// (word `w` of row `r` at word `8w + r`, so chunk `c`'s four words are one 128-byte run).
+fn scatter_iq4_xs(r: usize, block: &[u8], record: &mut [u8]) {
+    record[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+    for i in 0..2 {
+        record[IQ4_XS_SCALES_H + 8 * i + r] = block[2 + i];
+    }
+    for j in 0..4 {
+        record[IQ4_XS_SCALES_L + 8 * j + r] = block[4 + j];
+    }
+    for w in 0..32 {
+        let at = IQ4_XS_QS + 4 * (8 * w + r);
+        record[at..at + 4].copy_from_slice(&block[8 + 4 * w..8 + 4 * w + 4]);
+    }
+}
+
+/// The inverse of [`scatter_iq4_xs`].
+fn gather_iq4_xs(r: usize, record: &[u8], block: &mut [u8]) {
+    block[..2].copy_from_slice(&record[2 * r..2 * r + 2]);
+    for i in 0..2 {
+        block[2 + i] = record[IQ4_XS_SCALES_H + 8 * i + r];
+    }
+    for j in 0..4 {
+        block[4 + j] = record[IQ4_XS_SCALES_L + 8 * j + r];
+    }
+    for w in 0..32 {
+        let at = IQ4_XS_QS + 4 * (8 * w + r);
+        block[8 + 4 * w..8 + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
     }
 }
 

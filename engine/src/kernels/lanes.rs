@@ -36,7 +36,8 @@ use super::avx2_interleaved::{
 };
 use super::decoded::{QuantizedActivations, CHUNK};
 use super::interleaved::{
-    GROUP_ROWS, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q5_K_QH, Q5_K_QS, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
+    GROUP_ROWS, IQ4_XS_QS, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES,
+    Q5_K_QH, Q5_K_QS, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
 };
 use crate::quant::GgmlType;
 
@@ -443,6 +444,63 @@ impl LaneRecord for Q6K {
     }
 }
 
+/// IQ4_XS records: one super-block of eight chunks, each an IQ4_NL record's nibbles (table
+/// values, signed) with the scale `d · (ls − 32)`, `ls` the chunk's 6-bit scale (low four bits
+/// from `scales_l`, high two from `scales_h`), computed exactly as the row-major decoder does.
+struct Iq4Xs;
+
+impl LaneRecord for Iq4Xs {
+    const BYTES: usize = 8 * 136;
+    const CHUNKS: usize = 8;
+    const KIND: ChunkKind = ChunkKind {
+        signed: true,
+        split: false,
+        offsets: false,
+    };
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    /// `d`, the transposed `scales_h` and `scales_l` bytes.
+    type Shared = (__m256, [u64; 2], [u64; 4]);
+    #[inline(always)]
+    unsafe fn shared(record: *const u8) -> Self::Shared {
+        // SAFETY: the record holds 16 bytes of scales_h and 32 of scales_l at their offsets.
+        let high = std::array::from_fn(|i| {
+            record
+                .add(IQ4_XS_SCALES_H + 8 * i)
+                .cast::<u64>()
+                .read_unaligned()
+        });
+        let low = std::array::from_fn(|j| {
+            record
+                .add(IQ4_XS_SCALES_L + 8 * j)
+                .cast::<u64>()
+                .read_unaligned()
+        });
+        (halves_at(record, 0), high, low)
+    }
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
+        use super::avx2_interleaved::{iq4_values, nibble_groups};
+        let (d, high, low) = shared;
+        let mut q = [_mm256_setzero_si256(); 8];
+        for k in 0..4 {
+            // SAFETY: chunk c's nibbles are the 128 bytes at IQ4_XS_QS + 128c.
+            let (lo, hi) = nibble_groups(record, IQ4_XS_QS + 128 * c, k);
+            (q[k], q[k + 4]) = (iq4_values(lo), iq4_values(hi));
+        }
+        const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+        const LOW2: u64 = 0x0303_0303_0303_0303;
+        let ls =
+            ((low[c / 2] >> (4 * (c % 2))) & LOW4) | (((high[c / 4] >> (2 * (c % 4))) & LOW2) << 4);
+        // `ls − 32` is exact in f32, so one rounding, as the decoder's `d · (ls − 32)`.
+        let scale = _mm256_mul_ps(*d, _mm256_sub_ps(byte_lanes(ls), _mm256_set1_ps(32.0)));
+        LaneChunk {
+            q,
+            scale: [scale; 2],
+            offset: [_mm256_setzero_ps(); 2],
+        }
+    }
+}
+
 /// Defines the entry points of one instruction set: `$matvec`, the interleaved decode mat-vec,
 /// `$tile`, the prefill tile over decoded groups, and `$rows`, the decode mat-vec over GGUF's
 /// layout, with the byte dot product `$dot` and the `target_feature`s it needs.
@@ -476,9 +534,13 @@ macro_rules! lane_entries {
                 GgmlType::Q5_0 => matvec_records::<Legacy<records::Q5_0>, $dot>(w, g, a, t, n, s),
                 GgmlType::Q5_1 => matvec_records::<Legacy<records::Q5_1>, $dot>(w, g, a, t, n, s),
                 GgmlType::Q8_0 => matvec_records::<Legacy<records::Q8_0>, $dot>(w, g, a, t, n, s),
+                GgmlType::IQ4_NL => {
+                    matvec_records::<Legacy<records::Iq4Nl>, $dot>(w, g, a, t, n, s)
+                }
                 GgmlType::Q4_K => matvec_records::<Q4K, $dot>(w, g, a, t, n, s),
                 GgmlType::Q5_K => matvec_records::<Q5K, $dot>(w, g, a, t, n, s),
                 GgmlType::Q6_K => matvec_records::<Q6K, $dot>(w, g, a, t, n, s),
+                GgmlType::IQ4_XS => matvec_records::<Iq4Xs, $dot>(w, g, a, t, n, s),
                 other => panic!("no interleaved form for {other}"),
             }
         }
@@ -644,6 +706,8 @@ pub(crate) unsafe fn unpack_group(
         GgmlType::Q4_K => unpack_records::<Q4K>(w, g, out),
         GgmlType::Q5_K => unpack_records::<Q5K>(w, g, out),
         GgmlType::Q6_K => unpack_records::<Q6K>(w, g, out),
+        GgmlType::IQ4_NL => unpack_records::<Legacy<records::Iq4Nl>>(w, g, out),
+        GgmlType::IQ4_XS => unpack_records::<Iq4Xs>(w, g, out),
         other => panic!("no interleaved form for {other}"),
     }
 }

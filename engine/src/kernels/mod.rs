@@ -23,7 +23,7 @@
 //!   once per weight per call.
 //! - **Mat-vec** (`n_tokens` ≤ 8: decode steps of one or a few sequences): nothing is reused,
 //!   so on x86 models keep the block types that have one (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-//!   Q5_K, Q6_K) in an interleaved layout ([`ArenaWeights`]: eight rows' blocks side by side), whose
+//!   Q5_K, Q6_K, IQ4_NL, IQ4_XS) in an interleaved layout ([`ArenaWeights`]: eight rows' blocks side by side), whose
 //!   records are unpacked in registers and consumed at once, with software prefetch, streaming
 //!   the weights once — accumulating every output in exactly the tile's order, so a token's
 //!   result is bit-identical whichever kernel computed it and a sequence's logits cannot depend
