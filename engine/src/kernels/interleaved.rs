@@ -36,6 +36,8 @@
 //! Q5_K  d[8]  dmin[8]  scales[96]  qh[256]  nibbles[1024]          (likewise)
 //! Q6_K  d[8]  scales[128]  ql[1024]  qh[512]           (one record per 256-element super-block)
 //! IQ4_XS d[8]  scales_h[16]  scales_l[32]  nibbles[1024]   (likewise)
+//! Q2_K  d[8]  dmin[8]  scales[128]  qs[512]           (likewise)
+//! Q3_K  d[8]  scales[96]  hmask[256]  qs[512]          (likewise)
 //! ```
 //!
 //! `d` and `m` are the rows' f16 scale and minimum, row `r` at index `r`. The quants are a
@@ -55,6 +57,9 @@
 //! `j` of every chunk of all eight rows, the fifth bits (bit `c` of each byte for chunk `c`).
 //! IQ4_XS's scale bytes are transposed the same way, and its `qs` words as the legacy quants',
 //! so chunk `c` is a 128-byte run laid out as an IQ4_NL record's nibbles.
+//! Q2_K's and Q3_K's scale bytes are transposed by bytes, and their `qs` and `hmask` words as
+//! the legacy quants': chunk `c`'s element group `j` is bits `2·(c % 4)` of `qs` word
+//! `8·(c / 4) + j` and (Q3_K) bit `c` of `hmask` word `j`.
 //! Q6_K's sixteen i8 scales are transposed the same way (byte `i` of row `r` at `8i + r`), and
 //! its `ql` (32 words) and `qh` (16 words) words as the legacy quants (word `w` of row `r` at
 //! word `8w + r`).
@@ -86,6 +91,8 @@ pub(crate) fn has_interleaved_form(ty: GgmlType) -> bool {
             | GgmlType::Q6_K
             | GgmlType::IQ4_NL
             | GgmlType::IQ4_XS
+            | GgmlType::Q2_K
+            | GgmlType::Q3_K
     )
 }
 
@@ -153,6 +160,8 @@ pub(crate) fn interleave_into(
                     (None, GgmlType::Q4_K) => scatter_k4(r, block, record, false),
                     (None, GgmlType::Q5_K) => scatter_k4(r, block, record, true),
                     (None, GgmlType::IQ4_XS) => scatter_iq4_xs(r, block, record),
+                    (None, GgmlType::Q2_K) => scatter_parts(&Q2_K_PARTS, r, block, record),
+                    (None, GgmlType::Q3_K) => scatter_parts(&Q3_K_PARTS, r, block, record),
                     _ => scatter_q6_k(r, block, record),
                 }
             }
@@ -180,6 +189,8 @@ pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_blocks: usize, r: usize, o
             (None, GgmlType::Q4_K) => gather_k4(lane, record, block, false),
             (None, GgmlType::Q5_K) => gather_k4(lane, record, block, true),
             (None, GgmlType::IQ4_XS) => gather_iq4_xs(lane, record, block),
+            (None, GgmlType::Q2_K) => gather_parts(&Q2_K_PARTS, lane, record, block),
+            (None, GgmlType::Q3_K) => gather_parts(&Q3_K_PARTS, lane, record, block),
             _ => gather_q6_k(lane, record, block),
         }
     }
@@ -333,6 +344,80 @@ fn gather_iq4_xs(r: usize, record: &[u8], block: &mut [u8]) {
     for w in 0..32 {
         let at = IQ4_XS_QS + 4 * (8 * w + r);
         block[8 + 4 * w..8 + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
+    }
+}
+
+/// Byte offsets in a Q2_K record: d, dmin, the transposed scale bytes, the transposed `qs`
+/// words.
+pub(crate) const Q2_K_DMIN: usize = 16;
+pub(crate) const Q2_K_SCALES: usize = 32;
+pub(crate) const Q2_K_QS: usize = 160;
+/// Byte offsets in a Q3_K record: d, the transposed scale bytes, the transposed `hmask` and
+/// `qs` words.
+pub(crate) const Q3_K_SCALES: usize = 16;
+pub(crate) const Q3_K_HMASK: usize = 112;
+pub(crate) const Q3_K_QS: usize = 368;
+
+/// A part of a block as its record holds it: (offset in the block, offset in the record,
+/// length in bytes, how the eight rows' copies are arranged).
+type Part = (usize, usize, usize, Transpose);
+
+/// How a record arranges its eight rows' copies of a part.
+#[derive(Clone, Copy)]
+enum Transpose {
+    /// Side by side: row `r`'s at `len · r` (the f16 scales).
+    Rows,
+    /// By bytes: byte `i` of row `r` at `8i + r` (packed scales).
+    Bytes,
+    /// By 4-byte words: word `w` of row `r` at word `8w + r` (quants).
+    Words,
+}
+
+/// Q2_K's block (scales[16], qs[64], d, dmin) in its record.
+const Q2_K_PARTS: [Part; 4] = [
+    (80, 0, 2, Transpose::Rows),
+    (82, Q2_K_DMIN, 2, Transpose::Rows),
+    (0, Q2_K_SCALES, 16, Transpose::Bytes),
+    (16, Q2_K_QS, 64, Transpose::Words),
+];
+/// Q3_K's block (hmask[32], qs[64], scales[12], d) in its record.
+const Q3_K_PARTS: [Part; 4] = [
+    (108, 0, 2, Transpose::Rows),
+    (96, Q3_K_SCALES, 12, Transpose::Bytes),
+    (0, Q3_K_HMASK, 32, Transpose::Words),
+    (32, Q3_K_QS, 64, Transpose::Words),
+];
+
+/// Where row `r`'s bytes go: `(offset in the block, offset in the record, length)` runs.
+fn part_moves(parts: &[Part], r: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    parts.iter().flat_map(move |&(from, to, len, how)| {
+        let (runs, run) = match how {
+            Transpose::Rows => (1, len),
+            Transpose::Bytes => (len, 1),
+            Transpose::Words => (len / 4, 4),
+        };
+        (0..runs).map(move |i| {
+            let at = match how {
+                Transpose::Rows => to + len * r,
+                Transpose::Bytes => to + 8 * i + r,
+                Transpose::Words => to + 4 * (8 * i + r),
+            };
+            (from + run * i, at, run)
+        })
+    })
+}
+
+/// Row `r`'s block into its places in `record`, as `parts` lays it out.
+fn scatter_parts(parts: &[Part], r: usize, block: &[u8], record: &mut [u8]) {
+    for (from, to, len) in part_moves(parts, r) {
+        record[to..to + len].copy_from_slice(&block[from..from + len]);
+    }
+}
+
+/// The inverse of [`scatter_parts`].
+fn gather_parts(parts: &[Part], r: usize, record: &[u8], block: &mut [u8]) {
+    for (from, to, len) in part_moves(parts, r) {
+        block[from..from + len].copy_from_slice(&record[to..to + len]);
     }
 }
 

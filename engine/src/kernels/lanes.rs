@@ -36,8 +36,9 @@ use super::avx2_interleaved::{
 };
 use super::decoded::{QuantizedActivations, CHUNK};
 use super::interleaved::{
-    GROUP_ROWS, IQ4_XS_QS, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES,
-    Q5_K_QH, Q5_K_QS, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
+    GROUP_ROWS, IQ4_XS_QS, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, Q2_K_DMIN, Q2_K_QS, Q2_K_SCALES,
+    Q3_K_HMASK, Q3_K_QS, Q3_K_SCALES, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q5_K_QH, Q5_K_QS, Q6_K_QH,
+    Q6_K_QL, Q6_K_SCALES,
 };
 use crate::quant::GgmlType;
 
@@ -501,6 +502,123 @@ impl LaneRecord for Iq4Xs {
     }
 }
 
+/// The transposed bytes `8j..8j + 8` at `at` of a record, `j < N`: byte `j` of every row.
+///
+/// # Safety
+/// The record must hold `8N` bytes at `at`.
+#[inline(always)]
+unsafe fn byte_rows<const N: usize>(record: *const u8, at: usize) -> [u64; N] {
+    std::array::from_fn(|j| record.add(at + 8 * j).cast::<u64>().read_unaligned())
+}
+
+/// Chunk `c`'s element groups of Q2_K's or Q3_K's two-bit quants: bits `2·(c % 4)` of `qs`
+/// words `8·(c / 4) + j` (a 16-bit shift, then a byte mask keeps exactly them).
+///
+/// # Safety
+/// The record must hold 16 transposed `qs` words per row at `qs`.
+#[inline(always)]
+unsafe fn two_bit_groups(record: *const u8, qs: usize, c: usize) -> [__m256i; 8] {
+    let shift = _mm_cvtsi32_si128(2 * (c % 4) as i32);
+    let m2 = _mm256_set1_epi8(0x03);
+    std::array::from_fn(|j| {
+        let v = _mm256_loadu_si256(record.add(qs + 32 * (8 * (c / 4) + j)).cast());
+        _mm256_and_si256(_mm256_srl_epi16(v, shift), m2)
+    })
+}
+
+/// Q2_K records: one super-block of eight chunks, each half with its own scale `d · (s & 15)`
+/// and offset `−(dmin · (s >> 4))`, `s` the half's scale byte, computed exactly as the
+/// row-major decoder does.
+struct Q2K;
+
+impl LaneRecord for Q2K {
+    const BYTES: usize = 8 * 84;
+    const CHUNKS: usize = 8;
+    const KIND: ChunkKind = ChunkKind {
+        signed: false,
+        split: true,
+        offsets: true,
+    };
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    /// `d`, `dmin` and the transposed scale bytes.
+    type Shared = (__m256, __m256, [u64; 16]);
+    #[inline(always)]
+    unsafe fn shared(record: *const u8) -> Self::Shared {
+        // SAFETY: the record holds 16 f16 at 0 and 128 scale bytes at Q2_K_SCALES.
+        let scales = byte_rows::<16>(record, Q2_K_SCALES);
+        (halves_at(record, 0), halves_at(record, Q2_K_DMIN), scales)
+    }
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
+        const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+        let (d, dmin, scales) = shared;
+        // SAFETY: the record holds 16 qs words per row at Q2_K_QS.
+        let q = two_bit_groups(record, Q2_K_QS, c);
+        let mut scale = [_mm256_setzero_ps(); 2];
+        let mut offset = [_mm256_setzero_ps(); 2];
+        for h in 0..2 {
+            let s = scales[2 * c + h];
+            scale[h] = _mm256_mul_ps(*d, byte_lanes(s & LOW4));
+            // −(dmin·m), negated by the sign bit as `-x` is.
+            let m = _mm256_mul_ps(*dmin, byte_lanes((s >> 4) & LOW4));
+            offset[h] = _mm256_xor_ps(m, _mm256_set1_ps(-0.0));
+        }
+        LaneChunk { q, scale, offset }
+    }
+}
+
+/// Q3_K records: one super-block of eight chunks; a quant is its two low bits plus 4 times its
+/// `hmask` bit (bit `c` of `hmask` word `j` for chunk `c`), each half with its own scale
+/// `d · (ls − 32)` (`ls` its 6-bit scale) and offset `−4` times that, computed exactly as the
+/// row-major decoder does.
+struct Q3K;
+
+impl LaneRecord for Q3K {
+    const BYTES: usize = 8 * 110;
+    const CHUNKS: usize = 8;
+    const KIND: ChunkKind = ChunkKind {
+        signed: false,
+        split: true,
+        offsets: true,
+    };
+    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    /// `d` and the transposed packed scale bytes.
+    type Shared = (__m256, [u64; 12]);
+    #[inline(always)]
+    unsafe fn shared(record: *const u8) -> Self::Shared {
+        // SAFETY: the record holds 8 f16 at 0 and 96 scale bytes at Q3_K_SCALES.
+        (halves_at(record, 0), byte_rows::<12>(record, Q3_K_SCALES))
+    }
+    #[inline(always)]
+    unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
+        const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+        const LOW2: u64 = 0x0303_0303_0303_0303;
+        let (d, packed) = shared;
+        // SAFETY: the record holds 16 qs words and 8 hmask words per row at their offsets.
+        let mut q = two_bit_groups(record, Q3_K_QS, c);
+        let bit = _mm_cvtsi32_si128(c as i32);
+        let one = _mm256_set1_epi8(0x01);
+        for (j, q) in q.iter_mut().enumerate() {
+            let mask = _mm256_loadu_si256(record.add(Q3_K_HMASK + 32 * j).cast());
+            let high = _mm256_and_si256(_mm256_srl_epi16(mask, bit), one);
+            *q = _mm256_or_si256(*q, _mm256_slli_epi16(high, 2));
+        }
+        let mut scale = [_mm256_setzero_ps(); 2];
+        let mut offset = [_mm256_setzero_ps(); 2];
+        for h in 0..2 {
+            // `quant::q3_k_scales` for sub-block i = 2c + h, on eight rows at once.
+            let i = 2 * c + h;
+            let low = (packed[i % 8] >> (4 * (i / 8))) & LOW4;
+            let high = (packed[8 + i % 4] >> (2 * (i / 4))) & LOW2;
+            // `ls − 32` is exact in f32, so one rounding, as the decoder's `d · (ls − 32)`.
+            let ls = _mm256_sub_ps(byte_lanes(low | (high << 4)), _mm256_set1_ps(32.0));
+            scale[h] = _mm256_mul_ps(*d, ls);
+            offset[h] = _mm256_mul_ps(_mm256_set1_ps(-4.0), scale[h]);
+        }
+        LaneChunk { q, scale, offset }
+    }
+}
+
 /// Defines the entry points of one instruction set: `$matvec`, the interleaved decode mat-vec,
 /// `$tile`, the prefill tile over decoded groups, and `$rows`, the decode mat-vec over GGUF's
 /// layout, with the byte dot product `$dot` and the `target_feature`s it needs.
@@ -541,6 +659,8 @@ macro_rules! lane_entries {
                 GgmlType::Q5_K => matvec_records::<Q5K, $dot>(w, g, a, t, n, s),
                 GgmlType::Q6_K => matvec_records::<Q6K, $dot>(w, g, a, t, n, s),
                 GgmlType::IQ4_XS => matvec_records::<Iq4Xs, $dot>(w, g, a, t, n, s),
+                GgmlType::Q2_K => matvec_records::<Q2K, $dot>(w, g, a, t, n, s),
+                GgmlType::Q3_K => matvec_records::<Q3K, $dot>(w, g, a, t, n, s),
                 other => panic!("no interleaved form for {other}"),
             }
         }
@@ -708,6 +828,8 @@ pub(crate) unsafe fn unpack_group(
         GgmlType::Q6_K => unpack_records::<Q6K>(w, g, out),
         GgmlType::IQ4_NL => unpack_records::<Legacy<records::Iq4Nl>>(w, g, out),
         GgmlType::IQ4_XS => unpack_records::<Iq4Xs>(w, g, out),
+        GgmlType::Q2_K => unpack_records::<Q2K>(w, g, out),
+        GgmlType::Q3_K => unpack_records::<Q3K>(w, g, out),
         other => panic!("no interleaved form for {other}"),
     }
 }

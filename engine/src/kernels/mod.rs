@@ -22,14 +22,14 @@
 //!   and NEON paths run a 4-row × 2-token tile over row-major decoded chunks. The decode is paid
 //!   once per weight per call.
 //! - **Mat-vec** (`n_tokens` ≤ 8: decode steps of one or a few sequences): nothing is reused,
-//!   so on x86 models keep the block types that have one (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-//!   Q5_K, Q6_K, IQ4_NL, IQ4_XS) in an interleaved layout ([`ArenaWeights`]: eight rows'
-//!   blocks side by side), whose records are unpacked in registers and consumed at once, with
+//!   so on x86 models keep their quantized matrices (every block type, where the row count
+//!   is a multiple of eight) in an interleaved layout ([`ArenaWeights`]: eight rows' blocks
+//!   side by side), whose records are unpacked in registers and consumed at once, with
 //!   software prefetch, streaming the weights once — accumulating every output in exactly the
 //!   tile's order, so a token's result is bit-identical whichever kernel computed it and a
-//!   sequence's logits cannot depend on what else is in its batch. (Other types decode eight
-//!   rows' GGUF blocks into L1 and transpose them in registers; the portable and scalar paths
-//!   use the mat-mat loops for every token count.)
+//!   sequence's logits cannot depend on what else is in its batch. (Other matrices decode
+//!   eight rows' GGUF blocks into L1 and transpose them in registers; the portable and scalar
+//!   paths use the mat-mat loops for every token count.)
 //!
 //! The numerics differ from an exact f32 dot product only by the activation rounding: each
 //! activation moves by at most half a quantization step `dx/2 = max|x_chunk|/254`, so
