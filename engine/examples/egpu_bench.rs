@@ -42,14 +42,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| 100 + (i * 7919) % 1000)
         .collect();
 
-    // Warm-up: fault the weights in and start the pool, as llama-bench's warm-up run does.
+    // Warm-up: fault the weights in and start the pool, as llama-bench's warm-up run does
+    // (eight tokens of the same kind as the prompt's, however short the prompt is).
+    let warm_up: Vec<u32> = (0..8).map(|i| 100 + (i * 7919) % 1000).collect();
     let mut cache = model.new_kv_cache(n_prompt + n_gen + 8)?;
     model.forward(
         &pool,
         &mut scratch,
         &mut [BatchItem::append(
             &mut cache,
-            &prompt[..8],
+            &warm_up,
             LogitsWanted::Last,
         )],
     )?;
