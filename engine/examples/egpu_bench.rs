@@ -49,11 +49,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     model.forward(
         &pool,
         &mut scratch,
-        &mut [BatchItem::append(
-            &mut cache,
-            &warm_up,
-            LogitsWanted::Last,
-        )],
+        &mut [BatchItem::append(&mut cache, &warm_up, LogitsWanted::Last)],
     )?;
     cache.truncate(0);
 

@@ -4,9 +4,11 @@
 //!
 //! Work is split into units of (KV head, sequence, tile of up to [`QUERY_TILE`] consecutive
 //! tokens). A unit handles every query head that shares its KV head, for every token of its
-//! tile, so each cached key and value is widened from f16 once per unit rather than once per
-//! query. Keys are visited in blocks of [`KEY_BLOCK`] positions with a running (online)
-//! softmax, so memory does not grow with the context.
+//! tile. Keys are visited in blocks of [`KEY_BLOCK`] positions with a running (online)
+//! softmax, so memory does not grow with the context. Within a block, the tile's tokens that
+//! see the same keys go through the kernels as one block of rows, so each load of keys and
+//! values serves many queries; on x86 the kernels widen the f16 cache in registers as they
+//! read it, elsewhere each block is widened once per unit.
 //!
 //! Batch invariance: key blocks are aligned to absolute positions and each query only ever
 //! touches its own valid positions within a block, so the sequence of floating-point
