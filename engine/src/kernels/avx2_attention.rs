@@ -182,16 +182,24 @@ pub(crate) unsafe fn weighted_sum_f16(y: &mut [f32], w: &[f32], xs: &[f16]) {
     weighted_run::<4>(y, w, xs, fours, &mut i);
     weighted_run::<1>(y, w, xs, fours, &mut i);
     for (i, y) in y.iter_mut().enumerate().skip(i) {
-        let mut j = 0;
-        while j < fours {
-            let (a, b) = (widen1(xs[j * dim + i]), widen1(xs[(j + 1) * dim + i]));
-            let (c, d) = (widen1(xs[(j + 2) * dim + i]), widen1(xs[(j + 3) * dim + i]));
-            *y += w[j] * a + w[j + 1] * b + w[j + 2] * c + w[j + 3] * d;
-            j += 4;
-        }
-        for (j, &wj) in w.iter().enumerate().skip(fours) {
-            *y += wj * widen1(xs[j * dim + i]);
-        }
+        one_output(y, w, xs, dim, i);
+    }
+}
+
+/// Output `i` of a weighted sum over f16 rows of `dim` values, alone: four rows at a time
+/// (`((w0·a + w1·b) + w2·c) + w3·d` added to `y`), then the rest one at a time.
+#[inline(always)]
+unsafe fn one_output(y: &mut f32, w: &[f32], xs: &[f16], dim: usize, i: usize) {
+    let fours = w.len() / 4 * 4;
+    let mut j = 0;
+    while j < fours {
+        let (a, b) = (widen1(xs[j * dim + i]), widen1(xs[(j + 1) * dim + i]));
+        let (c, d) = (widen1(xs[(j + 2) * dim + i]), widen1(xs[(j + 3) * dim + i]));
+        *y += w[j] * a + w[j + 1] * b + w[j + 2] * c + w[j + 3] * d;
+        j += 4;
+    }
+    for (j, &wj) in w.iter().enumerate().skip(fours) {
+        *y += wj * widen1(xs[j * dim + i]);
     }
 }
 
@@ -278,20 +286,9 @@ pub(crate) unsafe fn weighted_sum_rows_f16(ys: &mut [f32], ws: &[f32], xs: &[f16
         }
         c += 8;
     }
-    let fours = n / 4 * 4;
     for i in c..dim {
         for (y, w) in ys.chunks_exact_mut(dim).zip(ws.chunks_exact(n.max(1))) {
-            let y = &mut y[i];
-            let mut j = 0;
-            while j < fours {
-                let (a, b) = (widen1(xs[j * dim + i]), widen1(xs[(j + 1) * dim + i]));
-                let (c, d) = (widen1(xs[(j + 2) * dim + i]), widen1(xs[(j + 3) * dim + i]));
-                *y += w[j] * a + w[j + 1] * b + w[j + 2] * c + w[j + 3] * d;
-                j += 4;
-            }
-            for (j, &wj) in w.iter().enumerate().skip(fours) {
-                *y += wj * widen1(xs[j * dim + i]);
-            }
+            one_output(&mut y[i], w, xs, dim, i);
         }
     }
 }
