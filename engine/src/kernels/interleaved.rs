@@ -159,10 +159,10 @@ pub(crate) fn interleave_into(
                     (Some(shape), _) => scatter_block(&shape, r, block, record),
                     (None, GgmlType::Q4_K) => scatter_k4(r, block, record, false),
                     (None, GgmlType::Q5_K) => scatter_k4(r, block, record, true),
-                    (None, GgmlType::IQ4_XS) => scatter_iq4_xs(r, block, record),
+                    (None, GgmlType::IQ4_XS) => scatter_parts(&IQ4_XS_PARTS, r, block, record),
                     (None, GgmlType::Q2_K) => scatter_parts(&Q2_K_PARTS, r, block, record),
                     (None, GgmlType::Q3_K) => scatter_parts(&Q3_K_PARTS, r, block, record),
-                    _ => scatter_q6_k(r, block, record),
+                    _ => scatter_parts(&Q6_K_PARTS, r, block, record),
                 }
             }
         }
@@ -188,10 +188,10 @@ pub(crate) fn row_blocks(ty: GgmlType, data: &[u8], n_blocks: usize, r: usize, o
             (Some(shape), _) => gather_block(&shape, lane, record, block),
             (None, GgmlType::Q4_K) => gather_k4(lane, record, block, false),
             (None, GgmlType::Q5_K) => gather_k4(lane, record, block, true),
-            (None, GgmlType::IQ4_XS) => gather_iq4_xs(lane, record, block),
+            (None, GgmlType::IQ4_XS) => gather_parts(&IQ4_XS_PARTS, lane, record, block),
             (None, GgmlType::Q2_K) => gather_parts(&Q2_K_PARTS, lane, record, block),
             (None, GgmlType::Q3_K) => gather_parts(&Q3_K_PARTS, lane, record, block),
-            _ => gather_q6_k(lane, record, block),
+            _ => gather_parts(&Q6_K_PARTS, lane, record, block),
         }
     }
 }
@@ -315,38 +315,6 @@ pub(crate) const IQ4_XS_SCALES_H: usize = 16;
 pub(crate) const IQ4_XS_SCALES_L: usize = 32;
 pub(crate) const IQ4_XS_QS: usize = 64;
 
-/// Row `r`'s IQ4_XS block (d, scales_h[2], scales_l[4], qs[128]) into its places in `record`:
-/// scale bytes transposed (byte `i` of row `r` at `8i + r`), `qs` words as the legacy quants'
-/// (word `w` of row `r` at word `8w + r`, so chunk `c`'s four words are one 128-byte run).
-fn scatter_iq4_xs(r: usize, block: &[u8], record: &mut [u8]) {
-    record[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-    for i in 0..2 {
-        record[IQ4_XS_SCALES_H + 8 * i + r] = block[2 + i];
-    }
-    for j in 0..4 {
-        record[IQ4_XS_SCALES_L + 8 * j + r] = block[4 + j];
-    }
-    for w in 0..32 {
-        let at = IQ4_XS_QS + 4 * (8 * w + r);
-        record[at..at + 4].copy_from_slice(&block[8 + 4 * w..8 + 4 * w + 4]);
-    }
-}
-
-/// The inverse of [`scatter_iq4_xs`].
-fn gather_iq4_xs(r: usize, record: &[u8], block: &mut [u8]) {
-    block[..2].copy_from_slice(&record[2 * r..2 * r + 2]);
-    for i in 0..2 {
-        block[2 + i] = record[IQ4_XS_SCALES_H + 8 * i + r];
-    }
-    for j in 0..4 {
-        block[4 + j] = record[IQ4_XS_SCALES_L + 8 * j + r];
-    }
-    for w in 0..32 {
-        let at = IQ4_XS_QS + 4 * (8 * w + r);
-        block[8 + 4 * w..8 + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
-    }
-}
-
 /// Byte offsets in a Q2_K record: d, dmin, the transposed scale bytes, the transposed `qs`
 /// words.
 pub(crate) const Q2_K_DMIN: usize = 16;
@@ -373,6 +341,14 @@ enum Transpose {
     Words,
 }
 
+/// IQ4_XS's block (d, scales_h[2], scales_l[4], qs[128]) in its record: chunk `c`'s four `qs`
+/// words are one 128-byte run, laid out as an IQ4_NL record's nibbles.
+const IQ4_XS_PARTS: [Part; 4] = [
+    (0, 0, 2, Transpose::Rows),
+    (2, IQ4_XS_SCALES_H, 2, Transpose::Bytes),
+    (4, IQ4_XS_SCALES_L, 4, Transpose::Bytes),
+    (8, IQ4_XS_QS, 128, Transpose::Words),
+];
 /// Q2_K's block (scales[16], qs[64], d, dmin) in its record.
 const Q2_K_PARTS: [Part; 4] = [
     (80, 0, 2, Transpose::Rows),
@@ -426,33 +402,10 @@ pub(crate) const Q6_K_SCALES: usize = 16;
 pub(crate) const Q6_K_QL: usize = 144;
 pub(crate) const Q6_K_QH: usize = 1168;
 
-/// The parts of a Q6_K block: (offset in the block, offset in the record, 4-byte words).
-const Q6_K_WORDS: [(usize, usize, usize); 2] = [(0, Q6_K_QL, 32), (128, Q6_K_QH, 16)];
-
-/// Row `r`'s Q6_K block (ql[128], qh[64], scales[16], d) into its places in `record`.
-fn scatter_q6_k(r: usize, block: &[u8], record: &mut [u8]) {
-    record[2 * r..2 * r + 2].copy_from_slice(&block[208..210]);
-    for i in 0..16 {
-        record[Q6_K_SCALES + 8 * i + r] = block[192 + i];
-    }
-    for (from, to, words) in Q6_K_WORDS {
-        for w in 0..words {
-            let at = to + 4 * (8 * w + r);
-            record[at..at + 4].copy_from_slice(&block[from + 4 * w..from + 4 * w + 4]);
-        }
-    }
-}
-
-/// The inverse of [`scatter_q6_k`].
-fn gather_q6_k(r: usize, record: &[u8], block: &mut [u8]) {
-    block[208..210].copy_from_slice(&record[2 * r..2 * r + 2]);
-    for i in 0..16 {
-        block[192 + i] = record[Q6_K_SCALES + 8 * i + r];
-    }
-    for (from, to, words) in Q6_K_WORDS {
-        for w in 0..words {
-            let at = to + 4 * (8 * w + r);
-            block[from + 4 * w..from + 4 * w + 4].copy_from_slice(&record[at..at + 4]);
-        }
-    }
-}
+/// Q6_K's block (ql[128], qh[64], scales[16], d) in its record.
+const Q6_K_PARTS: [Part; 4] = [
+    (208, 0, 2, Transpose::Rows),
+    (192, Q6_K_SCALES, 16, Transpose::Bytes),
+    (0, Q6_K_QL, 128, Transpose::Words),
+    (128, Q6_K_QH, 64, Transpose::Words),
+];
