@@ -326,6 +326,28 @@ impl<R: Record> LaneRecord for Legacy<R> {
     }
 }
 
+/// Bytes holding a 4-bit field in each nibble or a 2-bit field in each pair of bits: masks for
+/// eight rows' packed scale bytes, one row per byte of a `u64`.
+const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+const LOW2: u64 = 0x0303_0303_0303_0303;
+
+/// Bit `c` (< 8) of every byte of `v`, as 0 or 1 in that byte (Q5_K's fifth bits, Q3_K's
+/// `hmask`): a 16-bit shift, then a byte mask that keeps exactly the bit from the same byte.
+#[inline(always)]
+unsafe fn bit_plane(v: __m256i, c: usize) -> __m256i {
+    let moved = _mm256_srl_epi16(v, _mm_cvtsi32_si128(c as i32));
+    _mm256_and_si256(moved, _mm256_set1_epi8(0x01))
+}
+
+/// The transposed bytes `8j..8j + 8` at `at` of a record, `j < N`: byte `j` of every row.
+///
+/// # Safety
+/// The record must hold `8N` bytes at `at`.
+#[inline(always)]
+unsafe fn byte_rows<const N: usize>(record: *const u8, at: usize) -> [u64; N] {
+    std::array::from_fn(|j| record.add(at + 8 * j).cast::<u64>().read_unaligned())
+}
+
 /// Q4_K records (`FIFTH` false) and Q5_K records (`FIFTH` true): one super-block of eight
 /// chunks; per chunk the scale is `d · sc` and the offset `−(dmin · m)`, computed exactly as the
 /// row-major decoder does. Q5_K's quant is the nibble plus 16 times its fifth bit.
@@ -346,22 +368,14 @@ impl<const FIFTH: bool> LaneRecord for KQuant<FIFTH> {
     type Shared = (__m256, __m256, [u64; 12]);
     #[inline(always)]
     unsafe fn shared(record: *const u8) -> Self::Shared {
-        let mut packed = [0u64; 12];
-        for (j, p) in packed.iter_mut().enumerate() {
-            // SAFETY: the record holds 96 scale bytes at Q4_K_SCALES.
-            *p = record
-                .add(Q4_K_SCALES + 8 * j)
-                .cast::<u64>()
-                .read_unaligned();
-        }
+        // SAFETY: the record holds 96 scale bytes at Q4_K_SCALES.
+        let packed = byte_rows::<12>(record, Q4_K_SCALES);
         (halves_at(record, 0), halves_at(record, Q4_K_DMIN), packed)
     }
     #[inline(always)]
     unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
         let (d, dmin, packed) = shared;
         let m4 = _mm256_set1_epi8(0x0F);
-        let one = _mm256_set1_epi8(0x01);
-        let fifth_shift = _mm_cvtsi32_si128(c as i32);
         let qs = if FIFTH { Q5_K_QS } else { Q4_K_QS };
         let mut q = [_mm256_setzero_si256(); 8];
         for (j, q) in q.iter_mut().enumerate() {
@@ -378,8 +392,7 @@ impl<const FIFTH: bool> LaneRecord for KQuant<FIFTH> {
                 // SAFETY: a Q5_K record holds 8 words of fifth bits per row at Q5_K_QH. Bit c
                 // of each byte is chunk c's; a 16-bit shift then a byte mask keeps exactly it.
                 let qh = _mm256_loadu_si256(record.add(Q5_K_QH + 32 * j).cast());
-                let fifth = _mm256_and_si256(_mm256_srl_epi16(qh, fifth_shift), one);
-                *q = _mm256_or_si256(*q, _mm256_slli_epi16(fifth, 4));
+                *q = _mm256_or_si256(*q, _mm256_slli_epi16(bit_plane(qh, c), 4));
             }
         }
         let (sc, m) = q4_k_scale_min(packed, c);
@@ -464,18 +477,8 @@ impl LaneRecord for Iq4Xs {
     #[inline(always)]
     unsafe fn shared(record: *const u8) -> Self::Shared {
         // SAFETY: the record holds 16 bytes of scales_h and 32 of scales_l at their offsets.
-        let high = std::array::from_fn(|i| {
-            record
-                .add(IQ4_XS_SCALES_H + 8 * i)
-                .cast::<u64>()
-                .read_unaligned()
-        });
-        let low = std::array::from_fn(|j| {
-            record
-                .add(IQ4_XS_SCALES_L + 8 * j)
-                .cast::<u64>()
-                .read_unaligned()
-        });
+        let high = byte_rows::<2>(record, IQ4_XS_SCALES_H);
+        let low = byte_rows::<4>(record, IQ4_XS_SCALES_L);
         (halves_at(record, 0), high, low)
     }
     #[inline(always)]
@@ -488,8 +491,6 @@ impl LaneRecord for Iq4Xs {
             let (lo, hi) = nibble_groups(record, IQ4_XS_QS + 128 * c, k);
             (q[k], q[k + 4]) = (iq4_values(lo), iq4_values(hi));
         }
-        const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
-        const LOW2: u64 = 0x0303_0303_0303_0303;
         let ls =
             ((low[c / 2] >> (4 * (c % 2))) & LOW4) | (((high[c / 4] >> (2 * (c % 4))) & LOW2) << 4);
         // `ls − 32` is exact in f32, so one rounding, as the decoder's `d · (ls − 32)`.
@@ -500,15 +501,6 @@ impl LaneRecord for Iq4Xs {
             offset: [_mm256_setzero_ps(); 2],
         }
     }
-}
-
-/// The transposed bytes `8j..8j + 8` at `at` of a record, `j < N`: byte `j` of every row.
-///
-/// # Safety
-/// The record must hold `8N` bytes at `at`.
-#[inline(always)]
-unsafe fn byte_rows<const N: usize>(record: *const u8, at: usize) -> [u64; N] {
-    std::array::from_fn(|j| record.add(at + 8 * j).cast::<u64>().read_unaligned())
 }
 
 /// Chunk `c`'s element groups of Q2_K's or Q3_K's two-bit quants: bits `2·(c % 4)` of `qs`
@@ -550,7 +542,6 @@ impl LaneRecord for Q2K {
     }
     #[inline(always)]
     unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
-        const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
         let (d, dmin, scales) = shared;
         // SAFETY: the record holds 16 qs words per row at Q2_K_QS.
         let q = two_bit_groups(record, Q2_K_QS, c);
@@ -591,17 +582,12 @@ impl LaneRecord for Q3K {
     }
     #[inline(always)]
     unsafe fn chunk(record: *const u8, shared: &Self::Shared, c: usize) -> LaneChunk {
-        const LOW4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
-        const LOW2: u64 = 0x0303_0303_0303_0303;
         let (d, packed) = shared;
         // SAFETY: the record holds 16 qs words and 8 hmask words per row at their offsets.
         let mut q = two_bit_groups(record, Q3_K_QS, c);
-        let bit = _mm_cvtsi32_si128(c as i32);
-        let one = _mm256_set1_epi8(0x01);
         for (j, q) in q.iter_mut().enumerate() {
             let mask = _mm256_loadu_si256(record.add(Q3_K_HMASK + 32 * j).cast());
-            let high = _mm256_and_si256(_mm256_srl_epi16(mask, bit), one);
-            *q = _mm256_or_si256(*q, _mm256_slli_epi16(high, 2));
+            *q = _mm256_or_si256(*q, _mm256_slli_epi16(bit_plane(mask, c), 2));
         }
         let mut scale = [_mm256_setzero_ps(); 2];
         let mut offset = [_mm256_setzero_ps(); 2];

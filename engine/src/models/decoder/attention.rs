@@ -319,13 +319,14 @@ fn attend_unit(
     max.fill(f32::NEG_INFINITY);
     let sum = grow(sum, rows);
     sum.fill(0.0);
-    let values = grow(values, KEY_BLOCK * dv);
-    let keys_t = grow(keys_t, dk * KEY_BLOCK);
     let scores = grow(scores, rows * KEY_BLOCK);
 
     // Where the CPU has kernels that widen the f16 cache as they read it, they read it
     // directly; elsewhere each block is widened once for the unit's tokens.
     let read_f16 = kernels::has_f16_attention_kernels();
+    let widened = if read_f16 { 0 } else { KEY_BLOCK };
+    let values = grow(values, widened * dv);
+    let keys_t = grow(keys_t, dk * widened);
     let queries = grow(queries, rows * dk);
     for (t, dst) in (unit.t0..unit.t1).zip(queries.chunks_exact_mut(heads * dk)) {
         dst.copy_from_slice(&q[t * q_dim + first_head * dk..][..heads * dk]);
