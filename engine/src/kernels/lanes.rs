@@ -31,8 +31,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2_interleaved::{
-    byte_lanes, check_inputs, halves_at, prefetch_record, q4_k_scale_min, signed_byte_lanes,
-    Lanes8, Record, DECODED_GROUP_BYTES, PREFETCH_AHEAD,
+    byte_lanes, check_inputs, halves_at, prefetch_record, prefetch_record_to, q4_k_scale_min,
+    signed_byte_lanes, Lanes8, Prefetch, Record, DECODED_GROUP_BYTES, PREFETCH_AHEAD,
 };
 use super::decoded::{QuantizedActivations, CHUNK};
 use super::interleaved::{
@@ -281,8 +281,8 @@ trait LaneRecord {
     /// 32-element chunks per record: 1 for the legacy types, 8 for a K-quant super-block.
     const CHUNKS: usize;
     const KIND: ChunkKind;
-    /// How far ahead of the record in use to prefetch.
-    const AHEAD: usize;
+    /// Where the mat-vec prefetches the records to (and so how far ahead).
+    const PREFETCH: Prefetch;
     /// What a record's chunks share, unpacked once per record.
     type Shared;
     /// # Safety
@@ -306,7 +306,7 @@ impl<R: Record> LaneRecord for Legacy<R> {
         split: false,
         offsets: R::OFFSET,
     };
-    const AHEAD: usize = PREFETCH_AHEAD;
+    const PREFETCH: Prefetch = Prefetch::L1(PREFETCH_AHEAD);
     type Shared = ();
     #[inline(always)]
     unsafe fn shared(_: *const u8) {}
@@ -363,7 +363,7 @@ impl<const FIFTH: bool> LaneRecord for KQuant<FIFTH> {
         split: false,
         offsets: true,
     };
-    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    const PREFETCH: Prefetch = Prefetch::L2;
     /// `d`, `dmin` and the transposed packed scale bytes.
     type Shared = (__m256, __m256, [u64; 12]);
     #[inline(always)]
@@ -420,7 +420,7 @@ impl LaneRecord for Q6K {
         split: true,
         offsets: true,
     };
-    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    const PREFETCH: Prefetch = Prefetch::L2;
     type Shared = __m256;
     #[inline(always)]
     unsafe fn shared(record: *const u8) -> __m256 {
@@ -471,7 +471,7 @@ impl LaneRecord for Iq4Xs {
         split: false,
         offsets: false,
     };
-    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    const PREFETCH: Prefetch = Prefetch::L1(2 * PREFETCH_AHEAD);
     /// `d`, the transposed `scales_h` and `scales_l` bytes.
     type Shared = (__m256, [u64; 2], [u64; 4]);
     #[inline(always)]
@@ -531,7 +531,7 @@ impl LaneRecord for Q2K {
         split: true,
         offsets: true,
     };
-    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    const PREFETCH: Prefetch = Prefetch::L1(2 * PREFETCH_AHEAD);
     /// `d`, `dmin` and the transposed scale bytes.
     type Shared = (__m256, __m256, [u64; 16]);
     #[inline(always)]
@@ -572,7 +572,7 @@ impl LaneRecord for Q3K {
         split: true,
         offsets: true,
     };
-    const AHEAD: usize = 2 * PREFETCH_AHEAD;
+    const PREFETCH: Prefetch = Prefetch::L1(2 * PREFETCH_AHEAD);
     /// `d` and the transposed packed scale bytes.
     type Shared = (__m256, [u64; 12]);
     #[inline(always)]
@@ -770,7 +770,7 @@ unsafe fn matvec_sweep<K: LaneRecord, D: LaneDot, const NT: usize>(
     for i in 0..n_records {
         let record = group.add(i * K::BYTES);
         if prefetch {
-            prefetch_record(record, K::BYTES, K::AHEAD);
+            prefetch_record_to(K::PREFETCH, record, K::BYTES);
         }
         let shared = K::shared(record);
         for c in 0..K::CHUNKS {
