@@ -14,9 +14,9 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::decoded::{QuantizedActivations, CHUNK};
+use super::decoded::{offset_multiple, QuantizedActivations, CHUNK};
 use super::interleaved::GROUP_ROWS;
-use crate::quant::IQ4_NL_VALUES;
+use crate::quant::{GgmlType, IQ4_NL_VALUES};
 
 /// How far ahead of the record in use the legacy types' records are prefetched into L1 (the
 /// K-quants that prefetch into L1 go twice as far, past their larger records): the records are
@@ -55,6 +55,8 @@ pub(super) trait Record {
     const SIGNED: bool;
     /// Chunks have an offset term (`offset · Σx` per half).
     const OFFSET: bool;
+    /// `k` where the offset is `−k` scales (`decoded::offset_multiple`), else 0.
+    const OFFSET_MULTIPLE: i32 = 0;
     /// Element groups `k` and `k + 4` (`k < 4`) of the eight rows: 32 bytes each, row `r` at
     /// bytes `4r..4r+4`.
     unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i);
@@ -119,6 +121,7 @@ impl Record for Q4_0 {
     const BYTES: usize = 144;
     const SIGNED: bool = false;
     const OFFSET: bool = true;
+    const OFFSET_MULTIPLE: i32 = offset_multiple(GgmlType::Q4_0);
     #[inline(always)]
     unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
         nibble_groups(record, 16, k)
@@ -147,6 +150,7 @@ impl Record for Q5_0 {
     const BYTES: usize = 176;
     const SIGNED: bool = false;
     const OFFSET: bool = true;
+    const OFFSET_MULTIPLE: i32 = offset_multiple(GgmlType::Q5_0);
     #[inline(always)]
     unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i) {
         let (lo, hi) = nibble_groups(record, 48, k);

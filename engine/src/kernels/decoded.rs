@@ -69,6 +69,24 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
     !is_signed(ty)
 }
 
+/// For the types whose decoded offset is a whole multiple of the scale, `offset = −k · scale`
+/// (Q4_0's `k` = 8, Q5_0's 16, Q3_K's 4, Q6_K's 32; always a power of two, so that the kernels
+/// multiply by it with a shift), that `k`; 0 for every other type. The x86
+/// kernels (`lanes`) fold such an offset into the block's integer sum, `Σ q·x − k·Σx`, and do
+/// no float work for it: one conversion and one FMA per sum, where a separate offset term took
+/// a second FMA (on a 2-vCPU Zen 4 that FMA alone cost Q6_K's prefill about a quarter of its
+/// speed).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const fn offset_multiple(ty: GgmlType) -> i32 {
+    match ty {
+        GgmlType::Q4_0 => 8,
+        GgmlType::Q5_0 => 16,
+        GgmlType::Q3_K => 4,
+        GgmlType::Q6_K => 32,
+        _ => 0,
+    }
+}
+
 /// Whether the two 16-element halves of `ty`'s chunks have their own scales and offsets (the
 /// K-quants with 16-element sub-blocks). For every other type both halves share them, and the
 /// x86 kernels (`lanes`) sum a whole chunk in integers before scaling it.
@@ -314,9 +332,12 @@ pub(crate) struct QuantizedActivations {
     pub half_sums: Vec<[f32; 2]>,
     /// The two half sums added, for types whose offset is the same over a whole chunk.
     pub chunk_sums: Vec<f32>,
-    /// `Σ q` over each chunk, in integers: the AVX-512 kernels multiply signed weights `w` as
-    /// the unsigned bytes `w + 128` and take `128 · Σ q` back off.
-    pub chunk_q_sums: Vec<i32>,
+    /// `−128 · Σ q` over each chunk, in integers: the AVX-512 kernels multiply signed weights
+    /// `w` (and, for offsets of `−k` scales (`offset_multiple`), `q − k`) as the unsigned bytes
+    /// `w + 128` and start their sums from this; AVX2 starts from it shifted right, `−k · Σ q`.
+    pub neg128_chunk_q_sums: Vec<i32>,
+    /// `−128 · Σ q` over each 16-element half, for the types with a scale per half.
+    pub neg128_half_q_sums: Vec<[i32; 2]>,
 }
 
 impl QuantizedActivations {
@@ -328,16 +349,25 @@ impl QuantizedActivations {
         self.d.resize(n, 0.0);
         self.half_sums.resize(n, [0.0; 2]);
         self.chunk_sums.resize(n, 0.0);
-        self.chunk_q_sums.resize(n, 0);
+        self.neg128_chunk_q_sums.resize(n, 0);
+        self.neg128_half_q_sums.resize(n, [0; 2]);
     }
 
-    /// Fills `chunk_sums` from `half_sums`, and `chunk_q_sums` from `q`.
+    /// Fills `chunk_sums` from `half_sums`, and `neg128_half_q_sums` and
+    /// `neg128_chunk_q_sums` from `q`.
     pub fn sum_halves(&mut self) {
         for (sum, halves) in self.chunk_sums.iter_mut().zip(&self.half_sums) {
             *sum = halves[0] + halves[1];
         }
-        for (sum, q) in self.chunk_q_sums.iter_mut().zip(&self.q) {
-            *sum = q.iter().map(|&v| i32::from(v)).sum();
+        let q_sums = self
+            .neg128_chunk_q_sums
+            .iter_mut()
+            .zip(&mut self.neg128_half_q_sums);
+        for ((sum, half_sums), q) in q_sums.zip(&self.q) {
+            let (first, second) = q.split_at(CHUNK / 2);
+            let neg128_sum = |q: &[i8]| -128 * q.iter().map(|&v| i32::from(v)).sum::<i32>();
+            *half_sums = [neg128_sum(first), neg128_sum(second)];
+            *sum = half_sums[0] + half_sums[1];
         }
     }
 }
@@ -433,6 +463,41 @@ pub(crate) mod tests {
                 assert_eq!(got, w, "{ty} element {i}");
             }
         }
+    }
+
+    /// Where `offset_multiple` names a `k`, every decoded offset is exactly `−k` times its
+    /// half's scale (what the x86 kernels' integer offsets rely on), and `k` is a power of two
+    /// no larger than 128 (they multiply by shifting `−128 · Σx`).
+    #[test]
+    fn offset_multiples_are_the_decoded_offsets() {
+        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        let mut with_multiple = 0;
+        for ty in GgmlType::all().filter(|&t| is_block_quantized(t)) {
+            let k = offset_multiple(ty);
+            if k == 0 {
+                continue;
+            }
+            with_multiple += 1;
+            assert!(
+                k > 0 && k <= 128 && (k as u32).is_power_of_two(),
+                "{ty}: {k}"
+            );
+            assert!(has_offset(ty) && !is_signed(ty), "{ty}");
+            let n_blocks = 4;
+            let mut data: Vec<u8> = (0..n_blocks * ty.type_size())
+                .map(|_| rng.next_u64() as u8)
+                .collect();
+            sanitize_f16_scales(ty, &mut data);
+            let n = n_blocks * ty.block_size() / CHUNK;
+            let (mut chunks, mut offsets) = (vec![DecodedChunk::ZERO; n], vec![[0f32; 2]; n]);
+            decode_row_scalar(ty, &data, &mut chunks, &mut offsets);
+            for (chunk, offset) in chunks.iter().zip(&offsets) {
+                for (h, &offset) in offset.iter().enumerate() {
+                    assert_eq!(offset, -(k as f32) * chunk.scale[4 * h], "{ty}");
+                }
+            }
+        }
+        assert_eq!(with_multiple, 4, "Q4_0, Q5_0, Q3_K and Q6_K");
     }
 
     /// Overwrites the f16 scale fields of random blocks with values in ±[2^-10, 2^-4).

@@ -1038,11 +1038,7 @@ fn run_quantized_in_lanes(
     use avx2_interleaved::{Lanes8, DECODED_GROUP_BYTES};
     const G: usize = interleaved::GROUP_ROWS;
     let (rows, nc) = (w.rows, acts.n_chunks);
-    let kind = (
-        decoded::is_signed(w.ty),
-        decoded::has_half_scales(w.ty),
-        decoded::has_offset(w.ty),
-    );
+    let kind = lanes::chunk_kind_of(w.ty);
     let units = rows.div_ceil(G);
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);

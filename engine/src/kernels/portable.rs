@@ -48,19 +48,21 @@ pub(crate) fn dot_scalar(
 ///
 /// ```text
 /// acc[h] = fma(isum[c][h] as f32, scale[c][h] · dx[c], acc[h])
-/// acc[h] = fma(offset[c][h], x_sum[c][h], acc[h])          (types with offsets)
+/// acc[h] = fma(offset[c][h], x_sum[c][h], acc[h])          (types with offsets, k = 0)
 /// ```
 ///
 /// with `isum` the exact integer dot product of the half (or of the whole chunk, `h = 0`, when
 /// both halves share a scale and an offset) and `x_sum` the activations' half (or chunk) sum;
-/// the result is `acc[0] + acc[1]` (`split`) or `acc[0]`. The SIMD kernels give these bits
-/// exactly.
+/// the result is `acc[0] + acc[1]` (`split`) or `acc[0]`. Where the offset is `−k` scales
+/// (`offset_multiple` = `k` > 0) it is folded into the integers instead, `isum − k · Σx[c][h]`
+/// with `Σx` the quantized activations' integer sum, and there is no second FMA. The SIMD
+/// kernels give these bits exactly.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_block_sums_scalar(
     signed: bool,
     split: bool,
-    with_offsets: bool,
+    (with_offsets, offset_multiple): (bool, i32),
     chunks: &[DecodedChunk],
     offsets: &[[f32; 2]],
     xq: &[[i8; CHUNK]],
@@ -68,21 +70,28 @@ pub(crate) fn dot_block_sums_scalar(
     x_half_sums: &[[f32; 2]],
     x_chunk_sums: &[f32],
 ) -> f32 {
+    let float_offsets = with_offsets && offset_multiple == 0;
     let mut acc = [0f32; 2];
     for c in 0..chunks.len() {
-        let halves = half_products(signed, &chunks[c], &xq[c]);
+        let mut halves = half_products(signed, &chunks[c], &xq[c]);
+        if with_offsets && offset_multiple != 0 {
+            let (first, second) = xq[c].split_at(CHUNK / 2);
+            let q_sum = |q: &[i8]| q.iter().map(|&v| i32::from(v)).sum::<i32>();
+            halves[0] -= offset_multiple * q_sum(first);
+            halves[1] -= offset_multiple * q_sum(second);
+        }
         if split {
             for h in 0..2 {
                 let factor = chunks[c].scale[4 * h] * xd[c];
                 acc[h] = (halves[h] as f32).mul_add(factor, acc[h]);
-                if with_offsets {
+                if float_offsets {
                     acc[h] = offsets[c][h].mul_add(x_half_sums[c][h], acc[h]);
                 }
             }
         } else {
             let factor = chunks[c].scale[0] * xd[c];
             acc[0] = ((halves[0] + halves[1]) as f32).mul_add(factor, acc[0]);
-            if with_offsets {
+            if float_offsets {
                 acc[0] = offsets[c][0].mul_add(x_chunk_sums[c], acc[0]);
             }
         }

@@ -434,7 +434,7 @@ fn x86_paths_give_their_scalar_twins_bits() {
                         want[t * rows + r] = portable::dot_block_sums_scalar(
                             is_signed(ty),
                             has_half_scales(ty),
-                            has_offset(ty),
+                            (has_offset(ty), offset_multiple(ty)),
                             &chunks,
                             &offsets,
                             &acts.q[at.clone()],
