@@ -35,7 +35,7 @@ pub(super) const L2_PREFETCH_AHEAD: usize = 16 * 1024;
 /// KiB: all the same); 8–32 KiB ahead into L2 took it from 10 to 18–20 tok/s on one thread
 /// and by about 1.45× on two, Q5_K likewise, Q4_K by 1.05× (1.3× on one thread). The types
 /// whose decode is bound by unpacking, not by memory (Q2_K, Q3_K, IQ4_XS), and the legacy
-/// types' small records did as well or 2–8% better (within the noise) with the L1 prefetch,
+/// types' small records did as well or 2–9% better (within the noise) with the L1 prefetch,
 /// so they keep it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Prefetch {

@@ -71,11 +71,10 @@ pub(crate) fn has_offset(ty: GgmlType) -> bool {
 
 /// For the types whose decoded offset is a whole multiple of the scale, `offset = −k · scale`
 /// (Q4_0's `k` = 8, Q5_0's 16, Q3_K's 4, Q6_K's 32; always a power of two, so that the kernels
-/// multiply by it with a shift), that `k`; 0 for every other type. The x86
-/// kernels (`lanes`) fold such an offset into the block's integer sum, `Σ q·x − k·Σx`, and do
-/// no float work for it: one conversion and one FMA per sum, where a separate offset term took
-/// a second FMA (on a 2-vCPU Zen 4 that FMA alone cost Q6_K's prefill about a quarter of its
-/// speed).
+/// multiply by it with a shift), that `k`; 0 for every other type. The x86 kernels (`lanes`)
+/// fold such an offset into the block's integer sum, `Σ q·x − k·Σx`, and do no float work for
+/// it: one conversion and one FMA per sum, where a separate offset term took a second FMA
+/// (1.03–1.06× the prefill speed of these types on a 2-vCPU Zen 4).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const fn offset_multiple(ty: GgmlType) -> i32 {
     match ty {
