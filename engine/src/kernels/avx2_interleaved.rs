@@ -245,15 +245,20 @@ pub(super) fn check_inputs(
     );
 }
 
-/// Asks for the cache lines of the `bytes`-byte record `ahead` bytes past `record`: the records
-/// are consumed in address order, so this keeps loads in flight. A prefetch never faults, even
-/// past the end of the matrix (`wrapping_add` keeps the address computation defined).
+/// Asks for the cache lines of the `bytes`-byte record `ahead` bytes past `record`, into the
+/// cache level `HINT` names (`_MM_HINT_T0`: L1; `_MM_HINT_T1`: L2): the records are consumed
+/// in address order, so this keeps loads in flight. A prefetch never faults, even past the end
+/// of the matrix (`wrapping_add` keeps the address computation defined).
 #[inline(always)]
-pub(super) unsafe fn prefetch_record(record: *const u8, bytes: usize, ahead: usize) {
+pub(super) unsafe fn prefetch_record<const HINT: i32>(
+    record: *const u8,
+    bytes: usize,
+    ahead: usize,
+) {
     let ahead = record.wrapping_add(ahead);
     let mut line = 0;
     while line < bytes {
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+        _mm_prefetch::<HINT>(ahead.wrapping_add(line).cast());
         line += 64;
     }
 }
@@ -262,15 +267,8 @@ pub(super) unsafe fn prefetch_record(record: *const u8, bytes: usize, ahead: usi
 #[inline(always)]
 pub(super) unsafe fn prefetch_record_to(how: Prefetch, record: *const u8, bytes: usize) {
     match how {
-        Prefetch::L1(ahead) => prefetch_record(record, bytes, ahead),
-        Prefetch::L2 => {
-            let ahead = record.wrapping_add(L2_PREFETCH_AHEAD);
-            let mut line = 0;
-            while line < bytes {
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast());
-                line += 64;
-            }
-        }
+        Prefetch::L1(ahead) => prefetch_record::<_MM_HINT_T0>(record, bytes, ahead),
+        Prefetch::L2 => prefetch_record::<_MM_HINT_T1>(record, bytes, L2_PREFETCH_AHEAD),
     }
 }
 

@@ -1202,7 +1202,7 @@ unsafe fn rows_sweep<D: LaneDot, const NT: usize>(
             // Eight rows are eight streams, more than the hardware prefetcher follows well:
             // ask for this row's bytes a little ahead (the first sweep of tokens only).
             if t0 == first_token {
-                prefetch_record(
+                prefetch_record::<_MM_HINT_T0>(
                     row.as_ptr().wrapping_add(bytes.start),
                     bytes.len(),
                     PREFETCH_AHEAD,
