@@ -639,7 +639,7 @@ struct LanesScratch {
     row_offsets: Vec<[f32; 2]>,
     /// One row in GGUF form, gathered from an interleaved matrix.
     row_blocks: Vec<u8>,
-    /// A group's outputs for a block of tokens.
+    /// Two groups' outputs (the second for AVX-512's pairs) for a block of tokens.
     tile: Vec<[f32; interleaved::GROUP_ROWS]>,
 }
 
@@ -1039,13 +1039,18 @@ fn run_quantized_in_lanes(
     const G: usize = interleaved::GROUP_ROWS;
     let (rows, nc) = (w.rows, acts.n_chunks);
     let kind = lanes::chunk_kind_of(w.ty);
-    let units = rows.div_ceil(G);
+    // AVX-512's tile takes two groups at a time (`lanes::tile_pair_vnni`), so its threads
+    // share out pairs of groups: a unit is `unit_groups` groups (the last may have fewer).
+    let n_groups = rows.div_ceil(G);
+    let unit_groups = if path == KernelPath::Avx512 { 2 } else { 1 };
+    let units = n_groups.div_ceil(unit_groups);
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
     // Blocks sized as `run_quantized`'s: a block of decoded groups and a block of tokens'
     // activations share L2.
     let bytes_per_group = nc * (DECODED_GROUP_BYTES + 4 * std::mem::size_of::<Lanes8>());
-    let groups_per_block = (L2_BLOCK_BYTES / bytes_per_group.max(1)).max(1);
+    let groups_per_block =
+        (L2_BLOCK_BYTES / bytes_per_group.max(1) / unit_groups).max(1) * unit_groups;
     let act_bytes_per_token = nc * (CHUNK + 4 + 8);
     let tokens_per_block = (L2_BLOCK_BYTES / act_bytes_per_token.max(1) / 2).max(1) * 2;
     pool.run_parts(n_parts, &|part, n_parts| {
@@ -1060,15 +1065,18 @@ fn run_quantized_in_lanes(
                 tile,
             } = scratch;
             let part_units = split(units, n_parts, part);
-            let block_units = groups_per_block.min(part_units.len()).max(1);
-            q.resize(block_units * nc * DECODED_GROUP_BYTES, 0);
-            scales.resize(block_units * 2 * nc, Lanes8::default());
-            offsets.resize(block_units * 2 * nc, Lanes8::default());
+            let part_groups =
+                part_units.start * unit_groups..(part_units.end * unit_groups).min(n_groups);
+            let block_groups = groups_per_block.min(part_groups.len()).max(1);
+            q.resize(block_groups * nc * DECODED_GROUP_BYTES, 0);
+            scales.resize(block_groups * 2 * nc, Lanes8::default());
+            offsets.resize(block_groups * 2 * nc, Lanes8::default());
             row_chunks.resize(nc, DecodedChunk::ZERO);
             row_offsets.resize(nc, [0.0; 2]);
-            tile.resize(tokens_per_block.min(n_tokens), [0.0; G]);
-            for first_unit in part_units.clone().step_by(block_units) {
-                let block = first_unit..(first_unit + block_units).min(part_units.end);
+            let tile_len = tokens_per_block.min(n_tokens);
+            tile.resize(2 * tile_len, [0.0; G]);
+            for first_group in part_groups.clone().step_by(block_groups) {
+                let block = first_group..(first_group + block_groups).min(part_groups.end);
                 // Group k of the block: its quants, and its halves' scales and offsets.
                 let q_at =
                     |k: usize| k * nc * DECODED_GROUP_BYTES..(k + 1) * nc * DECODED_GROUP_BYTES;
@@ -1103,28 +1111,48 @@ fn run_quantized_in_lanes(
                 }
                 for tb in (0..n_tokens).step_by(tokens_per_block) {
                     let tokens = tb..(tb + tokens_per_block).min(n_tokens);
-                    for (k, g) in block.clone().enumerate() {
-                        let tile = &mut tile[..tokens.len()];
-                        let group = (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
+                    let group =
+                        |k: usize| (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
+                    // AVX-512 takes the block's groups two at a time (`lanes::tile_pair_vnni`),
+                    // a last odd one alone.
+                    let mut k = 0;
+                    while k < block.len() {
+                        let paired = path == KernelPath::Avx512 && k + 1 < block.len();
+                        let (tile_a, tile_b) = tile.split_at_mut(tile_len);
+                        let n = tokens.len();
+                        let (tile_a, tile_b) = (&mut tile_a[..n], &mut tile_b[..n]);
                         let t = tokens.clone();
-                        // SAFETY: `path` is available and runs AVX2 (the caller's contract);
-                        // the group holds nc chunks and `acts` the block's tokens.
+                        // SAFETY: `path` is available and runs AVX2 (the caller's contract),
+                        // AVX-512 where it is `Avx512`; the groups hold nc chunks and `acts`
+                        // the block's tokens.
                         unsafe {
                             match path {
+                                KernelPath::Avx512 if paired => lanes::tile_pair_vnni(
+                                    kind,
+                                    (group(k), group(k + 1)),
+                                    acts,
+                                    t,
+                                    (&mut *tile_a, &mut *tile_b),
+                                ),
                                 KernelPath::Avx512 => {
-                                    lanes::tile_decoded_vnni(kind, group, acts, t, tile)
+                                    lanes::tile_decoded_vnni(kind, group(k), acts, t, tile_a)
                                 }
-                                _ => lanes::tile_decoded_avx2(kind, group, acts, t, tile),
+                                _ => lanes::tile_decoded_avx2(kind, group(k), acts, t, tile_a),
                             }
                         };
-                        // The group's rows that exist (a last group may be padded).
-                        let n_rows = G.min(rows - g * G);
-                        for (j, tile_row) in tile.iter().enumerate() {
-                            let at = (tokens.start + j) * rows + g * G;
-                            // SAFETY: the rows of this part's groups belong to it alone
-                            // (`split` is a partition).
-                            unsafe { out.write_run(at, &tile_row[..n_rows]) };
+                        let groups = if paired { 2 } else { 1 };
+                        for (i, tile) in [&*tile_a, &*tile_b].into_iter().enumerate().take(groups) {
+                            let g = block.start + k + i;
+                            // The group's rows that exist (a last group may be padded).
+                            let n_rows = G.min(rows - g * G);
+                            for (j, tile_row) in tile.iter().enumerate() {
+                                let at = (tokens.start + j) * rows + g * G;
+                                // SAFETY: the rows of this part's groups belong to it alone
+                                // (`split` is a partition).
+                                unsafe { out.write_run(at, &tile_row[..n_rows]) };
+                            }
                         }
+                        k += groups;
                     }
                 }
             }
