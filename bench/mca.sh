@@ -93,15 +93,16 @@ def signed_quants(body):
     """Whether a lanes tile loop is for signed quants: AVX2 moves their sign onto the
     activations (`vpsignb`); VNNI flips their sign bits (eight `vpxor`s that are not zero
     idioms)."""
-    flips = [m for ins in body if (m := re.match(r"vpxor\s+(\S+),\s*(\S+),\s*(\S+)", ins))
+    flips = [m for ins in body if (m := re.match(r"vpxor[dq]?\s+(\S+),\s*(\S+),\s*(\S+)", ins))
              and len(set(m.groups())) > 1]
     return any(ins.startswith("vpsignb") for ins in body) or len(flips) >= 8
 
 
-def lanes_tile(signed, tokens):
-    """The rows-in-lanes prefill tile (`lanes::tile_decoded_*`) for one sweep width and one kind
-    of chunk: the loops whose byte dot products cover `tokens` tokens (eight `vpdpbusd` or
-    eight `vpmaddubsw` on ymm per token; the compiler unrolls some narrower sweeps to other
+def lanes_tile(signed, tokens, rows=8):
+    """The rows-in-lanes prefill tile (`lanes::tile_decoded_*`, `lanes::tile_pair_vnni` with
+    `rows` = 16) for one sweep width and one kind of chunk: the loops whose byte dot products
+    cover `tokens` tokens of `rows` rows (eight `vpdpbusd` or eight `vpmaddubsw` per token, on
+    ymm for eight rows and zmm for sixteen; the compiler unrolls some narrower sweeps to other
     counts), signed quants (Q8_0, IQ4: one conversion and one FMA per token) or unsigned ones
     with one scale per chunk and offsets (Q4_0/1, Q5, Q4_K, Q5_K: one conversion and two FMAs,
     a product and an offset term, per token)."""
@@ -110,7 +111,7 @@ def lanes_tile(signed, tokens):
         fmas = lambda body: sum(i.startswith("vfmadd") for i in body)
         want_fmas = tokens if signed else 2 * tokens
         return [loop for loop in loops
-                if macs(loop[0]) == tokens * 8 * 32 and signed_quants(loop[0]) == signed
+                if macs(loop[0]) == tokens * rows * 32 and signed_quants(loop[0]) == signed
                 and cvts(loop[0]) == tokens and fmas(loop[0]) == want_fmas]
     return pick
 
@@ -133,22 +134,31 @@ def one_token(picker):
 
 
 def q4_k_chunks(loops):
-    """The Q4_K loop over a super-block's chunks: the only one that widens unsigned scale bytes
-    (`byte_lanes`, `vpmovzxbd`; Q6_K's scales are signed, `vpmovsxbd`)."""
-    return [loop for loop in loops if any(ins.startswith("vpmovzxbd") for ins in loop[0])]
+    """The Q4_K loop over a super-block's chunks: it widens unsigned scale bytes (`byte_lanes`,
+    `vpmovzxbd`; Q6_K's scales are signed, `vpmovsxbd`) unpacked with 64-bit masks
+    (`movabsq`, as Q5_K's, which alone of the two shifts a fifth bit into place with `vpsllw`;
+    Q2_K, Q3_K and IQ4_XS widen their scales without such masks)."""
+    has = lambda body, op: any(ins.startswith(op) for ins in body)
+    return [loop for loop in loops if has(loop[0], "vpmovzxbd") and has(loop[0], "movabsq")
+            and not has(loop[0], "vpsllw")]
 
 
-AVX2_TILE, VNNI_TILE, MATVEC = (8, 2), (8, 4), (8, 1)  # rows × tokens one loop iteration covers
+# rows × tokens one loop iteration covers
+AVX2_TILE, VNNI_TILE, VNNI_PAIR_TILE, MATVEC = (8, 2), (8, 4), (16, 4), (8, 1)
 # kernel, ISA, demangled name (regex), loop picker, shape, -mcpu list
 KERNELS = [
     ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX2 8×2",
      r"::lanes::tile_decoded_avx2$", lanes_tile(False, 2), AVX2_TILE, AVX2_CPUS),
     ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX-512 VNNI 8×4",
      r"::lanes::tile_decoded_vnni$", lanes_tile(False, 4), VNNI_TILE, AVX512_CPUS),
+    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX-512 VNNI 16×4 (zmm)",
+     r"::lanes::tile_pair_vnni$", lanes_tile(False, 4, 16), VNNI_PAIR_TILE, AVX512_CPUS),
     ("prefill tile, signed (Q8_0, IQ4)", "AVX2 8×2",
      r"::lanes::tile_decoded_avx2$", lanes_tile(True, 2), AVX2_TILE, AVX2_CPUS),
     ("prefill tile, signed (Q8_0, IQ4)", "AVX-512 VNNI 8×4",
      r"::lanes::tile_decoded_vnni$", lanes_tile(True, 4), VNNI_TILE, AVX512_CPUS),
+    ("prefill tile, signed (Q8_0, IQ4)", "AVX-512 VNNI 16×4 (zmm)",
+     r"::lanes::tile_pair_vnni$", lanes_tile(True, 4, 16), VNNI_PAIR_TILE, AVX512_CPUS),
     ("decode mat-vec Q4_1 (interleaved)", "AVX2",
      r"::lanes::matvec_avx2::<", one_token(q4_1_record), MATVEC, AVX2_CPUS),
     ("decode mat-vec Q4_1 (interleaved)", "AVX-512 VNNI",
