@@ -14,7 +14,7 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::decoded::{offset_multiple, QuantizedActivations, CHUNK};
+use super::decoded::{offset_multiple, quant_bits, QuantizedActivations, CHUNK};
 use super::interleaved::GROUP_ROWS;
 use crate::quant::{GgmlType, IQ4_NL_VALUES};
 
@@ -57,6 +57,8 @@ pub(super) trait Record {
     const OFFSET: bool;
     /// `k` where the offset is `−k` scales (`decoded::offset_multiple`), else 0.
     const OFFSET_MULTIPLE: i32 = 0;
+    /// The bits of the unsigned quants (`decoded::quant_bits`), 8 for signed ones.
+    const QUANT_BITS: u32;
     /// Element groups `k` and `k + 4` (`k < 4`) of the eight rows: 32 bytes each, row `r` at
     /// bytes `4r..4r+4`.
     unsafe fn groups(record: *const u8, k: usize) -> (__m256i, __m256i);
@@ -118,6 +120,7 @@ pub(super) unsafe fn iq4_values(nibbles: __m256i) -> __m256i {
 }
 
 impl Record for Q4_0 {
+    const QUANT_BITS: u32 = quant_bits(GgmlType::Q4_0);
     const BYTES: usize = 144;
     const SIGNED: bool = false;
     const OFFSET: bool = true;
@@ -133,6 +136,7 @@ impl Record for Q4_0 {
 }
 
 impl Record for Q4_1 {
+    const QUANT_BITS: u32 = quant_bits(GgmlType::Q4_1);
     const BYTES: usize = 160;
     const SIGNED: bool = false;
     const OFFSET: bool = true;
@@ -147,6 +151,7 @@ impl Record for Q4_1 {
 }
 
 impl Record for Q5_0 {
+    const QUANT_BITS: u32 = quant_bits(GgmlType::Q5_0);
     const BYTES: usize = 176;
     const SIGNED: bool = false;
     const OFFSET: bool = true;
@@ -168,6 +173,7 @@ impl Record for Q5_0 {
 }
 
 impl Record for Q5_1 {
+    const QUANT_BITS: u32 = quant_bits(GgmlType::Q5_1);
     const BYTES: usize = 192;
     const SIGNED: bool = false;
     const OFFSET: bool = true;
@@ -188,6 +194,7 @@ impl Record for Q5_1 {
 }
 
 impl Record for Q8_0 {
+    const QUANT_BITS: u32 = quant_bits(GgmlType::Q8_0);
     const BYTES: usize = 272;
     const SIGNED: bool = true;
     const OFFSET: bool = false;
@@ -206,6 +213,7 @@ impl Record for Q8_0 {
 }
 
 impl Record for Iq4Nl {
+    const QUANT_BITS: u32 = quant_bits(GgmlType::IQ4_NL);
     const BYTES: usize = 144;
     const SIGNED: bool = true;
     const OFFSET: bool = false;

@@ -86,6 +86,21 @@ pub(crate) const fn offset_multiple(ty: GgmlType) -> i32 {
     }
 }
 
+/// The bits of `ty`'s unsigned decoded quants (every value below `2^bits`), or 8 for the signed
+/// types. AVX2 (`lanes::Maddubs`) adds as many element groups' `maddubs` pairs in 16 bits
+/// before widening them as this bound allows: narrow quants need fewer widening multiplies.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const fn quant_bits(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::Q2_K => 2,
+        GgmlType::Q3_K => 3,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => 4,
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 5,
+        GgmlType::Q6_K => 6,
+        _ => 8,
+    }
+}
+
 /// Whether the two 16-element halves of `ty`'s chunks have their own scales and offsets (the
 /// K-quants with 16-element sub-blocks). For every other type both halves share them, and the
 /// x86 kernels (`lanes`) sum a whole chunk in integers before scaling it.

@@ -38,7 +38,8 @@ use super::avx2_interleaved::{
     signed_byte_lanes, Lanes8, Prefetch, Record, DECODED_GROUP_BYTES, PREFETCH_AHEAD,
 };
 use super::decoded::{
-    has_half_scales, has_offset, is_signed, offset_multiple, QuantizedActivations, CHUNK,
+    has_half_scales, has_offset, is_signed, offset_multiple, quant_bits, QuantizedActivations,
+    CHUNK,
 };
 use super::interleaved::{
     GROUP_ROWS, IQ4_XS_QS, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, Q2_K_DMIN, Q2_K_QS, Q2_K_SCALES,
@@ -138,10 +139,11 @@ impl LaneDot for Vnni {
 }
 
 /// AVX2: `maddubs` (pairs of products into 16 bits), then `madd` by ones (into 32). Unsigned
-/// quants are at most 63 and activations at most 127 in magnitude, so a `maddubs` pair is at
-/// most 16002 and two groups' pairs add in 16 bits (32004 < 32767) before one `madd`. Signed
-/// quants (at most 128 in magnitude, as `|q| · (x · sign q)`) make pairs up to 32512, so each
-/// group has its own `madd`.
+/// quants of `b` bits and activations of at most 127 in magnitude make `maddubs` pairs of at
+/// most `2 · (2^b − 1) · 127`, so several groups' pairs add in 16 bits before one `madd`
+/// (`ChunkKind::groups_per_madd`: two for 6-bit quants, four for 5-bit, eight for 4-bit).
+/// Signed quants (at most 128 in magnitude, as `|q| · (x · sign q)`) make pairs up to 32512,
+/// so each group has its own `madd`.
 pub(crate) struct Maddubs;
 
 impl LaneDot for Maddubs {
@@ -179,13 +181,15 @@ impl LaneDot for Maddubs {
                 sums[j / 4] = _mm256_add_epi32(sums[j / 4], _mm256_madd_epi16(pairs, ones));
             }
         } else {
-            for k in 0..4 {
-                let (a, b) = (2 * k, 2 * k + 1);
-                let pairs = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(prepared[a], word(x, a)),
-                    _mm256_maddubs_epi16(prepared[b], word(x, b)),
-                );
-                sums[k / 2] = _mm256_add_epi32(sums[k / 2], _mm256_madd_epi16(pairs, ones));
+            // Runs of `groups_per_madd` groups add their pairs in 16 bits, then one `madd`.
+            let n = kind.groups_per_madd();
+            for first in (0..8).step_by(n) {
+                let mut pairs = _mm256_maddubs_epi16(prepared[first], word(x, first));
+                for (j, &p) in prepared.iter().enumerate().take(first + n).skip(first + 1) {
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(p, word(x, j)));
+                }
+                let h = first / 4;
+                sums[h] = _mm256_add_epi32(sums[h], _mm256_madd_epi16(pairs, ones));
             }
         }
         sums
@@ -223,6 +227,8 @@ pub(crate) struct ChunkKind {
     /// `k` where every offset is `−k` scales (`decoded::offset_multiple`): the offset is then
     /// taken off the integer sums as `k · Σx`, with no float work. 0 for float offsets.
     offset_multiple: i32,
+    /// The bits of the unsigned quants (`decoded::quant_bits`; 8 for signed ones).
+    quant_bits: u32,
 }
 
 impl ChunkKind {
@@ -235,49 +241,72 @@ impl ChunkKind {
     const fn float_offsets(self) -> bool {
         self.offsets && self.offset_multiple == 0
     }
+
+    /// How many element groups' `maddubs` pairs of unsigned quants AVX2 adds in 16 bits before
+    /// one `madd` widens them ([`Maddubs`]): a pair is at most `2 · (2^bits − 1) · 127`, so
+    /// eight groups of 4-bit quants fit (30480 ≤ 32767), four of 5-bit ones and two of 6-bit
+    /// ones; at most four where the halves have their own sums.
+    const fn groups_per_madd(self) -> usize {
+        let pair_max = 2 * ((1 << self.quant_bits) - 1) * 127;
+        let fit = 32767 / pair_max;
+        let most = if self.split { 4 } else { 8 };
+        let mut n = 1;
+        while n * 2 <= fit && n * 2 <= most {
+            n *= 2;
+        }
+        n
+    }
 }
 
+/// A type's [`ChunkKind`] as flags: `(is_signed, has_half_scales, has_offset,
+/// offset_multiple, quant_bits)`.
+pub(crate) type KindFlags = (bool, bool, bool, i32, u32);
+
 /// A type's [`ChunkKind`] flags, as [`with_chunk_kind`] takes them.
-pub(crate) fn chunk_kind_of(ty: GgmlType) -> (bool, bool, bool, i32) {
+pub(crate) fn chunk_kind_of(ty: GgmlType) -> KindFlags {
     (
         is_signed(ty),
         has_half_scales(ty),
         has_offset(ty),
         offset_multiple(ty),
+        quant_bits(ty),
     )
 }
 
 /// Runs `$body` with `$kind` bound as a constant [`ChunkKind`] for a type's
-/// `(is_signed, has_half_scales, has_offset, offset_multiple)` ([`chunk_kind_of`]): one
+/// `(is_signed, has_half_scales, has_offset, offset_multiple, quant_bits)`
+/// ([`chunk_kind_of`]): one
 /// instance per kind a type has, so that the kernels' tests of it fold away. Signed quants take
 /// `128 · Σx` off the whole chunk's sum (VNNI), so they cannot have per-half scales; no type has
 /// both, nor another combination than those below, and asking for one panics.
 macro_rules! with_chunk_kind {
     ($flags:expr, |$kind:ident| $body:expr) => {{
         macro_rules! instance {
-            ($signed:literal, $split:literal, $offsets:literal, $multiple:literal) => {{
+            ($signed:literal, $split:literal, $offsets:literal, $multiple:literal, $bits:literal) => {{
                 const $kind: ChunkKind = ChunkKind {
                     signed: $signed,
                     split: $split,
                     offsets: $offsets,
                     offset_multiple: $multiple,
+                    quant_bits: $bits,
                 };
                 $body
             }};
         }
         match $flags {
             // Q8_0, IQ4_NL, IQ4_XS.
-            (true, false, false, 0) => instance!(true, false, false, 0),
-            // Q4_1, Q5_1, Q4_K, Q5_K.
-            (false, false, true, 0) => instance!(false, false, true, 0),
+            (true, false, false, 0, 8) => instance!(true, false, false, 0, 8),
+            // Q4_1, Q4_K; Q5_1, Q5_K.
+            (false, false, true, 0, 4) => instance!(false, false, true, 0, 4),
+            (false, false, true, 0, 5) => instance!(false, false, true, 0, 5),
             // Q4_0, Q5_0.
-            (false, false, true, 8) => instance!(false, false, true, 8),
-            (false, false, true, 16) => instance!(false, false, true, 16),
+            (false, false, true, 8, 4) => instance!(false, false, true, 8, 4),
+            (false, false, true, 16, 5) => instance!(false, false, true, 16, 5),
             // Q2_K.
-            (false, true, true, 0) => instance!(false, true, true, 0),
+            (false, true, true, 0, 2) => instance!(false, true, true, 0, 2),
             // Q3_K, Q6_K.
-            (false, true, true, 4) => instance!(false, true, true, 4),
-            (false, true, true, 32) => instance!(false, true, true, 32),
+            (false, true, true, 4, 3) => instance!(false, true, true, 4, 3),
+            (false, true, true, 32, 6) => instance!(false, true, true, 32, 6),
             other => panic!("no quantized kernel for the chunk kind {other:?}"),
         }
     }};
@@ -389,6 +418,7 @@ impl<R: Record> LaneRecord for Legacy<R> {
         split: false,
         offsets: R::OFFSET,
         offset_multiple: R::OFFSET_MULTIPLE,
+        quant_bits: R::QUANT_BITS,
     };
     const PREFETCH: Prefetch = Prefetch::L1(PREFETCH_AHEAD);
     type Shared = ();
@@ -447,6 +477,7 @@ impl<const FIFTH: bool> LaneRecord for KQuant<FIFTH> {
         split: false,
         offsets: true,
         offset_multiple: 0,
+        quant_bits: if FIFTH { 5 } else { 4 },
     };
     const PREFETCH: Prefetch = Prefetch::L2;
     /// `d`, `dmin` and the transposed packed scale bytes.
@@ -505,6 +536,7 @@ impl LaneRecord for Q6K {
         split: true,
         offsets: true,
         offset_multiple: offset_multiple(GgmlType::Q6_K),
+        quant_bits: quant_bits(GgmlType::Q6_K),
     };
     const PREFETCH: Prefetch = Prefetch::L2;
     type Shared = __m256;
@@ -557,6 +589,7 @@ impl LaneRecord for Iq4Xs {
         split: false,
         offsets: false,
         offset_multiple: 0,
+        quant_bits: quant_bits(GgmlType::IQ4_XS),
     };
     const PREFETCH: Prefetch = Prefetch::L1(2 * PREFETCH_AHEAD);
     /// `d`, the transposed `scales_h` and `scales_l` bytes.
@@ -618,6 +651,7 @@ impl LaneRecord for Q2K {
         split: true,
         offsets: true,
         offset_multiple: 0,
+        quant_bits: quant_bits(GgmlType::Q2_K),
     };
     const PREFETCH: Prefetch = Prefetch::L1(2 * PREFETCH_AHEAD);
     /// `d`, `dmin` and the transposed scale bytes.
@@ -660,6 +694,7 @@ impl LaneRecord for Q3K {
         split: true,
         offsets: true,
         offset_multiple: offset_multiple(GgmlType::Q3_K),
+        quant_bits: quant_bits(GgmlType::Q3_K),
     };
     const PREFETCH: Prefetch = Prefetch::L1(2 * PREFETCH_AHEAD);
     /// `d` and the transposed packed scale bytes.
@@ -753,7 +788,7 @@ macro_rules! lane_entries {
         /// failing is a caller's bug and panics).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $tile(
-            kind: (bool, bool, bool, i32),
+            kind: KindFlags,
             group: (&[u8], &[Lanes8], &[Lanes8]),
             acts: &QuantizedActivations,
             tokens: std::ops::Range<usize>,
@@ -959,7 +994,7 @@ unsafe fn unpack_records<K: LaneRecord>(
 /// As the entry points'.
 #[inline(always)]
 unsafe fn tile_decoded<D: LaneDot>(
-    kind: (bool, bool, bool, i32),
+    kind: KindFlags,
     (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
@@ -1073,7 +1108,7 @@ pub(crate) type DecodedGroup<'a> = (&'a [u8], &'a [Lanes8], &'a [Lanes8]);
 /// (checked; failing is a caller's bug and panics).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn tile_pair_vnni(
-    kind: (bool, bool, bool, i32),
+    kind: KindFlags,
     groups: (DecodedGroup, DecodedGroup),
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,

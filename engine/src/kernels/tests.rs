@@ -416,49 +416,98 @@ fn x86_paths_give_their_scalar_twins_bits() {
         };
         for &(rows, cols, token_counts) in shapes {
             let data = random_weights(&mut rng, ty, rows, cols);
-            let w = matrix(ty, rows, cols, &data);
-            let packed = ArenaWeights::interleaved(&w, |_| {});
-            let mut layouts = vec![w];
-            layouts.extend(packed.as_ref().map(|p| p.matrix()));
-            let nc = cols / CHUNK;
-            let (mut chunks, mut offsets) = (vec![DecodedChunk::ZERO; nc], vec![[0f32; 2]; nc]);
             for &n_tokens in token_counts {
                 let x = random_activations(&mut rng, n_tokens * cols);
-                let mut acts = QuantizedActivations::default();
-                quantize_activations(&pools[0], KernelPath::Scalar, &x, n_tokens, cols, &mut acts);
-                let mut want = vec![0u32; rows * n_tokens];
-                for r in 0..rows {
-                    decode_row_scalar(ty, w.row(r), &mut chunks, &mut offsets);
-                    for t in 0..n_tokens {
-                        let at = t * nc..(t + 1) * nc;
-                        want[t * rows + r] = portable::dot_block_sums_scalar(
-                            is_signed(ty),
-                            has_half_scales(ty),
-                            (has_offset(ty), offset_multiple(ty)),
-                            &chunks,
-                            &offsets,
-                            &acts.q[at.clone()],
-                            &acts.d[at.clone()],
-                            &acts.half_sums[at.clone()],
-                            &acts.chunk_sums[at],
-                        )
-                        .to_bits();
-                    }
-                }
-                for m in &layouts {
-                    for pool in &pools {
-                        for &path in &paths {
-                            assert_eq!(
-                                output_bits(pool, m, &x, n_tokens, path),
-                                want,
-                                "{ty} {rows}×{cols} {:?}, {n_tokens} tokens, {} threads, {path:?}",
-                                m.layout,
-                                pool.n_threads()
-                            );
-                        }
-                    }
-                }
+                assert_x86_paths_give_twin_bits(ty, (rows, cols, &data), &x, &paths, &pools);
             }
+        }
+    }
+}
+
+/// For `x` (whole tokens of `w`'s columns) through the matrix `(rows, cols, data)` of type
+/// `ty`, in both weight layouts, on each pool and path: every output has the bits of the
+/// scalar twin `portable::dot_block_sums_scalar`.
+#[cfg(target_arch = "x86_64")]
+fn assert_x86_paths_give_twin_bits(
+    ty: GgmlType,
+    (rows, cols, data): (usize, usize, &[u8]),
+    x: &[f32],
+    paths: &[KernelPath],
+    pools: &[ThreadPool],
+) {
+    let w = matrix(ty, rows, cols, data);
+    let packed = ArenaWeights::interleaved(&w, |_| {});
+    let mut layouts = vec![w];
+    layouts.extend(packed.as_ref().map(|p| p.matrix()));
+    let nc = cols / CHUNK;
+    let n_tokens = x.len() / cols;
+    let (mut chunks, mut offsets) = (vec![DecodedChunk::ZERO; nc], vec![[0f32; 2]; nc]);
+    let mut acts = QuantizedActivations::default();
+    quantize_activations(&pools[0], KernelPath::Scalar, x, n_tokens, cols, &mut acts);
+    let mut want = vec![0u32; rows * n_tokens];
+    for r in 0..rows {
+        decode_row_scalar(ty, layouts[0].row(r), &mut chunks, &mut offsets);
+        for t in 0..n_tokens {
+            let at = t * nc..(t + 1) * nc;
+            want[t * rows + r] = portable::dot_block_sums_scalar(
+                is_signed(ty),
+                has_half_scales(ty),
+                (has_offset(ty), offset_multiple(ty)),
+                &chunks,
+                &offsets,
+                &acts.q[at.clone()],
+                &acts.d[at.clone()],
+                &acts.half_sums[at.clone()],
+                &acts.chunk_sums[at],
+            )
+            .to_bits();
+        }
+    }
+    for m in &layouts {
+        for pool in pools {
+            for &path in paths {
+                assert_eq!(
+                    output_bits(pool, m, x, n_tokens, path),
+                    want,
+                    "{ty} {rows}×{cols} {:?}, {n_tokens} tokens, {} threads, {path:?}",
+                    m.layout,
+                    pool.n_threads()
+                );
+            }
+        }
+    }
+}
+
+/// The integer sums cannot overflow: every quant at its largest value (all bits of every
+/// block set, its f16 scales 1.0) against activations that all quantize to 127 give the twin's
+/// bits on both x86 paths (AVX2 adds up to eight groups' `maddubs` pairs in 16 bits for 4-bit
+/// quants, `lanes::Maddubs`), through the mat-vec and the tile.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn largest_quants_and_activations_give_the_twins_bits() {
+    let paths: Vec<KernelPath> = [KernelPath::Avx2, KernelPath::Avx512]
+        .into_iter()
+        .filter(|p| p.is_available())
+        .collect();
+    let pools = [ThreadPool::new(1)];
+    let (rows, cols) = (24, 512);
+    for ty in QUANTIZED {
+        let mut block = vec![0xFFu8; ty.type_size()];
+        // Where each type keeps its f16 scales (GGUF's block layouts).
+        let f16_at: &[usize] = match ty {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
+            GgmlType::Q6_K => &[208],
+            _ => &[0],
+        };
+        for &at in f16_at {
+            block[at..at + 2].copy_from_slice(&half::f16::ONE.to_le_bytes());
+        }
+        let data = block.repeat(rows * cols / ty.block_size());
+        for n_tokens in [3, 9] {
+            let x = vec![1.0f32; n_tokens * cols];
+            assert_x86_paths_give_twin_bits(ty, (rows, cols, &data), &x, &paths, &pools);
         }
     }
 }
