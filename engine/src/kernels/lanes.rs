@@ -1172,97 +1172,166 @@ unsafe fn join_si(lo: __m256i, hi: __m256i) -> __m512i {
 #[inline(always)]
 unsafe fn tile_pair_sweep<const NT: usize>(
     kind: ChunkKind,
-    (a, b): (DecodedGroup, DecodedGroup),
+    groups: (DecodedGroup, DecodedGroup),
     acts: &QuantizedActivations,
     t0: usize,
     (out_a, out_b): (&mut [[f32; GROUP_ROWS]], &mut [[f32; GROUP_ROWS]]),
 ) {
     let nc = acts.n_chunks;
-    let halves = if kind.split { 2 } else { 1 };
     let mut acc = [[_mm512_setzero_ps(); 2]; NT];
-    let lanes = |g: &[Lanes8], i: usize| -> __m256 {
-        // SAFETY: half `i` < 2·nc exists (checked); `Lanes8` is 32-byte aligned.
-        _mm256_load_ps(g.as_ptr().add(i).cast())
-    };
     for c in 0..nc {
-        let mut q = [_mm512_setzero_si512(); 8];
-        for (j, q) in q.iter_mut().enumerate() {
-            let at = c * DECODED_GROUP_BYTES + 32 * j;
-            // SAFETY: chunk c's eight groups of 32 bytes exist in both (checked).
-            let (lo, hi) = (a.0.as_ptr().add(at), b.0.as_ptr().add(at));
-            *q = join_si(_mm256_loadu_si256(lo.cast()), _mm256_loadu_si256(hi.cast()));
-        }
-        // As `Vnni::prepare`: q + 128 for signed quants, q − k + 128 for offsets of −k scales.
-        if kind.signed {
-            for g in &mut q {
-                *g = _mm512_xor_si512(*g, _mm512_set1_epi8(i8::MIN));
-            }
-        } else if kind.int_offsets() {
-            let bias = _mm512_set1_epi8((128 - kind.offset_multiple) as u8 as i8);
-            for g in &mut q {
-                *g = _mm512_add_epi8(*g, bias);
-            }
-        }
-        let mut scale = [_mm512_setzero_ps(); 2];
-        let mut offset = [_mm512_setzero_ps(); 2];
-        for h in 0..halves {
-            scale[h] = join_ps(lanes(a.1, 2 * c + h), lanes(b.1, 2 * c + h));
-            if kind.float_offsets() {
-                offset[h] = join_ps(lanes(a.2, 2 * c + h), lanes(b.2, 2 * c + h));
-            }
-        }
-        for (t, acc) in acc.iter_mut().enumerate() {
-            let i = (t0 + t) * nc + c;
-            // SAFETY: chunk i and its sums exist (checked); its words are 32 bytes.
-            let x = acts.q.as_ptr().add(i).cast::<i32>();
-            // The sums start as `start_sums`': −128·Σx (per half where split) for signed
-            // quants and offsets of −k scales.
-            let mut isum = [_mm512_setzero_si512(); 2];
-            if kind.signed || kind.int_offsets() {
-                if kind.split {
-                    let halves = *acts.neg128_half_q_sums.as_ptr().add(i);
-                    isum = [_mm512_set1_epi32(halves[0]), _mm512_set1_epi32(halves[1])];
-                } else {
-                    isum[0] = _mm512_set1_epi32(*acts.neg128_chunk_q_sums.as_ptr().add(i));
-                }
-            }
-            for (j, &w) in q.iter().enumerate() {
-                let xw = _mm512_set1_epi32(x.add(j).read_unaligned());
-                isum[j / 4] = _mm512_dpbusd_epi32(isum[j / 4], w, xw);
-            }
-            let xd = _mm512_set1_ps(*acts.d.as_ptr().add(i));
-            // As `accumulate_chunk`.
-            if kind.split {
-                for h in 0..2 {
-                    let factor = _mm512_mul_ps(scale[h], xd);
-                    acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[h]), factor, acc[h]);
-                    if kind.float_offsets() {
-                        let x_sum = acts.half_sums.as_ptr().add(i).cast::<f32>().add(h);
-                        acc[h] = _mm512_fmadd_ps(offset[h], _mm512_set1_ps(*x_sum), acc[h]);
-                    }
-                }
-            } else {
-                let factor = _mm512_mul_ps(scale[0], xd);
-                let sum = _mm512_add_epi32(isum[0], isum[1]);
-                acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), factor, acc[0]);
-                if kind.float_offsets() {
-                    let x_sum = _mm512_set1_ps(*acts.chunk_sums.as_ptr().add(i));
-                    acc[0] = _mm512_fmadd_ps(offset[0], x_sum, acc[0]);
-                }
-            }
-        }
+        // SAFETY: both groups hold chunk c (checked).
+        let (a, b) = (
+            decoded_chunk(kind, groups.0, c),
+            decoded_chunk(kind, groups.1, c),
+        );
+        let pair = join_chunks(kind, &a, &b);
+        accumulate_pair_chunk::<NT>(kind, &pair, acts, t0 * nc + c, nc, &mut acc);
     }
-    for t in 0..NT {
-        // As `lane_outputs`: the halves' sum where split (adding a zero would turn −0 into +0).
-        let v = if kind.split {
-            _mm512_add_ps(acc[t][0], acc[t][1])
+    for (t, acc) in acc.iter().enumerate() {
+        (out_a[t], out_b[t]) = pair_outputs(kind, acc);
+    }
+}
+
+/// Chunk `c` of a decoded group, loaded into registers (offsets only for float offsets, which
+/// are all the tiles read of them).
+///
+/// # Safety
+/// The group must hold chunk `c`, with its offsets where the kind has float offsets.
+#[inline(always)]
+unsafe fn decoded_chunk(
+    kind: ChunkKind,
+    (q, scales, offsets): DecodedGroup,
+    c: usize,
+) -> LaneChunk {
+    let halves = |g: &[Lanes8]| -> [__m256; 2] {
+        // SAFETY: halves 2c and 2c + 1 exist (the caller's contract); `Lanes8` is aligned.
+        std::array::from_fn(|h| _mm256_load_ps(g.as_ptr().add(2 * c + h).cast()))
+    };
+    LaneChunk {
+        // SAFETY: chunk c's eight groups of 32 bytes exist (the caller's contract).
+        q: std::array::from_fn(|j| {
+            _mm256_loadu_si256(q.as_ptr().add(c * DECODED_GROUP_BYTES + 32 * j).cast())
+        }),
+        scale: halves(scales),
+        offset: if kind.float_offsets() {
+            halves(offsets)
         } else {
-            acc[t][0]
-        };
-        _mm256_storeu_ps(out_a[t].as_mut_ptr(), _mm512_castps512_ps256(v));
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        _mm256_storeu_ps(out_b[t].as_mut_ptr(), hi);
+            [_mm256_setzero_ps(); 2]
+        },
     }
+}
+
+/// Two groups' chunk in 512-bit registers, group `a`'s rows in lanes 0..8: quants as
+/// [`Vnni::prepare`] makes them, scales and (float) offsets.
+struct PairChunk {
+    q: [__m512i; 8],
+    scale: [__m512; 2],
+    offset: [__m512; 2],
+}
+
+/// [`PairChunk`] from the two groups' chunks.
+#[inline(always)]
+unsafe fn join_chunks(kind: ChunkKind, a: &LaneChunk, b: &LaneChunk) -> PairChunk {
+    let mut q: [__m512i; 8] = std::array::from_fn(|j| join_si(a.q[j], b.q[j]));
+    // As `Vnni::prepare`: q + 128 for signed quants, q − k + 128 for offsets of −k scales.
+    if kind.signed {
+        for g in &mut q {
+            *g = _mm512_xor_si512(*g, _mm512_set1_epi8(i8::MIN));
+        }
+    } else if kind.int_offsets() {
+        let bias = _mm512_set1_epi8((128 - kind.offset_multiple) as u8 as i8);
+        for g in &mut q {
+            *g = _mm512_add_epi8(*g, bias);
+        }
+    }
+    let halves = if kind.split { 2 } else { 1 };
+    let mut pair = PairChunk {
+        q,
+        scale: [_mm512_setzero_ps(); 2],
+        offset: [_mm512_setzero_ps(); 2],
+    };
+    for h in 0..halves {
+        pair.scale[h] = join_ps(a.scale[h], b.scale[h]);
+        if kind.float_offsets() {
+            pair.offset[h] = join_ps(a.offset[h], b.offset[h]);
+        }
+    }
+    pair
+}
+
+/// [`accumulate_chunk`] for a [`PairChunk`]: the same operations per lane, on sixteen rows.
+///
+/// # Safety
+/// `acts` must hold chunk `at + t · nc` for every `t < NT` (the callers check).
+#[inline(always)]
+unsafe fn accumulate_pair_chunk<const NT: usize>(
+    kind: ChunkKind,
+    chunk: &PairChunk,
+    acts: &QuantizedActivations,
+    at: usize,
+    nc: usize,
+    acc: &mut [[__m512; 2]; NT],
+) {
+    for (t, acc) in acc.iter_mut().enumerate() {
+        let i = at + t * nc;
+        // SAFETY: chunk i and its sums exist (the caller's contract); its words are 32 bytes.
+        let x = acts.q.as_ptr().add(i).cast::<i32>();
+        // The sums start as `start_sums`': −128·Σx (per half where split) for signed quants and
+        // offsets of −k scales.
+        let mut isum = [_mm512_setzero_si512(); 2];
+        if kind.signed || kind.int_offsets() {
+            if kind.split {
+                let halves = *acts.neg128_half_q_sums.as_ptr().add(i);
+                isum = [_mm512_set1_epi32(halves[0]), _mm512_set1_epi32(halves[1])];
+            } else {
+                isum[0] = _mm512_set1_epi32(*acts.neg128_chunk_q_sums.as_ptr().add(i));
+            }
+        }
+        for (j, &w) in chunk.q.iter().enumerate() {
+            let xw = _mm512_set1_epi32(x.add(j).read_unaligned());
+            isum[j / 4] = _mm512_dpbusd_epi32(isum[j / 4], w, xw);
+        }
+        let xd = _mm512_set1_ps(*acts.d.as_ptr().add(i));
+        if kind.split {
+            for h in 0..2 {
+                let factor = _mm512_mul_ps(chunk.scale[h], xd);
+                acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[h]), factor, acc[h]);
+                if kind.float_offsets() {
+                    let x_sum = acts.half_sums.as_ptr().add(i).cast::<f32>().add(h);
+                    acc[h] = _mm512_fmadd_ps(chunk.offset[h], _mm512_set1_ps(*x_sum), acc[h]);
+                }
+            }
+        } else {
+            let factor = _mm512_mul_ps(chunk.scale[0], xd);
+            let sum = _mm512_add_epi32(isum[0], isum[1]);
+            acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), factor, acc[0]);
+            if kind.float_offsets() {
+                let x_sum = _mm512_set1_ps(*acts.chunk_sums.as_ptr().add(i));
+                acc[0] = _mm512_fmadd_ps(chunk.offset[0], x_sum, acc[0]);
+            }
+        }
+    }
+}
+
+/// A token's outputs of both groups from its accumulators, as [`lane_outputs`]: the halves'
+/// sum where split (adding a zero would turn −0 into +0).
+#[inline(always)]
+unsafe fn pair_outputs(
+    kind: ChunkKind,
+    acc: &[__m512; 2],
+) -> ([f32; GROUP_ROWS], [f32; GROUP_ROWS]) {
+    let v = if kind.split {
+        _mm512_add_ps(acc[0], acc[1])
+    } else {
+        acc[0]
+    };
+    let (mut a, mut b) = ([0f32; GROUP_ROWS], [0f32; GROUP_ROWS]);
+    // SAFETY: `a` and `b` are 8 writable f32 each.
+    _mm256_storeu_ps(a.as_mut_ptr(), _mm512_castps512_ps256(v));
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    _mm256_storeu_ps(b.as_mut_ptr(), hi);
+    (a, b)
 }
 
 /// How many of `left` tokens the next sweep takes: up to four with [`LaneDot::WIDE_SWEEPS`],
