@@ -98,21 +98,32 @@ def signed_quants(body):
     return any(ins.startswith("vpsignb") for ins in body) or len(flips) >= 8
 
 
-def lanes_tile(signed, tokens, rows=8):
+def lanes_tile(signed, tokens, rows=8, madds=None):
     """The rows-in-lanes prefill tile (`lanes::tile_decoded_*`, `lanes::tile_pair_vnni` with
     `rows` = 16) for one sweep width and one kind of chunk: the loops whose byte dot products
     cover `tokens` tokens of `rows` rows (eight `vpdpbusd` or eight `vpmaddubsw` per token, on
     ymm for eight rows and zmm for sixteen; the compiler unrolls some narrower sweeps to other
     counts), signed quants (Q8_0, IQ4: one conversion and one FMA per token) or unsigned ones
-    with one scale per chunk and offsets (Q4_0/1, Q5, Q4_K, Q5_K: one conversion and two FMAs,
-    a product and an offset term, per token)."""
+    with one scale per chunk and float offsets (Q4_1, Q5_1, Q4_K, Q5_K: one conversion and two
+    FMAs, a product and an offset term, per token); where given, with `madds` `vpmaddwd` (AVX2
+    widens 4-bit quants' pairs once per chunk and token, 5-bit ones twice). Kinds whose code is
+    the same on a path (VNNI's 4- and 5-bit quants) give loops of the same instructions,
+    counted once."""
     def pick(loops):
         cvts = lambda body: sum(i.startswith("vcvtdq2ps") for i in body)
         fmas = lambda body: sum(i.startswith("vfmadd") for i in body)
+        count = lambda body, op: sum(i.startswith(op) for i in body)
+        opcodes = lambda body: tuple(i.split()[0] for i in body)
         want_fmas = tokens if signed else 2 * tokens
-        return [loop for loop in loops
-                if macs(loop[0]) == tokens * rows * 32 and signed_quants(loop[0]) == signed
-                and cvts(loop[0]) == tokens and fmas(loop[0]) == want_fmas]
+        chosen, seen = [], set()
+        for loop in loops:
+            if (macs(loop[0]) == tokens * rows * 32 and signed_quants(loop[0]) == signed
+                    and cvts(loop[0]) == tokens and fmas(loop[0]) == want_fmas
+                    and (madds is None or count(loop[0], "vpmaddwd") == madds)
+                    and opcodes(loop[0]) not in seen):
+                seen.add(opcodes(loop[0]))
+                chosen.append(loop)
+        return chosen
     return pick
 
 
@@ -147,11 +158,13 @@ def q4_k_chunks(loops):
 AVX2_TILE, VNNI_TILE, VNNI_PAIR_TILE, MATVEC = (8, 2), (8, 4), (16, 4), (8, 1)
 # kernel, ISA, demangled name (regex), loop picker, shape, -mcpu list
 KERNELS = [
-    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX2 8×2",
-     r"::lanes::tile_decoded_avx2$", lanes_tile(False, 2), AVX2_TILE, AVX2_CPUS),
-    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX-512 VNNI 8×4",
+    ("prefill tile, 4-bit unsigned + offsets (Q4_1, Q4_K)", "AVX2 8×2",
+     r"::lanes::tile_decoded_avx2$", lanes_tile(False, 2, madds=2), AVX2_TILE, AVX2_CPUS),
+    ("prefill tile, 5-bit unsigned + offsets (Q5_1, Q5_K)", "AVX2 8×2",
+     r"::lanes::tile_decoded_avx2$", lanes_tile(False, 2, madds=4), AVX2_TILE, AVX2_CPUS),
+    ("prefill tile, unsigned + offsets (Q4_1, Q5_1, Q4_K, Q5_K)", "AVX-512 VNNI 8×4",
      r"::lanes::tile_decoded_vnni$", lanes_tile(False, 4), VNNI_TILE, AVX512_CPUS),
-    ("prefill tile, unsigned + offsets (Q4_0/1, Q5, Q4_K, Q5_K)", "AVX-512 VNNI 16×4 (zmm)",
+    ("prefill tile, unsigned + offsets (Q4_1, Q5_1, Q4_K, Q5_K)", "AVX-512 VNNI 16×4 (zmm)",
      r"::lanes::tile_pair_vnni$", lanes_tile(False, 4, 16), VNNI_PAIR_TILE, AVX512_CPUS),
     ("prefill tile, signed (Q8_0, IQ4)", "AVX2 8×2",
      r"::lanes::tile_decoded_avx2$", lanes_tile(True, 2), AVX2_TILE, AVX2_CPUS),
