@@ -6,7 +6,9 @@
 //!   [`tile_decoded_avx2`]: over groups unpacked once per call by the kernels'
 //!   `run_quantized_in_lanes`, from the interleaved records by [`unpack_group`] or decoded row
 //!   by row from GGUF's layout). A token's factor `scale · dx` is one multiply for eight rows,
-//!   and no lane reduction is needed.
+//!   and no lane reduction is needed. On AVX-512 the prefill tile takes two groups at a time,
+//!   sixteen rows per 512-bit register ([`tile_pair_vnni`]): each `vpdpbusd` takes an
+//!   activation word broadcast from memory, so on 256-bit registers the loads bound the tile.
 //! - **Per-block integer sums.** Each chunk's eight element groups are summed into one 32-bit
 //!   integer per row (per 16-element half for the types with 16-element sub-blocks,
 //!   `decoded::has_half_scales`) and converted and scaled once: one conversion and one FMA per
