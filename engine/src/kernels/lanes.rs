@@ -52,9 +52,14 @@ use crate::quant::GgmlType;
 
 /// How a chunk's byte products reach its integer sums, per instruction set.
 pub(crate) trait LaneDot {
-    /// Whether a sweep takes up to four tokens (with AVX-512's 32 vector registers: two
-    /// accumulators per token beside a chunk's eight weight registers) or two (AVX2's 16).
+    /// Whether a sweep of the prefill tile takes up to four tokens (with AVX-512's 32 vector
+    /// registers: two accumulators per token beside a chunk's eight weight registers) or two
+    /// (AVX2's 16).
     const WIDE_SWEEPS: bool;
+    /// The most tokens a sweep of the interleaved mat-vec takes: each sweep unpacks every
+    /// record again, so a batched decode step of up to eight sequences is one sweep on
+    /// AVX-512 and two on AVX2 (where more accumulators than four tokens' spill).
+    const MATVEC_SWEEP: usize;
     /// The chunk's weight groups as this instruction set multiplies them, once per chunk for
     /// all tokens of a sweep: for VNNI, unsigned bytes `q + 128` for signed quants and
     /// `q + 128 − k` for offsets of `−k` scales; for AVX2, `|q|` for signed quants.
@@ -104,6 +109,7 @@ pub(crate) struct Vnni;
 
 impl LaneDot for Vnni {
     const WIDE_SWEEPS: bool = true;
+    const MATVEC_SWEEP: usize = 8;
     #[inline(always)]
     unsafe fn prepare(kind: ChunkKind, q: &[__m256i; 8]) -> [__m256i; 8] {
         let mut prepared = *q;
@@ -150,6 +156,7 @@ pub(crate) struct Maddubs;
 
 impl LaneDot for Maddubs {
     const WIDE_SWEEPS: bool = false;
+    const MATVEC_SWEEP: usize = 4;
     #[inline(always)]
     unsafe fn prepare(kind: ChunkKind, q: &[__m256i; 8]) -> [__m256i; 8] {
         let mut prepared = *q;
@@ -843,7 +850,8 @@ lane_entries!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
 
-/// The mat-vec for one record type: per group, tokens in sweeps of up to four (two on AVX2).
+/// The mat-vec for one record type: per group, tokens in sweeps of up to
+/// [`LaneDot::MATVEC_SWEEP`].
 #[inline(always)]
 unsafe fn matvec_records<K: LaneRecord, D: LaneDot>(
     w: &super::WeightMatrix,
@@ -865,12 +873,16 @@ unsafe fn matvec_records<K: LaneRecord, D: LaneDot>(
             let prefetch = t == first_token;
             // SAFETY: the group holds `n_records` records and `acts` tokens up to `end`
             // (checked above).
-            let n = sweep_tokens::<D>(end - t);
+            let n = (end - t).min(D::MATVEC_SWEEP);
             match n {
                 1 => matvec_sweep::<K, D, 1>(group, n_records, acts, t, prefetch, g, store),
                 2 => matvec_sweep::<K, D, 2>(group, n_records, acts, t, prefetch, g, store),
                 3 => matvec_sweep::<K, D, 3>(group, n_records, acts, t, prefetch, g, store),
-                _ => matvec_sweep::<K, D, 4>(group, n_records, acts, t, prefetch, g, store),
+                4 => matvec_sweep::<K, D, 4>(group, n_records, acts, t, prefetch, g, store),
+                5 => matvec_sweep::<K, D, 5>(group, n_records, acts, t, prefetch, g, store),
+                6 => matvec_sweep::<K, D, 6>(group, n_records, acts, t, prefetch, g, store),
+                7 => matvec_sweep::<K, D, 7>(group, n_records, acts, t, prefetch, g, store),
+                _ => matvec_sweep::<K, D, 8>(group, n_records, acts, t, prefetch, g, store),
             }
             t += n;
         }

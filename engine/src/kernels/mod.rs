@@ -609,8 +609,8 @@ const MIN_WORK_PER_THREAD: usize = 64 * 1024;
 /// hot at a time (see `run_quantized`): two of these fit a 1 MB L2 with room to spare.
 const L2_BLOCK_BYTES: usize = 192 * 1024;
 /// The most tokens the x86 paths send through the interleaved mat-vec (decode steps of up to
-/// eight sequences, in sweeps of four or two over records unpacked in registers); beyond, the
-/// prefill tile over groups unpacked once per call costs less.
+/// eight sequences, in sweeps of eight (AVX-512) or four (AVX2) over records unpacked in
+/// registers); beyond, the prefill tile over groups unpacked once per call costs less.
 #[cfg(target_arch = "x86_64")]
 const MAX_MATVEC_TOKENS: usize = 8;
 /// Parts per thread a shared matmul is split into.
