@@ -58,7 +58,8 @@ pub(crate) trait LaneDot {
     const WIDE_SWEEPS: bool;
     /// The most tokens a sweep of the interleaved mat-vec takes: each sweep unpacks every
     /// record again, so a batched decode step of up to eight sequences is one sweep on
-    /// AVX-512 and two on AVX2 (where more accumulators than four tokens' spill).
+    /// AVX-512 and two on AVX2 (whose 16 registers hold four tokens' accumulators beside the
+    /// weights; eight measured no faster).
     const MATVEC_SWEEP: usize;
     /// The chunk's weight groups as this instruction set multiplies them, once per chunk for
     /// all tokens of a sweep: for VNNI, unsigned bytes `q + 128` for signed quants and
@@ -486,7 +487,11 @@ impl<const FIFTH: bool> LaneRecord for KQuant<FIFTH> {
         split: false,
         offsets: true,
         offset_multiple: 0,
-        quant_bits: if FIFTH { 5 } else { 4 },
+        quant_bits: quant_bits(if FIFTH {
+            GgmlType::Q5_K
+        } else {
+            GgmlType::Q4_K
+        }),
     };
     const PREFETCH: Prefetch = Prefetch::L2;
     /// `d`, `dmin` and the transposed packed scale bytes.
