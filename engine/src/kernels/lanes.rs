@@ -803,7 +803,7 @@ macro_rules! lane_entries {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $tile(
             kind: KindFlags,
-            group: (&[u8], &[Lanes8], &[Lanes8]),
+            group: DecodedGroup,
             acts: &QuantizedActivations,
             tokens: std::ops::Range<usize>,
             out: &mut [[f32; GROUP_ROWS]],
@@ -1007,6 +1007,10 @@ unsafe fn unpack_records<K: LaneRecord>(
     }
 }
 
+/// One group's unpacked chunks as the prefill tile reads them: quants, and each half's scales
+/// and offsets.
+pub(crate) type DecodedGroup<'a> = (&'a [u8], &'a [Lanes8], &'a [Lanes8]);
+
 /// The prefill tile (see `lane_entries!`) for one instruction set.
 ///
 /// # Safety
@@ -1014,10 +1018,26 @@ unsafe fn unpack_records<K: LaneRecord>(
 #[inline(always)]
 unsafe fn tile_decoded<D: LaneDot>(
     kind: KindFlags,
-    (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
+    group: DecodedGroup,
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
     out: &mut [[f32; GROUP_ROWS]],
+) {
+    check_tile_inputs(kind, group, acts, &tokens, out.len());
+    with_chunk_kind!(kind, |KIND| {
+        tile_sweeps::<D>(KIND, group, acts, tokens, out)
+    })
+}
+
+/// Panics unless `group` holds `acts.n_chunks` chunks (with offsets where the type has them),
+/// `acts` holds the tokens `tokens` with their sums, and `out_len` outputs cover them: what
+/// the tiles rely on (a failure is a caller's bug).
+fn check_tile_inputs(
+    kind: KindFlags,
+    (q, scales, offsets): DecodedGroup,
+    acts: &QuantizedActivations,
+    tokens: &std::ops::Range<usize>,
+    out_len: usize,
 ) {
     let nc = acts.n_chunks;
     assert!(
@@ -1027,13 +1047,9 @@ unsafe fn tile_decoded<D: LaneDot>(
             && acts.q.len() >= tokens.end * nc
             && acts.d.len() >= tokens.end * nc
             && acts.half_sums.len() >= tokens.end * nc
-            && out.len() >= tokens.len()
+            && out_len >= tokens.len()
     );
     check_chunk_sums(acts, tokens.end);
-    let group = (q, scales, offsets);
-    with_chunk_kind!(kind, |KIND| {
-        tile_sweeps::<D>(KIND, group, acts, tokens, out)
-    })
 }
 
 /// The tile's sweeps for one kind of chunk.
@@ -1043,7 +1059,7 @@ unsafe fn tile_decoded<D: LaneDot>(
 #[inline(always)]
 unsafe fn tile_sweeps<D: LaneDot>(
     kind: ChunkKind,
-    group: (&[u8], &[Lanes8], &[Lanes8]),
+    group: DecodedGroup,
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
     out: &mut [[f32; GROUP_ROWS]],
@@ -1069,45 +1085,22 @@ unsafe fn tile_sweeps<D: LaneDot>(
 #[inline(always)]
 unsafe fn tile_sweep<D: LaneDot, const NT: usize>(
     kind: ChunkKind,
-    (q, scales, offsets): (&[u8], &[Lanes8], &[Lanes8]),
+    group: DecodedGroup,
     acts: &QuantizedActivations,
     t0: usize,
     out: &mut [[f32; GROUP_ROWS]],
 ) {
     let nc = acts.n_chunks;
     let mut acc = [[_mm256_setzero_ps(); 2]; NT];
-    let (qp, sp, op) = (q.as_ptr(), scales.as_ptr(), offsets.as_ptr());
     for c in 0..nc {
-        let mut chunk = LaneChunk {
-            q: [_mm256_setzero_si256(); 8],
-            // SAFETY: both halves' scales of chunk c exist (checked by the caller).
-            scale: [
-                _mm256_load_ps(sp.add(2 * c).cast()),
-                _mm256_load_ps(sp.add(2 * c + 1).cast()),
-            ],
-            offset: [_mm256_setzero_ps(); 2],
-        };
-        if kind.offsets {
-            // SAFETY: as the scales, when the group has offsets.
-            chunk.offset = [
-                _mm256_load_ps(op.add(2 * c).cast()),
-                _mm256_load_ps(op.add(2 * c + 1).cast()),
-            ];
-        }
-        for (j, group) in chunk.q.iter_mut().enumerate() {
-            // SAFETY: chunk c's eight groups of 32 bytes exist (checked by the caller).
-            *group = _mm256_loadu_si256(qp.add(c * DECODED_GROUP_BYTES + 32 * j).cast());
-        }
+        // SAFETY: the group holds chunk c (checked by the caller).
+        let chunk = decoded_chunk(kind, group, c);
         accumulate_chunk::<D, NT>(kind, &chunk, acts, t0 * nc + c, nc, &mut acc);
     }
     for (acc, out) in acc.iter().zip(out.iter_mut()) {
         *out = lane_outputs(kind, acc);
     }
 }
-
-/// One group's unpacked chunks as the prefill tile reads them: quants, and each half's scales
-/// and offsets.
-pub(crate) type DecodedGroup<'a> = (&'a [u8], &'a [Lanes8], &'a [Lanes8]);
 
 /// Two groups (sixteen rows) × the tokens `tokens` of `acts`: the AVX-512 prefill tile with
 /// 512-bit registers, group `a`'s rows in the low eight lanes and `b`'s in the high eight.
@@ -1133,22 +1126,8 @@ pub(crate) unsafe fn tile_pair_vnni(
     tokens: std::ops::Range<usize>,
     out: (&mut [[f32; GROUP_ROWS]], &mut [[f32; GROUP_ROWS]]),
 ) {
-    let nc = acts.n_chunks;
-    for (q, scales, offsets) in [groups.0, groups.1] {
-        assert!(
-            q.len() >= nc * DECODED_GROUP_BYTES
-                && scales.len() >= 2 * nc
-                && (!kind.2 || offsets.len() >= 2 * nc)
-        );
-    }
-    assert!(
-        acts.q.len() >= tokens.end * nc
-            && acts.d.len() >= tokens.end * nc
-            && acts.half_sums.len() >= tokens.end * nc
-            && out.0.len() >= tokens.len()
-            && out.1.len() >= tokens.len()
-    );
-    check_chunk_sums(acts, tokens.end);
+    check_tile_inputs(kind, groups.0, acts, &tokens, out.0.len());
+    check_tile_inputs(kind, groups.1, acts, &tokens, out.1.len());
     with_chunk_kind!(kind, |KIND| {
         let mut t = tokens.start;
         while t < tokens.end {

@@ -395,10 +395,7 @@ mod avx2_twins {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn x86_paths_give_their_scalar_twins_bits() {
-    let paths: Vec<KernelPath> = [KernelPath::Avx2, KernelPath::Avx512]
-        .into_iter()
-        .filter(|p| p.is_available())
-        .collect();
+    let paths = available_x86_paths();
     if !KernelPath::Avx512.is_available() {
         eprintln!("skipped: this CPU has no AVX-512 (F, BW, VL, VNNI)");
     }
@@ -422,6 +419,15 @@ fn x86_paths_give_their_scalar_twins_bits() {
             }
         }
     }
+}
+
+/// The x86 paths (AVX2, AVX-512) this CPU has.
+#[cfg(target_arch = "x86_64")]
+fn available_x86_paths() -> Vec<KernelPath> {
+    [KernelPath::Avx2, KernelPath::Avx512]
+        .into_iter()
+        .filter(|p| p.is_available())
+        .collect()
 }
 
 /// For `x` (whole tokens of `w`'s columns) through the matrix `(rows, cols, data)` of type
@@ -485,10 +491,7 @@ fn assert_x86_paths_give_twin_bits(
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn largest_quants_and_activations_give_the_twins_bits() {
-    let paths: Vec<KernelPath> = [KernelPath::Avx2, KernelPath::Avx512]
-        .into_iter()
-        .filter(|p| p.is_available())
-        .collect();
+    let paths = available_x86_paths();
     let pools = [ThreadPool::new(1)];
     let (rows, cols) = (24, 512);
     for ty in QUANTIZED {
