@@ -20,6 +20,10 @@ reference figures in issue 3.
 
 With `--kernels avx512 avx2` egpu runs once per kernel path in every repetition (a column each,
 and which prefill tile kernel each path chose), so both paths and llama.cpp share one run.
+Add `--llama-bench-avx2 PATH` (a llama-bench built by `LLAMA_CPU=avx2 bench/build-llama-cpp.sh`,
+for a machine without AVX-512) and the avx2 column gets a second ratio, against that build in the
+same repetitions: how the two engines compare on an AVX2-only machine, which a machine with
+AVX-512 can only imitate (same cores, caches and clocks; no AVX-512 on either side).
 
 Prints a Markdown table for BENCHMARKS.md. Speed is measured here, never asserted in tests.
 """
@@ -102,14 +106,21 @@ def main() -> None:
     ap.add_argument("--binary", default=str(REPO / "target/release/examples/egpu_bench"))
     ap.add_argument("--llama-bench", metavar="PATH",
                     help="run llama.cpp's llama-bench tool; decode then starts from an empty context")
+    ap.add_argument("--llama-bench-avx2", metavar="PATH",
+                    help="also run this llama-bench (built with LLAMA_CPU=avx2) and give the avx2 "
+                         "column a ratio against it")
     ap.add_argument("--kernels", nargs="+", metavar="PATH",
                     help="run egpu once per kernel path (EGPU_KERNELS: avx512, avx2, portable, ...) "
                          "in the same repetitions, a column each; default: the best path only")
     args = ap.parse_args()
     paths = args.kernels or [None]
+    if args.llama_bench_avx2 and not (args.llama_bench and "avx2" in paths):
+        ap.error("--llama-bench-avx2 needs --llama-bench and --kernels with avx2")
 
     if args.llama_bench:
         engine = f"llama-bench {args.llama_bench}, decode from an empty context"
+        if args.llama_bench_avx2:
+            engine += f"; AVX2-only llama-bench {args.llama_bench_avx2}"
     else:
         import llama_cpp
         engine = f"llama-cpp-python {llama_cpp.__version__}, decode after the prompt"
@@ -118,12 +129,16 @@ def main() -> None:
     header = ["model", "threads", "test"]
     for path in paths:
         header += [f"egpu{f' ({path})' if path else ''} tok/s", "ratio"]
+        if path == "avx2" and args.llama_bench_avx2:
+            header.append("ratio to AVX2 llama.cpp")
     header.append("llama.cpp tok/s")
+    if args.llama_bench_avx2:
+        header.append("AVX2 llama.cpp tok/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for model in args.model:
         for threads in args.threads:
-            runs = {"llama.cpp": [], **{path: [] for path in paths}}
+            runs = {"llama.cpp": [], "llama.cpp avx2": [], **{path: [] for path in paths}}
             for _ in range(args.reps):
                 for path in paths:
                     runs[path].append(egpu_run(Path(args.binary), model, threads, args.prompt, args.gen,
@@ -131,15 +146,24 @@ def main() -> None:
                 if args.llama_bench:
                     runs["llama.cpp"].append(
                         llama_bench_run(args.llama_bench, model, threads, args.prompt, args.gen))
+                    if args.llama_bench_avx2:
+                        runs["llama.cpp avx2"].append(llama_bench_run(
+                            args.llama_bench_avx2, model, threads, args.prompt, args.gen))
                 else:
                     runs["llama.cpp"].append(llamacpp_run(model, threads, args.prompt, args.gen))
             for key, label in [("prefill_tok_s", f"pp{args.prompt}"), ("decode_tok_s", f"tg{args.gen}")]:
                 theirs = statistics.median(r[key] for r in runs["llama.cpp"])
                 cells = [Path(model).name, str(threads), label]
+                theirs_avx2 = (statistics.median(r[key] for r in runs["llama.cpp avx2"])
+                               if args.llama_bench_avx2 else None)
                 for path in paths:
                     ours = statistics.median(r[key] for r in runs[path])
                     cells += [f"{ours:.1f}", f"{ours / theirs:.2f}×"]
+                    if path == "avx2" and theirs_avx2:
+                        cells.append(f"{ours / theirs_avx2:.2f}×")
                 cells.append(f"{theirs:.1f}")
+                if theirs_avx2:
+                    cells.append(f"{theirs_avx2:.1f}")
                 print("| " + " | ".join(cells) + " |")
                 sys.stdout.flush()
     tiles = {path or "best": r.get("tile", "?") for path in paths for r in runs[path][:1]}

@@ -9,6 +9,8 @@
 # Types the worker's synthesizer writes (egpu_worker.synth) are written directly; Q2_K and
 # Q3_K_S are the Q4_K file requantized by llama.cpp's llama-quantize (--pure: every matrix).
 # The files (0.5-0.9 GB each) go to target/bench-models/ and are kept for later runs.
+# Where the arguments name the avx2 kernel path, an AVX2-only llama-bench is built too
+# (LLAMA_CPU=avx2) and the avx2 column gets a ratio against it (bench.py --llama-bench-avx2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/bench-models
@@ -31,5 +33,10 @@ models=()
 for t in "${synth_types[@]}" "${requantized_types[@]}"; do
     models+=(--model "$out/llama1b-$t.gguf")
 done
+avx2_args=()
+if [[ " $* " == *" avx2 "* ]]; then
+    avx2_bin=$(LLAMA_CPU=avx2 bench/build-llama-cpp.sh target/llama-bench llama-bench)
+    avx2_args=(--llama-bench-avx2 "$avx2_bin/llama-bench")
+fi
 python3 bench/bench.py "${models[@]}" --threads 2 --prompt 512 --gen 64 \
-    --llama-bench "$bin/llama-bench" "$@"
+    --llama-bench "$bin/llama-bench" "${avx2_args[@]}" "$@"
