@@ -263,10 +263,17 @@ fn sum_strip<const R: usize>(
 }
 
 /// One block of online softmax for one query row: turns the block's scores `s` into weights
-/// `super::math::exp(s − max)` against the running maximum (raising it, and rescaling the output `oh` and
-/// the running `sum` accumulated so far, when the block holds a larger score) and adds them to
-/// `sum`. Returns the weights, for the caller's weighted sum of the block's values. Runs as
-/// [`online_softmax_step`] compiles it for this CPU (the same bits).
+/// `super::math::exp(s − max)` against the running maximum (raising it, and rescaling the
+/// output `oh` and the running `sum` accumulated so far, when the block holds a larger score)
+/// and adds them to `sum`. Returns the weights, for the caller's weighted sum of the block's
+/// values. Runs as [`online_softmax_step`] compiles it for this CPU (the same bits).
+///
+/// The block's maximum and the sum of its weights are taken over [`SOFTMAX_LANES`] interleaved
+/// lanes (element `i` into lane `i % 8`), then the lanes are added in a fixed tree, so that
+/// both vectorize: summed in order, one add at a time, the weights' sum was a chain of
+/// dependent adds that cost more than the exponentials and about a quarter of a prompt's
+/// attention. The order depends only on the row's own scores, so a query's result still does
+/// not depend on its batch.
 #[inline(always)]
 pub(crate) fn online_softmax_step_body<'s>(
     s: &'s mut [f32],
@@ -274,9 +281,25 @@ pub(crate) fn online_softmax_step_body<'s>(
     sum: &mut f32,
     oh: &mut [f32],
 ) -> &'s [f32] {
-    let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    const L: usize = SOFTMAX_LANES;
+    // `f32::max` ignores NaN and is otherwise exact, so any order gives the same maximum.
+    let mut lane_max = [f32::NEG_INFINITY; L];
+    let mut chunks = s.chunks_exact(L);
+    for chunk in &mut chunks {
+        for (m, &v) in lane_max.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    for (m, &v) in lane_max.iter_mut().zip(chunks.remainder()) {
+        *m = m.max(v);
+    }
+    let block_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let new_max = max.max(block_max);
-    if new_max > *max {
+    if *max == f32::NEG_INFINITY {
+        // The row's first block: nothing accumulated yet (`sum` and `oh` are zero), so there
+        // is nothing to rescale.
+        *max = new_max;
+    } else if new_max > *max {
         // Rescale what was accumulated against the old maximum.
         let factor = super::math::exp(*max - new_max);
         *sum *= factor;
@@ -285,12 +308,26 @@ pub(crate) fn online_softmax_step_body<'s>(
         }
         *max = new_max;
     }
-    for s in s.iter_mut() {
-        *s = super::math::exp(*s - new_max);
+    for v in s.iter_mut() {
+        *v = super::math::exp(*v - new_max);
     }
-    *sum += s.iter().sum::<f32>();
+    let mut lane_sum = [0f32; L];
+    let mut chunks = s.chunks_exact(L);
+    for chunk in &mut chunks {
+        for (acc, &v) in lane_sum.iter_mut().zip(chunk) {
+            *acc += v;
+        }
+    }
+    for (acc, &v) in lane_sum.iter_mut().zip(chunks.remainder()) {
+        *acc += v;
+    }
+    let [a, b, c, d, e, f, g, h] = lane_sum;
+    *sum += ((a + b) + (c + d)) + ((e + f) + (g + h));
     s
 }
+
+/// Lanes of [`online_softmax_step_body`]'s maximum and sum: one 256-bit register of f32.
+const SOFTMAX_LANES: usize = 8;
 
 /// Whether [`scores_transposed_f16`] and [`weighted_sum_f16`] have a kernel on this CPU that
 /// widens as it reads. Where they do not, widening a block once with [`widen_f16`] and using the

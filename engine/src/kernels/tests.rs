@@ -943,13 +943,20 @@ fn interleaved_layout_gives_bit_identical_results_on_every_path() {
 
 /// The attention kernels that read the f16 cache directly give the bits of widening first and
 /// running the f32 bodies, on every path (the AVX2 kernels and their scalar twins), including
-/// ragged key counts and value widths that are not multiples of eight.
+/// ragged key counts and value widths that are not multiples of eight. Fewer than eight keys
+/// are scored eight columns at a time from within each row of keys (columns `3..3 + n` of
+/// rows of `n + 5`: from the first key for `n` = 7, from before it for 3 and 5), or one at a
+/// time where a row is narrower than eight (`n` = 1, 2).
 #[test]
 fn f16_attention_kernels_equal_widening_first() {
     let mut rng = Rng(8);
     for (rows, dim, n) in [
         (3, 64, 64),
         (1, 64, 1),
+        (2, 16, 2),
+        (3, 64, 3),
+        (4, 256, 5),
+        (6, 32, 7),
         (5, 48, 19),
         (4, 128, 37),
         (2, 20, 11),
