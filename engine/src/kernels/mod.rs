@@ -736,6 +736,53 @@ impl SharedOutput {
             std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(index), values.len())
         };
     }
+
+    /// Stores the first `n_rows` values of each of `tile`'s rows, row `j` at
+    /// `first + j · stride` (bounds-checked): a prefill tile's outputs for one group of rows, a
+    /// row per token. Where the group is whole, each row is one store of known length: as
+    /// [`Self::write_run`]'s `memcpy` calls of 32 bytes they cost 5% of a prompt.
+    ///
+    /// # Safety
+    /// As [`Self::write`], for every index written.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn write_group_rows(
+        &self,
+        first: usize,
+        stride: usize,
+        tile: &[[f32; interleaved::GROUP_ROWS]],
+        n_rows: usize,
+    ) {
+        const G: usize = interleaved::GROUP_ROWS;
+        let Some(last) = tile.len().checked_sub(1) else {
+            return;
+        };
+        let end = last
+            .checked_mul(stride)
+            .and_then(|v| v.checked_add(first))
+            .and_then(|v| v.checked_add(n_rows));
+        assert!(
+            n_rows <= G && end.is_some_and(|end| end <= self.len),
+            "output rows {first}+{last}×{stride}..+{n_rows} out of {}",
+            self.len
+        );
+        if n_rows == G {
+            for (j, row) in tile.iter().enumerate() {
+                // SAFETY: in bounds (checked above), exclusive to this thread per the
+                // contract, and `tile` cannot overlap the exclusively borrowed output.
+                unsafe {
+                    self.ptr
+                        .add(first + j * stride)
+                        .cast::<[f32; G]>()
+                        .write_unaligned(*row)
+                };
+            }
+        } else {
+            for (j, row) in tile.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { self.write_run(first + j * stride, &row[..n_rows]) };
+            }
+        }
+    }
 }
 
 /// Quantizes `x` into `acts`, splitting tokens across the pool when there are many.
@@ -1145,12 +1192,10 @@ fn run_quantized_in_lanes(
                             let g = block.start + k + i;
                             // The group's rows that exist (a last group may be padded).
                             let n_rows = G.min(rows - g * G);
-                            for (j, tile_row) in tile.iter().enumerate() {
-                                let at = (tokens.start + j) * rows + g * G;
-                                // SAFETY: the rows of this part's groups belong to it alone
-                                // (`split` is a partition).
-                                unsafe { out.write_run(at, &tile_row[..n_rows]) };
-                            }
+                            let first = tokens.start * rows + g * G;
+                            // SAFETY: the rows of this part's groups belong to it alone
+                            // (`split` is a partition).
+                            unsafe { out.write_group_rows(first, rows, tile, n_rows) };
                         }
                         k += groups;
                     }
