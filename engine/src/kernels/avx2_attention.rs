@@ -142,7 +142,12 @@ unsafe fn score_last_keys<const R: usize>(
         score_run::<R, 1>((q, dim, kt, stride, start, scale), &mut run, 8, 0);
         let lane = first_col - start;
         for r in 0..R {
-            out[r * n..r * n + n].copy_from_slice(&run[r * 8 + lane..r * 8 + lane + n]);
+            // Element by element, up to a fixed eight: a copy of `n` would call `memcpy`.
+            for i in 0..8 {
+                if i < n {
+                    out[r * n + i] = run[r * 8 + lane + i];
+                }
+            }
         }
         return;
     }
