@@ -432,6 +432,12 @@ pub fn weighted_sum_rows_f16_with_path(
     xs: &[half::f16],
     dim: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx512 && path.is_available() {
+        // SAFETY: the AVX-512 path is available; the kernel checks the shapes.
+        unsafe { avx2_attention::weighted_sum_rows_f16_wide(ys, ws, xs, dim) };
+        return;
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.

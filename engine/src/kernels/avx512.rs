@@ -4,7 +4,8 @@
 //! The AVX-512 path runs the quantized kernels of `super::lanes` with VNNI's `vpdpbusd` as
 //! their byte dot product (the AVX2 path runs the same kernels with `maddubs`; the integer sums
 //! are exact either way, so both paths give the same bits), and the AVX2 code for everything
-//! else (decoding, quantizing activations, attention) but this float tile.
+//! else (decoding, quantizing activations, attention) but this float tile and the weighted sum
+//! of many attention rows (`avx2_attention::weighted_sum_rows_f16_wide`).
 //!
 //! Every function here is `unsafe` because it must only run where [`available`] is true.
 #![allow(unsafe_code)]

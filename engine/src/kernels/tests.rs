@@ -830,11 +830,19 @@ fn attention_kernels_are_bit_identical_on_every_path() {
 /// The weighted sums of several rows at once (a prompt's query heads and tokens that see the
 /// same keys) give each row the bits of summing it alone, on every path, with f32 and with f16
 /// values: row counts that leave partial groups of four, widths that leave columns past the
-/// last eight, key counts that leave a tail past the last four.
+/// last eight (or, on AVX-512, past the last sixteen: eight and more for 40, fewer for 36),
+/// key counts that leave a tail past the last four.
 #[test]
 fn weighted_sums_of_many_rows_equal_one_row_at_a_time() {
     let mut rng = Rng(9);
-    for (rows, dim, n) in [(1, 8, 4), (4, 256, 64), (7, 36, 13), (12, 64, 3), (9, 5, 9)] {
+    for (rows, dim, n) in [
+        (1, 8, 4),
+        (4, 256, 64),
+        (7, 36, 13),
+        (3, 40, 10),
+        (12, 64, 3),
+        (9, 5, 9),
+    ] {
         let half = |v: Vec<f32>| v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>();
         let values16 = half(random_activations(&mut rng, n * dim));
         let values: Vec<f32> = values16.iter().map(|x| x.to_f32()).collect();
