@@ -347,10 +347,10 @@ unsafe fn sum_columns_from(
             let nr = (rows - r0).min(4);
             let (ys, ws) = (&mut ys[r0 * dim..], &ws[r0 * n..(r0 + nr) * n]);
             match nr {
-                1 => sum_strip::<1>(ys, ws, xs, dim, n, c),
-                2 => sum_strip::<2>(ys, ws, xs, dim, n, c),
-                3 => sum_strip::<3>(ys, ws, xs, dim, n, c),
-                _ => sum_strip::<4>(ys, ws, xs, dim, n, c),
+                1 => sum_strip::<__m256, 1>(ys, ws, xs, dim, n, c),
+                2 => sum_strip::<__m256, 2>(ys, ws, xs, dim, n, c),
+                3 => sum_strip::<__m256, 3>(ys, ws, xs, dim, n, c),
+                _ => sum_strip::<__m256, 4>(ys, ws, xs, dim, n, c),
             }
             r0 += nr;
         }
@@ -363,10 +363,78 @@ unsafe fn sum_columns_from(
     }
 }
 
+/// A register of f32 lanes for [`sum_strip`]: 256-bit on AVX2, 512-bit on AVX-512.
+trait F32Lanes: Copy {
+    /// As many f16 at `p` as the register has lanes, widened.
+    unsafe fn widen(p: *const f16) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `*p` in every lane.
+    unsafe fn splat(p: *const f32) -> Self;
+    unsafe fn mul(self, other: Self) -> Self;
+    unsafe fn add(self, other: Self) -> Self;
+}
+
+impl F32Lanes for __m256 {
+    #[inline(always)]
+    unsafe fn widen(p: *const f16) -> Self {
+        widen8(p)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self)
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        _mm256_broadcast_ss(&*p)
+    }
+    #[inline(always)]
+    unsafe fn mul(self, other: Self) -> Self {
+        _mm256_mul_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        _mm256_add_ps(self, other)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl F32Lanes for __m512 {
+    #[inline(always)]
+    unsafe fn widen(p: *const f16) -> Self {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self)
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        _mm512_set1_ps(*p)
+    }
+    #[inline(always)]
+    unsafe fn mul(self, other: Self) -> Self {
+        _mm512_mul_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        _mm512_add_ps(self, other)
+    }
+}
+
 /// [`weighted_sum_rows_f16`] for exactly `R` rows (`ws` holds their `n` weights each) and the
-/// eight columns from `c` (bounds checked by the caller).
+/// columns of one register from `c`, eight or sixteen (bounds checked by the caller). Each lane performs
+/// `attention::weighted_sum`'s operations for its column, whatever the register width.
 #[inline(always)]
-unsafe fn sum_strip<const R: usize>(
+unsafe fn sum_strip<V: F32Lanes, const R: usize>(
     ys: &mut [f32],
     ws: &[f32],
     xs: &[f16],
@@ -375,40 +443,37 @@ unsafe fn sum_strip<const R: usize>(
     c: usize,
 ) {
     let (yp, wp, xp) = (ys.as_mut_ptr(), ws.as_ptr(), xs.as_ptr().add(c));
-    let mut acc = [_mm256_setzero_ps(); R];
-    for (r, acc) in acc.iter_mut().enumerate() {
-        // SAFETY: row r's outputs c..c + 8 lie within `ys`.
-        *acc = _mm256_loadu_ps(yp.add(r * dim + c));
-    }
-    // SAFETY (all loads below): value row j has `dim` values from `j · dim`, `c + 8 <= dim` and
-    // j < n, so every load is within `xs`; weight (r, j) is at r · n + j < ws.len().
+    // SAFETY: row r's outputs from c, one register's worth, lie within `ys`.
+    let mut acc: [V; R] = std::array::from_fn(|r| V::load(yp.add(r * dim + c)));
+    // SAFETY (all loads below): value row j has `dim` values from `j · dim`,
+    // one register's columns from c lie within `dim` and j < n, so every load is within `xs`; weight (r, j) is at
+    // r · n + j < ws.len().
     let fours = n / 4 * 4;
     let mut j = 0;
     while j < fours {
         let at = xp.add(j * dim);
-        let (a, b) = (widen8(at), widen8(at.add(dim)));
-        let (x2, x3) = (widen8(at.add(2 * dim)), widen8(at.add(3 * dim)));
+        let (a, b) = (V::widen(at), V::widen(at.add(dim)));
+        let (x2, x3) = (V::widen(at.add(2 * dim)), V::widen(at.add(3 * dim)));
         for (r, acc) in acc.iter_mut().enumerate() {
             let w = wp.add(r * n + j);
-            let mut t = _mm256_mul_ps(_mm256_broadcast_ss(&*w), a);
-            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_broadcast_ss(&*w.add(1)), b));
-            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_broadcast_ss(&*w.add(2)), x2));
-            t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_broadcast_ss(&*w.add(3)), x3));
-            *acc = _mm256_add_ps(*acc, t);
+            let mut t = V::splat(w).mul(a);
+            t = t.add(V::splat(w.add(1)).mul(b));
+            t = t.add(V::splat(w.add(2)).mul(x2));
+            t = t.add(V::splat(w.add(3)).mul(x3));
+            *acc = acc.add(t);
         }
         j += 4;
     }
     while j < n {
-        let x = widen8(xp.add(j * dim));
+        let x = V::widen(xp.add(j * dim));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let wj = _mm256_broadcast_ss(&*wp.add(r * n + j));
-            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(wj, x));
+            *acc = acc.add(V::splat(wp.add(r * n + j)).mul(x));
         }
         j += 1;
     }
     for (r, acc) in acc.iter().enumerate() {
         // SAFETY: as the loads above.
-        _mm256_storeu_ps(yp.add(r * dim + c), *acc);
+        acc.store(yp.add(r * dim + c));
     }
 }
 
@@ -438,10 +503,10 @@ pub(crate) unsafe fn weighted_sum_rows_f16_wide(
             let nr = (rows - r0).min(4);
             let (ys, ws) = (&mut ys[r0 * dim..], &ws[r0 * n..(r0 + nr) * n]);
             match nr {
-                1 => sum_strip_wide::<1>(ys, ws, xs, dim, n, c),
-                2 => sum_strip_wide::<2>(ys, ws, xs, dim, n, c),
-                3 => sum_strip_wide::<3>(ys, ws, xs, dim, n, c),
-                _ => sum_strip_wide::<4>(ys, ws, xs, dim, n, c),
+                1 => sum_strip::<__m512, 1>(ys, ws, xs, dim, n, c),
+                2 => sum_strip::<__m512, 2>(ys, ws, xs, dim, n, c),
+                3 => sum_strip::<__m512, 3>(ys, ws, xs, dim, n, c),
+                _ => sum_strip::<__m512, 4>(ys, ws, xs, dim, n, c),
             }
             r0 += nr;
         }
@@ -449,58 +514,4 @@ pub(crate) unsafe fn weighted_sum_rows_f16_wide(
     }
     // The last columns (fewer than sixteen) as the AVX2 kernel does them.
     sum_columns_from(ys, ws, xs, dim, rows, n, c);
-}
-
-/// Sixteen f16 at `p`, widened.
-#[inline(always)]
-unsafe fn widen16(p: *const f16) -> __m512 {
-    // SAFETY: the caller guarantees 16 readable values at `p`.
-    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
-}
-
-/// [`sum_strip`] for sixteen columns from `c` in 512-bit registers.
-#[inline(always)]
-unsafe fn sum_strip_wide<const R: usize>(
-    ys: &mut [f32],
-    ws: &[f32],
-    xs: &[f16],
-    dim: usize,
-    n: usize,
-    c: usize,
-) {
-    let (yp, wp, xp) = (ys.as_mut_ptr(), ws.as_ptr(), xs.as_ptr().add(c));
-    let mut acc = [_mm512_setzero_ps(); R];
-    for (r, acc) in acc.iter_mut().enumerate() {
-        // SAFETY: row r's outputs c..c + 16 lie within `ys`.
-        *acc = _mm512_loadu_ps(yp.add(r * dim + c));
-    }
-    // SAFETY (all loads below): as `sum_strip`'s, for sixteen columns with c + 16 <= dim.
-    let fours = n / 4 * 4;
-    let mut j = 0;
-    while j < fours {
-        let at = xp.add(j * dim);
-        let (a, b) = (widen16(at), widen16(at.add(dim)));
-        let (x2, x3) = (widen16(at.add(2 * dim)), widen16(at.add(3 * dim)));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let w = wp.add(r * n + j);
-            let mut t = _mm512_mul_ps(_mm512_set1_ps(*w), a);
-            t = _mm512_add_ps(t, _mm512_mul_ps(_mm512_set1_ps(*w.add(1)), b));
-            t = _mm512_add_ps(t, _mm512_mul_ps(_mm512_set1_ps(*w.add(2)), x2));
-            t = _mm512_add_ps(t, _mm512_mul_ps(_mm512_set1_ps(*w.add(3)), x3));
-            *acc = _mm512_add_ps(*acc, t);
-        }
-        j += 4;
-    }
-    while j < n {
-        let x = widen16(xp.add(j * dim));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let wj = _mm512_set1_ps(*wp.add(r * n + j));
-            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(wj, x));
-        }
-        j += 1;
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: as the loads above.
-        _mm512_storeu_ps(yp.add(r * dim + c), *acc);
-    }
 }
