@@ -82,7 +82,7 @@ fn main() {
     for _ in 0..reps {
         for n in 1..=KEY_BLOCK {
             let s = &mut scores[..group * n];
-            let (mut max, mut sum) = ([f32::NEG_INFINITY; 64], [0f32; 64]);
+            let (mut max, mut sum) = (vec![f32::NEG_INFINITY; group], vec![0f32; group]);
             let t0 = Instant::now();
             scores_transposed_f16(q1, dim, &keys, KEY_BLOCK, 0..n, scale, s);
             let t1 = Instant::now();

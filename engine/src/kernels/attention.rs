@@ -266,7 +266,9 @@ fn sum_strip<const R: usize>(
 /// `super::math::exp(s − max)` against the running maximum (raising it, and rescaling the
 /// output `oh` and the running `sum` accumulated so far, when the block holds a larger score)
 /// and adds them to `sum`. Returns the weights, for the caller's weighted sum of the block's
-/// values. Runs as [`online_softmax_step`] compiles it for this CPU (the same bits).
+/// values. Runs as [`online_softmax_step`] compiles it for this CPU (the same bits). A running
+/// maximum of −∞ marks a row's first block, whose `sum` and `oh` must be zero: they are left
+/// as they are rather than rescaled.
 ///
 /// The block's maximum and the sum of its weights are taken over [`SOFTMAX_LANES`] interleaved
 /// lanes (element `i` into lane `i % 8`), then the lanes are added in a fixed tree, so that

@@ -118,7 +118,7 @@ unsafe fn score_rest<const R: usize>(args: ScoreArgs<'_>, out: &mut [f32], n: us
 
 /// Scores of exactly `R` rows against the last `n − j` keys (fewer than eight), eight keys at
 /// a time all the same: one key at a time, each score's chain of `dim` dependent adds ran
-/// alone, about a quarter of the time of a prompt's scores and most of a decode step's.
+/// alone, about a quarter of a SmolLM2 prompt's time in the scores (`perf`).
 /// - With eight keys or more in all, the run of the last eight: it scores some keys again,
 ///   with the same operations, so they get the same bits again.
 /// - Otherwise, eight columns of `kt` around the keys, where each row holds them (the KV
@@ -363,7 +363,9 @@ unsafe fn sum_columns_from(
     }
 }
 
-/// A register of f32 lanes for [`sum_strip`]: 256-bit on AVX2, 512-bit on AVX-512.
+/// A register of f32 lanes for [`sum_strip`]: 256-bit on AVX2, 512-bit on AVX-512. The methods
+/// are `unsafe` as the intrinsics are: the caller runs them where the instruction set is
+/// available, with pointers valid for one register's lanes.
 trait F32Lanes: Copy {
     /// As many f16 at `p` as the register has lanes, widened.
     unsafe fn widen(p: *const f16) -> Self;
@@ -431,8 +433,8 @@ impl F32Lanes for __m512 {
 }
 
 /// [`weighted_sum_rows_f16`] for exactly `R` rows (`ws` holds their `n` weights each) and the
-/// columns of one register from `c`, eight or sixteen (bounds checked by the caller). Each lane performs
-/// `attention::weighted_sum`'s operations for its column, whatever the register width.
+/// columns of one register from `c`, eight or sixteen (bounds checked by the caller). Each
+/// lane performs `attention::weighted_sum`'s operations for its column, whatever the width.
 #[inline(always)]
 unsafe fn sum_strip<V: F32Lanes, const R: usize>(
     ys: &mut [f32],
@@ -483,6 +485,7 @@ unsafe fn sum_strip<V: F32Lanes, const R: usize>(
 ///
 /// # Safety
 /// The CPU must pass `avx512::available`. Shapes are checked (a mismatch panics).
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn weighted_sum_rows_f16_wide(
     ys: &mut [f32],
