@@ -339,23 +339,9 @@ unsafe fn sum_columns_from(
     dim: usize,
     rows: usize,
     n: usize,
-    mut c: usize,
+    c: usize,
 ) {
-    while c + 8 <= dim {
-        let mut r0 = 0;
-        while r0 < rows {
-            let nr = (rows - r0).min(4);
-            let (ys, ws) = (&mut ys[r0 * dim..], &ws[r0 * n..(r0 + nr) * n]);
-            match nr {
-                1 => sum_strip::<__m256, 1>(ys, ws, xs, dim, n, c),
-                2 => sum_strip::<__m256, 2>(ys, ws, xs, dim, n, c),
-                3 => sum_strip::<__m256, 3>(ys, ws, xs, dim, n, c),
-                _ => sum_strip::<__m256, 4>(ys, ws, xs, dim, n, c),
-            }
-            r0 += nr;
-        }
-        c += 8;
-    }
+    let c = strips_from::<__m256>(ys, ws, xs, dim, rows, n, c);
     for i in c..dim {
         for (y, w) in ys.chunks_exact_mut(dim).zip(ws.chunks_exact(n.max(1))) {
             one_output(&mut y[i], w, xs, dim, i);
@@ -363,10 +349,42 @@ unsafe fn sum_columns_from(
     }
 }
 
+/// Strips of `V`'s width from column `c` while whole ones fit, rows four at a time (shapes
+/// checked by the caller); returns the first column left.
+#[inline(always)]
+unsafe fn strips_from<V: F32Lanes>(
+    ys: &mut [f32],
+    ws: &[f32],
+    xs: &[f16],
+    dim: usize,
+    rows: usize,
+    n: usize,
+    mut c: usize,
+) -> usize {
+    while c + V::LANES <= dim {
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(4);
+            let (ys, ws) = (&mut ys[r0 * dim..], &ws[r0 * n..(r0 + nr) * n]);
+            match nr {
+                1 => sum_strip::<V, 1>(ys, ws, xs, dim, n, c),
+                2 => sum_strip::<V, 2>(ys, ws, xs, dim, n, c),
+                3 => sum_strip::<V, 3>(ys, ws, xs, dim, n, c),
+                _ => sum_strip::<V, 4>(ys, ws, xs, dim, n, c),
+            }
+            r0 += nr;
+        }
+        c += V::LANES;
+    }
+    c
+}
+
 /// A register of f32 lanes for [`sum_strip`]: 256-bit on AVX2, 512-bit on AVX-512. The methods
 /// are `unsafe` as the intrinsics are: the caller runs them where the instruction set is
 /// available, with pointers valid for one register's lanes.
 trait F32Lanes: Copy {
+    /// Columns per register.
+    const LANES: usize;
     /// As many f16 at `p` as the register has lanes, widened.
     unsafe fn widen(p: *const f16) -> Self;
     unsafe fn load(p: *const f32) -> Self;
@@ -378,6 +396,7 @@ trait F32Lanes: Copy {
 }
 
 impl F32Lanes for __m256 {
+    const LANES: usize = 8;
     #[inline(always)]
     unsafe fn widen(p: *const f16) -> Self {
         widen8(p)
@@ -406,6 +425,7 @@ impl F32Lanes for __m256 {
 
 #[cfg(target_arch = "x86_64")]
 impl F32Lanes for __m512 {
+    const LANES: usize = 16;
     #[inline(always)]
     unsafe fn widen(p: *const f16) -> Self {
         _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
@@ -433,7 +453,7 @@ impl F32Lanes for __m512 {
 }
 
 /// [`weighted_sum_rows_f16`] for exactly `R` rows (`ws` holds their `n` weights each) and the
-/// columns of one register from `c`, eight or sixteen (bounds checked by the caller). Each
+/// `V::LANES` columns from `c`, eight or sixteen (bounds checked by the caller). Each
 /// lane performs `attention::weighted_sum`'s operations for its column, whatever the width.
 #[inline(always)]
 unsafe fn sum_strip<V: F32Lanes, const R: usize>(
@@ -499,22 +519,7 @@ pub(crate) unsafe fn weighted_sum_rows_f16_wide(
     }
     let n = ws.len() / rows;
     assert!(ys.len() == rows * dim && ws.len() == rows * n && xs.len() == n * dim);
-    let mut c = 0;
-    while c + 16 <= dim {
-        let mut r0 = 0;
-        while r0 < rows {
-            let nr = (rows - r0).min(4);
-            let (ys, ws) = (&mut ys[r0 * dim..], &ws[r0 * n..(r0 + nr) * n]);
-            match nr {
-                1 => sum_strip::<__m512, 1>(ys, ws, xs, dim, n, c),
-                2 => sum_strip::<__m512, 2>(ys, ws, xs, dim, n, c),
-                3 => sum_strip::<__m512, 3>(ys, ws, xs, dim, n, c),
-                _ => sum_strip::<__m512, 4>(ys, ws, xs, dim, n, c),
-            }
-            r0 += nr;
-        }
-        c += 16;
-    }
+    let c = strips_from::<__m512>(ys, ws, xs, dim, rows, n, 0);
     // The last columns (fewer than sixteen) as the AVX2 kernel does them.
     sum_columns_from(ys, ws, xs, dim, rows, n, c);
 }
