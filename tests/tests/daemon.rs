@@ -392,6 +392,17 @@ async fn eviction_lru_pinned_busy_and_impossible() {
     assert_eq!(resident_names(&mut client).await, ["d", "pinned"]);
 }
 
+/// A greedy request that decodes all `tokens` tokens, past any end-of-generation token: how
+/// long it holds its slot then does not depend on where the model's greedy text ends (a change
+/// in the last bits of the logits moved that end for this prompt, and the queue drained faster
+/// than this test filled it).
+fn long_request(model: &str, tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        stop_at_eos: Some(false),
+        ..greedy(model, "Tell me a long story.", tokens)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_does_not_starve_another() {
     let daemon = TestDaemon::start(&["--max-queue", "24"]);
@@ -401,10 +412,12 @@ async fn a_flooding_client_does_not_starve_another() {
     // The flood's first request holds the only slot until this test lets it go, so the flood's
     // other 19 and the other client's one all wait together: which of them runs next is then
     // the admission rule's choice alone, not a race with requests finishing while the rest are
-    // still being sent.
+    // still being sent. It decodes 240 tokens, past any end-of-generation token, while the
+    // others queue in milliseconds; it stops when the test drops it. (Stopping at its
+    // end-of-generation token, it could finish before the last of the others was queued.)
     let mut holder = client.clone();
     let mut held_slot = holder
-        .generate(named(greedy("m", "Tell me a long story.", 200), "flood"))
+        .generate(named(long_request("m", 240), "flood"))
         .await
         .unwrap()
         .into_inner();
@@ -461,10 +474,7 @@ async fn a_flooding_client_does_not_starve_another() {
     let mut held = Vec::new();
     let mut refused = None;
     for _ in 0..30 {
-        match client
-            .generate(greedy("m", "Tell me a long story.", 200))
-            .await
-        {
+        match client.generate(long_request("m", 200)).await {
             Ok(stream) => held.push(stream.into_inner()),
             Err(status) => {
                 refused = Some(status);
