@@ -320,13 +320,22 @@ unsafe fn weighted_run<const IB: usize>(
 /// The CPU must support AVX2 and F16C. Shapes are checked (a mismatch panics).
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn weighted_sum_rows_f16(ys: &mut [f32], ws: &[f32], xs: &[f16], dim: usize) {
+    let Some((rows, n)) = weighted_sum_shape(ys, ws, xs, dim) else {
+        return;
+    };
+    sum_columns_from(ys, ws, xs, dim, rows, n, 0);
+}
+
+/// The rows and keys of a weighted sum of many rows, `None` when there are no rows; panics
+/// unless `ys`, `ws` and `xs` hold whole rows of them.
+fn weighted_sum_shape(ys: &[f32], ws: &[f32], xs: &[f16], dim: usize) -> Option<(usize, usize)> {
     let rows = ys.len() / dim.max(1);
     if rows == 0 {
-        return;
+        return None;
     }
     let n = ws.len() / rows;
     assert!(ys.len() == rows * dim && ws.len() == rows * n && xs.len() == n * dim);
-    sum_columns_from(ys, ws, xs, dim, rows, n, 0);
+    Some((rows, n))
 }
 
 /// [`weighted_sum_rows_f16`] for the columns from `c` (shapes checked by the caller): strips of
@@ -513,12 +522,9 @@ pub(crate) unsafe fn weighted_sum_rows_f16_wide(
     xs: &[f16],
     dim: usize,
 ) {
-    let rows = ys.len() / dim.max(1);
-    if rows == 0 {
+    let Some((rows, n)) = weighted_sum_shape(ys, ws, xs, dim) else {
         return;
-    }
-    let n = ws.len() / rows;
-    assert!(ys.len() == rows * dim && ws.len() == rows * n && xs.len() == n * dim);
+    };
     let c = strips_from::<__m512>(ys, ws, xs, dim, rows, n, 0);
     // The last columns (fewer than sixteen) as the AVX2 kernel does them.
     sum_columns_from(ys, ws, xs, dim, rows, n, c);
