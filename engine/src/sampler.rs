@@ -171,37 +171,57 @@ impl Sampler {
         } else {
             logits
         };
-        if p.temperature <= 0.0 {
-            return greedy(logits);
-        }
-        // No finite candidate (a grammar's mask, or NaN): nothing to draw from.
-        let max = max_ignoring_nan(logits);
-        if max == f32::NEG_INFINITY {
-            return 0;
-        }
-        let inv_t = 1.0 / p.temperature;
-        if !keep(p, logits, max, &mut self.candidates) {
-            // Nothing is cut: draw from every token, in id order.
-            let u = self.rng.next_f64();
-            return draw_all(logits, max, inv_t, u, &mut self.weights);
-        }
-
-        // Temperature, then a draw from the renormalised distribution, most likely first.
-        let c = &self.candidates;
-        let weights: Vec<f64> = c
-            .iter()
-            .map(|&(_, l)| (((l - max) * inv_t) as f64).exp())
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut target = self.rng.next_f64() * total;
-        for (&(id, _), w) in c.iter().zip(&weights) {
-            if target < *w {
-                return id;
-            }
-            target -= w;
-        }
-        c[c.len() - 1].0
+        crate::kernels::choose_token(
+            p,
+            logits,
+            &mut self.candidates,
+            &mut self.weights,
+            &mut self.rng,
+        )
     }
+}
+
+/// [`Sampler::sample`] after the penalties: greedy, or top-k, top-p and min-p, temperature and
+/// the draw. Runs as `kernels::choose_token` compiles it for this CPU; every pass keeps its
+/// lanes and order whatever the register width, so the choice does not depend on the CPU.
+#[inline(always)]
+pub(crate) fn choose_token_body(
+    p: &SamplingParams,
+    logits: &[f32],
+    candidates: &mut Vec<(u32, f32)>,
+    weights: &mut Vec<f32>,
+    rng: &mut Rng,
+) -> u32 {
+    if p.temperature <= 0.0 {
+        return greedy(logits);
+    }
+    // No finite candidate (a grammar's mask, or NaN): nothing to draw from.
+    let max = max_ignoring_nan(logits);
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    let inv_t = 1.0 / p.temperature;
+    if !keep(p, logits, max, candidates) {
+        // Nothing is cut: draw from every token, in id order.
+        let u = rng.next_f64();
+        return draw_all(logits, max, inv_t, u, weights);
+    }
+
+    // Temperature, then a draw from the renormalised distribution, most likely first.
+    let c = &*candidates;
+    let weights: Vec<f64> = c
+        .iter()
+        .map(|&(_, l)| (((l - max) * inv_t) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut target = rng.next_f64() * total;
+    for (&(id, _), w) in c.iter().zip(&weights) {
+        if target < *w {
+            return id;
+        }
+        target -= w;
+    }
+    c[c.len() - 1].0
 }
 
 /// `logits` with the penalties of `p` applied to the tokens in `recent`, into `out`: a
@@ -236,6 +256,7 @@ fn penalize(
 const LANES: usize = 16;
 
 /// The largest logit, NaN ignored; −∞ when there is none.
+#[inline(always)]
 fn max_ignoring_nan(logits: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = logits.chunks_exact(LANES);
@@ -252,12 +273,20 @@ fn max_ignoring_nan(logits: &[f32]) -> f32 {
 }
 
 /// The highest logit's id, the lowest on ties; 0 when every logit is −∞ or NaN.
+#[inline(always)]
 fn greedy(logits: &[f32]) -> u32 {
     let max = max_ignoring_nan(logits);
     if max == f32::NEG_INFINITY {
         return 0;
     }
-    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
+    // Blocks with a compare that vectorizes, then the position within the block that has it.
+    for (b, block) in logits.chunks(LANES).enumerate() {
+        if block.iter().fold(false, |hit, &l| hit | (l == max)) {
+            let i = block.iter().position(|&l| l == max).unwrap_or(0);
+            return (b * LANES + i) as u32;
+        }
+    }
+    0
 }
 
 /// `e^(l − max)` for a logit `l` at or below `max`, 0 for −∞ and NaN.
@@ -274,6 +303,7 @@ fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
 
 /// Σ `e^(l − max)` over `logits`: blocks of weights summed in lanes ([`lane_sum`]), the
 /// blocks' sums in f64.
+#[inline(always)]
 fn sum_of_weights(logits: &[f32], max: f32) -> f64 {
     let mut block = [0f32; SUM_BLOCK];
     logits
@@ -294,6 +324,7 @@ const SUM_BLOCK: usize = 1024;
 
 /// Σ `values` over [`LANES`] interleaved lanes, then the lanes in f64: vectorized, where one
 /// chain of dependent adds (f64 or f32) was the slowest part of a draw over every token.
+#[inline(always)]
 fn lane_sum(values: &[f32]) -> f64 {
     let mut lanes = [0f32; LANES];
     let mut chunks = values.chunks_exact(LANES);
@@ -327,6 +358,7 @@ const FIRST_BAND: f32 = 16.0;
 /// the band turns out too narrow (fewer than `k` tokens, or less mass than top-p asks), it
 /// searches every token instead. Probabilities for top-p and min-p are at temperature 1 over
 /// what top-k left (every token without top-k), as llama.cpp computes them.
+#[inline(always)]
 fn keep(p: &SamplingParams, logits: &[f32], max: f32, c: &mut Vec<(u32, f32)>) -> bool {
     c.clear();
     let top_k = p.top_k > 0;
@@ -381,8 +413,11 @@ fn keep(p: &SamplingParams, logits: &[f32], max: f32, c: &mut Vec<(u32, f32)>) -
 
 /// Fills `c` with the finite logits at or above `floor` and their ids, in id order. Blocks
 /// whose maximum is below it (most of a vocabulary) are skipped after one vectorized pass.
+#[inline(always)]
 fn gather(logits: &[f32], floor: f32, c: &mut Vec<(u32, f32)>) {
-    const BLOCK: usize = 4 * LANES;
+    // One register's worth: few tokens are near the best, so most blocks are skipped and the
+    // scalar pass over a block that is not stays short.
+    const BLOCK: usize = LANES;
     c.clear();
     for (b, block) in logits.chunks(BLOCK).enumerate() {
         if max_ignoring_nan(block) < floor {
@@ -439,10 +474,15 @@ fn cut(p: &SamplingParams, c: &mut [(u32, f32)], max: f32, mass: f64) -> Option<
 /// Draws a token from every logit's `e^((l − max)/T)`, in id order, with `u` uniform in
 /// [0, 1): blocks of the weights are summed first, then the draw walks to its block and
 /// within it. `weights` is scratch.
+#[inline(always)]
 fn draw_all(logits: &[f32], max: f32, inv_t: f32, u: f64, weights: &mut Vec<f32>) -> u32 {
     const BLOCK: usize = SUM_BLOCK;
-    weights.clear();
-    weights.extend(logits.iter().map(|&l| weight(l, max, inv_t)));
+    // A loop over a sized buffer, not `extend`, which would run outside this function's
+    // target features.
+    weights.resize(logits.len(), 0.0);
+    for (w, &l) in weights.iter_mut().zip(logits) {
+        *w = weight(l, max, inv_t);
+    }
     let block_sums: Vec<f64> = weights.chunks(BLOCK).map(lane_sum).collect();
     let total: f64 = block_sums.iter().sum();
     let mut target = u * total;
@@ -861,6 +901,32 @@ mod tests {
             (tail as f64 - expected).abs() < 5.0 * sigma,
             "tail: {tail} draws, expected {expected:.0} ± {sigma:.0}"
         );
+    }
+
+    #[test]
+    fn the_compiled_for_this_cpu_choice_is_the_plain_bodys() {
+        // `kernels::choose_token` runs the body compiled for AVX2 where the CPU has it; called
+        // directly, the body is compiled for the baseline. Same logits, seed and settings: the
+        // same tokens.
+        let settings = [
+            SamplingParams::default(),
+            SamplingParams::default().with_temperature(1.0),
+            SamplingParams::creative(),
+            SamplingParams {
+                top_p: 0.9,
+                ..SamplingParams::default().with_temperature(0.7)
+            },
+        ];
+        for (i, p) in settings.iter().enumerate() {
+            let (mut rng_a, mut rng_b) = (Rng::new(i as u64), Rng::new(i as u64));
+            let (mut c_a, mut c_b, mut w_a, mut w_b) = (vec![], vec![], vec![], vec![]);
+            for seed in 0..20 {
+                let logits = vocabulary_logits(5000, 100 + seed);
+                let a = crate::kernels::choose_token(p, &logits, &mut c_a, &mut w_a, &mut rng_a);
+                let b = choose_token_body(p, &logits, &mut c_b, &mut w_b, &mut rng_b);
+                assert_eq!(a, b, "setting {i}, logits {seed}");
+            }
+        }
     }
 
     #[test]

@@ -1205,6 +1205,24 @@ fn run_quantized_in_lanes(
     });
 }
 
+/// The sampler's choice of a token from (penalized) logits, its passes over the vocabulary
+/// compiled for AVX2 where the CPU has it: the same choice either way (see
+/// `sampler::choose_token_body`).
+pub(crate) fn choose_token(
+    p: &crate::sampler::SamplingParams,
+    logits: &[f32],
+    candidates: &mut Vec<(u32, f32)>,
+    weights: &mut Vec<f32>,
+    rng: &mut crate::sampler::Rng,
+) -> u32 {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if KernelPath::best().runs_avx2() {
+        // SAFETY: AVX2 is available (`best` only picks available paths).
+        return unsafe { avx2::choose_token(p, logits, candidates, weights, rng) };
+    }
+    crate::sampler::choose_token_body(p, logits, candidates, weights, rng)
+}
+
 /// Widens f16 values (the KV cache) to f32: `dst[i] = src[i]` for `i < min(len)`, exactly, on
 /// the fastest path (F16C eight at a time, in one call, rather than the `half` crate's
 /// per-eight-values calls, which cost long-context decode noticeably).
