@@ -201,7 +201,7 @@ pub(crate) fn choose_token_body(
         return 0;
     }
     let inv_t = 1.0 / p.temperature;
-    if !keep(p, logits, max, candidates) {
+    if !keep(p, logits, max, candidates, weights) {
         // Nothing is cut: draw from every token, in id order.
         let u = rng.next_f64();
         return draw_all(logits, max, inv_t, u, weights);
@@ -301,24 +301,43 @@ fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
     }
 }
 
-/// Σ `e^(l − max)` over `logits`: blocks of weights summed in lanes ([`lane_sum`]), the
-/// blocks' sums in f64.
+/// `weights[i] = e^((logits[i] − max)/T)` (0 for −∞ and NaN), as a loop over a sized buffer:
+/// `extend` would run outside the target features `kernels::choose_token` compiles this for.
 #[inline(always)]
-fn sum_of_weights(logits: &[f32], max: f32) -> f64 {
+fn fill_weights(logits: &[f32], max: f32, inv_t: f32, weights: &mut Vec<f32>) {
+    weights.resize(logits.len(), 0.0);
+    for (w, &l) in weights.iter_mut().zip(logits) {
+        *w = weight(l, max, inv_t);
+    }
+}
+
+/// Σ `weights[i]` over the tokens whose logit is at or above `floor`: blocks summed in lanes
+/// ([`lane_sum`]), the blocks' sums in f64.
+#[inline(always)]
+fn sum_above(logits: &[f32], weights: &[f32], floor: f32) -> f64 {
     let mut block = [0f32; SUM_BLOCK];
     logits
         .chunks(SUM_BLOCK)
-        .map(|ls| {
-            let ws = &mut block[..ls.len()];
-            for (w, &l) in ws.iter_mut().zip(ls) {
-                *w = weight(l, max, 1.0);
+        .zip(weights.chunks(SUM_BLOCK))
+        .map(|(ls, ws)| {
+            let kept = &mut block[..ls.len()];
+            for ((k, &l), &w) in kept.iter_mut().zip(ls).zip(ws) {
+                *k = if l >= floor { w } else { 0.0 };
             }
-            lane_sum(ws)
+            lane_sum(kept)
         })
         .sum()
 }
 
-/// Weights per block of [`sum_of_weights`] and [`draw_all`]: short enough that an f32 sum of
+/// How many logits are at or above `floor` (NaN is not), in one vectorized pass.
+#[inline(always)]
+fn count_at_or_above(logits: &[f32], floor: f32) -> usize {
+    logits
+        .iter()
+        .fold(0usize, |n, &l| n + usize::from(l >= floor))
+}
+
+/// Weights per block of [`sum_above`] and [`draw_all`]: short enough that an f32 sum of
 /// one stays precise, long enough that the blocks' sums are few.
 const SUM_BLOCK: usize = 1024;
 
@@ -344,22 +363,31 @@ fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// How far below the best logit the first search for kept tokens looks: a token 16 below it
-/// is e¹⁶ ≈ 9·10⁶ times less likely, so top-k and top-p almost always end above that.
-const FIRST_BAND: f32 = 16.0;
+/// How far below the best logit the searches for kept tokens look, in turn, up to every token.
+/// Each band is first checked with a vectorized pass (does it hold top-k's `k` tokens, or
+/// top-p's mass?) and gathered only if it can: a small model's logits can hold tens of
+/// thousands of tokens within 16 of the best, or a confident one fewer than 40, and gathering
+/// more than needed cost more than the rest of the choice.
+const BANDS: [f32; 6] = [4.0, 8.0, 16.0, 32.0, 64.0, f32::INFINITY];
 
 /// Fills `c` with the tokens that top-k, top-p and min-p keep (in that order, as llama.cpp
 /// applies them), most likely first. Returns false, with `c` empty, when none of them is set
 /// and so every token stays.
 ///
 /// Instead of sorting the whole vocabulary, it gathers the tokens within a band below the best
-/// logit, and sorts only what the settings can keep: top-k's `k` after a selection, or for
-/// top-p a growing prefix (64, 512, … most likely) until its probability mass is reached. Where
-/// the band turns out too narrow (fewer than `k` tokens, or less mass than top-p asks), it
-/// searches every token instead. Probabilities for top-p and min-p are at temperature 1 over
+/// logit ([`BANDS`]), and sorts only what the settings can keep: top-k's `k` after a
+/// selection, or for top-p a growing prefix (64, 512, … most likely) until its probability mass
+/// is reached. Where a band turns out too narrow (fewer than `k` tokens, or less mass than
+/// top-p asks), it searches the next, wider one. Probabilities for top-p and min-p are at temperature 1 over
 /// what top-k left (every token without top-k), as llama.cpp computes them.
 #[inline(always)]
-fn keep(p: &SamplingParams, logits: &[f32], max: f32, c: &mut Vec<(u32, f32)>) -> bool {
+fn keep(
+    p: &SamplingParams,
+    logits: &[f32],
+    max: f32,
+    c: &mut Vec<(u32, f32)>,
+    weights: &mut Vec<f32>,
+) -> bool {
     c.clear();
     let top_k = p.top_k > 0;
     let top_p = p.top_p < 1.0;
@@ -371,18 +399,38 @@ fn keep(p: &SamplingParams, logits: &[f32], max: f32, c: &mut Vec<(u32, f32)>) -
     // e^(l − max) ≥ min_p: an exact band where min-p alone decides.
     let min_p_band = if min_p { -p.min_p.ln() } else { f32::INFINITY };
     // Without top-k, top-p's mass is over every token.
+    // Without top-k, top-p's mass is over every token: every weight, computed once for the
+    // bands' checks.
     let everything = if top_p && !top_k {
-        sum_of_weights(logits, max)
+        fill_weights(logits, max, 1.0, weights);
+        sum_above(logits, weights, f32::NEG_INFINITY)
     } else {
         0.0
     };
-    for band in [FIRST_BAND.min(min_p_band), f32::INFINITY] {
+    // Bands narrower than min-p's exact one are as good as it, and the last (every token)
+    // always runs, whatever min-p says: top-k and top-p may need what is below min-p's floor.
+    let mut searched = 0.0;
+    for band in BANDS.map(|b| if b.is_finite() { b.min(min_p_band) } else { b }) {
+        if band == searched {
+            // Min-p's band, searched already.
+            continue;
+        }
+        searched = band;
         let wide = band == f32::INFINITY;
         let floor = max - band;
-        gather(logits, floor, c);
         // Top-k's k tokens may reach below the band. Min-p would cut those anyway where the
         // band is its own, unless top-p needs their share of the mass.
         let band_is_min_p = band >= min_p_band && !top_p;
+        if !wide {
+            let short_of_k = top_k && !band_is_min_p && count_at_or_above(logits, floor) < p.top_k;
+            let short_of_p = top_p
+                && !top_k
+                && sum_above(logits, weights, floor) < f64::from(p.top_p) * everything;
+            if short_of_k || short_of_p {
+                continue;
+            }
+        }
+        gather(logits, floor, c);
         if top_k && c.len() < p.top_k && !wide && !band_is_min_p {
             continue;
         }
@@ -477,12 +525,7 @@ fn cut(p: &SamplingParams, c: &mut [(u32, f32)], max: f32, mass: f64) -> Option<
 #[inline(always)]
 fn draw_all(logits: &[f32], max: f32, inv_t: f32, u: f64, weights: &mut Vec<f32>) -> u32 {
     const BLOCK: usize = SUM_BLOCK;
-    // A loop over a sized buffer, not `extend`, which would run outside this function's
-    // target features.
-    weights.resize(logits.len(), 0.0);
-    for (w, &l) in weights.iter_mut().zip(logits) {
-        *w = weight(l, max, inv_t);
-    }
+    fill_weights(logits, max, inv_t, weights);
     let block_sums: Vec<f64> = weights.chunks(BLOCK).map(lane_sum).collect();
     let total: f64 = block_sums.iter().sum();
     let mut target = u * total;
@@ -804,7 +847,7 @@ mod tests {
                             ..Default::default()
                         };
                         let mut c = Vec::new();
-                        if !keep(&p, &logits, max, &mut c) {
+                        if !keep(&p, &logits, max, &mut c, &mut Vec::new()) {
                             assert!(top_k == 0 && top_p == 1.0 && min_p == 0.0);
                             continue;
                         }
@@ -825,7 +868,7 @@ mod tests {
     #[test]
     fn top_p_reaches_below_the_first_band_when_the_tail_holds_its_mass() {
         // One likely token, ten less likely ones, and a long flat tail 17 below the best (below
-        // `FIRST_BAND`) that holds 1.5% of the mass: top-p 0.99 needs some of the tail.
+        // `BANDS`' second) that holds 1.5% of the mass: top-p 0.99 needs some of the tail.
         let mut logits = vec![-17.0f32; 400_000];
         logits[7] = 0.0;
         logits[100..110].fill(-5.0);
@@ -835,7 +878,7 @@ mod tests {
             ..Default::default()
         };
         let mut c = Vec::new();
-        assert!(keep(&p, &logits, 0.0, &mut c));
+        assert!(keep(&p, &logits, 0.0, &mut c, &mut Vec::new()));
         let ids: Vec<u32> = c.iter().map(|&(id, _)| id).collect();
         let want = kept_by_sorting_everything(&p, &logits);
         // The cut falls among equal tail logits, each worth 4·10⁻⁸ of the mass, so sums in
