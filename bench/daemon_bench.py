@@ -82,10 +82,10 @@ def load(stub, model, name, slots, ctx=1024):
     return time.perf_counter() - t0
 
 
-def generate(stub, name, prompt, n):
-    """(client ttft s, Done message)"""
+def generate(stub, name, prompt, n, sampling=None):
+    """(client ttft s, Done message); greedy unless `sampling` (a SamplingOptions) says."""
     request = pb.GenerateRequest(
-        model=name, prompt=prompt, raw=True, max_tokens=n, stop_at_eos=False
+        model=name, prompt=prompt, raw=True, max_tokens=n, stop_at_eos=False, sampling=sampling
     )
     t0 = time.perf_counter()
     ttft, done = None, None
@@ -97,12 +97,12 @@ def generate(stub, name, prompt, n):
     return ttft, done
 
 
-def aggregate(stub, name, n, gen):
+def aggregate(stub, name, n, gen, sampling=None):
     """n concurrent streams of `gen` tokens: completion tokens per wall-clock second."""
     results = [None] * n
 
     def run(i):
-        results[i] = generate(stub, name, PROMPTS[i % len(PROMPTS)], gen)[1]
+        results[i] = generate(stub, name, PROMPTS[i % len(PROMPTS)], gen, sampling)[1]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()

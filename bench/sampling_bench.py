@@ -32,36 +32,6 @@ SETTINGS = {
 }
 
 
-def stream(stub, name, prompt, n, sampling):
-    request = pb.GenerateRequest(
-        model=name, prompt=prompt, raw=True, max_tokens=n, stop_at_eos=False, sampling=sampling
-    )
-    done = None
-    for event in stub.Generate(request):
-        if event.HasField("done"):
-            done = event.done
-    return done
-
-
-def aggregate(stub, name, streams, gen, sampling):
-    """`streams` concurrent streams: completion tokens per wall-clock second."""
-    import threading
-    import time
-
-    results = [None] * streams
-
-    def run(i):
-        results[i] = stream(stub, name, db.PROMPTS[i % len(db.PROMPTS)], gen, sampling)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(r.completion_tokens for r in results) / (time.perf_counter() - t0)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append")
@@ -85,12 +55,14 @@ def main():
             for i, model in enumerate(models):
                 name = f"m{i}"
                 db.load(stub, str(Path(model).resolve()), name, slots=8)
-                stream(stub, name, db.PROMPTS[0], 8, SETTINGS["greedy"])  # warm-up
+                db.generate(stub, name, db.PROMPTS[0], 8)  # warm-up
                 for streams in args.streams:
                     rates = {s: [] for s in SETTINGS}
                     for _ in range(args.reps):
                         for setting, sampling in SETTINGS.items():
-                            rates[setting].append(aggregate(stub, name, streams, args.gen, sampling))
+                            rates[setting].append(
+                                db.aggregate(stub, name, streams, args.gen, sampling)
+                            )
                     greedy = statistics.median(rates["greedy"])
                     for setting, r in rates.items():
                         rate = statistics.median(r)
