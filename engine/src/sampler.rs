@@ -113,9 +113,11 @@ pub struct Sampler {
     rng: Rng,
     recent: std::collections::VecDeque<u32>,
     /// Reused across calls so sampling allocates nothing per token: the kept tokens, the
-    /// penalized logits and a draw's weights over the whole vocabulary.
+    /// penalized logits, the recent tokens sorted and a draw's weights over the whole
+    /// vocabulary.
     candidates: Vec<(u32, f32)>,
     penalized: Vec<f32>,
+    recent_sorted: Vec<u32>,
     weights: Vec<f32>,
 }
 
@@ -132,6 +134,7 @@ impl Sampler {
             recent: Default::default(),
             candidates: Vec::new(),
             penalized: Vec::new(),
+            recent_sorted: Vec::new(),
             weights: Vec::new(),
             params,
         }
@@ -166,7 +169,13 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let logits: &[f32] = if p.has_penalties() {
-            penalize(p, &self.recent, logits, &mut self.penalized);
+            penalize(
+                p,
+                &self.recent,
+                logits,
+                &mut self.recent_sorted,
+                &mut self.penalized,
+            );
             &self.penalized
         } else {
             logits
@@ -208,15 +217,14 @@ pub(crate) fn choose_token_body(
     }
 
     // Temperature, then a draw from the renormalised distribution, most likely first.
+    // The kept tokens are few: their weights are computed twice rather than stored.
     let c = &*candidates;
-    let weights: Vec<f64> = c
-        .iter()
-        .map(|&(_, l)| (((l - max) * inv_t) as f64).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
+    let kept_weight = |l: f32| (((l - max) * inv_t) as f64).exp();
+    let total: f64 = c.iter().map(|&(_, l)| kept_weight(l)).sum();
     let mut target = rng.next_f64() * total;
-    for (&(id, _), w) in c.iter().zip(&weights) {
-        if target < *w {
+    for &(id, l) in c {
+        let w = kept_weight(l);
+        if target < w {
             return id;
         }
         target -= w;
@@ -227,16 +235,18 @@ pub(crate) fn choose_token_body(
 /// `logits` with the penalties of `p` applied to the tokens in `recent`, into `out`: a
 /// positive logit divided by the repeat penalty (a negative one multiplied), then
 /// `count × frequency_penalty` and `presence_penalty` subtracted (llama.cpp's order). Only the
-/// recent tokens' entries change; the rest is a copy.
+/// recent tokens' entries change; the rest is a copy. `ids` is scratch.
 fn penalize(
     p: &SamplingParams,
     recent: &std::collections::VecDeque<u32>,
     logits: &[f32],
+    ids: &mut Vec<u32>,
     out: &mut Vec<f32>,
 ) {
     out.clear();
     out.extend_from_slice(logits);
-    let mut ids: Vec<u32> = recent.iter().copied().collect();
+    ids.clear();
+    ids.extend(recent);
     ids.sort_unstable();
     for run in ids.chunk_by(|a, b| a == b) {
         let Some(l) = out.get_mut(run[0] as usize) else {
