@@ -180,18 +180,35 @@ impl Sampler {
         } else {
             logits
         };
-        crate::kernels::choose_token(
+        crate::kernels::run_vectorized(Choice {
             p,
             logits,
-            &mut self.candidates,
-            &mut self.weights,
-            &mut self.rng,
-        )
+            candidates: &mut self.candidates,
+            weights: &mut self.weights,
+            rng: &mut self.rng,
+        })
+    }
+}
+
+/// One token's choice, as work for `kernels::run_vectorized` ([`choose_token_body`]).
+struct Choice<'a> {
+    p: &'a SamplingParams,
+    logits: &'a [f32],
+    candidates: &'a mut Vec<(u32, f32)>,
+    weights: &'a mut Vec<f32>,
+    rng: &'a mut Rng,
+}
+
+impl crate::kernels::Vectorized for Choice<'_> {
+    type Output = u32;
+    #[inline(always)]
+    fn run(self) -> u32 {
+        choose_token_body(self.p, self.logits, self.candidates, self.weights, self.rng)
     }
 }
 
 /// [`Sampler::sample`] after the penalties: greedy, or top-k, top-p and min-p, temperature and
-/// the draw. Runs as `kernels::choose_token` compiles it for this CPU; every pass keeps its
+/// the draw. Runs as `kernels::run_vectorized` compiles it for this CPU; every pass keeps its
 /// lanes and order whatever the register width, so the choice does not depend on the CPU.
 #[inline(always)]
 pub(crate) fn choose_token_body(
@@ -312,7 +329,7 @@ fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
 }
 
 /// `weights[i] = e^((logits[i] − max)/T)` (0 for −∞ and NaN), as a loop over a sized buffer:
-/// `extend` would run outside the target features `kernels::choose_token` compiles this for.
+/// `extend` would run outside the target features `kernels::run_vectorized` compiles this for.
 #[inline(always)]
 fn fill_weights(logits: &[f32], max: f32, inv_t: f32, weights: &mut Vec<f32>) {
     weights.resize(logits.len(), 0.0);
@@ -958,7 +975,7 @@ mod tests {
 
     #[test]
     fn the_compiled_for_this_cpu_choice_is_the_plain_bodys() {
-        // `kernels::choose_token` runs the body compiled for AVX2 where the CPU has it; called
+        // `kernels::run_vectorized` runs the body compiled for AVX2 where the CPU has it; called
         // directly, the body is compiled for the baseline. Same logits, seed and settings: the
         // same tokens.
         let settings = [
@@ -975,7 +992,13 @@ mod tests {
             let (mut c_a, mut c_b, mut w_a, mut w_b) = (vec![], vec![], vec![], vec![]);
             for seed in 0..20 {
                 let logits = vocabulary_logits(5000, 100 + seed);
-                let a = crate::kernels::choose_token(p, &logits, &mut c_a, &mut w_a, &mut rng_a);
+                let a = crate::kernels::run_vectorized(Choice {
+                    p,
+                    logits: &logits,
+                    candidates: &mut c_a,
+                    weights: &mut w_a,
+                    rng: &mut rng_a,
+                });
                 let b = choose_token_body(p, &logits, &mut c_b, &mut w_b, &mut rng_b);
                 assert_eq!(a, b, "setting {i}, logits {seed}");
             }

@@ -72,20 +72,14 @@ pub(crate) unsafe fn online_softmax_step<'s>(
     super::attention::online_softmax_step_body(s, max, sum, oh)
 }
 
-/// The sampler's passes over a vocabulary's logits with 256-bit registers: its body, compiled
-/// for AVX2 (the same choices: every pass keeps its lanes and order).
+/// [`super::Vectorized`] work with 256-bit registers: its `run`, inlined here and compiled for
+/// AVX2.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn choose_token(
-    p: &crate::sampler::SamplingParams,
-    logits: &[f32],
-    candidates: &mut Vec<(u32, f32)>,
-    weights: &mut Vec<f32>,
-    rng: &mut crate::sampler::Rng,
-) -> u32 {
-    crate::sampler::choose_token_body(p, logits, candidates, weights, rng)
+pub(crate) unsafe fn run_vectorized<W: super::Vectorized>(work: W) -> W::Output {
+    work.run()
 }
 
 /// Whether this CPU runs the AVX2 path (detected once by the standard library, then cached).

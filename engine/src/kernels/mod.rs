@@ -1205,22 +1205,25 @@ fn run_quantized_in_lanes(
     });
 }
 
-/// The sampler's choice of a token from (penalized) logits, its passes over the vocabulary
-/// compiled for AVX2 where the CPU has it: the same choice either way (see
-/// `sampler::choose_token_body`).
-pub(crate) fn choose_token(
-    p: &crate::sampler::SamplingParams,
-    logits: &[f32],
-    candidates: &mut Vec<(u32, f32)>,
-    weights: &mut Vec<f32>,
-    rng: &mut crate::sampler::Rng,
-) -> u32 {
+/// Work whose loops the compiler vectorizes (plain code over slices, lanes kept as arrays),
+/// to be compiled for AVX2 where the CPU has it: `run` inlined into a function with the target
+/// feature. The results are the same either way as long as `run` fixes its order of operations
+/// (no feature here allows contracting a multiply and an add). The sampler's passes over a
+/// vocabulary are such work; a trait keeps this room free of the sampler's types.
+pub(crate) trait Vectorized {
+    type Output;
+    /// Must be `#[inline(always)]`, or it is compiled for the baseline CPU only.
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `work` compiled for AVX2 where the CPU has it, for the baseline otherwise.
+pub(crate) fn run_vectorized<W: Vectorized>(work: W) -> W::Output {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if KernelPath::best().runs_avx2() {
         // SAFETY: AVX2 is available (`best` only picks available paths).
-        return unsafe { avx2::choose_token(p, logits, candidates, weights, rng) };
+        return unsafe { avx2::run_vectorized(work) };
     }
-    crate::sampler::choose_token_body(p, logits, candidates, weights, rng)
+    work.run()
 }
 
 /// Widens f16 values (the KV cache) to f32: `dst[i] = src[i]` for `i < min(len)`, exactly, on
