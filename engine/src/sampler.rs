@@ -218,15 +218,20 @@ pub(crate) fn choose_token_body(
     weights: &mut Vec<f32>,
     rng: &mut Rng,
 ) -> u32 {
-    if p.temperature <= 0.0 {
+    let inv_t = 1.0 / p.temperature;
+    // A temperature so small that 1/T overflows is greedy too.
+    if p.temperature <= 0.0 || !inv_t.is_finite() {
         return greedy(logits);
     }
-    // No finite candidate (a grammar's mask, or NaN): nothing to draw from.
+    // No finite candidate (a grammar's mask, or NaN): nothing to draw from; an infinite logit
+    // (a penalty can make one) is certain: the first such token, as greedy takes it.
     let max = max_ignoring_nan(logits);
     if max == f32::NEG_INFINITY {
         return 0;
     }
-    let inv_t = 1.0 / p.temperature;
+    if max == f32::INFINITY {
+        return greedy(logits);
+    }
     if !keep(p, logits, max, candidates, weights) {
         // Nothing is cut: draw from every token, in id order.
         let u = rng.next_f64();
@@ -246,7 +251,9 @@ pub(crate) fn choose_token_body(
         }
         target -= w;
     }
-    c[c.len() - 1].0
+    // Rounding left the target past the end: the least likely kept token (the best one if
+    // nothing was kept, which `keep` never leaves).
+    c.last().map_or_else(|| greedy(logits), |&(id, _)| id)
 }
 
 /// `logits` with the penalties of `p` applied to the tokens in `recent`, into `out`: a
@@ -404,9 +411,10 @@ const BANDS: [f32; 6] = [4.0, 8.0, 16.0, 32.0, 64.0, f32::INFINITY];
 /// Instead of sorting the whole vocabulary, it gathers the tokens within a band below the best
 /// logit ([`BANDS`]), and sorts only what the settings can keep: top-k's `k` after a
 /// selection, or for top-p a growing prefix (64, 512, … most likely) until its probability mass
-/// is reached. Where a band turns out too narrow (fewer than `k` tokens, or less mass than
-/// top-p asks), it searches the next, wider one. Probabilities for top-p and min-p are at temperature 1 over
-/// what top-k left (every token without top-k), as llama.cpp computes them.
+/// is reached. A band is gathered only once a vectorized pass shows it holds what decides the
+/// cut: top-k's `k` tokens, top-p's mass, or every token min-p can keep. Probabilities for
+/// top-p and min-p are at temperature 1 over what top-k left (every token without top-k), as
+/// llama.cpp computes them.
 #[inline(always)]
 fn keep(
     p: &SamplingParams,
@@ -423,9 +431,16 @@ fn keep(
         return false;
     }
     // min-p keeps a token with probability at least min_p times the best one's, that is
-    // e^(l − max) ≥ min_p: an exact band where min-p alone decides.
-    let min_p_band = if min_p { -p.min_p.ln() } else { f32::INFINITY };
-    // Without top-k, top-p's mass is over every token.
+    // e^(l − max) ≥ min_p: nothing below `max − min_p_band` ever stays (at least 1: only the
+    // best tokens then).
+    let min_p_band = if min_p {
+        (-p.min_p.ln()).max(0.0)
+    } else {
+        f32::INFINITY
+    };
+    // Where top-p's mass is over top-k's tokens, those below min-p's floor count too: only
+    // there may a band not stop at min-p's.
+    let narrow_to_min_p = !(top_k && top_p);
     // Without top-k, top-p's mass is over every token: every weight, computed once for the
     // bands' checks.
     let everything = if top_p && !top_k {
@@ -434,33 +449,34 @@ fn keep(
     } else {
         0.0
     };
-    // Bands narrower than min-p's exact one are as good as it, and the last (every token)
-    // always runs, whatever min-p says: top-k and top-p may need what is below min-p's floor.
-    let mut searched = 0.0;
-    for band in BANDS.map(|b| if b.is_finite() { b.min(min_p_band) } else { b }) {
-        if band == searched {
-            // Min-p's band, searched already.
+    let mut searched = None;
+    for band in BANDS {
+        let band = if narrow_to_min_p && band.is_finite() {
+            band.min(min_p_band)
+        } else {
+            band
+        };
+        if searched == Some(band) {
             continue;
         }
-        searched = band;
+        searched = Some(band);
         let wide = band == f32::INFINITY;
-        let floor = max - band;
-        // Top-k's k tokens may reach below the band. Min-p would cut those anyway where the
-        // band is its own, unless top-p needs their share of the mass.
-        let band_is_min_p = band >= min_p_band && !top_p;
+        let floor = if wide { f32::NEG_INFINITY } else { max - band };
+        // The band holds every token min-p could keep, and nothing else decides below it.
+        let holds_min_p = narrow_to_min_p && band >= min_p_band;
         if !wide {
-            let short_of_k = top_k && !band_is_min_p && count_at_or_above(logits, floor) < p.top_k;
-            let short_of_p = top_p
-                && !top_k
-                && sum_above(logits, weights, floor) < f64::from(p.top_p) * everything;
-            if short_of_k || short_of_p {
+            let holds = if top_k {
+                (holds_min_p && !top_p) || count_at_or_above(logits, floor) >= p.top_k
+            } else if top_p {
+                holds_min_p || sum_above(logits, weights, floor) >= f64::from(p.top_p) * everything
+            } else {
+                holds_min_p
+            };
+            if !holds {
                 continue;
             }
         }
         gather(logits, floor, c);
-        if top_k && c.len() < p.top_k && !wide && !band_is_min_p {
-            continue;
-        }
         if top_k && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             c.truncate(p.top_k);
@@ -470,19 +486,13 @@ fn keep(
         } else {
             everything
         };
-        match cut(p, c, max, mass) {
-            Some(keep) => {
-                c.truncate(keep.max(1));
-                return true;
-            }
-            // The band held less than top-p's mass: look at every token.
-            None if !wide => continue,
-            None => {
-                c.truncate(c.len().max(1));
-                return true;
-            }
+        // Past the band's end only where min-p cuts there, or every token was searched.
+        if let Some(keep) = cut(p, c, max, mass, holds_min_p || wide) {
+            c.truncate(keep.max(1));
+            return true;
         }
     }
+    // The last band holds every token, and its cut always answers.
     true
 }
 
@@ -508,9 +518,16 @@ fn gather(logits: &[f32], floor: f32, c: &mut Vec<(u32, f32)>) {
 }
 
 /// Sorts the most likely of `c` (all of it, or a growing prefix) and returns how many of them
-/// top-p and min-p keep, `mass` being the total probability mass they are fractions of; `None`
-/// when top-p's share of `mass` is more than `c` holds (every entry then sorted).
-fn cut(p: &SamplingParams, c: &mut [(u32, f32)], max: f32, mass: f64) -> Option<usize> {
+/// top-p and min-p keep, `mass` being the total probability mass they are fractions of. When
+/// top-p's share of `mass` is more than `c` holds (every entry then sorted): all of `c` if
+/// `past_the_end` (no token past it could stay), else `None`.
+fn cut(
+    p: &SamplingParams,
+    c: &mut [(u32, f32)],
+    max: f32,
+    mass: f64,
+    past_the_end: bool,
+) -> Option<usize> {
     let top_p = p.top_p < 1.0;
     let mut sorted = if top_p { 64.min(c.len()) } else { c.len() };
     loop {
@@ -532,6 +549,8 @@ fn cut(p: &SamplingParams, c: &mut [(u32, f32)], max: f32, mass: f64) -> Option<
                     sorted = (sorted * 8).min(c.len());
                     continue;
                 }
+                // Top-p would keep tokens past `c`: all of `c`, where nothing past it stays.
+                None if past_the_end => keep = c.len(),
                 None => return None,
             }
         }
@@ -553,11 +572,12 @@ fn cut(p: &SamplingParams, c: &mut [(u32, f32)], max: f32, mass: f64) -> Option<
 fn draw_all(logits: &[f32], max: f32, inv_t: f32, u: f64, weights: &mut Vec<f32>) -> u32 {
     const BLOCK: usize = SUM_BLOCK;
     fill_weights(logits, max, inv_t, weights);
-    let block_sums: Vec<f64> = weights.chunks(BLOCK).map(lane_sum).collect();
-    let total: f64 = block_sums.iter().sum();
+    // Block sums twice (the total, then the walk to the draw's block) rather than stored.
+    let total: f64 = weights.chunks(BLOCK).map(lane_sum).sum();
     let mut target = u * total;
     let mut last = 0;
-    for (b, &sum) in block_sums.iter().enumerate() {
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let sum = lane_sum(block);
         if sum > 0.0 {
             last = b;
         }
@@ -565,7 +585,6 @@ fn draw_all(logits: &[f32], max: f32, inv_t: f32, u: f64, weights: &mut Vec<f32>
             target -= sum;
             continue;
         }
-        let block = &weights[b * BLOCK..((b + 1) * BLOCK).min(weights.len())];
         for (i, &w) in block.iter().enumerate() {
             let w = f64::from(w);
             if target < w {
@@ -865,7 +884,8 @@ mod tests {
             let max = max_ignoring_nan(&logits);
             for top_k in [0, 1, 40, 500, 10_000] {
                 for top_p in [1.0, 0.95, 0.5, 0.05] {
-                    for min_p in [0.0, 0.05, 0.5] {
+                    // 0.01 and 0.001 put min-p's floor past the first band, 1 at the best.
+                    for min_p in [0.0, 0.001, 0.01, 0.05, 0.5, 1.0] {
                         let p = SamplingParams {
                             temperature: 1.0,
                             top_k,
@@ -889,7 +909,7 @@ mod tests {
                 }
             }
         }
-        assert!(compared > 200);
+        assert!(compared > 400);
     }
 
     #[test]
@@ -986,6 +1006,15 @@ mod tests {
                 top_p: 0.9,
                 ..SamplingParams::default().with_temperature(0.7)
             },
+            SamplingParams {
+                min_p: 0.01,
+                ..SamplingParams::default().with_temperature(1.0)
+            },
+            SamplingParams {
+                top_k: 40,
+                min_p: 0.05,
+                ..SamplingParams::default().with_temperature(1.0)
+            },
         ];
         for (i, p) in settings.iter().enumerate() {
             let (mut rng_a, mut rng_b) = (Rng::new(i as u64), Rng::new(i as u64));
@@ -1021,6 +1050,44 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&[f32::NEG_INFINITY, f32::NAN]), 0);
+    }
+
+    #[test]
+    fn infinite_logits_tiny_temperatures_and_min_p_past_one_choose_without_panicking() {
+        let sample = |params: SamplingParams, logits: &[f32]| {
+            Sampler::new(SamplingParams {
+                seed: Some(5),
+                ..params
+            })
+            .sample(logits)
+        };
+        let t1 = SamplingParams::default().with_temperature(1.0);
+        // An infinite logit (a penalty can make one) is certain, whatever cuts are set.
+        let with_inf = [0.0, f32::INFINITY, 1.0, f32::INFINITY];
+        for params in [
+            t1.clone(),
+            SamplingParams::creative(),
+            SamplingParams {
+                top_k: 2,
+                ..t1.clone()
+            },
+        ] {
+            assert_eq!(sample(params, &with_inf), 1);
+        }
+        assert_eq!(sample(t1.clone(), &[f32::NEG_INFINITY, f32::INFINITY]), 1);
+        // 1/T overflows: greedy, not a masked or least likely token.
+        let tiny = SamplingParams::default().with_temperature(1e-40);
+        assert_eq!(sample(tiny.clone(), &[f32::NEG_INFINITY, 5.0, 1.0]), 1);
+        assert_eq!(
+            sample(
+                SamplingParams { top_k: 3, ..tiny },
+                &[f32::NEG_INFINITY, 5.0, 1.0]
+            ),
+            1
+        );
+        // min-p above 1 keeps only the best token.
+        let min_p = SamplingParams { min_p: 1.5, ..t1 };
+        assert_eq!(sample(min_p, &[0.0, 1.0]), 1);
     }
 
     #[test]
