@@ -323,7 +323,7 @@ fn greedy(logits: &[f32]) -> u32 {
     0
 }
 
-/// `e^(l − max)` for a logit `l` at or below `max`, 0 for −∞ and NaN.
+/// `e^((l − max)/T)` for a logit `l` at or below `max` (`inv_t` = 1/T), 0 for −∞ and NaN.
 #[inline(always)]
 fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
     let x = (l - max) * inv_t;
