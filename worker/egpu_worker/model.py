@@ -35,7 +35,10 @@ The API is the one egpud's scheduler drives (through serve.py): `load_model(path
 * Attention is per row but in one set of kernels: every row reads its slot's cache over positions
   0..n_kv-1, where n_kv = max(pos)+1 over the batch (another Variable), and positions after the row's own are
   masked to -inf. A row's logits therefore do not depend on the other rows (the masked terms are exact zeros);
-  the only batch effect is f32 round-off from a different kernel shape.
+  the only batch effect is f32 round-off from a different kernel shape. Once the furthest row has passed the
+  sliding window, a second graph per batch size serves the step, whose sliding-window layers read only each
+  row's window (`_key_span`, prompt chunks likewise): a long context costs those layers their window, not the
+  whole cache.
 * Prompt chunks (items with several tokens) run one item at a time, jitted per (chunk length, logits kind):
   the chunk's rows of the embedding table are the jit's input, slot, start position and last real row bound
   Variables, so kernels are compiled once per chunk length, not per slot or position, and from a length's
@@ -66,7 +69,7 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
-from tinygrad.uop.ops import UOp
+from tinygrad.uop.ops import UOp, smax
 
 from .gguf import GGUFFile, TensorInfo
 from . import matvec
@@ -264,8 +267,8 @@ class Model:
     # size of 0 is "invalid argument".)
     self.v_maxpos = Variable("max_pos", 0, ctx - 1)
     self.v_pslot = Variable("pslot", 0, slots - 1)  # prefill's slot; its start is a Variable per chunk length
-    self._decode_jits: dict[int, TinyJit] = {}
-    self._prefill_jits: dict[tuple[int, str], TinyJit] = {}
+    self._decode_jits: dict[tuple[int, bool], TinyJit] = {}  # per (batch size, windowed)
+    self._prefill_jits: dict[tuple[int, str, bool, bool], TinyJit] = {}  # per (R, logits, hidden, windowed)
     # the prefill pass lengths (see _prefill_pieces); None runs every chunk at its own length (tests compare)
     self.prefill_buckets: tuple[int, ...] | None = PREFILL_BUCKETS
 
@@ -339,6 +342,28 @@ class Model:
     """RMSNorm of each head (last axis) with the layer's per-head-dimension weights."""
     return x * (x.square().mean(-1, keepdim=True) + self.cfg.norm_eps).rsqrt() * self.weight(name, dtypes.float32)
 
+  def _windowed(self, last_start: int) -> bool:
+    """Whether a pass whose furthest row starts at `last_start` takes the windowed graph (`_key_span`): the
+    model has sliding-window layers and that row's first query already sees fewer keys than it has before it."""
+    w = self.cfg.sliding_window
+    return w is not None and any(self.cfg.swa_layers) and last_start >= w
+
+  def _key_span(self, rows: "_Rows", swa: bool) -> tuple[object, list]:
+    """The cache positions a layer reads: L of them (int or symbolic), row b's from firsts[b] on.
+
+    Every row reads 0..n_kv-1, except on a sliding-window layer of a `windowed` pass (one whose furthest row
+    starts at or past the window): there row b, whose T queries start at starts[b], reads only the
+    window + T - 1 positions ending at its last query (from 0 while it is shorter): the keys its queries'
+    windows can see. So a long context costs a local layer its window, not the whole cache (Gemma 3: 5 of
+    every 6 layers), in decode and in a long prompt's later chunks. Keys in a span that a query may not see
+    are masked as before. L is then a constant; with a symbolic L (min(n_kv, window + T - 1)) tinygrad
+    copied each span to a buffer of its own first, one more kernel per local layer, which is why passes
+    within the window take the other graph instead. A windowed pass's span fits the cache: n_kv >= start +
+    T > window + T - 1."""
+    if not (swa and rows.windowed): return rows.n_kv, [0] * rows.B
+    span = self.cfg.sliding_window + rows.T - 1
+    return span, [smax(0, st + rows.T - span) for st in rows.starts]
+
   def attention(self, il: int, x: Tensor, rows: "_Rows") -> Tensor:
     cfg = self.cfg
     B, T = rows.B, rows.T
@@ -367,8 +392,9 @@ class Model:
     stores = [buf[:, s:s + 1, st:st + T].store(new[:, b:b + 1]) for b, (s, st) in enumerate(zip(rows.slots, rows.starts))]
     kv = Tensor(buf.after(*stores))
     rows.written.append(kv)
-    L = rows.n_kv
-    cached = Tensor.cat(*[kv[:, s:s + 1, 0:L] for s in rows.slots], dim=1) if B > 1 else kv[:, rows.slots[0]:rows.slots[0] + 1, 0:L]
+    L, firsts = self._key_span(rows, swa)
+    spans = [kv[:, s:s + 1, f:f + L] for s, f in zip(rows.slots, firsts)]
+    cached = Tensor.cat(*spans, dim=1) if B > 1 else spans[0]               # (2, B, L, KVH, D)
     keys, values = cached[0].float(), cached[1].float()                        # (B, L, KVH, D)
     q = q.reshape(B, T, KVH, G, D).permute(0, 2, 3, 1, 4)                      # (B, KVH, G, T, D)
     scores = q.matmul(keys.permute(0, 2, 3, 1).unsqueeze(2)) * cfg.attn_scale # (B, KVH, G, T, L)
@@ -376,6 +402,8 @@ class Model:
     # sliding-window layer, only the last `window` of those). Keys after the row's last position (other
     # sequences' history in this slot, or zeros) get -inf and an exact 0 weight.
     kpos = Tensor.arange(L).to(self.device).reshape(1, 1, L)
+    if any(not isinstance(f, int) or f != 0 for f in firsts):
+      kpos = kpos + Tensor.stack(*[Tensor(f, device=self.device).cast(dtypes.int32) for f in firsts]).reshape(B, 1, 1)
     qpos = rows.qpos.reshape(B, T, 1)
     # an encoder's text is one pass from position 0: every query sees every real key (not the pad rows after them)
     seen = kpos <= qpos if cfg.causal else (kpos < rows.n_real) & (qpos >= 0)  # (B, T, L)
@@ -480,12 +508,14 @@ class Model:
     real = Tensor(T if n_real is None else n_real, device=self.device).cast(dtypes.int32).reshape(1, 1, 1)
     return _Rows(B, T, slots, starts, n_kv, rope, qpos, n_real=real)
 
-  def _decode(self, *args: UOp) -> Tensor:
-    """The jitted batched decode: args = B tokens, B slots, B positions, the last position (all bound Variables)."""
+  def _decode(self, *args: UOp, windowed: bool = False) -> Tensor:
+    """The jitted batched decode: args = B tokens, B slots, B positions, the last position (all bound Variables).
+    `windowed`: the longest row has passed the sliding window (see `_key_span`)."""
     B = (len(args) - 1) // 3
     toks, slots, starts, n_kv = args[:B], args[B:2 * B], args[2 * B:3 * B], args[3 * B] + 1
     x = Tensor.cat(*[self.embed_one(t, p) for t, p in zip(toks, starts)]) if B > 1 else self.embed_one(toks[0], starts[0])
     rows = self._rows(list(slots), list(starts), 1, n_kv)
+    rows.windowed = windowed
     logits = self.head(self.forward(x, rows))
     self._realize(rows, logits)
     return logits
@@ -542,22 +572,25 @@ class Model:
     # an encoder's real rows, which every query attends to (the pad rows after them are masked)
     if not self.cfg.causal: args.append(Variable(f"real_T{R}", 1, R).bind(T))
     # hidden states and logits differ only in the head, and only where rows are returned
-    key = (R, logits, hidden and logits != "none")
+    # a pass starting past the sliding window reads only the window on those layers (`_key_span`): its own graph
+    key = (R, logits, hidden and logits != "none", self._windowed(start_pos))
     jit = self._prefill_jits.get(key)
     if jit is None:
-      jit = self._prefill_jits[key] = TinyJit(functools.partial(self._prefill_graph, R=R, logits=logits, hidden=key[2]))
+      jit = self._prefill_jits[key] = TinyJit(functools.partial(self._prefill_graph, R=R, logits=logits, hidden=key[2],
+                                                                windowed=key[3]))
     out = jit(*args)
     if out is None: return None
     out = out.numpy()  # a copy: the jit reuses its output buffer
     return out[0] if logits == "last" else out[:T]
 
   def _prefill_graph(self, raw: Tensor, slot: UOp, start: UOp, *rest: UOp, R: int, logits: str,
-                     hidden: bool = False) -> Tensor | None:
+                     hidden: bool = False, windowed: bool = False) -> Tensor | None:
     # rest: the last real row (logits "last", R > 1), then the real row count (encoders)
     real = rest[-1] if not self.cfg.causal else None
     last = rest[:1] if logits == "last" and R > 1 else ()
     rows = self._rows([slot], [start], R, start + R, n_real=real)
     rows.per_layer = True
+    rows.windowed = windowed
     h = self.forward(self._embed_finish(self._table_rows(self.tok_embd.name, raw, R), start, R), rows)
     if logits == "none":
       self._realize(rows)
@@ -605,9 +638,10 @@ class Model:
     dec = [] if hidden else [i for i, it in enumerate(items) if len(it.tokens) == 1]
     if dec:
       B = len(dec)
-      jit = self._decode_jits.get(B)
-      if jit is None: jit = self._decode_jits[B] = TinyJit(self._decode)
       rows = [items[i] for i in dec]
+      key = (B, self._windowed(max(int(it.start_pos) for it in rows)))
+      jit = self._decode_jits.get(key)
+      if jit is None: jit = self._decode_jits[key] = TinyJit(functools.partial(self._decode, windowed=key[1]))
       args = [self.v_tok[j].bind(int(it.tokens[0])) for j, it in enumerate(rows)]
       args += [self.v_slot[j].bind(int(it.slot)) for j, it in enumerate(rows)]
       args += [self.v_pos[j].bind(int(it.start_pos)) for j, it in enumerate(rows)]
@@ -657,6 +691,7 @@ class _Rows:
   qpos: Tensor         # (B, T) int32 absolute positions
   n_real: Tensor | None = None  # (1, 1, 1) an encoder pass's real tokens: the keys past them are pad rows
   per_layer: bool = False  # realize layer by layer (prefill) instead of one graph (jitted decode)
+  windowed: bool = False   # sliding-window layers read only each row's window (Model._key_span)
   written: list = field(default_factory=list)  # per layer, the cache after this pass's writes (to realize)
 
 

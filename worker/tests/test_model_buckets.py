@@ -229,7 +229,7 @@ def test_prefill_replay_equals_plain_pass(tmp_path):
     n = n_programs()
     got = jitted.step([StepItem(2, 3, seq(6, 3), "last")])[0]    # replayed: new slot, start and tokens
     assert n_programs() == n
-    jit = jitted._prefill_jits[(8, "last", False)]
+    jit = jitted._prefill_jits[(8, "last", False, False)]
     assert jit.captured is not None
     want = plain.step([StepItem(2, 3, seq(6, 3), "last")])[0]     # the plain model's first bucket-8 pass
     np.testing.assert_allclose(got, want, rtol=0, atol=ROUNDOFF)

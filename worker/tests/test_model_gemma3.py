@@ -122,6 +122,37 @@ def test_tiny_gemma3_matches_reference(tmp_path):
     m.close()
 
 
+def test_tiny_gemma3_rows_at_different_positions(tmp_path):
+  """A local layer reads only each row's window (Model._key_span): a batched decode step whose rows stand at
+  different positions, some inside the first window and some far past it, gives each row the float64 reference's
+  logits. The rows' spans then start at different cache positions (0 for the short row). So does a prompt chunk
+  that starts past the window."""
+  from egpu_worker.model import StepItem, load_model
+  w = tiny_gemma3(tmp_path / "g.gguf")
+  rng = np.random.default_rng(9)
+  seqs = [[int(t) for t in rng.integers(0, V, n)] for n in (14, 9, 3)]
+  lag = [0, 5, 11]  # row r's position at step i is i - lag[r]
+  want = [reference(w, s) for s in seqs]
+  m = load_model(str(tmp_path / "g.gguf"), ctx=16, slots=3)
+  try:
+    got = [[] for _ in seqs]
+    for i in range(len(seqs[0])):
+      live = [r for r in range(3) if 0 <= i - lag[r] < len(seqs[r])]
+      out = m.step([StepItem(r, i - lag[r], [seqs[r][i - lag[r]]], "last") for r in live])
+      for r, o in zip(live, out): got[r].append(o)
+    # a prompt's later chunk likewise reads only its queries' windows: 7 tokens at 5 (bucket 8) after 5 at 0
+    m.step([StepItem(0, 0, seqs[0][:5], "none")])
+    chunk = m.step([StepItem(0, 5, seqs[0][5:12], "all")])[0]
+    diffs = [float(np.abs(np.stack(g) - r).max()) for g, r in zip(got, want)]
+    diffs.append(float(np.abs(chunk - want[0][5:12]).max()))
+    print(f"tiny gemma3, rows at different positions vs float64 reference: {', '.join(f'{d:.3g}' for d in diffs)} "
+          f"(the last: a later prompt chunk)")
+    assert max(diffs) < BOUND
+    assert any(windowed for (_, windowed) in m._decode_jits) and any(k[3] for k in m._prefill_jits)
+  finally:
+    m.close()
+
+
 def reference_without_window(w, ids):
   global WINDOW
   saved, WINDOW = WINDOW, 10 ** 6
