@@ -8,7 +8,7 @@ Why: Gemma 3 attends globally on one layer in six and over a window (512 keys fo
 ones) on the other five. A step that reads every cached key on every layer moves, at long contexts, far more KV
 cache than the window needs, and on a GPU a decode step is bound by the bytes it moves (issue 19 part 4).
 
-What: for each position P, the model is loaded with a cache just longer than P + the chunk (so that tinygrad's
+What: for each position P, the model is loaded with a cache of about P + the chunk positions (so that tinygrad's
 estimate, which counts a cache gather's masked loads over the whole buffer, stays close to what the step reads),
 every slot is marked as holding P tokens, and decode steps at P, P+1, ... run at batch 1 and 2 (the TinyJit runs
 plainly, captures, then replays); then a prompt chunk of --chunk tokens at P, likewise. Printed per step: kernels,
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--reps", type=int, default=5, help="replayed steps timed per batch size (median)")
   ap.add_argument("--chunk", type=int, default=64, help="also time a prompt chunk of this many tokens (0: no)")
   args = ap.parse_args(argv)
+  if args.reps < 1: ap.error("--reps must be at least 1")
+  # one pass of exactly the chunk's length: a prefill bucket (the worker splits other lengths into several passes)
+  if args.chunk and (args.chunk & (args.chunk - 1) or args.chunk > 512): ap.error("--chunk must be 0 or a power of two up to 512")
   if not Path(args.model).is_file(): ap.error(f"{args.model}: no such file (scripts/fetch-models.sh fetches it)")
   os.environ.setdefault("DEV", "CPU")
   from egpu_worker.env import default_cache_env

@@ -38,8 +38,10 @@ The API is the one egpud's scheduler drives (through serve.py): `load_model(path
   the only batch effect is f32 round-off from a different kernel shape. Once the furthest row has passed the
   sliding window, a second graph per batch size serves the step, whose sliding-window layers read only each
   row's window (`_key_span`, prompt chunks likewise): a long context costs those layers their window, not the
-  whole cache.
-* Prompt chunks (items with several tokens) run one item at a time, jitted per (chunk length, logits kind):
+  whole cache. The price: a sequence that crosses the window waits once for that graph's compile (as for a
+  new batch size), and its captured activations come on top (see `memory_bytes`).
+* Prompt chunks (items with several tokens) run one item at a time, jitted per (chunk length, logits kind,
+  and whether the chunk starts past the sliding window):
   the chunk's rows of the embedding table are the jit's input, slot, start position and last real row bound
   Variables, so kernels are compiled once per chunk length, not per slot or position, and from a length's
   third pass on there is no scheduling either (tinygrad runs a jit's first call plainly and captures the
@@ -346,7 +348,7 @@ class Model:
     """Whether a pass whose furthest row starts at `last_start` takes the windowed graph (`_key_span`): the
     model has sliding-window layers and that row's first query already sees fewer keys than it has before it."""
     w = self.cfg.sliding_window
-    return w is not None and any(self.cfg.swa_layers) and last_start >= w
+    return w is not None and w > 0 and any(self.cfg.swa_layers) and last_start >= w
 
   def _key_span(self, rows: "_Rows", swa: bool) -> tuple[object, list]:
     """The cache positions a layer reads: L of them (int or symbolic), row b's from firsts[b] on.
@@ -358,8 +360,8 @@ class Model:
     every 6 layers), in decode and in a long prompt's later chunks. Keys in a span that a query may not see
     are masked as before. L is then a constant; with a symbolic L (min(n_kv, window + T - 1)) tinygrad
     copied each span to a buffer of its own first, one more kernel per local layer, which is why passes
-    within the window take the other graph instead. A windowed pass's span fits the cache: n_kv >= start +
-    T > window + T - 1."""
+    within the window take the other graph instead. Each span fits the cache: it ends at max(L, starts[b] + T),
+    and a windowed pass has L = window + T - 1 < start + T <= ctx for its furthest row."""
     if not (swa and rows.windowed): return rows.n_kv, [0] * rows.B
     span = self.cfg.sliding_window + rows.T - 1
     return span, [smax(0, st + rows.T - span) for st in rows.starts]
@@ -558,7 +560,7 @@ class Model:
   def _prefill_pass(self, slot: int, start_pos: int, tokens: list[int], R: int, logits: str,
                     hidden: bool = False) -> np.ndarray | None:
     """One pass of R >= len(tokens) rows: the tokens, then pad tokens written to the cache after them (never read,
-    see the module docstring). Jitted per (R, logits kind): the token rows of the embedding table are the input
+    see the module docstring). Jitted per (R, logits kind, windowed): the token rows of the embedding table are the input
     tensor, slot, start and the last real row are bound Variables, so a replay serves every prompt of the bucket
     at every slot and position. (tinygrad runs a jit's first call plainly and captures the second; from the
     third call on, a pass costs no scheduling: that was ~8 s per SmolLM2 prompt on a 2-core CPU.)"""
@@ -658,7 +660,8 @@ class Model:
   def memory_bytes(self) -> int:
     """Device bytes this model holds: weights (quantized), KV cache, RoPE tables. The captured decode graphs'
     activations (a few (B, n_ff) and (B, n_vocab) f32 buffers per batch size) and the captured prefill passes'
-    (per bucket: 40 MiB at 512 rows for SmolLM2) come on top."""
+    (per bucket: 40 MiB at 512 rows for SmolLM2) come on top, twice over for a model with a sliding window
+    once its contexts pass the window (a windowed graph beside each plain one)."""
     ts = [*self.bufs.values(), *self.kv, *[t for tab in self.rope_tables if tab for t in tab]]
     return sum(t.nbytes() for t in ts)
 

@@ -105,7 +105,7 @@ def jit_kernels(model, batch: int, var_vals: dict[str, int]) -> list[dict]:
   from tinygrad.engine.realize import estimate_uop
   from tinygrad.uop.ops import Ops, sym_infer
   names = {t.uop.base: n.removesuffix(".weight") for n, t in model.bufs.items()}
-  out, calls = [], list(model._decode_jits[(batch, False)].captured.linear.src)
+  out, calls = [], list(model._decode_jits[(batch, False)].captured.linear.src)  # the 8B shape has no window
   while calls:
     call = calls.pop(0)
     ast = call.src[0]

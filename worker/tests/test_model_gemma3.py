@@ -126,11 +126,11 @@ def test_tiny_gemma3_rows_at_different_positions(tmp_path):
   """A local layer reads only each row's window (Model._key_span): a batched decode step whose rows stand at
   different positions, some inside the first window and some far past it, gives each row the float64 reference's
   logits. The rows' spans then start at different cache positions (0 for the short row). So does a prompt chunk
-  that starts past the window."""
+  that starts past the window, run plainly, captured and replayed."""
   from egpu_worker.model import StepItem, load_model
   w = tiny_gemma3(tmp_path / "g.gguf")
   rng = np.random.default_rng(9)
-  seqs = [[int(t) for t in rng.integers(0, V, n)] for n in (14, 9, 3)]
+  seqs = [[int(t) for t in rng.integers(0, V, n)] for n in (16, 9, 3)]
   lag = [0, 5, 11]  # row r's position at step i is i - lag[r]
   want = [reference(w, s) for s in seqs]
   m = load_model(str(tmp_path / "g.gguf"), ctx=16, slots=3)
@@ -140,13 +140,16 @@ def test_tiny_gemma3_rows_at_different_positions(tmp_path):
       live = [r for r in range(3) if 0 <= i - lag[r] < len(seqs[r])]
       out = m.step([StepItem(r, i - lag[r], [seqs[r][i - lag[r]]], "last") for r in live])
       for r, o in zip(live, out): got[r].append(o)
-    # a prompt's later chunk likewise reads only its queries' windows: 7 tokens at 5 (bucket 8) after 5 at 0
-    m.step([StepItem(0, 0, seqs[0][:5], "none")])
-    chunk = m.step([StepItem(0, 5, seqs[0][5:12], "all")])[0]
+    # a prompt's later chunk likewise reads only its queries' windows, in bucket 8's windowed graph: run plainly
+    # (7 tokens at 5), captured (8 at 8: its span ends at ctx), replayed (7 at 3) at other slots and starts
     diffs = [float(np.abs(np.stack(g) - r).max()) for g, r in zip(got, want)]
-    diffs.append(float(np.abs(chunk - want[0][5:12]).max()))
+    for slot, start, end in ((0, 5, 12), (1, 8, 16), (2, 3, 10)):
+      m.step([StepItem(slot, 0, seqs[0][:start], "none")])
+      chunk = m.step([StepItem(slot, start, seqs[0][start:end], "all")])[0]
+      diffs.append(float(np.abs(chunk - want[0][start:end]).max()))
+    assert m._prefill_jits[(8, "all", False, True)].captured is not None
     print(f"tiny gemma3, rows at different positions vs float64 reference: {', '.join(f'{d:.3g}' for d in diffs)} "
-          f"(the last: a later prompt chunk)")
+          f"(the last three: later prompt chunks)")
     assert max(diffs) < BOUND
     assert any(windowed for (_, windowed) in m._decode_jits) and any(k[3] for k in m._prefill_jits)
   finally:
