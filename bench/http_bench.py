@@ -10,7 +10,8 @@ one run; the servers take turns (never both running), repetition by repetition.
         --llama-server target/llama-bench/build/bin/llama-server [--threads 2] [--reps 3]
 
 Decode rates are what the client sees: tokens after the first over the time from the first to
-the last. Both servers get `ignore_eos` so every stream is `--gen` tokens long, greedy.
+the last. Both servers get `ignore_eos` so every stream is `--gen` tokens long, greedy unless
+`--temperature` asks for sampled requests (the same settings sent to both servers).
 Prints markdown tables for BENCHMARKS.md. Speed is measured here, never asserted in tests.
 """
 
@@ -42,6 +43,8 @@ PROMPTS = [
 SLOTS = 8
 CTX = 1024
 CLIENT = "openai"
+TEMPERATURE = 0.0
+NOTHING_CUT: dict = {}
 _unique = iter(range(1 << 30))
 
 
@@ -85,8 +88,9 @@ def stream_raw(base, model, prompt, gen):
     url = urlparse(base)
     conn = http.client.HTTPConnection(url.hostname, url.port)
     body = json.dumps({
-        "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+        "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": TEMPERATURE,
         "max_tokens": gen, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+        **NOTHING_CUT,
     })
     t0 = time.perf_counter()
     conn.request("POST", url.path + "/chat/completions", body, {"Content-Type": "application/json"})
@@ -121,11 +125,11 @@ def stream(client, model, prompt, gen):
     for chunk in client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
-        temperature=0,
+        temperature=TEMPERATURE,
         max_tokens=gen,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
+        extra_body={"ignore_eos": True, **NOTHING_CUT},
     ):
         if chunk.usage is not None:
             usage = chunk.usage
@@ -189,12 +193,17 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; above 0, sampled with nothing cut (OpenAI's meaning of top_p 1; "
+                         "llama-server is told top_k 0 and min_p 0 too, which it would otherwise apply)")
     ap.add_argument("--client", choices=["openai", "raw"], default="openai",
                     help="openai: the official package, as apps use it; raw: a minimal client that "
                          "leaves the CPU to the server")
     args = ap.parse_args()
-    global CLIENT
+    global CLIENT, TEMPERATURE, NOTHING_CUT
     CLIENT = args.client
+    TEMPERATURE = args.temperature
+    NOTHING_CUT = {"top_p": 1.0, "top_k": 0, "min_p": 0.0} if args.temperature > 0 else {}
     model = str(Path(args.model).resolve())
     streams = [1, 4, 8]
     egpu_single, egpu_agg, engine, llama_single, llama_agg = [], [], [], [], []
@@ -229,7 +238,7 @@ def main():
     name = Path(model).name
     print(f"{name}, {args.threads} threads, {args.reps} reps (medians), chat prompt {prompt_tokens} tokens "
           f"(a new one per request), {args.gen} generated per stream, {SLOTS} slots of {CTX}, "
-          f"{args.client} client\n")
+          f"{args.client} client, " + (f"temperature {args.temperature}, nothing cut\n" if args.temperature > 0 else "greedy\n"))
     e_decode = med(e["decode_tok_s"] for e in engine)
     e_prefill = med(prompt_tokens / e["prefill_tok_s"] for e in engine)
     h_decode = med(s[1] for s in egpu_single)
