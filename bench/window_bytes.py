@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""What a decode step of the tinygrad worker moves and costs at long contexts, on a model with sliding-window layers.
+"""What the tinygrad worker's steps move and cost at long contexts, on a model with sliding-window layers.
 
     scripts/setup-worker.sh
     worker/.venv/bin/python bench/window_bytes.py [--model models/gemma-3-270m-q4_k_m.gguf] [--positions 256 2048 8192] [--chunk 64]
 
-Why: Gemma 3 attends globally on one layer in six and over a window (512 keys for the 270M, 1024 for the larger
-ones) on the other five. A step that reads every cached key on every layer moves, at long contexts, far more KV
+Why: Gemma 3 attends globally on one layer in six and over a window (512 keys for the 270M and 1B, 1024 for 4B,
+12B and 27B) on the other five. A step that reads every cached key on every layer moves, at long contexts, far more KV
 cache than the window needs, and on a GPU a decode step is bound by the bytes it moves (issue 19 part 4).
 
 What: for each position P, the model is loaded with a cache of about P + the chunk positions (so that tinygrad's

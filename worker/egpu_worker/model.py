@@ -512,7 +512,7 @@ class Model:
 
   def _decode(self, *args: UOp, windowed: bool = False) -> Tensor:
     """The jitted batched decode: args = B tokens, B slots, B positions, the last position (all bound Variables).
-    `windowed`: the longest row has passed the sliding window (see `_key_span`)."""
+    `windowed`: the furthest row stands at or past the sliding window (see `_key_span`)."""
     B = (len(args) - 1) // 3
     toks, slots, starts, n_kv = args[:B], args[B:2 * B], args[2 * B:3 * B], args[3 * B] + 1
     x = Tensor.cat(*[self.embed_one(t, p) for t, p in zip(toks, starts)]) if B > 1 else self.embed_one(toks[0], starts[0])
