@@ -350,8 +350,9 @@ class Model:
     w = self.cfg.sliding_window
     return w is not None and w > 0 and any(self.cfg.swa_layers) and last_start >= w
 
-  def _key_span(self, rows: "_Rows", swa: bool) -> tuple[object, list]:
-    """The cache positions a layer reads: L of them (int or symbolic), row b's from firsts[b] on.
+  def _key_span(self, rows: "_Rows", swa: bool) -> tuple[object, list | None]:
+    """The cache positions a layer reads: L of them (int or symbolic), row b's from firsts[b] on (firsts None:
+    every row's from 0).
 
     Every row reads 0..n_kv-1, except on a sliding-window layer of a `windowed` pass (one whose furthest row
     starts at or past the window): there row b, whose T queries start at starts[b], reads only the
@@ -362,7 +363,7 @@ class Model:
     copied each span to a buffer of its own first, one more kernel per local layer, which is why passes
     within the window take the other graph instead. Each span fits the cache: it ends at max(L, starts[b] + T),
     and a windowed pass has L = window + T - 1 < start + T <= ctx for its furthest row."""
-    if not (swa and rows.windowed): return rows.n_kv, [0] * rows.B
+    if not (swa and rows.windowed): return rows.n_kv, None
     span = self.cfg.sliding_window + rows.T - 1
     return span, [smax(0, st + rows.T - span) for st in rows.starts]
 
@@ -395,7 +396,7 @@ class Model:
     kv = Tensor(buf.after(*stores))
     rows.written.append(kv)
     L, firsts = self._key_span(rows, swa)
-    spans = [kv[:, s:s + 1, f:f + L] for s, f in zip(rows.slots, firsts)]
+    spans = [kv[:, s:s + 1, f:f + L] for s, f in zip(rows.slots, firsts or [0] * B)]
     cached = Tensor.cat(*spans, dim=1) if B > 1 else spans[0]               # (2, B, L, KVH, D)
     keys, values = cached[0].float(), cached[1].float()                        # (B, L, KVH, D)
     q = q.reshape(B, T, KVH, G, D).permute(0, 2, 3, 1, 4)                      # (B, KVH, G, T, D)
@@ -404,7 +405,7 @@ class Model:
     # sliding-window layer, only the last `window` of those). Keys after the row's last position (other
     # sequences' history in this slot, or zeros) get -inf and an exact 0 weight.
     kpos = Tensor.arange(L).to(self.device).reshape(1, 1, L)
-    if any(not isinstance(f, int) or f != 0 for f in firsts):
+    if firsts is not None:
       kpos = kpos + Tensor.stack(*[Tensor(f, device=self.device).cast(dtypes.int32) for f in firsts]).reshape(B, 1, 1)
     qpos = rows.qpos.reshape(B, T, 1)
     # an encoder's text is one pass from position 0: every query sees every real key (not the pad rows after them)
