@@ -231,6 +231,27 @@ async fn smollm2_on_tinygrad_agrees_with_the_cpu_engine() {
         batched.token_ids, alone.token_ids,
         "batched with two other streams"
     );
+
+    // The steps above captured graphs (decode batch sizes, prompt lengths) that hold device
+    // memory from now on: the model's bytes, and so the budget, count them.
+    let after = status(&mut client).await;
+    let model = after
+        .models
+        .iter()
+        .find(|m| m.name == "smol-tg")
+        .expect("smol-tg in status");
+    assert!(
+        model.bytes > info.bytes,
+        "bytes after steps {} against {} at load",
+        model.bytes,
+        info.bytes
+    );
+    eprintln!(
+        "smol-tg bytes: estimated {}, at load {}, after the steps {}",
+        model.bytes_estimated, info.bytes, model.bytes
+    );
+    let tg = tinygrad_backend(&after);
+    assert!(tg.used_bytes >= model.bytes, "{tg:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

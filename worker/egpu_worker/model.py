@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
+from tinygrad import Device, GlobalCounters, Tensor, TinyJit, Variable, dtypes
 from tinygrad.uop.ops import UOp, smax
 
 from .gguf import GGUFFile, TensorInfo
@@ -230,6 +230,7 @@ class Model:
       parts = [np.ascontiguousarray(f.tensor_bytes(n)) for n in key.split("+")]
       self.bufs[key] = Tensor(np.concatenate(parts) if len(parts) > 1 else parts[0], dtype=dtypes.uint8, device=device).realize()
     self.device = self.bufs["token_embd.weight"].device
+    self.graph_bytes = 0  # device bytes the captured TinyJits hold (see `step`)
     # SwiGLU/GeGLU's gate is realized on its own where the GPU mat-vec layout applies, so that gate and up are
     # two one-reduction kernels it can lay out (see egpu_worker.matvec); on the CPU they stay fused.
     self.split_gate = matvec.applies_to(self.device)
@@ -637,6 +638,17 @@ class Model:
     self.validate(items)
     if not self.cfg.has_lm_head and not hidden:
       raise ValueError(f"{self.cfg.arch} has no LM head: ask it for hidden states (embeddings)")
+    # What a step leaves allocated on the device is what the TinyJits it captured hold (their activations): a
+    # plain pass frees its buffers again, a replay allocates nothing, and the weights and caches were allocated
+    # at load. Steps run one at a time on the device thread, so the growth is this model's. Counted even when the
+    # step fails: a capture that raised may still hold its buffers until the model is closed.
+    held = GlobalCounters.mem_used_per_device[self.device]
+    try:
+      return self._step(items, hidden)
+    finally:
+      self.graph_bytes += max(0, GlobalCounters.mem_used_per_device[self.device] - held)
+
+  def _step(self, items: list[StepItem], hidden: bool) -> list[np.ndarray | None]:
     out: list[np.ndarray | None] = [None] * len(items)
     dec = [] if hidden else [i for i, it in enumerate(items) if len(it.tokens) == 1]
     if dec:
@@ -659,12 +671,14 @@ class Model:
     return out
 
   def memory_bytes(self) -> int:
-    """Device bytes this model holds: weights (quantized), KV cache, RoPE tables. The captured decode graphs'
-    activations (a few (B, n_ff) and (B, n_vocab) f32 buffers per batch size) and the captured prefill passes'
-    (per bucket: 40 MiB at 512 rows for SmolLM2) come on top, twice over for a model with a sliding window
-    once its contexts pass the window (a windowed graph beside each plain one)."""
+    """Device bytes this model holds: weights (quantized), KV cache, RoPE tables, and the activations of the
+    graphs captured so far (`graph_bytes`), which grow as steps meet new batch sizes and prompt buckets: a few
+    (B, n_ff) and (B, n_vocab) f32 buffers per decode batch size, per prefill bucket up to 40 MiB at 512 rows
+    for SmolLM2; twice over for a model with a sliding window once its contexts pass the window (a windowed
+    graph beside each plain one). Freed buffers that tinygrad's allocator keeps cached for reuse are not
+    counted: they belong to no model (the worker reports them as the device's `cached` figure)."""
     ts = [*self.bufs.values(), *self.kv, *[t for tab in self.rope_tables if tab for t in tab]]
-    return sum(t.nbytes() for t in ts)
+    return sum(t.nbytes() for t in ts) + self.graph_bytes
 
   def close(self) -> None:
     """Drop every device buffer of this model (weights, KV cache, RoPE tables, the captured jits) and return
@@ -674,6 +688,7 @@ class Model:
     self._decode_jits.clear()
     self._prefill_jits.clear()
     del self.bufs, self.kv, self.rope_tables
+    self.graph_bytes = 0
     gc.collect()
     Device[device].synchronize()
     Device[device].allocator.free_cache()

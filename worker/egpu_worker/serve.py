@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
           arr = np.ascontiguousarray(arr, dtype="<f4")
           reply.items.add(rows=1 if arr.ndim == 1 else arr.shape[0], values=arr.tobytes())
       reply.seconds = time.perf_counter() - start
+      reply.bytes = model.memory_bytes()
       return reply
 
   server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[

@@ -149,7 +149,37 @@ def test_memory_bytes(model, path):
   weights = sum(t.nbytes for t in f.tensors.values())
   kv = NL * 2 * 4 * 32 * KVH * D * 2  # layers x (K,V) x slots x ctx x kv heads x head_dim x f16
   rope = 2 * 32 * D * 4  # cos and signed sin, full width (model.rope)
-  assert model.memory_bytes() == weights + kv + rope
+  assert model.memory_bytes() == weights + kv + rope + model.graph_bytes
+
+
+def test_memory_bytes_count_the_captured_graphs(path):
+  """What egpud's budget sees after each step (StepResponse.bytes): the load's bytes plus what the captured
+  TinyJits hold, grown once per new batch size or prompt bucket and by nothing on replays; dropping the jits
+  returns exactly that to tinygrad."""
+  import gc
+  from tinygrad import GlobalCounters
+  from egpu_worker.model import StepItem, load_model
+  m = load_model(path, ctx=32, slots=4)
+  try:
+    dev, loaded = m.device, m.memory_bytes()
+    at_load = GlobalCounters.mem_used_per_device[dev]
+    assert m.graph_bytes == 0
+    seen = []
+    def steps(items_at):  # a jit's plain run, its capture, a replay
+      for _ in range(3):
+        m.step(items_at())
+        seen.append(m.graph_bytes)
+    steps(lambda: [StepItem(0, m.lengths[0], [3], "last")])
+    steps(lambda: [StepItem(s, m.lengths[s], [5], "last") for s in (0, 1)])
+    steps(lambda: [StepItem(3, 0, [1, 2, 3, 4, 5], "last")])
+    assert seen[0] == 0 and seen[3] == seen[2] and seen[6] == seen[5]  # plain runs free what they used
+    assert 0 < seen[1] == seen[2] < seen[4] == seen[5] < seen[7] == seen[8]  # captures hold, replays add nothing
+    assert m.memory_bytes() == loaded + m.graph_bytes
+    for j in [*m._decode_jits.values(), *m._prefill_jits.values()]: j.reset()
+    gc.collect()
+    assert GlobalCounters.mem_used_per_device[dev] == at_load
+  finally:
+    m.close()
 
 
 def test_unsupported_architecture(tmp_path):

@@ -29,6 +29,8 @@ pub struct TinygradModel {
     n_embd: usize,
     context: usize,
     lengths: Vec<usize>,
+    /// Device bytes the model holds: at load, its weights and caches; after each step, what
+    /// the worker reports, which adds the activations of the graphs it has captured.
     bytes: u64,
 }
 
@@ -150,6 +152,11 @@ impl TinygradModel {
         };
         for step in steps {
             self.lengths[step.slot] += step.tokens.len();
+        }
+        // The worker's graphs for a new batch size or prompt length hold device memory from
+        // now on; the scheduler publishes this figure to the budget after the step.
+        if reply.bytes > 0 {
+            self.bytes = reply.bytes;
         }
         let bad = |why: String| DaemonError::Internal(format!("tinygrad worker reply: {why}"));
         if reply.items.len() != steps.len() || reply.n_vocab != width {

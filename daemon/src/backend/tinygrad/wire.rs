@@ -81,6 +81,9 @@ pub struct StepRows {
 pub struct StepReply {
     pub n_vocab: usize,
     pub items: Vec<StepRows>,
+    /// Device bytes the model holds after the step, its captured graphs included (0: not
+    /// reported).
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -221,6 +224,7 @@ impl WorkerRpc {
         let reply = self.client.clone().step(request).await?.into_inner();
         Ok(StepReply {
             n_vocab: reply.n_vocab as usize,
+            bytes: reply.bytes,
             items: reply
                 .items
                 .into_iter()
