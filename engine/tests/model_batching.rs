@@ -352,6 +352,69 @@ fn rewinding_a_cache_equals_starting_afresh() {
     }
 }
 
+/// Another sequence's cache holding the same first tokens can stand in for prefilling them
+/// (egpud copies a shared prefix, e.g. a system prompt, into a new sequence's slot): the tokens
+/// after it get the bits a fresh prefill of the whole input gives. The prefix crosses a key
+/// block and was written by a chunk and a decode step; the copy lands in a cache of another
+/// capacity.
+#[test]
+fn a_prefix_copied_from_another_cache_equals_prefilling_it() {
+    let model = tiny("tiny-qwen2");
+    let pool = ThreadPool::new(2);
+    let mut scratch = model.new_scratch();
+    let mut rng = Rng::new(11);
+    let n_vocab = model.config().n_vocab as u32;
+    let shared = rng.tokens(70, n_vocab);
+    let (tail_a, tail_b) = (rng.tokens(9, n_vocab), rng.tokens(7, n_vocab));
+    let mut run = |cache: &mut egpu_engine::models::decoder::KvCache, tokens: &[u32]| {
+        model
+            .forward(
+                &pool,
+                &mut scratch,
+                &mut [BatchItem::append(cache, tokens, LogitsWanted::All)],
+            )
+            .unwrap()
+    };
+
+    let mut donor = model.new_kv_cache(100).unwrap();
+    run(&mut donor, &shared[..69]);
+    run(&mut donor, &shared[69..]);
+    run(&mut donor, &tail_a);
+
+    let mut copied = model.new_kv_cache(90).unwrap();
+    run(&mut copied, &tail_a); // whatever it held is overwritten
+    copied.copy_prefix_from(&donor, shared.len()).unwrap();
+    assert_eq!(copied.len(), shared.len());
+    let from_copy = run(&mut copied, &tail_b);
+
+    let mut whole = shared.clone();
+    whole.extend_from_slice(&tail_b);
+    let mut fresh_cache = model.new_kv_cache(whole.len()).unwrap();
+    let fresh = run(&mut fresh_cache, &whole);
+    for i in 0..tail_b.len() {
+        let (a, b) = (
+            from_copy.row(0, i).unwrap(),
+            fresh.row(0, shared.len() + i).unwrap(),
+        );
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "row {i} differs from a fresh prefill by up to {}",
+            max_abs_diff(a, b)
+        );
+    }
+
+    // More than the donor holds, more than fits, or another model's cache: an error, and the
+    // cache keeps what it held.
+    let before = copied.len();
+    assert!(copied.copy_prefix_from(&donor, donor.len() + 1).is_err());
+    let mut small = model.new_kv_cache(8).unwrap();
+    assert!(small.copy_prefix_from(&donor, 9).is_err());
+    let other = tiny("tiny-gpt2");
+    let foreign = other.new_kv_cache(100).unwrap();
+    assert!(copied.copy_prefix_from(&foreign, 0).is_err());
+    assert_eq!((copied.len(), small.len()), (before, 0));
+}
+
 /// In a Gemma 3 of five layers, all sliding-window layers (window 3), position p sees tokens
 /// back to p − 5·(3 − 1) and no further: changing token 0 must leave logits from position 11
 /// on exactly unchanged and must change them at position 1. With a window as long as the

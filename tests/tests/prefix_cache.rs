@@ -1,7 +1,8 @@
 //! Prompt-prefix reuse on the CPU backend, end to end: a chat's next turn finds its earlier
 //! turns in the slot it used, prefills only what is new, and gets exactly the bits a model that
-//! never saw the conversation computes from scratch; two conversations keep their own slots;
-//! Status counts hits and reused tokens.
+//! never saw the conversation computes from scratch; two conversations keep their own slots,
+//! the second copying the system prompt they share from the first's; Status counts hits and
+//! reused tokens.
 
 use egpu_e2e::v1::{self as pb};
 use egpu_e2e::*;
@@ -72,6 +73,14 @@ async fn a_chats_next_turn_reuses_its_slot_and_gets_the_bits_of_a_fresh_prefill(
     let a1 = run(turn("smol", &a1_messages, 24)).await;
     let b1 = run(turn("smol", &b1_messages, 24)).await;
     assert_eq!(cached(&a1), 0, "nothing is cached before the first request");
+    // b1 shares the system prompt (and the template around it) with a1: it takes the empty
+    // slot rather than cut a1's conversation, and copies that part of a1's cache into it.
+    assert!(
+        cached(&b1) > 0 && cached(&b1) < prompt_tokens(&b1),
+        "b1: {} cached of {}",
+        cached(&b1),
+        prompt_tokens(&b1)
+    );
 
     let next = |first: &[pb::ChatMessage], answer: &Generated, question: &str| {
         let mut m = first.to_vec();
@@ -105,12 +114,14 @@ async fn a_chats_next_turn_reuses_its_slot_and_gets_the_bits_of_a_fresh_prefill(
     // The same turns from scratch on new instances of the same file: the same tokens, bit for
     // bit the same log-probabilities. The cached part includes the answer's tokens, whose
     // keys and values were written one decode step at a time.
-    for (name, messages, reused) in [
-        ("fresh-a", &a2_messages, &a2),
-        ("fresh-b", &b2_messages, &b2),
+    // b1's first positions were copied from a1's slot, and b2 continues b1.
+    for (name, messages, reused, max_tokens) in [
+        ("fresh-a", &a2_messages, &a2, 16),
+        ("fresh-b", &b2_messages, &b2, 16),
+        ("fresh-b1", &b1_messages, &b1, 24),
     ] {
         load_smollm2(&mut client, name, 1024, 1).await;
-        let fresh = run(turn(name, messages, 16)).await;
+        let fresh = run(turn(name, messages, max_tokens)).await;
         assert_eq!(cached(&fresh), 0, "a new instance has nothing cached");
         assert_eq!(fresh.token_ids, reused.token_ids);
         assert_eq!(bits(&fresh), bits(reused), "log-probability bits");
@@ -124,11 +135,8 @@ async fn a_chats_next_turn_reuses_its_slot_and_gets_the_bits_of_a_fresh_prefill(
     let st = status(&mut client).await;
     let smol = st.models.iter().find(|m| m.name == "smol").expect("smol");
     let prefix = smol.prefix_cache.expect("prefix cache counters");
-    // b1 shares only the system prompt with a1: it took the empty slot rather than cut a1's
-    // conversation, and reused nothing.
-    assert_eq!(cached(&b1), 0);
-    assert_eq!((prefix.lookups, prefix.hits), (5, 3), "{prefix:?}");
-    let reused: u32 = [&a2, &b2, &again].iter().map(|g| cached(g)).sum();
+    assert_eq!((prefix.lookups, prefix.hits), (5, 4), "{prefix:?}");
+    let reused: u32 = [&b1, &a2, &b2, &again].iter().map(|g| cached(g)).sum();
     assert_eq!(prefix.reused_tokens, u64::from(reused), "{prefix:?}");
 }
 

@@ -79,6 +79,26 @@ impl CpuModel {
         self.caches[slot].truncate(len);
     }
 
+    /// Makes slot `to` hold the first `len` positions of slot `from`'s cache (see
+    /// [`KvCache::copy_prefix_from`]).
+    pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<(), DaemonError> {
+        let n = self.caches.len();
+        if from == to || from >= n || to >= n {
+            return Err(DaemonError::Internal(format!(
+                "no prefix copy from slot {from} to slot {to} of {n}"
+            )));
+        }
+        // Two distinct slots borrowed at once: split the list between them.
+        let (low, high) = self.caches.split_at_mut(from.max(to));
+        let (src, dst) = if from < to {
+            (&low[from], &mut high[0])
+        } else {
+            (&high[0], &mut low[to])
+        };
+        dst.copy_prefix_from(src, len)
+            .map_err(|e| DaemonError::Internal(e.to_string()))
+    }
+
     /// One forward pass over several slots. `steps` must name distinct slots in increasing
     /// order; the logits come back in the same order.
     pub fn forward(

@@ -254,6 +254,22 @@ impl DecoderModel {
         }
     }
 
+    /// Whether [`DecoderModel::copy_prefix`] works on this backend (the tinygrad worker has
+    /// no copy between slots yet: its sequences prefill what their own slot lacks).
+    pub fn can_copy_prefix(&self) -> bool {
+        matches!(self, DecoderModel::Cpu(_))
+    }
+
+    /// Makes slot `to` hold the first `len` positions of slot `from`'s cache.
+    pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<(), DaemonError> {
+        match self {
+            DecoderModel::Cpu(m) => m.copy_prefix(from, to, len),
+            DecoderModel::Tinygrad(_) => Err(DaemonError::Internal(
+                "the tinygrad backend cannot copy a prefix between slots".into(),
+            )),
+        }
+    }
+
     /// The final hidden states of `tokens` fed to slot `slot` at `start_pos`: what embeddings
     /// are pooled from, on either backend.
     pub fn hidden(

@@ -24,7 +24,7 @@ use super::events::{
     Timings, TokenChunk, TokenLogprob, TokenLogprobs,
 };
 use super::plan::{plan_step, SlotView, StepPlan, Work};
-use super::prefix::{choose_slot, SlotChoice, SlotHistory};
+use super::prefix::{choose_slot, common_prefix, SlotChoice, SlotHistory};
 use super::{
     ClientKey, EmbedJob, GenerateJob, Job, ModelQueue, Request, RunnerSettings, ScoreJob,
     StopReason,
@@ -105,9 +105,26 @@ impl CachedSlots {
     }
 
     /// Places a new sequence with `input` in one of `free`, cutting that slot's cache to the
-    /// prefix it reuses (at most `reusable` tokens).
+    /// prefix it reuses (at most `reusable` tokens), or copying a longer one into it from
+    /// another slot where the backend can.
     fn place(&mut self, free: &[usize], input: &[u32], reusable: usize) -> SlotChoice {
-        let choice = choose_slot(&self.histories, free, input, reusable);
+        let copies = self.model.can_copy_prefix();
+        let mut choice = choose_slot(&self.histories, free, input, reusable, copies);
+        if let Some(from) = choice.copy_from {
+            match self.model.copy_prefix(from, choice.slot, choice.reused) {
+                Ok(()) => {
+                    self.histories[choice.slot].tokens = input[..choice.reused].to_vec();
+                }
+                Err(err) => {
+                    // Not expected (same model, lengths from the histories); the sequence
+                    // then prefills what the slot itself does not hold.
+                    tracing::warn!(cause = %err, "prefix copy between slots failed");
+                    let own = common_prefix(&self.histories[choice.slot].tokens, input);
+                    choice.reused = own.min(reusable);
+                    choice.copy_from = None;
+                }
+            }
+        }
         self.model.keep_prefix(choice.slot, choice.reused);
         let history = &mut self.histories[choice.slot];
         history.truncate(choice.reused);

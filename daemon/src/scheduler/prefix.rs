@@ -11,9 +11,16 @@
 //! model loads (a model never needs more memory mid-request, the budget's guarantee), so a
 //! prefix kept in a free slot costs no memory that is not already counted, and dropping it
 //! would free none. The unit that frees memory under pressure stays a whole idle model,
-//! evicted least recently used first, its cached prefixes with it. Sharing one prefix between
-//! slots (several conversations with one long system prompt) would need copy-on-write blocks
-//! in both backends' caches; per-slot matching already serves one app's conversation per slot.
+//! evicted least recently used first, its cached prefixes with it.
+//!
+//! Between slots, a prefix is copied rather than shared: where the backend can copy caches
+//! (the CPU backend), a new sequence whose input starts like what another slot holds (busy
+//! or free: several conversations with one long system prompt) gets those positions copied
+//! into its own slot, one memory copy instead of a prefill. Sharing blocks copy-on-write would
+//! save the copy's memory, but slots are reserved in full anyway, so it would save nothing the
+//! budget counts. With copies available, a slot holding another conversation is no longer
+//! cut just to reuse the part of it the input shares: the new sequence takes an empty or the
+//! least recently used slot and copies that part.
 //!
 //! Exactness (CPU backend): the engine's outputs for a token do not depend on how its sequence
 //! was split into passes (batch invariance, ARCHITECTURE.md), so a reused prefix leaves the same
@@ -46,8 +53,11 @@ impl SlotHistory {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotChoice {
     pub slot: usize,
-    /// Tokens of the input already in that slot's cache (they are not fed again).
+    /// Tokens of the input that are not fed again: already in that slot's cache, or copied
+    /// into it from `copy_from`.
     pub reused: usize,
+    /// Another slot whose first `reused` positions are to be copied into `slot` first.
+    pub copy_from: Option<usize>,
 }
 
 /// Tokens `a` and `b` share from the start.
@@ -67,11 +77,18 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 ///
 /// `reusable` caps what may be kept: a sequence must feed at least its last input token to get
 /// the logits it predicts from, and a scoring wants every position's logits (cap 0).
+///
+/// With `copies` (the backend can copy a prefix between slots), any slot, busy or free, may
+/// lend the longest prefix it shares with the input to the chosen one (`copy_from`), and a
+/// matching free slot is taken only when nothing of it is lost or it is the same conversation
+/// resumed; otherwise the new sequence goes to an empty or the least recently used slot, as
+/// with no match, and copies what it shares.
 pub fn choose_slot(
     histories: &[SlotHistory],
     free: &[usize],
     input: &[u32],
     reusable: usize,
+    copies: bool,
 ) -> SlotChoice {
     let shared = |slot: usize| common_prefix(&histories[slot].tokens, input).min(reusable);
     let best = free
@@ -82,23 +99,40 @@ pub fn choose_slot(
             let lost = histories[slot].tokens.len() - keep;
             (keep, std::cmp::Reverse(lost), std::cmp::Reverse(slot))
         });
-    if let Some((slot, keep)) = best {
+    let matched = best.filter(|&(slot, keep)| {
         let history = &histories[slot];
         let lost = history.tokens.len() - keep;
-        if keep > 0 && (keep >= lost || keep >= history.prompt_len) {
-            return SlotChoice { slot, reused: keep };
-        }
-    }
-    let slot = *free
-        .iter()
-        .min_by_key(|&&slot| {
-            let h = &histories[slot];
-            (!h.tokens.is_empty(), h.last_used, slot)
-        })
-        .expect("choose_slot needs a free slot");
-    SlotChoice {
-        slot,
-        reused: shared(slot),
+        // Without copies, cutting the slot is the only way to reuse what it shares.
+        let worth_cutting = !copies && keep >= lost;
+        keep > 0 && (lost == 0 || keep >= history.prompt_len || worth_cutting)
+    });
+    let (slot, reused) = matched.unwrap_or_else(|| {
+        let slot = *free
+            .iter()
+            .min_by_key(|&&slot| {
+                let h = &histories[slot];
+                (!h.tokens.is_empty(), h.last_used, slot)
+            })
+            .expect("choose_slot needs a free slot");
+        (slot, shared(slot))
+    });
+    let donor = (0..histories.len())
+        .filter(|&other| copies && other != slot)
+        .map(|other| (other, shared(other)))
+        // Longest; among equals the lowest index.
+        .max_by_key(|&(other, keep)| (keep, std::cmp::Reverse(other)))
+        .filter(|&(_, keep)| keep > reused);
+    match donor {
+        Some((from, keep)) => SlotChoice {
+            slot,
+            reused: keep,
+            copy_from: Some(from),
+        },
+        None => SlotChoice {
+            slot,
+            reused,
+            copy_from: None,
+        },
     }
 }
 
@@ -125,12 +159,19 @@ mod tests {
             history(&conversation, 1),
             SlotHistory::default(),
         ];
-        let choice = choose_slot(&histories, &[0, 1, 2], &next_turn, next_turn.len() - 1);
+        let choice = choose_slot(
+            &histories,
+            &[0, 1, 2],
+            &next_turn,
+            next_turn.len() - 1,
+            false,
+        );
         assert_eq!(
             choice,
             SlotChoice {
                 slot: 1,
-                reused: 100
+                reused: 100,
+                copy_from: None
             }
         );
     }
@@ -140,11 +181,25 @@ mod tests {
         let conversation: Vec<u32> = (0..100).collect();
         let other: Vec<u32> = [0, 1, 2, 900, 901].to_vec();
         let histories = [history(&conversation, 1), SlotHistory::default()];
-        let choice = choose_slot(&histories, &[0, 1], &other, other.len() - 1);
-        assert_eq!(choice, SlotChoice { slot: 1, reused: 0 });
+        let choice = choose_slot(&histories, &[0, 1], &other, other.len() - 1, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 1,
+                reused: 0,
+                copy_from: None
+            }
+        );
         // With no other free slot, the conversation's slot is taken and its prefix still used.
-        let choice = choose_slot(&histories, &[0], &other, other.len() - 1);
-        assert_eq!(choice, SlotChoice { slot: 0, reused: 3 });
+        let choice = choose_slot(&histories, &[0], &other, other.len() - 1, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 0,
+                reused: 3,
+                copy_from: None
+            }
+        );
     }
 
     #[test]
@@ -162,12 +217,13 @@ mod tests {
             },
             SlotHistory::default(),
         ];
-        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1);
+        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1, false);
         assert_eq!(
             choice,
             SlotChoice {
                 slot: 0,
-                reused: 300
+                reused: 300,
+                copy_from: None
             }
         );
     }
@@ -175,27 +231,133 @@ mod tests {
     #[test]
     fn without_a_match_the_least_recently_used_slot_is_taken() {
         let histories = [history(&[1, 2], 9), history(&[3, 4], 2), history(&[5], 4)];
-        let choice = choose_slot(&histories, &[0, 1, 2], &[8, 8, 8], 2);
-        assert_eq!(choice, SlotChoice { slot: 1, reused: 0 });
+        let choice = choose_slot(&histories, &[0, 1, 2], &[8, 8, 8], 2, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 1,
+                reused: 0,
+                copy_from: None
+            }
+        );
         // Busy slots are not candidates.
-        let choice = choose_slot(&histories, &[0, 2], &[8, 8, 8], 2);
-        assert_eq!(choice, SlotChoice { slot: 2, reused: 0 });
+        let choice = choose_slot(&histories, &[0, 2], &[8, 8, 8], 2, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 2,
+                reused: 0,
+                copy_from: None
+            }
+        );
     }
 
     #[test]
     fn the_last_input_token_is_always_fed_and_scoring_reuses_nothing() {
         let histories = [history(&[1, 2, 3, 4], 1)];
         // The same prompt again: all but its last token come from the cache.
-        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 3);
-        assert_eq!(choice, SlotChoice { slot: 0, reused: 3 });
-        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 0);
-        assert_eq!(choice, SlotChoice { slot: 0, reused: 0 });
+        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 3, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 0,
+                reused: 3,
+                copy_from: None
+            }
+        );
+        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 0, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 0,
+                reused: 0,
+                copy_from: None
+            }
+        );
     }
 
     #[test]
     fn a_longer_match_wins_over_recency() {
         let histories = [history(&[1, 2, 3, 9], 1), history(&[1, 2, 8], 7)];
-        let choice = choose_slot(&histories, &[0, 1], &[1, 2, 3, 4, 5], 4);
-        assert_eq!(choice, SlotChoice { slot: 0, reused: 3 });
+        let choice = choose_slot(&histories, &[0, 1], &[1, 2, 3, 4, 5], 4, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 0,
+                reused: 3,
+                copy_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn with_copies_a_shared_system_prompt_comes_from_another_slot() {
+        let system: Vec<u32> = (0..40).collect();
+        let conversation = [system.clone(), (100..160).collect()].concat();
+        let other = [system.clone(), vec![900, 901, 902]].concat();
+        let histories = [
+            history(&conversation, 1),
+            SlotHistory::default(),
+            history(&[5, 6], 3),
+        ];
+        // Free slot 0 holds a conversation that shares only the system prompt: it is not cut,
+        // the empty slot is taken and the prompt copied into it.
+        let choice = choose_slot(&histories, &[0, 1, 2], &other, other.len() - 1, true);
+        let copied = SlotChoice {
+            slot: 1,
+            reused: 40,
+            copy_from: Some(0),
+        };
+        assert_eq!(choice, copied);
+        // A busy slot lends its prefix too (slot 0 is not free here).
+        let choice = choose_slot(&histories, &[1, 2], &other, other.len() - 1, true);
+        assert_eq!(choice, copied);
+        // Without copies, the old rule: the conversation's slot is cut (40 kept ≥ 60 lost is
+        // false, so the empty slot is taken with nothing reused).
+        let choice = choose_slot(&histories, &[0, 1, 2], &other, other.len() - 1, false);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 1,
+                reused: 0,
+                copy_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn with_copies_a_resumed_conversation_keeps_its_slot_and_nothing_is_copied_for_less() {
+        let conversation: Vec<u32> = (0..50).collect();
+        let next_turn = [conversation.clone(), vec![70, 71]].concat();
+        let histories = [history(&conversation[..20], 4), history(&conversation, 1)];
+        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1, true);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 1,
+                reused: 50,
+                copy_from: None
+            }
+        );
+        // Scoring reuses nothing, so nothing is copied either.
+        let choice = choose_slot(&histories, &[0], &next_turn, 0, true);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 0,
+                reused: 0,
+                copy_from: None
+            }
+        );
+        // The only free slot is the least recently used and shares less than a busy one.
+        let choice = choose_slot(&histories, &[0], &next_turn, next_turn.len() - 1, true);
+        assert_eq!(
+            choice,
+            SlotChoice {
+                slot: 0,
+                reused: 50,
+                copy_from: Some(1)
+            }
+        );
     }
 }

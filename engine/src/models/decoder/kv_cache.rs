@@ -113,6 +113,31 @@ impl KvCache {
         self.data.len()
     }
 
+    /// Makes this cache hold the first `len` positions of `src` (the same model's cache of
+    /// another sequence): what prefilling the same tokens would have written, bit for bit,
+    /// since a token's keys and values depend only on the tokens before it (batch invariance).
+    /// Whole blocks are copied: positions past `len` in the last one are not read before they
+    /// are written again. Fails, changing nothing, if the shapes differ or `len` is more than
+    /// `src` holds or this cache can hold.
+    pub fn copy_prefix_from(&mut self, src: &KvCache, len: usize) -> Result<(), ModelError> {
+        let same_shape = self.n_layer == src.n_layer
+            && self.n_head_kv == src.n_head_kv
+            && self.head_dim_k == src.head_dim_k
+            && self.head_dim_v == src.head_dim_v;
+        if !same_shape || len > src.len || len > self.capacity {
+            return Err(ModelError::InvalidBatch(format!(
+                "cannot copy {len} positions from a cache holding {} into one of {} positions{}",
+                src.len,
+                self.capacity,
+                if same_shape { "" } else { " of another shape" }
+            )));
+        }
+        let n = self.head_block_start(0, 0, len.div_ceil(KEY_BLOCK));
+        self.data.f16s_mut()[..n].copy_from_slice(&src.data.f16s()[..n]);
+        self.len = len;
+        Ok(())
+    }
+
     /// Whether this cache was made for a model of this shape.
     pub(crate) fn fits(&self, config: &ModelConfig) -> bool {
         self.n_layer == config.n_layer
