@@ -8,6 +8,7 @@ same machine, same run. The servers take turns (never both running).
     bench/build-llama-cpp.sh                      # llama-server from llama-cpp-python's llama.cpp
     PYTHONPATH=$(scripts/python-deps.sh) python3 bench/prefix_bench.py \\
         --llama-server target/llama-bench/build/bin/llama-server [--threads 2] [--reps 3]
+        [--shared-system 800 --exchanges 2]     # two conversations with one long system prompt, in turns
 
 Per repetition and per way in, three requests with the same shape:
 - cold: the next-turn request of a conversation no server has seen (a unique tag in the system
@@ -146,6 +147,39 @@ def measure(client, exchanges, answer_tokens):
     return cold, warm, prompt, cached
 
 
+def system_prompt(words):
+    """A long system prompt (about 1.3 tokens a word), unique per call."""
+    tag = next(_tags)
+    rules = [f"Rule {k + 1} of session {tag}: when the user asks about {TOPICS[k % len(TOPICS)]}, start from "
+             f"what they already know, use one concrete example, and end with a question they can try."
+             for k in range(words // 30 + 1)]
+    return " ".join(rules)
+
+
+def shared_system(client, words, exchanges, answer_tokens):
+    """Two conversations, X and Y, with the same long system prompt and their own exchanges, in
+    turns X1, Y1, X2, Y2 (two slots), as two apps built on one assistant prompt: TTFT of Y1 (a
+    new conversation whose system prompt another slot holds), X2 and Y2 (next turns after the
+    other conversation's), and of a cold request of the same shape. (ttfts, cached per request)"""
+    system = system_prompt(words)
+
+    def first(tag_offset):
+        messages = conversation(exchanges)
+        messages[0] = {"role": "system", "content": f"{system} Conversation {tag_offset}."}
+        return messages
+
+    cold_system = system_prompt(words)
+    cold_messages = first(0)
+    cold_messages[0] = {"role": "system", "content": f"{cold_system} Conversation 0."}
+    cold, _, _, _ = client.chat(cold_messages, 4)
+    x1, y1 = first(1), first(2)
+    _, x_answer, _, _ = client.chat(x1, answer_tokens)
+    y1_ttft, y_answer, _, y1_cached = client.chat(y1, answer_tokens)
+    x2_ttft, _, _, x2_cached = client.chat(next_turn(x1, x_answer), 4)
+    y2_ttft, _, y2_prompt, y2_cached = client.chat(next_turn(y1, y_answer), 4)
+    return (cold, y1_ttft, x2_ttft, y2_ttft), (y1_cached, x2_cached, y2_cached, y2_prompt)
+
+
 class Egpud:
     def __init__(self, model, threads, tmp):
         self.proc, port, sock = start_egpud(model, threads, tmp, SLOTS, CTX)
@@ -175,8 +209,12 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--exchanges", type=int, default=6, help="user/assistant pairs before the last question")
     ap.add_argument("--answer", type=int, default=48, help="tokens of the previous turn's answer")
+    ap.add_argument("--shared-system", type=int, default=0, metavar="WORDS",
+                    help="instead: two conversations with one system prompt of WORDS words, in turns (X1, Y1, X2, Y2)")
     args = ap.parse_args()
     model = str(Path(args.model).resolve())
+    if args.shared_system:
+        return shared_system_main(args, model)
     rows = {}
     for rep in range(args.reps):
         with tempfile.TemporaryDirectory(prefix="egpu-prefix-bench-") as tmp:
@@ -210,6 +248,39 @@ def main():
         for name in ("egpud, gRPC", "egpud, HTTP"):
             print(f"\n{name} next-turn TTFT vs llama-server's: {ls / med(r[1] for r in rows[name]):.2f}× faster", end="")
         print()
+
+
+def shared_system_main(args, model):
+    runs = {}
+    for rep in range(args.reps):
+        with tempfile.TemporaryDirectory(prefix="egpu-prefix-bench-") as tmp:
+            server = Egpud(model, args.threads, tmp)
+            try:
+                runs.setdefault("egpud, gRPC", []).append(
+                    shared_system(server.grpc, args.shared_system, args.exchanges, args.answer))
+            finally:
+                server.stop()
+            if args.llama_server:
+                server = LlamaServer(args.llama_server, model, args.threads, tmp)
+                try:
+                    runs.setdefault("llama-server, HTTP", []).append(
+                        shared_system(server.http, args.shared_system, args.exchanges, args.answer))
+                finally:
+                    server.stop()
+        print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
+    med = statistics.median
+    y2_prompt = runs["egpud, gRPC"][0][1][3]
+    print(f"{Path(model).name}, {args.threads} threads, {args.reps} reps (medians), {SLOTS} slots: two conversations "
+          f"with one system prompt of {args.shared_system} words, {args.exchanges} exchanges each, in turns X1, Y1, "
+          f"X2, Y2 (Y2: {y2_prompt} prompt tokens)\n")
+    print("| server | cold TTFT | Y1 (new, shared system prompt) | X2 (next turn after Y1) | Y2 | tokens reused Y1 / X2 / Y2 |")
+    print("|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        ttft = [med(r[0][i] for r in rs) for i in range(4)]
+        cached = rs[-1][1]
+        cells = " | ".join(f"{t * 1e3:.0f} ms ({100 * t / ttft[0]:.0f}%)" for t in ttft[1:])
+        reused = " / ".join("?" if c is None else str(c) for c in cached[:3])
+        print(f"| {name} | {ttft[0] * 1e3:.0f} ms | {cells} | {reused} |")
 
 
 if __name__ == "__main__":
