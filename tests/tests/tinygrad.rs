@@ -819,7 +819,10 @@ async fn a_chats_next_turn_on_tinygrad_reuses_its_slot_like_a_fresh_prefill() {
         ("user", "And the largest planet?".to_string()),
     ];
     let reused = chat("smol", conversation.clone()).await;
-    let fresh = chat("fresh", conversation).await;
+    let fresh = chat("fresh", conversation.clone()).await;
+    // The conversation as the next turn will send it.
+    let mut conversation_turn = conversation;
+    conversation_turn.push(("assistant", reused.text.clone()));
     let (reused_done, fresh_done) = (reused.done.unwrap(), fresh.done.unwrap());
     assert!(
         reused_done.cached_prompt_tokens >= first.done.unwrap().prompt_tokens,
@@ -840,6 +843,32 @@ async fn a_chats_next_turn_on_tinygrad_reuses_its_slot_like_a_fresh_prefill() {
     }
     assert_eq!(compared, 3 * reused.token_ids.len());
     eprintln!("tinygrad reused vs fresh prefix: max |log-prob difference| {max:.5}");
+
+    // Another conversation shares only the template's system prompt with the first: it takes
+    // the empty slot, the worker copies that prefix into it from the first conversation's
+    // slot, and it gets a fresh instance's tokens; the first conversation's slot stays whole.
+    let other = vec![("user", "Name a red planet.".to_string())];
+    let copied = chat("smol", other.clone()).await;
+    let fresh_other = chat("fresh", other).await;
+    let copied_done = copied.done.clone().unwrap();
+    assert!(
+        copied_done.cached_prompt_tokens > 0
+            && copied_done.cached_prompt_tokens < copied_done.prompt_tokens,
+        "{copied_done:?}"
+    );
+    assert_eq!(copied.token_ids, fresh_other.token_ids);
+    for (c, f) in copied.logprobs.iter().zip(&fresh_other.logprobs) {
+        for (a, b) in c.top.iter().zip(&f.top) {
+            assert!((a.logprob - b.logprob).abs() <= REUSE_TOLERANCE);
+        }
+    }
+    let mut again = conversation_turn.clone();
+    again.push(("user", "Thanks.".to_string()));
+    let resumed = chat("smol", again).await.done.unwrap();
+    assert!(
+        resumed.cached_prompt_tokens >= reused_done.prompt_tokens,
+        "{resumed:?}"
+    );
 }
 
 /// Constrained generation is egpud's mask over whatever logits the backend returns, so it holds

@@ -231,6 +231,7 @@ class Model:
       self.bufs[key] = Tensor(np.concatenate(parts) if len(parts) > 1 else parts[0], dtype=dtypes.uint8, device=device).realize()
     self.device = self.bufs["token_embd.weight"].device
     self.graph_bytes = 0  # device bytes the captured TinyJits hold (see `step`)
+    self._copy_jit: TinyJit | None = None  # copy_prefix's graph
     # SwiGLU/GeGLU's gate is realized on its own where the GPU mat-vec layout applies, so that gate and up are
     # two one-reduction kernels it can lay out (see egpu_worker.matvec); on the CPU they stay fused.
     self.split_gate = matvec.applies_to(self.device)
@@ -670,6 +671,32 @@ class Model:
     for it in items: self.lengths[it.slot] = int(it.start_pos) + len(it.tokens)
     return out
 
+  def copy_prefix(self, src: int, dst: int, n: int) -> None:
+    """Makes slot `dst` hold the first `n` positions of slot `src`'s cache: what prefilling the same tokens there
+    would have written (egpud copies a prompt prefix another slot holds, e.g. a shared system prompt, instead of
+    prefilling it). Copies the whole slot, every layer, in one captured graph for every pair of slots (their
+    indices bound Variables); its buffers count in `graph_bytes`. Raises ValueError, changing nothing, on bad
+    slots or more positions than `src` holds."""
+    if not all(_is_int(v) for v in (src, dst, n)) or not (0 <= src < self.slots and 0 <= dst < self.slots):
+      raise ValueError(f"copy_prefix: slots {src!r} and {dst!r} must be in 0..{self.slots - 1}")
+    if src == dst or not 0 <= n <= self.lengths[src]:
+      raise ValueError(f"copy_prefix: {n} positions from slot {src} (holding {self.lengths[src]}) to slot {dst}")
+    if self._copy_jit is None: self._copy_jit = TinyJit(self._copy_slot)
+    held = GlobalCounters.mem_used_per_device[self.device]
+    try:
+      self._copy_jit(self.v_slot[0].bind(src), self.v_slot[1].bind(dst))
+    finally:
+      self.graph_bytes += max(0, GlobalCounters.mem_used_per_device[self.device] - held)
+    self.lengths[dst] = n
+
+  def _copy_slot(self, src: UOp, dst: UOp) -> None:
+    # the source slot is copied out first (contiguous), so no kernel reads the buffer it writes
+    outs = []
+    for kv in self.kv:
+      buf = kv.uop
+      outs.append(Tensor(buf.after(buf[:, dst:dst + 1].store(Tensor(buf)[:, src:src + 1].contiguous().uop))))
+    Tensor.realize(*outs)
+
   def memory_bytes(self) -> int:
     """Device bytes this model holds: weights (quantized), KV cache, RoPE tables, and the activations of the
     graphs captured so far (`graph_bytes`), which grow as steps meet new batch sizes and prompt buckets: a few
@@ -684,7 +711,9 @@ class Model:
     """Drop every device buffer of this model (weights, KV cache, RoPE tables, the captured jits) and return
     tinygrad's cached allocations to the driver. The object is unusable afterwards."""
     device = self.device
-    for j in [*self._decode_jits.values(), *self._prefill_jits.values()]: j.reset()
+    for j in [*self._decode_jits.values(), *self._prefill_jits.values(), *([self._copy_jit] if self._copy_jit else [])]:
+      j.reset()
+    self._copy_jit = None
     self._decode_jits.clear()
     self._prefill_jits.clear()
     del self.bufs, self.kv, self.rope_tables

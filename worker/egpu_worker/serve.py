@@ -28,7 +28,7 @@ from concurrent import futures
 
 from .env import default_cache_env
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_MESSAGE = 1 << 30  # a Score over a long text returns every position's logits
 
 
@@ -197,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
       reply.seconds = time.perf_counter() - start
       reply.bytes = model.memory_bytes()
       return reply
+
+    @guarded
+    def CopyPrefix(self, request, context):
+      model = models.get(request.model_id)
+      if model is None: raise FileNotFoundError(f"no model with id {request.model_id}")
+      def copy():
+        model.copy_prefix(int(request.from_slot), int(request.to_slot), int(request.positions))
+        publish(with_free=False)
+      on_device(copy)
+      return pb.CopyPrefixResponse(bytes=model.memory_bytes())
 
   server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
     ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])

@@ -152,6 +152,28 @@ def test_memory_bytes(model, path):
   assert model.memory_bytes() == weights + kv + rope + model.graph_bytes
 
 
+def test_copy_prefix_gives_the_logits_of_prefilling_it(model):
+  """egpud's prefix copy between slots (a shared system prompt): slot 3 takes the first 6 positions of slot 0,
+  then its own tokens, and gets the logits of a slot that prefilled the whole input."""
+  from egpu_worker.model import StepItem
+  shared, tail_a, tail_b = [5, 9, 14, 20, 33, 41], [7, 8], [60, 61, 62]
+  model.step([StepItem(0, 0, shared + tail_a, "none")])
+  model.step([StepItem(3, 0, [1, 2, 3, 4, 5, 6, 7, 8, 9], "none")])  # whatever slot 3 held is overwritten
+  model.copy_prefix(0, 3, len(shared))
+  assert model.lengths[3] == len(shared)
+  for il in range(NL):
+    kv = model.kv[il].numpy()
+    assert np.array_equal(kv[:, 3, :len(shared)], kv[:, 0, :len(shared)])
+  copied = model.step([StepItem(3, len(shared), tail_b, "all")])[0]
+  fresh = model.step([StepItem(2, 0, shared + tail_b, "all")])[0][len(shared):]
+  assert np.abs(copied - fresh).max() < ROUNDOFF
+  # bad arguments change nothing
+  for args in [(3, 3, 2), (0, 3, len(shared) + len(tail_a) + 1), (0, 4, 1), (-1, 3, 1)]:
+    with pytest.raises(ValueError, match="copy_prefix"):
+      model.copy_prefix(*args)
+  assert model.lengths[3] == len(shared) + len(tail_b)
+
+
 def test_memory_bytes_count_the_captured_graphs(path):
   """What egpud's budget sees after each step (StepResponse.bytes): the load's bytes plus what the captured
   TinyJits hold, grown once per new batch size or prompt bucket and by nothing on replays; dropping the jits

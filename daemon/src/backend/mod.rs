@@ -254,19 +254,12 @@ impl DecoderModel {
         }
     }
 
-    /// Whether [`DecoderModel::copy_prefix`] works on this backend (the tinygrad worker has
-    /// no copy between slots yet: its sequences prefill what their own slot lacks).
-    pub fn can_copy_prefix(&self) -> bool {
-        matches!(self, DecoderModel::Cpu(_))
-    }
-
-    /// Makes slot `to` hold the first `len` positions of slot `from`'s cache.
+    /// Makes slot `to` hold the first `len` positions of slot `from`'s cache: what
+    /// prefilling them there would write (a prompt prefix the slots share).
     pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<(), DaemonError> {
         match self {
             DecoderModel::Cpu(m) => m.copy_prefix(from, to, len),
-            DecoderModel::Tinygrad(_) => Err(DaemonError::Internal(
-                "the tinygrad backend cannot copy a prefix between slots".into(),
-            )),
+            DecoderModel::Tinygrad(m) => m.copy_prefix(from, to, len),
         }
     }
 

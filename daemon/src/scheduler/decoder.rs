@@ -106,10 +106,9 @@ impl CachedSlots {
 
     /// Places a new sequence with `input` in one of `free`, cutting that slot's cache to the
     /// prefix it reuses (at most `reusable` tokens), or copying a longer one into it from
-    /// another slot where the backend can.
+    /// another slot.
     fn place(&mut self, free: &[usize], input: &[u32], reusable: usize) -> SlotChoice {
-        let copies = self.model.can_copy_prefix();
-        let mut choice = choose_slot(&self.histories, free, input, reusable, copies);
+        let mut choice = choose_slot(&self.histories, free, input, reusable);
         if let Some(from) = choice.copy_from {
             match self.model.copy_prefix(from, choice.slot, choice.reused) {
                 Ok(()) => {

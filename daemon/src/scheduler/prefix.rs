@@ -13,14 +13,13 @@
 //! would free none. The unit that frees memory under pressure stays a whole idle model,
 //! evicted least recently used first, its cached prefixes with it.
 //!
-//! Between slots, a prefix is copied rather than shared: where the backend can copy caches
-//! (the CPU backend), a new sequence whose input starts like what another slot holds (busy
-//! or free: several conversations with one long system prompt) gets those positions copied
-//! into its own slot, one memory copy instead of a prefill. Sharing blocks copy-on-write would
-//! save the copy's memory, but slots are reserved in full anyway, so it would save nothing the
-//! budget counts. With copies available, a slot holding another conversation is no longer
-//! cut just to reuse the part of it the input shares: the new sequence takes an empty or the
-//! least recently used slot and copies that part.
+//! Between slots, a prefix is copied rather than shared: a new sequence whose input starts like
+//! what another slot holds (busy or free: several conversations with one long system prompt)
+//! gets those positions copied into its own slot (a memory copy on the CPU, a device copy on
+//! tinygrad) instead of prefilling them. Sharing blocks copy-on-write would save the copy's
+//! memory, but slots are reserved in full anyway, so it would save nothing the budget counts.
+//! So a slot holding another conversation is never cut just to reuse the part of it the input
+//! shares: the new sequence takes an empty or the least recently used slot and copies that part.
 //!
 //! Exactness (CPU backend): the engine's outputs for a token do not depend on how its sequence
 //! was split into passes (batch invariance, ARCHITECTURE.md), so a reused prefix leaves the same
@@ -67,28 +66,24 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 /// Picks a free slot for `input` among `free` (indices into `histories`; never empty).
 ///
-/// - The slot sharing the longest prefix with the input is taken when it keeps at least as many
-///   tokens as it throws away, or when it keeps the whole prompt of the sequence that filled it
-///   (the same conversation resumed after the template dropped part of the last answer, e.g. a
-///   reasoning block stripped from earlier turns): a 20-token system prompt in common is not
-///   worth destroying a 1,500-token conversation another app will resume.
+/// - The slot sharing the longest prefix with the input is taken when it loses nothing (the
+///   input extends all it holds), or when it keeps the whole prompt of the sequence that
+///   filled it (the same conversation resumed after the template dropped part of the last
+///   answer, e.g. a reasoning block stripped from earlier turns).
 /// - Otherwise the free slot with the least to lose: an empty one, else the least recently used
 ///   (whatever it shares with the input is still kept).
+/// - Then any other slot, busy or free, holding a longer prefix of the input lends it: its
+///   positions are copied into the chosen slot (`copy_from`). A 20-token system prompt in
+///   common is not worth destroying a 1,500-token conversation another app will resume, and
+///   with the copy not even a 1,000-token one is.
 ///
 /// `reusable` caps what may be kept: a sequence must feed at least its last input token to get
 /// the logits it predicts from, and a scoring wants every position's logits (cap 0).
-///
-/// With `copies` (the backend can copy a prefix between slots), any slot, busy or free, may
-/// lend the longest prefix it shares with the input to the chosen one (`copy_from`), and a
-/// matching free slot is taken only when nothing of it is lost or it is the same conversation
-/// resumed; otherwise the new sequence goes to an empty or the least recently used slot, as
-/// with no match, and copies what it shares.
 pub fn choose_slot(
     histories: &[SlotHistory],
     free: &[usize],
     input: &[u32],
     reusable: usize,
-    copies: bool,
 ) -> SlotChoice {
     let shared = |slot: usize| common_prefix(&histories[slot].tokens, input).min(reusable);
     let best = free
@@ -101,10 +96,7 @@ pub fn choose_slot(
         });
     let matched = best.filter(|&(slot, keep)| {
         let history = &histories[slot];
-        let lost = history.tokens.len() - keep;
-        // Without copies, cutting the slot is the only way to reuse what it shares.
-        let worth_cutting = !copies && keep >= lost;
-        keep > 0 && (lost == 0 || keep >= history.prompt_len || worth_cutting)
+        keep > 0 && (keep == history.tokens.len() || keep >= history.prompt_len)
     });
     let (slot, reused) = matched.unwrap_or_else(|| {
         let slot = *free
@@ -117,7 +109,7 @@ pub fn choose_slot(
         (slot, shared(slot))
     });
     let donor = (0..histories.len())
-        .filter(|&other| copies && other != slot)
+        .filter(|&other| other != slot)
         .map(|other| (other, shared(other)))
         // Longest; among equals the lowest index.
         .max_by_key(|&(other, keep)| (keep, std::cmp::Reverse(other)))
@@ -159,13 +151,7 @@ mod tests {
             history(&conversation, 1),
             SlotHistory::default(),
         ];
-        let choice = choose_slot(
-            &histories,
-            &[0, 1, 2],
-            &next_turn,
-            next_turn.len() - 1,
-            false,
-        );
+        let choice = choose_slot(&histories, &[0, 1, 2], &next_turn, next_turn.len() - 1);
         assert_eq!(
             choice,
             SlotChoice {
@@ -181,17 +167,18 @@ mod tests {
         let conversation: Vec<u32> = (0..100).collect();
         let other: Vec<u32> = [0, 1, 2, 900, 901].to_vec();
         let histories = [history(&conversation, 1), SlotHistory::default()];
-        let choice = choose_slot(&histories, &[0, 1], &other, other.len() - 1, false);
+        // The empty slot is taken and the 3 shared tokens copied into it.
+        let choice = choose_slot(&histories, &[0, 1], &other, other.len() - 1);
         assert_eq!(
             choice,
             SlotChoice {
                 slot: 1,
-                reused: 0,
-                copy_from: None
+                reused: 3,
+                copy_from: Some(0)
             }
         );
         // With no other free slot, the conversation's slot is taken and its prefix still used.
-        let choice = choose_slot(&histories, &[0], &other, other.len() - 1, false);
+        let choice = choose_slot(&histories, &[0], &other, other.len() - 1);
         assert_eq!(
             choice,
             SlotChoice {
@@ -217,7 +204,7 @@ mod tests {
             },
             SlotHistory::default(),
         ];
-        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1, false);
+        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1);
         assert_eq!(
             choice,
             SlotChoice {
@@ -231,7 +218,7 @@ mod tests {
     #[test]
     fn without_a_match_the_least_recently_used_slot_is_taken() {
         let histories = [history(&[1, 2], 9), history(&[3, 4], 2), history(&[5], 4)];
-        let choice = choose_slot(&histories, &[0, 1, 2], &[8, 8, 8], 2, false);
+        let choice = choose_slot(&histories, &[0, 1, 2], &[8, 8, 8], 2);
         assert_eq!(
             choice,
             SlotChoice {
@@ -241,7 +228,7 @@ mod tests {
             }
         );
         // Busy slots are not candidates.
-        let choice = choose_slot(&histories, &[0, 2], &[8, 8, 8], 2, false);
+        let choice = choose_slot(&histories, &[0, 2], &[8, 8, 8], 2);
         assert_eq!(
             choice,
             SlotChoice {
@@ -256,7 +243,7 @@ mod tests {
     fn the_last_input_token_is_always_fed_and_scoring_reuses_nothing() {
         let histories = [history(&[1, 2, 3, 4], 1)];
         // The same prompt again: all but its last token come from the cache.
-        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 3, false);
+        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 3);
         assert_eq!(
             choice,
             SlotChoice {
@@ -265,7 +252,7 @@ mod tests {
                 copy_from: None
             }
         );
-        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 0, false);
+        let choice = choose_slot(&histories, &[0], &[1, 2, 3, 4], 0);
         assert_eq!(
             choice,
             SlotChoice {
@@ -279,7 +266,7 @@ mod tests {
     #[test]
     fn a_longer_match_wins_over_recency() {
         let histories = [history(&[1, 2, 3, 9], 1), history(&[1, 2, 8], 7)];
-        let choice = choose_slot(&histories, &[0, 1], &[1, 2, 3, 4, 5], 4, false);
+        let choice = choose_slot(&histories, &[0, 1], &[1, 2, 3, 4, 5], 4);
         assert_eq!(
             choice,
             SlotChoice {
@@ -291,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn with_copies_a_shared_system_prompt_comes_from_another_slot() {
+    fn a_shared_system_prompt_is_copied_from_another_slot() {
         let system: Vec<u32> = (0..40).collect();
         let conversation = [system.clone(), (100..160).collect()].concat();
         let other = [system.clone(), vec![900, 901, 902]].concat();
@@ -302,7 +289,7 @@ mod tests {
         ];
         // Free slot 0 holds a conversation that shares only the system prompt: it is not cut,
         // the empty slot is taken and the prompt copied into it.
-        let choice = choose_slot(&histories, &[0, 1, 2], &other, other.len() - 1, true);
+        let choice = choose_slot(&histories, &[0, 1, 2], &other, other.len() - 1);
         let copied = SlotChoice {
             slot: 1,
             reused: 40,
@@ -310,27 +297,16 @@ mod tests {
         };
         assert_eq!(choice, copied);
         // A busy slot lends its prefix too (slot 0 is not free here).
-        let choice = choose_slot(&histories, &[1, 2], &other, other.len() - 1, true);
+        let choice = choose_slot(&histories, &[1, 2], &other, other.len() - 1);
         assert_eq!(choice, copied);
-        // Without copies, the old rule: the conversation's slot is cut (40 kept ≥ 60 lost is
-        // false, so the empty slot is taken with nothing reused).
-        let choice = choose_slot(&histories, &[0, 1, 2], &other, other.len() - 1, false);
-        assert_eq!(
-            choice,
-            SlotChoice {
-                slot: 1,
-                reused: 0,
-                copy_from: None
-            }
-        );
     }
 
     #[test]
-    fn with_copies_a_resumed_conversation_keeps_its_slot_and_nothing_is_copied_for_less() {
+    fn a_resumed_conversation_keeps_its_slot_and_nothing_is_copied_for_less() {
         let conversation: Vec<u32> = (0..50).collect();
         let next_turn = [conversation.clone(), vec![70, 71]].concat();
         let histories = [history(&conversation[..20], 4), history(&conversation, 1)];
-        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1, true);
+        let choice = choose_slot(&histories, &[0, 1], &next_turn, next_turn.len() - 1);
         assert_eq!(
             choice,
             SlotChoice {
@@ -340,7 +316,7 @@ mod tests {
             }
         );
         // Scoring reuses nothing, so nothing is copied either.
-        let choice = choose_slot(&histories, &[0], &next_turn, 0, true);
+        let choice = choose_slot(&histories, &[0], &next_turn, 0);
         assert_eq!(
             choice,
             SlotChoice {
@@ -350,7 +326,7 @@ mod tests {
             }
         );
         // The only free slot is the least recently used and shares less than a busy one.
-        let choice = choose_slot(&histories, &[0], &next_turn, next_turn.len() - 1, true);
+        let choice = choose_slot(&histories, &[0], &next_turn, next_turn.len() - 1);
         assert_eq!(
             choice,
             SlotChoice {

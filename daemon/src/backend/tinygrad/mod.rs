@@ -96,6 +96,26 @@ impl TinygradModel {
         self.lengths[slot] = self.lengths[slot].min(len);
     }
 
+    /// Makes slot `to` hold the first `len` positions of slot `from` (the worker copies the
+    /// slot's cache on the device, one captured graph for every pair of slots).
+    pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<(), DaemonError> {
+        let n = self.lengths.len();
+        if from == to || from >= n || to >= n || len > self.lengths[from] {
+            return Err(DaemonError::Internal(format!(
+                "no copy of {len} positions from slot {from} to slot {to} of {n}"
+            )));
+        }
+        let bytes = {
+            let _turn = self.link.turns.lock();
+            self.link.copy_prefix_blocking(self.id, from, to, len)?
+        };
+        self.lengths[to] = len;
+        if bytes > 0 {
+            self.bytes = bytes;
+        }
+        Ok(())
+    }
+
     pub fn forward(&mut self, steps: &[SlotStep<'_>]) -> Result<Logits, DaemonError> {
         self.step(steps, false)
     }

@@ -197,6 +197,25 @@ impl WorkerRpc {
         })
     }
 
+    /// Makes slot `to` hold the first `positions` of slot `from`; the model's device bytes
+    /// after it.
+    pub async fn copy_prefix(
+        &self,
+        model_id: u64,
+        from: usize,
+        to: usize,
+        positions: usize,
+    ) -> Result<u64, RpcError> {
+        let request = wp::CopyPrefixRequest {
+            model_id,
+            from_slot: from as u32,
+            to_slot: to as u32,
+            positions: positions as u32,
+        };
+        let reply = self.client.clone().copy_prefix(request).await?.into_inner();
+        Ok(reply.bytes)
+    }
+
     /// One forward pass; `hidden` asks for final hidden states instead of logits.
     pub async fn step(
         &self,

@@ -34,7 +34,7 @@ use crate::error::DaemonError;
 use crate::metrics::Metrics;
 
 /// The worker protocol version this egpud speaks (`HelloResponse.protocol_version`).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long before failing was healthy: the next restart is immediate-ish.
@@ -524,6 +524,31 @@ impl WorkerLink {
             Ok(Err(err)) => Err(self.failed("Step", err)),
             Err(_) => Err(self.give_up(format!(
                 "a forward pass took longer than {timeout:?} (--worker-step-timeout)"
+            ))),
+        }
+    }
+
+    /// Copies a prompt prefix between two slots of a model (see `TinygradModel::copy_prefix`);
+    /// blocks the calling (batching) thread. A copy that fails inside the worker leaves the
+    /// device as a failed step does: the worker is replaced.
+    pub fn copy_prefix_blocking(
+        &self,
+        model_id: u64,
+        from: usize,
+        to: usize,
+        positions: usize,
+    ) -> Result<u64, DaemonError> {
+        self.check()?;
+        let call = self.rpc.copy_prefix(model_id, from, to, positions);
+        let timeout = self.step_timeout;
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, call).await })
+        {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(err)) => Err(self.failed("Step", err)),
+            Err(_) => Err(self.give_up(format!(
+                "a prefix copy took longer than {timeout:?} (--worker-step-timeout)"
             ))),
         }
     }
