@@ -24,7 +24,7 @@ use super::events::{
     Timings, TokenChunk, TokenLogprob, TokenLogprobs,
 };
 use super::plan::{plan_step, SlotView, StepPlan, Work};
-use super::prefix::{choose_slot, common_prefix, SlotChoice, SlotHistory};
+use super::prefix::{choose_slot, SlotChoice, SlotHistory};
 use super::{
     ClientKey, EmbedJob, GenerateJob, Job, ModelQueue, Request, RunnerSettings, ScoreJob,
     StopReason,
@@ -115,11 +115,12 @@ impl CachedSlots {
                     self.histories[choice.slot].tokens = input[..choice.reused].to_vec();
                 }
                 Err(err) => {
-                    // Not expected (same model, lengths from the histories); the sequence
-                    // then prefills what the slot itself does not hold.
+                    // Not expected (same model, lengths from the histories). A copy that
+                    // failed on the device may have written part of the slot: nothing of it
+                    // is reused, the sequence prefills its whole input.
                     tracing::warn!(cause = %err, "prefix copy between slots failed");
-                    let own = common_prefix(&self.histories[choice.slot].tokens, input);
-                    choice.reused = own.min(reusable);
+                    self.clear(choice.slot);
+                    choice.reused = 0;
                     choice.copy_from = None;
                 }
             }
