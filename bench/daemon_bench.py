@@ -174,7 +174,7 @@ def main():
     med = statistics.median
     dd, ed = med(daemon_decode), med(engine_decode)
     ttft, ep = med(ttfts), med(engine_prefill)
-    print(f"SmolLM2-135M Q4_1, {args.threads} threads, {args.reps} reps (medians), prompt {n_prompt} tokens, {args.gen} generated\n")
+    print(f"{Path(args.model).name}, {args.threads} threads, {args.reps} reps (medians), prompt {n_prompt} tokens, {args.gen} generated\n")
     print("| what | daemon | in-process engine | result | target |")
     print("|---|---|---|---|---|")
     print(f"| decode tok/s (1 stream) | {dd:.1f} | {ed:.1f} | overhead {100 * (1 - dd / ed):+.1f}% | ≤ 3% |")
@@ -182,7 +182,7 @@ def main():
     print(f"| daemon-internal prefill (admission → first token) | {med(daemon_prefill) * 1e3:.1f} ms | | | |")
     for n, rate in by_streams.items():
         print(f"| aggregate decode, {n} stream{'s' if n > 1 else ''} | {rate:.1f} tok/s | | {rate / by_streams[1]:.2f}× one stream | 8 streams ≥ 4× |")
-    print(f"| load SmolLM2 (Load RPC) | {med(load_times) * 1e3:.0f} ms median, {min(load_times) * 1e3:.0f} ms best | | | ≤ 200 ms |")
+    print(f"| load the model (Load RPC) | {med(load_times) * 1e3:.0f} ms median, {min(load_times) * 1e3:.0f} ms best | | | ≤ 200 ms |")
 
 
 if __name__ == "__main__":

@@ -514,7 +514,17 @@ impl WorkerLink {
         hidden: bool,
     ) -> Result<StepReply, DaemonError> {
         self.check()?;
-        let call = self.rpc.step(model_id, items, hidden);
+        self.block_on_step(self.rpc.step(model_id, items, hidden), "a forward pass")
+    }
+
+    /// Runs a step-like call (a forward pass or a cache copy) on the calling thread under
+    /// `--worker-step-timeout`: a failure inside the worker is a failed step (see `failed`), a
+    /// missed deadline a lost device.
+    fn block_on_step<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, RpcError>>,
+        what: &str,
+    ) -> Result<T, DaemonError> {
         let timeout = self.step_timeout;
         match self
             .runtime
@@ -523,7 +533,7 @@ impl WorkerLink {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(err)) => Err(self.failed("Step", err)),
             Err(_) => Err(self.give_up(format!(
-                "a forward pass took longer than {timeout:?} (--worker-step-timeout)"
+                "{what} took longer than {timeout:?} (--worker-step-timeout)"
             ))),
         }
     }
@@ -540,17 +550,7 @@ impl WorkerLink {
     ) -> Result<u64, DaemonError> {
         self.check()?;
         let call = self.rpc.copy_prefix(model_id, from, to, positions);
-        let timeout = self.step_timeout;
-        match self
-            .runtime
-            .block_on(async { tokio::time::timeout(timeout, call).await })
-        {
-            Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(err)) => Err(self.failed("Step", err)),
-            Err(_) => Err(self.give_up(format!(
-                "a prefix copy took longer than {timeout:?} (--worker-step-timeout)"
-            ))),
-        }
+        self.block_on_step(call, "a prefix copy")
     }
 
     /// Frees a model on the device and waits until the worker did. Blocks the calling
