@@ -7,7 +7,7 @@ elsewhere), proves that it can compile and run a kernel, serves proto/worker.pro
 socket PATH, then prints `egpu-worker ready` on stdout. It exits when stdin reaches end of
 file: egpud holds the other end of that pipe, so the worker never outlives it.
 
-Everything that touches tinygrad (opening the device, Load, Unload, Step) runs on one
+Everything that touches tinygrad (opening the device, Load, Unload, Step, CopyPrefix) runs on one
 dedicated thread: the device runs one thing at a time, and tinygrad's state is not
 thread-safe (its compile cache is an SQLite connection bound to the thread that opened it; a
 CUDA context is current on one thread). Hello and Ping only read figures that thread
