@@ -60,6 +60,7 @@ row's new key and value be written by one kernel (a strided view [:, slot, pos:p
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -275,6 +276,9 @@ class Model:
     self._prefill_jits: dict[tuple[int, str, bool, bool], TinyJit] = {}  # per (R, logits, hidden, windowed)
     # the prefill pass lengths (see _prefill_pieces); None runs every chunk at its own length (tests compare)
     self.prefill_buckets: tuple[int, ...] | None = PREFILL_BUCKETS
+    # weights, caches and RoPE tables: fixed from here on (memory_bytes adds the graphs)
+    ts = [*self.bufs.values(), *self.kv, *[t for tab in self.rope_tables if tab for t in tab]]
+    self._tensor_bytes = sum(t.nbytes() for t in ts)
 
   def _needed_tensors(self) -> list[str]:
     cfg = self.cfg
@@ -639,13 +643,18 @@ class Model:
     self.validate(items)
     if not self.cfg.has_lm_head and not hidden:
       raise ValueError(f"{self.cfg.arch} has no LM head: ask it for hidden states (embeddings)")
-    # What a step leaves allocated on the device is what the TinyJits it captured hold (their activations): a
-    # plain pass frees its buffers again, a replay allocates nothing, and the weights and caches were allocated
-    # at load. Steps run one at a time on the device thread, so the growth is this model's. Counted even when the
-    # step fails: a capture that raised may still hold its buffers until the model is closed.
+    with self._counting_graphs():
+      return self._step(items, hidden)
+
+  @contextlib.contextmanager
+  def _counting_graphs(self):
+    """Adds to `graph_bytes` what the block leaves allocated on the device: what the TinyJits it captured hold
+    (their activations). A plain pass frees its buffers again, a replay allocates nothing, and the weights and
+    caches were allocated at load. Steps and copies run one at a time on the device thread, so the growth is
+    this model's. Counted even when the block fails: a capture that raised may hold its buffers until close."""
     held = GlobalCounters.mem_used_per_device[self.device]
     try:
-      return self._step(items, hidden)
+      yield
     finally:
       self.graph_bytes += max(0, GlobalCounters.mem_used_per_device[self.device] - held)
 
@@ -682,11 +691,8 @@ class Model:
     if src == dst or not 0 <= n <= self.lengths[src]:
       raise ValueError(f"copy_prefix: {n} positions from slot {src} (holding {self.lengths[src]}) to slot {dst}")
     if self._copy_jit is None: self._copy_jit = TinyJit(self._copy_slot)
-    held = GlobalCounters.mem_used_per_device[self.device]
-    try:
+    with self._counting_graphs():
       self._copy_jit(self.v_slot[0].bind(src), self.v_slot[1].bind(dst))
-    finally:
-      self.graph_bytes += max(0, GlobalCounters.mem_used_per_device[self.device] - held)
     self.lengths[dst] = n
 
   def _copy_slot(self, src: UOp, dst: UOp) -> None:
@@ -704,8 +710,7 @@ class Model:
     for SmolLM2; twice over for a model with a sliding window once its contexts pass the window (a windowed
     graph beside each plain one). Freed buffers that tinygrad's allocator keeps cached for reuse are not
     counted: they belong to no model (the worker reports them as the device's `cached` figure)."""
-    ts = [*self.bufs.values(), *self.kv, *[t for tab in self.rope_tables if tab for t in tab]]
-    return sum(t.nbytes() for t in ts) + self.graph_bytes
+    return self._tensor_bytes + self.graph_bytes
 
   def close(self) -> None:
     """Drop every device buffer of this model (weights, KV cache, RoPE tables, the captured jits) and return

@@ -80,14 +80,9 @@ impl CpuModel {
     }
 
     /// Makes slot `to` hold the first `len` positions of slot `from`'s cache (see
-    /// [`KvCache::copy_prefix_from`]).
+    /// [`KvCache::copy_prefix_from`]). `from` and `to` are distinct slots
+    /// ([`super::DecoderModel::copy_prefix`] checks).
     pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<(), DaemonError> {
-        let n = self.caches.len();
-        if from == to || from >= n || to >= n {
-            return Err(DaemonError::Internal(format!(
-                "no prefix copy from slot {from} to slot {to} of {n}"
-            )));
-        }
         // Two distinct slots borrowed at once: split the list between them.
         let (low, high) = self.caches.split_at_mut(from.max(to));
         let (src, dst) = if from < to {

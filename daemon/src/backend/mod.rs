@@ -255,8 +255,15 @@ impl DecoderModel {
     }
 
     /// Makes slot `to` hold the first `len` positions of slot `from`'s cache: what
-    /// prefilling them there would write (a prompt prefix the slots share).
+    /// prefilling them there would write (a prompt prefix the slots share). The backends check
+    /// `len` against what `from` holds.
     pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<(), DaemonError> {
+        let n = self.n_slots();
+        if from == to || from >= n || to >= n {
+            return Err(DaemonError::Internal(format!(
+                "no prefix copy from slot {from} to slot {to} of {n}"
+            )));
+        }
         match self {
             DecoderModel::Cpu(m) => m.copy_prefix(from, to, len),
             DecoderModel::Tinygrad(m) => m.copy_prefix(from, to, len),

@@ -114,17 +114,14 @@ pub fn choose_slot(
         // Longest; among equals the lowest index.
         .max_by_key(|&(other, keep)| (keep, std::cmp::Reverse(other)))
         .filter(|&(_, keep)| keep > reused);
-    match donor {
-        Some((from, keep)) => SlotChoice {
-            slot,
-            reused: keep,
-            copy_from: Some(from),
-        },
-        None => SlotChoice {
-            slot,
-            reused,
-            copy_from: None,
-        },
+    let (reused, copy_from) = match donor {
+        Some((from, keep)) => (keep, Some(from)),
+        None => (reused, None),
+    };
+    SlotChoice {
+        slot,
+        reused,
+        copy_from,
     }
 }
 

@@ -97,14 +97,10 @@ impl TinygradModel {
     }
 
     /// Makes slot `to` hold the first `len` positions of slot `from` (the worker copies the
-    /// slot's cache on the device, one captured graph for every pair of slots).
+    /// slot's cache on the device, one captured graph for every pair of slots, and refuses a
+    /// `len` past what `from` holds). `from` and `to` are distinct slots
+    /// ([`super::DecoderModel::copy_prefix`] checks).
     pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<(), DaemonError> {
-        let n = self.lengths.len();
-        if from == to || from >= n || to >= n || len > self.lengths[from] {
-            return Err(DaemonError::Internal(format!(
-                "no copy of {len} positions from slot {from} to slot {to} of {n}"
-            )));
-        }
         let bytes = {
             let _turn = self.link.turns.lock();
             self.link.copy_prefix_blocking(self.id, from, to, len)?
