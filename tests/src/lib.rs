@@ -268,6 +268,11 @@ impl TestDaemon {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 // Logged before the signal, so a test woken by it finds the line.
                 let listening = line.contains("listening");
+                // EGPU_TEST_ECHO=1: each egpud's log also goes to the test's stderr as it is
+                // written (with --nocapture), for a test that hangs instead of failing.
+                if std::env::var_os("EGPU_TEST_ECHO").is_some() {
+                    eprintln!("[egpud] {line}");
+                }
                 sink.lines.lock().unwrap().push(line);
                 sink.grew.notify_all();
                 if listening {

@@ -1089,3 +1089,76 @@ async fn all_minilm_l6_v2_embeds_on_tinygrad_as_on_the_cpu() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 }
+
+/// A prefix copy is a worker call like a forward pass. Clients asking for status meanwhile
+/// (each answer reads every model's queue) must neither wait for it on egpud's runtime threads
+/// nor keep it from finishing: the CI hang of stop 34 was a copy made while the runner held
+/// its queue's lock, whose reply then needed the runtime threads that status calls had blocked
+/// on that lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_polled_during_prefix_copies_on_tinygrad_stalls_nothing() {
+    let daemon = start(&[]);
+    let mut client = daemon.client().await;
+    let smol = model_path(SMOLLM2);
+    load_on(&mut client, &smol, "smol", "tinygrad", 256, 3, false)
+        .await
+        .unwrap_or_else(|e| panic!("tinygrad load: {e}\n{}", daemon.log_text()));
+    let system = "You are a careful assistant. Answer in one short sentence, and never \
+                  use more words than the question needs.";
+    let request = |question: &str| pb::GenerateRequest {
+        model: "smol".into(),
+        input: Some(pb::generate_request::Input::Prompt(format!(
+            "{system}\nQuestion: {question}\nAnswer:"
+        ))),
+        max_tokens: Some(2),
+        ..Default::default()
+    };
+    let first = generate(&mut client, request("What is two plus two?"))
+        .await
+        .expect("first");
+    // Status pollers, each on its own connection, as long as the copies run.
+    let polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut pollers = Vec::new();
+    for _ in 0..4 {
+        let mut client = daemon.client().await;
+        let polling = polling.clone();
+        pollers.push(tokio::spawn(async move {
+            let mut answers = 0u64;
+            while polling.load(std::sync::atomic::Ordering::Relaxed) {
+                status(&mut client).await;
+                answers += 1;
+            }
+            answers
+        }));
+    }
+    // Each question takes an empty slot (an empty one is preferred), so what it reuses was
+    // copied there from another slot: the first copy runs the worker's copy plainly, the
+    // second captures its graph.
+    let questions = ["Name a red fruit.", "Name a blue bird."];
+    let mut copied = Vec::new();
+    for question in questions {
+        let out = tokio::time::timeout(
+            Duration::from_secs(240),
+            generate(&mut client, request(question)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "a request with a prefix copy did not finish while status was polled:\n{}",
+                daemon.log_text()
+            )
+        })
+        .expect("generate");
+        copied.push(out.done.expect("done").cached_prompt_tokens);
+    }
+    polling.store(false, std::sync::atomic::Ordering::Relaxed);
+    for poller in pollers {
+        assert!(poller.await.expect("poller") > 0, "status answered");
+    }
+    // Every question copied at least the system prompt.
+    let prompt = first.done.expect("done").prompt_tokens;
+    assert!(
+        copied.iter().all(|&c| c > prompt / 2),
+        "{copied:?} of {prompt}"
+    );
+}

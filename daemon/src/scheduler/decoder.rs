@@ -105,31 +105,40 @@ impl CachedSlots {
     }
 
     /// Places a new sequence with `input` in one of `free`, cutting that slot's cache to the
-    /// prefix it reuses (at most `reusable` tokens), or copying a longer one into it from
-    /// another slot.
+    /// prefix it reuses (at most `reusable` tokens). When a longer prefix is to be copied into
+    /// it from another slot (`copy_from`), the slot's record already says it holds that prefix
+    /// (so later placements in the same admission see it), and [`CachedSlots::copy_prefix`]
+    /// must run before the slot's next pass.
     fn place(&mut self, free: &[usize], input: &[u32], reusable: usize) -> SlotChoice {
-        let mut choice = choose_slot(&self.histories, free, input, reusable);
-        if let Some(from) = choice.copy_from {
-            match self.model.copy_prefix(from, choice.slot, choice.reused) {
-                Ok(()) => {
-                    self.histories[choice.slot].tokens = input[..choice.reused].to_vec();
-                }
-                Err(err) => {
-                    // Not expected (same model, lengths from the histories). A copy that
-                    // failed on the device may have written part of the slot: nothing of it
-                    // is reused, the sequence prefills its whole input.
-                    tracing::warn!(cause = %err, "prefix copy between slots failed");
-                    self.clear(choice.slot);
-                    choice.reused = 0;
-                    choice.copy_from = None;
-                }
-            }
-        }
-        self.model.keep_prefix(choice.slot, choice.reused);
+        let choice = choose_slot(&self.histories, free, input, reusable);
         let history = &mut self.histories[choice.slot];
-        history.truncate(choice.reused);
+        if choice.copy_from.is_some() {
+            history.tokens = input[..choice.reused].to_vec();
+        } else {
+            self.model.keep_prefix(choice.slot, choice.reused);
+            history.truncate(choice.reused);
+        }
         history.prompt_len = input.len();
         choice
+    }
+
+    /// Copies the prefix `place` chose into `choice.slot` from `choice.copy_from`. A worker
+    /// call on tinygrad: never made while the queue's lock is held (see `Runner::admit`).
+    /// Returns false, with the slot cleared, when the copy failed: not expected (same model,
+    /// lengths from the histories), but a copy that failed on the device may have written part
+    /// of the slot, so nothing of it is reused and the sequence prefills its whole input.
+    fn copy_prefix(&mut self, choice: &SlotChoice) -> bool {
+        let Some(from) = choice.copy_from else {
+            return true;
+        };
+        match self.model.copy_prefix(from, choice.slot, choice.reused) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(cause = %err, "prefix copy between slots failed");
+                self.clear(choice.slot);
+                false
+            }
+        }
     }
 
     fn forward(
@@ -263,10 +272,9 @@ struct LastEvent {
 }
 
 impl<'t> Runner<'t> {
-    /// Waits until there is work, admitting waiting requests into free slots. Returns the
-    /// stop reason when the model must end.
-    /// An embedding request admitted here comes back in `embed` with the free slot it may use
-    /// (one per call: it runs before the next step, outside the batch).
+    /// Waits until there is work, admitting waiting requests into free slots, then copies the
+    /// prompt prefixes their slots were chosen to get from other slots. Returns the stop
+    /// reason when the model must end.
     /// An embedding request admitted here waits in `embeds` for a free slot (one at a time:
     /// while one waits, nothing more is admitted); the running one's slot is not free.
     fn admit(
@@ -274,6 +282,35 @@ impl<'t> Runner<'t> {
         slots: &mut [Option<Sequence<'t>>],
         model: &mut CachedSlots,
         embeds: &mut Embeds,
+    ) -> Option<StopReason> {
+        let mut placed = Vec::new();
+        let stop = self.admit_locked(slots, model, embeds, &mut placed);
+        // Prefix copies run only now, without the queue's lock: on tinygrad a copy is a worker
+        // call that egpud's runtime threads carry, and those threads take that lock too (a
+        // submit, a status answer, the keep-alive check). Holding it through the call let
+        // them block on it while the call waited for them: egpud hung (CI, stop 34).
+        for choice in placed {
+            let Some(seq) = slots[choice.slot].as_mut() else {
+                continue;
+            };
+            if !model.copy_prefix(&choice) {
+                seq.fed = 0;
+                seq.reused = 0;
+            }
+            self.count_reuse(seq);
+        }
+        stop
+    }
+
+    /// `admit`'s part under the queue's lock. Every placement is pushed to `placed`, in order:
+    /// their prefix copies are made afterwards, in that order (a later placement may copy from
+    /// an earlier one's slot, whose record already holds what its own copy will bring).
+    fn admit_locked(
+        &self,
+        slots: &mut [Option<Sequence<'t>>],
+        model: &mut CachedSlots,
+        embeds: &mut Embeds,
+        placed: &mut Vec<SlotChoice>,
     ) -> Option<StopReason> {
         let held = embeds.running.as_ref().map(|e| e.slot);
         let mut st = self.queue.state.lock();
@@ -307,8 +344,8 @@ impl<'t> Runner<'t> {
                         let choice = model.place(&free, &seq.input, reusable);
                         seq.fed = choice.reused;
                         seq.reused = choice.reused;
-                        self.count_reuse(&seq);
                         slots[choice.slot] = Some(seq);
+                        placed.push(choice);
                     }
                     Err(req) => {
                         // The core API sends translations only to translation models.
