@@ -84,6 +84,8 @@ pub struct PrefixCacheJson {
     pub lookups: u64,
     pub hits: u64,
     pub reused_tokens: u64,
+    pub copies: u64,
+    pub copied_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -252,6 +254,8 @@ pub fn model(info: &ModelInfo) -> ModelJson {
                 lookups: p.lookups,
                 hits: p.hits,
                 reused_tokens: p.reused_tokens,
+                copies: p.copies,
+                copied_tokens: p.copied_tokens,
             }
         },
         last_used_unix_ms: info.last_used_unix_ms,
@@ -445,6 +449,8 @@ pub(crate) mod tests {
                 lookups: 6,
                 hits: 4,
                 reused_tokens: 3000,
+                copies: 1,
+                copied_tokens: 1200,
             }),
         }
     }
@@ -492,7 +498,8 @@ pub(crate) mod tests {
                 {"type": "Q4_1", "tensors": 210, "bytes": 80_000_000},
                 {"type": "F32", "tensors": 61, "bytes": 400_000}
             ],
-            "prefix_cache": {"lookups": 6, "hits": 4, "reused_tokens": 3000}
+            "prefix_cache": {"lookups": 6, "hits": 4, "reused_tokens": 3000, "copies": 1,
+                             "copied_tokens": 1200}
         })
     }
 

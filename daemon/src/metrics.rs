@@ -53,6 +53,8 @@ pub struct Metrics {
     pub prefix_cache_lookups: Family<ModelLabels, Counter>,
     pub prefix_cache_hits: Family<ModelLabels, Counter>,
     pub prefix_cache_reused_tokens: Family<ModelLabels, Counter>,
+    pub prefix_cache_copies: Family<ModelLabels, Counter>,
+    pub prefix_cache_copied_tokens: Family<ModelLabels, Counter>,
     pub prefill_seconds: Family<ModelLabels, Seconds>,
     pub decode_seconds: Family<ModelLabels, Seconds>,
     pub time_to_first_token: HistogramFamily,
@@ -110,6 +112,18 @@ impl Metrics {
             "prefix_cache_reused_tokens",
             "Prompt tokens reused from slot caches instead of prefilled",
             prefix_cache_reused_tokens.clone(),
+        );
+        let prefix_cache_copies = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "prefix_cache_copies",
+            "Generations whose reused prefix was copied from another slot's cache",
+            prefix_cache_copies.clone(),
+        );
+        let prefix_cache_copied_tokens = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "prefix_cache_copied_tokens",
+            "Prompt tokens copied from another slot's cache (part of the reused tokens)",
+            prefix_cache_copied_tokens.clone(),
         );
         let generated_tokens = Family::<ModelLabels, Counter>::default();
         registry.register(
@@ -195,6 +209,8 @@ impl Metrics {
             prefix_cache_lookups,
             prefix_cache_hits,
             prefix_cache_reused_tokens,
+            prefix_cache_copies,
+            prefix_cache_copied_tokens,
             prefill_seconds,
             decode_seconds,
             time_to_first_token,

@@ -138,6 +138,12 @@ async fn a_chats_next_turn_reuses_its_slot_and_gets_the_bits_of_a_fresh_prefill(
     assert_eq!((prefix.lookups, prefix.hits), (5, 4), "{prefix:?}");
     let reused: u32 = [&b1, &a2, &b2, &again].iter().map(|g| cached(g)).sum();
     assert_eq!(prefix.reused_tokens, u64::from(reused), "{prefix:?}");
+    // Only b1's prefix came from another slot; every later turn found its own.
+    assert_eq!(
+        (prefix.copies, prefix.copied_tokens),
+        (1, u64::from(cached(&b1))),
+        "{prefix:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1155,10 +1155,18 @@ async fn status_polled_during_prefix_copies_on_tinygrad_stalls_nothing() {
     for poller in pollers {
         assert!(poller.await.expect("poller") > 0, "status answered");
     }
-    // Every question copied at least the system prompt.
+    // Every question copied at least the system prompt, and status says they were copies.
     let prompt = first.done.expect("done").prompt_tokens;
     assert!(
         copied.iter().all(|&c| c > prompt / 2),
         "{copied:?} of {prompt}"
+    );
+    let st = status(&mut client).await;
+    let prefix = st.models[0].prefix_cache.expect("counters");
+    let total: u32 = copied.iter().sum();
+    assert_eq!(
+        (prefix.copies, prefix.copied_tokens),
+        (2, u64::from(total)),
+        "{prefix:?}"
     );
 }

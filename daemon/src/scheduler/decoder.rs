@@ -293,11 +293,12 @@ impl<'t> Runner<'t> {
             let Some(seq) = slots[choice.slot].as_mut() else {
                 continue;
             };
-            if !model.copy_prefix(&choice) {
+            let copied = model.copy_prefix(&choice);
+            if !copied {
                 seq.fed = 0;
                 seq.reused = 0;
             }
-            self.count_reuse(seq);
+            self.count_reuse(seq, choice.copy_from.is_some() && copied);
         }
         stop
     }
@@ -710,8 +711,9 @@ impl<'t> Runner<'t> {
         &self.queue.metrics
     }
 
-    /// Counts a generation's prefix-cache lookup, and what it reused.
-    fn count_reuse(&self, seq: &Sequence<'t>) {
+    /// Counts a generation's prefix-cache lookup, and what it reused (`copied`: from another
+    /// slot).
+    fn count_reuse(&self, seq: &Sequence<'t>, copied: bool) {
         if !matches!(seq.kind, SeqKind::Generate(_)) {
             return;
         }
@@ -730,6 +732,21 @@ impl<'t> Runner<'t> {
             self.metrics().prefix_cache_hits.get_or_create(&model).inc();
             self.metrics()
                 .prefix_cache_reused_tokens
+                .get_or_create(&model)
+                .inc_by(seq.reused as u64);
+        }
+        if seq.reused > 0 && copied {
+            let prefix = &self.queue.prefix;
+            prefix.copies.fetch_add(1, Ordering::Relaxed);
+            prefix
+                .copied_tokens
+                .fetch_add(seq.reused as u64, Ordering::Relaxed);
+            self.metrics()
+                .prefix_cache_copies
+                .get_or_create(&model)
+                .inc();
+            self.metrics()
+                .prefix_cache_copied_tokens
                 .get_or_create(&model)
                 .inc_by(seq.reused as u64);
         }

@@ -230,6 +230,8 @@ pub struct PrefixCounters {
     lookups: AtomicU64,
     hits: AtomicU64,
     reused_tokens: AtomicU64,
+    copies: AtomicU64,
+    copied_tokens: AtomicU64,
 }
 
 /// A snapshot of [`PrefixCounters`].
@@ -241,6 +243,10 @@ pub struct PrefixStats {
     pub hits: u64,
     /// Prompt tokens taken from slot caches instead of prefilled.
     pub reused_tokens: u64,
+    /// Of the hits, the ones whose prefix was copied from another slot (a shared system
+    /// prompt), and the tokens copied (part of `reused_tokens`).
+    pub copies: u64,
+    pub copied_tokens: u64,
 }
 
 impl ModelQueue {
@@ -309,6 +315,8 @@ impl ModelQueue {
             lookups: self.prefix.lookups.load(Ordering::Relaxed),
             hits: self.prefix.hits.load(Ordering::Relaxed),
             reused_tokens: self.prefix.reused_tokens.load(Ordering::Relaxed),
+            copies: self.prefix.copies.load(Ordering::Relaxed),
+            copied_tokens: self.prefix.copied_tokens.load(Ordering::Relaxed),
         }
     }
 

@@ -238,6 +238,8 @@ pub fn model_info(m: ModelInfo) -> pb::ModelInfo {
             lookups: m.prefix_cache.lookups,
             hits: m.prefix_cache.hits,
             reused_tokens: m.prefix_cache.reused_tokens,
+            copies: m.prefix_cache.copies,
+            copied_tokens: m.prefix_cache.copied_tokens,
         }),
     }
 }
