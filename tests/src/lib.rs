@@ -264,13 +264,14 @@ impl TestDaemon {
         let (ready_tx, ready_rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
+        // EGPU_TEST_ECHO=1: each egpud's log also goes to the test's stderr as it is written
+        // (with --nocapture), for a test that hangs instead of failing.
+        let echo = std::env::var_os("EGPU_TEST_ECHO").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 // Logged before the signal, so a test woken by it finds the line.
                 let listening = line.contains("listening");
-                // EGPU_TEST_ECHO=1: each egpud's log also goes to the test's stderr as it is
-                // written (with --nocapture), for a test that hangs instead of failing.
-                if std::env::var_os("EGPU_TEST_ECHO").is_some() {
+                if echo {
                     eprintln!("[egpud] {line}");
                 }
                 sink.lines.lock().unwrap().push(line);

@@ -13,6 +13,8 @@
 //! token wherever the CPU's top two are more than [`CLEAR_GAP`] apart.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egpu_e2e::v1::egpu_client::EgpuClient;
@@ -1117,14 +1119,14 @@ async fn status_polled_during_prefix_copies_on_tinygrad_stalls_nothing() {
         .await
         .expect("first");
     // Status pollers, each on its own connection, as long as the copies run.
-    let polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let polling = Arc::new(AtomicBool::new(true));
     let mut pollers = Vec::new();
     for _ in 0..4 {
         let mut client = daemon.client().await;
         let polling = polling.clone();
         pollers.push(tokio::spawn(async move {
             let mut answers = 0u64;
-            while polling.load(std::sync::atomic::Ordering::Relaxed) {
+            while polling.load(Ordering::Relaxed) {
                 status(&mut client).await;
                 answers += 1;
             }
@@ -1151,7 +1153,7 @@ async fn status_polled_during_prefix_copies_on_tinygrad_stalls_nothing() {
         .expect("generate");
         copied.push(out.done.expect("done").cached_prompt_tokens);
     }
-    polling.store(false, std::sync::atomic::Ordering::Relaxed);
+    polling.store(false, Ordering::Relaxed);
     for poller in pollers {
         assert!(poller.await.expect("poller") > 0, "status answered");
     }
