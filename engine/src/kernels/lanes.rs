@@ -2,13 +2,13 @@
 //!
 //! - **Rows in lanes.** Every quantized kernel works on eight rows at once, row `r` in lane `r`
 //!   of 256-bit registers: the interleaved decode mat-vec ([`matvec_vnni`], [`matvec_avx2`]:
-//!   records unpacked in registers) and the prefill tile ([`tile_decoded_vnni`],
-//!   [`tile_decoded_avx2`]: over groups unpacked once per call by the kernels'
-//!   `run_quantized_in_lanes`, from the interleaved records by [`unpack_group`] or decoded row
-//!   by row from GGUF's layout). A token's factor `scale · dx` is one multiply for eight rows,
-//!   and no lane reduction is needed. On AVX-512 the prefill tile takes two groups at a time,
-//!   sixteen rows per 512-bit register ([`tile_pair_vnni`]): each `vpdpbusd` takes an
-//!   activation word broadcast from memory, so on 256-bit registers the loads bound the tile.
+//!   records unpacked in registers) and the prefill tile ([`tile_decoded_avx2`]: over groups
+//!   unpacked once per call by the kernels' `run_quantized_in_lanes`, from the interleaved
+//!   records by [`unpack_group`] or decoded row by row from GGUF's layout). A token's factor
+//!   `scale · dx` is one multiply for eight rows, and no lane reduction is needed. On AVX-512
+//!   the prefill tile takes two groups at a time, sixteen rows per 512-bit register
+//!   ([`tile_pair_vnni`], over pairs [`pack_pair`] joins once per call): each `vpdpbusd` takes
+//!   an activation word broadcast from memory, so on 256-bit registers the loads bound the tile.
 //! - **Per-block integer sums.** Each chunk's eight element groups are summed into one 32-bit
 //!   integer per row (per 16-element half for the types with 16-element sub-blocks,
 //!   `decoded::has_half_scales`) and converted and scaled once: one conversion and one FMA per
@@ -743,11 +743,12 @@ impl LaneRecord for Q3K {
     }
 }
 
-/// Defines the entry points of one instruction set: `$matvec`, the interleaved decode mat-vec,
-/// `$tile`, the prefill tile over decoded groups, and `$rows`, the decode mat-vec over GGUF's
-/// layout, with the byte dot product `$dot` and the `target_feature`s it needs.
+/// Defines the decode entry points of one instruction set: `$matvec`, the interleaved decode
+/// mat-vec, and `$rows`, the decode mat-vec over GGUF's layout, with the byte dot product
+/// `$dot` and the `target_feature`s it needs. (The prefill tiles are [`tile_decoded_avx2`] and,
+/// over packed pairs of groups, [`tile_pair_vnni`].)
 macro_rules! lane_entries {
-    ($isa:literal, $matvec:ident, $tile:ident, $rows:ident, $dot:ty, $features:literal) => {
+    ($isa:literal, $matvec:ident, $rows:ident, $dot:ty, $features:literal) => {
         /// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups
         /// `groups` of the interleaved matrix `w`; calls `store(t, r, y)` for every output, `t`
         /// counted in `acts`. The decode mat-vec: records are unpacked in registers, once per
@@ -789,28 +790,6 @@ macro_rules! lane_entries {
             }
         }
 
-        /// Eight decoded rows (in `avx2_interleaved::scatter_decoded_row`'s layout: `q` holds
-        /// [`DECODED_GROUP_BYTES`] per chunk, `scales` and `offsets` eight rows per half-chunk)
-        /// × the tokens `tokens` of `acts`: the prefill tile. `out[t - tokens.start]` gets
-        /// token `t`'s eight rows. Each chunk's eight element groups are loaded once per sweep
-        /// of tokens. `kind` is the type's [`chunk_kind_of`].
-        ///
-        /// # Safety
-        #[doc = concat!("The CPU must support ", $isa, ".")]
-        /// The group must hold `acts.n_chunks` chunks (`offsets` too when the type has
-        /// offsets), `acts` the tokens, and `out` at least `tokens.len()` entries (checked;
-        /// failing is a caller's bug and panics).
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $tile(
-            kind: KindFlags,
-            group: DecodedGroup,
-            acts: &QuantizedActivations,
-            tokens: std::ops::Range<usize>,
-            out: &mut [[f32; GROUP_ROWS]],
-        ) {
-            tile_decoded::<$dot>(kind, group, acts, tokens, out)
-        }
-
         /// `n_tokens` tokens (from `first_token` of `acts`) through the eight-row groups
         /// `groups` of `w` in GGUF's layout (a last group may be partial); calls
         /// `store(t, r, y)` for every output. The decode mat-vec for the types without an
@@ -840,7 +819,6 @@ macro_rules! lane_entries {
 lane_entries!(
     "AVX2, FMA and F16C",
     matvec_avx2,
-    tile_decoded_avx2,
     matvec_rows_avx2,
     Maddubs,
     "avx2,fma,f16c"
@@ -849,11 +827,32 @@ lane_entries!(
 lane_entries!(
     "AVX-512 F/BW/VL/VNNI besides AVX2 (`avx512::available`)",
     matvec_vnni,
-    tile_decoded_vnni,
     matvec_rows_vnni,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
+
+/// Eight decoded rows (in `avx2_interleaved::scatter_decoded_row`'s layout: `q` holds
+/// [`DECODED_GROUP_BYTES`] per chunk, `scales` and `offsets` eight rows per half-chunk)
+/// × the tokens `tokens` of `acts`: the prefill tile. `out[t - tokens.start]` gets
+/// token `t`'s eight rows. Each chunk's eight element groups are loaded once per sweep
+/// of tokens. `kind` is the type's [`chunk_kind_of`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+/// The group must hold `acts.n_chunks` chunks (`offsets` too when the type has
+/// offsets), `acts` the tokens, and `out` at least `tokens.len()` entries (checked;
+/// failing is a caller's bug and panics).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_decoded_avx2(
+    kind: KindFlags,
+    group: DecodedGroup,
+    acts: &QuantizedActivations,
+    tokens: std::ops::Range<usize>,
+    out: &mut [[f32; GROUP_ROWS]],
+) {
+    tile_decoded::<Maddubs>(kind, group, acts, tokens, out)
+}
 
 /// The mat-vec for one record type: per group, tokens in sweeps of up to
 /// [`LaneDot::MATVEC_SWEEP`].
@@ -1102,51 +1101,150 @@ unsafe fn tile_sweep<D: LaneDot, const NT: usize>(
     }
 }
 
-/// Two groups (sixteen rows) × the tokens `tokens` of `acts`: the AVX-512 prefill tile with
-/// 512-bit registers, group `a`'s rows in the low eight lanes and `b`'s in the high eight.
-/// `out.0` and `out.1` get the groups' outputs, as [`tile_decoded_vnni`]'s `out`.
+/// Two groups' chunk as the AVX-512 prefill tile reads it ([`tile_pair_vnni`]), packed once
+/// per block of groups by [`pack_pair`]: group `a`'s rows in lanes 0..8 of every 64-byte row,
+/// `b`'s in lanes 8..16; quants as [`Vnni::prepare`] makes them, then each half's scales and
+/// (float) offsets.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct PairChunk {
+    q: [[u8; 64]; 8],
+    scale: [[f32; 16]; 2],
+    offset: [[f32; 16]; 2],
+}
+
+impl PairChunk {
+    pub(crate) const ZERO: Self = Self {
+        q: [[0; 64]; 8],
+        scale: [[0.0; 16]; 2],
+        offset: [[0.0; 16]; 2],
+    };
+}
+
+/// Packs two decoded groups (`b` may be a group of zeros standing in for a missing one) into
+/// `out[..n_chunks]`, chunk by chunk, as [`tile_pair_vnni`] reads them: the joins and the
+/// quants' `+ 128` that every sweep of tokens would otherwise redo.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI besides AVX2, FMA and F16C
+/// (`avx512::available`). Both groups must hold `n_chunks` chunks (`offsets` too when the
+/// type has offsets) and `out` `n_chunks` entries (checked; failing is a caller's bug and
+/// panics).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn pack_pair(
+    kind: KindFlags,
+    groups: (DecodedGroup, DecodedGroup),
+    n_chunks: usize,
+    out: &mut [PairChunk],
+) {
+    for g in [groups.0, groups.1] {
+        let (q, scales, offsets) = g;
+        assert!(
+            q.len() >= n_chunks * DECODED_GROUP_BYTES
+                && scales.len() >= 2 * n_chunks
+                && (!kind.2 || offsets.len() >= 2 * n_chunks)
+        );
+    }
+    assert!(out.len() >= n_chunks);
+    with_chunk_kind!(kind, |KIND| {
+        for (c, packed) in out[..n_chunks].iter_mut().enumerate() {
+            // SAFETY: both groups hold chunk c (checked).
+            let (a, b) = (
+                decoded_chunk(KIND, groups.0, c),
+                decoded_chunk(KIND, groups.1, c),
+            );
+            for j in 0..8 {
+                let mut w = join_si(a.q[j], b.q[j]);
+                // As `Vnni::prepare`: q + 128 for signed quants, q − k + 128 for offsets of
+                // −k scales.
+                if KIND.signed {
+                    w = _mm512_xor_si512(w, _mm512_set1_epi8(i8::MIN));
+                } else if KIND.int_offsets() {
+                    let bias = _mm512_set1_epi8((128 - KIND.offset_multiple) as u8 as i8);
+                    w = _mm512_add_epi8(w, bias);
+                }
+                // SAFETY: a `PairChunk`'s rows are 64 bytes, 64-byte aligned.
+                _mm512_store_si512(packed.q[j].as_mut_ptr().cast(), w);
+            }
+            for h in 0..2 {
+                let scale = join_ps(a.scale[h], b.scale[h]);
+                _mm512_store_ps(packed.scale[h].as_mut_ptr(), scale);
+                let offset = join_ps(a.offset[h], b.offset[h]);
+                _mm512_store_ps(packed.offset[h].as_mut_ptr(), offset);
+            }
+        }
+    })
+}
+
+/// Two groups (sixteen rows), packed by [`pack_pair`], × the tokens `tokens` of `acts`: the
+/// AVX-512 prefill tile with 512-bit registers, the first group's rows in the low eight lanes
+/// and the second's in the high eight. `out.0` and `out.1` get the groups' outputs, as
+/// [`tile_decoded_avx2`]'s `out`.
 ///
 /// Why: in rows-in-lanes every `vpdpbusd` takes one activation word broadcast from memory, so
 /// on 256-bit registers the loads (eight weight groups, then one broadcast per dot product,
 /// per token) bound the tile, not the multiplies (llvm-mca's Zen 4 model: 25 cycles of loads
 /// per 32 dot products of 256 bits). A 512-bit register holds sixteen rows, so each broadcast
-/// serves twice the multiply-adds. Every lane does the operations of the 256-bit tile (and of
-/// the scalar twin), so the bits are the same.
+/// serves twice the multiply-adds. The pairs are packed once per block, not joined again in
+/// every sweep of tokens: on an Intel core the joins and the `+ 128` took the vector ports the
+/// dot products need. Every lane does the operations of the 256-bit tile (and of the scalar
+/// twin), so the bits are the same.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/VNNI besides AVX2, FMA and F16C
-/// (`avx512::available`). Both groups must hold `acts.n_chunks` chunks (`offsets` too when the
-/// type has offsets), `acts` the tokens, and both outputs at least `tokens.len()` entries
-/// (checked; failing is a caller's bug and panics).
+/// (`avx512::available`). `pairs` must hold `acts.n_chunks` chunks, `acts` the tokens, and both
+/// outputs at least `tokens.len()` entries (checked; failing is a caller's bug and panics).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn tile_pair_vnni(
     kind: KindFlags,
-    groups: (DecodedGroup, DecodedGroup),
+    pairs: &[PairChunk],
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
     out: (&mut [[f32; GROUP_ROWS]], &mut [[f32; GROUP_ROWS]]),
 ) {
-    check_tile_inputs(kind, groups.0, acts, &tokens, out.0.len());
-    check_tile_inputs(kind, groups.1, acts, &tokens, out.1.len());
+    let nc = acts.n_chunks;
+    assert!(
+        pairs.len() >= nc
+            && acts.q.len() >= tokens.end * nc
+            && acts.d.len() >= tokens.end * nc
+            && acts.half_sums.len() >= tokens.end * nc
+            && out.0.len() >= tokens.len()
+            && out.1.len() >= tokens.len()
+    );
+    check_chunk_sums(acts, tokens.end);
     with_chunk_kind!(kind, |KIND| {
         let mut t = tokens.start;
         while t < tokens.end {
             let at = t - tokens.start;
             let o = (&mut out.0[at..], &mut out.1[at..]);
-            let n = (tokens.end - t).min(PAIR_SWEEP);
+            let n = (tokens.end - t).min(pair_sweep(KIND));
             match n {
-                1 => tile_pair_sweep::<1>(KIND, groups, acts, t, o),
-                2 => tile_pair_sweep::<2>(KIND, groups, acts, t, o),
-                3 => tile_pair_sweep::<3>(KIND, groups, acts, t, o),
-                _ => tile_pair_sweep::<4>(KIND, groups, acts, t, o),
+                1 => tile_pair_sweep::<1>(KIND, pairs, acts, t, o),
+                2 => tile_pair_sweep::<2>(KIND, pairs, acts, t, o),
+                3 => tile_pair_sweep::<3>(KIND, pairs, acts, t, o),
+                4 => tile_pair_sweep::<4>(KIND, pairs, acts, t, o),
+                5 => tile_pair_sweep::<5>(KIND, pairs, acts, t, o),
+                6 => tile_pair_sweep::<6>(KIND, pairs, acts, t, o),
+                7 => tile_pair_sweep::<7>(KIND, pairs, acts, t, o),
+                _ => tile_pair_sweep::<8>(KIND, pairs, acts, t, o),
             }
             t += n;
         }
     })
 }
 
-/// Tokens per sweep of [`tile_pair_vnni`] (six measured no faster on a Zen 4).
-const PAIR_SWEEP: usize = 4;
+/// Tokens per sweep of [`tile_pair_vnni`]: eight (each token's one accumulator beside the
+/// chunk's eight weight registers), four where the halves have their own scales. With two
+/// accumulators per token, eight tokens left the compiler too few registers: it kept the
+/// accumulators on the stack, and Q6_K's prefill got no faster from the packed pairs, where
+/// it did with four (an Intel Emerald Rapids VM, 1B-shaped models, `egpu_bench`).
+const fn pair_sweep(kind: ChunkKind) -> usize {
+    if kind.split {
+        4
+    } else {
+        8
+    }
+}
 
 /// Two 256-bit halves as one 512-bit register (`lo` in lanes 0..8).
 #[inline(always)]
@@ -1163,28 +1261,22 @@ unsafe fn join_si(lo: __m256i, hi: __m256i) -> __m512i {
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
-/// Tokens `t0..t0 + NT` through two decoded groups, into `out.0[..NT]` and `out.1[..NT]`.
+/// Tokens `t0..t0 + NT` through a packed pair of groups, into `out.0[..NT]` and `out.1[..NT]`.
 ///
 /// # Safety
 /// As [`tile_pair_vnni`]'s, whose checks it relies on.
 #[inline(always)]
 unsafe fn tile_pair_sweep<const NT: usize>(
     kind: ChunkKind,
-    groups: (DecodedGroup, DecodedGroup),
+    pairs: &[PairChunk],
     acts: &QuantizedActivations,
     t0: usize,
     (out_a, out_b): (&mut [[f32; GROUP_ROWS]], &mut [[f32; GROUP_ROWS]]),
 ) {
     let nc = acts.n_chunks;
     let mut acc = [[_mm512_setzero_ps(); 2]; NT];
-    for c in 0..nc {
-        // SAFETY: both groups hold chunk c (checked).
-        let (a, b) = (
-            decoded_chunk(kind, groups.0, c),
-            decoded_chunk(kind, groups.1, c),
-        );
-        let pair = join_chunks(kind, &a, &b);
-        accumulate_pair_chunk::<NT>(kind, &pair, acts, t0 * nc + c, nc, &mut acc);
+    for (c, pair) in pairs[..nc].iter().enumerate() {
+        accumulate_pair_chunk::<NT>(kind, pair, acts, t0 * nc + c, nc, &mut acc);
     }
     for (t, acc) in acc.iter().enumerate() {
         (out_a[t], out_b[t]) = pair_outputs(kind, acc);
@@ -1220,44 +1312,6 @@ unsafe fn decoded_chunk(
     }
 }
 
-/// Two groups' chunk in 512-bit registers, group `a`'s rows in lanes 0..8: quants as
-/// [`Vnni::prepare`] makes them, scales and (float) offsets.
-struct PairChunk {
-    q: [__m512i; 8],
-    scale: [__m512; 2],
-    offset: [__m512; 2],
-}
-
-/// [`PairChunk`] from the two groups' chunks.
-#[inline(always)]
-unsafe fn join_chunks(kind: ChunkKind, a: &LaneChunk, b: &LaneChunk) -> PairChunk {
-    let mut q: [__m512i; 8] = std::array::from_fn(|j| join_si(a.q[j], b.q[j]));
-    // As `Vnni::prepare`: q + 128 for signed quants, q − k + 128 for offsets of −k scales.
-    if kind.signed {
-        for g in &mut q {
-            *g = _mm512_xor_si512(*g, _mm512_set1_epi8(i8::MIN));
-        }
-    } else if kind.int_offsets() {
-        let bias = _mm512_set1_epi8((128 - kind.offset_multiple) as u8 as i8);
-        for g in &mut q {
-            *g = _mm512_add_epi8(*g, bias);
-        }
-    }
-    let halves = if kind.split { 2 } else { 1 };
-    let mut pair = PairChunk {
-        q,
-        scale: [_mm512_setzero_ps(); 2],
-        offset: [_mm512_setzero_ps(); 2],
-    };
-    for h in 0..halves {
-        pair.scale[h] = join_ps(a.scale[h], b.scale[h]);
-        if kind.float_offsets() {
-            pair.offset[h] = join_ps(a.offset[h], b.offset[h]);
-        }
-    }
-    pair
-}
-
 /// [`accumulate_chunk`] for a [`PairChunk`]: the same operations per lane, on sixteen rows.
 ///
 /// # Safety
@@ -1271,6 +1325,9 @@ unsafe fn accumulate_pair_chunk<const NT: usize>(
     nc: usize,
     acc: &mut [[__m512; 2]; NT],
 ) {
+    let w: [__m512i; 8] = std::array::from_fn(|j| _mm512_load_si512(chunk.q[j].as_ptr().cast()));
+    let scale: [__m512; 2] = std::array::from_fn(|h| _mm512_load_ps(chunk.scale[h].as_ptr()));
+    let offset: [__m512; 2] = std::array::from_fn(|h| _mm512_load_ps(chunk.offset[h].as_ptr()));
     for (t, acc) in acc.iter_mut().enumerate() {
         let i = at + t * nc;
         // SAFETY: chunk i and its sums exist (the caller's contract); its words are 32 bytes.
@@ -1286,27 +1343,27 @@ unsafe fn accumulate_pair_chunk<const NT: usize>(
                 isum[0] = _mm512_set1_epi32(*acts.neg128_chunk_q_sums.as_ptr().add(i));
             }
         }
-        for (j, &w) in chunk.q.iter().enumerate() {
+        for (j, &w) in w.iter().enumerate() {
             let xw = _mm512_set1_epi32(x.add(j).read_unaligned());
             isum[j / 4] = _mm512_dpbusd_epi32(isum[j / 4], w, xw);
         }
         let xd = _mm512_set1_ps(*acts.d.as_ptr().add(i));
         if kind.split {
             for h in 0..2 {
-                let factor = _mm512_mul_ps(chunk.scale[h], xd);
+                let factor = _mm512_mul_ps(scale[h], xd);
                 acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[h]), factor, acc[h]);
                 if kind.float_offsets() {
                     let x_sum = acts.half_sums.as_ptr().add(i).cast::<f32>().add(h);
-                    acc[h] = _mm512_fmadd_ps(chunk.offset[h], _mm512_set1_ps(*x_sum), acc[h]);
+                    acc[h] = _mm512_fmadd_ps(offset[h], _mm512_set1_ps(*x_sum), acc[h]);
                 }
             }
         } else {
-            let factor = _mm512_mul_ps(chunk.scale[0], xd);
+            let factor = _mm512_mul_ps(scale[0], xd);
             let sum = _mm512_add_epi32(isum[0], isum[1]);
             acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), factor, acc[0]);
             if kind.float_offsets() {
                 let x_sum = _mm512_set1_ps(*acts.chunk_sums.as_ptr().add(i));
-                acc[0] = _mm512_fmadd_ps(chunk.offset[0], x_sum, acc[0]);
+                acc[0] = _mm512_fmadd_ps(offset[0], x_sum, acc[0]);
             }
         }
     }

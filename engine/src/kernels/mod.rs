@@ -641,6 +641,9 @@ struct LanesScratch {
     row_blocks: Vec<u8>,
     /// Two groups' outputs (the second for AVX-512's pairs) for a block of tokens.
     tile: Vec<[f32; interleaved::GROUP_ROWS]>,
+    /// AVX-512: the block's groups packed in pairs (`lanes::pack_pair`); `q`, `scales` and
+    /// `offsets` then hold only the two groups on their way into a pair.
+    pairs: Vec<lanes::PairChunk>,
 }
 
 thread_local! {
@@ -1089,7 +1092,8 @@ fn run_quantized_in_lanes(
     // AVX-512's tile takes two groups at a time (`lanes::tile_pair_vnni`), so its threads
     // share out pairs of groups: a unit is `unit_groups` groups (the last may have fewer).
     let n_groups = rows.div_ceil(G);
-    let unit_groups = if path == KernelPath::Avx512 { 2 } else { 1 };
+    let paired = path == KernelPath::Avx512;
+    let unit_groups = if paired { 2 } else { 1 };
     let units = n_groups.div_ceil(unit_groups);
     let n_parts = parts_for(pool, rows * w.cols * n_tokens, units);
     let out = SharedOutput::new(y);
@@ -1110,86 +1114,118 @@ fn run_quantized_in_lanes(
                 row_offsets,
                 row_blocks,
                 tile,
+                pairs,
             } = scratch;
             let part_units = split(units, n_parts, part);
             let part_groups =
                 part_units.start * unit_groups..(part_units.end * unit_groups).min(n_groups);
             let block_groups = groups_per_block.min(part_groups.len()).max(1);
-            q.resize(block_groups * nc * DECODED_GROUP_BYTES, 0);
-            scales.resize(block_groups * 2 * nc, Lanes8::default());
-            offsets.resize(block_groups * 2 * nc, Lanes8::default());
+            // AVX-512 unpacks two groups at a time on their way into the block's pairs.
+            let unpacked_groups = if paired { 2 } else { block_groups };
+            q.resize(unpacked_groups * nc * DECODED_GROUP_BYTES, 0);
+            scales.resize(unpacked_groups * 2 * nc, Lanes8::default());
+            offsets.resize(unpacked_groups * 2 * nc, Lanes8::default());
+            if paired {
+                pairs.resize(block_groups.div_ceil(2) * nc, lanes::PairChunk::ZERO);
+            }
             row_chunks.resize(nc, DecodedChunk::ZERO);
             row_offsets.resize(nc, [0.0; 2]);
             let tile_len = tokens_per_block.min(n_tokens);
             tile.resize(2 * tile_len, [0.0; G]);
+            // Group k of the unpacked ones: its quants, and its halves' scales and offsets.
+            let q_at = |k: usize| k * nc * DECODED_GROUP_BYTES..(k + 1) * nc * DECODED_GROUP_BYTES;
+            let halves_at = |k: usize| k * 2 * nc..(k + 1) * 2 * nc;
+            let pair_at = |p: usize| p * nc..(p + 1) * nc;
             for first_group in part_groups.clone().step_by(block_groups) {
                 let block = first_group..(first_group + block_groups).min(part_groups.end);
-                // Group k of the block: its quants, and its halves' scales and offsets.
-                let q_at =
-                    |k: usize| k * nc * DECODED_GROUP_BYTES..(k + 1) * nc * DECODED_GROUP_BYTES;
-                let halves_at = |k: usize| k * 2 * nc..(k + 1) * 2 * nc;
-                for (k, g) in block.clone().enumerate() {
-                    let q = &mut q[q_at(k)];
-                    let scales = &mut scales[halves_at(k)];
-                    let offsets = &mut offsets[halves_at(k)];
-                    if w.layout == Layout::Interleaved8 {
-                        // SAFETY: an x86 path is available (the caller's contract); `w` is
-                        // interleaved (so its rows are whole groups) and `g` one of them.
-                        unsafe { lanes::unpack_group(w, g, (q, scales, offsets)) };
-                        continue;
-                    }
-                    for r in 0..G {
-                        if g * G + r < rows {
-                            let row = w.row_blocks(g * G + r, row_blocks);
-                            decode_row(path, w.ty, row, row_chunks, row_offsets);
+                // Unpacks group `g` of the matrix (a group of zeros past the block's end, the
+                // partner of a last odd group on AVX-512) into unpacked group `k`.
+                let mut unpack_into =
+                    |g: usize, q: &mut [u8], scales: &mut [Lanes8], offsets: &mut [Lanes8]| {
+                        if g >= block.end {
+                            q.fill(0);
+                            scales.fill(Lanes8::default());
+                            offsets.fill(Lanes8::default());
+                        } else if w.layout == Layout::Interleaved8 {
+                            // SAFETY: an x86 path is available (the caller's contract); `w` is
+                            // interleaved (so its rows are whole groups) and `g` one of them.
+                            unsafe { lanes::unpack_group(w, g, (q, scales, offsets)) };
                         } else {
-                            row_chunks.fill(DecodedChunk::ZERO);
-                            row_offsets.fill([0.0; 2]);
+                            for r in 0..G {
+                                if g * G + r < rows {
+                                    let row = w.row_blocks(g * G + r, row_blocks);
+                                    decode_row(path, w.ty, row, row_chunks, row_offsets);
+                                } else {
+                                    row_chunks.fill(DecodedChunk::ZERO);
+                                    row_offsets.fill([0.0; 2]);
+                                }
+                                avx2_interleaved::scatter_decoded_row(
+                                    r,
+                                    row_chunks,
+                                    row_offsets,
+                                    q,
+                                    scales,
+                                    offsets,
+                                );
+                            }
                         }
-                        avx2_interleaved::scatter_decoded_row(
-                            r,
-                            row_chunks,
-                            row_offsets,
-                            q,
-                            scales,
-                            offsets,
+                    };
+                if paired {
+                    for (p, g) in block.clone().step_by(2).enumerate() {
+                        for (k, g) in [(0, g), (1, g + 1)] {
+                            let (q, s, o) = (
+                                &mut q[q_at(k)],
+                                &mut scales[halves_at(k)],
+                                &mut offsets[halves_at(k)],
+                            );
+                            unpack_into(g, q, s, o);
+                        }
+                        let group =
+                            |k: usize| (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
+                        // SAFETY: AVX-512 is available (`paired` only on its path); both
+                        // groups hold nc chunks, and the pair its nc entries.
+                        unsafe {
+                            lanes::pack_pair(kind, (group(0), group(1)), nc, &mut pairs[pair_at(p)])
+                        };
+                    }
+                } else {
+                    for (k, g) in block.clone().enumerate() {
+                        let (q, s, o) = (
+                            &mut q[q_at(k)],
+                            &mut scales[halves_at(k)],
+                            &mut offsets[halves_at(k)],
                         );
+                        unpack_into(g, q, s, o);
                     }
                 }
                 for tb in (0..n_tokens).step_by(tokens_per_block) {
                     let tokens = tb..(tb + tokens_per_block).min(n_tokens);
-                    let group =
-                        |k: usize| (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
-                    // AVX-512 takes the block's groups two at a time (`lanes::tile_pair_vnni`),
-                    // a last odd one alone.
+                    let (tile_a, tile_b) = tile.split_at_mut(tile_len);
+                    let n = tokens.len();
+                    let (tile_a, tile_b) = (&mut tile_a[..n], &mut tile_b[..n]);
+                    // Group k of the block: AVX-512's pairs take two at a time.
                     let mut k = 0;
                     while k < block.len() {
-                        let paired = path == KernelPath::Avx512 && k + 1 < block.len();
-                        let (tile_a, tile_b) = tile.split_at_mut(tile_len);
-                        let n = tokens.len();
-                        let (tile_a, tile_b) = (&mut tile_a[..n], &mut tile_b[..n]);
                         let t = tokens.clone();
                         // SAFETY: `path` is available and runs AVX2 (the caller's contract),
-                        // AVX-512 where it is `Avx512`; the groups hold nc chunks and `acts`
-                        // the block's tokens.
+                        // AVX-512 where `paired`; the groups (or pair) hold nc chunks and
+                        // `acts` the block's tokens.
                         unsafe {
-                            match path {
-                                KernelPath::Avx512 if paired => lanes::tile_pair_vnni(
-                                    kind,
-                                    (group(k), group(k + 1)),
-                                    acts,
-                                    t,
-                                    (&mut *tile_a, &mut *tile_b),
-                                ),
-                                KernelPath::Avx512 => {
-                                    lanes::tile_decoded_vnni(kind, group(k), acts, t, tile_a)
-                                }
-                                _ => lanes::tile_decoded_avx2(kind, group(k), acts, t, tile_a),
+                            if paired {
+                                let pair = &pairs[pair_at(k / 2)];
+                                lanes::tile_pair_vnni(kind, pair, acts, t, (tile_a, tile_b));
+                            } else {
+                                let group =
+                                    (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
+                                lanes::tile_decoded_avx2(kind, group, acts, t, tile_a);
                             }
                         };
                         let groups = if paired { 2 } else { 1 };
                         for (i, tile) in [&*tile_a, &*tile_b].into_iter().enumerate().take(groups) {
                             let g = block.start + k + i;
+                            if g >= block.end {
+                                break;
+                            }
                             // The group's rows that exist (a last group may be padded).
                             let n_rows = G.min(rows - g * G);
                             let first = tokens.start * rows + g * G;
