@@ -1153,27 +1153,77 @@ pub(crate) unsafe fn pack_pair(
                 decoded_chunk(KIND, groups.0, c),
                 decoded_chunk(KIND, groups.1, c),
             );
-            for j in 0..8 {
-                let mut w = join_si(a.q[j], b.q[j]);
-                // As `Vnni::prepare`: q + 128 for signed quants, q − k + 128 for offsets of
-                // −k scales.
-                if KIND.signed {
-                    w = _mm512_xor_si512(w, _mm512_set1_epi8(i8::MIN));
-                } else if KIND.int_offsets() {
-                    let bias = _mm512_set1_epi8((128 - KIND.offset_multiple) as u8 as i8);
-                    w = _mm512_add_epi8(w, bias);
-                }
+            let regs = join_lane_chunks(KIND, &a, &b);
+            for (row, w) in packed.q.iter_mut().zip(regs.w) {
                 // SAFETY: a `PairChunk`'s rows are 64 bytes, 64-byte aligned.
-                _mm512_store_si512(packed.q[j].as_mut_ptr().cast(), w);
+                _mm512_store_si512(row.as_mut_ptr().cast(), w);
             }
             for h in 0..2 {
-                let scale = join_ps(a.scale[h], b.scale[h]);
-                _mm512_store_ps(packed.scale[h].as_mut_ptr(), scale);
-                let offset = join_ps(a.offset[h], b.offset[h]);
-                _mm512_store_ps(packed.offset[h].as_mut_ptr(), offset);
+                _mm512_store_ps(packed.scale[h].as_mut_ptr(), regs.scale[h]);
+                _mm512_store_ps(packed.offset[h].as_mut_ptr(), regs.offset[h]);
             }
         }
     })
+}
+
+/// Two groups' chunk in 512-bit registers, as [`PairChunk`] holds it in memory.
+struct PairRegs {
+    w: [__m512i; 8],
+    scale: [__m512; 2],
+    offset: [__m512; 2],
+}
+
+impl PairRegs {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Self {
+            w: [_mm512_setzero_si512(); 8],
+            scale: [_mm512_setzero_ps(); 2],
+            offset: [_mm512_setzero_ps(); 2],
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[inline(always)]
+    unsafe fn load(chunk: &PairChunk) -> Self {
+        // (Loops, not `array::from_fn`: a closure does not inherit the caller's target
+        // features, so the intrinsics in it would not be inlined.)
+        let mut regs = Self::zero();
+        for (w, row) in regs.w.iter_mut().zip(&chunk.q) {
+            // SAFETY: a `PairChunk`'s rows are 64 bytes, 64-byte aligned.
+            *w = _mm512_load_si512(row.as_ptr().cast());
+        }
+        for h in 0..2 {
+            regs.scale[h] = _mm512_load_ps(chunk.scale[h].as_ptr());
+            regs.offset[h] = _mm512_load_ps(chunk.offset[h].as_ptr());
+        }
+        regs
+    }
+}
+
+/// Two groups' chunks joined, `a`'s rows in lanes 0..8, with the quants as [`Vnni::prepare`]
+/// makes them: `q + 128` for signed quants, `q − k + 128` for offsets of `−k` scales.
+#[inline(always)]
+unsafe fn join_lane_chunks(kind: ChunkKind, a: &LaneChunk, b: &LaneChunk) -> PairRegs {
+    // (Loops, not `array::from_fn`: see `PairRegs::load`.)
+    let mut regs = PairRegs::zero();
+    for (j, w) in regs.w.iter_mut().enumerate() {
+        *w = join_si(a.q[j], b.q[j]);
+        if kind.signed {
+            *w = _mm512_xor_si512(*w, _mm512_set1_epi8(i8::MIN));
+        } else if kind.int_offsets() {
+            *w = _mm512_add_epi8(
+                *w,
+                _mm512_set1_epi8((128 - kind.offset_multiple) as u8 as i8),
+            );
+        }
+    }
+    for h in 0..2 {
+        regs.scale[h] = join_ps(a.scale[h], b.scale[h]);
+        regs.offset[h] = join_ps(a.offset[h], b.offset[h]);
+    }
+    regs
 }
 
 /// Two groups (sixteen rows), packed by [`pack_pair`], × the tokens `tokens` of `acts`: the
@@ -1276,7 +1326,8 @@ unsafe fn tile_pair_sweep<const NT: usize>(
     let nc = acts.n_chunks;
     let mut acc = [[_mm512_setzero_ps(); 2]; NT];
     for (c, pair) in pairs[..nc].iter().enumerate() {
-        accumulate_pair_chunk::<NT>(kind, pair, acts, t0 * nc + c, nc, &mut acc);
+        let regs = PairRegs::load(pair);
+        accumulate_pair_chunk::<NT>(kind, &regs, acts, t0 * nc + c, nc, &mut acc);
     }
     for (t, acc) in acc.iter().enumerate() {
         (out_a[t], out_b[t]) = pair_outputs(kind, acc);
@@ -1312,22 +1363,19 @@ unsafe fn decoded_chunk(
     }
 }
 
-/// [`accumulate_chunk`] for a [`PairChunk`]: the same operations per lane, on sixteen rows.
+/// [`accumulate_chunk`] for two groups' chunk: the same operations per lane, on sixteen rows.
 ///
 /// # Safety
 /// `acts` must hold chunk `at + t · nc` for every `t < NT` (the callers check).
 #[inline(always)]
 unsafe fn accumulate_pair_chunk<const NT: usize>(
     kind: ChunkKind,
-    chunk: &PairChunk,
+    &PairRegs { w, scale, offset }: &PairRegs,
     acts: &QuantizedActivations,
     at: usize,
     nc: usize,
     acc: &mut [[__m512; 2]; NT],
 ) {
-    let w: [__m512i; 8] = std::array::from_fn(|j| _mm512_load_si512(chunk.q[j].as_ptr().cast()));
-    let scale: [__m512; 2] = std::array::from_fn(|h| _mm512_load_ps(chunk.scale[h].as_ptr()));
-    let offset: [__m512; 2] = std::array::from_fn(|h| _mm512_load_ps(chunk.offset[h].as_ptr()));
     for (t, acc) in acc.iter_mut().enumerate() {
         let i = at + t * nc;
         // SAFETY: chunk i and its sums exist (the caller's contract); its words are 32 bytes.
