@@ -1138,8 +1138,8 @@ fn run_quantized_in_lanes(
             let pair_at = |p: usize| p * nc..(p + 1) * nc;
             for first_group in part_groups.clone().step_by(block_groups) {
                 let block = first_group..(first_group + block_groups).min(part_groups.end);
-                // Unpacks group `g` of the matrix (a group of zeros past the block's end, the
-                // partner of a last odd group on AVX-512) into unpacked group `k`.
+                // Unpacks group `g` of the matrix into the buffers of one unpacked group (a group
+                // of zeros past the block's end: the partner of a last odd group on AVX-512).
                 let mut unpack_into =
                     |g: usize, q: &mut [u8], scales: &mut [Lanes8], offsets: &mut [Lanes8]| {
                         if g >= block.end {
@@ -1213,7 +1213,8 @@ fn run_quantized_in_lanes(
                         unsafe {
                             if paired {
                                 let pair = &pairs[pair_at(k / 2)];
-                                lanes::tile_pair_vnni(kind, pair, acts, t, (tile_a, tile_b));
+                                let out = (&mut *tile_a, &mut *tile_b);
+                                lanes::tile_pair_vnni(kind, pair, acts, t, out);
                             } else {
                                 let group =
                                     (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
