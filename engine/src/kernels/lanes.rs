@@ -1033,17 +1033,30 @@ unsafe fn tile_decoded<D: LaneDot>(
 /// the tiles rely on (a failure is a caller's bug).
 fn check_tile_inputs(
     kind: KindFlags,
-    (q, scales, offsets): DecodedGroup,
+    group: DecodedGroup,
     acts: &QuantizedActivations,
     tokens: &std::ops::Range<usize>,
     out_len: usize,
 ) {
+    check_group(kind, group, acts.n_chunks);
+    check_tile_tokens(acts, tokens, out_len);
+}
+
+/// Panics unless `group` holds `n_chunks` chunks, with offsets where the type has them.
+fn check_group(kind: KindFlags, (q, scales, offsets): DecodedGroup, n_chunks: usize) {
+    assert!(
+        q.len() >= n_chunks * DECODED_GROUP_BYTES
+            && scales.len() >= 2 * n_chunks
+            && (!kind.2 || offsets.len() >= 2 * n_chunks)
+    );
+}
+
+/// Panics unless `acts` holds the tokens `tokens` with their sums and `out_len` outputs cover
+/// them.
+fn check_tile_tokens(acts: &QuantizedActivations, tokens: &std::ops::Range<usize>, out_len: usize) {
     let nc = acts.n_chunks;
     assert!(
-        q.len() >= nc * DECODED_GROUP_BYTES
-            && scales.len() >= 2 * nc
-            && (!kind.2 || offsets.len() >= 2 * nc)
-            && acts.q.len() >= tokens.end * nc
+        acts.q.len() >= tokens.end * nc
             && acts.d.len() >= tokens.end * nc
             && acts.half_sums.len() >= tokens.end * nc
             && out_len >= tokens.len()
@@ -1137,14 +1150,8 @@ pub(crate) unsafe fn pack_pair(
     n_chunks: usize,
     out: &mut [PairChunk],
 ) {
-    for g in [groups.0, groups.1] {
-        let (q, scales, offsets) = g;
-        assert!(
-            q.len() >= n_chunks * DECODED_GROUP_BYTES
-                && scales.len() >= 2 * n_chunks
-                && (!kind.2 || offsets.len() >= 2 * n_chunks)
-        );
-    }
+    check_group(kind, groups.0, n_chunks);
+    check_group(kind, groups.1, n_chunks);
     assert!(out.len() >= n_chunks);
     with_chunk_kind!(kind, |KIND| {
         for (c, packed) in out[..n_chunks].iter_mut().enumerate() {
@@ -1252,16 +1259,8 @@ pub(crate) unsafe fn tile_pair_vnni(
     tokens: std::ops::Range<usize>,
     out: (&mut [[f32; GROUP_ROWS]], &mut [[f32; GROUP_ROWS]]),
 ) {
-    let nc = acts.n_chunks;
-    assert!(
-        pairs.len() >= nc
-            && acts.q.len() >= tokens.end * nc
-            && acts.d.len() >= tokens.end * nc
-            && acts.half_sums.len() >= tokens.end * nc
-            && out.0.len() >= tokens.len()
-            && out.1.len() >= tokens.len()
-    );
-    check_chunk_sums(acts, tokens.end);
+    assert!(pairs.len() >= acts.n_chunks);
+    check_tile_tokens(acts, &tokens, out.0.len().min(out.1.len()));
     with_chunk_kind!(kind, |KIND| {
         let mut t = tokens.start;
         while t < tokens.end {
