@@ -7,6 +7,8 @@
 // Dispatch to the AVX2 variants is `unsafe` (target features); each call says why it is sound.
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+use super::avx512;
 use super::KernelPath;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 use super::{avx2, avx2_attention};
@@ -369,6 +371,12 @@ pub fn scores_transposed_f16_with_path(
     // Only x86 has kernels of its own for this; elsewhere every path runs the loop below.
     #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
     let _ = path;
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx512 && path.is_available() {
+        // SAFETY: the AVX-512 path is available; the kernel checks the shapes.
+        unsafe { avx2_attention::scores_transposed_f16_wide(q, dim, kt, stride, cols, scale, out) };
+        return;
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if path.runs_avx2() && path.is_available() {
         // SAFETY: AVX2 and F16C are available; the kernel checks the shapes.
@@ -466,6 +474,11 @@ pub fn online_softmax_step<'s>(
     sum: &mut f32,
     oh: &mut [f32],
 ) -> &'s [f32] {
+    #[cfg(target_arch = "x86_64")]
+    if KernelPath::best() == KernelPath::Avx512 {
+        // SAFETY: AVX-512 is available (`best` only picks available paths).
+        return unsafe { avx512::online_softmax_step(s, max, sum, oh) };
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if KernelPath::best().runs_avx2() {
         // SAFETY: AVX2 is available (`best` only picks available paths).

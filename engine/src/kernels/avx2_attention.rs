@@ -51,50 +51,89 @@ pub(crate) unsafe fn scores_transposed_f16(
     scale: f32,
     out: &mut [f32],
 ) {
-    let rows = q.len() / dim;
+    let (rows, n) = scores_shape(q, dim, kt, stride, &cols, out);
+    let args = (q, dim, kt, stride, cols.start, scale);
+    scores_from(args, rows, out, n, 0);
+}
+
+/// [`scores_transposed_f16`] on AVX-512: sixteen keys per 512-bit register while whole runs of
+/// them remain (each broadcast query value and each add then serves twice the keys), then the
+/// rest as the AVX2 kernel does it. Every score is still its own lane's chain of a multiply
+/// then an add per `d`, in order, so the bits are the same.
+///
+/// # Safety
+/// The CPU must pass `avx512::available`. Shapes are checked (a mismatch panics).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn scores_transposed_f16_wide(
+    q: &[f32],
+    dim: usize,
+    kt: &[f16],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (rows, n) = scores_shape(q, dim, kt, stride, &cols, out);
+    let args = (q, dim, kt, stride, cols.start, scale);
+    // Independent chains per row as in the AVX2 kernel, with 32 registers to hold them: one
+    // row takes a whole 64-key block at once (four chains), more rows two registers each.
+    let mut j = 0;
+    match rows {
+        0 => {}
+        1 => score_rows::<__m512, 1, 4>(args, out, n, &mut j),
+        2 => score_rows::<__m512, 2, 2>(args, out, n, &mut j),
+        3 => score_rows::<__m512, 3, 2>(args, out, n, &mut j),
+        4 => score_rows::<__m512, 4, 2>(args, out, n, &mut j),
+        _ => {
+            prompt_score_runs::<__m512, 4>(args, rows, out, n, &mut j);
+            prompt_score_runs::<__m512, 2>(args, rows, out, n, &mut j);
+        }
+    }
+    scores_from(args, rows, out, n, j);
+}
+
+/// `(rows, n)` of a score kernel's inputs, checked: `out` holds `rows × n` scores, `q` whole
+/// rows of `dim`, and `kt` every row's columns `cols`.
+fn scores_shape(
+    q: &[f32],
+    dim: usize,
+    kt: &[f16],
+    stride: usize,
+    cols: &std::ops::Range<usize>,
+    out: &[f32],
+) -> (usize, usize) {
+    let rows = q.len() / dim.max(1);
     let n = cols.len();
     assert!(
         out.len() == rows * n
             && q.len() == rows * dim
             && (dim == 0 || (dim - 1) * stride + cols.end <= kt.len())
     );
+    (rows, n)
+}
+
+/// The AVX2 kernel's scores of all `rows` against the keys from `j` to `n`.
+#[inline(always)]
+unsafe fn scores_from(args: ScoreArgs<'_>, rows: usize, out: &mut [f32], n: usize, j: usize) {
+    let (q, dim, kt, stride, first_col, scale) = args;
     // Each score is a chain of `dim` dependent adds; several runs of keys at once give the CPU
     // independent chains to overlap (as many as the sixteen registers hold).
-    let mut j = 0;
-    let args = (q, dim, kt, stride, cols.start, scale);
+    let mut j = j;
     match rows {
         0 => {}
-        1 => score_rows::<1, 4>(args, out, n, &mut j),
-        2 => score_rows::<2, 4>(args, out, n, &mut j),
-        3 => score_rows::<3, 3>(args, out, n, &mut j),
-        4 => score_rows::<4, 2>(args, out, n, &mut j),
-        // A prompt's rows: keys in the outer loop and rows, four at a time, in the inner one,
-        // so that every row reads each strip of keys (`dim × 32` bytes) while it is in L1.
-        _ => {
-            while j + 16 <= n {
-                let mut r0 = 0;
-                while r0 < rows {
-                    let nr = (rows - r0).min(4);
-                    let q = &q[r0 * dim..(r0 + nr) * dim];
-                    let (args, out) = ((q, dim, kt, stride, cols.start, scale), &mut out[r0 * n..]);
-                    match nr {
-                        1 => score_run::<1, 2>(args, out, n, j),
-                        2 => score_run::<2, 2>(args, out, n, j),
-                        3 => score_run::<3, 2>(args, out, n, j),
-                        _ => score_run::<4, 2>(args, out, n, j),
-                    }
-                    r0 += nr;
-                }
-                j += 16;
-            }
-        }
+        1 => score_rows::<__m256, 1, 4>(args, out, n, &mut j),
+        2 => score_rows::<__m256, 2, 4>(args, out, n, &mut j),
+        3 => score_rows::<__m256, 3, 3>(args, out, n, &mut j),
+        4 => score_rows::<__m256, 4, 2>(args, out, n, &mut j),
+        _ => prompt_score_runs::<__m256, 2>(args, rows, out, n, &mut j),
     }
     // What is left of the keys: runs of 8, then the last few (fewer than eight).
     let mut r0 = 0;
     while r0 < rows {
         let nr = (rows - r0).min(4);
         let q = &q[r0 * dim..(r0 + nr) * dim];
-        let (args, out) = ((q, dim, kt, stride, cols.start, scale), &mut out[r0 * n..]);
+        let (args, out) = ((q, dim, kt, stride, first_col, scale), &mut out[r0 * n..]);
         match nr {
             1 => score_rest::<1>(args, out, n, j),
             2 => score_rest::<2>(args, out, n, j),
@@ -110,7 +149,7 @@ pub(crate) unsafe fn scores_transposed_f16(
 #[inline(always)]
 unsafe fn score_rest<const R: usize>(args: ScoreArgs<'_>, out: &mut [f32], n: usize, j: usize) {
     let mut j = j;
-    score_rows::<R, 1>(args, out, n, &mut j);
+    score_rows::<__m256, R, 1>(args, out, n, &mut j);
     if j < n {
         score_last_keys::<R>(args, out, n, j);
     }
@@ -134,7 +173,7 @@ unsafe fn score_last_keys<const R: usize>(
     let (q, dim, kt, stride, first_col, scale) = args;
     if n >= 8 {
         // SAFETY: keys n − 8..n lie within the caller's checked columns.
-        score_run::<R, 1>(args, out, n, n - 8);
+        score_run::<__m256, R, 1>(args, out, n, n - 8);
         return;
     }
     // n < 8, so j == 0: the run covers columns first_col..first_col + n.
@@ -144,7 +183,7 @@ unsafe fn score_last_keys<const R: usize>(
         let mut run = [0f32; 8 * 4];
         // SAFETY: row d's columns start..start + 8 end at or before (dim − 1) · stride +
         // start + 8 <= kt.len() (checked just above); `run` holds R ≤ 4 rows of eight.
-        score_run::<R, 1>((q, dim, kt, stride, start, scale), &mut run, 8, 0);
+        score_run::<__m256, R, 1>((q, dim, kt, stride, start, scale), &mut run, 8, 0);
         let lane = first_col - start;
         for r in 0..R {
             // Element by element, up to a fixed eight: a copy of `n` would call `memcpy`.
@@ -171,52 +210,82 @@ unsafe fn score_last_keys<const R: usize>(
 /// column and the scale.
 type ScoreArgs<'a> = (&'a [f32], usize, &'a [f16], usize, usize, f32);
 
-/// Runs of `8·KB` keys from `*j` while whole runs remain, advancing `*j`, for exactly `R` rows
-/// (bounds checked by the caller).
+/// A prompt's rows (more than four), in runs of `2·V::LANES` keys from `*j` while whole runs
+/// remain, advancing `*j`: keys in the outer loop and rows, four at a time, in the inner one,
+/// so that every row reads each strip of keys (`dim × 2·V::LANES` f16) while it is in L1.
 #[inline(always)]
-unsafe fn score_rows<const R: usize, const KB: usize>(
+unsafe fn prompt_score_runs<V: F32Lanes, const KB: usize>(
+    (q, dim, kt, stride, first_col, scale): ScoreArgs<'_>,
+    rows: usize,
+    out: &mut [f32],
+    n: usize,
+    j: &mut usize,
+) {
+    while *j + KB * V::LANES <= n {
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(4);
+            let q = &q[r0 * dim..(r0 + nr) * dim];
+            let (args, out) = ((q, dim, kt, stride, first_col, scale), &mut out[r0 * n..]);
+            match nr {
+                1 => score_run::<V, 1, KB>(args, out, n, *j),
+                2 => score_run::<V, 2, KB>(args, out, n, *j),
+                3 => score_run::<V, 3, KB>(args, out, n, *j),
+                _ => score_run::<V, 4, KB>(args, out, n, *j),
+            }
+            r0 += nr;
+        }
+        *j += KB * V::LANES;
+    }
+}
+
+/// Runs of `V::LANES·KB` keys from `*j` while whole runs remain, advancing `*j`, for exactly
+/// `R` rows (bounds checked by the caller).
+#[inline(always)]
+unsafe fn score_rows<V: F32Lanes, const R: usize, const KB: usize>(
     args: ScoreArgs<'_>,
     out: &mut [f32],
     n: usize,
     j: &mut usize,
 ) {
-    while *j + 8 * KB <= n {
-        score_run::<R, KB>(args, out, n, *j);
-        *j += 8 * KB;
+    while *j + V::LANES * KB <= n {
+        score_run::<V, R, KB>(args, out, n, *j);
+        *j += V::LANES * KB;
     }
 }
 
-/// Scores of `R` rows against the `8·KB` keys from `j`: each score summed over `d` in order,
-/// one product at a time, as the f32 body does.
+/// Scores of `R` rows against the `V::LANES·KB` keys from `j`: each score summed over `d` in
+/// order, one product at a time, as the f32 body does, whatever the register width.
 #[inline(always)]
-unsafe fn score_run<const R: usize, const KB: usize>(
+unsafe fn score_run<V: F32Lanes, const R: usize, const KB: usize>(
     (q, dim, kt, stride, first_col, scale): ScoreArgs<'_>,
     out: &mut [f32],
     n: usize,
     j: usize,
 ) {
     let (qp, kp) = (q.as_ptr(), kt.as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); KB]; R];
+    let mut acc = [[V::zero(); KB]; R];
     for d in 0..dim {
         let base = kp.add(d * stride + first_col + j);
-        let mut k = [_mm256_setzero_ps(); KB];
+        let mut k = [V::zero(); KB];
         for (b, k) in k.iter_mut().enumerate() {
-            // SAFETY: d · stride + first_col + j + 8·KB <= kt.len() (checked by the caller).
-            *k = widen8(base.add(8 * b));
+            // SAFETY: d · stride + first_col + j + LANES·KB <= kt.len() (checked by the caller).
+            *k = V::widen(base.add(V::LANES * b));
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: r · dim + d < q.len().
-            let qd = _mm256_broadcast_ss(&*qp.add(r * dim + d));
+            let qd = V::splat(qp.add(r * dim + d));
             for (acc, k) in acc.iter_mut().zip(&k) {
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qd, *k));
+                *acc = acc.add(qd.mul(*k));
             }
         }
     }
+    let scale = [scale];
     for (r, acc) in acc.iter().enumerate() {
         for (b, acc) in acc.iter().enumerate() {
-            let dst = out[r * n + j + 8 * b..][..8].as_mut_ptr();
-            // SAFETY: `dst` is 8 writable f32.
-            _mm256_storeu_ps(dst, _mm256_mul_ps(*acc, _mm256_set1_ps(scale)));
+            let dst = out[r * n + j + V::LANES * b..][..V::LANES].as_mut_ptr();
+            // SAFETY: `dst` is one register's writable f32, `scale` one readable f32.
+            acc.mul(V::splat(scale.as_ptr())).store(dst);
         }
     }
 }
@@ -400,6 +469,8 @@ trait F32Lanes: Copy {
     unsafe fn store(self, p: *mut f32);
     /// `*p` in every lane.
     unsafe fn splat(p: *const f32) -> Self;
+    /// Zero in every lane.
+    unsafe fn zero() -> Self;
     unsafe fn mul(self, other: Self) -> Self;
     unsafe fn add(self, other: Self) -> Self;
 }
@@ -421,6 +492,10 @@ impl F32Lanes for __m256 {
     #[inline(always)]
     unsafe fn splat(p: *const f32) -> Self {
         _mm256_broadcast_ss(&*p)
+    }
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_ps()
     }
     #[inline(always)]
     unsafe fn mul(self, other: Self) -> Self {
@@ -450,6 +525,10 @@ impl F32Lanes for __m512 {
     #[inline(always)]
     unsafe fn splat(p: *const f32) -> Self {
         _mm512_set1_ps(*p)
+    }
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
     }
     #[inline(always)]
     unsafe fn mul(self, other: Self) -> Self {

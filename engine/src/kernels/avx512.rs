@@ -90,3 +90,20 @@ pub(crate) unsafe fn tile_f32<const RM: usize>(
         }
     }
 }
+
+/// Attention's online softmax step compiled with AVX-512: the portable body, as
+/// [`avx2::online_softmax_step`] compiles it for AVX2, so the same operations in the same order
+/// (its maximum and sum keep their eight fixed lanes, and nothing is contracted into an FMA)
+/// and the same bits; the exponentials, one per weight, take sixteen lanes at a time.
+///
+/// # Safety
+/// The CPU must pass [`available`].
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn online_softmax_step<'s>(
+    s: &'s mut [f32],
+    max: &mut f32,
+    sum: &mut f32,
+    oh: &mut [f32],
+) -> &'s [f32] {
+    super::attention::online_softmax_step_body(s, max, sum, oh)
+}

@@ -104,6 +104,7 @@ pub(crate) const fn quant_bits(ty: GgmlType) -> u32 {
 /// Whether the two 16-element halves of `ty`'s chunks have their own scales and offsets (the
 /// K-quants with 16-element sub-blocks). For every other type both halves share them, and the
 /// x86 kernels (`lanes`) sum a whole chunk in integers before scaling it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn has_half_scales(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
 }

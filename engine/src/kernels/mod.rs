@@ -726,6 +726,7 @@ impl SharedOutput {
     ///
     /// # Safety
     /// As [`Self::write`], for every index of the run.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unsafe fn write_run(&self, index: usize, values: &[f32]) {
         assert!(
             index <= self.len && values.len() <= self.len - index,

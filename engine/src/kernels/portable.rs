@@ -58,6 +58,7 @@ pub(crate) fn dot_scalar(
 /// with `Σx` the quantized activations' integer sum, and there is no second FMA. The SIMD
 /// kernels give these bits exactly.
 #[cfg(test)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_block_sums_scalar(
     signed: bool,

@@ -950,7 +950,7 @@ fn interleaved_layout_gives_bit_identical_results_on_every_path() {
 }
 
 /// The attention kernels that read the f16 cache directly give the bits of widening first and
-/// running the f32 bodies, on every path (the AVX2 kernels and their scalar twins), including
+/// running the f32 bodies, on every path (the AVX2 and AVX-512 kernels and their scalar twins), including
 /// ragged key counts and value widths that are not multiples of eight. Fewer than eight keys
 /// are scored eight columns at a time from within each row of keys (columns `3..3 + n` of
 /// rows of `n + 5`: from the first key for `n` = 7, from before it for 3 and 5), or one at a
@@ -970,6 +970,12 @@ fn f16_attention_kernels_equal_widening_first() {
         (2, 20, 11),
         (9, 256, 64),
         (13, 36, 29),
+        // Wide enough for the AVX-512 kernel's runs of 16-key registers, with keys left over.
+        (1, 64, 64),
+        (1, 24, 100),
+        (2, 32, 45),
+        (6, 64, 48),
+        (7, 40, 77),
     ] {
         let q = random_activations(&mut rng, rows * dim);
         let stride = n + 5;
@@ -1017,5 +1023,49 @@ fn f16_attention_kernels_equal_widening_first() {
                 "{path:?} weighted sum ({dim}, {n})"
             );
         }
+    }
+}
+
+/// Attention's online softmax step on this CPU's path (the portable body compiled for AVX2, or
+/// for AVX-512 where the CPU has it) gives the bits of the body compiled for the baseline:
+/// the weights, the running maximum and sum, and the rescaled outputs, over blocks that raise
+/// the maximum (what was accumulated is rescaled), lengths that are not multiples of eight or
+/// sixteen, and masked (−∞) scores.
+#[test]
+fn online_softmax_step_equals_the_portable_body() {
+    let mut rng = Rng(11);
+    for lens in [[64, 64, 64], [7, 33, 64], [1, 16, 17], [64, 5, 40]] {
+        let mut fast = (f32::NEG_INFINITY, 0f32, vec![0f32; 24]);
+        let mut body = fast.clone();
+        for (block, &n) in lens.iter().enumerate() {
+            // Later blocks score higher, so the maximum rises and the outputs are rescaled.
+            let mut scores: Vec<f32> = random_activations(&mut rng, n)
+                .iter()
+                .map(|v| v * 4.0 + block as f32 * 3.0)
+                .collect();
+            for masked in scores.iter_mut().skip(2).step_by(5) {
+                *masked = f32::NEG_INFINITY;
+            }
+            let mut scores_body = scores.clone();
+            let (max, sum, oh) = (&mut fast.0, &mut fast.1, &mut fast.2);
+            let weights = online_softmax_step(&mut scores, max, sum, oh).to_vec();
+            let (max, sum, oh) = (&mut body.0, &mut body.1, &mut body.2);
+            let weights_body =
+                super::attention::online_softmax_step_body(&mut scores_body, max, sum, oh).to_vec();
+            assert_eq!(
+                bits(&weights),
+                bits(&weights_body),
+                "weights of block {block} of {lens:?}"
+            );
+            // Accumulate something into both outputs, as attention's weighted sum would.
+            for oh in [&mut fast.2, &mut body.2] {
+                for (k, o) in oh.iter_mut().enumerate() {
+                    *o += weights[k % n] * (k as f32 + 1.0);
+                }
+            }
+        }
+        assert_eq!(fast.0.to_bits(), body.0.to_bits(), "maximum of {lens:?}");
+        assert_eq!(fast.1.to_bits(), body.1.to_bits(), "sum of {lens:?}");
+        assert_eq!(bits(&fast.2), bits(&body.2), "outputs of {lens:?}");
     }
 }
