@@ -1236,7 +1236,8 @@ unsafe fn join_lane_chunks(kind: ChunkKind, a: &LaneChunk, b: &LaneChunk) -> Pai
 /// Two groups (sixteen rows), packed by [`pack_pair`], × the tokens `tokens` of `acts`: the
 /// AVX-512 prefill tile with 512-bit registers, the first group's rows in the low eight lanes
 /// and the second's in the high eight. `out.0` and `out.1` get the groups' outputs, as
-/// [`tile_decoded_avx2`]'s `out`.
+/// [`tile_decoded_avx2`]'s `out`, or (`PairOutputs::Rows`) all sixteen go straight to the
+/// matrix's output.
 ///
 /// Why: in rows-in-lanes every `vpdpbusd` takes one activation word broadcast from memory, so
 /// on 256-bit registers the loads (eight weight groups, then one broadcast per dot product,
@@ -1250,32 +1251,106 @@ unsafe fn join_lane_chunks(kind: ChunkKind, a: &LaneChunk, b: &LaneChunk) -> Pai
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/VNNI besides AVX2, FMA and F16C
 /// (`avx512::available`). `pairs` must hold `acts.n_chunks` chunks, `acts` the tokens, and both
-/// outputs at least `tokens.len()` entries (checked; failing is a caller's bug and panics).
+/// split outputs at least `tokens.len()` entries (checked; failing is a caller's bug and
+/// panics); for `PairOutputs::Rows`, see its contract.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn tile_pair_vnni(
     kind: KindFlags,
     pairs: &[PairChunk],
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
-    out: (&mut [[f32; GROUP_ROWS]], &mut [[f32; GROUP_ROWS]]),
+    out: PairOutputs<'_>,
 ) {
     assert!(pairs.len() >= acts.n_chunks);
-    check_tile_tokens(acts, &tokens, out.0.len().min(out.1.len()));
+    match out {
+        PairOutputs::Split(a, b) => {
+            check_tile_tokens(acts, &tokens, a.len().min(b.len()));
+            pair_sweeps(kind, pairs, acts, tokens, &mut SplitSink(a, b));
+        }
+        PairOutputs::Rows { first, stride } => {
+            check_tile_tokens(acts, &tokens, tokens.len());
+            pair_sweeps(kind, pairs, acts, tokens, &mut RowSink { first, stride });
+        }
+    }
+}
+
+/// Where [`tile_pair_vnni`] puts each token's sixteen outputs.
+pub(crate) enum PairOutputs<'a> {
+    /// Each group's eight in its own buffer, a row per token: for a pair whose second group is
+    /// padding or whose rows run past the matrix's end.
+    Split(&'a mut [[f32; GROUP_ROWS]], &'a mut [[f32; GROUP_ROWS]]),
+    /// Straight into the matrix's output, token `t`'s (the `t`-th of `tokens`) sixteen values
+    /// at `first + t · stride`: one store per token from the accumulator, in the middle of the
+    /// next sweep's work, where copying them out of a buffer afterwards missed the cache on
+    /// every store (the rows of a prompt's output lie `stride` floats apart) and cost about 7%
+    /// of a long prompt. The caller guarantees that those values are writable and that no one
+    /// else reads or writes them during the call.
+    Rows { first: *mut f32, stride: usize },
+}
+
+/// A token's sixteen outputs of a pair, from [`pair_sum`], on their way out.
+trait PairSink {
+    /// Puts the outputs of the `t`-th token of the call.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; `t` must be one of the call's tokens.
+    unsafe fn put(&mut self, t: usize, both: __m512);
+}
+
+/// [`PairOutputs::Split`]'s buffers.
+struct SplitSink<'a>(&'a mut [[f32; GROUP_ROWS]], &'a mut [[f32; GROUP_ROWS]]);
+
+impl PairSink for SplitSink<'_> {
+    #[inline(always)]
+    unsafe fn put(&mut self, t: usize, both: __m512) {
+        // SAFETY: `self.0` and `self.1` are 8 writable f32 each at index `t` (bounds-checked).
+        _mm256_storeu_ps(self.0[t].as_mut_ptr(), _mm512_castps512_ps256(both));
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(both)));
+        _mm256_storeu_ps(self.1[t].as_mut_ptr(), hi);
+    }
+}
+
+/// [`PairOutputs::Rows`]'s destination.
+struct RowSink {
+    first: *mut f32,
+    stride: usize,
+}
+
+impl PairSink for RowSink {
+    #[inline(always)]
+    unsafe fn put(&mut self, t: usize, both: __m512) {
+        // SAFETY: the sixteen values at first + t · stride are writable and this call's alone
+        // (`PairOutputs::Rows`' contract).
+        _mm512_storeu_ps(self.first.add(t * self.stride), both);
+    }
+}
+
+/// [`tile_pair_vnni`]'s sweeps of tokens, into `sink`.
+///
+/// # Safety
+/// As [`tile_pair_vnni`]'s, whose checks it relies on.
+#[inline(always)]
+unsafe fn pair_sweeps(
+    kind: KindFlags,
+    pairs: &[PairChunk],
+    acts: &QuantizedActivations,
+    tokens: std::ops::Range<usize>,
+    sink: &mut impl PairSink,
+) {
     with_chunk_kind!(kind, |KIND| {
         let mut t = tokens.start;
         while t < tokens.end {
             let at = t - tokens.start;
-            let o = (&mut out.0[at..], &mut out.1[at..]);
             let n = (tokens.end - t).min(pair_sweep(KIND));
             match n {
-                1 => tile_pair_sweep::<1>(KIND, pairs, acts, t, o),
-                2 => tile_pair_sweep::<2>(KIND, pairs, acts, t, o),
-                3 => tile_pair_sweep::<3>(KIND, pairs, acts, t, o),
-                4 => tile_pair_sweep::<4>(KIND, pairs, acts, t, o),
-                5 => tile_pair_sweep::<5>(KIND, pairs, acts, t, o),
-                6 => tile_pair_sweep::<6>(KIND, pairs, acts, t, o),
-                7 => tile_pair_sweep::<7>(KIND, pairs, acts, t, o),
-                _ => tile_pair_sweep::<8>(KIND, pairs, acts, t, o),
+                1 => tile_pair_sweep::<1>(KIND, pairs, acts, t, at, sink),
+                2 => tile_pair_sweep::<2>(KIND, pairs, acts, t, at, sink),
+                3 => tile_pair_sweep::<3>(KIND, pairs, acts, t, at, sink),
+                4 => tile_pair_sweep::<4>(KIND, pairs, acts, t, at, sink),
+                5 => tile_pair_sweep::<5>(KIND, pairs, acts, t, at, sink),
+                6 => tile_pair_sweep::<6>(KIND, pairs, acts, t, at, sink),
+                7 => tile_pair_sweep::<7>(KIND, pairs, acts, t, at, sink),
+                _ => tile_pair_sweep::<8>(KIND, pairs, acts, t, at, sink),
             }
             t += n;
         }
@@ -1310,7 +1385,8 @@ unsafe fn join_si(lo: __m256i, hi: __m256i) -> __m512i {
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
-/// Tokens `t0..t0 + NT` through a packed pair of groups, into `out.0[..NT]` and `out.1[..NT]`.
+/// Tokens `t0..t0 + NT` through a packed pair of groups, into `sink` as the call's tokens
+/// `at..at + NT`.
 ///
 /// # Safety
 /// As [`tile_pair_vnni`]'s, whose checks it relies on.
@@ -1320,7 +1396,8 @@ unsafe fn tile_pair_sweep<const NT: usize>(
     pairs: &[PairChunk],
     acts: &QuantizedActivations,
     t0: usize,
-    (out_a, out_b): (&mut [[f32; GROUP_ROWS]], &mut [[f32; GROUP_ROWS]]),
+    at: usize,
+    sink: &mut impl PairSink,
 ) {
     let nc = acts.n_chunks;
     let mut acc = [[_mm512_setzero_ps(); 2]; NT];
@@ -1329,7 +1406,7 @@ unsafe fn tile_pair_sweep<const NT: usize>(
         accumulate_pair_chunk::<NT>(kind, &regs, acts, t0 * nc + c, nc, &mut acc);
     }
     for (t, acc) in acc.iter().enumerate() {
-        (out_a[t], out_b[t]) = pair_outputs(kind, acc);
+        sink.put(at + t, pair_sum(kind, acc));
     }
 }
 
@@ -1419,21 +1496,12 @@ unsafe fn accumulate_pair_chunk<const NT: usize>(
 /// A token's outputs of both groups from its accumulators, as [`lane_outputs`]: the halves'
 /// sum where split (adding a zero would turn −0 into +0).
 #[inline(always)]
-unsafe fn pair_outputs(
-    kind: ChunkKind,
-    acc: &[__m512; 2],
-) -> ([f32; GROUP_ROWS], [f32; GROUP_ROWS]) {
-    let v = if kind.split {
+unsafe fn pair_sum(kind: ChunkKind, acc: &[__m512; 2]) -> __m512 {
+    if kind.split {
         _mm512_add_ps(acc[0], acc[1])
     } else {
         acc[0]
-    };
-    let (mut a, mut b) = ([0f32; GROUP_ROWS], [0f32; GROUP_ROWS]);
-    // SAFETY: `a` and `b` are 8 writable f32 each.
-    _mm256_storeu_ps(a.as_mut_ptr(), _mm512_castps512_ps256(v));
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    _mm256_storeu_ps(b.as_mut_ptr(), hi);
-    (a, b)
+    }
 }
 
 /// How many of `left` tokens the next sweep takes: up to four with [`LaneDot::WIDE_SWEEPS`],

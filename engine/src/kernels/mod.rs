@@ -741,6 +741,31 @@ impl SharedOutput {
         };
     }
 
+    /// A pointer to `index`, after checking that `n` runs of `width` values from `index`,
+    /// `stride` apart, lie in the output: for a kernel that stores them itself.
+    ///
+    /// # Safety
+    /// As [`Self::write`], for every index of the runs, for as long as the pointer is used.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_at(&self, index: usize, stride: usize, n: usize, width: usize) -> *mut f32 {
+        let fits = match n.checked_sub(1) {
+            None => true,
+            Some(last) => last
+                .checked_mul(stride)
+                .and_then(|v| v.checked_add(index))
+                .and_then(|v| v.checked_add(width))
+                .is_some_and(|end| end <= self.len),
+        };
+        assert!(
+            fits,
+            "output runs {index}+({n}-1)×{stride}..+{width} out of {}",
+            self.len
+        );
+        // SAFETY: `index <= self.len` where any run is stored (checked above); with none the
+        // pointer is never written through.
+        unsafe { self.ptr.add(index.min(self.len)) }
+    }
+
     /// Stores the first `n_rows` values of each of `tile`'s rows, row `j` at
     /// `first + j · stride` (bounds-checked): a prefill tile's outputs for one group of rows, a
     /// row per token. Where the group is whole, each row is one store of known length: as
@@ -1208,13 +1233,31 @@ fn run_quantized_in_lanes(
                     let mut k = 0;
                     while k < block.len() {
                         let t = tokens.clone();
+                        let g = block.start + k;
+                        if paired && g + 1 < block.end && (g + 2) * G <= rows {
+                            // Two whole groups: their sixteen rows straight into `y`.
+                            let pair = &pairs[pair_at(k / 2)];
+                            // SAFETY: the pair's rows belong to this part alone (`split` is a
+                            // partition), and `rows_at` checks they lie in `y` for every token.
+                            unsafe {
+                                let first =
+                                    out.rows_at(tokens.start * rows + g * G, rows, n, 2 * G);
+                                let dst = lanes::PairOutputs::Rows {
+                                    first,
+                                    stride: rows,
+                                };
+                                lanes::tile_pair_vnni(kind, pair, acts, t, dst);
+                            }
+                            k += 2;
+                            continue;
+                        }
                         // SAFETY: `path` is available and runs AVX2 (the caller's contract),
                         // AVX-512 where `paired`; the groups (or pair) hold nc chunks and
                         // `acts` the block's tokens.
                         unsafe {
                             if paired {
                                 let pair = &pairs[pair_at(k / 2)];
-                                let out = (&mut *tile_a, &mut *tile_b);
+                                let out = lanes::PairOutputs::Split(&mut *tile_a, &mut *tile_b);
                                 lanes::tile_pair_vnni(kind, pair, acts, t, out);
                             } else {
                                 let group =
