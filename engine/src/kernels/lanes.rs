@@ -375,15 +375,20 @@ unsafe fn accumulate_chunk<D: LaneDot, const NT: usize>(
 /// split, else `acc[0]`: adding a zero would turn −0 into +0).
 #[inline(always)]
 unsafe fn lane_outputs(kind: ChunkKind, acc: &[__m256; 2]) -> [f32; GROUP_ROWS] {
-    let sum = if kind.split {
+    let mut out = [0f32; GROUP_ROWS];
+    // SAFETY: `out` is 8 writable f32.
+    _mm256_storeu_ps(out.as_mut_ptr(), lane_sum(kind, acc));
+    out
+}
+
+/// [`lane_outputs`] in a register.
+#[inline(always)]
+unsafe fn lane_sum(kind: ChunkKind, acc: &[__m256; 2]) -> __m256 {
+    if kind.split {
         _mm256_add_ps(acc[0], acc[1])
     } else {
         acc[0]
-    };
-    let mut out = [0f32; GROUP_ROWS];
-    // SAFETY: `out` is 8 writable f32.
-    _mm256_storeu_ps(out.as_mut_ptr(), sum);
-    out
+    }
 }
 
 /// Panics unless `acts` holds tokens up to `tokens` with their chunk sums (a caller's bug).
@@ -834,24 +839,34 @@ lane_entries!(
 
 /// Eight decoded rows (in `avx2_interleaved::scatter_decoded_row`'s layout: `q` holds
 /// [`DECODED_GROUP_BYTES`] per chunk, `scales` and `offsets` eight rows per half-chunk)
-/// × the tokens `tokens` of `acts`: the prefill tile. `out[t - tokens.start]` gets
-/// token `t`'s eight rows. Each chunk's eight element groups are loaded once per sweep
-/// of tokens. `kind` is the type's [`chunk_kind_of`].
+/// × the tokens `tokens` of `acts`: the prefill tile. With [`GroupOutputs::Buffer`],
+/// `out[t - tokens.start]` gets token `t`'s eight rows; with [`GroupOutputs::Rows`] they go
+/// straight to the matrix's output (see [`PairOutputs::Rows`] for why). Each chunk's eight
+/// element groups are loaded once per sweep of tokens. `kind` is the type's [`chunk_kind_of`].
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 /// The group must hold `acts.n_chunks` chunks (`offsets` too when the type has
-/// offsets), `acts` the tokens, and `out` at least `tokens.len()` entries (checked;
-/// failing is a caller's bug and panics).
+/// offsets), `acts` the tokens, and a buffer output at least `tokens.len()` entries (checked;
+/// failing is a caller's bug and panics); for `GroupOutputs::Rows`, see
+/// [`PairOutputs::Rows`]' contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile_decoded_avx2(
     kind: KindFlags,
     group: DecodedGroup,
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
-    out: &mut [[f32; GROUP_ROWS]],
+    out: GroupOutputs<'_>,
 ) {
     tile_decoded::<Maddubs>(kind, group, acts, tokens, out)
+}
+
+/// Where [`tile_decoded_avx2`] puts each token's eight outputs.
+pub(crate) enum GroupOutputs<'a> {
+    /// A row per token: for a group whose rows run past the matrix's end.
+    Buffer(&'a mut [[f32; GROUP_ROWS]]),
+    /// Straight into the matrix's output, as [`PairOutputs::Rows`], eight values per token.
+    Rows { first: *mut f32, stride: usize },
 }
 
 /// The mat-vec for one record type: per group, tokens in sweeps of up to
@@ -1020,12 +1035,22 @@ unsafe fn tile_decoded<D: LaneDot>(
     group: DecodedGroup,
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
-    out: &mut [[f32; GROUP_ROWS]],
+    out: GroupOutputs<'_>,
 ) {
-    check_tile_inputs(kind, group, acts, &tokens, out.len());
-    with_chunk_kind!(kind, |KIND| {
-        tile_sweeps::<D>(KIND, group, acts, tokens, out)
-    })
+    match out {
+        GroupOutputs::Buffer(out) => {
+            check_tile_inputs(kind, group, acts, &tokens, out.len());
+            with_chunk_kind!(kind, |KIND| {
+                tile_sweeps::<D>(KIND, group, acts, tokens, &mut BufferSink(out))
+            })
+        }
+        GroupOutputs::Rows { first, stride } => {
+            check_tile_inputs(kind, group, acts, &tokens, tokens.len());
+            with_chunk_kind!(kind, |KIND| {
+                tile_sweeps::<D>(KIND, group, acts, tokens, &mut RowSink { first, stride })
+            })
+        }
+    }
 }
 
 /// Panics unless `group` holds `acts.n_chunks` chunks (with offsets where the type has them),
@@ -1074,23 +1099,24 @@ unsafe fn tile_sweeps<D: LaneDot>(
     group: DecodedGroup,
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
-    out: &mut [[f32; GROUP_ROWS]],
+    sink: &mut impl TileSink<__m256>,
 ) {
     let mut t = tokens.start;
     while t < tokens.end {
-        let out = &mut out[t - tokens.start..];
+        let at = t - tokens.start;
         let n = sweep_tokens::<D>(tokens.end - t);
         match n {
-            1 => tile_sweep::<D, 1>(kind, group, acts, t, out),
-            2 => tile_sweep::<D, 2>(kind, group, acts, t, out),
-            3 => tile_sweep::<D, 3>(kind, group, acts, t, out),
-            _ => tile_sweep::<D, 4>(kind, group, acts, t, out),
+            1 => tile_sweep::<D, 1>(kind, group, acts, t, at, sink),
+            2 => tile_sweep::<D, 2>(kind, group, acts, t, at, sink),
+            3 => tile_sweep::<D, 3>(kind, group, acts, t, at, sink),
+            _ => tile_sweep::<D, 4>(kind, group, acts, t, at, sink),
         }
         t += n;
     }
 }
 
-/// Tokens `t0..t0 + NT` through one decoded group, into `out[..NT]`.
+/// Tokens `t0..t0 + NT` through one decoded group, into `sink` as the call's tokens
+/// `at..at + NT`.
 ///
 /// # Safety
 /// As the tile entry points', whose checks it relies on.
@@ -1100,7 +1126,8 @@ unsafe fn tile_sweep<D: LaneDot, const NT: usize>(
     group: DecodedGroup,
     acts: &QuantizedActivations,
     t0: usize,
-    out: &mut [[f32; GROUP_ROWS]],
+    at: usize,
+    sink: &mut impl TileSink<__m256>,
 ) {
     let nc = acts.n_chunks;
     let mut acc = [[_mm256_setzero_ps(); 2]; NT];
@@ -1109,8 +1136,8 @@ unsafe fn tile_sweep<D: LaneDot, const NT: usize>(
         let chunk = decoded_chunk(kind, group, c);
         accumulate_chunk::<D, NT>(kind, &chunk, acts, t0 * nc + c, nc, &mut acc);
     }
-    for (acc, out) in acc.iter().zip(out.iter_mut()) {
-        *out = lane_outputs(kind, acc);
+    for (t, acc) in acc.iter().enumerate() {
+        sink.put(at + t, lane_sum(kind, acc));
     }
 }
 
@@ -1288,40 +1315,61 @@ pub(crate) enum PairOutputs<'a> {
     Rows { first: *mut f32, stride: usize },
 }
 
-/// A token's sixteen outputs of a pair, from [`pair_sum`], on their way out.
-trait PairSink {
+/// A token's outputs of a tile (eight rows in a 256-bit register, or a pair's sixteen in a
+/// 512-bit one) on their way out.
+trait TileSink<V> {
     /// Puts the outputs of the `t`-th token of the call.
     ///
     /// # Safety
-    /// AVX-512 F must be available; `t` must be one of the call's tokens.
-    unsafe fn put(&mut self, t: usize, both: __m512);
+    /// The register's instruction set must be available; `t` must be one of the call's tokens.
+    unsafe fn put(&mut self, t: usize, outputs: V);
+}
+
+/// [`GroupOutputs::Buffer`]'s rows.
+struct BufferSink<'a>(&'a mut [[f32; GROUP_ROWS]]);
+
+impl TileSink<__m256> for BufferSink<'_> {
+    #[inline(always)]
+    unsafe fn put(&mut self, t: usize, outputs: __m256) {
+        // SAFETY: `self.0[t]` is 8 writable f32 (bounds-checked).
+        _mm256_storeu_ps(self.0[t].as_mut_ptr(), outputs);
+    }
 }
 
 /// [`PairOutputs::Split`]'s buffers.
 struct SplitSink<'a>(&'a mut [[f32; GROUP_ROWS]], &'a mut [[f32; GROUP_ROWS]]);
 
-impl PairSink for SplitSink<'_> {
+impl TileSink<__m512> for SplitSink<'_> {
     #[inline(always)]
     unsafe fn put(&mut self, t: usize, both: __m512) {
-        // SAFETY: `self.0` and `self.1` are 8 writable f32 each at index `t` (bounds-checked).
+        // SAFETY: `self.0[t]` and `self.1[t]` are 8 writable f32 each (bounds-checked).
         _mm256_storeu_ps(self.0[t].as_mut_ptr(), _mm512_castps512_ps256(both));
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(both)));
         _mm256_storeu_ps(self.1[t].as_mut_ptr(), hi);
     }
 }
 
-/// [`PairOutputs::Rows`]'s destination.
+/// [`PairOutputs::Rows`]' and [`GroupOutputs::Rows`]' destination.
 struct RowSink {
     first: *mut f32,
     stride: usize,
 }
 
-impl PairSink for RowSink {
+impl TileSink<__m512> for RowSink {
     #[inline(always)]
     unsafe fn put(&mut self, t: usize, both: __m512) {
         // SAFETY: the sixteen values at first + t · stride are writable and this call's alone
         // (`PairOutputs::Rows`' contract).
         _mm512_storeu_ps(self.first.add(t * self.stride), both);
+    }
+}
+
+impl TileSink<__m256> for RowSink {
+    #[inline(always)]
+    unsafe fn put(&mut self, t: usize, outputs: __m256) {
+        // SAFETY: the eight values at first + t · stride are writable and this call's alone
+        // (`GroupOutputs::Rows`' contract).
+        _mm256_storeu_ps(self.first.add(t * self.stride), outputs);
     }
 }
 
@@ -1335,7 +1383,7 @@ unsafe fn pair_sweeps(
     pairs: &[PairChunk],
     acts: &QuantizedActivations,
     tokens: std::ops::Range<usize>,
-    sink: &mut impl PairSink,
+    sink: &mut impl TileSink<__m512>,
 ) {
     with_chunk_kind!(kind, |KIND| {
         let mut t = tokens.start;
@@ -1397,7 +1445,7 @@ unsafe fn tile_pair_sweep<const NT: usize>(
     acts: &QuantizedActivations,
     t0: usize,
     at: usize,
-    sink: &mut impl PairSink,
+    sink: &mut impl TileSink<__m512>,
 ) {
     let nc = acts.n_chunks;
     let mut acc = [[_mm512_setzero_ps(); 2]; NT];

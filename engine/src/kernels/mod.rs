@@ -1230,30 +1230,47 @@ fn run_quantized_in_lanes(
                     let n = tokens.len();
                     let (tile_a, tile_b) = (&mut tile_a[..n], &mut tile_b[..n]);
                     // Group k of the block: AVX-512's pairs take two at a time.
+                    let groups = if paired { 2 } else { 1 };
                     let mut k = 0;
                     while k < block.len() {
                         let t = tokens.clone();
                         let g = block.start + k;
-                        if paired && g + 1 < block.end && (g + 2) * G <= rows {
-                            // Two whole groups: their sixteen rows straight into `y`.
-                            let pair = &pairs[pair_at(k / 2)];
-                            // SAFETY: the pair's rows belong to this part alone (`split` is a
-                            // partition), and `rows_at` checks they lie in `y` for every token.
+                        if g + groups <= block.end && (g + groups) * G <= rows {
+                            // Whole groups put their rows straight into `y`.
+                            // SAFETY: `path` is available and runs AVX2 (the caller's
+                            // contract), AVX-512 where `paired`; the groups (or pair) hold nc
+                            // chunks and `acts` the block's tokens. Their rows belong to this
+                            // part alone (`split` is a partition), and `rows_at` checks that
+                            // they lie in `y` for every token.
                             unsafe {
-                                let first =
-                                    out.rows_at(tokens.start * rows + g * G, rows, n, 2 * G);
-                                let dst = lanes::PairOutputs::Rows {
-                                    first,
-                                    stride: rows,
-                                };
-                                lanes::tile_pair_vnni(kind, pair, acts, t, dst);
+                                let first = tokens.start * rows + g * G;
+                                let first = out.rows_at(first, rows, n, groups * G);
+                                if paired {
+                                    let pair = &pairs[pair_at(k / 2)];
+                                    let dst = lanes::PairOutputs::Rows {
+                                        first,
+                                        stride: rows,
+                                    };
+                                    lanes::tile_pair_vnni(kind, pair, acts, t, dst);
+                                } else {
+                                    let group = (
+                                        &q[q_at(k)],
+                                        &scales[halves_at(k)],
+                                        &offsets[halves_at(k)],
+                                    );
+                                    let dst = lanes::GroupOutputs::Rows {
+                                        first,
+                                        stride: rows,
+                                    };
+                                    lanes::tile_decoded_avx2(kind, group, acts, t, dst);
+                                }
                             }
-                            k += 2;
+                            k += groups;
                             continue;
                         }
-                        // SAFETY: `path` is available and runs AVX2 (the caller's contract),
-                        // AVX-512 where `paired`; the groups (or pair) hold nc chunks and
-                        // `acts` the block's tokens.
+                        // A pair with a padded group, or a group past the matrix's last row:
+                        // through the buffers, keeping the rows that exist.
+                        // SAFETY: as above, for the buffers.
                         unsafe {
                             if paired {
                                 let pair = &pairs[pair_at(k / 2)];
@@ -1262,10 +1279,10 @@ fn run_quantized_in_lanes(
                             } else {
                                 let group =
                                     (&q[q_at(k)], &scales[halves_at(k)], &offsets[halves_at(k)]);
-                                lanes::tile_decoded_avx2(kind, group, acts, t, tile_a);
+                                let out = lanes::GroupOutputs::Buffer(&mut *tile_a);
+                                lanes::tile_decoded_avx2(kind, group, acts, t, out);
                             }
                         };
-                        let groups = if paired { 2 } else { 1 };
                         for (i, tile) in [&*tile_a, &*tile_b].into_iter().enumerate().take(groups) {
                             let g = block.start + k + i;
                             if g >= block.end {
