@@ -371,19 +371,34 @@ impl QuantizedActivations {
     /// Fills `chunk_sums` from `half_sums`, and `neg128_half_q_sums` and
     /// `neg128_chunk_q_sums` from `q`.
     pub fn sum_halves(&mut self) {
-        for (sum, halves) in self.chunk_sums.iter_mut().zip(&self.half_sums) {
-            *sum = halves[0] + halves[1];
-        }
-        let q_sums = self
-            .neg128_chunk_q_sums
-            .iter_mut()
-            .zip(&mut self.neg128_half_q_sums);
-        for ((sum, half_sums), q) in q_sums.zip(&self.q) {
-            let (first, second) = q.split_at(CHUNK / 2);
-            let neg128_sum = |q: &[i8]| -128 * q.iter().map(|&v| i32::from(v)).sum::<i32>();
-            *half_sums = [neg128_sum(first), neg128_sum(second)];
-            *sum = half_sums[0] + half_sums[1];
-        }
+        sum_halves(
+            &self.q,
+            &self.half_sums,
+            (
+                &mut self.chunk_sums,
+                &mut self.neg128_chunk_q_sums,
+                &mut self.neg128_half_q_sums,
+            ),
+        );
+    }
+}
+
+/// [`QuantizedActivations::sum_halves`] over matching ranges of chunks of its buffers (`q` and
+/// `half_sums` in; chunk sums, `−128 · Σ q` per chunk and per half out), so that the threads
+/// quantizing a prompt's tokens can sum their own.
+pub(crate) fn sum_halves(
+    q: &[[i8; CHUNK]],
+    half_sums: &[[f32; 2]],
+    (chunk_sums, neg128_chunk, neg128_half): (&mut [f32], &mut [i32], &mut [[i32; 2]]),
+) {
+    for (sum, halves) in chunk_sums.iter_mut().zip(half_sums) {
+        *sum = halves[0] + halves[1];
+    }
+    for ((sum, half_sums), q) in neg128_chunk.iter_mut().zip(neg128_half).zip(q) {
+        let (first, second) = q.split_at(CHUNK / 2);
+        let neg128_sum = |q: &[i8]| -128 * q.iter().map(|&v| i32::from(v)).sum::<i32>();
+        *half_sums = [neg128_sum(first), neg128_sum(second)];
+        *sum = half_sums[0] + half_sums[1];
     }
 }
 

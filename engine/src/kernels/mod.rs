@@ -839,28 +839,44 @@ fn quantize_activations(
         acts.sum_halves();
         return;
     }
-    // Hand each thread its own token range of the three buffers.
-    let mut parts = Vec::with_capacity(active);
+    // Hand each thread its own token range of the buffers: it quantizes its tokens and sums
+    // their halves.
+    fn take_front<'a, T>(rest: &mut &'a mut [T], n: usize) -> &'a mut [T] {
+        let (front, back) = std::mem::take(rest).split_at_mut(n);
+        *rest = back;
+        front
+    }
     let (mut q, mut d, mut s) = (&mut acts.q[..], &mut acts.d[..], &mut acts.half_sums[..]);
+    let (mut c, mut n1, mut n2) = (
+        &mut acts.chunk_sums[..],
+        &mut acts.neg128_chunk_q_sums[..],
+        &mut acts.neg128_half_q_sums[..],
+    );
+    let mut parts = Vec::with_capacity(active);
     for i in 0..active {
         let tokens = split(n_tokens, active, i);
         let n = tokens.len() * nc;
-        let (q_part, q_rest) = std::mem::take(&mut q).split_at_mut(n);
-        let (d_part, d_rest) = std::mem::take(&mut d).split_at_mut(n);
-        let (s_part, s_rest) = std::mem::take(&mut s).split_at_mut(n);
-        (q, d, s) = (q_rest, d_rest, s_rest);
         let x_part = &x[tokens.start * cols..tokens.end * cols];
-        parts.push(Mutex::new((x_part, q_part, d_part, s_part)));
+        let outputs = (
+            take_front(&mut q, n),
+            take_front(&mut d, n),
+            take_front(&mut s, n),
+        );
+        let sums = (
+            take_front(&mut c, n),
+            take_front(&mut n1, n),
+            take_front(&mut n2, n),
+        );
+        parts.push(Mutex::new((x_part, outputs, sums)));
     }
     pool.run_parts(active, &|i, _| {
         if let Some(part) = parts.get(i) {
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
-            let (x, q, d, s) = &mut *part;
+            let (x, (q, d, s), (c, n1, n2)) = &mut *part;
             quantize(x, q, d, s);
+            decoded::sum_halves(q, s, (c, n1, n2));
         }
     });
-    drop(parts);
-    acts.sum_halves();
 }
 
 /// Decodes one weight row on `path`.
