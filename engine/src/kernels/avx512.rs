@@ -4,8 +4,11 @@
 //! The AVX-512 path runs the quantized kernels of `super::lanes` with VNNI's `vpdpbusd` as
 //! their byte dot product (the AVX2 path runs the same kernels with `maddubs`; the integer sums
 //! are exact either way, so both paths give the same bits), and the AVX2 code for everything
-//! else (decoding, quantizing activations, attention) but this float tile and the weighted sum
-//! of many attention rows (`avx2_attention::weighted_sum_rows_f16_wide`).
+//! else (decoding, quantizing activations) but this float tile and three parts of attention:
+//! the scores and the weighted sum of many rows with sixteen keys or columns per 512-bit
+//! register (`avx2_attention::scores_transposed_f16_wide`, `weighted_sum_rows_f16_wide`), and
+//! the online softmax step compiled with AVX-512 ([`online_softmax_step`]). Each performs the
+//! AVX2 kernel's operations per output, so the two paths still give the same bits.
 //!
 //! Every function here is `unsafe` because it must only run where [`available`] is true.
 #![allow(unsafe_code)]
