@@ -721,26 +721,6 @@ impl SharedOutput {
         unsafe { self.ptr.add(index).write(value) };
     }
 
-    /// Stores `values` at `index..index + values.len()` (bounds-checked), as [`Self::write`]
-    /// does one value.
-    ///
-    /// # Safety
-    /// As [`Self::write`], for every index of the run.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    unsafe fn write_run(&self, index: usize, values: &[f32]) {
-        assert!(
-            index <= self.len && values.len() <= self.len - index,
-            "output run {index}..+{} out of {}",
-            values.len(),
-            self.len
-        );
-        // SAFETY: in bounds (checked), exclusive to this thread per the contract above, and
-        // `values` (a shared borrow) cannot overlap the exclusively borrowed output.
-        unsafe {
-            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(index), values.len())
-        };
-    }
-
     /// A pointer to `index`, after checking that `n` runs of `width` values from `index`,
     /// `stride` apart, lie in the output: for a kernel that stores them itself.
     ///
@@ -768,8 +748,7 @@ impl SharedOutput {
 
     /// Stores the first `n_rows` values of each of `tile`'s rows, row `j` at
     /// `first + j · stride` (bounds-checked): a prefill tile's outputs for one group of rows, a
-    /// row per token. Where the group is whole, each row is one store of known length: as
-    /// [`Self::write_run`]'s `memcpy` calls of 32 bytes they cost 5% of a prompt.
+    /// row per token.
     ///
     /// # Safety
     /// As [`Self::write`], for every index written.
@@ -782,33 +761,22 @@ impl SharedOutput {
         n_rows: usize,
     ) {
         const G: usize = interleaved::GROUP_ROWS;
-        let Some(last) = tile.len().checked_sub(1) else {
-            return;
-        };
-        let end = last
-            .checked_mul(stride)
-            .and_then(|v| v.checked_add(first))
-            .and_then(|v| v.checked_add(n_rows));
-        assert!(
-            n_rows <= G && end.is_some_and(|end| end <= self.len),
-            "output rows {first}+{last}×{stride}..+{n_rows} out of {}",
-            self.len
-        );
-        if n_rows == G {
-            for (j, row) in tile.iter().enumerate() {
-                // SAFETY: in bounds (checked above), exclusive to this thread per the
-                // contract, and `tile` cannot overlap the exclusively borrowed output.
-                unsafe {
-                    self.ptr
-                        .add(first + j * stride)
-                        .cast::<[f32; G]>()
-                        .write_unaligned(*row)
-                };
-            }
-        } else {
-            for (j, row) in tile.iter().enumerate() {
-                // SAFETY: as above.
-                unsafe { self.write_run(first + j * stride, &row[..n_rows]) };
+        assert!(n_rows <= G, "a group has {G} rows, not {n_rows}");
+        // SAFETY: as this function's contract; `rows_at` checks that every run lies in the
+        // output.
+        let rows = unsafe { self.rows_at(first, stride, tile.len(), n_rows) };
+        for (j, row) in tile.iter().enumerate() {
+            // SAFETY: run `j` is in bounds (checked by `rows_at`), exclusive to this thread per
+            // the contract, and `tile` cannot overlap the exclusively borrowed output. A whole
+            // group is one store of known length, where a `memcpy` call of 32 bytes per row cost
+            // 5% of a prompt.
+            unsafe {
+                let at = rows.add(j * stride);
+                if n_rows == G {
+                    at.cast::<[f32; G]>().write_unaligned(*row);
+                } else {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), at, n_rows);
+                }
             }
         }
     }
