@@ -1004,15 +1004,22 @@ fn run_quantized(
     // across it, row tile by row tile. Both blocks are sized to share L2 (about 1 MB on the
     // CPUs this targets), so neither the decoded weights nor the activations of long prompts
     // are re-read from further away once per row tile.
-    let decoded_bytes_per_row = nc * (std::mem::size_of::<DecodedChunk>() + 8);
-    let rows_per_block = (L2_BLOCK_BYTES / decoded_bytes_per_row.max(1) / TILE_ROWS).max(1);
     let act_bytes_per_token = nc * (CHUNK + 4 + 8);
     let tokens_per_block = (L2_BLOCK_BYTES / act_bytes_per_token.max(1) / TILE_TOKENS).max(1);
     let tokens_per_block = tokens_per_block * TILE_TOKENS;
+    // A decoded block is reused once per token block. When one token block holds every token
+    // (decode steps, short prompts) nothing is reused, and a block of one row tile keeps the
+    // decoded rows in L1 from their decode to their use, instead of a round trip through L2.
+    let decoded_bytes_per_row = nc * (std::mem::size_of::<DecodedChunk>() + 8);
+    let units_per_block = if n_tokens <= tokens_per_block {
+        1
+    } else {
+        (L2_BLOCK_BYTES / decoded_bytes_per_row.max(1) / TILE_ROWS).max(1)
+    };
     pool.run_parts(n_parts, &|part, n_parts| {
         with_scratch(&SCRATCH, |scratch| {
             let part_units = split(units, n_parts, part);
-            let block_units = rows_per_block.min(part_units.len());
+            let block_units = units_per_block.min(part_units.len());
             scratch
                 .chunks
                 .resize(block_units * TILE_ROWS * nc, DecodedChunk::ZERO);

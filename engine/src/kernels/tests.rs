@@ -571,6 +571,37 @@ fn float_matmul_blocking_keeps_each_tokens_bits() {
     }
 }
 
+/// The row-major quantized paths (portable, NEON where the CPU has it, and the scalar twin)
+/// give each token the bits it gets alone, on one thread or two, whether the call decodes one
+/// row tile at a time (every token in one token block: decode steps, short prompts) or
+/// blocks of rows reused across token blocks (long prompts): 200 rows of 512 columns span
+/// several row blocks, and 300 tokens two token blocks.
+#[test]
+fn quantized_row_major_blocking_keeps_each_tokens_bits() {
+    let mut rng = Rng(0xb10d);
+    let (rows, cols, n_tokens) = (200, 512, 300);
+    let paths = [KernelPath::Portable, KernelPath::Neon, KernelPath::Scalar];
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q6_K] {
+        let data = random_weights(&mut rng, ty, rows, cols);
+        let w = matrix(ty, rows, cols, &data);
+        let x = random_activations(&mut rng, n_tokens * cols);
+        for path in paths.into_iter().filter(|p| p.is_available()) {
+            for threads in [1, 2] {
+                let pool = ThreadPool::new(threads);
+                let all = output_bits(&pool, &w, &x, n_tokens, path);
+                for t in [0, 1, 150, 277, 278, 299] {
+                    let one = output_bits(&pool, &w, &x[t * cols..(t + 1) * cols], 1, path);
+                    assert_eq!(
+                        one,
+                        all[t * rows..(t + 1) * rows],
+                        "{ty} {path:?}, token {t}, {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The NEON path gives the portable path's bits exactly (`neon`'s docs say why it can):
 /// every quantized type, with full and partial row and token tiles, one token (decode) and
 /// many (prefill). Runs only on arm64 with the dot product extension
