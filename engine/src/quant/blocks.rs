@@ -9,7 +9,6 @@
 //! reinterpreted in place: a tensor's blocks are 18, 22, 110… bytes long, so most of them sit at
 //! unaligned addresses, and copying keeps this module free of `unsafe`.
 
-use half::f16;
 use std::mem::size_of;
 
 /// Copies the `N` bytes at offset `AT` out of a `B`-byte block. The bounds are checked when the
@@ -20,20 +19,11 @@ fn field<const AT: usize, const N: usize, const B: usize>(block: &[u8; B]) -> [u
     std::array::from_fn(|i| block[AT + i])
 }
 
-/// Decodes a little-endian IEEE half (`ggml_half`) to f32; the conversion is exact.
+/// Decodes a little-endian IEEE half (`ggml_half`) to f32; the conversion is exact, and NaN
+/// payloads move across unchanged as in gguf-py (see [`crate::kernels::math::f16_to_f32`]).
 #[inline(always)]
 pub(crate) fn f16_le(bytes: [u8; 2]) -> f32 {
-    let bits = u16::from_le_bytes(bytes);
-    let wide = f16::from_bits(bits).to_f32();
-    if wide.is_nan() {
-        // Hardware conversion (F16C, which `half` may use) sets the quiet bit of signalling NaNs;
-        // numpy, and so gguf-py, moves the payload across unchanged. Do the same.
-        let sign = u32::from(bits & 0x8000) << 16;
-        let payload = u32::from(bits & 0x03FF) << 13;
-        f32::from_bits(sign | 0x7F80_0000 | payload)
-    } else {
-        wide
-    }
+    crate::kernels::math::f16_to_f32(u16::from_le_bytes(bytes))
 }
 
 /// Number of elements in a K-quant super-block (`QK_K`).
@@ -396,6 +386,7 @@ impl BlockIq4Xs {
 mod tests {
     use super::*;
     use crate::quant::GgmlType;
+    use half::f16;
     use std::mem::{align_of, offset_of};
 
     /// The hand-written offsets in `from_bytes` must match where `repr(C)` puts each field, and
