@@ -33,10 +33,10 @@ pub fn exp(x: f32) -> f32 {
 /// their sign and payload, moved across unchanged as numpy (and so gguf-py) does, where
 /// hardware conversion would set the quiet bit.
 ///
-/// Plain integer arithmetic and selects, inlined: loops over f16 data (decoding weight
-/// blocks, the portable attention over an f16 KV cache) vectorize, where `half`'s conversion
-/// is a call behind run-time feature detection on x86 and one inline-assembly `fcvt` per
-/// value on arm64, which no loop around it can vectorize.
+/// Plain integer arithmetic and selects, inlined, so that loops over f16 data (decoding
+/// weight blocks, the portable attention over an f16 KV cache) can vectorize. `half`'s
+/// conversion is a call behind run-time feature detection on x86 and one inline-assembly
+/// `fcvt` per value on arm64, and no loop around either can.
 #[inline(always)]
 pub fn f16_to_f32(bits: u16) -> f32 {
     let h = u32::from(bits);
