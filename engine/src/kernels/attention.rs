@@ -388,7 +388,7 @@ pub fn scores_transposed_f16_with_path(
         for (j, col) in cols.clone().enumerate() {
             let mut acc = 0f32;
             for (d, &qd) in q.iter().enumerate() {
-                acc += qd * super::math::f16_to_f32(kt[d * stride + col].to_bits());
+                acc += qd * crate::quant::f16_bits_to_f32(kt[d * stride + col].to_bits());
             }
             out[r * n + j] = acc * scale;
         }
@@ -413,7 +413,7 @@ pub fn weighted_sum_f16_with_path(path: KernelPath, y: &mut [f32], w: &[f32], xs
         return;
     }
     let dim = y.len();
-    let x = |j: usize, i: usize| super::math::f16_to_f32(xs[j * dim + i].to_bits());
+    let x = |j: usize, i: usize| crate::quant::f16_bits_to_f32(xs[j * dim + i].to_bits());
     let fours = w.len() / 4 * 4;
     for (i, y) in y.iter_mut().enumerate() {
         for j in (0..fours).step_by(4) {

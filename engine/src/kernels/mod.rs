@@ -1338,7 +1338,7 @@ pub fn widen_f16_with_path(path: KernelPath, src: &[half::f16], dst: &mut [f32])
         return;
     }
     for (d, s) in dst[..n].iter_mut().zip(&src[..n]) {
-        *d = math::f16_to_f32(s.to_bits());
+        *d = crate::quant::f16_bits_to_f32(s.to_bits());
     }
 }
 
