@@ -1010,10 +1010,10 @@ fn run_quantized(
     // A decoded block is reused once per token block. When one token block holds every token
     // (decode steps, short prompts) nothing is reused, and a block of one row tile keeps the
     // decoded rows in L1 from their decode to their use, instead of a round trip through L2.
-    let decoded_bytes_per_row = nc * (std::mem::size_of::<DecodedChunk>() + 8);
     let units_per_block = if n_tokens <= tokens_per_block {
         1
     } else {
+        let decoded_bytes_per_row = nc * (std::mem::size_of::<DecodedChunk>() + 8);
         (L2_BLOCK_BYTES / decoded_bytes_per_row.max(1) / TILE_ROWS).max(1)
     };
     pool.run_parts(n_parts, &|part, n_parts| {
